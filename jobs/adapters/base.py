@@ -1,0 +1,248 @@
+"""What a dataset adapter returns, and the readers adapters share.
+
+An adapter turns one dataset's native files into three Spark frames with string ids:
+- items: item_id, title, text, image_uri, attrs (map<string,string>)
+- interactions: user_id, item_id, ts (long, unix seconds), rating (double), label (string or null;
+  a split label carried by the source, e.g. MMRec's ``x_label``), _source (the file it came from)
+- rejects: source, row, reason, content
+
+It never drops a bad row silently: each one goes to rejects with a reason that names the fix.
+Adapters validate their own ``dataset.options`` keys through ``options_from``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from ..config import ConfigError, DatasetConf
+
+REJECT_SCHEMA = T.StructType([
+    T.StructField("source", T.StringType(), False),
+    T.StructField("row", T.StringType(), False),
+    T.StructField("reason", T.StringType(), False),
+    T.StructField("content", T.StringType()),
+])
+ITEM_COLUMNS = ["item_id", "title", "text", "image_uri", "attrs"]
+INTERACTION_COLUMNS = ["user_id", "item_id", "ts", "rating", "label", "_source"]
+CONTENT_CHARS = 500
+
+
+@dataclass
+class AdapterOutput:
+    items: DataFrame
+    interactions: DataFrame
+    rejects: DataFrame
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def options_from(cls: type, dataset: DatasetConf) -> Any:
+    """Build the adapter's options dataclass; an unknown key names itself and the known ones."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in dataset.options:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(sorted(names))}"
+            raise ConfigError(
+                f"unknown option 'dataset.options.{key}' for adapter '{dataset.adapter}' ({hint})")
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in dataset.options.items():
+        want = hints[key] if isinstance(hints[key], str) else getattr(hints[key], "__name__", "")
+        if "list" in want and isinstance(value, str):
+            value = [value]
+        values[key] = value
+    return cls(**values)
+
+
+def require_path(dataset: DatasetConf, key: str, root_relative: str | None = None) -> Path:
+    """A configured path that must exist; the error names the key, the path and the fix."""
+    if root_relative is not None:
+        root = Path(dataset.paths.get("root", ".")).expanduser()
+        path = Path(root_relative)
+        path = path if path.is_absolute() else root / path
+        label = f"dataset.paths.root + '{root_relative}'"
+    else:
+        if key not in dataset.paths:
+            raise ConfigError(f"dataset '{dataset.name}' (adapter {dataset.adapter}) needs "
+                              f"dataset.paths.{key}: set it in the dataset config or with "
+                              f"--set dataset.paths.{key}=PATH")
+        path = Path(dataset.paths[key]).expanduser()
+        label = f"dataset.paths.{key}"
+    if not path.exists():
+        raise ConfigError(f"{label} = '{path}' does not exist (cwd {Path.cwd()}): "
+                          "fix the path in the dataset config or pass --set dataset.paths...")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ConfigError(f"{label} = '{path}' is an empty file: nothing to ingest from it")
+    return path.resolve()
+
+
+def read_lines(spark: SparkSession, path: Path, encoding: str = "utf-8") -> DataFrame:
+    """One row per line with a cheap position id (``_pos``) from which line numbers are derived
+    only for the few rows that are rejected (see ``line_numbers``)."""
+    if encoding.lower().replace("-", "") in ("utf8", "ascii"):
+        df = spark.read.text(str(path))
+    else:
+        # The text source is UTF-8 only; the CSV source decodes other charsets. A separator and
+        # quote that never occur make it hand back each line whole.
+        df = (spark.read.option("encoding", encoding).option("sep", "\u0001").option("quote", "")
+              .option("escape", "").option("header", "false").option("ignoreLeadingWhiteSpace", "false")
+              .option("ignoreTrailingWhiteSpace", "false").csv(str(path))
+              .select(F.coalesce(F.col("_c0"), F.lit("")).alias("value")))
+    return df.withColumn("_pos", F.monotonically_increasing_id()).withColumn("_source", F.lit(str(path)))
+
+
+def line_numbers(lines: DataFrame, rejected: DataFrame) -> DataFrame:
+    """Replace ``_pos`` by the 1-based line number in ``rejected`` (a subset of ``lines``).
+
+    ``monotonically_increasing_id`` puts the partition index in the upper 31 bits and the row's
+    index within its partition in the lower 33; the per-partition counts turn that into a line
+    number with one extra scan, paid only when some row was rejected."""
+    part = F.shiftright(F.col("_pos"), 33)
+    counts = sorted(lines.groupBy(part.alias("p")).count().collect())
+    offsets, total = {}, 0
+    for p, n in counts:
+        offsets[int(p)] = total
+        total += int(n)
+    mapping = F.create_map([F.lit(x) for kv in offsets.items() for x in kv]) if offsets else F.create_map()
+    return rejected.withColumn(
+        "_line", F.coalesce(mapping[part], F.lit(0)) + (F.col("_pos") - F.shiftleft(part, 33)) + 1)
+
+
+def reject(df: DataFrame, reason: Column | str, row: Column | None = None,
+           content: Column | None = None) -> DataFrame:
+    """Shape rejected rows into the rejects schema (source, row, reason, content)."""
+    row = row if row is not None else F.concat(F.lit("line "), F.col("_line").cast("string"))
+    content = content if content is not None else F.col("value")
+    reason = F.lit(reason) if isinstance(reason, str) else reason
+    return df.select(
+        F.col("_source").cast("string").alias("source"), row.cast("string").alias("row"),
+        reason.alias("reason"), F.substring(content.cast("string"), 1, CONTENT_CHARS).alias("content"))
+
+
+def empty_rejects(spark: SparkSession) -> DataFrame:
+    return spark.createDataFrame([], REJECT_SCHEMA)
+
+
+def parse_delimited(spark: SparkSession, path: Path, sep: str, names: list[str],
+                    casts: dict[str, str], header: bool = False, encoding: str = "utf-8",
+                    fix: str = "") -> tuple[DataFrame, DataFrame]:
+    """Split each line on ``sep`` into ``names`` and cast; returns (good rows, rejects).
+
+    A line with the wrong number of fields, or a value that does not cast, is rejected with its
+    line number and content. Blank lines are skipped silently (they carry nothing)."""
+    all_lines = read_lines(spark, path, encoding)
+    lines = all_lines.filter(F.trim("value") != "")
+    if header:
+        lines = lines.filter(F.col("_pos") != F.lit(0))
+    parts = F.split(F.regexp_replace("value", r"\r$", ""), sep_regex(sep))
+    cols = [F.trim(parts.getItem(i)).alias(n) for i, n in enumerate(names)]
+    parsed = lines.select("value", "_pos", "_source", F.size(parts).alias("_n"), *cols)
+    problems = [F.when(F.col("_n") != len(names),
+                       F.format_string(f"expected {len(names)} '{printable(sep)}'-separated fields "
+                                       f"({', '.join(names)}), found %d", F.col("_n")))]
+    typed = []
+    for name in names:
+        kind = casts.get(name, "string")
+        if kind == "string":
+            typed.append(F.col(name))
+            problems.append(F.when((F.col(name).isNull() | (F.col(name) == "")) & (F.col("_n") == len(names)),
+                                   F.lit(f"{name} is empty")))
+        else:
+            value = F.col(name).try_cast(kind) if hasattr(Column, "try_cast") else F.col(name).cast(kind)
+            typed.append(value.alias(name))
+            problems.append(F.when(value.isNull() & (F.col("_n") == len(names)),
+                                   F.format_string(f"{name} '%s' is not a valid {kind}", F.col(name))))
+    reason = F.coalesce(*problems)
+    if fix:
+        reason = F.concat(reason, F.lit(f" ({fix})"))
+    checked = parsed.select("value", "_pos", "_source", *typed, reason.alias("_reason"))
+    good = checked.filter(F.col("_reason").isNull()).drop("_reason", "value")
+    bad = checked.filter(F.col("_reason").isNotNull())
+    return good, reject(line_numbers(all_lines, bad), F.col("_reason"))
+
+
+def sep_regex(sep: str) -> str:
+    return {"\t": "\t", "|": r"\|", ",": ",", "::": "::", " ": " +"}.get(sep, sep)
+
+
+def printable(sep: str) -> str:
+    return {"\t": "\\t", " ": "space"}.get(sep, sep)
+
+
+def read_table_file(spark: SparkSession, path: Path, fmt: str = "", sep: str = ",",
+                    encoding: str = "utf-8", multiline: bool = True) -> DataFrame:
+    """A CSV (header row, quoted fields) or Parquet file, every CSV column as a string, with
+    ``_pos``/``_source`` for rejects. A malformed CSV record lands in ``_corrupt_record``."""
+    fmt = fmt or ("parquet" if path.suffix.lower() in (".parquet", ".pq") or path.is_dir() else "csv")
+    if fmt == "parquet":
+        df = spark.read.parquet(str(path)).withColumn("_corrupt_record", F.lit(None).cast("string"))
+    elif fmt == "csv":
+        header = spark.read.option("header", "true").option("sep", sep).option("encoding", encoding) \
+            .csv(str(path)).columns
+        schema = T.StructType([T.StructField(c, T.StringType()) for c in header]
+                              + [T.StructField("_corrupt_record", T.StringType())])
+        df = (spark.read.option("header", "true").option("sep", sep).option("encoding", encoding)
+              .option("multiLine", str(multiline).lower()).option("escape", '"')
+              .option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", "_corrupt_record")
+              .schema(schema).csv(str(path)))
+    else:
+        raise ConfigError(f"format '{fmt}' for {path} is not supported: use csv or parquet")
+    return df.withColumn("_pos", F.monotonically_increasing_id()).withColumn("_source", F.lit(str(path)))
+
+
+def timestamp_seconds(raw: Column, ts_format: str) -> Column:
+    """unix seconds from ``unix`` seconds, ``unix_ms`` milliseconds or a datetime pattern."""
+    if ts_format == "unix":
+        return F.coalesce(raw.try_cast("long"), raw.try_cast("double").cast("long"))
+    if ts_format == "unix_ms":
+        return (raw.try_cast("double") / 1000).cast("long")
+    return F.unix_timestamp(F.try_to_timestamp(raw, F.lit(ts_format)))
+
+
+def validate_columns(df: DataFrame, required: dict[str, str], optional: dict[str, str],
+                     path: Path, what: str, ts_format: str = "unix",
+                     keep: tuple[str, ...] = ()) -> tuple[DataFrame, DataFrame]:
+    """Rename configured source columns to canonical names, cast, and split off bad records.
+
+    ``required``/``optional`` map canonical name -> source column. A missing source column is a
+    config error naming the file and the columns it does have; a record whose required value is
+    empty or does not cast is rejected with the reason."""
+    have = [c for c in df.columns if c not in ("_pos", "_source", "_corrupt_record", *keep)]
+    for canonical, source in {**required, **optional}.items():
+        if source and source not in have and canonical in required:
+            raise ConfigError(f"{path}: column '{source}' (for {what} {canonical}) not found; the file "
+                              f"has columns {have}: fix dataset.options.{canonical}")
+    casts = {"ts": "long", "rating": "double"}
+    cols, problems = [], [F.when(F.col("_corrupt_record").isNotNull(), F.lit("malformed record"))]
+    for canonical, source in {**required, **optional}.items():
+        if not source or source not in have:
+            cols.append(F.lit(None).cast(casts.get(canonical, "string")).alias(canonical))
+            continue
+        raw = F.trim(F.col(f"`{source}`").cast("string"))
+        if canonical == "ts":
+            value = timestamp_seconds(raw, ts_format)
+        else:
+            value = raw.try_cast(casts[canonical]) if canonical in casts else raw
+        cols.append(value.alias(canonical))
+        if canonical in required:
+            problems.append(F.when(raw.isNull() | (raw == ""), F.lit(f"{source} is empty")))
+        if canonical in casts:
+            problems.append(F.when(value.isNull() & raw.isNotNull() & (raw != ""),
+                                   F.format_string(f"{source} '%s' is not a valid "
+                                                   + ("timestamp (" + ts_format + ")" if canonical == "ts"
+                                                      else casts[canonical]), raw)))
+    out = df.select("_pos", "_source", F.col("_corrupt_record"), *cols, *keep,
+                    F.coalesce(*problems).alias("_reason"))
+    good = out.filter(F.col("_reason").isNull()).drop("_reason", "_corrupt_record", "_pos")
+    bad = out.filter(F.col("_reason").isNotNull())
+    content = F.coalesce(F.col("_corrupt_record"), F.to_json(F.struct(*[F.col(c) for c in {**required, **optional}])))
+    rejects = reject(line_numbers(df, bad), F.col("_reason"),
+                     row=F.concat(F.lit("record "), F.col("_line").cast("string")), content=content)
+    return good, rejects

@@ -1,0 +1,91 @@
+"""Any CSV or Parquet pair (items, interactions) with a column mapping in the dataset config.
+
+```yaml
+dataset:
+  adapter: csv
+  paths: {root: my-data}
+  options:
+    items: items.csv            # relative to root
+    interactions: interactions.csv
+    item_id: item_id            # source column names
+    user_id: user_id
+    title: title
+    text: description
+    image: image_path           # a path relative to images_root (default: root), or a URI
+    attrs: [category, colour]   # extra item columns kept in the attrs map
+    rating: rating
+    timestamp: timestamp
+    timestamp_format: unix      # unix | unix_ms | a datetime pattern such as yyyy-MM-dd
+    label: ""                   # a column holding train/valid/test labels, if any
+```
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from ..config import DatasetConf
+from .base import AdapterOutput, read_table_file, require_path, options_from, validate_columns
+
+
+@dataclass
+class CsvOptions:
+    items: str = "items.csv"
+    interactions: str = "interactions.csv"
+    format: str = ""  # csv | parquet; empty: from the file extension
+    sep: str = ","
+    encoding: str = "utf-8"
+    item_id: str = "item_id"
+    user_id: str = "user_id"
+    title: str = "title"
+    text: str = ""
+    image: str = ""
+    images_root: str = ""
+    attrs: list[str] = field(default_factory=list)
+    rating: str = ""
+    timestamp: str = "timestamp"
+    timestamp_format: str = "unix"
+    label: str = ""
+
+
+def image_uri(path_col: F.Column, images_root: str) -> F.Column:
+    """Absolute local paths for relative image references; URIs (scheme://) kept as they are."""
+    root = images_root.rstrip("/") + "/"
+    return (F.when(path_col.isNull() | (F.trim(path_col) == ""), F.lit(None))
+            .when(path_col.rlike(r"^[a-zA-Z][a-zA-Z0-9+.-]*://") | path_col.startswith("/"), path_col)
+            .otherwise(F.concat(F.lit(root), path_col)))
+
+
+def attrs_map(df: DataFrame, columns: list[str]) -> F.Column:
+    present = [c for c in columns if c in df.columns]
+    if not present:
+        return F.create_map().cast("map<string,string>")
+    pairs = [x for c in present for x in (F.lit(c), F.col(f"`{c}`").cast("string"))]
+    # map_filter drops empty attributes so that analysts never see "colour": null.
+    return F.map_filter(F.create_map(*pairs), lambda k, v: v.isNotNull() & (v != ""))
+
+
+def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
+    opts = options_from(CsvOptions, dataset)
+    root = require_path(dataset, "root")
+    items_path = require_path(dataset, "items", opts.items)
+    inter_path = require_path(dataset, "interactions", opts.interactions)
+    images_root = str((root / opts.images_root).resolve()) if opts.images_root else str(root)
+
+    raw_items = read_table_file(spark, items_path, opts.format, opts.sep, opts.encoding)
+    raw_items = raw_items.withColumn("attrs", attrs_map(raw_items, opts.attrs))
+    items, item_rejects = validate_columns(
+        raw_items, {"item_id": opts.item_id}, {"title": opts.title, "text": opts.text, "image": opts.image},
+        items_path, "items", keep=("attrs",))
+    items = items.select("item_id", "title", "text", image_uri(F.col("image"), images_root).alias("image_uri"),
+                         "attrs")
+
+    raw_inter = read_table_file(spark, inter_path, opts.format, opts.sep, opts.encoding)
+    required = {"user_id": opts.user_id, "item_id": opts.item_id, "ts": opts.timestamp}
+    optional = {"rating": opts.rating, "label": opts.label}
+    interactions, inter_rejects = validate_columns(raw_inter, required, optional, inter_path,
+                                                   "interactions", opts.timestamp_format)
+    return AdapterOutput(items, interactions, item_rejects.unionByName(inter_rejects), {})
+

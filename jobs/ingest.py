@@ -1,0 +1,167 @@
+"""``ingest``: a dataset adapter -> the ``items``, ``interactions`` and ``rejects`` Delta tables.
+
+Bad rows never stop the job: each goes to ``rejects`` (dataset, source, row, reason, content)
+and is counted. Each table's slice for the dataset is replaced atomically, so running the job
+twice leaves the same tables as running it once, and a killed run leaves the previous version.
+The job exits non-zero only when no usable item or interaction remains, or a config is wrong.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from udfs.kcore import kcore
+from udfs.splits import SplitSpec, assign_split
+
+from . import tables
+from .adapters import read_dataset
+from .adapters.base import AdapterOutput
+from .config import ConfigError
+from udfs.image_hashing import with_image_hashes
+from .job_run import JobRun, NothingUsable, run_job
+
+log = logging.getLogger(__name__)
+
+
+def split_spec(run: JobRun) -> SplitSpec:
+    s = run.config.dataset.split
+    return SplitSpec(s.protocol, tuple(s.ratios), s.seed, s.valid_cut, s.test_cut,
+                     s.min_user_interactions)
+
+
+def _row_key(prefix: str = "") -> F.Column:
+    return F.format_string("user_id=%s item_id=%s ts=%d", F.col("user_id"), F.col("item_id"), F.col("ts"))
+
+
+def _as_rejects(df: DataFrame, reason: F.Column | str, row: F.Column) -> DataFrame:
+    reason = F.lit(reason) if isinstance(reason, str) else reason
+    return df.select(F.col("_source").alias("source"), row.alias("row"), reason.alias("reason"),
+                     F.to_json(F.struct(*[c for c in df.columns if not c.startswith("_")])).alias("content"))
+
+
+def clean_items(run: JobRun, items: DataFrame) -> tuple[DataFrame, DataFrame]:
+    """Unique item ids (a repeated id keeps its first row), image checked and hashed."""
+    items = items.withColumn("_source", F.lit("items")).withColumn("_order", F.monotonically_increasing_id())
+    first = Window.partitionBy("item_id").orderBy("_order")
+    ranked = items.withColumn("_rank", F.row_number().over(first))
+    dupes = _as_rejects(ranked.filter(F.col("_rank") > 1).drop("_rank", "_order"),
+                        "duplicate item_id: only the first row of this id is kept",
+                        F.concat(F.lit("item_id="), F.col("item_id")))
+    unique = ranked.filter(F.col("_rank") == 1).drop("_rank", "_order", "_source")
+    checked = with_image_hashes(unique).persist(StorageLevel.MEMORY_AND_DISK)
+    bad_images = checked.filter(F.col("_image_error").isNotNull()).select(
+        F.col("image_uri").alias("source"), F.concat(F.lit("item_id="), F.col("item_id")).alias("row"),
+        F.concat(F.col("_image_error"), F.lit(" (the item is kept without an image: fix or replace the file)"))
+        .alias("reason"), F.col("title").alias("content"))
+    return checked.drop("_image_error"), dupes.unionByName(bad_images)
+
+
+def classify_interactions(out: AdapterOutput, item_ids: DataFrame) -> DataFrame:
+    """Adds ``_reason`` (null for a good row): unknown item, or a repeat of (user, item, ts)."""
+    known = item_ids.select("item_id", F.lit(True).alias("_known"))
+    df = out.interactions.join(F.broadcast(known), "item_id", "left")
+    # One shuffle by user serves both this window and the split's (same partitioning key prefix).
+    df = df.repartition("user_id")
+    same = Window.partitionBy("user_id", "item_id", "ts").orderBy(F.col("rating").desc_nulls_last(), "_source")
+    df = df.withColumn("_dup", F.row_number().over(same) > 1)
+    reason = (F.when(F.col("_known").isNull(),
+                     F.format_string("item_id '%s' is not in the items file: add the item or drop the row",
+                                     F.col("item_id")))
+              .when(F.col("_dup"), F.lit("duplicate interaction (same user_id, item_id, ts): first kept")))
+    return df.withColumn("_reason", reason).drop("_known", "_dup")
+
+
+def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
+    config, spark, wh = run.config, run.spark, run.warehouse
+    dataset = config.dataset
+    if not dataset.name or not dataset.adapter:
+        raise ConfigError("no dataset configured: pass --conf datasets/NAME.yaml "
+                          "(or --set dataset.name=... --set dataset.adapter=...)")
+    spec = split_spec(run).validate()
+    out = read_dataset(spark, dataset)
+    for key, value in out.counts.items():
+        run.count(key, value)
+
+    items, item_rejects = clean_items(run, out.items)
+    n_items = items.count()
+    run.count("items", n_items)
+    run.count("items_without_image", items.filter(F.col("image_sha256").isNull()).count())
+    if n_items == 0:
+        _write_rejects(run, out.rejects.unionByName(item_rejects))
+        raise NothingUsable(f"dataset '{dataset.name}': no item row survived; see the rejects table")
+
+    classified = classify_interactions(out, items.select("item_id")).persist(StorageLevel.MEMORY_AND_DISK)
+    bad = _as_rejects(classified.filter(F.col("_reason").isNotNull()).drop("label"),
+                      F.col("_reason"), _row_key())
+    rejects = _write_rejects(run, out.rejects.unionByName(item_rejects).unionByName(bad))
+
+    good = classified.filter(F.col("_reason").isNull()).drop("_reason", "_source")
+    if dataset.min_rating is not None:
+        before = good
+        good = good.filter(F.col("rating") >= F.lit(dataset.min_rating))
+        run.count("below_min_rating", before.count() - good.count())
+    if dataset.kcore > 1:
+        before_n = good.count()
+        good, rounds = kcore(good, dataset.kcore)
+        run.count("kcore_removed", before_n - good.count())
+        run.count("kcore_rounds", rounds)
+
+    split = assign_split(good, spec)
+    if spec.protocol == "label":
+        unlabeled = split.filter(F.col("split").isNull())
+        bad_labels = unlabeled.count()
+        if bad_labels:
+            extra = _as_rejects(unlabeled.withColumn("_source", F.lit("interactions")).drop("split"),
+                                F.format_string("label '%s' is not train/valid/test or 0/1/2", F.col("label")),
+                                _row_key())
+            _write_rejects(run, rejects.unionByName(extra))
+            run.count("rejected_bad_label", bad_labels)
+        split = split.filter(F.col("split").isNotNull())
+
+    interactions = split.withColumn("dataset", F.lit(dataset.name))
+    tables.replace_slice(spark, wh, "interactions", interactions, {"dataset": dataset.name})
+    items_out = items.withColumn("dataset", F.lit(dataset.name))
+    tables.replace_slice(spark, wh, "items", items_out, {"dataset": dataset.name})
+    classified.unpersist()
+
+    written = (tables.read(spark, wh, "interactions").filter(F.col("dataset") == dataset.name)
+               .groupBy("split").agg(F.count(F.lit(1)).alias("n"), F.countDistinct("user_id").alias("users"))
+               .collect())
+    total = 0
+    for row in written:
+        run.count(f"interactions_{row['split']}", row["n"])
+        run.count(f"users_with_{row['split']}", row["users"])
+        total += row["n"]
+    run.count("interactions", total)
+    if total == 0:
+        raise NothingUsable(f"dataset '{dataset.name}': no interaction row survived; see the rejects "
+                            "table for the reasons (a wrong separator or column mapping rejects every row)")
+
+
+def _write_rejects(run: JobRun, rejects: DataFrame) -> DataFrame:
+    name = run.config.dataset.name
+    frame = rejects.withColumn("dataset", F.lit(name)).withColumn("row", F.coalesce("row", F.lit("?")))
+    tables.replace_slice(run.spark, run.warehouse, "rejects", frame, {"dataset": name})
+    by_reason = (tables.read(run.spark, run.warehouse, "rejects").filter(F.col("dataset") == name)
+                 .groupBy(F.regexp_extract("reason", r"^([a-z_ ]+)", 1).alias("kind")).count().collect())
+    total = 0
+    for row in by_reason:
+        run.counts[f"rejected_{row['kind'].strip().replace(' ', '_') or 'other'}"] = row["count"]
+        total += row["count"]
+    run.counts["rejected"] = total
+    if total:
+        log.warning("%d rows rejected for dataset %s: SELECT * FROM delta.`%s/rejects` WHERE dataset = '%s'",
+                    total, name, run.warehouse, name)
+    return rejects
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("ingest", __doc__.splitlines()[0], ingest, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,160 @@
+"""What every job shares: ``--conf``/``--set`` parsing, logging, the Spark session, the record
+of the run in the ``runs`` table, the final summary line and the exit code.
+
+Exit codes: 0 done (bad rows are counted, not fatal), 1 nothing usable remained,
+2 the config or the command line is wrong, 3 the installation is incomplete.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .config import Config, ConfigError, load_config
+
+log = logging.getLogger("vlm4rec")
+
+EXIT_OK, EXIT_NOTHING_USABLE, EXIT_CONFIG, EXIT_INSTALL = 0, 1, 2, 3
+
+
+class NothingUsable(RuntimeError):
+    """No usable row remained after rejecting the bad ones."""
+
+
+def code_version() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        if sha:
+            return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return "vlm4rec-" + version("vlm4rec")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+@dataclass
+class JobRun:
+    """One job's run: its id, its counts, and its row in ``runs`` (written at start and end)."""
+
+    job: str
+    config: Config
+    spark: object
+    run_id: str = ""
+    counts: Counter = field(default_factory=Counter)
+    started_at: dt.datetime = field(default_factory=now)
+
+    def __post_init__(self):
+        if not self.run_id:
+            self.run_id = f"{self.job}-{self.started_at:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+    @property
+    def warehouse(self) -> str:
+        return str(self.config.warehouse_path())
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counts[key] += int(n)
+
+    def _record(self, status: str, error: str | None = None, finished: bool = False) -> None:
+        from . import tables
+
+        row = [(self.run_id, self.job, self.config.to_json(), code_version(), self.started_at,
+                now() if finished else None, status, {k: int(v) for k, v in self.counts.items()},
+                error)]
+        tables.merge(self.spark, self.warehouse, "runs",
+                     self.spark.createDataFrame(row, tables.SCHEMAS["runs"]))
+
+    def __enter__(self) -> "JobRun":
+        self._record("running")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        status = "succeeded" if exc is None else "failed"
+        try:
+            self._record(status, None if exc is None else f"{exc_type.__name__}: {exc}", finished=True)
+        except Exception:  # noqa: BLE001 - never mask the job's own error with a bookkeeping one
+            log.exception("could not record run %s in the runs table", self.run_id)
+        return False
+
+    def summary(self) -> str:
+        counts = " ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
+        return f"{self.job} {self.run_id}: {counts}"
+
+
+def base_parser(job: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"vlm4rec {job}", description=description)
+    parser.add_argument("--conf", action="append", default=[], metavar="FILE",
+                        help="YAML config merged over conf/base.yaml (repeatable; later wins)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override one config key, e.g. --set spark.master=local[2]")
+    return parser
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("py4j", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+JobBody = Callable[[JobRun, argparse.Namespace], None]
+
+
+def run_job(job: str, description: str, body: JobBody, argv: list[str] | None,
+            add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+            spark=None) -> int:
+    """Parse the command line, start Spark, run ``body`` inside a recorded run, print a summary."""
+    parser = base_parser(job, description)
+    if add_arguments:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.conf, args.overrides)
+    except ConfigError as exc:
+        print(f"vlm4rec {job}: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(config.log_level)
+    from .spark_session import ConnectorMissing, build_spark
+
+    try:
+        spark = spark or build_spark(config, app_name=f"vlm4rec-{job}")
+    except ConnectorMissing as exc:
+        print(f"vlm4rec {job}: {exc}", file=sys.stderr)
+        return EXIT_INSTALL
+    return execute(job, config, spark, body, args)
+
+
+def execute(job: str, config: Config, spark, body: JobBody, args: argparse.Namespace) -> int:
+    run = JobRun(job, config, spark)
+    try:
+        with run:
+            body(run, args)
+    except ConfigError as exc:
+        print(f"vlm4rec {job}: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except NothingUsable as exc:
+        print(f"vlm4rec {job}: nothing usable: {exc}", file=sys.stderr)
+        print(run.summary())
+        return EXIT_NOTHING_USABLE
+    print(run.summary())
+    print(json.dumps({"run_id": run.run_id, "job": job, "counts": dict(run.counts)}, sort_keys=True))
+    return EXIT_OK

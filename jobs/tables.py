@@ -1,0 +1,250 @@
+"""The Delta table contract between jobs: schemas, keys, and the two idempotent writes.
+
+- ``merge`` upserts on the table's key (``MERGE``): incremental tables such as
+  ``descriptions`` and ``runs``.
+- ``replace_slice`` atomically replaces one slice of a table (``replaceWhere``), e.g. one
+  dataset's ``items``: a snapshot writer that runs twice leaves the same table as once, and a
+  killed run leaves the previous version, never a half-written one.
+
+Tables live at ``{warehouse}/{name}``; analysts query them with
+``SELECT ... FROM delta.`{warehouse}/items``` or through ``register_views``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import types as T
+
+log = logging.getLogger(__name__)
+
+VECTOR = T.ArrayType(T.FloatType(), containsNull=False)
+
+SCHEMAS: dict[str, T.StructType] = {
+    "items": T.StructType([
+        T.StructField("dataset", T.StringType(), False),
+        T.StructField("item_id", T.StringType(), False),
+        T.StructField("title", T.StringType()),
+        T.StructField("text", T.StringType()),
+        T.StructField("image_uri", T.StringType()),
+        T.StructField("image_sha256", T.StringType()),
+        T.StructField("attrs", T.MapType(T.StringType(), T.StringType())),
+    ]),
+    "interactions": T.StructType([
+        T.StructField("dataset", T.StringType(), False),
+        T.StructField("user_id", T.StringType(), False),
+        T.StructField("item_id", T.StringType(), False),
+        T.StructField("ts", T.LongType(), False),
+        T.StructField("rating", T.DoubleType()),
+        T.StructField("split", T.StringType(), False),
+    ]),
+    "rejects": T.StructType([
+        T.StructField("dataset", T.StringType(), False),
+        T.StructField("source", T.StringType(), False),
+        T.StructField("row", T.StringType(), False),
+        T.StructField("reason", T.StringType(), False),
+        T.StructField("content", T.StringType()),
+    ]),
+    "descriptions": T.StructType([
+        T.StructField("image_sha256", T.StringType(), False),
+        T.StructField("engine", T.StringType(), False),
+        T.StructField("model", T.StringType(), False),
+        T.StructField("prompt_id", T.StringType(), False),
+        T.StructField("item_id", T.StringType()),
+        T.StructField("prompt", T.StringType()),
+        T.StructField("text", T.StringType()),
+        T.StructField("n_tokens", T.IntegerType()),
+        T.StructField("latency_ms", T.DoubleType()),
+        T.StructField("status", T.StringType()),
+        T.StructField("error", T.StringType()),
+        T.StructField("created_at", T.TimestampType()),
+    ]),
+    "item_embeddings": T.StructType([
+        T.StructField("dataset", T.StringType(), False),
+        T.StructField("item_id", T.StringType(), False),
+        T.StructField("representation", T.StringType(), False),
+        T.StructField("encoder", T.StringType()),
+        T.StructField("dim", T.IntegerType()),
+        T.StructField("vector", VECTOR),
+    ]),
+    "user_profiles": T.StructType([
+        T.StructField("run_id", T.StringType(), False),
+        T.StructField("user_id", T.StringType(), False),
+        T.StructField("representation", T.StringType(), False),
+        T.StructField("vector", VECTOR),
+        T.StructField("n_history", T.IntegerType()),
+    ]),
+    "recommendations": T.StructType([
+        T.StructField("run_id", T.StringType(), False),
+        T.StructField("user_id", T.StringType(), False),
+        T.StructField("representation", T.StringType(), False),
+        T.StructField("rank", T.IntegerType(), False),
+        T.StructField("item_id", T.StringType()),
+        T.StructField("score", T.FloatType()),
+    ]),
+    "user_metrics": T.StructType([
+        T.StructField("run_id", T.StringType(), False),
+        T.StructField("user_id", T.StringType(), False),
+        T.StructField("representation", T.StringType(), False),
+        T.StructField("metric", T.StringType(), False),
+        T.StructField("k", T.IntegerType(), False),
+        T.StructField("value", T.DoubleType()),
+    ]),
+    "metrics": T.StructType([
+        T.StructField("run_id", T.StringType(), False),
+        T.StructField("representation", T.StringType(), False),
+        T.StructField("metric", T.StringType(), False),
+        T.StructField("k", T.IntegerType(), False),
+        T.StructField("value", T.DoubleType()),
+        T.StructField("n_users", T.LongType()),
+        T.StructField("ci_low", T.DoubleType()),
+        T.StructField("ci_high", T.DoubleType()),
+    ]),
+    "comparisons": T.StructType([
+        T.StructField("run_id", T.StringType(), False),
+        T.StructField("representation_a", T.StringType(), False),
+        T.StructField("representation_b", T.StringType(), False),
+        T.StructField("metric", T.StringType(), False),
+        T.StructField("k", T.IntegerType(), False),
+        T.StructField("mean_diff", T.DoubleType()),
+        T.StructField("ci_low", T.DoubleType()),
+        T.StructField("ci_high", T.DoubleType()),
+        T.StructField("p_value", T.DoubleType()),
+        T.StructField("p_holm", T.DoubleType()),
+    ]),
+    "runs": T.StructType([
+        T.StructField("run_id", T.StringType(), False),
+        T.StructField("job", T.StringType()),
+        T.StructField("config", T.StringType()),
+        T.StructField("code_version", T.StringType()),
+        T.StructField("started_at", T.TimestampType()),
+        T.StructField("finished_at", T.TimestampType()),
+        T.StructField("status", T.StringType()),
+        T.StructField("counts", T.MapType(T.StringType(), T.LongType())),
+        T.StructField("error", T.StringType()),
+    ]),
+}
+
+KEYS: dict[str, list[str]] = {
+    "items": ["dataset", "item_id"],
+    "interactions": ["dataset", "user_id", "item_id", "ts"],
+    "rejects": ["dataset", "source", "row"],
+    "descriptions": ["image_sha256", "engine", "model", "prompt_id"],
+    "item_embeddings": ["dataset", "item_id", "representation"],
+    "user_profiles": ["run_id", "user_id", "representation"],
+    "recommendations": ["run_id", "user_id", "representation", "rank"],
+    "user_metrics": ["run_id", "user_id", "representation", "metric", "k"],
+    "metrics": ["run_id", "representation", "metric", "k"],
+    "comparisons": ["run_id", "representation_a", "representation_b", "metric", "k"],
+    "runs": ["run_id"],
+}
+
+# Tables partitioned on disk: a dataset's slice is replaced without touching the others.
+PARTITIONS: dict[str, list[str]] = {
+    "items": ["dataset"],
+    "interactions": ["dataset"],
+    "rejects": ["dataset"],
+}
+
+# Delta raises these when another writer committed a conflicting change first.
+_CONFLICTS = ("ConcurrentAppendException", "ConcurrentDeleteReadException",
+              "ConcurrentDeleteDeleteException", "ConcurrentTransactionException",
+              "MetadataChangedException", "ProtocolChangedException", "DELTA_CONCURRENT")
+
+
+def table_path(warehouse: str | Path, name: str) -> str:
+    return str(Path(warehouse) / name)
+
+
+def exists(spark: SparkSession, warehouse: str | Path, name: str) -> bool:
+    from delta.tables import DeltaTable
+
+    return DeltaTable.isDeltaTable(spark, table_path(warehouse, name))
+
+
+def read(spark: SparkSession, warehouse: str | Path, name: str) -> DataFrame:
+    """The table, or an empty frame with its schema when it was never written."""
+    if exists(spark, warehouse, name):
+        return spark.read.format("delta").load(table_path(warehouse, name))
+    return spark.createDataFrame([], SCHEMAS[name])
+
+
+def ensure(spark: SparkSession, warehouse: str | Path, name: str) -> None:
+    """Create the empty table with its contract schema if it does not exist yet."""
+    from delta.tables import DeltaTable
+
+    path = table_path(warehouse, name)
+    if DeltaTable.isDeltaTable(spark, path):
+        return
+    builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(SCHEMAS[name])
+    if name in PARTITIONS:
+        builder = builder.partitionedBy(*PARTITIONS[name])
+    _retry(lambda: builder.execute(), name)
+
+
+def conform(df: DataFrame, name: str) -> DataFrame:
+    """Select and cast ``df`` to the table's contract schema; a missing column is an error."""
+    from pyspark.sql import functions as F
+
+    schema = SCHEMAS[name]
+    missing = [f.name for f in schema.fields if f.name not in df.columns]
+    if missing:
+        raise ValueError(f"frame written to '{name}' lacks columns {missing}; it has {df.columns}")
+    return df.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in schema.fields])
+
+
+def _retry(action, name: str, attempts: int = 5):
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except Exception as exc:  # noqa: BLE001 - Delta conflicts surface as generic Py4J errors
+            text = f"{type(exc).__name__}: {exc}"
+            if attempt == attempts or not any(c in text for c in _CONFLICTS):
+                raise
+            log.warning("concurrent write to %s conflicted (attempt %d/%d); retrying",
+                        name, attempt, attempts)
+            time.sleep(0.5 * attempt)
+
+
+def merge(spark: SparkSession, warehouse: str | Path, name: str, df: DataFrame) -> None:
+    """Upsert ``df`` into the table on its key; rows with an existing key are replaced."""
+    from delta.tables import DeltaTable
+
+    ensure(spark, warehouse, name)
+    source = conform(df, name).dropDuplicates(KEYS[name])
+    condition = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in KEYS[name])
+
+    def run():
+        target = DeltaTable.forPath(spark, table_path(warehouse, name))
+        (target.alias("t").merge(source.alias("s"), condition)
+         .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+
+    _retry(run, name)
+
+
+def replace_slice(spark: SparkSession, warehouse: str | Path, name: str, df: DataFrame,
+                  where: dict[str, str]) -> None:
+    """Atomically replace the rows matching ``where`` (column -> value) with ``df``."""
+    ensure(spark, warehouse, name)
+    condition = " AND ".join(f"`{k}` = '{str(v).replace(chr(39), chr(39) * 2)}'" for k, v in where.items())
+    # Delta checks at write time that every row falls inside the slice; a violation aborts
+    # the commit, so the table keeps its previous version.
+    data = conform(df, name)
+
+    def run():
+        (data.write.format("delta").mode("overwrite").option("replaceWhere", condition)
+         .save(table_path(warehouse, name)))
+
+    _retry(run, name)
+
+
+def register_views(spark: SparkSession, warehouse: str | Path) -> list[str]:
+    """Temporary views named after the tables, for ``SELECT * FROM items`` in notebooks."""
+    names = []
+    for name in SCHEMAS:
+        if exists(spark, warehouse, name):
+            spark.read.format("delta").load(table_path(warehouse, name)).createOrReplaceTempView(name)
+            names.append(name)
+    return names

@@ -1,0 +1,54 @@
+"""Shared fixtures: one real Spark session with the real Delta connector for the whole run,
+a fresh warehouse folder per test, and the path of the real MovieLens data when present."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+ML100K = (REPO.parent / "shared" / "data" / "ml100k").resolve()
+
+
+def pytest_configure(config):
+    for marker, text in (("slow", "takes more than a few seconds"),
+                         ("realdata", "reads ../shared/data/ml100k"),
+                         ("gpu", "needs a CUDA GPU"),
+                         ("spark", "starts the shared Spark session"),
+                         ("ray", "starts Ray")):
+        config.addinivalue_line("markers", f"{marker}: {text}")
+
+
+@pytest.fixture(scope="session")
+def spark_config():
+    from jobs.config import load_config
+
+    return load_config(None, ["spark.master=local[2]", "spark.shuffle_partitions=2",
+                              "spark.driver_memory=2g", "log_level=WARNING"])
+
+
+@pytest.fixture(scope="session")
+def spark(spark_config):
+    from jobs.spark_session import build_spark
+
+    session = build_spark(spark_config, app_name="vlm4rec-tests")
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def warehouse(tmp_path) -> Path:
+    path = tmp_path / "warehouse"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture(scope="session")
+def ml100k() -> Path:
+    if not (ML100K / "u.data").exists():
+        pytest.fail(f"the real MovieLens data is expected at {ML100K} (../shared/data/ml100k beside the repo)")
+    return ML100K

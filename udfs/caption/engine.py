@@ -1,0 +1,198 @@
+"""The caption engine interface, the engine registry, and batch failure isolation.
+
+An engine turns a list of RGB images into one ``Caption`` per image, in order. Three engines:
+
+- ``tags``: EfficientNet-Lite0 ImageNet labels + dominant colour names (CPU, offline, CI);
+- ``hf``: any transformers image-text-to-text model (LLaVA and friends), one GPU or the CPU;
+- ``vllm``: vLLM, for production throughput (see ``vllm_engine`` for the Ray Data path).
+
+``make_engine`` imports an engine's module only when it is asked for, so that a CPU-only
+install never imports vLLM and ``tags`` never imports transformers.
+
+``describe_isolated`` wraps ``engine.describe`` so that one bad image never costs its batch:
+a failed batch is retried once (transient errors), then split in halves recursively until the
+failing items stand alone; an out-of-memory error halves the batch straight away.
+"""
+from __future__ import annotations
+
+import abc
+import gc
+import importlib
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from udfs.caption.prompts import DEFAULT_PROMPT, prompt_id
+
+log = logging.getLogger(__name__)
+
+# name -> "module:Class"; imported lazily by make_engine.
+ENGINES: dict[str, str] = {
+    "tags": "udfs.caption.tags_engine:TagsEngine",
+    "hf": "udfs.caption.hf_engine:HFEngine",
+    "vllm": "udfs.caption.vllm_engine:VLLMEngine",
+}
+DEFAULT_MODELS: dict[str, str] = {
+    "tags": "efficientnet-lite0",
+    "hf": "llava-hf/llava-v1.6-mistral-7b-hf",
+    "vllm": "llava-hf/llava-v1.6-mistral-7b-hf",
+}
+
+
+@dataclass(frozen=True)
+class Caption:
+    """One image description; ``n_tokens`` is the engine's own length unit (generated tokens
+    for the VLM engines, words for ``tags``)."""
+
+    text: str
+    n_tokens: int
+
+
+class CaptionEngineError(RuntimeError):
+    """An engine broke its contract (e.g. returned a different number of captions)."""
+
+
+class CaptionEngine(abc.ABC):
+    """Base of all engines. ``name``/``model``/``prompt_id`` form the ``descriptions`` key
+    together with the image hash, so they must change whenever the output would."""
+
+    name: str = ""
+
+    def __init__(
+        self,
+        model: str,
+        prompt: str = DEFAULT_PROMPT,
+        batch_size: int = 8,
+        max_new_tokens: int = 128,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"caption engine {self.name!r}: batch_size must be >= 1, got {batch_size}")
+        if max_new_tokens < 1:
+            raise ValueError(f"caption engine {self.name!r}: max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.model = model
+        self.prompt = prompt
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+
+    @property
+    def prompt_id(self) -> str:
+        return prompt_id(self.prompt)
+
+    @abc.abstractmethod
+    def describe(self, images: Sequence[Image.Image]) -> list[Caption]:
+        """One caption per image, in input order; may raise for the whole batch."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={self.model!r}, prompt_id={self.prompt_id!r}, batch_size={self.batch_size})"
+
+
+def check_options(engine: str, options: Mapping[str, Any] | None, known: Mapping[str, Any]) -> dict[str, Any]:
+    """``known`` (option -> default) updated with ``options``; an unknown key is an error naming it."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(
+            f"caption engine {engine!r}: unknown option(s) {unknown}; known options are {sorted(known)}"
+        )
+    return {**known, **options}
+
+
+def make_engine(
+    name: str,
+    model: str | None = None,
+    prompt: str = DEFAULT_PROMPT,
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+    options: Mapping[str, Any] | None = None,
+) -> CaptionEngine:
+    """Build the engine registered as ``name`` ("tags", "hf", "vllm"); ``model=None`` takes the
+    engine's default model; ``options`` are engine-specific (see each engine's ``OPTIONS``)."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown caption engine {name!r}: choose one of {sorted(ENGINES)}")
+    module_name, class_name = ENGINES[name].split(":")
+    engine_cls = getattr(importlib.import_module(module_name), class_name)
+    return engine_cls(
+        model=model or DEFAULT_MODELS[name],
+        prompt=prompt,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        options=options,
+    )
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for CUDA/CPU out-of-memory errors (``torch.OutOfMemoryError``, ``MemoryError``, or a
+    ``RuntimeError`` whose message says 'out of memory'), which a smaller batch may avoid."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def _release_memory() -> None:
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _describe_checked(engine: CaptionEngine, images: list[Image.Image]) -> list[Caption]:
+    captions = engine.describe(images)
+    if len(captions) != len(images):
+        raise CaptionEngineError(
+            f"caption engine {engine.name!r} returned {len(captions)} captions for {len(images)} images"
+        )
+    return list(captions)
+
+
+def describe_isolated(
+    engine: CaptionEngine, images: Sequence[Image.Image]
+) -> list[Caption | Exception]:
+    """``engine.describe`` with failures isolated per image: the result has one entry per image,
+    in order, either its ``Caption`` or the exception that the image alone raised.
+
+    On an error the batch is retried once, then split in halves recursively; an out-of-memory
+    error halves the batch without a retry. A batch of n images with one bad image costs about
+    2 + 2*log2(n) engine calls.
+    """
+    results: list[Caption | Exception | None] = [None] * len(images)
+    _describe_span(engine, list(images), list(range(len(images))), results, retry=True)
+    return results  # type: ignore[return-value]
+
+
+def _describe_span(
+    engine: CaptionEngine,
+    images: list[Image.Image],
+    span: list[int],
+    results: list[Caption | Exception | None],
+    retry: bool,
+) -> None:
+    if not span:
+        return
+    try:
+        captions = _describe_checked(engine, [images[i] for i in span])
+    except Exception as error:  # noqa: BLE001 - isolated per image, returned to the caller
+        if is_out_of_memory(error):
+            _release_memory()
+            if len(span) == 1:
+                log.warning("caption engine %s: out of memory on a single image: %s", engine.name, error)
+                results[span[0]] = error
+                return
+            log.warning("caption engine %s: out of memory on %d images, halving the batch", engine.name, len(span))
+        elif retry:
+            log.warning("caption engine %s: batch of %d failed (%s), retrying once", engine.name, len(span), error)
+            _describe_span(engine, images, span, results, retry=False)
+            return
+        elif len(span) == 1:
+            log.warning("caption engine %s: image %d failed: %r", engine.name, span[0], error)
+            results[span[0]] = error
+            return
+        half = len(span) // 2
+        _describe_span(engine, images, span[:half], results, retry=False)
+        _describe_span(engine, images, span[half:], results, retry=False)
+        return
+    for i, caption in zip(span, captions):
+        results[i] = caption

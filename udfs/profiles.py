@@ -1,0 +1,197 @@
+"""User profiles: the (optionally recency-weighted) mean of a user's train item vectors.
+
+The paper's profile of user u with train items H(u) is
+
+    p_u = normalise( sum_{i in H(u)} w_ui * x_i / sum w_ui ),   x_i L2-normalised,
+
+with w_ui = 1 (the paper), or, with a half-life h (days), an exponential recency decay
+w_ui = 0.5 ** ((t_max(u) - t_ui) / h), where t_max(u) is the user's latest train timestamp:
+the latest item weighs 1, one a half-life older 0.5. Dividing by sum w does not change the
+direction, so it is skipped; the result is re-normalised so that a dot product with an item
+vector is the cosine.
+
+Timestamps are in seconds (the unit of ``interactions.ts``).
+
+Everything is vectorised over users (one sort and ``np.add.reduceat``); the pandas wrapper
+``profiles_frame`` serves Spark's ``groupBy("user_id").applyInPandas``.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+SECONDS_PER_DAY = 86_400.0
+# A weighted mean shorter than this cannot be re-normalised into a meaningful direction
+# (the user's item vectors cancel out).
+DEGENERATE_NORM = 1e-6
+
+
+def recency_weights(
+    user_index: np.ndarray, ts: np.ndarray, half_life_days: float, n_users: int | None = None
+) -> np.ndarray:
+    """Per-row weights ``0.5 ** ((t_max(user) - t) / half_life)``, t in seconds."""
+    if not np.isfinite(half_life_days) or half_life_days <= 0:
+        raise ValueError(
+            f"half_life_days must be a positive number of days, got {half_life_days!r}: "
+            "use None for the plain (unweighted) mean"
+        )
+    user_index = np.asarray(user_index)
+    ts = np.asarray(ts, dtype=np.float64)
+    if ts.shape != user_index.shape:
+        raise ValueError(
+            f"ts has shape {ts.shape} but user_index has shape {user_index.shape}: "
+            "pass one timestamp per interaction row"
+        )
+    if not np.isfinite(ts).all():
+        row = int(np.flatnonzero(~np.isfinite(ts))[0])
+        raise ValueError(f"ts[{row}] is {ts[row]}: every interaction needs a timestamp")
+    if n_users is None:
+        n_users = int(user_index.max()) + 1 if user_index.size else 0
+    t_max = np.full(n_users, -np.inf)
+    np.maximum.at(t_max, user_index, ts)
+    age_days = (t_max[user_index] - ts) / SECONDS_PER_DAY
+    return np.power(0.5, age_days / half_life_days)
+
+
+def user_profiles(
+    user_index: np.ndarray,
+    item_vectors: np.ndarray,
+    ts: np.ndarray | None = None,
+    n_users: int | None = None,
+    half_life_days: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Profiles of users ``0..n_users-1`` from ``m`` (user, item vector[, ts]) history rows.
+
+    ``user_index`` (m,) ints in ``[0, n_users)``; ``item_vectors`` (m, d), one row per history
+    row (re-normalised here, so any positive scaling of a row is harmless); ``ts`` (m,)
+    seconds, needed only with ``half_life_days``. ``n_users`` defaults to
+    ``max(user_index) + 1``.
+
+    Returns ``(profiles, n_history)``: ``profiles`` (n_users, d) float32, L2-normalised;
+    ``n_history`` (n_users,) int64 history rows per user. A user with no rows has
+    ``n_history == 0`` and a zero row: not a profile, the caller drops and counts it. A user
+    whose weighted mean is (numerically) zero, i.e. whose vectors cancel out, also gets a zero
+    row, with its true ``n_history``; it is logged.
+    """
+    user_index = np.asarray(user_index)
+    item_vectors = np.asarray(item_vectors)
+    if user_index.ndim != 1:
+        raise ValueError(f"user_index must be 1-D, got shape {user_index.shape}")
+    if user_index.size and not np.issubdtype(user_index.dtype, np.integer):
+        raise ValueError(
+            f"user_index must hold integers, got dtype {user_index.dtype}: "
+            "map string ids to 0..n_users-1 first (pandas.factorize)"
+        )
+    if item_vectors.ndim != 2 or item_vectors.shape[0] != user_index.shape[0]:
+        raise ValueError(
+            f"item_vectors must have shape (m, d) with m = len(user_index) = "
+            f"{user_index.shape[0]}, got {item_vectors.shape}: pass one vector per history row"
+        )
+    m, d = item_vectors.shape
+    if n_users is None:
+        n_users = int(user_index.max()) + 1 if m else 0
+    if m and (user_index.min() < 0 or user_index.max() >= n_users):
+        bad = int(user_index[(user_index < 0) | (user_index >= n_users)][0])
+        raise ValueError(
+            f"user_index holds {bad}, outside [0, n_users={n_users}): pass n_users larger than "
+            "every user index"
+        )
+    profiles = np.zeros((n_users, d), dtype=np.float32)
+    n_history = np.bincount(user_index.astype(np.int64), minlength=n_users).astype(np.int64)
+    if m == 0:
+        return profiles, n_history
+
+    x = item_vectors.astype(np.float64, copy=True)
+    norms = np.linalg.norm(x, axis=1)
+    bad_rows = ~np.isfinite(norms) | (norms == 0)
+    if bad_rows.any():
+        row = int(np.flatnonzero(bad_rows)[0])
+        raise ValueError(
+            f"item_vectors row {row} (user index {int(user_index[row])}) is zero or not finite: "
+            "drop history rows whose item has no vector before building profiles"
+        )
+    x /= norms[:, None]
+    if half_life_days is not None:
+        if ts is None:
+            raise ValueError("half_life_days needs ts: pass the interaction timestamps")
+        x *= recency_weights(user_index, ts, half_life_days, n_users)[:, None]
+
+    order = np.argsort(user_index, kind="stable")
+    sorted_users = user_index[order]
+    starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
+    sums = np.add.reduceat(x[order], starts, axis=0)
+    lengths = np.linalg.norm(sums, axis=1)
+    ok = lengths > DEGENERATE_NORM
+    if not ok.all():
+        log.warning(
+            "user_profiles: %d users have item vectors that cancel out; their profile is left "
+            "zero", int((~ok).sum())
+        )
+    owners = sorted_users[starts]
+    profiles[owners[ok]] = (sums[ok] / lengths[ok, None]).astype(np.float32)
+    return profiles, n_history
+
+
+def profiles_frame(df: pd.DataFrame, half_life_days: float | None = None) -> pd.DataFrame:
+    """Profiles of the users in ``df`` (columns ``user_id``, ``vector``[, ``ts``]).
+
+    For ``groupBy("user_id").applyInPandas(profiles_frame, schema)``: each call must hold all
+    of a user's history rows (any number of users). ``vector`` holds one array per row.
+
+    Returns columns ``user_id``, ``vector`` (one float32 numpy array per row, which Arrow writes
+    as ``array<float>``) and ``n_history`` (int32). Users without a usable profile (no rows, or
+    vectors that cancel out) are absent; the caller counts them.
+    """
+    missing = {"user_id", "vector"} - set(df.columns)
+    if half_life_days is not None and "ts" not in df.columns:
+        missing.add("ts")
+    if missing:
+        raise ValueError(
+            f"profiles_frame needs columns {sorted(missing)}, got {list(df.columns)}"
+        )
+    empty = pd.DataFrame({
+        "user_id": pd.Series([], dtype=df["user_id"].dtype),
+        "vector": pd.Series([], dtype=object),
+        "n_history": pd.Series([], dtype=np.int32),
+    })
+    if df.empty:
+        return empty
+    codes, uniques = pd.factorize(df["user_id"], sort=False)
+    if (codes < 0).any():
+        row = int(np.flatnonzero(codes < 0)[0])
+        raise ValueError(f"row {row} of the history has a null user_id: drop it upstream")
+    vectors = _stack_vectors(df["vector"])
+    ts = df["ts"].to_numpy(dtype=np.float64) if half_life_days is not None else None
+    profiles, n_history = user_profiles(codes, vectors, ts, len(uniques), half_life_days)
+    keep = np.linalg.norm(profiles, axis=1) > 0
+    if not keep.any():
+        return empty
+    return pd.DataFrame({
+        "user_id": np.asarray(uniques)[keep],
+        "vector": list(profiles[keep]),
+        "n_history": n_history[keep].astype(np.int32),
+    })
+
+
+def _stack_vectors(column: pd.Series) -> np.ndarray:
+    values = column.to_numpy()
+    lengths = np.fromiter((-1 if v is None else len(v) for v in values), dtype=np.int64,
+                          count=len(values))
+    if (lengths < 0).any():
+        row = int(np.flatnonzero(lengths < 0)[0])
+        raise ValueError(
+            f"vector of history row {row} is null: drop history "
+            "rows whose item has no vector before building profiles"
+        )
+    if len(set(lengths.tolist())) > 1:
+        first = int(lengths[0])
+        row = int(np.flatnonzero(lengths != first)[0])
+        raise ValueError(
+            f"vector of history row {row} has {lengths[row]} dimensions, row 0 has {first}: "
+            "profiles are built per representation; do not mix representations in one call"
+        )
+    return np.stack([np.asarray(v, dtype=np.float32) for v in values])

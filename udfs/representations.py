@@ -1,0 +1,198 @@
+"""Names of item representations: the ``representation`` column of the vector tables.
+
+Allowed forms:
+
+- ``title``, ``text``: the item's catalog title / text, encoded by the text encoder;
+- ``visual``: image features from the image encoder;
+- ``lvlm:<engine>:<model>:<prompt_id>``: the text encoding of the descriptions that caption
+  engine ``<engine>`` with model ``<model>`` and prompt ``<prompt_id>`` wrote (the
+  ``descriptions`` table's key); ``<model>`` may contain ``/`` and ``:``, the engine and
+  prompt id may not contain ``:``;
+- ``naive``, ``concat``: a fusion (``udfs.fusion``) of the paper's Title+Vision baseline,
+  i.e. of ``title`` and ``visual``;
+- ``naive:<a>+<b>[+...]``, ``concat:<a>+<b>[+...]``: a fusion of the named non-fused
+  representations, e.g. ``naive:lvlm:vllm:llava-hf/llava-v1.6-mistral-7b-hf:p1+visual``.
+
+A fusion's canonical name lists its parts sorted and is the bare ``naive``/``concat`` for the
+default parts, so one fusion has one name (and one row per item).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+TITLE = "title"
+TEXT = "text"
+VISUAL = "visual"
+LVLM = "lvlm"
+NAIVE = "naive"
+CONCAT = "concat"
+
+BASE_REPRESENTATIONS = (TITLE, TEXT, VISUAL)
+FUSIONS = (NAIVE, CONCAT)
+# The paper's "Title+Vision (Naive 50/50)" and "(Concat)" baselines.
+DEFAULT_FUSION_PARTS = (TITLE, VISUAL)
+
+ALLOWED_FORMS = (
+    "'title', 'text', 'visual', 'lvlm:<engine>:<model>:<prompt_id>', "
+    "'naive', 'concat' (fusions of title and visual), "
+    "'naive:<a>+<b>' or 'concat:<a>+<b>' (fusions of the named non-fused representations)"
+)
+
+
+class RepresentationError(ValueError):
+    """A representation name that is not one of the allowed forms."""
+
+
+@dataclass(frozen=True)
+class Representation:
+    """A parsed representation name; ``name`` is its canonical spelling."""
+
+    kind: str  # title | text | visual | lvlm | naive | concat
+    engine: str | None = None
+    model: str | None = None
+    prompt_id: str | None = None
+    parts: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        if self.kind == LVLM:
+            return f"{LVLM}:{self.engine}:{self.model}:{self.prompt_id}"
+        if self.kind in FUSIONS:
+            return fusion_name(self.kind, self.parts)
+        return self.kind
+
+    @property
+    def is_fusion(self) -> bool:
+        return self.kind in FUSIONS
+
+    @property
+    def is_text(self) -> bool:
+        """Whether the text encoder makes it (title, text and LVLM descriptions)."""
+        return self.kind in (TITLE, TEXT, LVLM)
+
+
+def lvlm_name(engine: str, model: str, prompt_id: str) -> str:
+    """``lvlm:<engine>:<model>:<prompt_id>``, the representation of a caption run's texts."""
+    for field, value, may_hold_colon in (
+        ("engine", engine, False), ("model", model, True), ("prompt_id", prompt_id, False)
+    ):
+        if not isinstance(value, str) or not value.strip() or value != value.strip():
+            raise RepresentationError(
+                f"lvlm {field} must be a non-empty string without surrounding spaces, got "
+                f"{value!r}"
+            )
+        if not may_hold_colon and ":" in value:
+            raise RepresentationError(
+                f"lvlm {field} {value!r} contains ':', which separates the parts of "
+                f"'lvlm:<engine>:<model>:<prompt_id>': rename it"
+            )
+        if "+" in value:
+            raise RepresentationError(
+                f"lvlm {field} {value!r} contains '+', which separates fusion parts: rename it"
+            )
+    return f"{LVLM}:{engine}:{model}:{prompt_id}"
+
+
+def fusion_name(method: str, parts: Iterable[str]) -> str:
+    """Canonical name of fusion ``method`` over ``parts`` (bare for title + visual)."""
+    if method not in FUSIONS:
+        raise RepresentationError(f"unknown fusion {method!r}: choose one of {list(FUSIONS)}")
+    canonical = []
+    for part in parts:
+        parsed = parse_representation(part)
+        if parsed.is_fusion:
+            raise RepresentationError(
+                f"fusion part {part!r} is itself a fusion: fuse non-fused representations "
+                f"only ({ALLOWED_FORMS})"
+            )
+        canonical.append(parsed.name)
+    ordered = tuple(sorted(canonical))
+    if len(set(ordered)) != len(ordered) or len(ordered) < 2:
+        raise RepresentationError(
+            f"fusion {method!r} needs at least two distinct parts, got {list(canonical)}"
+        )
+    if ordered == tuple(sorted(DEFAULT_FUSION_PARTS)):
+        return method
+    return f"{method}:{'+'.join(ordered)}"
+
+
+def parse_representation(name: str) -> Representation:
+    """Parse a representation name; raises ``RepresentationError`` naming the allowed forms."""
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise RepresentationError(
+            f"representation {name!r} is not a non-empty string without surrounding spaces; "
+            f"allowed forms: {ALLOWED_FORMS}"
+        )
+    if name in BASE_REPRESENTATIONS:
+        return Representation(kind=name)
+    if name in FUSIONS:
+        return Representation(kind=name, parts=tuple(sorted(DEFAULT_FUSION_PARTS)))
+    head, sep, rest = name.partition(":")
+    if sep and head == LVLM:
+        engine, sep2, tail = rest.partition(":")
+        model, sep3, prompt_id = tail.rpartition(":")
+        if not (sep2 and sep3 and engine and model and prompt_id):
+            raise RepresentationError(
+                f"representation {name!r}: an LVLM representation is "
+                f"'lvlm:<engine>:<model>:<prompt_id>' with all three parts non-empty, e.g. "
+                f"'lvlm:tags:efficientnet-lite0:default'"
+            )
+        try:
+            lvlm_name(engine, model, prompt_id)
+        except RepresentationError as err:
+            raise RepresentationError(f"representation {name!r}: {err}") from None
+        return Representation(kind=LVLM, engine=engine, model=model, prompt_id=prompt_id)
+    if sep and head in FUSIONS:
+        pieces = rest.split("+")
+        try:
+            fusion_name(head, pieces)
+            parts = tuple(sorted(parse_representation(p).name for p in pieces))
+        except RepresentationError as err:
+            raise RepresentationError(f"representation {name!r}: {err}") from None
+        return Representation(kind=head, parts=parts)
+    raise RepresentationError(
+        f"representation {name!r} is not one of the allowed forms: {ALLOWED_FORMS}"
+    )
+
+
+def validate_representations(
+    names: Sequence[str], source: str = "experiment.representations"
+) -> list[str]:
+    """Check a configured list of representations; returns their canonical names.
+
+    Raises ``RepresentationError`` naming ``source``, the bad entry and the allowed forms, and
+    on an empty list or on two entries that name the same representation.
+    """
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise RepresentationError(
+            f"{source} must be a list of representation names, got {names!r}"
+        )
+    if not names:
+        raise RepresentationError(f"{source} is empty: name at least one of {ALLOWED_FORMS}")
+    seen: dict[str, str] = {}
+    canonical: list[str] = []
+    for i, entry in enumerate(names):
+        try:
+            parsed = parse_representation(entry)
+        except RepresentationError as err:
+            raise RepresentationError(f"{source}[{i}]: {err}") from None
+        if parsed.name in seen:
+            raise RepresentationError(
+                f"{source}[{i}] {entry!r} names the same representation as "
+                f"{seen[parsed.name]!r}: list it once"
+            )
+        seen[parsed.name] = entry
+        canonical.append(parsed.name)
+    return canonical
+
+
+def required_base_representations(names: Sequence[str]) -> list[str]:
+    """The non-fused representations that ``names`` need (fusion parts included), in order."""
+    needed: list[str] = []
+    for name in names:
+        parsed = parse_representation(name)
+        for base in parsed.parts if parsed.is_fusion else (parsed.name,):
+            if base not in needed:
+                needed.append(base)
+    return needed

