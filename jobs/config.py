@@ -121,7 +121,11 @@ class Config:
 
 
 def _source(sources: dict[str, str], key: str) -> str:
-    # The most specific recorded source for this key or its nearest parent.
+    # The source of this key, of a key below it (a --set of a deeper key), or of its nearest parent.
+    if key not in sources:
+        for known, where in sources.items():
+            if known.startswith(key + "."):
+                return where
     probe = key
     while probe:
         if probe in sources:

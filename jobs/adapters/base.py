@@ -22,6 +22,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from ..config import ConfigError, DatasetConf
+from ..job_run import NothingUsable
 
 REJECT_SCHEMA = T.StructType([
     T.StructField("source", T.StringType(), False),
@@ -32,6 +33,8 @@ REJECT_SCHEMA = T.StructType([
 ITEM_COLUMNS = ["item_id", "title", "text", "image_uri", "attrs"]
 INTERACTION_COLUMNS = ["user_id", "item_id", "ts", "rating", "label", "_source"]
 CONTENT_CHARS = 500
+# The CSV reader decodes bytes that are not valid in the file's charset to U+FFFD.
+REPLACEMENT_CHAR = "\ufffd"
 
 
 @dataclass
@@ -79,7 +82,9 @@ def require_path(dataset: DatasetConf, key: str, root_relative: str | None = Non
         raise ConfigError(f"{label} = '{path}' does not exist (cwd {Path.cwd()}): "
                           "fix the path in the dataset config or pass --set dataset.paths...")
     if path.is_file() and path.stat().st_size == 0:
-        raise ConfigError(f"{label} = '{path}' is an empty file: nothing to ingest from it")
+        # The config is right, the data has no row: "nothing usable" (exit 1), not a config error.
+        raise NothingUsable(f"{label} = '{path}' is an empty file: nothing to ingest from it "
+                            "(re-export or re-download it)")
     return path.resolve()
 
 
@@ -144,7 +149,10 @@ def parse_delimited(spark: SparkSession, path: Path, sep: str, names: list[str],
     parts = F.split(F.regexp_replace("value", r"\r$", ""), sep_regex(sep))
     cols = [F.trim(parts.getItem(i)).alias(n) for i, n in enumerate(names)]
     parsed = lines.select("value", "_pos", "_source", F.size(parts).alias("_n"), *cols)
-    problems = [F.when(F.col("_n") != len(names),
+    problems = [F.when(undecodable(F.col("value"), encoding),
+                       F.lit(f"line is not valid {encoding}: the file has bytes in another encoding "
+                             "(latin-1?); re-save it as UTF-8 or fix the line")),
+                F.when(F.col("_n") != len(names),
                        F.format_string(f"expected {len(names)} '{printable(sep)}'-separated fields "
                                        f"({', '.join(names)}), found %d", F.col("_n")))]
     typed = []
@@ -166,6 +174,15 @@ def parse_delimited(spark: SparkSession, path: Path, sep: str, names: list[str],
     good = checked.filter(F.col("_reason").isNull()).drop("_reason", "value")
     bad = checked.filter(F.col("_reason").isNotNull())
     return good, reject(line_numbers(all_lines, bad), F.col("_reason"))
+
+
+def undecodable(text: Column, encoding: str = "utf-8") -> Column:
+    """True where ``text`` came from bytes that are not valid in ``encoding``: raw invalid UTF-8
+    (the text source keeps bytes as they are) or U+FFFD (what the CSV source decodes them to).
+    Only meaningful for UTF-8 input; a single-byte charset such as latin-1 decodes any byte."""
+    if encoding.lower().replace("-", "").replace("_", "") not in ("utf8", "ascii"):
+        return F.lit(False)
+    return F.coalesce(~F.is_valid_utf8(text) | text.contains(REPLACEMENT_CHAR), F.lit(False))
 
 
 def sep_regex(sep: str) -> str:
@@ -208,19 +225,29 @@ def timestamp_seconds(raw: Column, ts_format: str) -> Column:
 
 def validate_columns(df: DataFrame, required: dict[str, str], optional: dict[str, str],
                      path: Path, what: str, ts_format: str = "unix",
-                     keep: tuple[str, ...] = ()) -> tuple[DataFrame, DataFrame]:
+                     keep: tuple[str, ...] = (), encoding: str = "utf-8") -> tuple[DataFrame, DataFrame]:
     """Rename configured source columns to canonical names, cast, and split off bad records.
 
     ``required``/``optional`` map canonical name -> source column. A missing source column is a
     config error naming the file and the columns it does have; a record whose required value is
-    empty or does not cast is rejected with the reason."""
+    empty or does not cast is rejected with the reason, and so is a record holding bytes that are
+    not valid in ``encoding`` (a latin-1 row in a UTF-8 file)."""
     have = [c for c in df.columns if c not in ("_pos", "_source", "_corrupt_record", *keep)]
     for canonical, source in {**required, **optional}.items():
         if source and source not in have and canonical in required:
+            seps = [s for s in (",", ";", "\t", "|") if len(have) == 1 and s in have[0]]
+            fix = (f"the header looks '{printable(seps[0])}'-separated: set dataset.options.sep"
+                   if seps else f"fix dataset.options.{canonical}")
             raise ConfigError(f"{path}: column '{source}' (for {what} {canonical}) not found; the file "
-                              f"has columns {have}: fix dataset.options.{canonical}")
+                              f"has columns {have}: {fix}")
     casts = {"ts": "long", "rating": "double"}
-    cols, problems = [], [F.when(F.col("_corrupt_record").isNotNull(), F.lit("malformed record"))]
+    text_cols = [F.col(f"`{c}`").cast("string") for c in have]
+    cols, problems = [], [
+        F.when(F.col("_corrupt_record").isNotNull(), F.lit("malformed record")),
+        F.when(undecodable(F.concat_ws("\u0001", *text_cols), encoding) if text_cols else F.lit(False),
+               F.lit(f"record is not valid {encoding}: the file has bytes in another encoding (latin-1?); "
+                     "set dataset.options.encoding or re-save the file as UTF-8")),
+    ]
     for canonical, source in {**required, **optional}.items():
         if not source or source not in have:
             cols.append(F.lit(None).cast(casts.get(canonical, "string")).alias(canonical))

@@ -78,7 +78,7 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
     raw_items = raw_items.withColumn("attrs", attrs_map(raw_items, opts.attrs))
     items, item_rejects = validate_columns(
         raw_items, {"item_id": opts.item_id}, {"title": opts.title, "text": opts.text, "image": opts.image},
-        items_path, "items", keep=("attrs",))
+        items_path, "items", keep=("attrs",), encoding=opts.encoding)
     items = items.select("item_id", "title", "text", image_uri(F.col("image"), images_root).alias("image_uri"),
                          "attrs")
 
@@ -86,6 +86,7 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
     required = {"user_id": opts.user_id, "item_id": opts.item_id, "ts": opts.timestamp}
     optional = {"rating": opts.rating, "label": opts.label}
     interactions, inter_rejects = validate_columns(raw_inter, required, optional, inter_path,
-                                                   "interactions", opts.timestamp_format)
+                                                   "interactions", opts.timestamp_format,
+                                                   encoding=opts.encoding)
     return AdapterOutput(items, interactions, item_rejects.unionByName(inter_rejects), {})
 

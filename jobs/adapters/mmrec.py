@@ -70,6 +70,8 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
                 "item_id", F.lit(None).cast("string").alias("title"), F.lit(None).cast("string").alias("text"),
                 F.lit(None).cast("string").alias("image_uri"),
                 F.create_map().cast("map<string,string>").alias("attrs")))
+        # The docstring's promise: interacted items missing from the metadata file are counted.
+        counts["items_without_metadata"] = ids.join(meta.select("item_id"), "item_id", "left_anti").count()
     else:
         items = ids.select("item_id", F.lit(None).cast("string").alias("title"),
                            F.lit(None).cast("string").alias("text"), F.lit(None).cast("string").alias("image_uri"),

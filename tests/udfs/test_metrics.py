@@ -61,7 +61,7 @@ def random_rankings(rng, n_users, width, n_items, short_lists):
     for user in range(n_users):
         length = int(rng.integers(1, width + 1)) if short_lists else width
         recommended[user, :length] = rng.choice(universe, size=length, replace=False)
-        relevant.append(set(rng.choice(universe, size=int(rng.integers(1, 15)), replace=False)))
+        relevant.append(set(rng.choice(universe, size=min(int(rng.integers(1, 15)), n_items), replace=False)))
     return recommended, relevant
 
 
@@ -91,12 +91,12 @@ def test_matches_ranx_on_random_rankings():
         u: {item: float(len(row) - rank) for rank, item in enumerate(row) if item is not None}
         for u, row in zip(users, recommended)
     })
-    names = {"recall": "recall", "ndcg": "ndcg", "precision": "precision", "map": "map", "hit_rate": "hit_rate", "mrr": "mrr"}
-    ranx.evaluate(qrels, run, [f"{names[m]}@{k}" for m in METRICS for k in ks], save_results_in_run=True)
+    # Our metric names are ranx's metric names.
+    ranx.evaluate(qrels, run, [f"{m}@{k}" for m in METRICS for k in ks], save_results_in_run=True)
     n_relevant = np.array([len(r) for r in relevant])
     for metric in METRICS:
         for k in ks:
-            theirs = np.array([run.scores[f"{names[metric]}@{k}"][u] for u in users])
+            theirs = np.array([run.scores[f"{metric}@{k}"][u] for u in users])
             if metric == "map":
                 # ranx divides average precision by |R|; ours by min(k, |R|) (see udfs.metrics).
                 theirs = theirs * n_relevant / np.minimum(k, n_relevant)

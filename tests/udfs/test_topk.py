@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -164,6 +165,17 @@ def test_normalised_float_vectors_rank_by_cosine():
 def test_bad_inputs_raise_errors_that_name_the_input(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_read_only_arrow_style_inputs_work_without_warnings():
+    profiles = np.eye(2, dtype=np.float32)
+    items = np.eye(2, dtype=np.float32)
+    profiles.flags.writeable = False
+    items.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, indices = topk_block(profiles, items, np.array(["a", "b"]), 1)
+    assert indices.tolist() == [[0], [1]]
 
 
 def test_kernels_pickle_by_reference_for_spark_executors():

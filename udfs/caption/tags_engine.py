@@ -154,6 +154,13 @@ class TagsEngine(CaptionEngine):
         keep = [order[0]] + [i for i in order[1:] if probabilities[i] >= float(self.options["min_prob"])]
         return [self._classes[i] for i in keep]
 
+    def colours(self, img: Image.Image) -> list[str]:
+        """Dominant colour names, most frequent first (none when ``colours`` is 0)."""
+        max_colours = int(self.options["colours"])
+        if max_colours == 0:
+            return []
+        return [name for name, _ in dominant_colours(img, max_colours, float(self.options["min_colour_share"]))]
+
     def describe(self, images: Sequence[Image.Image]) -> list[Caption]:
         captions: list[Caption] = []
         for start in range(0, len(images), self.batch_size):
@@ -162,11 +169,6 @@ class TagsEngine(CaptionEngine):
             with torch.inference_mode():
                 probabilities = torch.softmax(self._model(pixels).float(), dim=1).cpu().numpy()
             for img, probs in zip(chunk, probabilities):
-                colours = (
-                    [name for name, _ in dominant_colours(img, int(self.options["colours"]), float(self.options["min_colour_share"]))]
-                    if int(self.options["colours"]) > 0
-                    else []
-                )
-                text = render_sentence(self.labels(probs), colours)
+                text = render_sentence(self.labels(probs), self.colours(img))
                 captions.append(Caption(text=text, n_tokens=len(text.split())))
         return captions

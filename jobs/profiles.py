@@ -1,0 +1,178 @@
+"""``profiles``: train histories and item vectors -> the ``user_profiles`` Delta table.
+
+A user's profile in a representation is the mean of the L2-normalised vectors of the items in
+their TRAIN history (``interactions.split = 'train'``), re-normalised (``udfs.profiles``); with
+``experiment.options.half_life_days`` each item is weighted by recency (a half-life in days,
+counted back from the user's latest train interaction). ``n_history`` is the number of train
+rows whose item has a vector in that representation.
+
+Fusions (``naive``, ``concat``...) are NOT profiles of fused item vectors: as ``udfs.fusion``
+prescribes, the per-modality profiles are fused, so the fused score stays the fixed weighted
+average of the per-modality cosines for every user. A fused profile exists for users who have
+a profile in every part; its ``n_history`` is the smallest of the parts'.
+
+Rows are keyed by ``run_id``: the pipeline's (``--run-id``), else this job's own run id.
+Nothing is dropped silently: ``users_without_train`` (users of the dataset with no train
+interaction), ``users_without_profile_<rep>`` (users with train interactions but no train item
+with a vector in <rep>, or whose vectors cancel out), ``history_rows_without_vector_<rep>``.
+Rerunning with the same run id gives the same rows (``MERGE``, then the run's stale rows for
+these representations are deleted).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from udfs import embedding_udfs
+from udfs.representations import Representation
+
+from . import tables
+from .config import ConfigError
+from .embed import fusion_weights, planned_representations, prune_stale
+from .job_run import JobRun, NothingUsable, run_job
+
+log = logging.getLogger(__name__)
+
+PROFILE_SCHEMA = T.StructType([
+    T.StructField("representation", T.StringType(), False),
+    T.StructField("user_id", T.StringType(), False),
+    T.StructField("vector", tables.VECTOR),
+    T.StructField("n_history", T.IntegerType()),
+])
+FUSED_PROFILE_SCHEMA = T.StructType([
+    T.StructField("user_id", T.StringType(), False),
+    T.StructField("vector", tables.VECTOR),
+    T.StructField("status", T.StringType(), False),
+    T.StructField("n_history", T.IntegerType()),
+])
+# History rows per applyInPandas group: a group is one pandas frame in one Python worker.
+ROWS_PER_GROUP = 200_000
+
+
+def half_life(run: JobRun) -> float | None:
+    value = run.config.experiment.options.get("half_life_days")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"experiment.options.half_life_days must be a positive number of days "
+                          f"(or absent for the plain mean), got {value!r}")
+    return float(value)
+
+
+def base_profiles(history: DataFrame, half_life_days: float | None, n_buckets: int) -> DataFrame:
+    """``PROFILE_SCHEMA`` rows from history rows (representation, user_id, vector, ts)."""
+    bucketed = history.withColumn("_bucket", F.pmod(F.xxhash64("user_id"), F.lit(n_buckets)))
+    return bucketed.groupBy("representation", "_bucket").applyInPandas(
+        embedding_udfs.profile_groups(half_life_days), PROFILE_SCHEMA)
+
+
+def fuse_profiles(profiles: DataFrame, rep: Representation, weights: dict[str, float] | None) -> DataFrame:
+    """Fused profiles (user_id, vector, status, n_history) of the users with every part."""
+    joined = None
+    for j, part in enumerate(rep.parts):
+        frame = profiles.filter(F.col("representation") == part).select(
+            "user_id", F.col("vector").alias(f"part_{j}"), F.col("n_history").alias(f"_n_{j}"))
+        joined = frame if joined is None else joined.join(frame, "user_id")
+    n_history = F.least(*[F.col(f"_n_{j}") for j in range(len(rep.parts))]) if len(rep.parts) > 1 \
+        else F.col("_n_0")
+    joined = joined.withColumn("n_history", n_history.cast("int"))
+    return joined.select("user_id", *[f"part_{j}" for j in range(len(rep.parts))], "n_history").mapInPandas(
+        embedding_udfs.fused_vector_batches(rep.kind, rep.parts, None if rep.kind != "concat" else weights,
+                                            key="user_id"),
+        FUSED_PROFILE_SCHEMA)
+
+
+def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
+    spark, wh = run.spark, run.warehouse
+    dataset = run.config.dataset.name
+    if not dataset:
+        raise ConfigError("no dataset configured: pass --conf datasets/NAME.yaml (or --set dataset.name=...)")
+    run_id = getattr(args, "run_id", None) or run.run_id
+    base, fusions = planned_representations(run.config.experiment.representations)
+    half_life_days = half_life(run)
+
+    interactions = tables.read(spark, wh, "interactions").filter(F.col("dataset") == dataset)
+    train = (interactions.filter(F.col("split") == "train").select("user_id", "item_id", "ts")
+             .persist(StorageLevel.MEMORY_AND_DISK))
+    n_train = train.count()
+    n_users = interactions.select("user_id").distinct().count()
+    n_train_users = train.select("user_id").distinct().count()
+    run.count("train_rows_read", n_train)
+    run.count("users", n_users)
+    run.count("users_with_train", n_train_users)
+    run.count("users_without_train", n_users - n_train_users)
+    if n_train == 0:
+        train.unpersist()
+        raise NothingUsable(f"dataset '{dataset}' has no train interactions in {wh}/interactions: "
+                            "run `vlm4rec ingest` first (and check the split settings)")
+
+    base_names = [r.name for r in base]
+    vectors = (tables.read(spark, wh, "item_embeddings")
+               .filter((F.col("dataset") == dataset) & F.col("representation").isin(base_names))
+               .select("representation", "item_id", "vector"))
+    history = train.join(vectors, "item_id").select("representation", "user_id", "vector", "ts")
+    rows_by_rep = dict(history.groupBy("representation").count().collect())
+    for name in base_names:
+        run.count(f"history_rows_{name}", rows_by_rep.get(name, 0))
+        run.count(f"history_rows_without_vector_{name}", n_train - rows_by_rep.get(name, 0))
+        if rows_by_rep.get(name, 0) == 0:
+            log.warning("representation %s: no train item of dataset %s has a vector in item_embeddings; "
+                        "run `vlm4rec embed` with this representation first", name, dataset)
+
+    n_buckets = max(spark.sparkContext.defaultParallelism,
+                    math.ceil(max(rows_by_rep.values(), default=0) / ROWS_PER_GROUP))
+    made = base_profiles(history, half_life_days, n_buckets).persist(StorageLevel.MEMORY_AND_DISK)
+    written = dict(made.groupBy("representation").count().collect())
+    out = made.select("user_id", "representation", "vector", "n_history")
+
+    fused_frames = []
+    for rep in fusions:
+        fused = fuse_profiles(made, rep, fusion_weights(run, rep)).persist(StorageLevel.MEMORY_AND_DISK)
+        by_status = dict(fused.groupBy("status").count().collect())
+        written[rep.name] = by_status.get(embedding_udfs.OK, 0)
+        fused_frames.append(fused)
+        out = out.unionByName(fused.filter(F.col("status") == embedding_udfs.OK)
+                              .select("user_id", F.lit(rep.name).alias("representation"), "vector", "n_history"))
+
+    names = base_names + [r.name for r in fusions]
+    for name in names:
+        n = written.get(name, 0)
+        run.count(f"profiles_{name}", n)
+        run.count(f"users_without_profile_{name}", n_train_users - n)
+        if n_train_users - n:
+            log.warning("representation %s: %d of %d users with train interactions have no profile "
+                        "(no train item with a vector)", name, n_train_users - n, n_train_users)
+    total = sum(written.get(name, 0) for name in names)
+    run.count("rows_written", total)
+    if total == 0:
+        for frame in [made, train, *fused_frames]:
+            frame.unpersist()
+        raise NothingUsable(f"dataset '{dataset}': no user has a profile in any of {names}; "
+                            "run `vlm4rec embed` for these representations first")
+
+    out = out.withColumn("run_id", F.lit(run_id))
+    tables.merge(spark, wh, "user_profiles", out)
+    run.count("stale_rows_removed",
+              prune_stale(spark, wh, "user_profiles", out, {"run_id": run_id, "representation": names}))
+    for frame in [made, train, *fused_frames]:
+        frame.unpersist()
+    log.info("profiles %s: run_id=%s, %d profiles over %s", dataset, run_id, total, names)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-id", default=None,
+                        help="key the profiles by this run id (the pipeline's); default: this job's run id")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("profiles", __doc__.splitlines()[0], profiles, argv, add_arguments)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

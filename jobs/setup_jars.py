@@ -1,0 +1,39 @@
+"""``setup``: resolve the Delta Lake connector JARs once from Maven Central into a local folder
+(``~/.cache/vlm4rec/jars``, or ``$VLM4REC_JARS``, or ``spark.jars_dir``), so that every later
+job starts offline."""
+from __future__ import annotations
+
+import sys
+
+from .config import ConfigError, load_config
+from .job_run import EXIT_CONFIG, EXIT_INSTALL, base_parser, setup_logging
+from .spark_session import DELTA_PACKAGES, jars_dir, resolve_connector, resolved_jars
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser("setup", __doc__.splitlines()[0])
+    parser.add_argument("--force", action="store_true", help="resolve again even if the JARs are present")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.conf, args.overrides)
+    except ConfigError as exc:
+        print(f"vlm4rec setup: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(config.log_level)
+    jars = resolved_jars(config.spark)
+    if jars and not args.force:
+        print(f"setup: Delta connector already in {jars_dir(config.spark)} ({len(jars)} JARs)")
+        return 0
+    try:
+        jars = resolve_connector(config.spark)
+    except Exception as exc:  # noqa: BLE001 - report any resolution failure with the fix
+        print(f"vlm4rec setup: could not resolve {DELTA_PACKAGES} from Maven Central: {exc}\n"
+              "Check that Maven Central is reachable (proxy settings) or copy the JARs into "
+              f"{jars_dir(config.spark)} by hand.", file=sys.stderr)
+        return EXIT_INSTALL
+    print(f"setup: resolved {len(jars)} JARs into {jars_dir(config.spark)}: " + ", ".join(j.name for j in jars))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

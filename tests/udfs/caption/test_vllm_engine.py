@@ -1,0 +1,112 @@
+"""The ``vllm`` engine without vLLM installed: it imports, it fails with the install command,
+and the row mapping it hands to Ray is right."""
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import sys
+
+import pytest
+from PIL import Image
+
+from udfs.caption import make_engine
+from udfs.caption.vllm_engine import (
+    build_vllm_processor,
+    chat_messages,
+    image_data_url,
+    sampling_params,
+    vllm_processor_config,
+    vllm_request_row,
+    vllm_result_row,
+)
+
+needs_no_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is not None, reason="checks the message shown when vLLM is missing"
+)
+
+
+@needs_no_vllm
+def test_building_without_vllm_names_the_install_command():
+    assert "vllm" not in sys.modules  # the module imported above without it
+    with pytest.raises(ImportError, match=r"pip install 'vlm4rec\[gpu\]'"):
+        build_vllm_processor(model="/models/llava")
+    with pytest.raises(ImportError, match=r"pip install 'vlm4rec\[gpu\]'"):
+        make_engine("vllm")
+
+
+def _png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (5, 4), (255, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_file_bytes_travel_unchanged_in_a_data_url():
+    data = _png_bytes()
+    url = image_data_url(data)
+    header, payload = url.split(",", 1)
+    assert header == "data:image/png;base64"
+    assert base64.b64decode(payload) == data
+
+
+def test_pil_images_become_jpeg_data_urls():
+    url = image_data_url(Image.new("RGB", (6, 6), (0, 0, 255)))
+    assert url.startswith("data:image/jpeg;base64,")
+    decoded = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert decoded.size == (6, 6)
+
+
+def test_request_row_is_one_user_turn_with_the_image_then_the_prompt():
+    row = {"image_sha256": "abc", "item_id": "7", "image_bytes": _png_bytes()}
+    request = vllm_request_row(row, prompt="Describe it.", image_column="image_bytes", max_new_tokens=64, min_new_tokens=None)
+    assert request["image_bytes"] is None
+    (message,) = request["messages"]
+    assert message["role"] == "user"
+    assert [part["type"] for part in message["content"]] == ["image_url", "text"]
+    assert message["content"][1]["text"] == "Describe it."
+    assert request["sampling_params"] == {"temperature": 0.0, "max_tokens": 64}
+    assert chat_messages(row["image_bytes"], "Describe it.") == request["messages"]
+
+
+def test_benchmark_length_sets_min_tokens():
+    assert sampling_params(128, 128) == {"temperature": 0.0, "max_tokens": 128, "min_tokens": 128}
+
+
+def test_result_rows_have_one_schema_for_success_and_failure():
+    keep = ("image_sha256", "item_id")
+    ok = vllm_result_row(
+        {"image_sha256": "a", "item_id": "1", "generated_text": " a red dress ", "num_generated_tokens": 4,
+         "messages": "dropped"},
+        keep,
+    )
+    assert ok == {"image_sha256": "a", "item_id": "1", "text": "a red dress", "n_tokens": 4, "error": ""}
+    failed = vllm_result_row(
+        {"image_sha256": "b", "item_id": "2", "generated_text": "", "__inference_error__": "prompt too long"}, keep
+    )
+    assert failed == {"image_sha256": "b", "item_id": "2", "text": None, "n_tokens": None, "error": "prompt too long"}
+    assert set(ok) == set(failed)
+
+
+def _ray_llm_importable() -> bool:
+    try:
+        import ray.data.llm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_processor_config_or_a_clear_install_error():
+    """With Ray's LLM extra the config validates against Ray's own schema; without it the
+    error names the install command."""
+    args = dict(model="/models/llava", batch_size=32, tensor_parallel_size=2, concurrency=(1, 4),
+                accelerator_type="H100", max_model_len=4096, engine_kwargs={"enable_prefix_caching": True})
+    if not _ray_llm_importable():
+        with pytest.raises(ImportError, match=r"pip install 'vlm4rec\[gpu\]'"):
+            vllm_processor_config(**args)
+        return
+    config = vllm_processor_config(**args)
+    assert config.model_source == "/models/llava" and config.batch_size == 32
+    assert config.engine_kwargs["tensor_parallel_size"] == 2
+    assert config.engine_kwargs["limit_mm_per_prompt"] == {"image": 1}
+    assert config.engine_kwargs["enable_prefix_caching"] is True
+    assert config.should_continue_on_error is True

@@ -1,0 +1,129 @@
+"""Bootstrap intervals, Wilcoxon p-values and the Holm correction."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import udfs.significance as significance
+from udfs.significance import bootstrap_mean_ci, holm, paired_bootstrap_ci, wilcoxon_p
+
+
+@pytest.mark.parametrize(
+    ("pvalues", "adjusted"),
+    [
+        # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max
+        ([0.01, 0.04, 0.03, 0.005], [0.03, 0.06, 0.06, 0.02]),
+        # 0.6 * 2 = 1.2 is capped at 1, and 0.7 may not fall below it
+        ([0.6, 0.7, 0.01], [1.0, 1.0, 0.03]),
+        ([0.5, 0.2], [0.5, 0.4]),
+        ([0.02], [0.02]),
+        ([], []),
+    ],
+)
+def test_holm_matches_hand_computed_values(pvalues, adjusted):
+    np.testing.assert_allclose(holm(np.array(pvalues)), adjusted, rtol=1e-12)
+
+
+def test_holm_is_monotone_in_the_raw_order_and_never_below_the_raw_p():
+    rng = np.random.default_rng(2)
+    p = rng.uniform(0, 0.2, 40)
+    adjusted = holm(p)
+    order = np.argsort(p)
+    assert (np.diff(adjusted[order]) >= 0).all()
+    assert (adjusted >= p).all() and (adjusted <= 1).all()
+
+
+def test_holm_rejects_values_that_are_not_probabilities():
+    with pytest.raises(ValueError, match="must lie in"):
+        holm(np.array([0.1, np.nan]))
+
+
+def test_bootstrap_interval_covers_the_true_mean_at_about_the_nominal_rate():
+    rng = np.random.default_rng(123)
+    covered = 0
+    repeats = 200
+    for repeat in range(repeats):
+        sample = rng.normal(3.0, 2.0, 60)
+        mean, lo, hi = bootstrap_mean_ci(sample, n_samples=400, alpha=0.05, seed=repeat)
+        assert lo <= mean <= hi
+        covered += lo <= 3.0 <= hi
+    # Nominal 95%: a binomial(200, 0.95) count lies in 178..198 with probability > 0.999.
+    assert 178 <= covered <= 198
+
+
+def test_wider_confidence_gives_a_wider_interval():
+    sample = np.random.default_rng(0).exponential(1.0, 100)
+    _, lo_95, hi_95 = bootstrap_mean_ci(sample, n_samples=2000, alpha=0.05, seed=1)
+    _, lo_50, hi_50 = bootstrap_mean_ci(sample, n_samples=2000, alpha=0.5, seed=1)
+    assert lo_95 < lo_50 < hi_50 < hi_95
+
+
+def test_same_seed_same_interval_and_another_seed_another():
+    sample = np.random.default_rng(4).normal(size=80)
+    assert bootstrap_mean_ci(sample, 500, seed=7) == bootstrap_mean_ci(sample, 500, seed=7)
+    assert bootstrap_mean_ci(sample, 500, seed=7) != bootstrap_mean_ci(sample, 500, seed=8)
+    a, b = sample, sample[::-1]
+    assert paired_bootstrap_ci(a, b, 500, seed=3) == paired_bootstrap_ci(a, b, 500, seed=3)
+
+
+def test_chunking_does_not_change_the_interval(monkeypatch):
+    sample = np.random.default_rng(5).normal(size=97)
+    whole = bootstrap_mean_ci(sample, 300, seed=9)
+    monkeypatch.setattr(significance, "_MAX_DRAWS_PER_CHUNK", 97 * 7)
+    assert bootstrap_mean_ci(sample, 300, seed=9) == whole
+
+
+def test_identical_samples_give_p_one_and_a_zero_interval():
+    values = np.random.default_rng(6).uniform(size=50)
+    assert wilcoxon_p(values, values.copy()) == 1.0
+    assert paired_bootstrap_ci(values, values.copy(), 200, seed=0) == (0.0, 0.0, 0.0)
+
+
+def test_paired_interval_is_around_the_mean_difference():
+    rng = np.random.default_rng(8)
+    a = rng.uniform(size=300)
+    b = a - 0.1 + rng.normal(0, 0.01, 300)
+    mean_diff, lo, hi = paired_bootstrap_ci(a, b, 1000, seed=0)
+    assert mean_diff == pytest.approx(np.mean(a - b))
+    assert 0.09 < lo < mean_diff < hi < 0.11
+
+
+def test_wilcoxon_exact_p_for_five_positive_differences():
+    # All 5 signed ranks positive: 1 of 2^5 sign patterns per tail, so p = 2 / 32.
+    a = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert wilcoxon_p(a + np.array([1, 2, 3, 4, 5]), a) == pytest.approx(0.0625)
+
+
+def test_wilcoxon_separates_a_shift_from_noise():
+    rng = np.random.default_rng(10)
+    a = rng.uniform(size=200)
+    assert wilcoxon_p(a + 0.05 + rng.normal(0, 0.05, 200), a) < 1e-6
+    assert wilcoxon_p(a + rng.normal(0, 0.05, 200), a) > 0.01
+
+
+def test_wilcoxon_drops_tied_users_by_default():
+    # Most users tie (both representations miss them): only the 6 differing users count, all
+    # positive, so the rank sum is 21 against a mean of 6*7/4 = 10.5 and a variance of
+    # 6*7*13/24; scipy switches to the normal approximation once zeros are present.
+    a = np.r_[np.zeros(100), [0.5, 0.4, 0.3, 0.2, 0.6, 0.7]]
+    b = np.zeros_like(a)
+    z = (21 - 10.5) / math.sqrt(6 * 7 * 13 / 24)
+    assert wilcoxon_p(a, b) == pytest.approx(math.erfc(z / math.sqrt(2)), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: paired_bootstrap_ci(np.ones(3), np.ones(4), 10), "join on user_id"),
+        (lambda: wilcoxon_p(np.ones(3), np.ones(4)), "same users"),
+        (lambda: bootstrap_mean_ci(np.array([]), 10), "is empty"),
+        (lambda: bootstrap_mean_ci(np.array([1.0, np.nan]), 10), "NaN"),
+        (lambda: bootstrap_mean_ci(np.ones(3), 0), "n_samples"),
+        (lambda: bootstrap_mean_ci(np.ones(3), 10, alpha=1.5), "alpha"),
+    ],
+)
+def test_bad_inputs_raise_errors_that_say_what_to_fix(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
