@@ -31,6 +31,6 @@ setup(
     package_data={"udfs": ["resources/*.txt"]},
     python_requires=">=3.10",
     install_requires=CORE + MODELS,
-    extras_require={"test": TEST, "gpu": ["vllm"]},
+    extras_require={"test": TEST, "gpu": ["ray[llm]==2.60.0"]},
     entry_points={"console_scripts": ["vlm4rec=jobs.cli:main"]},
 )
