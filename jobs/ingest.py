@@ -82,14 +82,16 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
         raise ConfigError("no dataset configured: pass --conf datasets/NAME.yaml "
                           "(or --set dataset.name=... --set dataset.adapter=...)")
     spec = split_spec(run).validate()
-    out = read_dataset(spark, dataset)
-    for key, value in out.counts.items():
-        run.count(key, value)
-
-    items, item_rejects = clean_items(run, out.items)
-    n_items = items.count()
-    run.count("items", n_items)
-    run.count("items_without_image", items.filter(F.col("image_sha256").isNull()).count())
+    with run.stage("read_items"):
+        out = read_dataset(spark, dataset)
+        for key, value in out.counts.items():
+            run.count(key, value)
+        items, item_rejects = clean_items(run, out.items)
+        summary = items.agg(F.count(F.lit(1)).alias("n"),
+                            F.count(F.when(F.col("image_sha256").isNull(), 1)).alias("no_image")).first()
+        n_items = summary["n"]
+        run.count("items", n_items)
+        run.count("items_without_image", summary["no_image"])
     if n_items == 0:
         _write_rejects(run, out.rejects.unionByName(item_rejects))
         raise NothingUsable(f"dataset '{dataset.name}': no item row survived; see the rejects table")
@@ -97,7 +99,8 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
     classified = classify_interactions(out, items.select("item_id")).persist(StorageLevel.MEMORY_AND_DISK)
     bad = _as_rejects(classified.filter(F.col("_reason").isNotNull()).drop("label"),
                       F.col("_reason"), _row_key())
-    rejects = _write_rejects(run, out.rejects.unionByName(item_rejects).unionByName(bad))
+    with run.stage("write_rejects"):
+        rejects = _write_rejects(run, out.rejects.unionByName(item_rejects).unionByName(bad))
 
     good = classified.filter(F.col("_reason").isNull()).drop("_reason", "_source")
     if dataset.min_rating is not None:
@@ -123,10 +126,13 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
         split = split.filter(F.col("split").isNotNull())
 
     interactions = split.withColumn("dataset", F.lit(dataset.name))
-    tables.replace_slice(spark, wh, "interactions", interactions, {"dataset": dataset.name})
-    items_out = items.withColumn("dataset", F.lit(dataset.name))
-    tables.replace_slice(spark, wh, "items", items_out, {"dataset": dataset.name})
-    classified.unpersist()
+    with run.stage("write_interactions"):
+        tables.replace_slice(spark, wh, "interactions", interactions, {"dataset": dataset.name})
+    with run.stage("write_items"):
+        items_out = items.withColumn("dataset", F.lit(dataset.name))
+        tables.replace_slice(spark, wh, "items", items_out, {"dataset": dataset.name})
+    # Every frame this job cached (parsed files, classified rows) is done with.
+    spark.catalog.clearCache()
 
     written = (tables.read(spark, wh, "interactions").filter(F.col("dataset") == dataset.name)
                .groupBy("split").agg(F.count(F.lit(1)).alias("n"), F.countDistinct("user_id").alias("users"))

@@ -7,11 +7,13 @@ Exit codes: 0 done (bad rows are counted, not fatal), 1 nothing usable remained,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import logging
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -73,6 +75,18 @@ class JobRun:
 
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] += int(n)
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Time one stage: logged, and kept as ``ms_<name>`` in the run's counts."""
+        start = time.perf_counter()
+        log.info("%s: %s ...", self.job, name)
+        try:
+            yield
+        finally:
+            ms = int((time.perf_counter() - start) * 1000)
+            self.counts[f"ms_{name}"] += ms
+            log.info("%s: %s took %.1f s", self.job, name, ms / 1000)
 
     def _record(self, status: str, error: str | None = None, finished: bool = False) -> None:
         from . import tables

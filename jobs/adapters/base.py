@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -104,20 +105,19 @@ def read_lines(spark: SparkSession, path: Path, encoding: str = "utf-8") -> Data
 
 
 def line_numbers(lines: DataFrame, rejected: DataFrame) -> DataFrame:
-    """Replace ``_pos`` by the 1-based line number in ``rejected`` (a subset of ``lines``).
+    """Add ``_line``, the 1-based line (or record) number, to ``rejected`` (a subset of ``lines``).
 
     ``monotonically_increasing_id`` puts the partition index in the upper 31 bits and the row's
-    index within its partition in the lower 33; the per-partition counts turn that into a line
-    number with one extra scan, paid only when some row was rejected."""
+    index within its partition in the lower 33; per-partition counts of ``lines`` turn that into
+    a line number. Lazy: the counts are computed only when rejects are written, and from a cached
+    ``lines`` they cost no second read of the file."""
     part = F.shiftright(F.col("_pos"), 33)
-    counts = sorted(lines.groupBy(part.alias("p")).count().collect())
-    offsets, total = {}, 0
-    for p, n in counts:
-        offsets[int(p)] = total
-        total += int(n)
-    mapping = F.create_map([F.lit(x) for kv in offsets.items() for x in kv]) if offsets else F.create_map()
-    return rejected.withColumn(
-        "_line", F.coalesce(mapping[part], F.lit(0)) + (F.col("_pos") - F.shiftleft(part, 33)) + 1)
+    counts = lines.groupBy(part.alias("_part")).agg(F.count(F.lit(1)).alias("_n"))
+    before = Window.orderBy("_part").rowsBetween(Window.unboundedPreceding, -1)
+    offsets = counts.select("_part", F.coalesce(F.sum("_n").over(before), F.lit(0)).alias("_offset"))
+    return (rejected.withColumn("_part", part).join(F.broadcast(offsets), "_part", "left")
+            .withColumn("_line", F.coalesce("_offset", F.lit(0)) + (F.col("_pos") - F.shiftleft("_part", 33)) + 1)
+            .drop("_part", "_offset"))
 
 
 def reject(df: DataFrame, reason: Column | str, row: Column | None = None,
@@ -142,12 +142,14 @@ def parse_delimited(spark: SparkSession, path: Path, sep: str, names: list[str],
 
     A line with the wrong number of fields, or a value that does not cast, is rejected with its
     line number and content. Blank lines are skipped silently (they carry nothing)."""
-    all_lines = read_lines(spark, path, encoding)
-    lines = all_lines.filter(F.trim("value") != "")
+    lines = read_lines(spark, path, encoding)
+    skip = F.trim("value") == ""
     if header:
-        lines = lines.filter(F.col("_pos") != F.lit(0))
+        skip = skip | (F.col("_pos") == F.lit(0))
     parts = F.split(F.regexp_replace("value", r"\r$", ""), sep_regex(sep))
-    cols = [F.trim(parts.getItem(i)).alias(n) for i, n in enumerate(names)]
+    # try_element_at: under ANSI mode (Spark 4's default) getItem past the end raises, and a line
+    # with too few fields (a wrong separator) must become a reject, not kill the job.
+    cols = [F.trim(F.try_element_at(parts, F.lit(i + 1))).alias(n) for i, n in enumerate(names)]
     parsed = lines.select("value", "_pos", "_source", F.size(parts).alias("_n"), *cols)
     problems = [F.when(undecodable(F.col("value"), encoding),
                        F.lit(f"line is not valid {encoding}: the file has bytes in another encoding "
@@ -170,10 +172,12 @@ def parse_delimited(spark: SparkSession, path: Path, sep: str, names: list[str],
     reason = F.coalesce(*problems)
     if fix:
         reason = F.concat(reason, F.lit(f" ({fix})"))
-    checked = parsed.select("value", "_pos", "_source", *typed, reason.alias("_reason"))
-    good = checked.filter(F.col("_reason").isNull()).drop("_reason", "value")
-    bad = checked.filter(F.col("_reason").isNotNull())
-    return good, reject(line_numbers(all_lines, bad), F.col("_reason"))
+    # One read of the file serves the good rows, the rejects and their line numbers.
+    checked = parsed.select("value", "_pos", "_source", *typed, skip.alias("_skip"),
+                            reason.alias("_reason")).persist(StorageLevel.MEMORY_AND_DISK)
+    good = checked.filter(F.col("_reason").isNull() & ~F.col("_skip")).drop("_reason", "value", "_skip")
+    bad = checked.filter(F.col("_reason").isNotNull() & ~F.col("_skip"))
+    return good, reject(line_numbers(checked, bad), F.col("_reason"))
 
 
 def undecodable(text: Column, encoding: str = "utf-8") -> Column:
@@ -216,10 +220,11 @@ def read_table_file(spark: SparkSession, path: Path, fmt: str = "", sep: str = "
 
 def timestamp_seconds(raw: Column, ts_format: str) -> Column:
     """unix seconds from ``unix`` seconds, ``unix_ms`` milliseconds or a datetime pattern."""
+    # try_cast all the way: under ANSI mode a plain cast of NaN or 1e30 to long raises.
     if ts_format == "unix":
-        return F.coalesce(raw.try_cast("long"), raw.try_cast("double").cast("long"))
+        return F.coalesce(raw.try_cast("long"), raw.try_cast("double").try_cast("long"))
     if ts_format == "unix_ms":
-        return (raw.try_cast("double") / 1000).cast("long")
+        return (raw.try_cast("double") / 1000).try_cast("long")
     return F.unix_timestamp(F.try_to_timestamp(raw, F.lit(ts_format)))
 
 
@@ -265,11 +270,12 @@ def validate_columns(df: DataFrame, required: dict[str, str], optional: dict[str
                                    F.format_string(f"{source} '%s' is not a valid "
                                                    + ("timestamp (" + ts_format + ")" if canonical == "ts"
                                                       else casts[canonical]), raw)))
+    # One read of the file serves the good rows, the rejects and their record numbers.
     out = df.select("_pos", "_source", F.col("_corrupt_record"), *cols, *keep,
-                    F.coalesce(*problems).alias("_reason"))
+                    F.coalesce(*problems).alias("_reason")).persist(StorageLevel.MEMORY_AND_DISK)
     good = out.filter(F.col("_reason").isNull()).drop("_reason", "_corrupt_record", "_pos")
     bad = out.filter(F.col("_reason").isNotNull())
     content = F.coalesce(F.col("_corrupt_record"), F.to_json(F.struct(*[F.col(c) for c in {**required, **optional}])))
-    rejects = reject(line_numbers(df, bad), F.col("_reason"),
+    rejects = reject(line_numbers(out, bad), F.col("_reason"),
                      row=F.concat(F.lit("record "), F.col("_line").cast("string")), content=content)
     return good, rejects

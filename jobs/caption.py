@@ -1,0 +1,467 @@
+"""``caption``: item images -> the ``descriptions`` Delta table, on Ray Data with a caption engine.
+
+For the configured dataset and ``experiment.caption`` (engine, model, prompt):
+
+1. Spark reads ``items`` (item_id, image_uri, image_sha256). Items without an image hash (no
+   image, or one that ``ingest`` rejected) are counted ``skipped_no_image``. Items are grouped
+   by hash: an image shared by several items is described once (``shared_image_items``).
+2. The semantic cache: hashes that already have a row in ``descriptions`` under the same
+   (engine, model, prompt_id) are ``cached`` and not described again, across items, datasets
+   and reruns, when that row is ``ok`` or a permanent error (the bytes are empty, not an
+   image, truncated, too large: the same hash fails the same way every time). Other errors (a
+   file changed or missing since ingest, an engine exception) are retried (``retried``).
+   ``--force`` (or ``caption.force``) describes every image again.
+3. Ray Data (``udfs.caption_udfs``): CPU tasks read, verify (the bytes must still hash to
+   ``image_sha256``) and decode each image and shrink it to what the engine needs; an actor
+   pool of ``caption.num_workers`` engines describes them (``describe_isolated``: a failing
+   image fails alone); I/O tasks write each batch to one Parquet file in
+   ``{warehouse}/_staging/descriptions/{run_id}/``, under a temporary name renamed into place.
+   The ``vllm`` engine runs Ray's own vLLM integration instead of the actor pool.
+4. Spark merges the staged files into ``descriptions`` (``MERGE`` on the key; an error row
+   never replaces an ok row, an older row never replaces a newer one), then removes the folder.
+
+Kill safety: a staged file is complete once it has its final name; a killed run leaves its
+folder, which the next run merges before planning (so no finished caption is computed twice)
+and then removes. A folder is adopted only when its owner is gone (same host and its process
+is dead, or older than a day for another host); the adopter claims it by an atomic rename, so
+two runs never adopt the same folder. Two runs at once both succeed: each computes its own
+plan, ``MERGE`` retries on Delta conflicts, and every key ends with one row.
+
+Counts: ``items``, ``skipped_no_image``, ``images`` (distinct hashes), ``shared_image_items``,
+``cached`` (= ``cached_ok`` + ``cached_errors``), ``retried``, ``to_describe``, ``described``,
+``failed`` (and ``failed_<kind>``), ``adopted_rows`` (from killed runs), ``staged_files``.
+The job prints the representation name the ``embed`` job uses for these descriptions.
+
+Job options in ``caption.options`` (everything else goes to the engine): ``actor_num_cpus``
+(CPUs reserved per engine actor; default: up to 1, leaving one core to image loading),
+``torch_threads`` (per actor; default: the cores divided by the actors), ``rows_per_file``
+(rows per staged file, default 256: a killed run loses at most this many captions per actor
+in flight), ``load_num_cpus`` (per image-loading task, default 0.5), ``tensor_parallel_size``
+and ``accelerator_type`` (``vllm``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from udfs import caption_udfs as cu
+from udfs.caption.engine import DEFAULT_MODELS, ENGINES
+from udfs.representations import RepresentationError, lvlm_name
+
+from . import tables
+from .config import CaptionConf, ConfigError, load_config
+from .job_run import EXIT_INSTALL, JobRun, NothingUsable, base_parser, run_job
+from .ray_session import ray_session
+
+log = logging.getLogger(__name__)
+
+JOB_OPTIONS: dict[str, Any] = {
+    "actor_num_cpus": None,
+    "torch_threads": 0,
+    "rows_per_file": 256,
+    "load_num_cpus": 0.5,
+    "tensor_parallel_size": 1,
+    "accelerator_type": None,
+}
+STAGING = ("_staging", "descriptions")
+OWNER_FILE = "_OWNER.json"
+ADOPTED_MARK = ".adopted-by-"
+# A staging folder of another host whose owner is silent this long belongs to a dead run.
+FOREIGN_STALE_SECONDS = 24 * 3600
+
+
+class EngineUnavailable(ImportError):
+    """The configured engine's packages are not installed."""
+
+
+@dataclass(frozen=True)
+class CaptionSpec:
+    """The resolved caption settings: the engine's identity (the cache key) and the job's knobs."""
+
+    engine: str
+    model: str
+    prompt: str
+    prompt_id: str
+    batch_size: int
+    max_new_tokens: int
+    num_workers: int
+    force: bool
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    job_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def representation(self) -> str:
+        return lvlm_name(self.engine, self.model, self.prompt_id)
+
+
+def engine_identity(engine: str, model: str, prompt: str, batch_size: int, max_new_tokens: int,
+                    options: dict[str, Any]) -> tuple[str, str]:
+    """``(prompt, prompt_id)`` as the engine records them, checking its options on the driver.
+
+    ``tags`` derives its prompt from its options (its recipe), so it is built here (a 20 MB
+    model); the VLM engines use the configured prompt and are not loaded on the driver.
+    """
+    from udfs.caption import make_engine, prompt_id
+    from udfs.caption.engine import check_options
+
+    if engine == "tags":
+        built = make_engine("tags", model, prompt, batch_size, max_new_tokens, options)
+        return built.prompt, built.prompt_id
+    module = __import__(ENGINES[engine].split(":")[0], fromlist=["OPTIONS"])
+    check_options(engine, options, module.OPTIONS)
+    return prompt, prompt_id(prompt)
+
+
+def caption_spec(conf: CaptionConf, force: bool = False) -> CaptionSpec:
+    """Validate ``experiment.caption``; raises ``ConfigError`` naming the key and the fix."""
+    if conf.engine not in ENGINES:
+        raise ConfigError(f"experiment.caption.engine '{conf.engine}' is not one of {sorted(ENGINES)}")
+    for key in ("batch_size", "max_new_tokens", "num_workers"):
+        if getattr(conf, key) < 1:
+            raise ConfigError(f"experiment.caption.{key} must be >= 1, got {getattr(conf, key)}")
+    job_options = {k: conf.options[k] for k in JOB_OPTIONS if k in conf.options}
+    engine_options = {k: v for k, v in conf.options.items() if k not in JOB_OPTIONS}
+    job_options = {**JOB_OPTIONS, **job_options}
+    if int(job_options["rows_per_file"]) < 1:
+        raise ConfigError(f"experiment.caption.options.rows_per_file must be >= 1, got {job_options['rows_per_file']}")
+    model = conf.model or DEFAULT_MODELS[conf.engine]
+    if conf.engine == "vllm":
+        prompt, pid = conf.prompt, __import__("udfs.caption", fromlist=["prompt_id"]).prompt_id(conf.prompt)
+    else:
+        try:
+            prompt, pid = engine_identity(conf.engine, model, conf.prompt, conf.batch_size,
+                                          conf.max_new_tokens, engine_options)
+        except ValueError as exc:
+            raise ConfigError(f"experiment.caption: {exc}") from exc
+    spec = CaptionSpec(conf.engine, model, prompt, pid, conf.batch_size, conf.max_new_tokens,
+                       conf.num_workers, bool(conf.force or force), engine_options, job_options)
+    try:
+        spec.representation
+    except RepresentationError as exc:
+        raise ConfigError(f"experiment.caption.model '{model}': {exc}") from exc
+    return spec
+
+
+def check_engine_installed(engine: str) -> None:
+    """Raise ``EngineUnavailable`` with the install command when the engine cannot run here."""
+    if engine != "vllm":
+        return
+    from udfs.caption.vllm_engine import ray_data_llm, require_vllm
+
+    try:
+        require_vllm()
+        ray_data_llm()
+    except ImportError as exc:
+        raise EngineUnavailable(str(exc)) from exc
+
+
+# --- staging folders ------------------------------------------------------------------------
+
+def staging_root(warehouse: str | Path) -> Path:
+    return Path(warehouse).joinpath(*STAGING)
+
+
+def write_owner(folder: Path, run_id: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    owner = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+    temporary = folder / f".{OWNER_FILE}.tmp"
+    temporary.write_text(json.dumps(owner))
+    os.replace(temporary, folder / OWNER_FILE)
+
+
+def owner_alive(folder: Path, now: float | None = None) -> bool:
+    """Whether the run that owns a staging folder may still be writing to it."""
+    try:
+        owner = json.loads((folder / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        # No owner record: a folder whose owner died before writing one, unless it is brand new.
+        return (now or time.time()) - folder.stat().st_mtime < 60
+    if owner.get("host") == socket.gethostname():
+        try:
+            os.kill(int(owner["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return (now or time.time()) - float(owner.get("since", 0)) < FOREIGN_STALE_SECONDS
+
+
+def staged_files(folder: Path) -> list[str]:
+    """The complete staged files of a folder (temporary files of a killed writer are ignored)."""
+    return sorted(str(p) for p in folder.glob(f"{cu.STAGED_FILE_PREFIX}*.parquet"))
+
+
+def claim_dead_folders(root: Path, run_id: str) -> list[Path]:
+    """Rename every staging folder whose owner is dead to ``<name>.adopted-by-<run_id>``; the
+    rename is atomic, so of two runs adopting at once each folder goes to exactly one."""
+    claimed = []
+    if not root.is_dir():
+        return claimed
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        if folder.name == run_id or owner_alive(folder):
+            continue
+        target = root / f"{folder.name.split(ADOPTED_MARK)[0]}{ADOPTED_MARK}{run_id}"
+        try:
+            os.rename(folder, target)
+        except OSError:
+            continue  # another run claimed it first
+        write_owner(target, run_id)
+        claimed.append(target)
+    return claimed
+
+
+# --- Spark: plan and merge -------------------------------------------------------------------
+
+def _cache_rows(run: JobRun, spec: CaptionSpec) -> DataFrame:
+    return (tables.read(run.spark, run.warehouse, "descriptions")
+            .filter((F.col("engine") == spec.engine) & (F.col("model") == spec.model)
+                    & (F.col("prompt_id") == spec.prompt_id))
+            .select("image_sha256", "status", "error"))
+
+
+def plan(run: JobRun, spec: CaptionSpec) -> Any:
+    """The images to describe (an Arrow table of image_sha256, item_id, image_uri), with counts."""
+    spark, name = run.spark, run.config.dataset.name
+    items = (tables.read(spark, run.warehouse, "items").filter(F.col("dataset") == name)
+             .select("item_id", "image_uri", "image_sha256"))
+    stats = items.agg(F.count(F.lit(1)).alias("n"), F.count("image_sha256").alias("with_image"),
+                      F.countDistinct("image_sha256").alias("images")).first()
+    if stats["n"] == 0:
+        raise NothingUsable(f"dataset '{name}' has no items in {run.warehouse}/items: run "
+                            f"`vlm4rec ingest` with this dataset first")
+    run.count("items", stats["n"])
+    run.count("skipped_no_image", stats["n"] - stats["with_image"])
+    run.count("images", stats["images"])
+    run.count("shared_image_items", stats["with_image"] - stats["images"])
+    if stats["images"] == 0:
+        raise NothingUsable(f"dataset '{name}': none of its {stats['n']} items has a usable image "
+                            "(see the rejects table for why)")
+    # One item per image: the smallest item id, so that reruns pick the same one.
+    first = F.min(F.struct("item_id", "image_uri")).alias("first")
+    images = (items.filter(F.col("image_sha256").isNotNull()).groupBy("image_sha256").agg(first)
+              .select("image_sha256", "first.item_id", "first.image_uri"))
+    previous = _cache_rows(run, spec)
+    kind = F.split(F.col("error"), ":").getItem(0)
+    final = (F.col("status") == cu.OK) | ((F.col("status") == cu.ERROR)
+                                         & kind.isin(*sorted(cu.PERMANENT_ERROR_KINDS)))
+    seen = (images.join(previous, "image_sha256", "inner")
+            .agg(F.sum(F.when(F.col("status") == cu.OK, 1).otherwise(0)).alias("ok"),
+                 F.sum(F.when(final & (F.col("status") != cu.OK), 1).otherwise(0)).alias("final_errors"),
+                 F.sum(F.when(~final, 1).otherwise(0)).alias("retry")).first())
+    cached_ok, cached_errors, retry = (int(seen[k] or 0) for k in ("ok", "final_errors", "retry"))
+    if spec.force:
+        run.count("cached", 0)
+        todo = images
+        run.count("forced", cached_ok + cached_errors + retry)
+    else:
+        run.count("cached_ok", cached_ok)
+        run.count("cached_errors", cached_errors)
+        run.count("cached", cached_ok + cached_errors)
+        run.count("retried", retry)
+        todo = images.join(previous.filter(final).select("image_sha256"), "image_sha256", "left_anti")
+    table = todo.orderBy("image_sha256").toArrow()
+    run.count("to_describe", table.num_rows)
+    return table
+
+
+def merge_staged(run: JobRun, files: list[str]) -> int:
+    """Merge staged ``descriptions`` files into the table; returns the rows that won.
+
+    Within the files and against the table, for each key an ok row beats an error row and a
+    newer row beats an older one of the same status; rows that lose are not written, so a
+    stale folder adopted late never overwrites a later run's work.
+    """
+    if not files:
+        return 0
+    spark = run.spark
+    schema = tables.SCHEMAS["descriptions"]
+    keys = tables.KEYS["descriptions"]
+    staged = spark.read.schema(schema).parquet(*files)
+    best = Window.partitionBy(*keys).orderBy((F.col("status") == cu.OK).desc(), F.col("created_at").desc())
+    staged = staged.withColumn("_rank", F.row_number().over(best)).filter("_rank = 1").drop("_rank")
+    current = (tables.read(spark, run.warehouse, "descriptions")
+               .select(*keys, F.col("status").alias("_t_status"), F.col("created_at").alias("_t_created")))
+    newer = F.col("_t_created").isNull() | (F.col("created_at") > F.col("_t_created"))
+    wins = (F.col("_t_status").isNull()
+            | ((F.col("status") == cu.OK) & ((F.col("_t_status") != cu.OK) | newer))
+            | ((F.col("status") == cu.ERROR) & (F.col("_t_status") == cu.ERROR) & newer))
+    winners = staged.join(current, keys, "left").filter(wins).drop("_t_status", "_t_created")
+    winners = winners.persist()
+    try:
+        n = winners.count()
+        if n:
+            tables.merge(spark, run.warehouse, "descriptions", winners)
+    finally:
+        winners.unpersist()
+    return n
+
+
+def adopt_dead_runs(run: JobRun) -> None:
+    """Merge what killed runs staged, then remove their folders."""
+    for folder in claim_dead_folders(staging_root(run.warehouse), run.run_id):
+        files = staged_files(folder)
+        n = merge_staged(run, files)
+        log.warning("adopted %d staged description rows (%d files) of a killed caption run from %s",
+                    n, len(files), folder)
+        run.count("adopted_rows", n)
+        run.count("adopted_files", len(files))
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- Ray: describe ---------------------------------------------------------------------------
+
+def _actor_resources(ray: Any, spec: CaptionSpec) -> tuple[float, float, int]:
+    """(num_cpus, num_gpus, torch threads) per engine actor."""
+    resources = ray.cluster_resources()
+    cpus, gpus = float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
+    device = str(spec.engine_options.get("device", "auto"))
+    use_gpu = spec.engine == "hf" and gpus >= 1 and device != "cpu"
+    options = spec.job_options
+    if options["actor_num_cpus"] is not None:
+        actor_cpus = float(options["actor_num_cpus"])
+    else:
+        # Actors holding every core starve the loading tasks: leave one core to them.
+        actor_cpus = max(0.25, min(1.0, (cpus - 1) / spec.num_workers)) if cpus > 1 else 0.5
+    threads = int(options["torch_threads"]) or max(1, int(cpus // spec.num_workers))
+    return actor_cpus, (1.0 if use_gpu else 0.0), threads
+
+
+def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: Path) -> list[dict[str, Any]]:
+    """Run the Ray Data pipeline over ``todo``; returns one summary row per staged file."""
+    import ray.data
+
+    per_file = int(spec.job_options["rows_per_file"])
+    blocks = [todo.slice(start, per_file) for start in range(0, todo.num_rows, per_file)]
+    ds = ray.data.from_arrow(blocks)
+    write_kwargs = dict(staging_dir=str(folder), engine=spec.engine, model=spec.model,
+                        prompt_id=spec.prompt_id, prompt=spec.prompt)
+    if spec.engine == "vllm":
+        ds = describe_with_vllm(ds, spec)
+    else:
+        actor_cpus, actor_gpus, threads = _actor_resources(ray, spec)
+        log.info("caption engine %s: %d actor(s), %.2f CPU + %.0f GPU each, %d torch thread(s)",
+                 spec.engine, spec.num_workers, actor_cpus, actor_gpus, threads)
+        ds = ds.map_batches(cu.load_images, fn_kwargs={"max_side": cu.ENGINE_MAX_SIDE[spec.engine]},
+                            batch_size=spec.batch_size, batch_format="pandas",
+                            num_cpus=float(spec.job_options["load_num_cpus"]))
+        ds = ds.map_batches(
+            cu.CaptionActor,
+            fn_constructor_kwargs=dict(engine=spec.engine, model=spec.model, prompt=spec.prompt,
+                                       batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens,
+                                       options=spec.engine_options, torch_threads=threads,
+                                       expected_prompt_id=spec.prompt_id),
+            compute=ray.data.ActorPoolStrategy(size=spec.num_workers),
+            batch_size=spec.batch_size, batch_format="pandas", num_cpus=actor_cpus, num_gpus=actor_gpus)
+    ds = ds.map_batches(cu.write_staging, fn_kwargs=write_kwargs, batch_size=per_file,
+                        batch_format="pandas", num_cpus=0.25)
+    return ds.take_all()
+
+
+def describe_with_vllm(ds: Any, spec: CaptionSpec) -> Any:
+    """The ``vllm`` branch: Ray's vLLM processor replaces the actor pool (needs GPUs and vLLM;
+    not exercised on CPU-only machines). Images that fail to load bypass the engine."""
+    from udfs.caption.vllm_engine import build_vllm_processor
+
+    options = spec.engine_options
+    caption = build_vllm_processor(
+        model=spec.model, prompt=spec.prompt, batch_size=spec.batch_size,
+        max_new_tokens=spec.max_new_tokens, tensor_parallel_size=int(spec.job_options["tensor_parallel_size"]),
+        concurrency=spec.num_workers, image_column="image_bytes",
+        keep_columns=("image_sha256", "item_id", "image_uri"),
+        accelerator_type=spec.job_options["accelerator_type"],
+        max_model_len=options.get("max_model_len"), min_new_tokens=options.get("min_new_tokens"),
+        engine_kwargs=options.get("engine_kwargs"))
+    loaded = ds.map_batches(cu.load_image_bytes, batch_format="pandas", batch_size=spec.batch_size).materialize()
+    failed = loaded.filter(expr="error IS NOT NULL").map_batches(cu.failed_rows, batch_format="pandas")
+    described = caption(loaded.filter(expr="error IS NULL")).map_batches(cu.vllm_rows, batch_format="pandas")
+    return described.union(failed)
+
+
+# --- the job ---------------------------------------------------------------------------------
+
+def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
+    """The job body (also called by ``pipeline``)."""
+    config = run.config
+    if not config.dataset.name:
+        raise ConfigError("no dataset configured: pass --conf datasets/NAME.yaml (or --set dataset.name=...)")
+    spec = caption_spec(config.experiment.caption, force=bool(getattr(args, "force", False)))
+    check_engine_installed(spec.engine)
+    log.info("caption %s with %s (prompt %s) for dataset %s%s", spec.engine, spec.model, spec.prompt_id,
+             config.dataset.name, " (forced)" if spec.force else "")
+    adopt_dead_runs(run)
+    todo = plan(run, spec)
+    if todo.num_rows:
+        folder = staging_root(run.warehouse) / run.run_id
+        write_owner(folder, run.run_id)
+        started = time.perf_counter()
+        with ray_session(config.ray) as ray:
+            summaries = describe_with_ray(ray, todo, spec, folder)
+        seconds = time.perf_counter() - started
+        files = staged_files(folder)
+        merge_staged(run, files)
+        shutil.rmtree(folder, ignore_errors=True)
+        run.count("staged_files", len(files))
+        run.count("described", sum(s["ok"] for s in summaries))
+        run.count("failed", sum(s["error"] for s in summaries))
+        run.count("describe_ms", int(seconds * 1000))
+        for summary in summaries:
+            for kind, n in json.loads(summary["error_kinds"]).items():
+                run.count(f"failed_{kind}", n)
+        log.info("described %d images in %.1f s (%.2f images/s)", todo.num_rows, seconds,
+                 todo.num_rows / max(seconds, 1e-9))
+    else:
+        run.count("described", 0)
+        run.count("failed", 0)
+    usable = run.counts["cached_ok"] + run.counts["described"]
+    print(f"caption: representation for the embed job: {spec.representation} "
+          f"({usable} images with a description)")
+    if usable == 0:
+        raise NothingUsable(f"dataset '{config.dataset.name}': no image could be described; the errors "
+                            f"are in the descriptions table (status = 'error')")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help="describe every image again, ignoring cached descriptions")
+
+
+def unavailable_engine(argv: list[str] | None) -> str | None:
+    """The install hint when the configured engine cannot run here, checked before any table is
+    touched; ``None`` when it can (or the config is wrong, which ``run_job`` reports)."""
+    parser = base_parser("caption", "")
+    add_arguments(parser)
+    try:
+        args, _ = parser.parse_known_args(argv)
+        engine = load_config(args.conf, args.overrides).experiment.caption.engine
+        check_engine_installed(engine)
+    except EngineUnavailable as exc:
+        return str(exc)
+    except (ConfigError, SystemExit):
+        return None
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    missing = unavailable_engine(argv)
+    if missing:
+        print(f"vlm4rec caption: {missing}", file=sys.stderr)
+        return EXIT_INSTALL
+    return run_job("caption", __doc__.splitlines()[0], caption, argv, add_arguments=add_arguments)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,393 @@
+"""``topk``: user profiles x item vectors -> the ``recommendations`` Delta table, blockwise.
+
+For one profiles run (``--run-id``) and each representation, the exact top-K items by cosine
+(the inner product of the stored L2-normalised vectors), the user's seen items excluded:
+
+1. Profiles (with each user's seen items) and candidate items are packed into blocks of at
+   most ``user_block`` / ``item_block`` rows, one Spark row of float32 bytes per block
+   (``udfs.topk_udfs.pack_blocks``), and persisted on disk.
+2. The user blocks are cross-joined with the item blocks AT BLOCK GRANULARITY (a cartesian
+   product of u_blocks x i_blocks rows; never users x items). Each task scores one user block
+   against one item block with BLAS (``udfs.topk.topk_block``), masks the seen items to -inf
+   and keeps the top K per user.
+3. ``groupBy(representation, user_block)`` merges a block's per-item-block lists
+   (``udfs.topk.merge_topk``) into ranks 1..K.
+
+Memory per task depends on the block sizes only: one item block, one user block and one
+(``score_rows`` x ``item_block``) float32 score matrix.
+
+Candidates (``--candidates`` / ``experiment.options.candidates``): ``common`` (default) is the
+set of items with a vector in EVERY configured representation, the same for all of them, as
+the evaluation protocol requires; ``all`` gives each representation its own items (and the
+baselines the whole catalog). Seen items (``--exclude`` / ``experiment.options.exclude``):
+the user's interactions in these splits, ``train,valid`` by default (test-time evaluation).
+
+Baselines (``--baselines`` / ``experiment.options.baselines``, default ``popularity,random``)
+need no vectors: ``popularity`` ranks the candidates by their train interaction count (the
+same blockwise path, with one-dimensional vectors); ``random`` gives each user an independent
+order from a hash of (``experiment.seed``, user id, item id). Both serve every user with train
+interactions.
+
+Ties break by item id (ascending), so the output is deterministic. A list is shorter than K
+only when the user's unseen candidates run out (``short_lists_<rep>``). Users without a
+profile (``users_without_profile_<rep>``) or without train history (``users_without_train``)
+are counted. Rows are keyed by the profiles' run id; a rerun replaces the run's rows for these
+representations (``MERGE`` on the key, then the stale rows are deleted).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from udfs import topk_udfs
+from udfs.representations import RepresentationError, validate_representations
+
+from . import tables
+from .config import ConfigError
+from .embed import prune_stale
+from .job_run import JobRun, NothingUsable, run_job
+
+log = logging.getLogger(__name__)
+
+POPULARITY = "popularity"
+RANDOM = "random"
+BASELINES = (POPULARITY, RANDOM)
+COMMON = "common"
+ALL = "all"
+SPLITS = ("train", "valid", "test")
+
+DEFAULTS = {
+    "exclude": ["train", "valid"],
+    "candidates": COMMON,
+    "baselines": list(BASELINES),
+    "user_block": 4096,
+    "item_block": 32768,
+    "score_rows": 1024,
+}
+
+
+@dataclass(frozen=True)
+class TopkSettings:
+    """What the topk and evaluate jobs must agree on, resolved from the config and the CLI."""
+
+    dataset: str
+    run_id: str
+    representations: tuple[str, ...]  # vector representations, canonical names
+    baselines: tuple[str, ...]
+    k: int
+    exclude: tuple[str, ...]
+    candidates: str
+    user_block: int
+    item_block: int
+    score_rows: int
+    seed: int
+
+    @property
+    def all_representations(self) -> tuple[str, ...]:
+        return self.representations + self.baselines
+
+
+def _names(value, key: str) -> list[str]:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ConfigError(f"{key} must be a list of names (or a comma-separated string), got {value!r}")
+
+
+def _positive(value, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def resolve_settings(run: JobRun, args: argparse.Namespace) -> TopkSettings:
+    """Merge ``experiment.options`` with the command line; the CLI values are written back into
+    the config so that the ``runs`` table records what this run used."""
+    experiment = run.config.experiment
+    options = experiment.options
+    for key in DEFAULTS:
+        cli = getattr(args, key, None)
+        if cli is not None:
+            options[key] = cli
+    dataset = run.config.dataset.name
+    if not dataset:
+        raise ConfigError("no dataset configured: pass --conf datasets/NAME.yaml (or --set dataset.name=...)")
+    if not args.run_id:
+        raise ConfigError("--run-id is required: pass the run id the profiles job keyed user_profiles by")
+
+    names = _names(args.representations, "--representations") if getattr(args, "representations", None) \
+        else list(experiment.representations)
+    baselines = _names(options.get("baselines", DEFAULTS["baselines"]), "experiment.options.baselines")
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise ConfigError(f"experiment.options.baselines {unknown} unknown: choose from {list(BASELINES)}")
+    vector_names = [n for n in names if n not in BASELINES]
+    baselines += [n for n in names if n in BASELINES and n not in baselines]
+    try:
+        representations = validate_representations(vector_names) if vector_names else []
+    except RepresentationError as err:
+        raise ConfigError(str(err)) from None
+    if not representations and not baselines:
+        raise ConfigError("no representation to rank: configure experiment.representations or baselines")
+
+    exclude = _names(options.get("exclude", DEFAULTS["exclude"]), "experiment.options.exclude")
+    bad = [s for s in exclude if s not in SPLITS]
+    if bad or "test" in exclude:
+        raise ConfigError(f"experiment.options.exclude {exclude} must name splits among ['train', 'valid'] "
+                          "(excluding 'test' would hide the very items being evaluated)")
+    candidates = options.get("candidates", DEFAULTS["candidates"])
+    if candidates not in (COMMON, ALL):
+        raise ConfigError(f"experiment.options.candidates must be '{COMMON}' or '{ALL}', got {candidates!r}")
+    ks = experiment.ks
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise ConfigError(f"experiment.ks must be a non-empty list of positive integers, got {ks!r}")
+    k = _positive(getattr(args, "k", None) or max(ks), "--k")
+    if k < max(ks):
+        raise ConfigError(f"--k {k} is below max(experiment.ks) = {max(ks)}: the evaluation needs lists that long")
+    options.update(exclude=list(exclude), baselines=list(dict.fromkeys(baselines)), candidates=candidates)
+    return TopkSettings(
+        dataset=dataset, run_id=args.run_id, representations=tuple(representations),
+        baselines=tuple(dict.fromkeys(baselines)), k=k, exclude=tuple(exclude), candidates=candidates,
+        user_block=_positive(options.get("user_block", DEFAULTS["user_block"]), "experiment.options.user_block"),
+        item_block=_positive(options.get("item_block", DEFAULTS["item_block"]), "experiment.options.item_block"),
+        score_rows=_positive(options.get("score_rows", DEFAULTS["score_rows"]), "experiment.options.score_rows"),
+        seed=int(experiment.seed),
+    )
+
+
+def catalog_items(spark: SparkSession, warehouse: str, dataset: str) -> DataFrame:
+    """(item_id) of the dataset's catalog: the ``items`` table, else the items interacted with."""
+    items = tables.read(spark, warehouse, "items").filter(F.col("dataset") == dataset).select("item_id")
+    if items.limit(1).count():
+        return items.distinct()
+    return (tables.read(spark, warehouse, "interactions").filter(F.col("dataset") == dataset)
+            .select("item_id").distinct())
+
+
+def candidate_items(spark: SparkSession, warehouse: str, settings: TopkSettings) -> DataFrame:
+    """(representation, item_id): the items each representation ranks (see the module doc)."""
+    embeddings = (tables.read(spark, warehouse, "item_embeddings")
+                  .filter((F.col("dataset") == settings.dataset)
+                          & F.col("representation").isin(list(settings.representations)))
+                  .select("representation", "item_id").distinct())
+    names = spark.createDataFrame([(n,) for n in settings.all_representations], "representation string")
+    if settings.candidates == COMMON:
+        if settings.representations:
+            common = (embeddings.groupBy("item_id").agg(F.countDistinct("representation").alias("_n"))
+                      .filter(F.col("_n") == len(settings.representations)).select("item_id"))
+        else:
+            common = catalog_items(spark, warehouse, settings.dataset)
+        return names.crossJoin(common)
+    baseline_names = names.filter(F.col("representation").isin(list(settings.baselines)))
+    return embeddings.unionByName(baseline_names.crossJoin(catalog_items(spark, warehouse, settings.dataset)))
+
+
+def seen_items(interactions: DataFrame, exclude: Sequence[str]) -> DataFrame:
+    """(user_id, seen array<string>): the items of each user's excluded splits."""
+    return (interactions.filter(F.col("split").isin(list(exclude))).select("user_id", "item_id").distinct()
+            .groupBy("user_id").agg(F.collect_list("item_id").alias("seen")))
+
+
+@contextlib.contextmanager
+def arrow_batch_rows(spark: SparkSession, rows: int) -> Iterator[None]:
+    """Arrow batches of at most ``rows`` rows while the block frames run: a block pair row
+    carries a whole item block, and the default (10,000 rows) would stack many in one batch."""
+    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    before = spark.conf.get(key, None)
+    spark.conf.set(key, str(rows))
+    try:
+        yield
+    finally:
+        if before is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, before)
+
+
+def pack(frame: DataFrame, n_rows: int, block: int, with_seen: bool, min_blocks: int) -> DataFrame:
+    """Block rows of ``frame`` (id, vector[, seen]), persisted on disk (they are read once per
+    block pair). One hash partition per block, so the cross join's tasks hold one pair each."""
+    n_parts = max(1, min(n_rows, max(math.ceil(n_rows / block), min_blocks)))
+    ddl = topk_udfs.USER_BLOCK_DDL if with_seen else topk_udfs.BLOCK_DDL
+    packed = (frame.repartition(n_parts, frame.columns[0])
+              .mapInArrow(topk_udfs.pack_blocks(block, with_seen), ddl)
+              .persist(StorageLevel.DISK_ONLY))
+    return packed
+
+
+def block_pairs(users: DataFrame, items: DataFrame, settings: TopkSettings, scorer: str,
+                threads: int) -> DataFrame:
+    """Per block pair top-K lists (``PAIR_DDL``): a cartesian product of BLOCK rows."""
+    left = users.select([F.col(c).alias(f"u_{c}") for c in users.columns])
+    right = items.select([F.col(c).alias(f"i_{c}") for c in items.columns])
+    # A broadcast would ship the whole catalog to every task; the replicated cartesian product
+    # keeps one item block per task.
+    joined = left.hint("shuffle_replicate_nl").crossJoin(right)
+    return joined.mapInArrow(
+        topk_udfs.pair_topk_batches(settings.k, scorer, settings.seed, settings.score_rows, threads),
+        topk_udfs.PAIR_DDL)
+
+
+def rank_representation(run: JobRun, name: str, users: DataFrame, items: DataFrame, settings: TopkSettings,
+                        scorer: str, cached: list[DataFrame]) -> DataFrame | None:
+    """Pair lists of one representation, or None when it has no user or no item to rank."""
+    spark = run.spark
+    n_users, n_items = users.count(), items.count()
+    run.count(f"users_ranked_{name}", n_users)
+    run.count(f"items_ranked_{name}", n_items)
+    if n_users == 0 or n_items == 0:
+        log.warning("representation %s: %d users and %d candidate items: nothing to rank", name, n_users, n_items)
+        return None
+    parallelism = spark.sparkContext.defaultParallelism
+    threads = max(1, int(spark.sparkContext.getConf().get("spark.task.cpus", "1")))
+    user_blocks = pack(users, n_users, settings.user_block, True, parallelism)
+    item_blocks = pack(items, n_items, settings.item_block, False, 1)
+    cached += [user_blocks, item_blocks]
+    run.count(f"user_blocks_{name}", user_blocks.count())
+    run.count(f"item_blocks_{name}", item_blocks.count())
+    return block_pairs(user_blocks, item_blocks, settings, scorer, threads).withColumn(
+        "representation", F.lit(name))
+
+
+def topk(run: JobRun, args: argparse.Namespace) -> None:
+    spark, wh = run.spark, run.warehouse
+    settings = resolve_settings(run, args)
+    interactions = (tables.read(spark, wh, "interactions").filter(F.col("dataset") == settings.dataset)
+                    .select("user_id", "item_id", "split"))
+    train = interactions.filter(F.col("split") == "train")
+    train_users = train.select("user_id").distinct().persist(StorageLevel.MEMORY_AND_DISK)
+    n_train_users = train_users.count()
+    n_users = interactions.select("user_id").distinct().count()
+    run.count("users", n_users)
+    run.count("users_with_train", n_train_users)
+    run.count("users_without_train", n_users - n_train_users)
+    if n_train_users == 0:
+        train_users.unpersist()
+        raise NothingUsable(f"dataset '{settings.dataset}' has no train interactions in {wh}/interactions: "
+                            "run `vlm4rec ingest` first")
+
+    candidates = candidate_items(spark, wh, settings).persist(StorageLevel.MEMORY_AND_DISK)
+    n_candidates = dict(candidates.groupBy("representation").count().collect())
+    for name in settings.all_representations:
+        run.count(f"candidates_{name}", n_candidates.get(name, 0))
+    if not any(n_candidates.values()):
+        candidates.unpersist()
+        train_users.unpersist()
+        raise NothingUsable(
+            f"no candidate item for {list(settings.all_representations)} ({settings.candidates}): with "
+            "'common', no item has a vector in every representation; run `vlm4rec embed` for them first")
+    seen = seen_items(interactions, settings.exclude).persist(StorageLevel.MEMORY_AND_DISK)
+    run.count("seen_pairs_excluded", seen.select(F.size("seen")).groupBy().sum().first()[0] or 0)
+
+    profiles = (tables.read(spark, wh, "user_profiles")
+                .filter((F.col("run_id") == settings.run_id)
+                        & F.col("representation").isin(list(settings.representations))))
+    embeddings = tables.read(spark, wh, "item_embeddings").filter(F.col("dataset") == settings.dataset)
+    cached: list[DataFrame] = [candidates, seen, train_users]
+    parts: list[DataFrame] = []
+    with arrow_batch_rows(spark, 1):
+        for name in settings.all_representations:
+            these = candidates.filter(F.col("representation") == name).select("item_id")
+            if name in settings.representations:
+                users = (profiles.filter(F.col("representation") == name)
+                         .select("user_id", "vector").join(seen, "user_id", "left"))
+                items = (embeddings.filter(F.col("representation") == name).select("item_id", "vector")
+                         .join(these, "item_id", "left_semi"))
+                scorer = topk_udfs.COSINE
+            else:
+                one = F.array(F.lit(1.0).cast("float"))
+                users = train_users.join(seen, "user_id", "left").select("user_id", one.alias("vector"), "seen")
+                if name == POPULARITY:
+                    counts = train.groupBy("item_id").agg(F.count(F.lit(1)).cast("float").alias("_n"))
+                    items = these.join(counts, "item_id", "left").select(
+                        "item_id", F.array(F.coalesce("_n", F.lit(0.0).cast("float"))).alias("vector"))
+                    scorer = topk_udfs.COSINE
+                else:
+                    items = these.select("item_id", F.array(F.lit(0.0).cast("float")).alias("vector"))
+                    scorer = topk_udfs.RANDOM
+            part = rank_representation(run, name, users, items, settings, scorer, cached)
+            if name in settings.representations:
+                n_profiles = run.counts[f"users_ranked_{name}"]
+                run.count(f"users_without_profile_{name}", max(0, n_train_users - n_profiles))
+                if n_profiles == 0:
+                    log.warning("representation %s: no profile under run id %s; run `vlm4rec profiles "
+                                "--run-id %s` with this representation first", name, settings.run_id,
+                                settings.run_id)
+            if part is not None:
+                parts.append(part)
+        if not parts:
+            for frame in cached:
+                frame.unpersist()
+            raise NothingUsable(f"run id {settings.run_id}: no representation had both users and candidate "
+                                "items; run `vlm4rec profiles` (and `embed`) first")
+        pairs = parts[0]
+        for part in parts[1:]:
+            pairs = pairs.unionByName(part)
+        ranks = (pairs.groupBy("representation", "user_block")
+                 .applyInArrow(topk_udfs.merge_block_results(settings.k), topk_udfs.RANKS_DDL)
+                 .persist(StorageLevel.MEMORY_AND_DISK))
+        summary = (ranks.groupBy("representation", "user_id").agg(F.max("rank").alias("_len"))
+                   .groupBy("representation")
+                   .agg(F.count(F.lit(1)).alias("users"), F.sum("_len").alias("rows"),
+                        F.sum((F.col("_len") < settings.k).cast("long")).alias("short"))
+                   .collect())
+    cached.append(ranks)
+    for row in summary:
+        run.count(f"recommended_users_{row['representation']}", row["users"])
+        run.count(f"short_lists_{row['representation']}", row["short"])
+        run.count("rows_written", row["rows"])
+        if row["short"]:
+            log.info("representation %s: %d users have fewer than %d unseen candidates", row["representation"],
+                     row["short"], settings.k)
+
+    out = ranks.withColumn("run_id", F.lit(settings.run_id))
+    tables.merge(spark, wh, "recommendations", out)
+    run.count("stale_rows_removed", prune_stale(
+        spark, wh, "recommendations", out,
+        {"run_id": settings.run_id, "representation": list(settings.all_representations)}))
+    for frame in cached:
+        frame.unpersist()
+    log.info("topk run_id=%s: top-%d over %s", settings.run_id, settings.k, list(settings.all_representations))
+
+
+def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``topk`` and ``evaluate`` (they must agree on the candidates)."""
+    parser.add_argument("--run-id", default=None,
+                        help="the run id that user_profiles (and recommendations) are keyed by")
+    parser.add_argument("--representations", default=None,
+                        help="comma-separated representations (default: experiment.representations)")
+    parser.add_argument("--baselines", default=None,
+                        help="comma-separated baselines among popularity,random; '' for none "
+                             "(default: experiment.options.baselines, else both)")
+    parser.add_argument("--candidates", choices=[COMMON, ALL], default=None,
+                        help="common: items with a vector in every representation (default); "
+                             "all: each representation's own items")
+    parser.add_argument("--exclude", default=None,
+                        help="comma-separated splits whose items are removed from a user's ranking "
+                             "(default: train,valid)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_shared_arguments(parser)
+    parser.add_argument("--k", type=int, default=None, help="list length (default: max(experiment.ks))")
+    parser.add_argument("--user-block", dest="user_block", type=int, default=None,
+                        help="profiles per block (default 4096)")
+    parser.add_argument("--item-block", dest="item_block", type=int, default=None,
+                        help="items per block (default 32768)")
+
+
+def main(argv: list[str] | None = None, spark=None) -> int:
+    return run_job("topk", __doc__.splitlines()[0], topk, argv, add_arguments, spark=spark)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

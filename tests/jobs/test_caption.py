@@ -1,0 +1,245 @@
+"""The caption job end to end: real Ray, real Spark + Delta, the real ``tags`` engine (and the tiny
+random-weight LLaVA through the ``hf`` engine).
+
+One synthetic catalog is ingested once for the module: 12 items plus one that shares an image
+with another, then one image goes bad after ingest with its hash still in ``items`` (garbage
+bytes: a file that changed) and one is truncated with ``items`` recording the truncated bytes'
+hash (a file that was already bad when it was hashed). Each test writes its own cache slice
+(engine, model, prompt_id), so tests do not see each other's descriptions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pyspark.sql import functions as F
+
+from jobs import caption, ingest, tables
+from udfs.images import sha256_bytes
+
+pytestmark = [pytest.mark.spark, pytest.mark.ray]
+
+REPO = Path(__file__).resolve().parents[2]
+CHANGED_ITEM, TRUNCATED_ITEM, SHARED_ITEM, SHARED_WITH = "i00003", "i00005", "z-shared", "i00001"
+N_IMAGES = 12  # distinct hashes: the shared item adds an item, not an image
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """One local Ray for the whole test run (2-4 s to start); jobs in this process reuse it and
+    subprocess jobs connect to it by address."""
+    import ray
+
+    context = ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
+                       configure_logging=False)
+    yield context.address_info["gcs_address"]
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def catalog(spark, tmp_path_factory, ray_address):
+    """(warehouse, data folder) with the synthetic catalog ingested and two images gone bad."""
+    from udfs.synth import generate
+
+    root = tmp_path_factory.mktemp("caption-data")
+    wh = tmp_path_factory.mktemp("caption-wh")
+    generate(root, seed=0, n_items=12, n_users=8)
+    shutil.copy(root / "images" / f"{SHARED_WITH}.png", root / "images" / f"{SHARED_ITEM}.png")
+    with open(root / "items.csv", "a") as f:
+        f.write(f"{SHARED_ITEM},Shared image item,Same picture as {SHARED_WITH}.,images/{SHARED_ITEM}.png,"
+                "hat,pink,dotted,denim\n")
+    assert ingest.main(["--conf", "datasets/synthetic.yaml", "--set", f"warehouse={wh}",
+                        "--set", f"dataset.paths.root={root}", "--set", "log_level=WARNING"]) == 0
+
+    (root / "images" / f"{CHANGED_ITEM}.png").write_bytes(b"this file was overwritten after ingest" * 4)
+    truncated = root / "images" / f"{TRUNCATED_ITEM}.png"
+    data = truncated.read_bytes()[: truncated.stat().st_size // 2]
+    truncated.write_bytes(data)
+    items = tables.read(spark, wh, "items")
+    fixed = items.withColumn("image_sha256", F.when(F.col("item_id") == TRUNCATED_ITEM, F.lit(sha256_bytes(data)))
+                             .otherwise(F.col("image_sha256"))).localCheckpoint()
+    tables.replace_slice(spark, wh, "items", fixed, {"dataset": "synthetic"})
+    return wh, root
+
+
+def argv(wh: Path, root: Path, *extra: str) -> list[str]:
+    return ["--conf", "datasets/synthetic.yaml", "--set", f"warehouse={wh}", "--set", f"dataset.paths.root={root}",
+            "--set", "log_level=WARNING", "--set", "experiment.caption.batch_size=4", *extra]
+
+
+def run_caption(capsys, *args: str) -> dict:
+    assert caption.main(list(args)) == 0
+    out = capsys.readouterr().out
+    assert "representation for the embed job: lvlm:" in out
+    return json.loads(out.strip().splitlines()[-1])["counts"]
+
+
+def descriptions(spark, wh: Path, **key: str):
+    df = tables.read(spark, wh, "descriptions")
+    for column, value in key.items():
+        df = df.filter(F.col(column) == value)
+    return {r.image_sha256: r for r in df.collect()}
+
+
+def item_shas(spark, wh: Path) -> dict[str, str]:
+    return {r.item_id: r.image_sha256 for r in tables.read(spark, wh, "items").collect()}
+
+
+def test_one_description_per_image_errors_kept_and_reruns_hit_the_cache(spark, catalog, capsys):
+    wh, root = catalog
+    counts = run_caption(capsys, *argv(wh, root))
+    assert counts["items"] == 13 and counts["images"] == N_IMAGES and counts["shared_image_items"] == 1
+    assert counts["skipped_no_image"] == 0 and counts["to_describe"] == N_IMAGES
+    assert counts["described"] == N_IMAGES - 2 and counts["failed"] == 2
+    assert counts["failed_changed"] == 1 and counts["failed_truncated"] == 1
+
+    shas = item_shas(spark, wh)
+    rows = descriptions(spark, wh, engine="tags")
+    assert set(rows) == set(shas.values())  # one row per distinct image, the shared one included
+    ok = {sha: r for sha, r in rows.items() if r.status == "ok"}
+    assert len(ok) == N_IMAGES - 2
+    assert all(r.text and r.n_tokens == len(r.text.split()) and r.error is None for r in ok.values())
+    # Hats of the synthetic catalog are pink: the engine's colours come from the real pixels.
+    assert "pink" in rows[shas[SHARED_WITH]].text and rows[shas[SHARED_WITH]].item_id == SHARED_WITH
+    changed, truncated = rows[shas[CHANGED_ITEM]], rows[shas[TRUNCATED_ITEM]]
+    assert changed.status == "error" and changed.text is None
+    assert changed.error.startswith("changed: ") and "rerun ingest" in changed.error and "not_image" in changed.error
+    assert truncated.status == "error" and truncated.error.startswith("truncated: ")
+    assert f"{TRUNCATED_ITEM}.png" in truncated.error
+    assert not list((Path(wh) / "_staging" / "descriptions").iterdir())
+
+    # The file is restored: only it is retried; the truncated one is a permanent error (cached).
+    assert _restore(root, CHANGED_ITEM, shas[CHANGED_ITEM])
+    counts = run_caption(capsys, *argv(wh, root))
+    assert counts["cached_ok"] == N_IMAGES - 2 and counts["cached_errors"] == 1 and counts["retried"] == 1
+    assert counts["to_describe"] == 1 and counts["described"] == 1 and counts["failed"] == 0
+    after = descriptions(spark, wh, engine="tags")
+    assert after[shas[CHANGED_ITEM]].status == "ok" and after[shas[CHANGED_ITEM]].error is None
+    assert all(after[sha].created_at == r.created_at and after[sha].text == r.text for sha, r in ok.items())
+
+    # Everything cached: no image is read and no model runs.
+    counts = run_caption(capsys, *argv(wh, root))
+    assert counts["to_describe"] == 0 and counts["described"] == 0 and counts["cached"] == N_IMAGES
+    assert "describe_ms" not in counts
+    assert descriptions(spark, wh, engine="tags") == after
+
+    # --force describes every image again and replaces the ok rows with newer ones.
+    counts = run_caption(capsys, *argv(wh, root), "--force")
+    assert counts["to_describe"] == N_IMAGES and counts["described"] == N_IMAGES - 1 and counts["failed"] == 1
+    forced = descriptions(spark, wh, engine="tags")
+    assert len(forced) == N_IMAGES
+    assert all(forced[sha].created_at > r.created_at for sha, r in after.items() if r.status == "ok")
+    runs = tables.read(spark, wh, "runs").filter("job = 'caption'").collect()
+    assert len(runs) == 4 and {r.status for r in runs} == {"succeeded"}
+    assert any(r.counts["described"] == N_IMAGES - 2 for r in runs)
+
+
+def _restore(root: Path, item: str, sha: str) -> bool:
+    """Regenerate the synthetic catalog elsewhere (same seed: byte-identical files) and copy the
+    item's original image back."""
+    from udfs.synth import generate
+
+    fresh = root.parent / f"{root.name}-fresh"
+    if not fresh.exists():
+        generate(fresh, seed=0, n_items=12, n_users=8)
+    data = (fresh / "images" / f"{item}.png").read_bytes()
+    (root / "images" / f"{item}.png").write_bytes(data)
+    return sha256_bytes(data) == sha
+
+
+def test_vllm_without_vllm_installed_fails_before_touching_a_table(tmp_path, capsys):
+    wh = tmp_path / "wh"
+    code = caption.main(["--conf", "datasets/synthetic.yaml", "--set", f"warehouse={wh}",
+                         "--set", "experiment.caption.engine=vllm"])
+    assert code == 3
+    assert "needs vLLM, which is not installed" in capsys.readouterr().err
+    assert not wh.exists()
+
+
+def test_bad_caption_settings_are_config_errors(catalog, capsys):
+    wh, root = catalog
+    assert caption.main(argv(wh, root, "--set", "experiment.caption.options={top_kk: 2}")) == 2
+    assert "unknown option(s) ['top_kk']" in capsys.readouterr().err
+
+
+def expected_errors(spark, wh: Path, root: Path) -> int:
+    """The truncated image, plus the changed one unless an earlier test restored it."""
+    changed = sha256_bytes((root / "images" / f"{CHANGED_ITEM}.png").read_bytes())
+    return 1 + (changed != item_shas(spark, wh)[CHANGED_ITEM])
+
+
+def _staged_parts(wh: Path) -> list[Path]:
+    return list((Path(wh) / "_staging" / "descriptions").glob("*/part-*.parquet"))
+
+
+def test_killed_run_is_completed_by_the_next_one(spark, catalog, ray_address, capsys, tmp_path):
+    """SIGKILL a subprocess job once it has staged files; the rerun adopts them and finishes."""
+    wh, root = catalog
+    recipe = ["--set", "experiment.caption.options={top_k: 2, rows_per_file: 1}",
+              "--set", "experiment.caption.batch_size=1"]
+    command = [sys.executable, "-m", "jobs.caption", *argv(wh, root), *recipe, "--set", f"ray.address={ray_address}",
+               "--set", "spark.master=local[1]", "--set", "spark.driver_memory=1g"]
+    log_file = tmp_path / "killed.log"
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        try:
+            deadline = time.monotonic() + 300
+            while not _staged_parts(wh) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            still_running = proc.poll() is None
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait()
+    assert still_running, f"the job ended before it was killed:\n{log_file.read_text()[-3000:]}"
+    staged_before = len(_staged_parts(wh))
+    assert 1 <= staged_before < N_IMAGES
+
+    counts = run_caption(capsys, *argv(wh, root), *recipe)
+    assert counts["adopted_files"] >= staged_before and counts["adopted_rows"] >= 1
+    assert counts["adopted_rows"] + counts["described"] + counts["failed"] == N_IMAGES
+    slice_ = tables.read(spark, wh, "descriptions").filter(F.col("prompt").contains("top_k=2 "))
+    assert slice_.count() == N_IMAGES == slice_.select("image_sha256").distinct().count()
+    assert slice_.filter("status = 'ok'").count() == N_IMAGES - expected_errors(spark, wh, root)
+    assert all(r.text for r in slice_.filter("status = 'ok'").collect())
+    assert not list((Path(wh) / "_staging" / "descriptions").iterdir())
+    killed = tables.read(spark, wh, "runs").filter("job = 'caption' AND status = 'running'").count()
+    assert killed == 1  # the killed run's record says it never finished
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_both_succeed_and_lose_nothing(spark, catalog, ray_address, tmp_path):
+    wh, root = catalog
+    command = [sys.executable, "-m", "jobs.caption", *argv(wh, root),
+               "--set", "experiment.caption.options={top_k: 4}", "--set", f"ray.address={ray_address}",
+               "--set", "spark.master=local[1]", "--set", "spark.driver_memory=1g"]
+    logs = [tmp_path / f"run{i}.log" for i in range(2)]
+    procs = [subprocess.Popen(command, cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}) for log in logs]
+    codes = [p.wait(timeout=600) for p in procs]
+    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
+    rows = tables.read(spark, wh, "descriptions").filter(F.col("prompt").contains("top_k=4 "))
+    assert rows.count() == N_IMAGES == rows.select("image_sha256").distinct().count()
+
+
+def test_hf_engine_with_a_tiny_llava_through_the_whole_job(spark, catalog, capsys, tmp_path_factory):
+    from tests.udfs.caption.tiny_llava import build_tiny_llava
+
+    wh, root = catalog
+    model = build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+    counts = run_caption(capsys, *argv(wh, root, "--set", "experiment.caption.engine=hf",
+                                       "--set", f"experiment.caption.model={model}",
+                                       "--set", "experiment.caption.max_new_tokens=6",
+                                       "--set", "experiment.caption.options={min_new_tokens: 3, device: cpu}"))
+    assert counts["to_describe"] == N_IMAGES and counts["failed"] == expected_errors(spark, wh, root)
+    rows = descriptions(spark, wh, engine="hf")
+    ok = [r for r in rows.values() if r.status == "ok"]
+    assert len(rows) == N_IMAGES and len(ok) == counts["described"] == N_IMAGES - counts["failed"]
+    assert all(r.model == str(model) and 3 <= r.n_tokens <= 6 and r.latency_ms > 0 for r in ok)

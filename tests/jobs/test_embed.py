@@ -1,0 +1,286 @@
+"""The ``embed`` job on the tiny synthetic catalog: real Spark + Delta, real MiniLM, real
+EfficientNet-Lite0.
+
+One catalog is ingested and embedded once per test session (``embedded_catalog``, shared with
+``test_profiles``): run A without a ``descriptions`` table, then descriptions written, run B,
+then run C on the same inputs. Three items are damaged before ingest: one has no title, one no
+description text, one a truncated image file.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
+
+LVLM = "lvlm:tags:efficientnet-lite0:p-test"
+REPRESENTATIONS = ["title", "text", "visual", "naive", "concat", LVLM]
+NO_TITLE, NO_TEXT, BAD_IMAGE = "i00001", "i00002", "i00003"
+# Descriptions written before run B: ok, failed, ok-but-blank; the rest have none.
+DESCRIBED = [f"i{n:05d}" for n in range(4, 44)]
+FAILED = [f"i{n:05d}" for n in range(44, 49)]
+BLANK = "i00049"
+# Users added to the synthetic interactions: one whose only early (train) item is the item with
+# the broken image, one whose only interaction comes after every other (no train row).
+ONLY_BAD_IMAGE_USER, LATE_USER = "u_bad_image", "u_late"
+
+
+@dataclass
+class Catalog:
+    warehouse: Path
+    data: Path
+    argv: list[str]
+    counts: dict[str, dict[str, int]]  # run label -> the run's counts from the runs table
+    snapshots: dict[str, pd.DataFrame]  # run label -> item_embeddings after it
+
+
+_SHARED: dict[str, Catalog] = {}
+
+
+def job_argv(warehouse: Path, data: Path) -> list[str]:
+    return ["--conf", "datasets/synthetic.yaml", "--set", f"warehouse={warehouse}",
+            "--set", f"dataset.paths.root={data}", "--set", "spark.master=local[2]",
+            "--set", "log_level=WARNING",
+            # A global time cut leaves the late user without any train interaction.
+            "--set", "dataset.split.protocol=global_time",
+            "--set", f"experiment.representations=[{','.join(REPRESENTATIONS)}]"]
+
+
+def last_run_counts(spark, warehouse: Path, job: str) -> dict[str, int]:
+    from jobs import tables
+
+    runs = tables.read(spark, warehouse, "runs").filter(f"job = '{job}'").orderBy("started_at").toPandas()
+    assert len(runs), f"no {job} run recorded"
+    last = runs.iloc[-1]
+    assert last["status"] == "succeeded", last["error"]
+    return dict(last["counts"])
+
+
+def embeddings(spark, warehouse: Path) -> pd.DataFrame:
+    from jobs import tables
+
+    frame = tables.read(spark, warehouse, "item_embeddings").toPandas()
+    return frame.sort_values(["dataset", "representation", "item_id"]).reset_index(drop=True)
+
+
+def damage_catalog(data: Path) -> None:
+    items_path, inter_path = data / "items.csv", data / "interactions.csv"
+    with items_path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        if row["item_id"] == NO_TITLE:
+            row["title"] = ""
+        if row["item_id"] == NO_TEXT:
+            row["description"] = ""
+    with items_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    image = data / "images" / f"{BAD_IMAGE}.png"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+
+    interactions = pd.read_csv(inter_path)
+    first, last = int(interactions["timestamp"].min()), int(interactions["timestamp"].max())
+    extra = pd.DataFrame({
+        "user_id": [ONLY_BAD_IMAGE_USER] * 3 + [LATE_USER],
+        "item_id": [BAD_IMAGE] * 3 + ["i00010"],
+        "rating": [4, 5, 4, 5],
+        "timestamp": [first, first + 60, first + 120, last + 86_400],
+    })
+    pd.concat([interactions, extra]).to_csv(inter_path, index=False)
+
+
+def write_descriptions(spark, warehouse: Path) -> None:
+    from jobs import tables
+
+    items = tables.read(spark, warehouse, "items").toPandas().set_index("item_id")
+    now = dt.datetime(2026, 1, 1)
+    rows = []
+    for item_id in DESCRIBED + FAILED + [BLANK]:
+        attrs = items.loc[item_id, "attrs"]
+        ok = item_id not in FAILED
+        text = (f"A {attrs['colour']} {attrs['category']} with a {attrs['pattern']} pattern"
+                if item_id != BLANK else "   ") if ok else None
+        rows.append((items.loc[item_id, "image_sha256"], "tags", "efficientnet-lite0", "p-test", item_id,
+                     "describe", text, 8, 1.0, "ok" if ok else "error",
+                     None if ok else "RuntimeError: test failure", now))
+    tables.merge(spark, warehouse, "descriptions", spark.createDataFrame(rows, tables.SCHEMAS["descriptions"]))
+
+
+def stale_rows(spark, warehouse: Path) -> None:
+    """One row the catalog no longer has (pruned by the next run) and one of another dataset."""
+    from jobs import tables
+
+    vector = [1.0] + [0.0] * 383
+    rows = [("synthetic", "ghost", "title", "old", 384, vector),
+            ("other", "i00004", "title", "old", 384, vector)]
+    tables.merge(spark, warehouse, "item_embeddings",
+                 spark.createDataFrame(rows, tables.SCHEMAS["item_embeddings"]))
+
+
+def embedded_catalog(spark, tmp_path_factory) -> Catalog:
+    """The shared catalog, built once per session (see the module docstring)."""
+    if "catalog" in _SHARED:
+        return _SHARED["catalog"]
+    from jobs import embed, ingest
+    from udfs.synth import generate
+
+    root = tmp_path_factory.mktemp("embedded")
+    data, warehouse = root / "data", root / "warehouse"
+    generate(data, seed=0, n_items=60, n_users=30)
+    damage_catalog(data)
+    argv = job_argv(warehouse, data)
+    assert ingest.main(argv) == 0
+    counts, snapshots = {}, {}
+    assert embed.main(argv) == 0
+    counts["A"], snapshots["A"] = last_run_counts(spark, warehouse, "embed"), embeddings(spark, warehouse)
+    write_descriptions(spark, warehouse)
+    stale_rows(spark, warehouse)
+    for label in ("B", "C"):
+        assert embed.main(argv) == 0
+        counts[label] = last_run_counts(spark, warehouse, "embed")
+        snapshots[label] = embeddings(spark, warehouse)
+    _SHARED["catalog"] = Catalog(warehouse, data, argv, counts, snapshots)
+    return _SHARED["catalog"]
+
+
+@pytest.fixture(scope="module")
+def catalog(spark, tmp_path_factory) -> Catalog:
+    return embedded_catalog(spark, tmp_path_factory)
+
+
+def synthetic(frame: pd.DataFrame, representation: str) -> pd.DataFrame:
+    rows = frame[(frame["dataset"] == "synthetic") & (frame["representation"] == representation)]
+    return rows.set_index("item_id")
+
+
+def stacked(frame: pd.DataFrame) -> np.ndarray:
+    return np.stack([np.asarray(v, dtype=np.float64) for v in frame["vector"]])
+
+
+@pytest.mark.parametrize("representation, dim", [
+    ("title", 384), ("text", 384), (LVLM, 384), ("visual", 1280), ("naive", 384 + 1280),
+    ("concat", 384 + 1280),
+])
+def test_vectors_are_unit_norm_with_the_encoders_dimension(catalog, representation, dim):
+    rows = synthetic(catalog.snapshots["C"], representation)
+    assert len(rows) > 0
+    assert (rows["dim"] == dim).all()
+    vectors = stacked(rows)
+    assert vectors.shape == (len(rows), dim)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_items_without_an_input_are_skipped_and_counted(catalog):
+    final, counts = catalog.snapshots["C"], catalog.counts["C"]
+    items = {f"i{n:05d}" for n in range(1, 61)}
+    assert set(synthetic(final, "title").index) == items - {NO_TITLE}
+    assert set(synthetic(final, "text").index) == items - {NO_TEXT}
+    assert set(synthetic(final, "visual").index) == items - {BAD_IMAGE}
+    assert set(synthetic(final, "naive").index) == items - {NO_TITLE, BAD_IMAGE}
+    assert counts["items_read"] == 60
+    assert counts["skipped_title_empty"] == 1
+    assert counts["skipped_text_empty"] == 1
+    assert counts["skipped_visual_truncated"] == 1
+    assert counts["skipped_naive_missing_part"] == 2
+    assert counts["written_title"] == counts["written_visual"] == 59
+    assert counts["rows_written"] == len(final[final["dataset"] == "synthetic"])
+    assert counts["rows_written"] + counts["rows_skipped"] == 60 * len(REPRESENTATIONS)
+
+
+def test_lvlm_rows_come_from_ok_descriptions_and_the_rest_are_counted(catalog):
+    counts = catalog.counts["C"]
+    assert set(synthetic(catalog.snapshots["C"], LVLM).index) == set(DESCRIBED)
+    assert counts[f"written_{LVLM}"] == len(DESCRIBED)
+    assert counts["lvlm_failed_caption"] == len(FAILED)
+    assert counts["lvlm_empty_description"] == 1
+    assert counts["lvlm_no_image"] == 1  # the truncated image got no hash at ingest
+    assert counts["lvlm_missing_description"] == 60 - len(DESCRIBED) - len(FAILED) - 1 - 1
+
+
+def test_without_a_descriptions_table_every_lvlm_item_is_missing(catalog):
+    counts = catalog.counts["A"]
+    assert counts["lvlm_missing_description"] + counts["lvlm_no_image"] == 60
+    assert counts[f"written_{LVLM}"] == 0
+    assert synthetic(catalog.snapshots["A"], LVLM).empty
+    assert counts["written_title"] == 59  # the other representations are still written
+
+
+def test_text_vectors_equal_the_encoder_run_outside_spark(catalog):
+    from udfs.text_encoder import encode_texts
+
+    items = pd.read_csv(catalog.data / "items.csv").set_index("item_id")
+    ids = ["i00004", "i00017", "i00060"]
+    for representation, column in (("title", "title"), ("text", "description")):
+        expected, valid = encode_texts(items.loc[ids, column].tolist())
+        assert valid.all()
+        got = stacked(synthetic(catalog.snapshots["C"], representation).loc[ids])
+        np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_visual_vectors_equal_the_image_encoder_run_outside_spark(catalog):
+    from udfs.image_encoder import encode_images
+    from udfs.images import load_image
+
+    ids = ["i00005", "i00042"]
+    expected = encode_images([load_image(catalog.data / "images" / f"{i}.png") for i in ids])
+    got = stacked(synthetic(catalog.snapshots["C"], "visual").loc[ids])
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_fused_item_vectors_equal_the_fusion_of_their_parts(catalog):
+    from udfs.fusion import fuse
+
+    final = catalog.snapshots["C"]
+    for method in ("naive", "concat"):
+        fused = synthetic(final, method)
+        ids = sorted(fused.index)
+        parts = {p: stacked(synthetic(final, p).loc[ids]) for p in ("title", "visual")}
+        np.testing.assert_allclose(stacked(fused.loc[ids]), fuse(method, parts), atol=1e-5)
+
+
+def test_rerun_gives_the_same_table(catalog):
+    before, after = catalog.snapshots["B"], catalog.snapshots["C"]
+    key = ["dataset", "representation", "item_id"]
+    assert len(before) == len(after)
+    assert before[key].equals(after[key])
+    assert (before["dim"] == after["dim"]).all() and (before["encoder"] == after["encoder"]).all()
+    for representation in REPRESENTATIONS:
+        np.testing.assert_allclose(stacked(synthetic(after, representation)),
+                                   stacked(synthetic(before, representation)), atol=1e-6)
+    assert catalog.counts["C"]["stale_rows_removed"] == 0
+
+
+def test_rows_the_catalog_no_longer_has_are_removed_and_other_datasets_kept(catalog):
+    after = catalog.snapshots["B"]
+    assert "ghost" not in set(after["item_id"])
+    assert catalog.counts["B"]["stale_rows_removed"] == 1
+    other = after[after["dataset"] == "other"]
+    assert list(other["item_id"]) == ["i00004"] and list(other["encoder"]) == ["old"]
+
+
+def test_encoders_and_library_versions_are_recorded(catalog):
+    keys = catalog.counts["C"]
+    text = [k for k in keys if k.startswith("text_encoder:all-MiniLM-L6-v2,")]
+    image = [k for k in keys if k.startswith("image_encoder:efficientnet-lite0,")]
+    assert len(text) == 1 and "sentence-transformers:" in text[0] and "torch:" in text[0]
+    assert keys[text[0]] == 384
+    assert len(image) == 1 and keys[image[0]] == 1280
+    final = catalog.snapshots["C"]
+    assert set(synthetic(final, "title")["encoder"]) == {"all-MiniLM-L6-v2"}
+    assert set(synthetic(final, "naive")["encoder"]) == {
+        "naive[title=all-MiniLM-L6-v2,visual=efficientnet-lite0]"}
+
+
+def test_an_unknown_representation_is_a_config_error(catalog, capsys):
+    from jobs import embed
+
+    argv = catalog.argv + ["--set", "experiment.representations=[title,clip]"]
+    assert embed.main(argv) == 2
+    assert "experiment.representations[1]" in capsys.readouterr().err

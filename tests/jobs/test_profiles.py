@@ -1,0 +1,135 @@
+"""The ``profiles`` job on the shared embedded synthetic catalog (see ``test_embed``): the stored
+profiles are checked against numpy computations on the tables read back."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.jobs.test_embed import (
+    LATE_USER, LVLM, ONLY_BAD_IMAGE_USER, embedded_catalog, last_run_counts, stacked,
+)
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
+
+BASE = ["title", "text", "visual", LVLM]
+HALF_LIFE_DAYS = 30.0
+
+
+@dataclass
+class Profiled:
+    plain: pd.DataFrame  # user_profiles rows of run "plain"
+    recency: pd.DataFrame  # user_profiles rows of the recency-weighted run (its own run id)
+    counts: dict[str, int]
+    train: pd.DataFrame  # user_id, item_id, ts of the train split
+    users: set[str]  # every user of the dataset
+    vectors: pd.DataFrame  # item_embeddings of the dataset
+
+
+@pytest.fixture(scope="module")
+def profiled(spark, tmp_path_factory) -> Profiled:
+    from jobs import profiles, tables
+
+    catalog = embedded_catalog(spark, tmp_path_factory)
+    wh = catalog.warehouse
+    assert profiles.main(catalog.argv + ["--run-id", "plain"]) == 0
+    counts = last_run_counts(spark, wh, "profiles")
+    assert profiles.main(catalog.argv + ["--set", f"experiment.options.half_life_days={HALF_LIFE_DAYS}",
+                                         "--set", "experiment.representations=[title]"]) == 0
+    runs = tables.read(spark, wh, "runs").filter("job = 'profiles'").orderBy("started_at").toPandas()
+    own_run_id = runs.iloc[-1]["run_id"]
+    stored = tables.read(spark, wh, "user_profiles").toPandas()
+    interactions = tables.read(spark, wh, "interactions").filter("dataset = 'synthetic'").toPandas()
+    vectors = tables.read(spark, wh, "item_embeddings").filter("dataset = 'synthetic'").toPandas()
+    return Profiled(
+        plain=stored[stored["run_id"] == "plain"],
+        recency=stored[stored["run_id"] == own_run_id],
+        counts=counts,
+        train=interactions[interactions["split"] == "train"][["user_id", "item_id", "ts"]],
+        users=set(interactions["user_id"]),
+        vectors=vectors,
+    )
+
+
+def expected_profiles(p: Profiled, representation: str, half_life_days: float | None = None):
+    """{user: (profile, n_history)} computed with plain numpy from the tables."""
+    vectors = p.vectors[p.vectors["representation"] == representation].set_index("item_id")["vector"]
+    out = {}
+    for user, rows in p.train.groupby("user_id"):
+        rows = rows[rows["item_id"].isin(vectors.index)]
+        if rows.empty:
+            continue
+        x = np.stack([np.asarray(vectors[i], dtype=np.float64) for i in rows["item_id"]])
+        weights = np.ones(len(rows))
+        if half_life_days is not None:
+            age_days = (rows["ts"].max() - rows["ts"].to_numpy()) / 86_400
+            weights = 0.5 ** (age_days / half_life_days)
+        mean = (weights[:, None] * x).sum(axis=0)
+        out[user] = (mean / np.linalg.norm(mean), len(rows))
+    return out
+
+
+def stored(frame: pd.DataFrame, representation: str) -> pd.DataFrame:
+    return frame[frame["representation"] == representation].set_index("user_id")
+
+
+@pytest.mark.parametrize("representation", BASE)
+def test_profiles_are_the_normalised_mean_of_the_train_item_vectors(profiled, representation):
+    expected = expected_profiles(profiled, representation)
+    got = stored(profiled.plain, representation)
+    assert set(got.index) == set(expected)
+    for user, (vector, n_history) in expected.items():
+        np.testing.assert_allclose(np.asarray(got.loc[user, "vector"], dtype=np.float64), vector, atol=1e-5)
+        assert got.loc[user, "n_history"] == n_history
+
+
+def test_recency_weighted_profiles_under_the_jobs_own_run_id(profiled):
+    expected = expected_profiles(profiled, "title", HALF_LIFE_DAYS)
+    got = stored(profiled.recency, "title")
+    assert set(profiled.recency["representation"]) == {"title"}
+    assert set(got.index) == set(expected)
+    for user, (vector, _) in expected.items():
+        np.testing.assert_allclose(np.asarray(got.loc[user, "vector"], dtype=np.float64), vector, atol=1e-5)
+    # Recency weighting changes the direction for users with spread-out histories.
+    plain = stored(profiled.plain, "title")
+    assert max(np.abs(np.asarray(got.loc[u, "vector"]) - np.asarray(plain.loc[u, "vector"])).max()
+               for u in expected) > 1e-3
+
+
+def test_users_without_train_or_without_a_vector_are_counted(profiled):
+    counts = profiled.counts
+    train_users = set(profiled.train["user_id"])
+    assert LATE_USER not in train_users
+    assert counts["users_without_train"] == len(profiled.users - train_users) >= 1
+    assert counts["users_with_train"] == len(train_users)
+    for representation in BASE + ["naive", "concat"]:
+        n_profiles = len(stored(profiled.plain, representation))
+        assert counts[f"profiles_{representation}"] == n_profiles
+        assert counts[f"users_without_profile_{representation}"] == len(train_users) - n_profiles
+    # Their only train item has a truncated image: a title profile, no visual or fused one.
+    assert ONLY_BAD_IMAGE_USER in stored(profiled.plain, "title").index
+    assert ONLY_BAD_IMAGE_USER not in stored(profiled.plain, "visual").index
+    assert ONLY_BAD_IMAGE_USER not in stored(profiled.plain, "naive").index
+    assert counts["users_without_profile_visual"] >= 1
+    visual_items = set(profiled.vectors.loc[profiled.vectors["representation"] == "visual", "item_id"])
+    assert counts["history_rows_without_vector_visual"] == int((~profiled.train["item_id"].isin(visual_items)).sum())
+
+
+@pytest.mark.parametrize("method", ["naive", "concat"])
+def test_fused_profiles_are_the_fusion_of_the_per_modality_profiles(profiled, method):
+    from udfs.fusion import fuse
+
+    title, visual = stored(profiled.plain, "title"), stored(profiled.plain, "visual")
+    fused = stored(profiled.plain, method)
+    users = sorted(set(title.index) & set(visual.index))
+    assert sorted(fused.index) == users
+    expected = fuse(method, {"title": stacked(title.loc[users]), "visual": stacked(visual.loc[users])})
+    np.testing.assert_allclose(stacked(fused.loc[users]), expected, atol=1e-5)
+    assert (fused.loc[users, "n_history"]
+            == np.minimum(title.loc[users, "n_history"], visual.loc[users, "n_history"])).all()
+    # Not the profile of the fused item vectors, which reweights the modalities per user.
+    of_fused_items = expected_profiles(profiled, method)
+    gaps = [np.abs(np.asarray(fused.loc[u, "vector"]) - of_fused_items[u][0]).max() for u in users]
+    assert max(gaps) > 1e-3

@@ -1,0 +1,296 @@
+"""What the ``caption`` job ships to Ray workers: image loading, the engine actor, the staging writer.
+
+Three Ray Data stages over batches of unique images (pandas frames with ``image_sha256``,
+``item_id``, ``image_uri``):
+
+1. ``load_images`` (CPU tasks): read the file's bytes, check that they still hash to the
+   ``image_sha256`` that ``ingest`` recorded, decode with ``udfs.images.load_image`` and shrink
+   to what the engine needs, so that the engine never waits on I/O or a JPEG decoder. Pixels
+   travel as raw RGB bytes with their width and height (no tensor extension types).
+2. ``CaptionActor`` (an actor pool): one engine per actor, built on the first batch that has an
+   image to describe; ``udfs.caption.describe_isolated`` makes one bad image fail alone.
+3. ``write_staging`` (I/O tasks): each batch becomes one Parquet file in the run's staging
+   folder, written under a temporary name and renamed into place, so a file that exists under
+   its final name is complete. The job's Spark step merges those files into ``descriptions``.
+
+Every input row leaves as one ``descriptions`` row with ``status`` ``ok`` or ``error``; an
+error's text is ``"<kind>: <reason>"``, where kind is one of ``udfs.images.ImageError.kind``
+(missing, empty, not_image, truncated, too_large, unreadable), ``changed`` (the file's bytes no
+longer hash to the recorded ``image_sha256``: rerun ``ingest``) or ``engine`` (the model raised).
+
+Retry policy (``is_permanent_error``): an error that the image bytes alone decide (empty,
+not_image, truncated, too_large) is final for that hash and counts as a cache hit; a changed
+or missing file, an unreadable one and an engine error are retried by the next run.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+OK, ERROR = "ok", "error"
+CHANGED = "changed"
+ENGINE = "engine"
+REMOTE = "remote_uri"
+# Kinds decided by the bytes alone: the same hash fails the same way on every run.
+PERMANENT_ERROR_KINDS = frozenset({"empty", "not_image", "truncated", "too_large"})
+
+# Longest side the engine needs. ``tags`` sees 224 px (and a 64 px colour thumbnail); LLaVA-NeXT
+# tiles at most 672 x 672 or 336 x 1344; ``None`` keeps the full image.
+ENGINE_MAX_SIDE: dict[str, int | None] = {"tags": 448, "hf": 1344, "vllm": None}
+
+# The staging files' schema: the ``descriptions`` contract in Arrow types.
+STAGING_SCHEMA = pa.schema([
+    pa.field("image_sha256", pa.string(), nullable=False),
+    pa.field("engine", pa.string(), nullable=False),
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("item_id", pa.string()),
+    pa.field("prompt", pa.string()),
+    pa.field("text", pa.string()),
+    pa.field("n_tokens", pa.int32()),
+    pa.field("latency_ms", pa.float64()),
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("created_at", pa.timestamp("us", tz="UTC")),
+])
+STAGED_FILE_PREFIX = "part-"
+TEMP_FILE_PREFIX = ".tmp-"
+
+
+def error_text(kind: str, reason: str) -> str:
+    """The ``error`` column: ``"<kind>: <reason>"``."""
+    return f"{kind}: {reason}"
+
+
+def error_kind(error: str | None) -> str | None:
+    """The kind of an ``error`` column value (``None`` for no error)."""
+    if not error:
+        return None
+    return str(error).split(":", 1)[0].strip()
+
+
+def is_permanent_error(error: str | None) -> bool:
+    """Whether an error row is final for its image hash (not retried by the next run)."""
+    return error_kind(error) in PERMANENT_ERROR_KINDS
+
+
+def local_path(uri: str) -> str | None:
+    """The local file behind an ``image_uri``, or ``None`` for a remote URI."""
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    if "://" in uri:
+        return None
+    return uri
+
+
+def load_one(uri: str, expected_sha256: str, max_side: int | None) -> tuple[Any, str | None]:
+    """``(RGB image, None)`` or ``(None, error text)`` for one item's image file."""
+    from udfs.images import ImageError, load_image, sha256_bytes
+
+    path = local_path(str(uri))
+    if path is None:
+        return None, error_text(REMOTE, f"image '{uri}' is remote: the caption job reads local or "
+                                        "mounted files only; mount the bucket or copy the images")
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None, error_text("missing", f"image '{uri}' does not exist any more: restore it or rerun ingest")
+    except OSError as exc:
+        return None, error_text("unreadable", f"image '{uri}' cannot be read ({exc}): check its permissions")
+    actual = sha256_bytes(data)
+    if actual != expected_sha256:
+        try:
+            load_image(data, name=str(uri), max_side=64)
+            now = "it is still a readable image"
+        except ImageError as exc:
+            now = f"it is now {exc.kind}: {exc.reason}"
+        return None, error_text(
+            CHANGED, f"image '{uri}' changed since ingest (sha256 {actual[:12]}..., items has "
+                     f"{expected_sha256[:12]}...; {now}): rerun ingest so that items records the new file")
+    try:
+        return load_image(data, name=str(uri), max_side=max_side), None
+    except ImageError as exc:
+        return None, error_text(exc.kind, exc.reason)
+
+
+def load_images(batch: pd.DataFrame, max_side: int | None) -> pd.DataFrame:
+    """Ray stage 1: adds ``pixels`` (raw RGB bytes), ``width``, ``height`` and ``error``."""
+    pixels, widths, heights, errors = [], [], [], []
+    for uri, sha in zip(batch["image_uri"], batch["image_sha256"]):
+        try:
+            img, error = load_one(uri, sha, max_side)
+        except Exception as exc:  # noqa: BLE001 - one image never fails its batch
+            img, error = None, error_text("unreadable", f"image '{uri}' failed to load ({type(exc).__name__}: {exc})")
+        pixels.append(None if img is None else img.tobytes())
+        widths.append(0 if img is None else img.width)
+        heights.append(0 if img is None else img.height)
+        errors.append(error)
+    return batch.assign(pixels=pixels, width=widths, height=heights, error=errors)
+
+
+class CaptionActor:
+    """Ray stage 2: one caption engine per actor, described batch by batch.
+
+    The engine is built on the first batch with an image to describe, so an actor whose
+    batches all failed to load never loads a model. ``torch_threads`` caps torch's intra-op
+    threads: several actors on one machine must share its cores.
+    """
+
+    def __init__(self, engine: str, model: str, prompt: str, batch_size: int, max_new_tokens: int,
+                 options: Mapping[str, Any] | None = None, torch_threads: int = 0,
+                 expected_prompt_id: str | None = None):
+        self.spec = dict(name=engine, model=model, prompt=prompt, batch_size=batch_size,
+                         max_new_tokens=max_new_tokens, options=dict(options or {}))
+        self.torch_threads = torch_threads
+        self.expected_prompt_id = expected_prompt_id
+        self._engine = None
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            if self.torch_threads > 0:
+                import torch
+
+                torch.set_num_threads(self.torch_threads)
+            from udfs.caption import make_engine
+
+            engine = make_engine(**self.spec)
+            if self.expected_prompt_id and engine.prompt_id != self.expected_prompt_id:
+                # The rows would be filed under a cache key that does not match their text.
+                raise RuntimeError(
+                    f"caption engine {engine.name!r} on this worker has prompt_id {engine.prompt_id}, the "
+                    f"driver planned {self.expected_prompt_id}: install the same vlm4rec version everywhere")
+            self._engine = engine
+        return self._engine
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from PIL import Image
+
+        from udfs.caption import describe_isolated
+
+        n = len(batch)
+        texts: list[str | None] = [None] * n
+        tokens: list[int | None] = [None] * n
+        latency: list[float | None] = [None] * n
+        errors = [_text_or_none(e) for e in batch["error"]]
+        todo = [i for i in range(n) if errors[i] is None]
+        if todo:
+            images = [Image.frombytes("RGB", (int(batch["width"].iat[i]), int(batch["height"].iat[i])),
+                                      batch["pixels"].iat[i]) for i in todo]
+            started = time.perf_counter()
+            results = describe_isolated(self.engine, images)
+            per_image_ms = (time.perf_counter() - started) * 1000.0 / len(todo)
+            for i, result in zip(todo, results):
+                if isinstance(result, Exception):
+                    errors[i] = error_text(ENGINE, f"{type(result).__name__}: {result}")
+                else:
+                    texts[i], tokens[i], latency[i] = result.text, result.n_tokens, per_image_ms
+        out = batch.drop(columns=["pixels", "width", "height"])
+        return out.assign(text=texts, n_tokens=tokens, latency_ms=latency, error=errors,
+                          status=[OK if e is None else ERROR for e in errors])
+
+
+def _text_or_none(value: Any) -> str | None:
+    # Arrow round trips turn a null string into None, NaN or pd.NA depending on the column's type.
+    if value is None or (not isinstance(value, (str, bytes)) and pd.isna(value)):
+        return None
+    return str(value)
+
+
+def description_table(batch: pd.DataFrame, engine: str, model: str, prompt_id: str, prompt: str,
+                      created_at: dt.datetime | None = None) -> pa.Table:
+    """Rows of the ``descriptions`` contract (``STAGING_SCHEMA``) for a described batch."""
+    n = len(batch)
+    created = created_at or dt.datetime.now(dt.timezone.utc)
+    columns = {
+        "image_sha256": list(batch["image_sha256"]),
+        "engine": [engine] * n,
+        "model": [model] * n,
+        "prompt_id": [prompt_id] * n,
+        "item_id": list(batch["item_id"]),
+        "prompt": [prompt] * n,
+        "text": [_text_or_none(v) for v in batch["text"]],
+        "n_tokens": [None if pd.isna(v) else int(v) for v in batch["n_tokens"]],
+        "latency_ms": [None if pd.isna(v) else float(v) for v in batch["latency_ms"]],
+        "status": list(batch["status"]),
+        "error": [_text_or_none(v) for v in batch["error"]],
+        "created_at": [created] * n,
+    }
+    return pa.Table.from_pydict(columns, schema=STAGING_SCHEMA)
+
+
+def write_atomically(table: pa.Table, folder: str | Path) -> Path:
+    """Write ``table`` as one Parquet file in ``folder``: a temporary name, then a rename, so that
+    a ``part-*.parquet`` file is always complete (a killed writer leaves only a ``.tmp-`` file)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{uuid.uuid4().hex}.parquet"
+    temporary = folder / f"{TEMP_FILE_PREFIX}{name}"
+    final = folder / f"{STAGED_FILE_PREFIX}{name}"
+    with open(temporary, "wb") as sink:
+        pq.write_table(table, sink)
+        sink.flush()
+        os.fsync(sink.fileno())
+    os.replace(temporary, final)
+    return final
+
+
+def write_staging(batch: pd.DataFrame, staging_dir: str, engine: str, model: str, prompt_id: str,
+                  prompt: str) -> pd.DataFrame:
+    """Ray stage 3: the batch's ``descriptions`` rows -> one staged file; returns one summary row
+    (file, ok, error, error_kinds as JSON ``{kind: n}``) for the driver's counts."""
+    table = description_table(batch, engine, model, prompt_id, prompt)
+    path = write_atomically(table, staging_dir)
+    kinds = Counter(error_kind(_text_or_none(e)) for e in batch["error"])
+    kinds.pop(None, None)
+    return pd.DataFrame({
+        "file": [str(path)],
+        "ok": [int((batch["status"] == OK).sum())],
+        "error": [int((batch["status"] == ERROR).sum())],
+        "error_kinds": [json.dumps(dict(kinds), sort_keys=True)],
+    })
+
+
+# --- the vllm branch: bytes in, Ray's vLLM processor, rows back in the staging shape ---------
+
+def load_image_bytes(batch: pd.DataFrame) -> pd.DataFrame:
+    """Like ``load_images`` but keeps the file's bytes (``image_bytes``) for vLLM's data URLs;
+    the image is still decoded once, so a truncated file fails here and not inside vLLM."""
+    blobs, errors = [], []
+    for uri, sha in zip(batch["image_uri"], batch["image_sha256"]):
+        img, error = load_one(uri, sha, 64)
+        path = local_path(str(uri))
+        blobs.append(Path(path).read_bytes() if img is not None and path else None)
+        errors.append(error)
+    return batch.assign(image_bytes=blobs, error=errors)
+
+
+def failed_rows(batch: pd.DataFrame) -> pd.DataFrame:
+    """Rows that never reached the engine, in the shape ``write_staging`` expects."""
+    n = len(batch)
+    return pd.DataFrame({"image_sha256": batch["image_sha256"], "item_id": batch["item_id"],
+                         "text": [None] * n, "n_tokens": [None] * n, "latency_ms": [None] * n,
+                         "error": batch["error"], "status": [ERROR] * n})
+
+
+def vllm_rows(batch: pd.DataFrame) -> pd.DataFrame:
+    """``udfs.caption.vllm_engine.vllm_result_row`` output -> the shape ``write_staging`` expects."""
+    errors = [error_text(ENGINE, str(e)) if _text_or_none(e) else None for e in batch["error"]]
+    return pd.DataFrame({"image_sha256": batch["image_sha256"], "item_id": batch["item_id"],
+                         "text": batch["text"], "n_tokens": batch["n_tokens"],
+                         "latency_ms": [None] * len(batch), "error": errors,
+                         "status": [OK if e is None else ERROR for e in errors]})

@@ -1,0 +1,290 @@
+"""Arrow wrappers that Spark ships to executors for the ``topk`` job, plus the seeded random scorer.
+
+The job moves vectors between tasks as packed blocks, one Spark row per block:
+
+1. ``pack_blocks`` (``mapInArrow`` over one partition of profiles or items) turns rows
+   (id, vector[, seen]) into block rows (block_id, n, dim, ids, vectors = float32 bytes
+   [, seen_counts, seen_ids]) of at most ``block_size`` rows each. ``block_id`` is the block's
+   smallest id, unique because every id sits in exactly one block.
+2. ``pair_topk_batches`` (``mapInArrow`` over the cross join of user blocks with item blocks)
+   scores one user block against one item block with ``udfs.topk.topk_block`` (or the seeded
+   random scorer), masks the users' seen items of that block to -inf, and keeps the top k per
+   user: one row (user_block, user_ids, width, scores bytes, item_ids) per block pair.
+3. ``merge_block_results`` (``groupBy(representation, user_block).applyInArrow``) merges a user
+   block's per-item-block lists with ``udfs.topk.merge_topk`` into rank rows.
+
+Memory per task is set by the block sizes: one item block, one user block, and one
+(``score_rows`` x item block) float32 score matrix, whatever the catalog size.
+
+Order everywhere: score descending, then item id ascending (code point order of the string
+ids), so the merged lists equal one full sort whatever the block layout.
+
+Everything here runs without a Spark session: tests feed it lists of Arrow batches.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import scipy.sparse
+
+from udfs import topk as topk_kernels
+
+log = logging.getLogger(__name__)
+
+COSINE = "cosine"
+RANDOM = "random"
+SCORERS = (COSINE, RANDOM)
+
+# What the wrappers emit, as Spark DDL (kept here so the job and the tests use one definition).
+BLOCK_DDL = "block_id string, n int, dim int, ids array<string>, vectors binary"
+USER_BLOCK_DDL = BLOCK_DDL + ", seen_counts array<int>, seen_ids array<string>"
+PAIR_DDL = "user_block string, user_ids array<string>, width int, scores binary, item_ids array<string>"
+RANKS_DDL = "representation string, user_id string, rank int, item_id string, score float"
+
+_BLOCK_FIELDS = [pa.field("block_id", pa.string()), pa.field("n", pa.int32()), pa.field("dim", pa.int32()),
+                 pa.field("ids", pa.list_(pa.string())), pa.field("vectors", pa.binary())]
+BLOCK_ARROW = pa.schema(_BLOCK_FIELDS)
+USER_BLOCK_ARROW = pa.schema(_BLOCK_FIELDS + [pa.field("seen_counts", pa.list_(pa.int32())),
+                                              pa.field("seen_ids", pa.list_(pa.string()))])
+PAIR_ARROW = pa.schema([pa.field("user_block", pa.string()), pa.field("user_ids", pa.list_(pa.string())),
+                        pa.field("width", pa.int32()), pa.field("scores", pa.binary()),
+                        pa.field("item_ids", pa.list_(pa.string()))])
+
+# Random scores keep 24 bits so that every value is exact in float32: ties are then real ties,
+# broken by item id like all others, and the order does not depend on the block layout.
+_RANDOM_BITS = 24
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def set_torch_threads(threads: int) -> None:
+    """One task gets ``spark.task.cpus`` cores; more torch threads would oversubscribe them."""
+    import torch
+
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def _stable_hashes(ids: np.ndarray, seed: int) -> np.ndarray:
+    """A 64-bit hash of each string id and the seed, identical in every process (unlike ``hash``)."""
+    key = int(seed).to_bytes(8, "little", signed=True)
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8, key=key).digest(), "little")
+         for i in ids),
+        dtype=np.uint64, count=len(ids),
+    )
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return x ^ (x >> np.uint64(31))
+
+
+def random_scores(user_ids: np.ndarray, item_ids: np.ndarray, seed: int) -> np.ndarray:
+    """(u, n) float32 scores in [0, 1): a pure function of (seed, user id, item id).
+
+    Each user gets an independent pseudo-random order of the items; the same seed gives the
+    same order on any machine and for any block layout.
+    """
+    users = _stable_hashes(np.asarray(user_ids), seed)
+    items = _stable_hashes(np.asarray(item_ids), seed + 1)
+    with np.errstate(over="ignore"):
+        mixed = _splitmix64(users[:, None] ^ _splitmix64(items)[None, :])
+    top = (mixed >> np.uint64(64 - _RANDOM_BITS)).astype(np.float32)
+    return top / np.float32(1 << _RANDOM_BITS)
+
+
+def _vectors_of(column: pa.Array, ids: np.ndarray, what: str) -> np.ndarray:
+    """(rows, dim) float32 from an Arrow list<float> column; a null or ragged row is an error."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if column.null_count:
+        bad = ids[np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0]]
+        raise ValueError(f"{what} {bad!r} has a null vector: recompute its embedding or drop the row")
+    lengths = column.value_lengths().to_numpy(zero_copy_only=False)
+    if len(lengths) == 0:
+        return np.empty((0, 0), np.float32)
+    dim = int(lengths[0])
+    if (lengths != dim).any():
+        bad = ids[np.flatnonzero(lengths != dim)[0]]
+        raise ValueError(
+            f"{what} {bad!r} has a vector of length {int(lengths[lengths != dim][0])} but others have "
+            f"{dim}: one representation must have one dimension (re-run the embed job)"
+        )
+    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return flat.reshape(len(lengths), dim)
+
+
+def _block_rows(ids: np.ndarray, vectors: np.ndarray, seen: list[np.ndarray] | None) -> dict:
+    row = {
+        "block_id": [str(min(ids))], "n": [len(ids)], "dim": [int(vectors.shape[1])],
+        "ids": [ids.tolist()], "vectors": [np.ascontiguousarray(vectors, np.float32).tobytes()],
+    }
+    if seen is not None:
+        row["seen_counts"] = [[len(s) for s in seen]]
+        row["seen_ids"] = [np.concatenate(seen).tolist() if seen else []]
+    return row
+
+
+def pack_blocks(block_size: int, with_seen: bool) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """``mapInArrow`` function: rows (id, vector[, seen list<string>]) -> block rows of at most
+    ``block_size`` rows (``USER_BLOCK_DDL`` with seen, else ``BLOCK_DDL``)."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+
+    def emit(ids: list, vectors: list, seen: list) -> pa.RecordBatch:
+        all_ids = np.concatenate(ids)
+        stacked = np.concatenate(vectors) if vectors else np.empty((0, 0), np.float32)
+        dims = {v.shape[1] for v in vectors if v.shape[0]}
+        if len(dims) > 1:
+            raise ValueError(f"vectors of dimensions {sorted(dims)} in one representation: re-run the embed job")
+        return pa.RecordBatch.from_pydict(_block_rows(all_ids, stacked, seen if with_seen else None),
+                                          schema=USER_BLOCK_ARROW if with_seen else BLOCK_ARROW)
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        ids_buf: list[np.ndarray] = []
+        vec_buf: list[np.ndarray] = []
+        seen_buf: list[np.ndarray] = []
+        held = 0
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            ids = batch.column(0).to_numpy(zero_copy_only=False).astype(object)
+            vectors = _vectors_of(batch.column(1), ids, "id")
+            seen = ([np.asarray(s if s is not None else [], dtype=object) for s in batch.column(2).to_pylist()]
+                    if with_seen else [])
+            start = 0
+            while start < len(ids):
+                take = min(block_size - held, len(ids) - start)
+                ids_buf.append(ids[start:start + take])
+                vec_buf.append(vectors[start:start + take])
+                seen_buf.extend(seen[start:start + take])
+                held += take
+                start += take
+                if held == block_size:
+                    yield emit(ids_buf, vec_buf, seen_buf)
+                    ids_buf, vec_buf, seen_buf, held = [], [], [], 0
+        if held:
+            yield emit(ids_buf, vec_buf, seen_buf)
+
+    return run
+
+
+def _unpack(batch: pa.RecordBatch, position: int, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(batch.column(f"{prefix}ids")[position].as_py(), dtype=str)
+    dim = int(batch.column(f"{prefix}dim")[position].as_py())
+    # The block's float32 bytes, read in place (no copy of a whole item block).
+    vectors = np.frombuffer(batch.column(f"{prefix}vectors")[position].as_buffer(), dtype=np.float32)
+    return ids, vectors.reshape(len(ids), dim) if len(ids) else np.empty((0, dim), np.float32)
+
+
+def seen_mask(seen_counts: list[int], seen_ids: list[str], item_ids: np.ndarray) -> scipy.sparse.csr_matrix:
+    """(users, items of this block) boolean mask of each user's seen items that lie in the block."""
+    import pandas as pd
+
+    n_users = len(seen_counts)
+    rows = np.repeat(np.arange(n_users, dtype=np.int64), np.asarray(seen_counts, dtype=np.int64))
+    cols = pd.Index(item_ids).get_indexer(np.asarray(seen_ids, dtype=object)) if len(seen_ids) else np.empty(0, np.int64)
+    inside = cols >= 0
+    data = np.ones(int(inside.sum()), dtype=np.bool_)
+    return scipy.sparse.csr_matrix((data, (rows[inside], cols[inside])), shape=(n_users, len(item_ids)))
+
+
+def pair_topk(
+    user_ids: np.ndarray, user_vectors: np.ndarray, seen: scipy.sparse.csr_matrix,
+    item_ids: np.ndarray, item_vectors: np.ndarray, k: int, scorer: str = COSINE,
+    seed: int = 0, score_rows: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of one item block for each user of one user block, ``score_rows`` users at a time.
+
+    Returns (scores (u, k') float32, item ids (u, k') object), k' = min(k, items in the block);
+    a slot past a user's unseen candidates holds -inf and None.
+    """
+    if scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r}: choose one of {list(SCORERS)}")
+    width = min(k, len(item_ids))
+    scores = np.full((len(user_ids), width), -np.inf, np.float32)
+    ids = np.full((len(user_ids), width), None, dtype=object)
+    if width == 0:
+        return scores, ids
+    id_rank = topk_kernels._id_rank(item_ids, "item_ids") if scorer == RANDOM else None
+    for start in range(0, len(user_ids), max(1, score_rows)):
+        stop = min(start + max(1, score_rows), len(user_ids))
+        mask = seen[start:stop]
+        if scorer == COSINE:
+            chunk_scores, indices = topk_kernels.topk_block(
+                user_vectors[start:stop], item_vectors, item_ids, k, mask)
+        else:
+            block = random_scores(user_ids[start:stop], item_ids, seed)
+            coo = mask.tocoo()
+            block[coo.row, coo.col] = -np.inf
+            # The same selection rule as topk_block (score, then id), so merging block
+            # results gives the layout-independent order.
+            indices = topk_kernels._select_topk(block, id_rank, width)
+            chunk_scores = np.take_along_axis(block, indices, axis=1)
+            indices[np.isneginf(chunk_scores)] = -1
+        scores[start:stop] = chunk_scores
+        ids[start:stop] = topk_kernels.block_item_ids(indices, item_ids, None)
+    return scores, ids
+
+
+def pair_topk_batches(
+    k: int, scorer: str = COSINE, seed: int = 0, score_rows: int = 1024, threads: int = 1,
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """``mapInArrow`` function over cross-joined block rows (``u_``-prefixed user block columns,
+    ``i_``-prefixed item block columns) -> ``PAIR_DDL`` rows, one per block pair."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        set_torch_threads(threads)
+        for batch in batches:
+            # One row at a time: each carries a whole item block, so a batch is never expanded at once.
+            for position in range(batch.num_rows):
+                user_ids, user_vectors = _unpack(batch, position, "u_")
+                item_ids, item_vectors = _unpack(batch, position, "i_")
+                mask = seen_mask(batch.column("u_seen_counts")[position].as_py(),
+                                 batch.column("u_seen_ids")[position].as_py(), item_ids)
+                scores, ids = pair_topk(user_ids, user_vectors, mask, item_ids, item_vectors, k,
+                                        scorer, seed, score_rows)
+                yield pa.RecordBatch.from_pydict({
+                    "user_block": [batch.column("u_block_id")[position].as_py()],
+                    "user_ids": [user_ids.tolist()],
+                    "width": [scores.shape[1]], "scores": [scores.tobytes()],
+                    "item_ids": [ids.ravel().tolist()],
+                }, schema=PAIR_ARROW)
+
+    return run
+
+
+def merge_block_results(k: int) -> Callable[[tuple, pa.Table], pa.Table]:
+    """``groupBy(representation, user_block).applyInArrow`` function: one user block's
+    ``PAIR_DDL`` rows (one per item block) -> ``RANKS_DDL`` rows, ranks 1..k per user, empty
+    slots dropped (a list is short of k only when the candidates ran out)."""
+
+    def run(key: tuple, table: pa.Table) -> pa.Table:
+        representation = key[0].as_py()
+        user_ids = np.asarray(table.column("user_ids")[0].as_py(), dtype=object)
+        n_users = len(user_ids)
+        blocks = []
+        for position in range(table.num_rows):
+            width = table.column("width")[position].as_py()
+            scores = np.frombuffer(table.column("scores")[position].as_py(), dtype=np.float32).reshape(n_users, width)
+            ids = np.asarray(table.column("item_ids")[position].as_py(), dtype=object).reshape(n_users, width)
+            blocks.append((scores, ids))
+        merged_scores, merged_ids = topk_kernels.merge_topk(blocks, k, None)
+        keep = ~np.isneginf(merged_scores)
+        rows, cols = np.nonzero(keep)
+        return pa.table({
+            "representation": pa.array([representation] * len(rows), pa.string()),
+            "user_id": pa.array(user_ids[rows], pa.string()),
+            "rank": pa.array(cols + 1, pa.int32()),
+            "item_id": pa.array(merged_ids[rows, cols], pa.string()),
+            "score": pa.array(merged_scores[rows, cols], pa.float32()),
+        })
+
+    return run
