@@ -407,8 +407,12 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
         folder = staging_root(run.warehouse) / run.run_id
         write_owner(folder, run.run_id)
         started = time.perf_counter()
-        with ray_session(config.ray) as ray:
-            summaries = describe_with_ray(ray, todo, spec, folder)
+        try:
+            with ray_session(config.ray) as ray:
+                summaries = describe_with_ray(ray, todo, spec, folder)
+        except BaseException:
+            _salvage(run, folder)
+            raise
         seconds = time.perf_counter() - started
         files = staged_files(folder)
         merge_staged(run, files)
@@ -431,6 +435,18 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
     if usable == 0:
         raise NothingUsable(f"dataset '{config.dataset.name}': no image could be described; the errors "
                             f"are in the descriptions table (status = 'error')")
+
+
+def _salvage(run: JobRun, folder: Path) -> None:
+    """After a failed Ray stage, keep what was described: merge the staged files (best effort;
+    if that fails too, the folder stays for the next run to adopt)."""
+    try:
+        n = merge_staged(run, staged_files(folder))
+    except Exception:  # noqa: BLE001 - the Ray error is the one to report
+        log.exception("could not merge the staged descriptions in %s; the next run adopts them", folder)
+        return
+    log.warning("the caption run failed; %d descriptions it had finished were merged", n)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

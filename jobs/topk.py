@@ -237,13 +237,10 @@ def block_pairs(users: DataFrame, items: DataFrame, settings: TopkSettings, scor
         topk_udfs.PAIR_DDL)
 
 
-def rank_representation(run: JobRun, name: str, users: DataFrame, items: DataFrame, settings: TopkSettings,
-                        scorer: str, cached: list[DataFrame]) -> DataFrame | None:
+def rank_representation(run: JobRun, name: str, users: DataFrame, items: DataFrame, n_users: int, n_items: int,
+                        settings: TopkSettings, scorer: str, cached: list[DataFrame]) -> DataFrame | None:
     """Pair lists of one representation, or None when it has no user or no item to rank."""
     spark = run.spark
-    n_users, n_items = users.count(), items.count()
-    run.count(f"users_ranked_{name}", n_users)
-    run.count(f"items_ranked_{name}", n_items)
     if n_users == 0 or n_items == 0:
         log.warning("representation %s: %d users and %d candidate items: nothing to rank", name, n_users, n_items)
         return None
@@ -252,10 +249,19 @@ def rank_representation(run: JobRun, name: str, users: DataFrame, items: DataFra
     user_blocks = pack(users, n_users, settings.user_block, True, parallelism)
     item_blocks = pack(items, n_items, settings.item_block, False, 1)
     cached += [user_blocks, item_blocks]
-    run.count(f"user_blocks_{name}", user_blocks.count())
-    run.count(f"item_blocks_{name}", item_blocks.count())
     return block_pairs(user_blocks, item_blocks, settings, scorer, threads).withColumn(
         "representation", F.lit(name))
+
+
+def user_counts(interactions: DataFrame, exclude: Sequence[str]) -> dict[str, int]:
+    """users, users_with_train, seen_pairs_excluded, in one pass over the interactions."""
+    pair = F.concat_ws("\u0000", "user_id", "item_id")
+    row = interactions.agg(
+        F.countDistinct("user_id").alias("users"),
+        F.countDistinct(F.when(F.col("split") == "train", F.col("user_id"))).alias("users_with_train"),
+        F.countDistinct(F.when(F.col("split").isin(list(exclude)), pair)).alias("seen_pairs_excluded"),
+    ).first()
+    return {key: int(row[key] or 0) for key in ("users", "users_with_train", "seen_pairs_excluded")}
 
 
 def topk(run: JobRun, args: argparse.Namespace) -> None:
@@ -263,15 +269,12 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
     settings = resolve_settings(run, args)
     interactions = (tables.read(spark, wh, "interactions").filter(F.col("dataset") == settings.dataset)
                     .select("user_id", "item_id", "split"))
-    train = interactions.filter(F.col("split") == "train")
-    train_users = train.select("user_id").distinct().persist(StorageLevel.MEMORY_AND_DISK)
-    n_train_users = train_users.count()
-    n_users = interactions.select("user_id").distinct().count()
-    run.count("users", n_users)
-    run.count("users_with_train", n_train_users)
-    run.count("users_without_train", n_users - n_train_users)
+    counts = user_counts(interactions, settings.exclude)
+    for key, value in counts.items():
+        run.count(key, value)
+    n_train_users = counts["users_with_train"]
+    run.count("users_without_train", counts["users"] - n_train_users)
     if n_train_users == 0:
-        train_users.unpersist()
         raise NothingUsable(f"dataset '{settings.dataset}' has no train interactions in {wh}/interactions: "
                             "run `vlm4rec ingest` first")
 
@@ -281,66 +284,66 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
         run.count(f"candidates_{name}", n_candidates.get(name, 0))
     if not any(n_candidates.values()):
         candidates.unpersist()
-        train_users.unpersist()
         raise NothingUsable(
             f"no candidate item for {list(settings.all_representations)} ({settings.candidates}): with "
             "'common', no item has a vector in every representation; run `vlm4rec embed` for them first")
-    seen = seen_items(interactions, settings.exclude).persist(StorageLevel.MEMORY_AND_DISK)
-    run.count("seen_pairs_excluded", seen.select(F.size("seen")).groupBy().sum().first()[0] or 0)
-
+    train = interactions.filter(F.col("split") == "train")
+    seen = seen_items(interactions, settings.exclude)
     profiles = (tables.read(spark, wh, "user_profiles")
                 .filter((F.col("run_id") == settings.run_id)
                         & F.col("representation").isin(list(settings.representations))))
+    n_profiles = dict(profiles.groupBy("representation").count().collect()) if settings.representations else {}
     embeddings = tables.read(spark, wh, "item_embeddings").filter(F.col("dataset") == settings.dataset)
-    cached: list[DataFrame] = [candidates, seen, train_users]
+    cached: list[DataFrame] = [candidates]
     parts: list[DataFrame] = []
-    with arrow_batch_rows(spark, 1):
-        for name in settings.all_representations:
-            these = candidates.filter(F.col("representation") == name).select("item_id")
-            if name in settings.representations:
-                users = (profiles.filter(F.col("representation") == name)
-                         .select("user_id", "vector").join(seen, "user_id", "left"))
-                items = (embeddings.filter(F.col("representation") == name).select("item_id", "vector")
-                         .join(these, "item_id", "left_semi"))
+    for name in settings.all_representations:
+        these = candidates.filter(F.col("representation") == name).select("item_id")
+        if name in settings.representations:
+            users = (profiles.filter(F.col("representation") == name)
+                     .select("user_id", "vector").join(seen, "user_id", "left"))
+            items = (embeddings.filter(F.col("representation") == name).select("item_id", "vector")
+                     .join(these, "item_id", "left_semi"))
+            scorer = topk_udfs.COSINE
+            n_users = n_profiles.get(name, 0)
+            run.count(f"users_without_profile_{name}", max(0, n_train_users - n_users))
+            if n_users == 0:
+                log.warning("representation %s: no profile under run id %s; run `vlm4rec profiles "
+                            "--run-id %s` with this representation first", name, settings.run_id, settings.run_id)
+        else:
+            one = F.array(F.lit(1.0).cast("float"))
+            users = (train.select("user_id").distinct().join(seen, "user_id", "left")
+                     .select("user_id", one.alias("vector"), "seen"))
+            n_users = n_train_users
+            if name == POPULARITY:
+                counts_by_item = train.groupBy("item_id").agg(F.count(F.lit(1)).cast("float").alias("_n"))
+                items = these.join(counts_by_item, "item_id", "left").select(
+                    "item_id", F.array(F.coalesce("_n", F.lit(0.0).cast("float"))).alias("vector"))
                 scorer = topk_udfs.COSINE
             else:
-                one = F.array(F.lit(1.0).cast("float"))
-                users = train_users.join(seen, "user_id", "left").select("user_id", one.alias("vector"), "seen")
-                if name == POPULARITY:
-                    counts = train.groupBy("item_id").agg(F.count(F.lit(1)).cast("float").alias("_n"))
-                    items = these.join(counts, "item_id", "left").select(
-                        "item_id", F.array(F.coalesce("_n", F.lit(0.0).cast("float"))).alias("vector"))
-                    scorer = topk_udfs.COSINE
-                else:
-                    items = these.select("item_id", F.array(F.lit(0.0).cast("float")).alias("vector"))
-                    scorer = topk_udfs.RANDOM
-            part = rank_representation(run, name, users, items, settings, scorer, cached)
-            if name in settings.representations:
-                n_profiles = run.counts[f"users_ranked_{name}"]
-                run.count(f"users_without_profile_{name}", max(0, n_train_users - n_profiles))
-                if n_profiles == 0:
-                    log.warning("representation %s: no profile under run id %s; run `vlm4rec profiles "
-                                "--run-id %s` with this representation first", name, settings.run_id,
-                                settings.run_id)
-            if part is not None:
-                parts.append(part)
-        if not parts:
-            for frame in cached:
-                frame.unpersist()
-            raise NothingUsable(f"run id {settings.run_id}: no representation had both users and candidate "
-                                "items; run `vlm4rec profiles` (and `embed`) first")
-        pairs = parts[0]
-        for part in parts[1:]:
-            pairs = pairs.unionByName(part)
+                items = these.select("item_id", F.array(F.lit(0.0).cast("float")).alias("vector"))
+                scorer = topk_udfs.RANDOM
+        part = rank_representation(run, name, users, items, n_users, n_candidates.get(name, 0), settings,
+                                   scorer, cached)
+        if part is not None:
+            parts.append(part)
+    if not parts:
+        for frame in cached:
+            frame.unpersist()
+        raise NothingUsable(f"run id {settings.run_id}: no representation had both users and candidate "
+                            "items; run `vlm4rec profiles` (and `embed`) first")
+    pairs = parts[0]
+    for part in parts[1:]:
+        pairs = pairs.unionByName(part)
+    with arrow_batch_rows(spark, 1):
         ranks = (pairs.groupBy("representation", "user_block")
                  .applyInArrow(topk_udfs.merge_block_results(settings.k), topk_udfs.RANKS_DDL)
                  .persist(StorageLevel.MEMORY_AND_DISK))
+        cached.append(ranks)
         summary = (ranks.groupBy("representation", "user_id").agg(F.max("rank").alias("_len"))
                    .groupBy("representation")
                    .agg(F.count(F.lit(1)).alias("users"), F.sum("_len").alias("rows"),
                         F.sum((F.col("_len") < settings.k).cast("long")).alias("short"))
                    .collect())
-    cached.append(ranks)
     for row in summary:
         run.count(f"recommended_users_{row['representation']}", row["users"])
         run.count(f"short_lists_{row['representation']}", row["short"])

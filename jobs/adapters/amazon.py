@@ -42,6 +42,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -159,12 +160,14 @@ def _version(lines: DataFrame, path: Path, kind: str, forced: str) -> str:
 
 def _parse(lines: DataFrame, fields: list[str]) -> DataFrame:
     """Every field as a string (arrays and objects as their JSON text): one oddly typed value
-    never turns a whole line into a corrupt record."""
+    never turns a whole line into a corrupt record. Blank lines stay, flagged ``_skip``, so that
+    line numbers can be counted from this frame."""
     schema = T.StructType([T.StructField(f, T.StringType()) for f in fields]
                           + [T.StructField("_corrupt_record", T.StringType())])
-    parsed = lines.filter(F.trim("value") != "").withColumn(
+    parsed = lines.withColumn(
         "_j", F.from_json("value", schema, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": "_corrupt_record"}))
-    return parsed.select("value", "_pos", "_source", *[F.col(f"_j.{f}").alias(f) for f in fields],
+    return parsed.select("value", "_pos", "_source", (F.trim("value") == "").alias("_skip"),
+                         *[F.col(f"_j.{f}").alias(f) for f in fields],
                          F.col("_j._corrupt_record").alias("_corrupt_record"))
 
 
@@ -172,16 +175,18 @@ def _blank(col: Column) -> Column:
     return col.isNull() | (F.trim(col) == "")
 
 
-def _split(lines: DataFrame, checked: DataFrame, problems: list[Column]) -> tuple[DataFrame, DataFrame]:
+def _split(checked: DataFrame, problems: list[Column]) -> tuple[DataFrame, DataFrame]:
     """(good rows, rejects with line numbers) from ``checked`` and its list of problems."""
     first = [F.when(undecodable(F.col("value")),
                     F.lit("line is not valid UTF-8 (latin-1 bytes?): re-save the file as UTF-8 or drop the line")),
              F.when(F.col("_corrupt_record").isNotNull(),
                     F.lit("malformed JSON line (not one JSON object per line): fix or drop the line"))]
-    checked = checked.withColumn("_reason", F.coalesce(*first, *problems))
-    good = checked.filter(F.col("_reason").isNull()).drop("_reason", "value", "_pos", "_corrupt_record")
-    bad = checked.filter(F.col("_reason").isNotNull())
-    return good, reject(line_numbers(lines, bad), F.col("_reason"))
+    # One read of the file serves the good rows, the rejects and their line numbers.
+    checked = checked.withColumn("_reason", F.coalesce(*first, *problems)).persist(StorageLevel.MEMORY_AND_DISK)
+    good = checked.filter(F.col("_reason").isNull() & ~F.col("_skip")).drop(
+        "_reason", "_skip", "value", "_pos", "_corrupt_record")
+    bad = checked.filter(F.col("_reason").isNotNull() & ~F.col("_skip"))
+    return good, reject(line_numbers(checked, bad), F.col("_reason"))
 
 
 def _reviews(lines: DataFrame, version: str) -> tuple[DataFrame, DataFrame]:
@@ -192,7 +197,7 @@ def _reviews(lines: DataFrame, version: str) -> tuple[DataFrame, DataFrame]:
         item = F.when(_blank(item), F.col("asin")).otherwise(item)
     rating = F.trim(F.col(fields["rating"])).try_cast("double")
     ts = timestamp_seconds(F.trim(F.col(fields["ts"])), "unix" if version == "2018" else "unix_ms")
-    checked = parsed.select("value", "_pos", "_source", "_corrupt_record",
+    checked = parsed.select("value", "_pos", "_source", "_skip", "_corrupt_record",
                             F.trim(F.col(fields["user_id"])).alias("user_id"), F.trim(item).alias("item_id"),
                             rating.alias("rating"), ts.alias("ts"),
                             *[F.col(f).alias(f"_raw_{c}") for c, f in fields.items() if c in ("rating", "ts")])
@@ -208,7 +213,7 @@ def _reviews(lines: DataFrame, version: str) -> tuple[DataFrame, DataFrame]:
         F.when(F.col("ts").isNull(),
                F.format_string(f"{fields['ts']} '%s' is not a time in {unit}", F.col("_raw_ts"))),
     ]
-    good, rejects = _split(lines, checked, problems)
+    good, rejects = _split(checked, problems)
     return (good.select("user_id", "item_id", "ts", "rating", F.lit(None).cast("string").alias("label"),
                         "_source"), rejects)
 
@@ -260,10 +265,10 @@ def _meta(lines: DataFrame, version: str, image_size: str) -> tuple[DataFrame, D
                         ("category", _joined(F.col("categories"), " > ")), ("price", F.trim(F.col("price"))),
                         ("features", _joined(F.col("features"), "; ")),
                         ("details", F.when(F.trim(F.col("details")) != "{}", F.trim(F.col("details"))))])
-    checked = parsed.select("value", "_pos", "_source", "_corrupt_record", item_id.alias("item_id"),
+    checked = parsed.select("value", "_pos", "_source", "_skip", "_corrupt_record", item_id.alias("item_id"),
                             F.trim(F.col("title")).alias("title"),
                             _joined(F.col("description"), "\n").alias("text"),
                             image.alias("image_uri"), attrs.alias("attrs"))
-    good, rejects = _split(lines, checked, [F.when(_blank(F.col("item_id")), F.lit(f"{key} is missing"))])
+    good, rejects = _split(checked, [F.when(_blank(F.col("item_id")), F.lit(f"{key} is missing"))])
     title = F.when(F.col("title") != "", F.col("title"))
     return good.select("item_id", title.alias("title"), "text", "image_uri", "attrs"), rejects

@@ -271,11 +271,17 @@ def validate_columns(df: DataFrame, required: dict[str, str], optional: dict[str
                                                    + ("timestamp (" + ts_format + ")" if canonical == "ts"
                                                       else casts[canonical]), raw)))
     # One read of the file serves the good rows, the rejects and their record numbers.
+    # The reject's content is the record as the file has it: a value that did not cast is
+    # null in the canonical columns, and to_json would leave it out.
+    raw_record = F.to_json(F.struct(*[F.col(f"`{c}`").cast("string").alias(c) for c in have])) if have \
+        else F.lit(None).cast("string")
     out = df.select("_pos", "_source", F.col("_corrupt_record"), *cols, *keep,
-                    F.coalesce(*problems).alias("_reason")).persist(StorageLevel.MEMORY_AND_DISK)
-    good = out.filter(F.col("_reason").isNull()).drop("_reason", "_corrupt_record", "_pos")
+                    F.coalesce(*problems).alias("_reason"),
+                    F.when(F.coalesce(*problems).isNotNull(), raw_record).alias("_content"),
+                    ).persist(StorageLevel.MEMORY_AND_DISK)
+    good = out.filter(F.col("_reason").isNull()).drop("_reason", "_corrupt_record", "_pos", "_content")
     bad = out.filter(F.col("_reason").isNotNull())
-    content = F.coalesce(F.col("_corrupt_record"), F.to_json(F.struct(*[F.col(c) for c in {**required, **optional}])))
+    content = F.coalesce(F.col("_corrupt_record"), F.col("_content"))
     rejects = reject(line_numbers(out, bad), F.col("_reason"),
                      row=F.concat(F.lit("record "), F.col("_line").cast("string")), content=content)
     return good, rejects

@@ -390,7 +390,9 @@ def test_csv_bad_rows_are_rejected_and_the_rest_ingested(spark, warehouse, tmp_p
     assert [r["row"] for r in reject_with(rejects, "duplicate interaction")] == ["user_id=u1 item_id=b ts=200"]
     unknown = sorted(r["row"] for r in reject_with(rejects, "is not in the items file"))
     assert unknown == ["user_id=u2 item_id=zz ts=400", "user_id=u3 item_id=e ts=700"]
-    assert [r["row"] for r in reject_with(rejects, "timestamp 'soon' is not a valid timestamp")] == ["record 8"]
+    soon = reject_with(rejects, "timestamp 'soon' is not a valid timestamp")
+    assert [r["row"] for r in soon] == ["record 8"]
+    assert json.loads(soon[0]["content"]) == {"user_id": "u2", "item_id": "b", "timestamp": "soon", "rating": "1"}
     assert [r["row"] for r in reject_with(rejects, "timestamp 'NaN' is not a valid timestamp")] == ["record 9"]
     assert len(rejects) == 9
     assert counts["rejected"] == 9 and counts["items"] == 4

@@ -243,3 +243,61 @@ def test_hf_engine_with_a_tiny_llava_through_the_whole_job(spark, catalog, capsy
     ok = [r for r in rows.values() if r.status == "ok"]
     assert len(rows) == N_IMAGES and len(ok) == counts["described"] == N_IMAGES - counts["failed"]
     assert all(r.model == str(model) and 3 <= r.n_tokens <= 6 and r.latency_ms > 0 for r in ok)
+
+
+# --- the pieces, without Spark or Ray (milliseconds) -----------------------------------------
+
+def test_image_loading_names_the_reason_and_checks_the_hash(tmp_path):
+    from PIL import Image
+
+    from udfs import caption_udfs as cu
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (900, 300), (200, 30, 35)).save(path)
+    data = path.read_bytes()
+    img, error = cu.load_one(str(path), sha256_bytes(data), max_side=448)
+    assert error is None and img.size == (448, 149)
+    _, error = cu.load_one(str(path), "0" * 64, max_side=448)
+    assert cu.error_kind(error) == "changed" and "rerun ingest" in error and not cu.is_permanent_error(error)
+    path.write_bytes(data[: len(data) // 2])
+    _, error = cu.load_one(f"file://{path}", sha256_bytes(path.read_bytes()), max_side=448)
+    assert cu.error_kind(error) == "truncated" and cu.is_permanent_error(error) and "a.png" in error
+    _, error = cu.load_one(str(tmp_path / "gone.png"), "0" * 64, max_side=448)
+    assert cu.error_kind(error) == "missing" and not cu.is_permanent_error(error)
+    _, error = cu.load_one("s3://bucket/x.jpg", "0" * 64, max_side=448)
+    assert cu.error_kind(error) == "remote_uri"
+    assert cu.is_permanent_error("empty: image 'x' is empty") and not cu.is_permanent_error("engine: boom")
+    assert cu.error_kind(None) is None and not cu.is_permanent_error(None)
+
+
+def test_staged_files_appear_complete_or_not_at_all(tmp_path):
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from udfs import caption_udfs as cu
+
+    batch = pd.DataFrame({"image_sha256": ["a", "b"], "item_id": ["1", "2"], "text": ["a red hat", pd.NA],
+                          "n_tokens": [3, None], "latency_ms": [5.0, None], "status": ["ok", "error"],
+                          "error": [None, "engine: RuntimeError: boom"]})
+    summary = cu.write_staging(batch, str(tmp_path / "run"), "tags", "m", "p1", "recipe")
+    assert summary["ok"].tolist() == [1] and json.loads(summary["error_kinds"][0]) == {"engine": 1}
+    files = list((tmp_path / "run").iterdir())
+    assert [f.name.startswith(cu.STAGED_FILE_PREFIX) for f in files] == [True]
+    table = pq.read_table(files[0])
+    assert table.schema.equals(cu.STAGING_SCHEMA, check_metadata=False)
+    assert table.column("text").to_pylist() == ["a red hat", None]
+    assert table.column("error").to_pylist() == [None, "engine: RuntimeError: boom"]
+
+
+def test_only_folders_of_dead_runs_are_claimed_and_each_by_one_run(tmp_path):
+    root = tmp_path / "staging"
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    caption.write_owner(root / "dead-run", "dead-run")
+    owner = json.loads((root / "dead-run" / caption.OWNER_FILE).read_text())
+    (root / "dead-run" / caption.OWNER_FILE).write_text(json.dumps({**owner, "pid": dead_pid}))
+    caption.write_owner(root / "live-run", "live-run")  # this process: alive
+    claimed = caption.claim_dead_folders(root, "me")
+    assert [p.name for p in claimed] == ["dead-run.adopted-by-me"]
+    assert caption.claim_dead_folders(root, "other") == []  # the claimer (this process) is alive
+    assert sorted(p.name for p in root.iterdir()) == ["dead-run.adopted-by-me", "live-run"]

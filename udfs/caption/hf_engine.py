@@ -131,18 +131,47 @@ class HFEngine(CaptionEngine):
         options: Mapping[str, Any] | None = None,
     ):
         super().__init__(model=model, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        self._configure(options)
+        o = self.options
+        local_only = hub_offline() if o["local_files_only"] is None else bool(o["local_files_only"])
+        network, processor = load_model_and_processor(
+            model, self.device, self.dtype, local_only, o["attn_implementation"], bool(o["trust_remote_code"])
+        )
+        self._attach(network, processor)
+
+    @classmethod
+    def from_model(
+        cls,
+        network: Any,
+        processor: Any,
+        model: str,
+        prompt: str = DEFAULT_PROMPT,
+        batch_size: int = 8,
+        max_new_tokens: int = 128,
+        options: Mapping[str, Any] | None = None,
+    ) -> "HFEngine":
+        """An engine over a model and processor already in memory (benchmarks with random
+        weights built from a config, notebooks); ``model`` is the name recorded in
+        ``descriptions``. The network is moved to the options' device and dtype."""
+        engine = cls.__new__(cls)
+        CaptionEngine.__init__(engine, model=model, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        engine._configure(options)
+        engine._attach(network.to(engine.device, engine.dtype).eval(), processor)
+        return engine
+
+    def _configure(self, options: Mapping[str, Any] | None) -> None:
         self.options = check_options(self.name, options, OPTIONS)
         o = self.options
-        if o["min_new_tokens"] is not None and not 0 <= int(o["min_new_tokens"]) <= max_new_tokens:
+        if o["min_new_tokens"] is not None and not 0 <= int(o["min_new_tokens"]) <= self.max_new_tokens:
             raise ValueError(
-                f"caption engine 'hf': min_new_tokens={o['min_new_tokens']} must be in 0..max_new_tokens={max_new_tokens}"
+                f"caption engine 'hf': min_new_tokens={o['min_new_tokens']} must be in "
+                f"0..max_new_tokens={self.max_new_tokens}"
             )
         self.device = _resolve_device(str(o["device"]))
         self.dtype = _resolve_dtype(str(o["dtype"]), self.device)
-        local_only = hub_offline() if o["local_files_only"] is None else bool(o["local_files_only"])
-        self.network, self.processor = load_model_and_processor(
-            model, self.device, self.dtype, local_only, o["attn_implementation"], bool(o["trust_remote_code"])
-        )
+
+    def _attach(self, network: Any, processor: Any) -> None:
+        self.network, self.processor = network, processor
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:

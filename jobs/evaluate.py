@@ -1,0 +1,197 @@
+"""``evaluate``: recommendations + the test split -> ``user_metrics``, ``metrics``, ``comparisons``.
+
+For one run id (``--run-id``, the key of ``recommendations``) and every representation the
+``topk`` job ranked (the vector representations and the baselines):
+
+- ``user_metrics``: Recall, NDCG, Precision, MAP, HitRate and MRR at each ``experiment.ks``
+  per user (``udfs.metrics``). A user's relevant items are their test items that are in the
+  candidate set and not excluded from their ranking (``--candidates`` and ``--exclude``, as
+  in ``topk``: pass the same values). Users without any relevant item are excluded.
+- ``metrics``: the mean over users with a percentile bootstrap CI (``experiment.bootstrap_samples``,
+  seeded with ``experiment.seed``) and ``n_users``.
+- ``comparisons``: for every pair of representations, paired over the users both were
+  evaluated on: the mean difference (a - b) with a paired bootstrap CI, the Wilcoxon
+  signed-rank p-value, and Holm's correction over all the pairs of each metric@k.
+
+Nothing is dropped silently; the counts say: ``test_rows``, ``test_users``,
+``test_users_without_train``, per representation ``test_rows_outside_candidates_<rep>``
+(test items that are not candidates), ``test_rows_excluded_<rep>`` (test items also in an
+excluded split), ``users_without_relevant_<rep>``, ``users_without_recommendations_<rep>``
+(users with relevant items but no list, e.g. no profile) and ``users_evaluated_<rep>``.
+
+Prints a table: one block per K, a row per representation, each metric's mean and 95% CI.
+Rewrites of the same run id replace the run's rows for these representations.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from udfs import evaluate_udfs
+from udfs.metrics import METRICS
+
+from . import tables
+from .embed import prune_stale
+from .job_run import JobRun, NothingUsable, run_job
+from .topk import TopkSettings, add_shared_arguments, candidate_items, resolve_settings
+
+log = logging.getLogger(__name__)
+
+# Users per applyInPandas group when computing per-user metrics.
+USERS_PER_GROUP = 50_000
+
+
+def relevant_lists(interactions: DataFrame, candidates: DataFrame, settings: TopkSettings) -> DataFrame:
+    """(representation, user_id, item_id, excluded): each user's test items that are candidates,
+    flagged when the item is also in one of the excluded splits."""
+    test = interactions.filter(F.col("split") == "test").select("user_id", "item_id").distinct()
+    excluded = (interactions.filter(F.col("split").isin(list(settings.exclude))).select("user_id", "item_id")
+                .distinct().withColumn("excluded", F.lit(True)))
+    return (test.join(candidates, "item_id")
+            .join(excluded, ["user_id", "item_id"], "left")
+            .select("representation", "user_id", "item_id", F.coalesce("excluded", F.lit(False)).alias("excluded")))
+
+
+def results_table(rows: list, order: list[str], ks: list[int]) -> str:
+    """One block per K: a row per representation, each metric as ``mean [ci_low, ci_high]``."""
+    by_key = {(r["representation"], r["metric"], r["k"]): r for r in rows}
+    width = max([len(r) for r in order] + [len("representation")])
+    lines = []
+    for k in ks:
+        header = f"{'representation':<{width}}  {'n_users':>7}  " + "  ".join(f"{f'{m}@{k}':^22}" for m in METRICS)
+        lines += [header, "-" * len(header)]
+        for rep in order:
+            cells, n_users = [], 0
+            for metric in METRICS:
+                row = by_key.get((rep, metric, k))
+                if row is None:
+                    cells.append(f"{'-':^22}")
+                    continue
+                n_users = row["n_users"]
+                cells.append(f"{row['value']:.4f} [{row['ci_low']:.4f},{row['ci_high']:.4f}]")
+            lines.append(f"{rep:<{width}}  {n_users:>7}  " + "  ".join(cells))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def evaluate(run: JobRun, args: argparse.Namespace) -> None:
+    spark, wh, experiment = run.spark, run.warehouse, run.config.experiment
+    settings = resolve_settings(run, args)
+    ks = sorted(set(experiment.ks))
+    wanted = list(settings.all_representations)
+
+    recommendations = (tables.read(spark, wh, "recommendations")
+                       .filter((F.col("run_id") == settings.run_id) & F.col("representation").isin(wanted)))
+    present = {r[0] for r in recommendations.select("representation").distinct().collect()}
+    order = [r for r in wanted if r in present]
+    for rep in wanted:
+        if rep not in present:
+            run.count("representations_without_recommendations")
+            log.warning("representation %s has no recommendations under run id %s: run `vlm4rec topk --run-id %s` "
+                        "with it first; it is left out of this evaluation", rep, settings.run_id, settings.run_id)
+    if not order:
+        raise NothingUsable(f"no recommendations under run id {settings.run_id} for {wanted}: run `vlm4rec topk` first")
+
+    interactions = (tables.read(spark, wh, "interactions").filter(F.col("dataset") == settings.dataset)
+                    .select("user_id", "item_id", "split"))
+    test_users = interactions.filter(F.col("split") == "test").select("user_id").distinct()
+    train_users = interactions.filter(F.col("split") == "train").select("user_id").distinct()
+    totals = (interactions.filter(F.col("split") == "test")
+              .agg(F.countDistinct(F.concat_ws("\u0000", "user_id", "item_id")).alias("rows"),
+                   F.countDistinct("user_id").alias("users")).first())
+    n_test_rows, n_test_users = int(totals["rows"]), int(totals["users"])
+    run.count("test_rows", n_test_rows)
+    run.count("test_users", n_test_users)
+    run.count("test_users_without_train", test_users.join(train_users, "user_id", "left_anti").count())
+    if n_test_rows == 0:
+        raise NothingUsable(f"dataset '{settings.dataset}' has no test interactions: check the split settings "
+                            "and run `vlm4rec ingest` again")
+
+    candidates = candidate_items(spark, wh, settings).filter(F.col("representation").isin(order))
+    relevant = relevant_lists(interactions, candidates, settings).persist(StorageLevel.MEMORY_AND_DISK)
+    by_rep = {r["representation"]: r for r in relevant.groupBy("representation").agg(
+        F.count(F.lit(1)).alias("rows"), F.sum(F.col("excluded").cast("long")).alias("excluded")).collect()}
+    for rep in order:
+        row = by_rep.get(rep)
+        run.count(f"test_rows_outside_candidates_{rep}", n_test_rows - (row["rows"] if row else 0))
+        run.count(f"test_rows_excluded_{rep}", row["excluded"] if row else 0)
+
+    per_user = (relevant.filter(~F.col("excluded")).groupBy("representation", "user_id")
+                .agg(F.collect_list("item_id").alias("relevant")))
+    lists = (recommendations.groupBy("representation", "user_id")
+             .agg(F.array_sort(F.collect_list(F.struct("rank", "item_id"))).alias("_ranked"))
+             .select("representation", "user_id", F.col("_ranked.item_id").alias("recommended")))
+    joined = per_user.join(lists, ["representation", "user_id"], "left").persist(StorageLevel.MEMORY_AND_DISK)
+    status = {r["representation"]: r for r in joined.groupBy("representation").agg(
+        F.count(F.lit(1)).alias("users"), F.sum(F.col("recommended").isNull().cast("long")).alias("no_list"))
+        .collect()}
+    n_groups = 1
+    for rep in order:
+        row = status.get(rep)
+        users, no_list = (int(row["users"]), int(row["no_list"])) if row else (0, 0)
+        run.count(f"users_without_relevant_{rep}", n_test_users - users)
+        run.count(f"users_without_recommendations_{rep}", no_list)
+        run.count(f"users_evaluated_{rep}", users - no_list)
+        n_groups = max(n_groups, -(-users // USERS_PER_GROUP))
+        if no_list:
+            log.warning("representation %s: %d users with relevant test items have no recommendation list "
+                        "(no profile: no train item with a vector); they are left out of its metrics", rep, no_list)
+
+    scored = (joined.filter(F.col("recommended").isNotNull())
+              .withColumn("_group", F.pmod(F.xxhash64("user_id"), F.lit(n_groups))))
+    values = (scored.groupBy("_group").applyInPandas(evaluate_udfs.user_metric_groups(ks),
+                                                     evaluate_udfs.USER_METRICS_DDL)
+              .persist(StorageLevel.MEMORY_AND_DISK))
+    n_values = values.count()
+    run.count("user_metrics_rows", n_values)
+    if n_values == 0:
+        for frame in (relevant, joined, values):
+            frame.unpersist()
+        raise NothingUsable(f"run id {settings.run_id}: no user has both a relevant test item and a list")
+
+    where = {"run_id": settings.run_id, "representation": order}
+    out = values.withColumn("run_id", F.lit(settings.run_id))
+    tables.merge(spark, wh, "user_metrics", out)
+    run.count("user_metrics_stale_removed", prune_stale(spark, wh, "user_metrics", out, where))
+
+    n_samples, seed = int(experiment.bootstrap_samples), int(experiment.seed)
+    summary = (values.groupBy("representation", "metric", "k")
+               .applyInPandas(evaluate_udfs.metric_summary(n_samples, seed), evaluate_udfs.METRICS_DDL)
+               .persist(StorageLevel.MEMORY_AND_DISK))
+    summary_rows = [r.asDict() for r in summary.collect()]
+    out = summary.withColumn("run_id", F.lit(settings.run_id))
+    tables.merge(spark, wh, "metrics", out)
+    prune_stale(spark, wh, "metrics", out, where)
+    run.count("metrics_rows", len(summary_rows))
+
+    comparisons = (values.select("representation", "user_id", "metric", "k", "value").groupBy("metric", "k")
+                   .applyInPandas(evaluate_udfs.comparison_groups(order, n_samples, seed),
+                                  evaluate_udfs.COMPARISONS_DDL)
+                   .persist(StorageLevel.MEMORY_AND_DISK))
+    n_pairs = comparisons.count()
+    run.count("comparisons_rows", n_pairs)
+    expected = len(order) * (len(order) - 1) // 2 * len(ks) * len(METRICS)
+    run.count("pairs_without_common_users", expected - n_pairs)
+    out = comparisons.withColumn("run_id", F.lit(settings.run_id))
+    if n_pairs:
+        tables.merge(spark, wh, "comparisons", out)
+    tables.ensure(spark, wh, "comparisons")
+    prune_stale(spark, wh, "comparisons", out, {"run_id": settings.run_id, "representation_a": order})
+
+    for frame in (relevant, joined, values, summary, comparisons):
+        frame.unpersist()
+    print(f"evaluation of run {settings.run_id} on {settings.dataset} ({settings.candidates} candidates, "
+          f"excluding {'+'.join(settings.exclude) or 'nothing'}):")
+    print(results_table(summary_rows, order, ks))
+
+
+def main(argv: list[str] | None = None, spark=None) -> int:
+    return run_job("evaluate", __doc__.splitlines()[0], evaluate, argv, add_shared_arguments, spark=spark)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

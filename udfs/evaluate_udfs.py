@@ -1,0 +1,119 @@
+"""pandas wrappers that Spark ships to executors for the ``evaluate`` job.
+
+The numbers come from ``udfs.metrics`` (per-user ranking metrics) and ``udfs.significance``
+(bootstrap intervals, Wilcoxon, Holm); these functions only shape frames for
+``groupBy(...).applyInPandas`` and run without a Spark session.
+
+- ``user_metric_groups``: (representation, user_id, relevant list, recommended list ordered by
+  rank) -> long rows (representation, user_id, metric, k, value).
+- ``metric_summary``: one (representation, metric, k) group of per-user values -> its mean,
+  bootstrap CI and number of users.
+- ``comparison_groups``: one (metric, k) group of every representation's per-user values ->
+  one row per pair of representations, paired over the users both have (the intersection),
+  with Holm's correction over all the pairs of that metric@k.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from udfs import metrics as ranking
+from udfs import significance
+
+log = logging.getLogger(__name__)
+
+USER_METRICS_DDL = "representation string, user_id string, metric string, k int, value double"
+METRICS_DDL = ("representation string, metric string, k int, value double, n_users long, "
+               "ci_low double, ci_high double")
+COMPARISONS_DDL = ("representation_a string, representation_b string, metric string, k int, "
+                   "mean_diff double, ci_low double, ci_high double, p_value double, p_holm double, "
+                   "n_users long")
+
+# Pads a list shorter than max(ks): never an item id, so it never counts as a hit.
+MISSING_ITEM = ""
+
+
+def recommended_matrix(lists: Sequence, width: int) -> np.ndarray:
+    """(users, width) object array of ids, each row a list truncated or padded with ``MISSING_ITEM``."""
+    out = np.full((len(lists), width), MISSING_ITEM, dtype=object)
+    for row, items in enumerate(lists):
+        items = [] if items is None else list(items)[:width]
+        out[row, :len(items)] = items
+    return out
+
+
+def user_metrics(users: pd.DataFrame, ks: Sequence[int]) -> pd.DataFrame:
+    """Per-user metrics of one representation: ``users`` has user_id, relevant (ids), recommended
+    (ids, best first); every user must have at least one relevant id."""
+    ks = sorted({int(k) for k in ks})
+    recommended = recommended_matrix(users["recommended"].tolist(), max(ks))
+    relevant = [np.asarray(r, dtype=object) for r in users["relevant"].tolist()]
+    hits, n_relevant = ranking.hit_matrix(recommended, relevant)
+    values = ranking.ranking_metrics(hits, n_relevant, ks)
+    return ranking.user_metrics_frame(users["user_id"].to_numpy(dtype=object), values)
+
+
+def user_metric_groups(ks: Sequence[int]) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """``applyInPandas`` function over groups of users (any representations) -> ``USER_METRICS_DDL``."""
+
+    def run(group: pd.DataFrame) -> pd.DataFrame:
+        frames = []
+        for representation, users in group.groupby("representation", sort=True):
+            frame = user_metrics(users, ks)
+            frame.insert(0, "representation", representation)
+            frames.append(frame)
+        if not frames:
+            return pd.DataFrame({c: [] for c in ("representation", "user_id", "metric", "k", "value")})
+        return pd.concat(frames, ignore_index=True)
+
+    return run
+
+
+def metric_summary(n_samples: int, seed: int) -> Callable[[tuple, pd.DataFrame], pd.DataFrame]:
+    """``groupBy(representation, metric, k).applyInPandas`` function -> ``METRICS_DDL``."""
+
+    def run(key: tuple, group: pd.DataFrame) -> pd.DataFrame:
+        representation, metric, k = key
+        mean, lo, hi = significance.bootstrap_mean_ci(group["value"].to_numpy(np.float64), n_samples, seed=seed)
+        return pd.DataFrame({"representation": [representation], "metric": [metric], "k": [int(k)],
+                             "value": [mean], "n_users": [len(group)], "ci_low": [lo], "ci_high": [hi]})
+
+    return run
+
+
+def paired_comparisons(values: pd.DataFrame, order: Sequence[str], n_samples: int, seed: int) -> pd.DataFrame:
+    """All pairs (a, b), a before b in ``order``, of one metric@k: ``values`` has representation,
+    user_id, value. Pairs without a common user are left out (the caller counts them)."""
+    wide = values.pivot(index="user_id", columns="representation", values="value")
+    rows = []
+    present = [r for r in order if r in wide.columns]
+    for a, b in itertools.combinations(present, 2):
+        both = wide[[a, b]].dropna()
+        if both.empty:
+            continue
+        x, y = both[a].to_numpy(np.float64), both[b].to_numpy(np.float64)
+        diff, lo, hi = significance.paired_bootstrap_ci(x, y, n_samples, seed=seed)
+        rows.append({"representation_a": a, "representation_b": b, "mean_diff": diff, "ci_low": lo,
+                     "ci_high": hi, "p_value": significance.wilcoxon_p(x, y), "n_users": len(both)})
+    frame = pd.DataFrame(rows, columns=["representation_a", "representation_b", "mean_diff", "ci_low",
+                                        "ci_high", "p_value", "n_users"])
+    frame["p_holm"] = significance.holm(frame["p_value"].to_numpy()) if len(frame) else []
+    return frame
+
+
+def comparison_groups(order: Sequence[str], n_samples: int, seed: int) -> Callable[[tuple, pd.DataFrame], pd.DataFrame]:
+    """``groupBy(metric, k).applyInPandas`` function -> ``COMPARISONS_DDL``."""
+
+    def run(key: tuple, group: pd.DataFrame) -> pd.DataFrame:
+        metric, k = key
+        frame = paired_comparisons(group, order, n_samples, seed)
+        frame.insert(2, "metric", metric)
+        frame.insert(3, "k", int(k))
+        return frame[["representation_a", "representation_b", "metric", "k", "mean_diff", "ci_low", "ci_high",
+                      "p_value", "p_holm", "n_users"]]
+
+    return run
