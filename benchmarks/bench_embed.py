@@ -104,7 +104,6 @@ def main() -> None:
                             convert_to_numpy=True, show_progress_bar=False)
 
     expected = plain()  # also warms torch's kernels, as the Spark workers' first batch does
-    plain_times = [timed(plain) for _ in range(args.repeats)]
 
     config = load_config(None, [f"spark.master={args.master}", "spark.shuffle_partitions=2",
                                 "spark.driver_memory=2g", "log_level=WARNING"])
@@ -121,7 +120,11 @@ def main() -> None:
          .write.format("noop").mode("overwrite").save())
 
     cold = timed(in_spark)
-    warm_times = [timed(in_spark) for _ in range(args.repeats)]
+    # Interleaved, so that a change in the machine's load hits both sides alike.
+    plain_times, warm_times = [], []
+    for _ in range(args.repeats):
+        plain_times.append(timed(plain))
+        warm_times.append(timed(in_spark))
     got = (encode_texts_in_spark(rows, args.model, args.batch_size, threads, partitions)
            .select("item_id", "vector").toPandas())
     order = got["item_id"].str[1:].astype(int).to_numpy()

@@ -15,7 +15,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from udfs.kcore import kcore
-from udfs.splits import SplitSpec, assign_split
+from udfs.splits import SplitError, SplitSpec, assign_split
 
 from . import tables
 from .adapters import read_dataset
@@ -69,9 +69,11 @@ def classify_interactions(out: AdapterOutput, item_ids: DataFrame) -> DataFrame:
     same = Window.partitionBy("user_id", "item_id", "ts").orderBy(F.col("rating").desc_nulls_last(), "_source")
     df = df.withColumn("_dup", F.row_number().over(same) > 1)
     reason = (F.when(F.col("_known").isNull(),
-                     F.format_string("item_id '%s' is not in the items file: add the item or drop the row",
+                     F.format_string("item_id '%s' is not among the ingested items (missing from the items "
+                                     "file, or rejected there: see its reject row): add the item or drop the row",
                                      F.col("item_id")))
-              .when(F.col("_dup"), F.lit("duplicate interaction (same user_id, item_id, ts): first kept")))
+              .when(F.col("_dup"), F.lit("duplicate interaction (same user_id, item_id, ts): the row with the "
+                                         "highest rating is kept")))
     return df.withColumn("_reason", reason).drop("_known", "_dup")
 
 
@@ -81,7 +83,10 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
     if not dataset.name or not dataset.adapter:
         raise ConfigError("no dataset configured: pass --conf datasets/NAME.yaml "
                           "(or --set dataset.name=... --set dataset.adapter=...)")
-    spec = split_spec(run).validate()
+    try:
+        spec = split_spec(run).validate()
+    except SplitError as exc:
+        raise ConfigError(f"dataset.split: {exc}") from exc
     with run.stage("read_items"):
         out = read_dataset(spark, dataset)
         for key, value in out.counts.items():

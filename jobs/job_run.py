@@ -130,6 +130,34 @@ def setup_logging(level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def expand_lvlm(config: Config) -> Config:
+    """Spell out the ``lvlm`` shorthand in ``experiment.representations`` (alone, or as a fusion
+    part as in ``naive:lvlm+visual``) as the configured caption engine's full representation
+    name ``lvlm:<engine>:<model>:<prompt_id>``, so configs need not repeat the prompt hash."""
+    reps = config.experiment.representations
+
+    def uses_shorthand(name: str) -> bool:
+        head, _, parts = name.partition(":")
+        return name == "lvlm" or (head in ("naive", "concat") and "lvlm" in parts.split("+"))
+
+    if not any(uses_shorthand(r) for r in reps):
+        return config
+    from .caption import caption_spec
+
+    full = caption_spec(config.experiment.caption).representation
+
+    def expand(name: str) -> str:
+        if name == "lvlm":
+            return full
+        head, _, parts = name.partition(":")
+        if uses_shorthand(name):
+            return f"{head}:" + "+".join(full if p == "lvlm" else p for p in parts.split("+"))
+        return name
+
+    config.experiment.representations = [expand(r) for r in reps]
+    return config
+
+
 JobBody = Callable[[JobRun, argparse.Namespace], None]
 
 
@@ -142,7 +170,7 @@ def run_job(job: str, description: str, body: JobBody, argv: list[str] | None,
         add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.conf, args.overrides)
+        config = expand_lvlm(load_config(args.conf, args.overrides))
     except ConfigError as exc:
         print(f"vlm4rec {job}: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

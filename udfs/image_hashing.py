@@ -29,7 +29,7 @@ def _check_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
                 path = str(uri)[7:] if str(uri).startswith("file://") else str(uri)
                 digest, reason = check_image(path)
                 hashes.append(digest)
-                errors.append(None if reason is None else f"image '{path}': {reason}")
+                errors.append(reason)  # check_image's reason already names the file
         yield batch.assign(image_sha256=hashes, _image_error=errors)
 
 

@@ -213,7 +213,8 @@ def test_amazon_2018(spark, warehouse, tmp_path, capsys):
     assert b2["text"] == "Wool hat." and b2["image_uri"] == "https://img/B002._SS40_.jpg"
     assert b2["attrs"] == {"price": "$12.99"}
     assert b1["image_sha256"] is None  # a URL: left for the caption job, not fetched here
-    inter = {(r["user_id"], r["item_id"], r["ts"], r["rating"]) for r in table(spark, warehouse, "interactions", "amz18")}
+    inter = {(r["user_id"], r["item_id"], r["ts"], r["rating"])
+             for r in table(spark, warehouse, "interactions", "amz18")}
     assert inter == {("R1", "B001", 1500000000, 5.0), ("R1", "B002", 1500000100, 3.0),
                      ("R2", "B001", 1500000200, 4.0), ("R3", "B002", 1500000500, 5.0)}
     rejects = table(spark, warehouse, "rejects", "amz18")
@@ -411,8 +412,10 @@ def test_csv_adapter_reads_a_parquet_pair(spark, warehouse, tmp_path, capsys):
                     "timestamp": "when", "timestamp_format": "unix_ms", "rating": "stars"},
         "split": {"protocol": "random_ratio"}}, capsys)
     assert rc == 0, out
-    assert {r["item_id"]: r["title"] for r in table(spark, warehouse, "items", "pq")} == {"e": "Café mug", "f": "Plate"}
-    inter = sorted((r["user_id"], r["item_id"], r["ts"], r["rating"]) for r in table(spark, warehouse, "interactions", "pq"))
+    titles = {r["item_id"]: r["title"] for r in table(spark, warehouse, "items", "pq")}
+    assert titles == {"e": "Café mug", "f": "Plate"}
+    inter = sorted((r["user_id"], r["item_id"], r["ts"], r["rating"])
+                   for r in table(spark, warehouse, "interactions", "pq"))
     assert inter == [("u1", "e", 1_700_000_000, 4.5), ("u1", "f", 1_700_000_100, 3.0), ("u2", "e", 1_700_000_200, None)]
     assert table(spark, warehouse, "rejects", "pq") == []
 

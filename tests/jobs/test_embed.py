@@ -138,7 +138,8 @@ def embedded_catalog(spark, tmp_path_factory) -> Catalog:
     argv = job_argv(warehouse, data)
     assert ingest.main(argv) == 0
     counts, snapshots = {}, {}
-    assert embed.main(argv) == 0
+    # Run A only needs the LVLM representation (and one other, to see it is still written).
+    assert embed.main(argv + ["--set", f"experiment.representations=[title,{LVLM}]"]) == 0
     counts["A"], snapshots["A"] = last_run_counts(spark, warehouse, "embed"), embeddings(spark, warehouse)
     write_descriptions(spark, warehouse)
     stale_rows(spark, warehouse)
@@ -209,7 +210,7 @@ def test_without_a_descriptions_table_every_lvlm_item_is_missing(catalog):
     assert counts["lvlm_missing_description"] + counts["lvlm_no_image"] == 60
     assert counts[f"written_{LVLM}"] == 0
     assert synthetic(catalog.snapshots["A"], LVLM).empty
-    assert counts["written_title"] == 59  # the other representations are still written
+    assert counts["written_title"] == 59  # the other representation is still written
 
 
 def test_text_vectors_equal_the_encoder_run_outside_spark(catalog):
@@ -278,9 +279,17 @@ def test_encoders_and_library_versions_are_recorded(catalog):
         "naive[title=all-MiniLM-L6-v2,visual=efficientnet-lite0]"}
 
 
-def test_an_unknown_representation_is_a_config_error(catalog, capsys):
-    from jobs import embed
+def test_an_unknown_representation_is_a_config_error_naming_the_entry():
+    from jobs.config import ConfigError
+    from jobs.embed import planned_representations
 
-    argv = catalog.argv + ["--set", "experiment.representations=[title,clip]"]
-    assert embed.main(argv) == 2
-    assert "experiment.representations[1]" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"experiment.representations\[1\]: .*'clip'"):
+        planned_representations(["title", "clip"])
+
+
+def test_a_fusion_brings_its_parts_into_the_plan():
+    from jobs.embed import planned_representations
+
+    base, fusions = planned_representations(["concat:text+visual", "naive"])
+    assert [r.name for r in base] == ["text", "visual", "title"]
+    assert [r.name for r in fusions] == ["concat:text+visual", "naive"]

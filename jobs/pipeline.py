@@ -1,0 +1,82 @@
+"""``pipeline``: run an experiment config end to end (ingest, caption, embed, profiles, topk,
+evaluate) on one Spark session, then print what each table holds and the results table.
+
+Every stage is the job itself (``jobs.<stage>.main``) with the pipeline's ``--conf``/``--set``
+arguments, so each records its own row in ``runs``; ``profiles``, ``topk`` and ``evaluate``
+share the pipeline's run id, which keys ``user_profiles``, ``recommendations`` and the metric
+tables. The pipeline stops at the first stage that fails and exits with its code. ``caption``
+runs only when a representation needs descriptions (``lvlm`` ...). Stage wall times are logged
+and kept in the pipeline's ``runs`` row as ``ms_<stage>``.
+"""
+from __future__ import annotations
+
+import argparse
+from importlib import import_module
+
+from pyspark.sql import functions as F
+
+from udfs.representations import parse_representation
+
+from . import tables
+from .job_run import JobRun, run_job
+
+STAGES = ("ingest", "caption", "embed", "profiles", "topk", "evaluate")
+SHARED_RUN_ID = {"profiles", "topk", "evaluate"}
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, code: int):
+        super().__init__(f"stage '{stage}' exited with code {code}; see its message above and the runs table")
+        self.code = code
+
+
+def needs_captions(representations: list[str]) -> bool:
+    def kinds(name: str) -> set[str]:
+        rep = parse_representation(name)
+        return {rep.kind} | {parse_representation(p).kind for p in rep.parts}
+
+    return any("lvlm" in kinds(name) for name in representations)
+
+
+def pipeline(run: JobRun, args: argparse.Namespace) -> None:
+    common = [a for path in args.conf for a in ("--conf", path)]
+    common += [a for text in args.overrides for a in ("--set", text)]
+    skip = set(args.skip or [])
+    for stage in STAGES:
+        if stage in skip or (stage == "caption" and not needs_captions(run.config.experiment.representations)):
+            run.count(f"skipped_stage_{stage}")
+            continue
+        argv = list(common) + (["--run-id", run.run_id] if stage in SHARED_RUN_ID else [])
+        with run.stage(stage):
+            code = int(import_module(f"jobs.{stage}").main(argv) or 0)
+        if code != 0:
+            raise StageFailed(stage, code)
+    print(f"\npipeline {run.run_id}: tables in {run.warehouse}")
+    for name in tables.SCHEMAS:
+        if not tables.exists(run.spark, run.warehouse, name):
+            continue
+        frame = tables.read(run.spark, run.warehouse, name)
+        if "run_id" in frame.columns and name != "runs":
+            frame = frame.filter(F.col("run_id") == run.run_id)
+        elif "dataset" in frame.columns:
+            frame = frame.filter(F.col("dataset") == run.config.dataset.name)
+        n = frame.count()
+        run.count(f"rows_{name}", n)
+        print(f"  {name:<16} {n:>10,} rows")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--skip", action="append", choices=STAGES,
+                        help="skip a stage whose tables are already up to date (repeatable)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run_job("pipeline", __doc__.splitlines()[0], pipeline, argv, add_arguments)
+    except StageFailed as exc:
+        print(f"vlm4rec pipeline: {exc}")
+        return exc.code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,241 @@
+"""The topk job on real Spark + Delta against a brute-force numpy top-k, and its Arrow wrappers
+(pack -> block pair -> merge) against the same brute force for random block layouts."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jobs import tables, topk
+from udfs import topk_udfs
+
+SEED = 42
+
+
+@dataclass
+class RandomDataset:
+    """Integer-valued vectors (exact, tie-rich scores), Zipf-skewed interactions, and a second
+    representation that misses some items (so the common candidate set is smaller than the catalog)."""
+
+    name: str
+    items: list[str]
+    users: list[str]
+    interactions: list[tuple]
+    vectors: dict[str, dict[str, np.ndarray]]
+    profiles: dict[str, dict[str, np.ndarray]]
+    splits: dict[str, dict[str, set]] = field(default_factory=dict)
+
+    def seen(self, user: str, exclude: tuple[str, ...]) -> set:
+        return set().union(*(self.splits.get(s, {}).get(user, set()) for s in exclude))
+
+    def common(self, representations: list[str]) -> list[str]:
+        return sorted(set.intersection(*(set(self.vectors[r]) for r in representations)))
+
+    def train_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for _, _, item, _, _, split in self.interactions:
+            if split == "train":
+                counts[item] = counts.get(item, 0) + 1
+        return counts
+
+
+def make_dataset(seed: int, n_users: int = 60, n_items: int = 40, dim: int = 4, per_user: int = 9) -> RandomDataset:
+    rng = np.random.default_rng(seed)
+    items = [f"i{j:03d}" for j in range(n_items)]
+    users = [f"u{j:03d}" for j in range(n_users)]
+    weights = 1.0 / np.arange(1, n_items + 1) ** 1.3
+    popularity_order = rng.permutation(n_items)
+    interactions, splits = [], {"train": {}, "valid": {}, "test": {}}
+    for u, user in enumerate(users):
+        if u == n_users - 1:
+            continue  # a user with no interaction at all
+        chosen = rng.choice(popularity_order, size=per_user, replace=False, p=weights / weights.sum())
+        labels = ["train"] * (per_user - 3) + ["valid", "test", "test"]
+        if u == n_users - 2:
+            labels = ["test"] * per_user  # a user with test items but no train history
+        for t, (j, split) in enumerate(zip(chosen, labels)):
+            interactions.append(("rand", user, items[j], 1000 * u + t, 1.0, split))
+            splits[split].setdefault(user, set()).add(items[j])
+
+    def integer_vectors(names: list[str]) -> dict[str, np.ndarray]:
+        out = {}
+        for name in names:
+            v = rng.integers(-2, 3, dim).astype(np.float32)
+            out[name] = v if v.any() else np.ones(dim, np.float32)
+        return out
+
+    train_users = sorted(splits["train"])
+    vectors = {"title": integer_vectors(items), "visual": integer_vectors(items[5:])}
+    profiles = {"title": integer_vectors(train_users), "visual": integer_vectors(train_users[3:])}
+    return RandomDataset("rand", items, users, interactions, vectors, profiles, splits)
+
+
+def write_dataset(spark, warehouse, data: RandomDataset, run_id: str) -> None:
+    schema = tables.SCHEMAS
+    tables.replace_slice(spark, warehouse, "interactions",
+                         spark.createDataFrame(data.interactions, schema["interactions"]), {"dataset": data.name})
+    rows = [(data.name, item, rep, "integer-test-vectors", len(v), v.tolist())
+            for rep, by_item in data.vectors.items() for item, v in by_item.items()]
+    tables.replace_slice(spark, warehouse, "item_embeddings",
+                         spark.createDataFrame(rows, schema["item_embeddings"]), {"dataset": data.name})
+    rows = [(run_id, user, rep, v.tolist(), 1) for rep, by_user in data.profiles.items() for user, v in by_user.items()]
+    tables.replace_slice(spark, warehouse, "user_profiles",
+                         spark.createDataFrame(rows, schema["user_profiles"]), {"run_id": run_id})
+
+
+def brute_force(data: RandomDataset, rep: str, candidates: list[str], exclude: tuple[str, ...],
+                k: int) -> dict[str, list[tuple[str, float]]]:
+    """user -> [(item, score)] by a full sort: score descending, then item id ascending."""
+    cand = np.array(candidates)
+    if rep == "popularity":
+        counts = data.train_counts()
+        users = sorted(data.splits["train"])
+        scores = np.tile(np.array([counts.get(i, 0) for i in cand], np.float32), (len(users), 1))
+    elif rep == "random":
+        users = sorted(data.splits["train"])
+        scores = topk_udfs.random_scores(np.array(users), cand, SEED)
+    else:
+        users = sorted(data.profiles[rep])
+        profiles = np.stack([data.profiles[rep][u] for u in users])
+        scores = profiles @ np.stack([data.vectors[rep][i] for i in cand]).T
+    out = {}
+    for row, user in enumerate(users):
+        seen = data.seen(user, exclude)
+        ranked = sorted((-float(s), i) for i, s in zip(cand, scores[row]) if i not in seen)
+        out[user] = [(i, -s) for s, i in ranked[:k]]
+    return out
+
+
+def run_topk(spark, warehouse, argv: list[str], capsys) -> dict:
+    base = ["--set", f"warehouse={warehouse}", "--set", "dataset.name=rand", "--set", "log_level=WARNING",
+            "--set", "experiment.representations=[title,visual]", "--set", f"experiment.seed={SEED}"]
+    assert topk.main(base + argv, spark=spark) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["counts"]
+
+
+def recommendation_lists(spark, warehouse, run_id: str) -> dict[str, dict[str, list[tuple[str, float]]]]:
+    frame = (tables.read(spark, warehouse, "recommendations").filter(f"run_id = '{run_id}'")
+             .orderBy("representation", "user_id", "rank").toPandas())
+    out: dict[str, dict[str, list]] = {}
+    for (rep, user), rows in frame.groupby(["representation", "user_id"], sort=False):
+        assert rows["rank"].tolist() == list(range(1, len(rows) + 1)), (rep, user)
+        out.setdefault(rep, {})[user] = list(zip(rows["item_id"], rows["score"].astype(float)))
+    return out
+
+
+CASES = {
+    # user block, item block, K, excluded splits
+    "small-blocks-train+valid": ("16", "9", 5, ("train", "valid")),
+    "one-item-block-train-only": ("25", "64", 12, ("train",)),
+}
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("case", [
+    pytest.param("small-blocks-train+valid"),
+    pytest.param("one-item-block-train-only", marks=pytest.mark.slow),
+])
+def test_blockwise_spark_topk_equals_brute_force(spark, tmp_path, capsys, case):
+    user_block, item_block, k, exclude = CASES[case]
+    data = make_dataset(seed=len(case))
+    warehouse = tmp_path / "warehouse"
+    write_dataset(spark, warehouse, data, "run-a")
+    argv = ["--run-id", "run-a", "--k", str(k), "--set", f"experiment.ks=[{k}]", "--user-block", user_block,
+            "--item-block", item_block, "--exclude", ",".join(exclude)]
+    counts = run_topk(spark, warehouse, argv, capsys)
+    got = recommendation_lists(spark, warehouse, "run-a")
+    candidates = data.common(["title", "visual"])
+    assert set(got) == {"title", "visual", "popularity", "random"}
+    for rep in got:
+        expected = brute_force(data, rep, candidates, exclude, k)
+        assert set(got[rep]) == {u for u, lst in expected.items() if lst}, rep
+        for user, items in got[rep].items():
+            assert [i for i, _ in items] == [i for i, _ in expected[user]], (rep, user)
+            np.testing.assert_allclose([s for _, s in items], [s for _, s in expected[user]], rtol=1e-6)
+            seen = data.seen(user, exclude)
+            assert not seen & {i for i, _ in items}, (rep, user)
+            unseen_candidates = len(set(candidates) - seen)
+            assert len(items) == min(k, unseen_candidates), (rep, user)
+
+    assert counts["candidates_title"] == len(candidates) == len(data.items) - 5
+    assert counts["users_without_profile_visual"] == 3
+    # The user with test items only; a user with no interaction at all is in no table to count.
+    assert counts["users_without_train"] == 1 and counts["users"] == len(data.users) - 1
+    assert counts["rows_written"] == sum(len(v) for lists in got.values() for v in lists.values())
+
+    if case == "one-item-block-train-only":
+        # A rerun with the same run id leaves the same table (MERGE on the key, stale rows deleted).
+        run_topk(spark, warehouse, argv, capsys)
+        assert recommendation_lists(spark, warehouse, "run-a") == got
+
+
+def arrow_rows(ids: list[str], vectors: np.ndarray, seen: list[list[str]] | None) -> pa.RecordBatch:
+    columns = {"id": ids, "vector": [v.tolist() for v in vectors]}
+    if seen is not None:
+        columns["seen"] = seen
+    return pa.RecordBatch.from_pydict(columns)
+
+
+def wrappers_topk(user_ids, profiles, seen, item_ids, items, k, user_block, item_block, batch_rows):
+    """pack -> cross join of blocks -> pair top-k -> merge, with plain Python in place of Spark."""
+    def batches(ids, vectors, extra):
+        for start in range(0, len(ids), batch_rows):
+            yield arrow_rows(ids[start:start + batch_rows], vectors[start:start + batch_rows],
+                             None if extra is None else extra[start:start + batch_rows])
+
+    user_blocks = list(topk_udfs.pack_blocks(user_block, True)(batches(user_ids, profiles, seen)))
+    item_blocks = list(topk_udfs.pack_blocks(item_block, False)(batches(item_ids, items, None)))
+    pair_rows = []
+    for ub in user_blocks:
+        for ib in item_blocks:
+            joined = {f"u_{c}": ub.column(c) for c in ub.schema.names}
+            joined.update({f"i_{c}": ib.column(c) for c in ib.schema.names})
+            pair_rows += list(topk_udfs.pair_topk_batches(k)(iter([pa.RecordBatch.from_pydict(joined)])))
+    merged = {}
+    for ub in user_blocks:
+        block_id = ub.column("block_id")[0].as_py()
+        rows = pa.Table.from_batches([r for r in pair_rows if r.column("user_block")[0].as_py() == block_id])
+        out = topk_udfs.merge_block_results(k)((pa.scalar("rep"),), rows).to_pandas()
+        for user, group in out.groupby("user_id"):
+            merged[user] = list(zip(group.sort_values("rank")["item_id"], group.sort_values("rank")["score"]))
+    return merged
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n_users=st.integers(1, 12), n_items=st.integers(1, 30),
+       k=st.integers(1, 12), user_block=st.integers(1, 6), item_block=st.integers(1, 12),
+       batch_rows=st.integers(1, 7))
+def test_block_wrappers_equal_brute_force(seed, n_users, n_items, k, user_block, item_block, batch_rows):
+    rng = np.random.default_rng(seed)
+    user_ids = [f"u{j}" for j in rng.permutation(n_users)]
+    item_ids = [f"i{j}" for j in rng.permutation(n_items)]
+    profiles = rng.integers(-2, 3, (n_users, 3)).astype(np.float32)
+    items = rng.integers(-2, 3, (n_items, 3)).astype(np.float32)
+    seen = [sorted(rng.choice(item_ids, size=rng.integers(0, n_items + 1), replace=False).tolist())
+            for _ in range(n_users)]
+    got = wrappers_topk(user_ids, profiles, seen, item_ids, items, k, user_block, item_block, batch_rows)
+    scores = profiles @ items.T
+    for row, user in enumerate(user_ids):
+        ranked = sorted((-float(s), i) for i, s in zip(item_ids, scores[row]) if i not in set(seen[row]))[:k]
+        assert [(i, -s) for s, i in ranked] == [(i, float(s)) for i, s in got.get(user, [])]
+
+
+def test_random_scores_are_a_seeded_function_of_the_ids():
+    users, items = np.array(["a", "b"]), np.array([f"i{j}" for j in range(500)])
+    first = topk_udfs.random_scores(users, items, 7)
+    assert np.array_equal(first, topk_udfs.random_scores(users, items, 7))
+    assert np.array_equal(first[:, 100:200], topk_udfs.random_scores(users, items[100:200], 7))
+    assert not np.array_equal(first, topk_udfs.random_scores(users, items, 8))
+    assert not np.array_equal(first[0], first[1])  # each user has their own order
+    assert first.min() >= 0 and first.max() < 1
+
+
+def test_pack_blocks_rejects_ragged_vectors():
+    batch = pa.RecordBatch.from_pydict({"id": ["a", "b"], "vector": [[1.0, 0.0], [1.0]]})
+    with pytest.raises(ValueError, match="'b' has a vector of length 1"):
+        list(topk_udfs.pack_blocks(4, False)(iter([batch])))
