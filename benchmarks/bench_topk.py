@@ -11,7 +11,8 @@ items excluded:
   user; run on ``--crossjoin-users`` users and extrapolated linearly to all users (stated);
 - ``single process``: chunked float32 torch matmul + ``torch.topk`` with all cores, in this process.
 
-Peak memory: the resident set of the driver's whole process tree (this Python, the JVM, the
+The job is timed on its second run in the session (the first warms up the JVM and the
+Python workers). Peak memory: the resident set of the driver's whole process tree (this Python, the JVM, the
 Spark Python workers), sampled from /proc every 50 ms while the job runs, at ``--items`` and at
 twice that. Prints a table, writes JSON to ``benchmarks/results/topk.json``.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import os
@@ -111,9 +113,9 @@ def write_tables(spark, warehouse: Path, data, run_id: str) -> None:
         "item_id": item_ids[seen.ravel()], "ts": np.tile(np.arange(seen.shape[1], dtype=np.int64), n_users),
         "rating": np.ones(seen.size), "split": ["train"] * seen.size})
     for name, table in (("item_embeddings", items), ("user_profiles", profiles_table), ("interactions", inter)):
-        frame = spark.createDataFrame(table.to_pandas())
+        frame = spark.createDataFrame(table.to_pandas(), schema=tables.SCHEMAS[name])
         tables.ensure(spark, warehouse, name)
-        tables.conform(frame, name).write.format("delta").mode("append").save(tables.table_path(warehouse, name))
+        frame.write.format("delta").mode("append").save(tables.table_path(warehouse, name))
 
 
 def run_topk_job(spark, warehouse: Path, run_id: str, k: int, user_block: int, item_block: int) -> tuple[float, int]:
@@ -203,16 +205,24 @@ def main() -> None:
             data = synthetic(args.users, args.items * factor, args.dim, args.history, seed=factor)
             warehouse = root / f"warehouse-x{factor}"
             write_tables(spark, warehouse, data, "bench")
+            if factor == 1:
+                floor_s, floor_top = single_process(data, args.k)
+                user_ids, top1 = data[0], data[2][floor_top[:, 0]]
+            # The vectors leave this process before the job runs: the peak then measures the job.
+            del data
+            gc.collect()
+            if factor == 1:
+                # Warm-up: the first job in a session pays for JIT, Delta's classes and the Python workers.
+                run_topk_job(spark, warehouse, "bench", args.k, args.user_block, args.item_block)
             job_s, peak = run_topk_job(spark, warehouse, "bench", args.k, args.user_block, args.item_block)
             runs[factor] = {"items": args.items * factor, "job_s": job_s, "peak_rss_mib": peak / 2**20}
             if factor == 1:
-                floor_s, floor_top = single_process(data, args.k)
                 cross_s = crossjoin_baseline(spark, warehouse, "bench", args.k, args.crossjoin_users)
                 cross_full_s = cross_s * args.users / args.crossjoin_users
                 recs = (spark.read.format("delta").load(str(warehouse / "recommendations"))
                         .filter("rank = 1").select("user_id", "item_id").toPandas())
                 first = dict(zip(recs.user_id, recs.item_id))
-                agree = np.mean([first.get(u) == data[2][floor_top[j, 0]] for j, u in enumerate(data[0])])
+                agree = np.mean([first.get(u) == t for u, t in zip(user_ids, top1)])
         base = runs[1]
         results.update({
             "topk_job_s": base["job_s"], "topk_job_users_per_s": args.users / base["job_s"],

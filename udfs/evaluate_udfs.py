@@ -74,11 +74,14 @@ def user_metric_groups(ks: Sequence[int]) -> Callable[[pd.DataFrame], pd.DataFra
 
 
 def metric_summary(n_samples: int, seed: int) -> Callable[[tuple, pd.DataFrame], pd.DataFrame]:
-    """``groupBy(representation, metric, k).applyInPandas`` function -> ``METRICS_DDL``."""
+    """``groupBy(representation, metric, k).applyInPandas`` function -> ``METRICS_DDL``; users are
+    resampled in user_id order, so the interval does not depend on Spark's row order."""
 
     def run(key: tuple, group: pd.DataFrame) -> pd.DataFrame:
         representation, metric, k = key
-        mean, lo, hi = significance.bootstrap_mean_ci(group["value"].to_numpy(np.float64), n_samples, seed=seed)
+        # Spark delivers rows in no fixed order; the seeded resampling needs one to be reproducible.
+        values = group.sort_values("user_id")["value"].to_numpy(np.float64)
+        mean, lo, hi = significance.bootstrap_mean_ci(values, n_samples, seed=seed)
         return pd.DataFrame({"representation": [representation], "metric": [metric], "k": [int(k)],
                              "value": [mean], "n_users": [len(group)], "ci_low": [lo], "ci_high": [hi]})
 

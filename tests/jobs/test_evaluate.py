@@ -98,7 +98,7 @@ def test_metrics_are_means_of_user_metrics_with_their_bootstrap_ci(evaluated):
     user_metrics = evaluated.user_metrics
     for row in evaluated.metrics.itertuples():
         values = user_metrics[(user_metrics.representation == row.representation) & (user_metrics.metric == row.metric)
-                              & (user_metrics.k == row.k)]["value"].to_numpy()
+                              & (user_metrics.k == row.k)].sort_values("user_id")["value"].to_numpy()
         assert row.n_users == len(values)
         mean, lo, hi = significance.bootstrap_mean_ci(values, 300, seed=42)
         assert (row.value, row.ci_low, row.ci_high) == pytest.approx((mean, lo, hi), abs=1e-12)
