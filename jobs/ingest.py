@@ -52,7 +52,7 @@ def clean_items(run: JobRun, items: DataFrame) -> tuple[DataFrame, DataFrame]:
                         "duplicate item_id: only the first row of this id is kept",
                         F.concat(F.lit("item_id="), F.col("item_id")))
     unique = ranked.filter(F.col("_rank") == 1).drop("_rank", "_order", "_source")
-    checked = with_image_hashes(unique).persist(StorageLevel.MEMORY_AND_DISK)
+    checked = with_image_hashes(unique).persist(StorageLevel.DISK_ONLY)
     bad_images = checked.filter(F.col("_image_error").isNotNull()).select(
         F.col("image_uri").alias("source"), F.concat(F.lit("item_id="), F.col("item_id")).alias("row"),
         F.concat(F.col("_image_error"), F.lit(" (the item is kept without an image: fix or replace the file)"))
@@ -61,20 +61,50 @@ def clean_items(run: JobRun, items: DataFrame) -> tuple[DataFrame, DataFrame]:
 
 
 def classify_interactions(out: AdapterOutput, item_ids: DataFrame) -> DataFrame:
-    """Adds ``_reason`` (null for a good row): unknown item, or a repeat of (user, item, ts)."""
+    """Adds ``_reason`` (null for a good row): the adapter's own (a record that did not parse),
+    an unknown item, or a repeat of (user, item, ts).
+
+    One shuffle by user and one sort serve the duplicate check here and the split later: within
+    a user, rows are ordered by (ts, item_id), so repeats sit next to each other (good rows
+    first, the highest rating first) and the split's order is a prefix of this one."""
+    df = out.interactions
+    if "_reason" not in df.columns:
+        df = df.withColumn("_reason", F.lit(None).cast("string"))
+    for name, kind in (("_content", "string"), ("_pos", "long")):
+        if name not in df.columns:
+            df = df.withColumn(name, F.lit(None).cast(kind))
     known = item_ids.select("item_id", F.lit(True).alias("_known"))
-    df = out.interactions.join(F.broadcast(known), "item_id", "left")
-    # One shuffle by user serves both this window and the split's (same partitioning key prefix).
-    df = df.repartition("user_id")
-    same = Window.partitionBy("user_id", "item_id", "ts").orderBy(F.col("rating").desc_nulls_last(), "_source")
-    df = df.withColumn("_dup", F.row_number().over(same) > 1)
-    reason = (F.when(F.col("_known").isNull(),
-                     F.format_string("item_id '%s' is not among the ingested items (missing from the items "
-                                     "file, or rejected there: see its reject row): add the item or drop the row",
-                                     F.col("item_id")))
-              .when(F.col("_dup"), F.lit("duplicate interaction (same user_id, item_id, ts): the row with the "
-                                         "highest rating is kept")))
-    return df.withColumn("_reason", reason).drop("_known", "_dup")
+    df = df.join(F.broadcast(known), "item_id", "left").repartition("user_id")
+    bad = F.col("_reason").isNotNull()
+    order = Window.partitionBy("user_id").orderBy(
+        "ts", "item_id", bad.asc(), F.col("rating").desc_nulls_last(), "_source", "_pos")
+    same_as_previous = ((F.lag("item_id").over(order) == F.col("item_id"))
+                        & (F.lag("ts").over(order) == F.col("ts")))
+    reason = F.coalesce(
+        F.col("_reason"),
+        F.when(F.col("_known").isNull(),
+               F.format_string("item_id '%s' is not among the ingested items (missing from the items "
+                               "file, or rejected there: see its reject row): add the item or drop the row",
+                               F.col("item_id"))),
+        F.when(F.coalesce(same_as_previous, F.lit(False)),
+               F.lit("duplicate interaction (same user_id, item_id, ts): the row with the highest "
+                     "rating is kept")))
+    return df.withColumn("_reason", reason).drop("_known")
+
+
+def interaction_rejects(classified: DataFrame) -> DataFrame:
+    """Rejected interactions in the rejects schema; rows named by record number when the adapter
+    kept the file position, else by their key."""
+    from .adapters.base import line_numbers
+
+    bad = classified.filter(F.col("_reason").isNotNull())
+    numbered = line_numbers(classified.filter(F.col("_pos").isNotNull()), bad)
+    row = F.when(F.col("_pos").isNotNull(), F.concat(F.lit("record "), F.col("_line").cast("string"))) \
+        .otherwise(_row_key())
+    content = F.coalesce(F.col("_content"),
+                         F.to_json(F.struct("user_id", "item_id", "ts", "rating", "label")))
+    return numbered.select(F.col("_source").alias("source"), row.alias("row"), F.col("_reason").alias("reason"),
+                           F.substring(content, 1, 500).alias("content"))
 
 
 def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
@@ -101,13 +131,13 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
         _write_rejects(run, out.rejects.unionByName(item_rejects))
         raise NothingUsable(f"dataset '{dataset.name}': no item row survived; see the rejects table")
 
-    classified = classify_interactions(out, items.select("item_id")).persist(StorageLevel.MEMORY_AND_DISK)
-    bad = _as_rejects(classified.filter(F.col("_reason").isNotNull()).drop("label"),
-                      F.col("_reason"), _row_key())
+    # On disk, not in memory: the cache's footprint must not grow with the catalog.
+    classified = classify_interactions(out, items.select("item_id")).persist(StorageLevel.DISK_ONLY)
+    bad = interaction_rejects(classified)
     with run.stage("write_rejects"):
         rejects = _write_rejects(run, out.rejects.unionByName(item_rejects).unionByName(bad))
 
-    good = classified.filter(F.col("_reason").isNull()).drop("_reason", "_source")
+    good = classified.filter(F.col("_reason").isNull()).drop("_reason", "_source", "_content", "_pos")
     if dataset.min_rating is not None:
         before = good
         good = good.filter(F.col("rating") >= F.lit(dataset.min_rating))

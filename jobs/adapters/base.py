@@ -230,8 +230,13 @@ def timestamp_seconds(raw: Column, ts_format: str) -> Column:
 
 def validate_columns(df: DataFrame, required: dict[str, str], optional: dict[str, str],
                      path: Path, what: str, ts_format: str = "unix",
-                     keep: tuple[str, ...] = (), encoding: str = "utf-8") -> tuple[DataFrame, DataFrame]:
+                     keep: tuple[str, ...] = (), encoding: str = "utf-8",
+                     split: bool = True) -> tuple[DataFrame, DataFrame | None]:
     """Rename configured source columns to canonical names, cast, and split off bad records.
+
+    With ``split=False`` the bad records stay in the one frame returned, marked by ``_reason``
+    (with ``_content`` and ``_pos``), and the rejects are ``None``: the ingest job then classifies
+    and caches every row once, which saves a second read of a catalog-sized file.
 
     ``required``/``optional`` map canonical name -> source column. A missing source column is a
     config error naming the file and the columns it does have; a record whose required value is
@@ -277,8 +282,11 @@ def validate_columns(df: DataFrame, required: dict[str, str], optional: dict[str
         else F.lit(None).cast("string")
     out = df.select("_pos", "_source", F.col("_corrupt_record"), *cols, *keep,
                     F.coalesce(*problems).alias("_reason"),
-                    F.when(F.coalesce(*problems).isNotNull(), raw_record).alias("_content"),
-                    ).persist(StorageLevel.MEMORY_AND_DISK)
+                    F.when(F.coalesce(*problems).isNotNull(), raw_record).alias("_content"))
+    if not split:
+        return (out.withColumn("_content", F.coalesce(F.col("_corrupt_record"), F.col("_content")))
+                .drop("_corrupt_record"), None)
+    out = out.persist(StorageLevel.DISK_ONLY)
     good = out.filter(F.col("_reason").isNull()).drop("_reason", "_corrupt_record", "_pos", "_content")
     bad = out.filter(F.col("_reason").isNotNull())
     content = F.coalesce(F.col("_corrupt_record"), F.col("_content"))

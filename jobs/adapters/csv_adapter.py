@@ -85,8 +85,7 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
     raw_inter = read_table_file(spark, inter_path, opts.format, opts.sep, opts.encoding)
     required = {"user_id": opts.user_id, "item_id": opts.item_id, "ts": opts.timestamp}
     optional = {"rating": opts.rating, "label": opts.label}
-    interactions, inter_rejects = validate_columns(raw_inter, required, optional, inter_path,
-                                                   "interactions", opts.timestamp_format,
-                                                   encoding=opts.encoding)
-    return AdapterOutput(items, interactions, item_rejects.unionByName(inter_rejects), {})
-
+    # Bad interaction records stay in the frame (``_reason``): ingest caches it once.
+    interactions, _ = validate_columns(raw_inter, required, optional, inter_path, "interactions",
+                                       opts.timestamp_format, encoding=opts.encoding, split=False)
+    return AdapterOutput(items, interactions, item_rejects, {})

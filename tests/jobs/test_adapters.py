@@ -222,7 +222,7 @@ def test_amazon_2018(spark, warehouse, tmp_path, capsys):
     assert [(r["row"], r["source"].endswith("Clothing.json.gz")) for r in malformed] == [("line 3", True)]
     assert malformed[0]["content"].startswith('{"overall": 4.0, "reviewerID": "R2"')
     assert [r["row"] for r in reject_with(rejects, "overall 'five' is not a number")] == ["line 6"]
-    assert len(reject_with(rejects, "item_id 'B999' is not in the items file")) == 1
+    assert len(reject_with(rejects, "item_id 'B999' is not among the ingested items")) == 1
     assert [r["row"] for r in reject_with(rejects, "asin is missing")] == ["line 4"]
     assert [r["row"] for r in reject_with(rejects, "duplicate item_id")] == ["item_id=B001"]
     assert len(rejects) == 5
@@ -328,7 +328,7 @@ def test_hm_article_ids_keep_leading_zeros(spark, warehouse, tmp_path, capsys):
     assert [r["row"] for r in reject_with(rejects, "article_id '12345678901' is not a number")] \
         == ["article_id=12345678901"]
     assert [r["row"] for r in reject_with(rejects, "t_dat '2020-09-31' is not a valid timestamp")] == ["record 5"]
-    assert len(reject_with(rejects, "item_id '0999999999' is not in the items file")) == 1
+    assert len(reject_with(rejects, "item_id '0999999999' is not among the ingested items")) == 1
     bad_image = reject_with(rejects, "not an image format")
     assert [r["row"] for r in bad_image] == ["item_id=0110065001"] and "item is kept" in bad_image[0]["reason"]
     assert len(rejects) == 4
@@ -388,9 +388,11 @@ def test_csv_bad_rows_are_rejected_and_the_rest_ingested(spark, warehouse, tmp_p
     latin = reject_with(rejects, "not valid utf-8")
     assert [r["row"] for r in latin] == ["record 5"] and "dataset.options.encoding" in latin[0]["reason"]
     assert [r["row"] for r in reject_with(rejects, "duplicate item_id")] == ["item_id=a"]
-    assert [r["row"] for r in reject_with(rejects, "duplicate interaction")] == ["user_id=u1 item_id=b ts=200"]
-    unknown = sorted(r["row"] for r in reject_with(rejects, "is not in the items file"))
-    assert unknown == ["user_id=u2 item_id=zz ts=400", "user_id=u3 item_id=e ts=700"]
+    # Interaction rejects are named by their record number in the file, the content shows the row.
+    dup = reject_with(rejects, "duplicate interaction")
+    assert [r["row"] for r in dup] == ["record 3"] and '"item_id":"b"' in dup[0]["content"]
+    unknown = sorted(r["row"] for r in reject_with(rejects, "is not among the ingested items"))
+    assert unknown == ["record 10", "record 5"]
     soon = reject_with(rejects, "timestamp 'soon' is not a valid timestamp")
     assert [r["row"] for r in soon] == ["record 8"]
     assert json.loads(soon[0]["content"]) == {"user_id": "u2", "item_id": "b", "timestamp": "soon", "rating": "1"}
