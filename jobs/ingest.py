@@ -98,6 +98,9 @@ def interaction_rejects(classified: DataFrame) -> DataFrame:
     from .adapters.base import line_numbers
 
     bad = classified.filter(F.col("_reason").isNotNull())
+    if bad.limit(1).count() == 0:
+        # The usual case: spare the per-partition count that line numbers need.
+        return classified.sparkSession.createDataFrame([], "source string, row string, reason string, content string")
     numbered = line_numbers(classified.filter(F.col("_pos").isNotNull()), bad)
     row = F.when(F.col("_pos").isNotNull(), F.concat(F.lit("record "), F.col("_line").cast("string"))) \
         .otherwise(_row_key())
@@ -133,8 +136,8 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
 
     # On disk, not in memory: the cache's footprint must not grow with the catalog.
     classified = classify_interactions(out, items.select("item_id")).persist(StorageLevel.DISK_ONLY)
-    bad = interaction_rejects(classified)
-    with run.stage("write_rejects"):
+    with run.stage("classify_and_write_rejects"):
+        bad = interaction_rejects(classified)
         rejects = _write_rejects(run, out.rejects.unionByName(item_rejects).unionByName(bad))
 
     good = classified.filter(F.col("_reason").isNull()).drop("_reason", "_source", "_content", "_pos")
