@@ -20,6 +20,13 @@ these representations are deleted).
 """
 from __future__ import annotations
 
+if __package__ in (None, ""):  # run as a file (`spark-submit jobs/<job>.py`): import as the package
+    import pathlib as _pathlib
+    import sys as _sys
+
+    _sys.path[0] = str(_pathlib.Path(__file__).resolve().parent.parent)
+    __package__ = "jobs"
+
 import argparse
 import logging
 import math

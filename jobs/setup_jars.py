@@ -3,6 +3,13 @@
 job starts offline."""
 from __future__ import annotations
 
+if __package__ in (None, ""):  # run as a file (`spark-submit jobs/<job>.py`): import as the package
+    import pathlib as _pathlib
+    import sys as _sys
+
+    _sys.path[0] = str(_pathlib.Path(__file__).resolve().parent.parent)
+    __package__ = "jobs"
+
 import sys
 
 from .config import ConfigError, load_config
@@ -13,6 +20,9 @@ from .spark_session import DELTA_PACKAGES, jars_dir, resolve_connector, resolved
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser("setup", __doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="resolve again even if the JARs are present")
+    parser.add_argument("--print-jars", action="store_true",
+                        help="print the resolved JARs comma-separated, for `spark-submit --jars` (the "
+                             "JVM that spark-submit starts needs them on its classpath from the start)")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.conf, args.overrides)
@@ -21,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     setup_logging(config.log_level)
     jars = resolved_jars(config.spark)
+    if args.print_jars:
+        if not jars:
+            print("vlm4rec setup: no Delta JARs resolved yet: run `vlm4rec setup` first", file=sys.stderr)
+            return EXIT_INSTALL
+        print(",".join(str(j) for j in jars))
+        return 0
     if jars and not args.force:
         print(f"setup: Delta connector already in {jars_dir(config.spark)} ({len(jars)} JARs)")
         return 0
