@@ -262,7 +262,7 @@ def prune_stale(spark: SparkSession, warehouse: str, name: str, written: DataFra
         (DeltaTable.forPath(spark, target_path).alias("t").merge(source.alias("s"), on)
          .whenNotMatchedBySourceDelete(" AND ".join(f"t.{term}" for term in terms)).execute())
 
-    tables._retry(run, name)
+    tables.retry_on_conflict(run, name)
     metrics = DeltaTable.forPath(spark, target_path).history(1).select("operationMetrics").first()[0]
     return int((metrics or {}).get("numTargetRowsDeleted", stale) or 0)
 

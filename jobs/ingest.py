@@ -40,7 +40,7 @@ def split_spec(run: JobRun) -> SplitSpec:
                      s.min_user_interactions)
 
 
-def _row_key(prefix: str = "") -> F.Column:
+def _row_key() -> F.Column:
     return F.format_string("user_id=%s item_id=%s ts=%d", F.col("user_id"), F.col("item_id"), F.col("ts"))
 
 

@@ -181,7 +181,7 @@ def ensure(spark: SparkSession, warehouse: str | Path, name: str) -> None:
     builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(SCHEMAS[name])
     if name in PARTITIONS:
         builder = builder.partitionedBy(*PARTITIONS[name])
-    _retry(lambda: builder.execute(), name)
+    retry_on_conflict(lambda: builder.execute(), name)
 
 
 def conform(df: DataFrame, name: str) -> DataFrame:
@@ -195,7 +195,8 @@ def conform(df: DataFrame, name: str) -> DataFrame:
     return df.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in schema.fields])
 
 
-def _retry(action, name: str, attempts: int = 5):
+def retry_on_conflict(action, name: str, attempts: int = 5):
+    """Run ``action`` (a Delta write to table ``name``), retrying when another writer won."""
     for attempt in range(1, attempts + 1):
         try:
             return action()
@@ -221,7 +222,7 @@ def merge(spark: SparkSession, warehouse: str | Path, name: str, df: DataFrame) 
         (target.alias("t").merge(source.alias("s"), condition)
          .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
 
-    _retry(run, name)
+    retry_on_conflict(run, name)
 
 
 def replace_slice(spark: SparkSession, warehouse: str | Path, name: str, df: DataFrame,
@@ -237,7 +238,7 @@ def replace_slice(spark: SparkSession, warehouse: str | Path, name: str, df: Dat
         (data.write.format("delta").mode("overwrite").option("replaceWhere", condition)
          .save(table_path(warehouse, name)))
 
-    _retry(run, name)
+    retry_on_conflict(run, name)
 
 
 def register_views(spark: SparkSession, warehouse: str | Path) -> list[str]:

@@ -108,13 +108,9 @@ def _pick_overviews(path, items: pd.DataFrame, counts: dict[str, int]) -> pd.Dat
 
 def _flag_suspects(items: pd.DataFrame, policy: str, counts: dict[str, int]) -> None:
     """Mark items whose overview or poster is shared with a differently titled item."""
-    import hashlib
+    from udfs.images import sha256_file
 
-    digests = {}
-    for uri in items["image_uri"].dropna():
-        with open(uri, "rb") as fh:
-            digests[uri] = hashlib.sha256(fh.read()).hexdigest()
-    items["_poster"] = items["image_uri"].map(digests)
+    items["_poster"] = items["image_uri"].map(lambda uri: sha256_file(uri) if isinstance(uri, str) else None)
     suspect: dict[str, set[str]] = {}
     shared_same_title = set()
     for key in ("overview", "_poster"):
