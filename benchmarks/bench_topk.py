@@ -176,7 +176,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--history", type=int, default=20, help="train items per user (masked)")
-    parser.add_argument("--user-block", type=int, default=4096)
+    parser.add_argument("--user-block", type=int, default=16384)
     parser.add_argument("--item-block", type=int, default=32768)
     parser.add_argument("--crossjoin-users", type=int, default=20,
                         help="users the crossJoin baseline runs on (extrapolated linearly to --users)")

@@ -94,8 +94,13 @@ class JobRun:
         row = [(self.run_id, self.job, self.config.to_json(), code_version(), self.started_at,
                 now() if finished else None, status, {k: int(v) for k, v in self.counts.items()},
                 error)]
-        tables.merge(self.spark, self.warehouse, "runs",
-                     self.spark.createDataFrame(row, tables.SCHEMAS["runs"]))
+        frame = self.spark.createDataFrame(row, tables.SCHEMAS["runs"])
+        if finished:
+            tables.merge(self.spark, self.warehouse, "runs", frame)
+        else:
+            # A fresh run id: a blind append inserts it at a third of a MERGE's cost, and
+            # appends from concurrent jobs never conflict.
+            tables.append(self.spark, self.warehouse, "runs", frame)
 
     def __enter__(self) -> "JobRun":
         self._record("running")

@@ -225,11 +225,34 @@ def merge(spark: SparkSession, warehouse: str | Path, name: str, df: DataFrame) 
     retry_on_conflict(run, name)
 
 
-def replace_slice(spark: SparkSession, warehouse: str | Path, name: str, df: DataFrame,
-                  where: dict[str, str]) -> None:
-    """Atomically replace the rows matching ``where`` (column -> value) with ``df``."""
+def append(spark: SparkSession, warehouse: str | Path, name: str, df: DataFrame) -> None:
+    """Append rows whose keys are new to the table (the caller guarantees it, e.g. a fresh run id)."""
     ensure(spark, warehouse, name)
-    condition = " AND ".join(f"`{k}` = '{str(v).replace(chr(39), chr(39) * 2)}'" for k, v in where.items())
+    data = conform(df, name)
+    retry_on_conflict(lambda: data.write.format("delta").mode("append").save(table_path(warehouse, name)), name)
+
+
+def slice_condition(where: dict[str, object]) -> str:
+    """SQL for a slice: column -> value (``=``) or list of values (``IN``), quoted, ANDed."""
+    def quote(value: object) -> str:
+        return "'" + str(value).replace("'", "''") + "'"
+
+    terms = []
+    for column, value in where.items():
+        if isinstance(value, (list, tuple)):
+            terms.append(f"`{column}` IN ({', '.join(quote(v) for v in value)})" if value else "FALSE")
+        else:
+            terms.append(f"`{column}` = {quote(value)}")
+    return " AND ".join(terms)
+
+
+def replace_slice(spark: SparkSession, warehouse: str | Path, name: str, df: DataFrame,
+                  where: dict[str, object]) -> None:
+    """Atomically replace the rows matching ``where`` (column -> value or list of values) with
+    ``df``: one Delta commit, so a reader sees the old slice or the new one, never a mix, and
+    a run killed before the commit leaves the old slice in place."""
+    ensure(spark, warehouse, name)
+    condition = slice_condition(where)
     # Delta checks at write time that every row falls inside the slice; a violation aborts
     # the commit, so the table keeps its previous version.
     data = conform(df, name)

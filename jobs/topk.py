@@ -32,7 +32,7 @@ Ties break by item id (ascending), so the output is deterministic. A list is sho
 only when the user's unseen candidates run out (``short_lists_<rep>``). Users without a
 profile (``users_without_profile_<rep>``) or without train history (``users_without_train``)
 are counted. Rows are keyed by the profiles' run id; a rerun replaces the run's rows for these
-representations (``MERGE`` on the key, then the stale rows are deleted).
+representations in one atomic commit (``replaceWhere`` on run id and representation).
 """
 from __future__ import annotations
 
@@ -59,7 +59,6 @@ from udfs.representations import RepresentationError, validate_representations
 
 from . import tables
 from .config import ConfigError
-from .embed import prune_stale
 from .job_run import JobRun, NothingUsable, run_job
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ DEFAULTS = {
     "exclude": ["train", "valid"],
     "candidates": COMMON,
     "baselines": list(BASELINES),
-    "user_block": 4096,
+    "user_block": 16384,
     "item_block": 32768,
     "score_rows": 1024,
 }
@@ -198,10 +197,14 @@ def candidate_items(spark: SparkSession, warehouse: str, settings: TopkSettings)
     return embeddings.unionByName(baseline_names.crossJoin(catalog_items(spark, warehouse, settings.dataset)))
 
 
-def seen_items(interactions: DataFrame, exclude: Sequence[str]) -> DataFrame:
-    """(user_id, seen array<string>): the items of each user's excluded splits."""
-    return (interactions.filter(F.col("split").isin(list(exclude))).select("user_id", "item_id").distinct()
-            .groupBy("user_id").agg(F.collect_list("item_id").alias("seen")))
+def per_user(interactions: DataFrame, exclude: Sequence[str]) -> DataFrame:
+    """(user_id, has_train, seen array<string>): whether the user has train history, and the
+    distinct items of their excluded splits. One shuffle serves the counts, the seen masks and
+    the baselines' users."""
+    return interactions.groupBy("user_id").agg(
+        F.max((F.col("split") == "train").cast("int")).alias("has_train"),
+        F.array_distinct(F.collect_list(F.when(F.col("split").isin(list(exclude)), F.col("item_id"))))
+        .alias("seen"))
 
 
 @contextlib.contextmanager
@@ -253,21 +256,26 @@ def rank_representation(run: JobRun, name: str, users: DataFrame, items: DataFra
         return None
     parallelism = spark.sparkContext.defaultParallelism
     threads = max(1, int(spark.sparkContext.getConf().get("spark.task.cpus", "1")))
-    user_blocks = pack(users, n_users, settings.user_block, True, parallelism)
-    item_blocks = pack(items, n_items, settings.item_block, False, 1)
-    cached += [user_blocks, item_blocks]
+    # Each item block is read once per user block, so user blocks are as large as allowed (a
+    # user block is small: vectors and seen ids, no score matrix), yet numerous enough that
+    # the block pairs keep every core busy.
+    min_user_blocks = math.ceil(parallelism / math.ceil(n_items / settings.item_block))
+    with run.stage("pack_users"):
+        user_blocks = pack(users, n_users, settings.user_block, True, min_user_blocks)
+        cached.append(user_blocks)
+        user_blocks.count()
+    with run.stage("pack_items"):
+        item_blocks = pack(items, n_items, settings.item_block, False, 1)
+        cached.append(item_blocks)
+        item_blocks.count()
     return block_pairs(user_blocks, item_blocks, settings, scorer, threads).withColumn(
         "representation", F.lit(name))
 
 
-def user_counts(interactions: DataFrame, exclude: Sequence[str]) -> dict[str, int]:
-    """users, users_with_train, seen_pairs_excluded, in one pass over the interactions."""
-    pair = F.concat_ws("\u0000", "user_id", "item_id")
-    row = interactions.agg(
-        F.countDistinct("user_id").alias("users"),
-        F.countDistinct(F.when(F.col("split") == "train", F.col("user_id"))).alias("users_with_train"),
-        F.countDistinct(F.when(F.col("split").isin(list(exclude)), pair)).alias("seen_pairs_excluded"),
-    ).first()
+def user_counts(users: DataFrame) -> dict[str, int]:
+    """users, users_with_train, seen_pairs_excluded from ``per_user``'s frame."""
+    row = users.agg(F.count(F.lit(1)).alias("users"), F.sum("has_train").alias("users_with_train"),
+                    F.sum(F.size("seen")).alias("seen_pairs_excluded")).first()
     return {key: int(row[key] or 0) for key in ("users", "users_with_train", "seen_pairs_excluded")}
 
 
@@ -276,32 +284,36 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
     settings = resolve_settings(run, args)
     interactions = (tables.read(spark, wh, "interactions").filter(F.col("dataset") == settings.dataset)
                     .select("user_id", "item_id", "split"))
-    counts = user_counts(interactions, settings.exclude)
-    for key, value in counts.items():
-        run.count(key, value)
-    n_train_users = counts["users_with_train"]
-    run.count("users_without_train", counts["users"] - n_train_users)
-    if n_train_users == 0:
-        raise NothingUsable(f"dataset '{settings.dataset}' has no train interactions in {wh}/interactions: "
-                            "run `vlm4rec ingest` first")
+    with run.stage("prepare"):
+        users_seen = per_user(interactions, settings.exclude).persist(StorageLevel.MEMORY_AND_DISK)
+        counts = user_counts(users_seen)
+        for key, value in counts.items():
+            run.count(key, value)
+        n_train_users = counts["users_with_train"]
+        run.count("users_without_train", counts["users"] - n_train_users)
+        if n_train_users == 0:
+            users_seen.unpersist()
+            raise NothingUsable(f"dataset '{settings.dataset}' has no train interactions in {wh}/interactions: "
+                                "run `vlm4rec ingest` first")
 
-    candidates = candidate_items(spark, wh, settings).persist(StorageLevel.MEMORY_AND_DISK)
-    n_candidates = dict(candidates.groupBy("representation").count().collect())
-    for name in settings.all_representations:
-        run.count(f"candidates_{name}", n_candidates.get(name, 0))
-    if not any(n_candidates.values()):
-        candidates.unpersist()
-        raise NothingUsable(
-            f"no candidate item for {list(settings.all_representations)} ({settings.candidates}): with "
-            "'common', no item has a vector in every representation; run `vlm4rec embed` for them first")
-    train = interactions.filter(F.col("split") == "train")
-    seen = seen_items(interactions, settings.exclude)
-    profiles = (tables.read(spark, wh, "user_profiles")
-                .filter((F.col("run_id") == settings.run_id)
-                        & F.col("representation").isin(list(settings.representations))))
-    n_profiles = dict(profiles.groupBy("representation").count().collect()) if settings.representations else {}
-    embeddings = tables.read(spark, wh, "item_embeddings").filter(F.col("dataset") == settings.dataset)
-    cached: list[DataFrame] = [candidates]
+        seen = users_seen.select("user_id", "seen")
+        candidates = candidate_items(spark, wh, settings).persist(StorageLevel.MEMORY_AND_DISK)
+        n_candidates = dict(candidates.groupBy("representation").count().collect())
+        for name in settings.all_representations:
+            run.count(f"candidates_{name}", n_candidates.get(name, 0))
+        if not any(n_candidates.values()):
+            candidates.unpersist()
+            users_seen.unpersist()
+            raise NothingUsable(
+                f"no candidate item for {list(settings.all_representations)} ({settings.candidates}): with "
+                "'common', no item has a vector in every representation; run `vlm4rec embed` for them first")
+        train = interactions.filter(F.col("split") == "train")
+        profiles = (tables.read(spark, wh, "user_profiles")
+                    .filter((F.col("run_id") == settings.run_id)
+                            & F.col("representation").isin(list(settings.representations))))
+        n_profiles = dict(profiles.groupBy("representation").count().collect()) if settings.representations else {}
+        embeddings = tables.read(spark, wh, "item_embeddings").filter(F.col("dataset") == settings.dataset)
+    cached: list[DataFrame] = [candidates, users_seen]
     parts: list[DataFrame] = []
     for name in settings.all_representations:
         these = candidates.filter(F.col("representation") == name).select("item_id")
@@ -318,8 +330,7 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
                             "--run-id %s` with this representation first", name, settings.run_id, settings.run_id)
         else:
             one = F.array(F.lit(1.0).cast("float"))
-            users = (train.select("user_id").distinct().join(seen, "user_id", "left")
-                     .select("user_id", one.alias("vector"), "seen"))
+            users = users_seen.filter(F.col("has_train") == 1).select("user_id", one.alias("vector"), "seen")
             n_users = n_train_users
             if name == POPULARITY:
                 counts_by_item = train.groupBy("item_id").agg(F.count(F.lit(1)).cast("float").alias("_n"))
@@ -341,7 +352,12 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
     pairs = parts[0]
     for part in parts[1:]:
         pairs = pairs.unionByName(part)
-    with arrow_batch_rows(spark, 1):
+    with arrow_batch_rows(spark, 1), run.stage("score"):
+        # Persisted (k lists per block pair: small) so that the score and merge stages are timed apart.
+        pairs = pairs.persist(StorageLevel.MEMORY_AND_DISK)
+        cached.append(pairs)
+        pairs.count()
+    with arrow_batch_rows(spark, 1), run.stage("merge"):
         ranks = (pairs.groupBy("representation", "user_block")
                  .applyInArrow(topk_udfs.merge_block_results(settings.k), topk_udfs.RANKS_DDL)
                  .persist(StorageLevel.MEMORY_AND_DISK))
@@ -360,10 +376,11 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
                      row["short"], settings.k)
 
     out = ranks.withColumn("run_id", F.lit(settings.run_id))
-    tables.merge(spark, wh, "recommendations", out)
-    run.count("stale_rows_removed", prune_stale(
-        spark, wh, "recommendations", out,
-        {"run_id": settings.run_id, "representation": list(settings.all_representations)}))
+    with run.stage("write"):
+        # One atomic overwrite of this run's slice: rows of a representation no longer ranked
+        # go with it, and readers never see a half-replaced run.
+        tables.replace_slice(spark, wh, "recommendations", out,
+                             {"run_id": settings.run_id, "representation": list(settings.all_representations)})
     for frame in cached:
         frame.unpersist()
     log.info("topk run_id=%s: top-%d over %s", settings.run_id, settings.k, list(settings.all_representations))
@@ -390,7 +407,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_shared_arguments(parser)
     parser.add_argument("--k", type=int, default=None, help="list length (default: max(experiment.ks))")
     parser.add_argument("--user-block", dest="user_block", type=int, default=None,
-                        help="profiles per block (default 4096)")
+                        help="profiles per block (default 16384)")
     parser.add_argument("--item-block", dest="item_block", type=int, default=None,
                         help="items per block (default 32768)")
 

@@ -31,6 +31,7 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 import scipy.sparse
 import torch
 
@@ -59,6 +60,55 @@ def l2_normalize(vectors: np.ndarray, name: str = "vectors") -> np.ndarray:
     return matrix / norms[:, None]
 
 
+class ItemBlock:
+    """One block of items prepared once (validated float32 matrix, the ids' tie-break order) for
+    scoring many chunks of profiles against it: the Spark job scores a whole user block against
+    one item block ``score_rows`` profiles at a time, and redoing this per chunk cost a copy of
+    the block and a sort of its ids each time."""
+
+    def __init__(self, items: np.ndarray, item_ids: np.ndarray):
+        self.items = _as_matrix(items, "items")
+        self.item_ids = np.asarray(item_ids)
+        if self.item_ids.shape != (self.items.shape[0],):
+            raise ValueError(
+                f"item_ids has shape {self.item_ids.shape} but items has {self.items.shape[0]} rows: "
+                "pass one id per item row"
+            )
+        self.id_rank = _id_rank(self.item_ids, "item_ids")
+        self._items_t = torch.from_numpy(self.items)
+
+    def __len__(self) -> int:
+        return self.items.shape[0]
+
+    def topk(self, profiles: np.ndarray, k: int, seen: SeenItems = None) -> tuple[np.ndarray, np.ndarray]:
+        """``topk_block`` of ``profiles`` against this block (see there)."""
+        profiles = _as_matrix(profiles, "profiles")
+        n_users, n_items = profiles.shape[0], len(self)
+        if profiles.shape[1] != self.items.shape[1]:
+            raise ValueError(
+                f"profiles have dimension {profiles.shape[1]} but items have {self.items.shape[1]}: "
+                "both must come from the same representation"
+            )
+        _check_k(k)
+        width = min(k, n_items)
+        if width == 0:
+            return np.empty((n_users, 0), np.float32), np.empty((n_users, 0), np.int64)
+        scores = (torch.from_numpy(profiles) @ self._items_t.T).numpy()
+        rows, cols = _seen_coordinates(seen, n_users, n_items)
+        scores[rows, cols] = -np.inf
+        return self.select(scores, width)
+
+    def select(self, scores: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, indices) of the ``width`` best columns of each row of a (u, len(self)) score
+        matrix, by score descending then item id ascending; -inf slots get index -1. Any scorer
+        (the seeded random baseline too) selects through this one rule, so block results merge
+        into the order of one full sort."""
+        indices = _select_topk(scores, self.id_rank, width)
+        top_scores = np.take_along_axis(scores, indices, axis=1)
+        indices[np.isneginf(top_scores)] = -1
+        return top_scores, indices
+
+
 def topk_block(
     profiles: np.ndarray,
     items: np.ndarray,
@@ -72,35 +122,17 @@ def topk_block(
     break ties; seen: per-user item indices into `items`, or a (u, n) sparse mask, or None.
     Returns (scores (u, k') float32, indices (u, k') int64 into `items`), k' = min(k, n), each
     row ordered by score descending then item id ascending; slots past a user's unseen
-    candidates hold score -inf and index -1.
+    candidates hold score -inf and index -1. To score many profile chunks against one block,
+    build an ``ItemBlock`` once instead.
     """
     profiles = _as_matrix(profiles, "profiles")
     items = _as_matrix(items, "items")
-    item_ids = np.asarray(item_ids)
-    n_users, n_items = profiles.shape[0], items.shape[0]
     if profiles.shape[1] != items.shape[1]:
         raise ValueError(
             f"profiles have dimension {profiles.shape[1]} but items have {items.shape[1]}: "
             "both must come from the same representation"
         )
-    if item_ids.shape != (n_items,):
-        raise ValueError(
-            f"item_ids has shape {item_ids.shape} but items has {n_items} rows: "
-            "pass one id per item row"
-        )
-    _check_k(k)
-    width = min(k, n_items)
-    if width == 0:
-        return np.empty((n_users, 0), np.float32), np.empty((n_users, 0), np.int64)
-
-    id_rank = _id_rank(item_ids, "item_ids")
-    scores = (torch.from_numpy(profiles) @ torch.from_numpy(items).T).numpy()
-    rows, cols = _seen_coordinates(seen, n_users, n_items)
-    scores[rows, cols] = -np.inf
-    indices = _select_topk(scores, id_rank, width)
-    top_scores = np.take_along_axis(scores, indices, axis=1)
-    indices[np.isneginf(top_scores)] = -1
-    return top_scores, indices
+    return ItemBlock(items, item_ids).topk(profiles, k, seen)
 
 
 def block_item_ids(indices: np.ndarray, item_ids: np.ndarray, missing_id: object = None) -> np.ndarray:
@@ -145,7 +177,9 @@ def merge_topk(
     empty = np.isneginf(scores)
     ranks = np.full(scores.shape, np.iinfo(np.int64).max, dtype=np.int64)
     if (~empty).any():
-        _, codes = np.unique(ids[~empty], return_inverse=True)
+        # A hash factorisation sorts only the distinct ids: 4x faster than np.unique's full sort
+        # of every slot on string ids, with the same (ascending) codes.
+        codes, _ = pd.factorize(ids[~empty], sort=True)
         ranks[~empty] = codes
     order = np.lexsort((ranks, -scores), axis=1)[:, :width]
     merged_scores = np.take_along_axis(scores, order, axis=1)
@@ -212,14 +246,14 @@ def _select_topk(scores: np.ndarray, id_rank: np.ndarray, width: int) -> np.ndar
     """Indices of the `width` best columns per row, by score descending then id rank ascending."""
     n_items = scores.shape[1]
     if width < n_items:
-        # topk leaves ties at the boundary score arbitrary: rows where an unselected column
-        # equals the lowest selected score are redone below by id.
-        values, picked = torch.topk(torch.from_numpy(scores), width, dim=1, sorted=False)
-        indices = picked.numpy().astype(np.int64)
-        threshold = values.numpy().min(axis=1)
-        at_threshold = np.count_nonzero(scores == threshold[:, None], axis=1)
-        picked_at_threshold = np.count_nonzero(values.numpy() == threshold[:, None], axis=1)
-        for row in np.flatnonzero((at_threshold > picked_at_threshold) & np.isfinite(threshold)):
+        # topk leaves ties at the boundary score arbitrary. The (width + 1)-th best score shows
+        # them without another pass over the matrix: a row whose next score equals its lowest
+        # selected one is redone below by id.
+        values, picked = torch.topk(torch.from_numpy(scores), width + 1, dim=1, sorted=True)
+        values = values.numpy()
+        indices = picked.numpy()[:, :width].astype(np.int64)
+        threshold = values[:, width - 1]
+        for row in np.flatnonzero((values[:, width] == threshold) & np.isfinite(threshold)):
             candidates = np.flatnonzero(scores[row] >= threshold[row])
             best = np.lexsort((id_rank[candidates], -scores[row, candidates]))[:width]
             indices[row] = candidates[best]

@@ -213,22 +213,17 @@ def pair_topk(
     ids = np.full((len(user_ids), width), None, dtype=object)
     if width == 0:
         return scores, ids
-    id_rank = topk_kernels._id_rank(item_ids, "item_ids") if scorer == RANDOM else None
+    block = topk_kernels.ItemBlock(item_vectors, item_ids)
     for start in range(0, len(user_ids), max(1, score_rows)):
         stop = min(start + max(1, score_rows), len(user_ids))
         mask = seen[start:stop]
         if scorer == COSINE:
-            chunk_scores, indices = topk_kernels.topk_block(
-                user_vectors[start:stop], item_vectors, item_ids, k, mask)
+            chunk_scores, indices = block.topk(user_vectors[start:stop], k, mask)
         else:
-            block = random_scores(user_ids[start:stop], item_ids, seed)
+            chunk = random_scores(user_ids[start:stop], item_ids, seed)
             coo = mask.tocoo()
-            block[coo.row, coo.col] = -np.inf
-            # The same selection rule as topk_block (score, then id), so merging block
-            # results gives the layout-independent order.
-            indices = topk_kernels._select_topk(block, id_rank, width)
-            chunk_scores = np.take_along_axis(block, indices, axis=1)
-            indices[np.isneginf(chunk_scores)] = -1
+            chunk[coo.row, coo.col] = -np.inf
+            chunk_scores, indices = block.select(chunk, width)
         scores[start:stop] = chunk_scores
         ids[start:stop] = topk_kernels.block_item_ids(indices, item_ids, None)
     return scores, ids
