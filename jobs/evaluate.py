@@ -42,7 +42,6 @@ from udfs import evaluate_udfs
 from udfs.metrics import METRICS
 
 from . import tables
-from .embed import prune_stale
 from .job_run import JobRun, NothingUsable, run_job
 from .topk import TopkSettings, add_shared_arguments, candidate_items, resolve_settings
 
@@ -160,19 +159,18 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
             frame.unpersist()
         raise NothingUsable(f"run id {settings.run_id}: no user has both a relevant test item and a list")
 
+    # Each table's slice of this run is replaced in one atomic commit (replaceWhere): a
+    # representation dropped from the run loses its old rows, and readers see no mix.
     where = {"run_id": settings.run_id, "representation": order}
     out = values.withColumn("run_id", F.lit(settings.run_id))
-    tables.merge(spark, wh, "user_metrics", out)
-    run.count("user_metrics_stale_removed", prune_stale(spark, wh, "user_metrics", out, where))
+    tables.replace_slice(spark, wh, "user_metrics", out, where)
 
     n_samples, seed = int(experiment.bootstrap_samples), int(experiment.seed)
     summary = (values.groupBy("representation", "metric", "k")
                .applyInPandas(evaluate_udfs.metric_summary(n_samples, seed), evaluate_udfs.METRICS_DDL)
                .persist(StorageLevel.MEMORY_AND_DISK))
     summary_rows = [r.asDict() for r in summary.collect()]
-    out = summary.withColumn("run_id", F.lit(settings.run_id))
-    tables.merge(spark, wh, "metrics", out)
-    prune_stale(spark, wh, "metrics", out, where)
+    tables.replace_slice(spark, wh, "metrics", summary.withColumn("run_id", F.lit(settings.run_id)), where)
     run.count("metrics_rows", len(summary_rows))
 
     comparisons = (values.select("representation", "user_id", "metric", "k", "value").groupBy("metric", "k")
@@ -183,11 +181,8 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
     run.count("comparisons_rows", n_pairs)
     expected = len(order) * (len(order) - 1) // 2 * len(ks) * len(METRICS)
     run.count("pairs_without_common_users", expected - n_pairs)
-    out = comparisons.withColumn("run_id", F.lit(settings.run_id))
-    if n_pairs:
-        tables.merge(spark, wh, "comparisons", out)
-    tables.ensure(spark, wh, "comparisons")
-    prune_stale(spark, wh, "comparisons", out, {"run_id": settings.run_id, "representation_a": order})
+    tables.replace_slice(spark, wh, "comparisons", comparisons.withColumn("run_id", F.lit(settings.run_id)),
+                         {"run_id": settings.run_id, "representation_a": order})
 
     for frame in (relevant, joined, values, summary, comparisons):
         frame.unpersist()

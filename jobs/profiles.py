@@ -15,8 +15,8 @@ Rows are keyed by ``run_id``: the pipeline's (``--run-id``), else this job's own
 Nothing is dropped silently: ``users_without_train`` (users of the dataset with no train
 interaction), ``users_without_profile_<rep>`` (users with train interactions but no train item
 with a vector in <rep>, or whose vectors cancel out), ``history_rows_without_vector_<rep>``.
-Rerunning with the same run id gives the same rows (``MERGE``, then the run's stale rows for
-these representations are deleted).
+Rerunning with the same run id gives the same rows: the run's slice for these representations
+is replaced in one atomic commit (``replaceWhere``).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from udfs.representations import Representation
 
 from . import tables
 from .config import ConfigError
-from .embed import fusion_weights, planned_representations, prune_stale
+from .embed import fusion_weights, planned_representations
 from .job_run import JobRun, NothingUsable, run_job
 
 log = logging.getLogger(__name__)
@@ -164,9 +164,8 @@ def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
                             "run `vlm4rec embed` for these representations first")
 
     out = out.withColumn("run_id", F.lit(run_id))
-    tables.merge(spark, wh, "user_profiles", out)
-    run.count("stale_rows_removed",
-              prune_stale(spark, wh, "user_profiles", out, {"run_id": run_id, "representation": names}))
+    # One atomic commit replaces the run's profiles of these representations (stale users go).
+    tables.replace_slice(spark, wh, "user_profiles", out, {"run_id": run_id, "representation": names})
     for frame in [made, train, *fused_frames]:
         frame.unpersist()
     log.info("profiles %s: run_id=%s, %d profiles over %s", dataset, run_id, total, names)
