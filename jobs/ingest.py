@@ -18,7 +18,7 @@ import argparse
 import logging
 
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import DataFrame, Observation, Window
 from pyspark.sql import functions as F
 
 from udfs.kcore import kcore
@@ -99,15 +99,15 @@ def classify_interactions(out: AdapterOutput, item_ids: DataFrame) -> DataFrame:
     return df.withColumn("_reason", reason).drop("_known")
 
 
-def interaction_rejects(classified: DataFrame) -> DataFrame:
+def interaction_rejects(classified: DataFrame, n_bad: int) -> DataFrame:
     """Rejected interactions in the rejects schema; rows named by record number when the adapter
-    kept the file position, else by their key."""
+    kept the file position, else by their key. ``n_bad`` (counted while the good rows were
+    written) spares the usual case, no bad row, a second pass over the file."""
     from .adapters.base import line_numbers
 
-    bad = classified.filter(F.col("_reason").isNotNull())
-    if bad.limit(1).count() == 0:
-        # The usual case: spare the per-partition count that line numbers need.
+    if n_bad == 0:
         return classified.sparkSession.createDataFrame([], "source string, row string, reason string, content string")
+    bad = classified.filter(F.col("_reason").isNotNull())
     numbered = line_numbers(classified.filter(F.col("_pos").isNotNull()), bad)
     row = F.when(F.col("_pos").isNotNull(), F.concat(F.lit("record "), F.col("_line").cast("string"))) \
         .otherwise(_row_key())
@@ -141,13 +141,16 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
         _write_rejects(run, out.rejects.unionByName(item_rejects))
         raise NothingUsable(f"dataset '{dataset.name}': no item row survived; see the rejects table")
 
-    # On disk, not in memory: the cache's footprint must not grow with the catalog.
-    classified = classify_interactions(out, items.select("item_id")).persist(StorageLevel.DISK_ONLY)
-    with run.stage("classify_and_write_rejects"):
-        bad = interaction_rejects(classified)
-        rejects = _write_rejects(run, out.rejects.unionByName(item_rejects).unionByName(bad))
-
-    good = classified.filter(F.col("_reason").isNull()).drop("_reason", "_source", "_content", "_pos")
+    classified = classify_interactions(out, items.select("item_id"))
+    if dataset.min_rating is not None or dataset.kcore > 1:
+        # These filters count (k-core in rounds) before the write: cache the classified rows,
+        # on disk so that the footprint does not grow with the catalog.
+        classified = classified.persist(StorageLevel.DISK_ONLY)
+    # The usual path reads the file once: the bad rows are counted while the good ones are
+    # written, and only when there are some are they read again for the rejects table.
+    classify_counts = Observation("classified")
+    observed = classified.observe(classify_counts, F.count(F.when(F.col("_reason").isNotNull(), 1)).alias("bad"))
+    good = observed.filter(F.col("_reason").isNull()).drop("_reason", "_source", "_content", "_pos")
     if dataset.min_rating is not None:
         before = good
         good = good.filter(F.col("rating") >= F.lit(dataset.min_rating))
@@ -159,20 +162,26 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
         run.count("kcore_rounds", rounds)
 
     split = assign_split(good, spec)
+    label_counts = None
     if spec.protocol == "label":
+        label_counts = Observation("labels")
+        split = split.observe(label_counts, F.count(F.when(F.col("split").isNull(), 1)).alias("unlabeled"))
         unlabeled = split.filter(F.col("split").isNull())
-        bad_labels = unlabeled.count()
-        if bad_labels:
-            extra = _as_rejects(unlabeled.withColumn("_source", F.lit("interactions")).drop("split"),
-                                F.format_string("label '%s' is not train/valid/test or 0/1/2", F.col("label")),
-                                _row_key())
-            _write_rejects(run, rejects.unionByName(extra))
-            run.count("rejected_bad_label", bad_labels)
         split = split.filter(F.col("split").isNotNull())
 
     interactions = split.withColumn("dataset", F.lit(dataset.name))
-    with run.stage("write_interactions"):
+    with run.stage("classify_split_and_write_interactions"):
         tables.replace_slice(spark, wh, "interactions", interactions, {"dataset": dataset.name})
+    with run.stage("write_rejects"):
+        rejects = out.rejects.unionByName(item_rejects).unionByName(
+            interaction_rejects(classified, int(classify_counts.get["bad"])))
+        bad_labels = int(label_counts.get["unlabeled"]) if label_counts else 0
+        if bad_labels:
+            rejects = rejects.unionByName(_as_rejects(
+                unlabeled.withColumn("_source", F.lit("interactions")).drop("split"),
+                F.format_string("label '%s' is not train/valid/test or 0/1/2", F.col("label")), _row_key()))
+            run.count("rejected_bad_label", bad_labels)
+        _write_rejects(run, rejects)
     with run.stage("write_items"):
         items_out = items.withColumn("dataset", F.lit(dataset.name))
         tables.replace_slice(spark, wh, "items", items_out, {"dataset": dataset.name})

@@ -17,7 +17,12 @@ dataset:
     timestamp: timestamp
     timestamp_format: unix      # unix | unix_ms | a datetime pattern such as yyyy-MM-dd
     label: ""                   # a column holding train/valid/test labels, if any
+    interactions_multiline: false  # true if quoted interaction fields span lines (reads the file in one task)
 ```
+
+Items files are read with quoted fields that may span lines (descriptions do). An interactions
+file is read line by line by default, so Spark splits it across tasks: a catalog-sized file is
+parsed by every core instead of one.
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ class CsvOptions:
     timestamp: str = "timestamp"
     timestamp_format: str = "unix"
     label: str = ""
+    interactions_multiline: bool = False
 
 
 def image_uri(path_col: F.Column, images_root: str) -> F.Column:
@@ -82,7 +88,8 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
     items = items.select("item_id", "title", "text", image_uri(F.col("image"), images_root).alias("image_uri"),
                          "attrs")
 
-    raw_inter = read_table_file(spark, inter_path, opts.format, opts.sep, opts.encoding)
+    raw_inter = read_table_file(spark, inter_path, opts.format, opts.sep, opts.encoding,
+                                multiline=opts.interactions_multiline)
     required = {"user_id": opts.user_id, "item_id": opts.item_id, "ts": opts.timestamp}
     optional = {"rating": opts.rating, "label": opts.label}
     # Bad interaction records stay in the frame (``_reason``): ingest caches it once.

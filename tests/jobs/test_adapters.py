@@ -148,7 +148,8 @@ def test_mmrec_labels_metadata_and_images(spark, warehouse, tmp_path, capsys):
     root = tmp_path / "baby"
     root.mkdir()
     rows = [("u1", "10", "5", "100", "0"), ("u1", "11", "4", "200", "0"), ("u1", "12", "3", "300", "2"),
-            ("u2", "10", "4", "150", "0"), ("u2", "12", "2", "250", "1"), ("u2", "13", "1", "350", "2")]
+            ("u2", "10", "4", "150", "0"), ("u2", "12", "2", "250", "1"), ("u2", "13", "1", "350", "2"),
+            ("u2", "11", "3", "400", "7")]
     (root / "baby.inter").write_text("userID\titemID\trating\ttimestamp\tx_label\n"
                                      + "".join("\t".join(r) + "\n" for r in rows))
     write_jpeg(root / "img" / "10.jpg", (10, 200, 10))
@@ -171,7 +172,11 @@ def test_mmrec_labels_metadata_and_images(spark, warehouse, tmp_path, capsys):
     splits = {(r["user_id"], r["item_id"]): r["split"] for r in table(spark, warehouse, "interactions", "baby")}
     assert splits == {("u1", "10"): "train", ("u1", "11"): "train", ("u1", "12"): "test",
                       ("u2", "10"): "train", ("u2", "12"): "valid", ("u2", "13"): "test"}
-    assert table(spark, warehouse, "rejects", "baby") == []
+    # A label outside 0/1/2 is not guessed: the row goes to rejects with the label it had.
+    rejects = table(spark, warehouse, "rejects", "baby")
+    assert [(r["row"], r["reason"]) for r in rejects] == [
+        ("user_id=u2 item_id=11 ts=400", "label '7' is not train/valid/test or 0/1/2")]
+    assert counts["rejected_bad_label"] == 1
 
 
 # ----------------------------------------------------------------------------- amazon
