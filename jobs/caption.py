@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import DataFrame, Observation, Window
 from pyspark.sql import functions as F
 
 from udfs import caption_udfs as cu
@@ -240,46 +240,53 @@ def _cache_rows(run: JobRun, spec: CaptionSpec) -> DataFrame:
 
 
 def plan(run: JobRun, spec: CaptionSpec) -> Any:
-    """The images to describe (an Arrow table of image_sha256, item_id, image_uri), with counts."""
+    """The images to describe (an Arrow table of image_sha256, item_id, image_uri), with counts.
+
+    One Spark action: the counts are observed on the way to the to-do list, so a rerun on a
+    cached catalog costs one pass over the items and the cache's keys."""
     spark, name = run.spark, run.config.dataset.name
+    item_stats, image_stats = Observation("caption_items"), Observation("caption_images")
     items = (tables.read(spark, run.warehouse, "items").filter(F.col("dataset") == name)
-             .select("item_id", "image_uri", "image_sha256"))
-    stats = items.agg(F.count(F.lit(1)).alias("n"), F.count("image_sha256").alias("with_image"),
-                      F.countDistinct("image_sha256").alias("images")).first()
+             .select("item_id", "image_uri", "image_sha256")
+             .observe(item_stats, F.count(F.lit(1)).alias("n"), F.count("image_sha256").alias("with_image")))
+    # One item per image: the smallest item id, so that reruns pick the same one.
+    first = F.min(F.struct("item_id", "image_uri")).alias("first")
+    images = (items.filter(F.col("image_sha256").isNotNull()).groupBy("image_sha256").agg(first)
+              .select("image_sha256", "first.item_id", "first.image_uri"))
+    kind = F.split(F.col("error"), ":").getItem(0)
+    final = F.coalesce((F.col("status") == cu.OK) | ((F.col("status") == cu.ERROR)
+                                                    & kind.isin(*sorted(cu.PERMANENT_ERROR_KINDS))), F.lit(False))
+    cached = F.col("status").isNotNull()
+    marked = (images.join(_cache_rows(run, spec), "image_sha256", "left").withColumn("_final", final)
+              .observe(image_stats, F.count(F.lit(1)).alias("images"),
+                       F.count(F.when(F.col("status") == cu.OK, 1)).alias("ok"),
+                       F.count(F.when(F.col("_final") & cached & (F.col("status") != cu.OK), 1)).alias("final_errors"),
+                       F.count(F.when(cached & ~F.col("_final"), 1)).alias("retry")))
+    todo = marked if spec.force else marked.filter(~F.col("_final"))
+    # Sorted on the driver: a Spark orderBy samples its input in an extra job, which would run
+    # the observed plan twice and double its counts.
+    table = todo.select("image_sha256", "item_id", "image_uri").toArrow().sort_by("image_sha256")
+    stats, seen = item_stats.get, image_stats.get
+
     if stats["n"] == 0:
         raise NothingUsable(f"dataset '{name}' has no items in {run.warehouse}/items: run "
                             f"`vlm4rec ingest` with this dataset first")
     run.count("items", stats["n"])
     run.count("skipped_no_image", stats["n"] - stats["with_image"])
-    run.count("images", stats["images"])
-    run.count("shared_image_items", stats["with_image"] - stats["images"])
-    if stats["images"] == 0:
+    run.count("images", seen["images"])
+    run.count("shared_image_items", stats["with_image"] - seen["images"])
+    if seen["images"] == 0:
         raise NothingUsable(f"dataset '{name}': none of its {stats['n']} items has a usable image "
                             "(see the rejects table for why)")
-    # One item per image: the smallest item id, so that reruns pick the same one.
-    first = F.min(F.struct("item_id", "image_uri")).alias("first")
-    images = (items.filter(F.col("image_sha256").isNotNull()).groupBy("image_sha256").agg(first)
-              .select("image_sha256", "first.item_id", "first.image_uri"))
-    previous = _cache_rows(run, spec)
-    kind = F.split(F.col("error"), ":").getItem(0)
-    final = (F.col("status") == cu.OK) | ((F.col("status") == cu.ERROR)
-                                         & kind.isin(*sorted(cu.PERMANENT_ERROR_KINDS)))
-    seen = (images.join(previous, "image_sha256", "inner")
-            .agg(F.sum(F.when(F.col("status") == cu.OK, 1).otherwise(0)).alias("ok"),
-                 F.sum(F.when(final & (F.col("status") != cu.OK), 1).otherwise(0)).alias("final_errors"),
-                 F.sum(F.when(~final, 1).otherwise(0)).alias("retry")).first())
     cached_ok, cached_errors, retry = (int(seen[k] or 0) for k in ("ok", "final_errors", "retry"))
     if spec.force:
         run.count("cached", 0)
-        todo = images
         run.count("forced", cached_ok + cached_errors + retry)
     else:
         run.count("cached_ok", cached_ok)
         run.count("cached_errors", cached_errors)
         run.count("cached", cached_ok + cached_errors)
         run.count("retried", retry)
-        todo = images.join(previous.filter(final).select("image_sha256"), "image_sha256", "left_anti")
-    table = todo.orderBy("image_sha256").toArrow()
     run.count("to_describe", table.num_rows)
     return table
 

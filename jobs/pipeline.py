@@ -70,6 +70,9 @@ def pipeline(run: JobRun, args: argparse.Namespace) -> None:
         n = frame.count()
         run.count(f"rows_{name}", n)
         print(f"  {name:<16} {n:>10,} rows")
+    timed = [(stage, run.counts[f"ms_{stage}"] / 1000) for stage in STAGES if f"ms_{stage}" in run.counts]
+    print("stage wall times: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timed)
+          + f" (total {sum(s for _, s in timed):.1f} s)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -48,6 +48,9 @@ def test_pipeline_on_movielens_beats_random(spark, warehouse, ml100k, capsys):
         expected = 0 if name == "rejects" else 1
         assert spark.read.format("delta").load(f"{warehouse}/{name}").limit(1).count() == expected, name
     assert "popularity" in out and "title" in out  # the printed results table
+    # Each stage that ran is timed, the skipped caption stage is not.
+    timing = [line for line in out.splitlines() if line.startswith("stage wall times:")]
+    assert len(timing) == 1 and "ingest" in timing[0] and "evaluate" in timing[0] and "caption" not in timing[0]
     random_ndcg = metric(spark, warehouse, run_id, "random")
     pop_ndcg = metric(spark, warehouse, run_id, "popularity")
     title_ndcg = metric(spark, warehouse, run_id, "title")
