@@ -51,7 +51,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
 from udfs import topk_udfs
@@ -357,30 +357,31 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
         pairs = pairs.persist(StorageLevel.MEMORY_AND_DISK)
         cached.append(pairs)
         pairs.count()
-    with arrow_batch_rows(spark, 1), run.stage("merge"):
+    names = list(settings.all_representations)
+    # Counted while the merged lists are written (one pass, no cache of the ranks): a user with
+    # a list has a rank 1, and one whose list is full has a rank k.
+    written = Observation("recommendations")
+    rep, rank = F.col("representation"), F.col("rank")
+    per_name = [agg for i, name in enumerate(names) for agg in (
+        F.count(F.when(rep == name, 1)).alias(f"rows_{i}"),
+        F.count(F.when((rep == name) & (rank == 1), 1)).alias(f"users_{i}"),
+        F.count(F.when((rep == name) & (rank == settings.k), 1)).alias(f"full_{i}"))]
+    with arrow_batch_rows(spark, 1), run.stage("merge_and_write"):
         ranks = (pairs.groupBy("representation", "user_block")
                  .applyInArrow(topk_udfs.merge_block_results(settings.k), topk_udfs.RANKS_DDL)
-                 .persist(StorageLevel.MEMORY_AND_DISK))
-        cached.append(ranks)
-        summary = (ranks.groupBy("representation", "user_id").agg(F.max("rank").alias("_len"))
-                   .groupBy("representation")
-                   .agg(F.count(F.lit(1)).alias("users"), F.sum("_len").alias("rows"),
-                        F.sum((F.col("_len") < settings.k).cast("long")).alias("short"))
-                   .collect())
-    for row in summary:
-        run.count(f"recommended_users_{row['representation']}", row["users"])
-        run.count(f"short_lists_{row['representation']}", row["short"])
-        run.count("rows_written", row["rows"])
-        if row["short"]:
-            log.info("representation %s: %d users have fewer than %d unseen candidates", row["representation"],
-                     row["short"], settings.k)
-
-    out = ranks.withColumn("run_id", F.lit(settings.run_id))
-    with run.stage("write"):
+                 .observe(written, *per_name))
         # One atomic overwrite of this run's slice: rows of a representation no longer ranked
         # go with it, and readers never see a half-replaced run.
-        tables.replace_slice(spark, wh, "recommendations", out,
-                             {"run_id": settings.run_id, "representation": list(settings.all_representations)})
+        tables.replace_slice(spark, wh, "recommendations", ranks.withColumn("run_id", F.lit(settings.run_id)),
+                             {"run_id": settings.run_id, "representation": names})
+    counted = written.get
+    for i, name in enumerate(names):
+        users, short = counted[f"users_{i}"], counted[f"users_{i}"] - counted[f"full_{i}"]
+        run.count(f"recommended_users_{name}", users)
+        run.count(f"short_lists_{name}", short)
+        run.count("rows_written", counted[f"rows_{i}"])
+        if short:
+            log.info("representation %s: %d users have fewer than %d unseen candidates", name, short, settings.k)
     for frame in cached:
         frame.unpersist()
     log.info("topk run_id=%s: top-%d over %s", settings.run_id, settings.k, list(settings.all_representations))

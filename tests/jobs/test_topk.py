@@ -167,9 +167,12 @@ def test_blockwise_spark_topk_equals_brute_force(spark, tmp_path, capsys, case):
     # The user with test items only; a user with no interaction at all is in no table to count.
     assert counts["users_without_train"] == 1 and counts["users"] == len(data.users) - 1
     assert counts["rows_written"] == sum(len(v) for lists in got.values() for v in lists.values())
+    for rep, lists in got.items():  # counted while the lists were written
+        assert counts[f"recommended_users_{rep}"] == len(lists), rep
+        assert counts[f"short_lists_{rep}"] == sum(len(v) < k for v in lists.values()), rep
 
     if case == "one-item-block-train-only":
-        # A rerun with the same run id leaves the same table (MERGE on the key, stale rows deleted).
+        # A rerun with the same run id leaves the same table (the run's slice replaced atomically).
         run_topk(spark, warehouse, argv, capsys)
         assert recommendation_lists(spark, warehouse, "run-a") == got
 
