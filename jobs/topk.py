@@ -260,14 +260,9 @@ def rank_representation(run: JobRun, name: str, users: DataFrame, items: DataFra
     # user block is small: vectors and seen ids, no score matrix), yet numerous enough that
     # the block pairs keep every core busy.
     min_user_blocks = math.ceil(parallelism / math.ceil(n_items / settings.item_block))
-    with run.stage("pack_users"):
-        user_blocks = pack(users, n_users, settings.user_block, True, min_user_blocks)
-        cached.append(user_blocks)
-        user_blocks.count()
-    with run.stage("pack_items"):
-        item_blocks = pack(items, n_items, settings.item_block, False, 1)
-        cached.append(item_blocks)
-        item_blocks.count()
+    user_blocks = pack(users, n_users, settings.user_block, True, min_user_blocks)
+    item_blocks = pack(items, n_items, settings.item_block, False, 1)
+    cached += [user_blocks, item_blocks]
     return block_pairs(user_blocks, item_blocks, settings, scorer, threads).withColumn(
         "representation", F.lit(name))
 
@@ -349,6 +344,14 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
             frame.unpersist()
         raise NothingUsable(f"run id {settings.run_id}: no representation had both users and candidate "
                             "items; run `vlm4rec profiles` (and `embed`) first")
+    with run.stage("pack"):
+        # Every representation's blocks in one Spark job, so that small representations pack
+        # side by side on all cores rather than one after another.
+        blocks = [frame for frame in cached if "vectors" in frame.columns]
+        packed = blocks[0].select("block_id")
+        for frame in blocks[1:]:
+            packed = packed.unionByName(frame.select("block_id"))
+        packed.count()
     pairs = parts[0]
     for part in parts[1:]:
         pairs = pairs.unionByName(part)
