@@ -36,8 +36,13 @@ Job options in ``caption.options`` (everything else goes to the engine): ``actor
 (CPUs reserved per engine actor; default: up to 1, leaving one core to image loading),
 ``torch_threads`` (per actor; default: the cores divided by the actors), ``rows_per_file``
 (rows per staged file, default 256: a killed run loses at most this many captions per actor
-in flight), ``load_num_cpus`` (per image-loading task, default 0.5), ``tensor_parallel_size``
-and ``accelerator_type`` (``vllm``).
+in flight), ``load_num_cpus`` (CPUs reserved per image-loading task, default 0: see below),
+``tensor_parallel_size`` and ``accelerator_type`` (``vllm``).
+
+Image loading reserves no CPU by default, and at most as many loading tasks as the cluster has
+CPUs run at once. Loading tasks that reserved CPUs could wait forever when engine actors hold
+every CPU: two caption runs sharing a small cluster each got their actor and neither could
+load an image (the concurrency test hung this way).
 """
 from __future__ import annotations
 
@@ -78,7 +83,7 @@ JOB_OPTIONS: dict[str, Any] = {
     "actor_num_cpus": None,
     "torch_threads": 0,
     "rows_per_file": 256,
-    "load_num_cpus": 0.5,
+    "load_num_cpus": 0.0,
     "tensor_parallel_size": 1,
     "accelerator_type": None,
 }
@@ -368,9 +373,11 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: Path) -> l
         actor_cpus, actor_gpus, threads = _actor_resources(ray, spec)
         log.info("caption engine %s: %d actor(s), %.2f CPU + %.0f GPU each, %d torch thread(s)",
                  spec.engine, spec.num_workers, actor_cpus, actor_gpus, threads)
+        cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         ds = ds.map_batches(cu.load_images, fn_kwargs={"max_side": cu.ENGINE_MAX_SIDE[spec.engine]},
                             batch_size=spec.batch_size, batch_format="pandas",
-                            num_cpus=float(spec.job_options["load_num_cpus"]))
+                            num_cpus=float(spec.job_options["load_num_cpus"]),
+                            compute=ray.data.TaskPoolStrategy(size=cluster_cpus))
         ds = ds.map_batches(
             cu.CaptionActor,
             fn_constructor_kwargs=dict(engine=spec.engine, model=spec.model, prompt=spec.prompt,
