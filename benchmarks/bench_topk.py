@@ -14,7 +14,8 @@ items excluded:
 The job is timed on its second run in the session (the first warms up the JVM and the
 Python workers). Peak memory: the resident set of the job's processes (the JVM and the Spark
 Python workers; not this benchmark's own Python, which holds the synthetic data it generated),
-sampled from /proc every 50 ms while the job runs, at ``--items`` and at twice that. Prints a table, writes JSON to ``benchmarks/results/topk.json``.
+sampled from /proc every 50 ms while the job runs, at ``--items`` and at twice that. Prints a
+table, writes JSON to ``benchmarks/results/topk.json``.
 """
 from __future__ import annotations
 

@@ -240,18 +240,9 @@ def prune_stale(spark: SparkSession, warehouse: str, name: str, written: DataFra
     read-only anti-join finds that out without a Delta commit."""
     from delta.tables import DeltaTable
 
-    def quote(value: str) -> str:
-        return "'" + str(value).replace("'", "''") + "'"
-
-    terms = []
-    for column, value in where.items():
-        if isinstance(value, (list, tuple)):
-            terms.append(f"`{column}` IN ({', '.join(quote(v) for v in value)})")
-        else:
-            terms.append(f"`{column}` = {quote(value)}")
     keys = tables.KEYS[name]
     source = written.select(*keys).dropDuplicates(keys)
-    stale = (tables.read(spark, warehouse, name).filter(" AND ".join(terms)).select(*keys)
+    stale = (tables.read(spark, warehouse, name).filter(tables.slice_condition(where)).select(*keys)
              .join(source, keys, "left_anti").count())
     if stale == 0:
         return 0
@@ -260,7 +251,7 @@ def prune_stale(spark: SparkSession, warehouse: str, name: str, written: DataFra
 
     def run() -> None:
         (DeltaTable.forPath(spark, target_path).alias("t").merge(source.alias("s"), on)
-         .whenNotMatchedBySourceDelete(" AND ".join(f"t.{term}" for term in terms)).execute())
+         .whenNotMatchedBySourceDelete(tables.slice_condition(where, alias="t")).execute())
 
     tables.retry_on_conflict(run, name)
     metrics = DeltaTable.forPath(spark, target_path).history(1).select("operationMetrics").first()[0]

@@ -232,17 +232,19 @@ def append(spark: SparkSession, warehouse: str | Path, name: str, df: DataFrame)
     retry_on_conflict(lambda: data.write.format("delta").mode("append").save(table_path(warehouse, name)), name)
 
 
-def slice_condition(where: dict[str, object]) -> str:
-    """SQL for a slice: column -> value (``=``) or list of values (``IN``), quoted, ANDed."""
+def slice_condition(where: dict[str, object], alias: str = "") -> str:
+    """SQL for a slice: column -> value (``=``) or list of values (``IN``), quoted, ANDed;
+    ``alias`` qualifies the columns (``t`` for a MERGE's target)."""
     def quote(value: object) -> str:
         return "'" + str(value).replace("'", "''") + "'"
 
+    prefix = f"{alias}." if alias else ""
     terms = []
     for column, value in where.items():
         if isinstance(value, (list, tuple)):
-            terms.append(f"`{column}` IN ({', '.join(quote(v) for v in value)})" if value else "FALSE")
+            terms.append(f"{prefix}`{column}` IN ({', '.join(quote(v) for v in value)})" if value else "FALSE")
         else:
-            terms.append(f"`{column}` = {quote(value)}")
+            terms.append(f"{prefix}`{column}` = {quote(value)}")
     return " AND ".join(terms)
 
 

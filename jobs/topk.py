@@ -248,7 +248,7 @@ def block_pairs(users: DataFrame, items: DataFrame, settings: TopkSettings, scor
 
 
 def rank_representation(run: JobRun, name: str, users: DataFrame, items: DataFrame, n_users: int, n_items: int,
-                        settings: TopkSettings, scorer: str, cached: list[DataFrame]) -> DataFrame | None:
+                        settings: TopkSettings, scorer: str, blocks: list[DataFrame]) -> DataFrame | None:
     """Pair lists of one representation, or None when it has no user or no item to rank."""
     spark = run.spark
     if n_users == 0 or n_items == 0:
@@ -262,7 +262,7 @@ def rank_representation(run: JobRun, name: str, users: DataFrame, items: DataFra
     min_user_blocks = math.ceil(parallelism / math.ceil(n_items / settings.item_block))
     user_blocks = pack(users, n_users, settings.user_block, True, min_user_blocks)
     item_blocks = pack(items, n_items, settings.item_block, False, 1)
-    cached += [user_blocks, item_blocks]
+    blocks += [user_blocks, item_blocks]
     return block_pairs(user_blocks, item_blocks, settings, scorer, threads).withColumn(
         "representation", F.lit(name))
 
@@ -308,7 +308,7 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
                             & F.col("representation").isin(list(settings.representations))))
         n_profiles = dict(profiles.groupBy("representation").count().collect()) if settings.representations else {}
         embeddings = tables.read(spark, wh, "item_embeddings").filter(F.col("dataset") == settings.dataset)
-    cached: list[DataFrame] = [candidates, users_seen]
+    blocks: list[DataFrame] = []  # every representation's packed user and item blocks, persisted
     parts: list[DataFrame] = []
     for name in settings.all_representations:
         these = candidates.filter(F.col("representation") == name).select("item_id")
@@ -336,9 +336,10 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
                 items = these.select("item_id", F.array(F.lit(0.0).cast("float")).alias("vector"))
                 scorer = topk_udfs.RANDOM
         part = rank_representation(run, name, users, items, n_users, n_candidates.get(name, 0), settings,
-                                   scorer, cached)
+                                   scorer, blocks)
         if part is not None:
             parts.append(part)
+    cached: list[DataFrame] = [candidates, users_seen, *blocks]
     if not parts:
         for frame in cached:
             frame.unpersist()
@@ -347,7 +348,6 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
     with run.stage("pack"):
         # Every representation's blocks in one Spark job, so that small representations pack
         # side by side on all cores rather than one after another.
-        blocks = [frame for frame in cached if "vectors" in frame.columns]
         packed = blocks[0].select("block_id")
         for frame in blocks[1:]:
             packed = packed.unionByName(frame.select("block_id"))

@@ -125,13 +125,6 @@ def topk_block(
     candidates hold score -inf and index -1. To score many profile chunks against one block,
     build an ``ItemBlock`` once instead.
     """
-    profiles = _as_matrix(profiles, "profiles")
-    items = _as_matrix(items, "items")
-    if profiles.shape[1] != items.shape[1]:
-        raise ValueError(
-            f"profiles have dimension {profiles.shape[1]} but items have {items.shape[1]}: "
-            "both must come from the same representation"
-        )
     return ItemBlock(items, item_ids).topk(profiles, k, seen)
 
 

@@ -235,8 +235,8 @@ def validate_columns(df: DataFrame, required: dict[str, str], optional: dict[str
     """Rename configured source columns to canonical names, cast, and split off bad records.
 
     With ``split=False`` the bad records stay in the one frame returned, marked by ``_reason``
-    (with ``_content`` and ``_pos``), and the rejects are ``None``: the ingest job then classifies
-    and caches every row once, which saves a second read of a catalog-sized file.
+    (with ``_content`` and ``_pos``), and the rejects are ``None``: the ingest job classifies every
+    row in one pass and reads the file again only when some were bad.
 
     ``required``/``optional`` map canonical name -> source column. A missing source column is a
     config error naming the file and the columns it does have; a record whose required value is

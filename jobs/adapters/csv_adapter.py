@@ -92,7 +92,7 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
                                 multiline=opts.interactions_multiline)
     required = {"user_id": opts.user_id, "item_id": opts.item_id, "ts": opts.timestamp}
     optional = {"rating": opts.rating, "label": opts.label}
-    # Bad interaction records stay in the frame (``_reason``): ingest caches it once.
+    # Bad interaction records stay in the frame (``_reason``): ingest reads the file once for both.
     interactions, _ = validate_columns(raw_inter, required, optional, inter_path, "interactions",
                                        opts.timestamp_format, encoding=opts.encoding, split=False)
     return AdapterOutput(items, interactions, item_rejects, {})
