@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,7 +256,9 @@ def validate_columns(df: DataFrame, required: dict[str, str], optional: dict[str
     text_cols = [F.col(f"`{c}`").cast("string") for c in have]
     cols, problems = [], [
         F.when(F.col("_corrupt_record").isNotNull(), F.lit("malformed record")),
-        F.when(undecodable(F.concat_ws("\u0001", *text_cols), encoding) if text_cols else F.lit(False),
+        # Column by column: joining the columns into one string to check it cost a third of the
+        # whole parse of a large file.
+        F.when(functools.reduce(operator.or_, (undecodable(c, encoding) for c in text_cols), F.lit(False)),
                F.lit(f"record is not valid {encoding}: the file has bytes in another encoding (latin-1?); "
                      "set dataset.options.encoding or re-save the file as UTF-8")),
     ]
