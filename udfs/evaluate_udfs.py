@@ -92,18 +92,30 @@ def paired_comparisons(values: pd.DataFrame, order: Sequence[str], n_samples: in
     """All pairs (a, b), a before b in ``order``, of one metric@k: ``values`` has representation,
     user_id, value. Pairs without a common user are left out (the caller counts them)."""
     wide = values.pivot(index="user_id", columns="representation", values="value")
-    rows = []
     present = [r for r in order if r in wide.columns]
+    # Pairs over the same users (usually all of them) share one bootstrap: the same draws of
+    # users, one matrix product for all their differences.
+    by_users: dict[bytes, list[tuple[str, str]]] = {}
+    has = wide.notna().to_numpy()
+    column = {r: i for i, r in enumerate(wide.columns)}
     for a, b in itertools.combinations(present, 2):
-        both = wide[[a, b]].dropna()
-        if both.empty:
-            continue
-        x, y = both[a].to_numpy(np.float64), both[b].to_numpy(np.float64)
-        diff, lo, hi = significance.paired_bootstrap_ci(x, y, n_samples, seed=seed)
-        rows.append({"representation_a": a, "representation_b": b, "mean_diff": diff, "ci_low": lo,
-                     "ci_high": hi, "p_value": significance.wilcoxon_p(x, y), "n_users": len(both)})
-    frame = pd.DataFrame(rows, columns=["representation_a", "representation_b", "mean_diff", "ci_low",
-                                        "ci_high", "p_value", "n_users"])
+        both = has[:, column[a]] & has[:, column[b]]
+        if both.any():
+            by_users.setdefault(both.tobytes(), []).append((a, b))
+    rows = {}
+    for pairs in by_users.values():
+        a0, b0 = pairs[0]
+        mask = has[:, column[a0]] & has[:, column[b0]]
+        x = wide[[a for a, _ in pairs]].to_numpy(np.float64)[mask]
+        y = wide[[b for _, b in pairs]].to_numpy(np.float64)[mask]
+        cis = significance.bootstrap_mean_cis(x - y, n_samples, seed=seed)
+        for j, ((a, b), (diff, lo, hi)) in enumerate(zip(pairs, cis)):
+            rows[(a, b)] = {"representation_a": a, "representation_b": b, "mean_diff": diff, "ci_low": lo,
+                            "ci_high": hi, "p_value": significance.wilcoxon_p(x[:, j], y[:, j]),
+                            "n_users": int(mask.sum())}
+    frame = pd.DataFrame([rows[p] for p in itertools.combinations(present, 2) if p in rows],
+                         columns=["representation_a", "representation_b", "mean_diff", "ci_low",
+                                  "ci_high", "p_value", "n_users"])
     frame["p_holm"] = significance.holm(frame["p_value"].to_numpy()) if len(frame) else []
     return frame
 

@@ -72,7 +72,43 @@ def test_chunking_does_not_change_the_interval(monkeypatch):
     sample = np.random.default_rng(5).normal(size=97)
     whole = bootstrap_mean_ci(sample, 300, seed=9)
     monkeypatch.setattr(significance, "_MAX_DRAWS_PER_CHUNK", 97 * 7)
+    significance._COUNTS_CACHE.clear()  # else the kept draws of the first call answer
     assert bootstrap_mean_ci(sample, 300, seed=9) == whole
+
+
+def test_counts_give_the_means_of_the_textbook_resampling():
+    """A sample's mean from its counts equals the mean of the values drawn by index."""
+    values = np.random.default_rng(11).exponential(size=60)
+    rng = np.random.default_rng(3)
+    means = values[rng.integers(0, 60, size=(400, 60))].mean(axis=1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    significance._COUNTS_CACHE.clear()
+    mean, got_lo, got_hi = bootstrap_mean_ci(values, 400, seed=3)
+    assert mean == pytest.approx(values.mean(), rel=1e-12)
+    assert (got_lo, got_hi) == pytest.approx((lo, hi), rel=1e-12)
+
+
+def test_columns_resampled_together_get_their_own_intervals():
+    columns = np.random.default_rng(12).normal(size=(70, 4))
+    together = significance.bootstrap_mean_cis(columns, 300, seed=5)
+    for j in range(4):
+        significance._COUNTS_CACHE.clear()
+        assert together[j] == pytest.approx(bootstrap_mean_ci(columns[:, j], 300, seed=5), rel=1e-12)
+
+
+def test_kept_draws_serve_only_the_same_users_samples_and_seed():
+    a = np.random.default_rng(13).normal(size=97)
+    b = np.random.default_rng(14).normal(size=50)
+    significance._COUNTS_CACHE.clear()
+    fresh = {key: bootstrap_mean_ci(a, n, seed=seed) for key, (n, seed) in
+             {"200/1": (200, 1), "300/1": (300, 1), "200/2": (200, 2)}.items()}
+    significance._COUNTS_CACHE.clear()
+    first = bootstrap_mean_ci(a, 200, seed=1)
+    assert first == fresh["200/1"]
+    assert bootstrap_mean_ci(a, 300, seed=1) == fresh["300/1"]
+    assert bootstrap_mean_ci(a, 200, seed=2) == fresh["200/2"]
+    bootstrap_mean_ci(b, 200, seed=1)  # other users: drawn anew
+    assert bootstrap_mean_ci(a, 200, seed=1) == first
 
 
 def test_identical_samples_give_p_one_and_a_zero_interval():
