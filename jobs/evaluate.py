@@ -90,99 +90,106 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
     ks = sorted(set(experiment.ks))
     wanted = list(settings.all_representations)
 
-    recommendations = (tables.read(spark, wh, "recommendations")
-                       .filter((F.col("run_id") == settings.run_id) & F.col("representation").isin(wanted)))
-    present = {r[0] for r in recommendations.select("representation").distinct().collect()}
-    order = [r for r in wanted if r in present]
-    for rep in wanted:
-        if rep not in present:
-            run.count("representations_without_recommendations")
-            log.warning("representation %s has no recommendations under run id %s: run `vlm4rec topk --run-id %s` "
-                        "with it first; it is left out of this evaluation", rep, settings.run_id, settings.run_id)
-    if not order:
-        raise NothingUsable(f"no recommendations under run id {settings.run_id} for {wanted}: run `vlm4rec topk` first")
+    with run.stage("prepare"):
+        recommendations = (tables.read(spark, wh, "recommendations")
+                           .filter((F.col("run_id") == settings.run_id) & F.col("representation").isin(wanted)))
+        present = {r[0] for r in recommendations.select("representation").distinct().collect()}
+        order = [r for r in wanted if r in present]
+        for rep in wanted:
+            if rep not in present:
+                run.count("representations_without_recommendations")
+                log.warning("representation %s has no recommendations under run id %s: run `vlm4rec topk "
+                            "--run-id %s` with it first; it is left out of this evaluation",
+                            rep, settings.run_id, settings.run_id)
+        if not order:
+            raise NothingUsable(f"no recommendations under run id {settings.run_id} for {wanted}: "
+                                "run `vlm4rec topk` first")
 
-    interactions = (tables.read(spark, wh, "interactions").filter(F.col("dataset") == settings.dataset)
-                    .select("user_id", "item_id", "split"))
-    test_users = interactions.filter(F.col("split") == "test").select("user_id").distinct()
-    train_users = interactions.filter(F.col("split") == "train").select("user_id").distinct()
-    totals = (interactions.filter(F.col("split") == "test")
-              .agg(F.countDistinct(F.concat_ws("\u0000", "user_id", "item_id")).alias("rows"),
-                   F.countDistinct("user_id").alias("users")).first())
-    n_test_rows, n_test_users = int(totals["rows"]), int(totals["users"])
-    run.count("test_rows", n_test_rows)
-    run.count("test_users", n_test_users)
-    run.count("test_users_without_train", test_users.join(train_users, "user_id", "left_anti").count())
-    if n_test_rows == 0:
-        raise NothingUsable(f"dataset '{settings.dataset}' has no test interactions: check the split settings "
-                            "and run `vlm4rec ingest` again")
+        interactions = (tables.read(spark, wh, "interactions").filter(F.col("dataset") == settings.dataset)
+                        .select("user_id", "item_id", "split"))
+        # One pass: per user, their distinct test items and whether they have train history.
+        user_tests = interactions.groupBy("user_id").agg(
+            F.countDistinct(F.when(F.col("split") == "test", F.col("item_id"))).alias("test_items"),
+            F.max((F.col("split") == "train").cast("int")).alias("has_train"))
+        totals = user_tests.agg(F.sum("test_items").alias("rows"), F.count_if(F.col("test_items") > 0).alias("users"),
+                           F.count_if((F.col("test_items") > 0) & (F.col("has_train") == 0)).alias("no_train")).first()
+        n_test_rows, n_test_users = int(totals["rows"] or 0), int(totals["users"] or 0)
+        run.count("test_rows", n_test_rows)
+        run.count("test_users", n_test_users)
+        run.count("test_users_without_train", int(totals["no_train"] or 0))
+        if n_test_rows == 0:
+            raise NothingUsable(f"dataset '{settings.dataset}' has no test interactions: check the split settings "
+                                "and run `vlm4rec ingest` again")
 
-    candidates = candidate_items(spark, wh, settings).filter(F.col("representation").isin(order))
-    relevant = relevant_lists(interactions, candidates, settings).persist(StorageLevel.MEMORY_AND_DISK)
-    by_rep = {r["representation"]: r for r in relevant.groupBy("representation").agg(
-        F.count(F.lit(1)).alias("rows"), F.sum(F.col("excluded").cast("long")).alias("excluded")).collect()}
-    for rep in order:
-        row = by_rep.get(rep)
-        run.count(f"test_rows_outside_candidates_{rep}", n_test_rows - (row["rows"] if row else 0))
-        run.count(f"test_rows_excluded_{rep}", row["excluded"] if row else 0)
+        candidates = candidate_items(spark, wh, settings).filter(F.col("representation").isin(order))
+        relevant = relevant_lists(interactions, candidates, settings).persist(StorageLevel.MEMORY_AND_DISK)
+        by_rep = {r["representation"]: r for r in relevant.groupBy("representation").agg(
+            F.count(F.lit(1)).alias("rows"), F.sum(F.col("excluded").cast("long")).alias("excluded")).collect()}
+        for rep in order:
+            row = by_rep.get(rep)
+            run.count(f"test_rows_outside_candidates_{rep}", n_test_rows - (row["rows"] if row else 0))
+            run.count(f"test_rows_excluded_{rep}", row["excluded"] if row else 0)
 
-    per_user = (relevant.filter(~F.col("excluded")).groupBy("representation", "user_id")
-                .agg(F.collect_list("item_id").alias("relevant")))
-    lists = (recommendations.groupBy("representation", "user_id")
-             .agg(F.array_sort(F.collect_list(F.struct("rank", "item_id"))).alias("_ranked"))
-             .select("representation", "user_id", F.col("_ranked.item_id").alias("recommended")))
-    joined = per_user.join(lists, ["representation", "user_id"], "left").persist(StorageLevel.MEMORY_AND_DISK)
-    status = {r["representation"]: r for r in joined.groupBy("representation").agg(
-        F.count(F.lit(1)).alias("users"), F.sum(F.col("recommended").isNull().cast("long")).alias("no_list"))
-        .collect()}
-    n_groups = 1
-    for rep in order:
-        row = status.get(rep)
-        users, no_list = (int(row["users"]), int(row["no_list"])) if row else (0, 0)
-        run.count(f"users_without_relevant_{rep}", n_test_users - users)
-        run.count(f"users_without_recommendations_{rep}", no_list)
-        run.count(f"users_evaluated_{rep}", users - no_list)
-        n_groups = max(n_groups, -(-users // USERS_PER_GROUP))
-        if no_list:
-            log.warning("representation %s: %d users with relevant test items have no recommendation list "
-                        "(no profile: no train item with a vector); they are left out of its metrics", rep, no_list)
+        per_user = (relevant.filter(~F.col("excluded")).groupBy("representation", "user_id")
+                    .agg(F.collect_list("item_id").alias("relevant")))
+        lists = (recommendations.groupBy("representation", "user_id")
+                 .agg(F.array_sort(F.collect_list(F.struct("rank", "item_id"))).alias("_ranked"))
+                 .select("representation", "user_id", F.col("_ranked.item_id").alias("recommended")))
+        joined = per_user.join(lists, ["representation", "user_id"], "left").persist(StorageLevel.MEMORY_AND_DISK)
+        status = {r["representation"]: r for r in joined.groupBy("representation").agg(
+            F.count(F.lit(1)).alias("users"), F.sum(F.col("recommended").isNull().cast("long")).alias("no_list"))
+            .collect()}
+        n_groups = 1
+        for rep in order:
+            row = status.get(rep)
+            users, no_list = (int(row["users"]), int(row["no_list"])) if row else (0, 0)
+            run.count(f"users_without_relevant_{rep}", n_test_users - users)
+            run.count(f"users_without_recommendations_{rep}", no_list)
+            run.count(f"users_evaluated_{rep}", users - no_list)
+            n_groups = max(n_groups, -(-users // USERS_PER_GROUP))
+            if no_list:
+                log.warning("representation %s: %d users with relevant test items have no recommendation list "
+                            "(no profile: no train item with a vector); they are left out of its metrics", rep, no_list)
 
-    scored = (joined.filter(F.col("recommended").isNotNull())
-              .withColumn("_group", F.pmod(F.xxhash64("user_id"), F.lit(n_groups))))
-    values = (scored.groupBy("_group").applyInPandas(evaluate_udfs.user_metric_groups(ks),
-                                                     evaluate_udfs.USER_METRICS_DDL)
-              .persist(StorageLevel.MEMORY_AND_DISK))
-    n_values = values.count()
-    run.count("user_metrics_rows", n_values)
-    if n_values == 0:
-        for frame in (relevant, joined, values):
-            frame.unpersist()
-        raise NothingUsable(f"run id {settings.run_id}: no user has both a relevant test item and a list")
+    with run.stage("user_metrics"):
+        scored = (joined.filter(F.col("recommended").isNotNull())
+                  .withColumn("_group", F.pmod(F.xxhash64("user_id"), F.lit(n_groups))))
+        values = (scored.groupBy("_group").applyInPandas(evaluate_udfs.user_metric_groups(ks),
+                                                         evaluate_udfs.USER_METRICS_DDL)
+                  .persist(StorageLevel.MEMORY_AND_DISK))
+        n_values = values.count()
+        run.count("user_metrics_rows", n_values)
+        if n_values == 0:
+            for frame in (relevant, joined, values):
+                frame.unpersist()
+            raise NothingUsable(f"run id {settings.run_id}: no user has both a relevant test item and a list")
 
-    # Each table's slice of this run is replaced in one atomic commit (replaceWhere): a
-    # representation dropped from the run loses its old rows, and readers see no mix.
-    where = {"run_id": settings.run_id, "representation": order}
-    out = values.withColumn("run_id", F.lit(settings.run_id))
-    tables.replace_slice(spark, wh, "user_metrics", out, where)
+        # Each table's slice of this run is replaced in one atomic commit (replaceWhere): a
+        # representation dropped from the run loses its old rows, and readers see no mix.
+        where = {"run_id": settings.run_id, "representation": order}
+        out = values.withColumn("run_id", F.lit(settings.run_id))
+        tables.replace_slice(spark, wh, "user_metrics", out, where)
 
-    n_samples, seed = int(experiment.bootstrap_samples), int(experiment.seed)
-    summary = (values.groupBy("representation", "metric", "k")
-               .applyInPandas(evaluate_udfs.metric_summary(n_samples, seed), evaluate_udfs.METRICS_DDL)
-               .persist(StorageLevel.MEMORY_AND_DISK))
-    summary_rows = [r.asDict() for r in summary.collect()]
-    tables.replace_slice(spark, wh, "metrics", summary.withColumn("run_id", F.lit(settings.run_id)), where)
-    run.count("metrics_rows", len(summary_rows))
-
-    comparisons = (values.select("representation", "user_id", "metric", "k", "value").groupBy("metric", "k")
-                   .applyInPandas(evaluate_udfs.comparison_groups(order, n_samples, seed),
-                                  evaluate_udfs.COMPARISONS_DDL)
+    with run.stage("summary"):
+        n_samples, seed = int(experiment.bootstrap_samples), int(experiment.seed)
+        summary = (values.groupBy("representation", "metric", "k")
+                   .applyInPandas(evaluate_udfs.metric_summary(n_samples, seed), evaluate_udfs.METRICS_DDL)
                    .persist(StorageLevel.MEMORY_AND_DISK))
-    n_pairs = comparisons.count()
-    run.count("comparisons_rows", n_pairs)
-    expected = len(order) * (len(order) - 1) // 2 * len(ks) * len(METRICS)
-    run.count("pairs_without_common_users", expected - n_pairs)
-    tables.replace_slice(spark, wh, "comparisons", comparisons.withColumn("run_id", F.lit(settings.run_id)),
-                         {"run_id": settings.run_id, "representation_a": order})
+        summary_rows = [r.asDict() for r in summary.collect()]
+        tables.replace_slice(spark, wh, "metrics", summary.withColumn("run_id", F.lit(settings.run_id)), where)
+        run.count("metrics_rows", len(summary_rows))
+
+    with run.stage("comparisons"):
+        comparisons = (values.select("representation", "user_id", "metric", "k", "value").groupBy("metric", "k")
+                       .applyInPandas(evaluate_udfs.comparison_groups(order, n_samples, seed),
+                                      evaluate_udfs.COMPARISONS_DDL)
+                       .persist(StorageLevel.MEMORY_AND_DISK))
+        n_pairs = comparisons.count()
+        run.count("comparisons_rows", n_pairs)
+        expected = len(order) * (len(order) - 1) // 2 * len(ks) * len(METRICS)
+        run.count("pairs_without_common_users", expected - n_pairs)
+        tables.replace_slice(spark, wh, "comparisons", comparisons.withColumn("run_id", F.lit(settings.run_id)),
+                             {"run_id": settings.run_id, "representation_a": order})
 
     for frame in (relevant, joined, values, summary, comparisons):
         frame.unpersist()
