@@ -1,7 +1,7 @@
 """The Delta table contract between jobs: schemas, keys, and the two idempotent writes.
 
-- ``merge`` upserts on the table's key (``MERGE``): incremental tables such as
-  ``descriptions`` and ``runs``.
+- ``merge`` upserts on the table's key (``MERGE``): the incremental ``descriptions`` cache,
+  which many runs and datasets add to.
 - ``replace_slice`` atomically replaces one slice of a table (``replaceWhere``), e.g. one
   dataset's ``items``: a snapshot writer that runs twice leaves the same table as once, and a
   killed run leaves the previous version, never a half-written one.
