@@ -108,6 +108,7 @@ def write_tables(spark, warehouse: Path, data, run_id: str) -> None:
     items = arrow_vectors(item_ids, item_vectors, {
         "dataset": ["bench"] * n_items, "item_id": item_ids, "representation": ["title"] * n_items,
         "encoder": ["synthetic"] * n_items, "dim": pa.array([item_vectors.shape[1]] * n_items, pa.int32())})
+    items = items.append_column("source_sha256", pa.array([None] * n_items, pa.string()))
     profiles_table = arrow_vectors(user_ids, profiles, {
         "run_id": [run_id] * n_users, "user_id": user_ids, "representation": ["title"] * n_users})
     profiles_table = profiles_table.append_column("n_history", pa.array([seen.shape[1]] * n_users, pa.int32()))

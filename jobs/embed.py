@@ -28,9 +28,16 @@ produce (an item dropped from the catalog, a caption that now fails; counted as
 ``stale_rows_removed``) are gone, a rerun on the same inputs gives the same table, a rerun on
 new inputs gives the table a clean run would, and a killed run leaves the previous slice.
 
+A stored vector is reused, not encoded again, when it came from the same encoder (the
+``encoder`` name) and from an input with the same hash (``source_sha256``: the sha256 of the
+text, or the image bytes' hash taken at ingest): a rerun encodes only the items whose input
+changed, and counts the others as ``reused_<rep>``. Fusions are always rebuilt from their parts.
+
 Options (``experiment.options``): ``text_batch_size`` (64), ``image_batch_size`` (32),
 ``concat_weights`` (part representation -> weight for ``concat`` fusions; default 1 each),
-``rows_per_task`` (20000: rows of one Spark task, at least one task per core).
+``rows_per_task`` (20000: rows of one Spark task, at least one task per core),
+``reuse_vectors`` (true; false encodes every input again, e.g. after an encoder upgrade that
+kept its name).
 """
 from __future__ import annotations
 
@@ -70,12 +77,16 @@ ENCODED_SCHEMA = T.StructType([
     T.StructField("item_id", T.StringType(), False),
     T.StructField("vector", tables.VECTOR),
     T.StructField("status", T.StringType(), False),
+    T.StructField("source_sha256", T.StringType()),
 ])
 FUSED_SCHEMA = T.StructType([
     T.StructField("item_id", T.StringType(), False),
     T.StructField("vector", tables.VECTOR),
     T.StructField("status", T.StringType(), False),
 ])
+
+# Vectors per file of item_embeddings (up to ~6.6 KB each: a 1,664-d fusion).
+ROWS_PER_FILE = 50_000
 
 # Count keys for the reasons an item has no vector, per kind of representation.
 _LVLM_REASONS = {
@@ -167,6 +178,36 @@ def catalog_text_rows(items: DataFrame, rep: Representation) -> DataFrame:
                         F.col(rep.kind).alias("text"), _no_pre_status())
 
 
+def with_text_hash(rows: DataFrame) -> DataFrame:
+    """``source_sha256``: the hash of the exact text the encoder gets (null when it gets none)."""
+    return rows.withColumn("source_sha256", F.when(F.col("pre_status").isNull() & F.col("text").isNotNull(),
+                                                   F.sha2(F.col("text"), 256)))
+
+
+def previous_vectors(spark: SparkSession, warehouse: str, dataset: str, names: Sequence[str]) -> DataFrame:
+    """(representation, item_id, _prev_source, _prev_encoder, _prev_vector): the stored vectors
+    of ``names`` that know the hash of their input (rows written before the hash was kept, and
+    fusions, do not)."""
+    return (tables.read(spark, warehouse, "item_embeddings")
+            .filter((F.col("dataset") == dataset) & F.col("representation").isin(list(names))
+                    & F.col("source_sha256").isNotNull())
+            .select("representation", "item_id", F.col("source_sha256").alias("_prev_source"),
+                    F.col("encoder").alias("_prev_encoder"), F.col("vector").alias("_prev_vector")))
+
+
+def split_reusable(rows: DataFrame, previous: DataFrame | None, encoder: str) -> tuple[DataFrame, DataFrame | None]:
+    """(rows to encode, encoded rows reused from ``previous``): a stored vector is reused when it
+    came from the same encoder and an input with the same hash; everything else is encoded."""
+    if previous is None:
+        return rows, None
+    joined = rows.join(previous, ["representation", "item_id"], "left")
+    same = F.coalesce((F.col("_prev_source") == F.col("source_sha256"))
+                      & (F.col("_prev_encoder") == F.lit(encoder)), F.lit(False))
+    reused = joined.filter(same).select("representation", "item_id", F.col("_prev_vector").alias("vector"),
+                                        F.lit(embedding_udfs.OK).alias("status"), "source_sha256")
+    return joined.filter(~same).select(*rows.columns), reused
+
+
 def description_rows(spark: SparkSession, warehouse: str, items: DataFrame, rep: Representation) -> DataFrame:
     """(representation, item_id, text, pre_status) for an LVLM representation: the description
     of each item's image, or why there is none."""
@@ -184,7 +225,10 @@ def description_rows(spark: SparkSession, warehouse: str, items: DataFrame, rep:
 
 
 def image_rows(items: DataFrame, rep: Representation) -> DataFrame:
-    return items.select(F.lit(rep.name).alias("representation"), "item_id", "image_uri", _no_pre_status())
+    """(representation, item_id, image_uri, pre_status, source_sha256): the image bytes' hash
+    taken at ingest (null for a remote or unreadable image, which is then never reused)."""
+    return items.select(F.lit(rep.name).alias("representation"), "item_id", "image_uri", _no_pre_status(),
+                        F.col("image_sha256").alias("source_sha256"))
 
 
 def encode_texts_in_spark(rows: DataFrame, model: str, batch_size: int, threads: int,
@@ -213,6 +257,13 @@ def fuse_items(encoded: DataFrame, rep: Representation, weights: dict[str, float
         joined = frame if joined is None else joined.join(frame, "item_id")
     return joined.mapInPandas(
         embedding_udfs.fused_vector_batches(rep.kind, rep.parts, weights), FUSED_SCHEMA)
+
+
+def reuse_vectors(run: JobRun) -> bool:
+    value = run.config.experiment.options.get("reuse_vectors", True)
+    if not isinstance(value, bool):
+        raise ConfigError(f"experiment.options.reuse_vectors must be true or false, got {value!r}")
+    return value
 
 
 def fusion_weights(run: JobRun, rep: Representation) -> dict[str, float] | None:
@@ -266,6 +317,15 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
         items.unpersist()
         raise NothingUsable(f"dataset '{dataset}' has no items in {wh}/items: run `vlm4rec ingest` first")
 
+    # Vectors whose input (text or image bytes) and encoder are unchanged since they were stored
+    # are reused, not encoded again: a rerun encodes only what changed.
+    previous = None
+    if reuse_vectors(run):
+        tables.ensure(spark, wh, "item_embeddings")  # a table from before the input hash gets it
+        # Cut from the table it was read from: a plan cached on top of a Delta table is rebuilt
+        # when that table is written, and this job writes it.
+        previous = previous_vectors(spark, wh, dataset, [r.name for r in base]).localCheckpoint()
+
     encoders: dict[str, str] = {}
     parts: list[DataFrame] = []
     if text_reps:
@@ -280,26 +340,42 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
         rows = frames[0]
         for frame in frames[1:]:
             rows = rows.unionByName(frame)
-        partitions = partitions_for(spark, n_items * len(text_reps), rows_per_task, 500)
-        encoded = encode_texts_in_spark(rows, experiment.text_encoder, text_batch, threads, partitions)
-        parts.append(encoded.withColumn("encoder", F.lit(experiment.text_encoder)))
+        todo, reused = split_reusable(with_text_hash(rows), previous, experiment.text_encoder)
+        n_todo = todo.count() if reused is not None else n_items * len(text_reps)
+        if n_todo:
+            partitions = partitions_for(spark, n_todo, rows_per_task, 500)
+            parts.append(encode_texts_in_spark(todo, experiment.text_encoder, text_batch, threads, partitions)
+                         .withColumn("encoder", F.lit(experiment.text_encoder)).withColumn("_reused", F.lit(False)))
+        if reused is not None:
+            parts.append(reused.withColumn("encoder", F.lit(experiment.text_encoder))
+                         .withColumn("_reused", F.lit(True)))
         encoders.update({r.name: experiment.text_encoder for r in text_reps})
     if image_reps:
         dim, record = image_encoder_record(experiment.image_encoder)
         run.count(record, dim)
-        partitions = partitions_for(spark, n_items, max(1, rows_per_task // 20), 100)
-        encoded = encode_images_in_spark(image_rows(items, image_reps[0]), experiment.image_encoder,
-                                         image_batch, threads, partitions)
-        parts.append(encoded.withColumn("encoder", F.lit(experiment.image_encoder)))
+        todo, reused = split_reusable(image_rows(items, image_reps[0]), previous, experiment.image_encoder)
+        n_todo = todo.count() if reused is not None else n_items
+        if n_todo:
+            partitions = partitions_for(spark, n_todo, max(1, rows_per_task // 20), 100)
+            parts.append(encode_images_in_spark(todo, experiment.image_encoder, image_batch, threads, partitions)
+                         .withColumn("encoder", F.lit(experiment.image_encoder)).withColumn("_reused", F.lit(False)))
+        if reused is not None:
+            parts.append(reused.withColumn("encoder", F.lit(experiment.image_encoder))
+                         .withColumn("_reused", F.lit(True)))
         encoders[VISUAL] = experiment.image_encoder
 
     encoded = parts[0]
     for frame in parts[1:]:
         encoded = encoded.unionByName(frame)
     encoded = encoded.persist(StorageLevel.MEMORY_AND_DISK)
-    with run.stage("encode"):  # the first action: every text and image is encoded here
-        statuses = {(row["representation"], row["status"]): row["count"]
-                    for row in encoded.groupBy("representation", "status").count().collect()}
+    with run.stage("encode"):  # the first action on the vectors: what is not reused is encoded here
+        rows = encoded.groupBy("representation", "status", "_reused").count().collect()
+    statuses: dict[tuple[str, str], int] = {}
+    for row in rows:
+        key = (row["representation"], row["status"])
+        statuses[key] = statuses.get(key, 0) + row["count"]
+        if row["_reused"]:
+            run.count(f"reused_{row['representation']}", row["count"])
     written: dict[str, int] = {}
     for rep in base:
         written[rep.name] = statuses.get((rep.name, embedding_udfs.OK), 0)
@@ -322,7 +398,8 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
                     run.count(f"skipped_{rep.name}_{status}", n)
             encoder = f"{rep.kind}[" + ",".join(f"{p}={encoders[p]}" for p in rep.parts) + "]"
             fused_frames.append(fused.withColumn("representation", F.lit(rep.name))
-                                .withColumn("encoder", F.lit(encoder)))
+                                .withColumn("encoder", F.lit(encoder))
+                                .withColumn("source_sha256", F.lit(None).cast("string")))
 
     for name, n in written.items():
         run.count(f"written_{name}", n)
@@ -332,27 +409,35 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
     run.count("rows_written", total)
     run.count("rows_skipped", n_items * len(written) - total)
     if total == 0:
-        encoded.unpersist()
-        items.unpersist()
+        spark.catalog.clearCache()
         raise NothingUsable(f"dataset '{dataset}': no item got a vector in any of {list(written)}; "
                             "see the skipped_* counts for the reasons")
 
-    vectors = encoded.select("representation", "item_id", "vector", "status", "encoder")
+    columns = ["representation", "item_id", "vector", "status", "encoder", "source_sha256"]
+    vectors = encoded.select(*columns)
     for frame in fused_frames:
-        vectors = vectors.unionByName(frame.select("representation", "item_id", "vector", "status", "encoder"))
+        vectors = vectors.unionByName(frame.select(*columns))
     out = (vectors.filter(F.col("status") == embedding_udfs.OK)
            .select(F.lit(dataset).alias("dataset"), "item_id", "representation", "encoder",
-                   F.size("vector").alias("dim"), "vector"))
+                   F.size("vector").alias("dim"), "vector", "source_sha256"))
+    # Every cached piece (each encoder's tasks, the reused rows, each fusion) would otherwise
+    # be its own file: ml100k's 11.5k vectors landed in 40 files, and readers pay per file.
+    files = max(spark.sparkContext.defaultParallelism, math.ceil(total / ROWS_PER_FILE))
+    out = out.coalesce(files)
     where = {"dataset": dataset, "representation": list(written)}
     with run.stage("write"):
         run.count("stale_rows_removed", stale_rows(spark, wh, "item_embeddings", out, where))
         # One commit replaces the slice: a MERGE on the key (twice as long on ml100k's 11.5k
         # vectors) and then a delete of the stale rows let a reader see the mix between them.
         tables.replace_slice(spark, wh, "item_embeddings", out, where)
+    # Last, and in this order: unpersisting a frame that a cached one was built from makes Spark
+    # rebuild the dependent cache on its next use.
     for frame in fused_frames:
         frame.unpersist()
     encoded.unpersist()
-    items.unpersist()
+    for frame in (previous, items):
+        if frame is not None:
+            frame.unpersist()
     log.info("embed %s: wrote %d vectors over %s", dataset, total, list(written))
 
 

@@ -68,6 +68,8 @@ SCHEMAS: dict[str, T.StructType] = {
         T.StructField("encoder", T.StringType()),
         T.StructField("dim", T.IntegerType()),
         T.StructField("vector", VECTOR),
+        # sha256 of the encoder's input (the text, or the image's bytes); null for fusions
+        T.StructField("source_sha256", T.StringType()),
     ]),
     "user_profiles": T.StructType([
         T.StructField("run_id", T.StringType(), False),
@@ -171,12 +173,26 @@ def read(spark: SparkSession, warehouse: str | Path, name: str) -> DataFrame:
     return spark.createDataFrame([], SCHEMAS[name])
 
 
+# Tables this process has found up to date with their contract: checked once, not per write.
+_CURRENT: set[str] = set()
+
+
 def ensure(spark: SparkSession, warehouse: str | Path, name: str) -> None:
-    """Create the empty table with its contract schema if it does not exist yet."""
+    """Create the empty table with its contract schema if it does not exist yet; a table written
+    by an older version that lacks a contract column gets it (null in the old rows)."""
     from delta.tables import DeltaTable
 
     path = table_path(warehouse, name)
     if DeltaTable.isDeltaTable(spark, path):
+        if path not in _CURRENT:
+            have = set(spark.read.format("delta").load(path).columns)
+            missing = [f for f in SCHEMAS[name].fields if f.name not in have]
+            if missing:
+                columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in missing)
+                log.info("table %s lacks %s: adding them", name, [f.name for f in missing])
+                retry_on_conflict(lambda: spark.sql(f"ALTER TABLE delta.`{path}` ADD COLUMNS ({columns})"),
+                                  name)
+            _CURRENT.add(path)
         return
     builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(SCHEMAS[name])
     if name in PARTITIONS:

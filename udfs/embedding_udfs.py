@@ -70,8 +70,12 @@ def _pre_status(batch: pd.DataFrame) -> np.ndarray:
     return np.where(pd.isna(pre), None, pre)
 
 
+# Input columns a result row carries through unchanged when the input has them.
+PASS_THROUGH = ("representation", "source_sha256")
+
+
 def _result(batch: pd.DataFrame, key: str, vectors: list[Any], status: Sequence[str]) -> pd.DataFrame:
-    out = {c: batch[c].to_numpy() for c in ("representation",) if c in batch.columns}
+    out = {c: batch[c].to_numpy() for c in PASS_THROUGH if c in batch.columns}
     out[key] = batch[key].to_numpy()
     out["vector"] = vectors
     out["status"] = list(status)

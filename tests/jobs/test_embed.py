@@ -118,8 +118,8 @@ def stale_rows(spark, warehouse: Path) -> None:
     from jobs import tables
 
     vector = [1.0] + [0.0] * 383
-    rows = [("synthetic", "ghost", "title", "old", 384, vector),
-            ("other", "i00004", "title", "old", 384, vector)]
+    rows = [("synthetic", "ghost", "title", "old", 384, vector, None),
+            ("other", "i00004", "title", "old", 384, vector, None)]
     tables.merge(spark, warehouse, "item_embeddings",
                  spark.createDataFrame(rows, tables.SCHEMAS["item_embeddings"]))
 
@@ -256,6 +256,88 @@ def test_rerun_gives_the_same_table(catalog):
         np.testing.assert_allclose(stacked(synthetic(after, representation)),
                                    stacked(synthetic(before, representation)), atol=1e-6)
     assert catalog.counts["C"]["stale_rows_removed"] == 0
+
+
+def test_a_rerun_reuses_every_vector_whose_input_and_encoder_are_unchanged(catalog):
+    a, b, c = (catalog.counts[run] for run in "ABC")
+    assert not [key for key in a if key.startswith("reused_")]  # nothing stored before run A
+    # Run B: the titles are those run A encoded; the other representations are new.
+    assert b["reused_title"] == b["written_title"] == 59
+    assert not [key for key in b if key.startswith("reused_") and key != "reused_title"]
+    # Run C: nothing changed since run B.
+    for representation in ("title", "text", "visual", LVLM):
+        assert c[f"reused_{representation}"] == c[f"written_{representation}"] > 0
+    assert c[f"reused_{LVLM}"] == len(DESCRIBED)
+    final = catalog.snapshots["C"]
+    for representation in ("title", "text", "visual", LVLM):
+        assert synthetic(final, representation)["source_sha256"].notna().all()
+    assert synthetic(final, "naive")["source_sha256"].isna().all()  # fusions are rebuilt, never reused
+
+
+def test_only_the_items_whose_input_changed_are_encoded_again(spark, catalog, tmp_path):
+    """An edited title (as a re-ingest of an edited catalog leaves it) is encoded again, with the
+    fusions that use it; every other stored vector is reused."""
+    import shutil
+
+    from jobs import embed
+    from udfs.fusion import fuse
+    from udfs.text_encoder import encode_texts
+
+    warehouse = tmp_path / "warehouse"
+    shutil.copytree(catalog.warehouse, warehouse)
+    edited, title = "i00007", "A striped wool scarf for the winter"
+    spark.sql(f"UPDATE delta.`{warehouse}/items` SET title = '{title}' "
+              f"WHERE dataset = 'synthetic' AND item_id = '{edited}'")
+    assert embed.main(catalog.argv + ["--set", f"warehouse={warehouse}"]) == 0
+    counts = last_run_counts(spark, warehouse, "embed")
+    assert counts["reused_title"] == counts["written_title"] - 1 == 58
+    for representation in ("text", "visual", LVLM):
+        assert counts[f"reused_{representation}"] == counts[f"written_{representation}"]
+
+    after, before = embeddings(spark, warehouse), catalog.snapshots["C"]
+    expected, valid = encode_texts([title])
+    assert valid.all()
+    new_title = stacked(synthetic(after, "title").loc[[edited]])
+    np.testing.assert_allclose(new_title, expected, atol=2e-5)
+    unchanged = sorted(set(synthetic(after, "title").index) - {edited})
+    np.testing.assert_array_equal(stacked(synthetic(after, "title").loc[unchanged]),
+                                  stacked(synthetic(before, "title").loc[unchanged]))
+    visual = stacked(synthetic(after, "visual").loc[[edited]])
+    np.testing.assert_allclose(stacked(synthetic(after, "naive").loc[[edited]]),
+                               fuse("naive", {"title": new_title, "visual": visual}), atol=1e-5)
+
+
+def test_reuse_can_be_turned_off(spark, catalog, tmp_path):
+    import shutil
+
+    from jobs import embed
+
+    warehouse = tmp_path / "warehouse"
+    shutil.copytree(catalog.warehouse, warehouse)
+    argv = catalog.argv + ["--set", f"warehouse={warehouse}",
+                           "--set", "experiment.representations=[title]",
+                           "--set", "experiment.options={reuse_vectors: false}"]
+    assert embed.main(argv) == 0
+    counts = last_run_counts(spark, warehouse, "embed")
+    assert counts["written_title"] == 59 and "reused_title" not in counts
+    assert embed.main(argv[:-2] + ["--set", "experiment.options={reuse_vectors: 'no'}"]) == 2
+
+
+def test_a_table_written_before_the_input_hash_gets_the_column(spark, tmp_path):
+    """A warehouse from an older version: its rows are kept, the new column is null in them (so
+    none of them is reused), and writes go on."""
+    from pyspark.sql import types as T
+
+    from jobs import tables
+
+    path = tmp_path / "warehouse" / "item_embeddings"
+    old = T.StructType([f for f in tables.SCHEMAS["item_embeddings"].fields if f.name != "source_sha256"])
+    spark.createDataFrame([("d", "i1", "title", "old", 2, [1.0, 0.0])], old) \
+        .write.format("delta").save(str(path))
+    tables.ensure(spark, tmp_path / "warehouse", "item_embeddings")
+    table = tables.read(spark, tmp_path / "warehouse", "item_embeddings")
+    assert table.columns == tables.SCHEMAS["item_embeddings"].fieldNames()
+    assert [tuple(r) for r in table.select("item_id", "source_sha256").collect()] == [("i1", None)]
 
 
 def test_rows_the_catalog_no_longer_has_are_removed_and_other_datasets_kept(catalog):

@@ -79,7 +79,7 @@ def write_dataset(spark, warehouse, data: RandomDataset, run_id: str) -> None:
     schema = tables.SCHEMAS
     tables.replace_slice(spark, warehouse, "interactions",
                          spark.createDataFrame(data.interactions, schema["interactions"]), {"dataset": data.name})
-    rows = [(data.name, item, rep, "integer-test-vectors", len(v), v.tolist())
+    rows = [(data.name, item, rep, "integer-test-vectors", len(v), v.tolist(), None)
             for rep, by_item in data.vectors.items() for item, v in by_item.items()]
     tables.replace_slice(spark, warehouse, "item_embeddings",
                          spark.createDataFrame(rows, schema["item_embeddings"]), {"dataset": data.name})
