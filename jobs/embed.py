@@ -52,7 +52,7 @@ import argparse
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 
 from pyspark import StorageLevel
@@ -219,6 +219,19 @@ def split_reusable(rows: DataFrame, previous: DataFrame | None, encoder: str) ->
     return joined.filter(~same).select(*rows.columns), reused
 
 
+def encoded_or_reused(rows: DataFrame, previous: DataFrame | None, encoder: str, n_rows: int,
+                      encode: Callable[[DataFrame, int], DataFrame]) -> list[DataFrame]:
+    """``ENCODED_SCHEMA`` frames (plus ``encoder`` and ``_reused``) for ``rows``: the reusable
+    stored vectors, and ``encode(rows to encode, how many)`` for the rest. Nothing to encode
+    starts no encoder at all."""
+    todo, reused = split_reusable(rows, previous, encoder)
+    n_todo = todo.count() if reused is not None else n_rows
+    frames = [encode(todo, n_todo).withColumn("_reused", F.lit(False))] if n_todo else []
+    if reused is not None:
+        frames.append(reused.withColumn("_reused", F.lit(True)))
+    return [frame.withColumn("encoder", F.lit(encoder)) for frame in frames]
+
+
 def description_rows(spark: SparkSession, warehouse: str, items: DataFrame, rep: Representation) -> DataFrame:
     """(representation, item_id, text, pre_status) for an LVLM representation: the description
     of each item's image, or why there is none."""
@@ -334,6 +347,8 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
     if reuse_vectors(run):
         tables.ensure(spark, wh, "item_embeddings")  # a table from before the input hash gets it
         previous = cut_lineage(spark, previous_vectors(spark, wh, dataset, [r.name for r in base]))
+        if previous.isEmpty():  # a first run: nothing to compare with
+            previous = None
 
     encoders: dict[str, str] = {}
     parts: list[DataFrame] = []
@@ -349,28 +364,18 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
         rows = frames[0]
         for frame in frames[1:]:
             rows = rows.unionByName(frame)
-        todo, reused = split_reusable(with_text_hash(rows), previous, experiment.text_encoder)
-        n_todo = todo.count() if reused is not None else n_items * len(text_reps)
-        if n_todo:
-            partitions = partitions_for(spark, n_todo, rows_per_task, 500)
-            parts.append(encode_texts_in_spark(todo, experiment.text_encoder, text_batch, threads, partitions)
-                         .withColumn("encoder", F.lit(experiment.text_encoder)).withColumn("_reused", F.lit(False)))
-        if reused is not None:
-            parts.append(reused.withColumn("encoder", F.lit(experiment.text_encoder))
-                         .withColumn("_reused", F.lit(True)))
+        parts += encoded_or_reused(
+            with_text_hash(rows), previous, experiment.text_encoder, n_items * len(text_reps),
+            lambda todo, n: encode_texts_in_spark(todo, experiment.text_encoder, text_batch, threads,
+                                                  partitions_for(spark, n, rows_per_task, 500)))
         encoders.update({r.name: experiment.text_encoder for r in text_reps})
     if image_reps:
         dim, record = image_encoder_record(experiment.image_encoder)
         run.count(record, dim)
-        todo, reused = split_reusable(image_rows(items, image_reps[0]), previous, experiment.image_encoder)
-        n_todo = todo.count() if reused is not None else n_items
-        if n_todo:
-            partitions = partitions_for(spark, n_todo, max(1, rows_per_task // 20), 100)
-            parts.append(encode_images_in_spark(todo, experiment.image_encoder, image_batch, threads, partitions)
-                         .withColumn("encoder", F.lit(experiment.image_encoder)).withColumn("_reused", F.lit(False)))
-        if reused is not None:
-            parts.append(reused.withColumn("encoder", F.lit(experiment.image_encoder))
-                         .withColumn("_reused", F.lit(True)))
+        parts += encoded_or_reused(
+            image_rows(items, image_reps[0]), previous, experiment.image_encoder, n_items,
+            lambda todo, n: encode_images_in_spark(todo, experiment.image_encoder, image_batch, threads,
+                                                   partitions_for(spark, n, max(1, rows_per_task // 20), 100)))
         encoders[VISUAL] = experiment.image_encoder
 
     encoded = parts[0]
@@ -378,9 +383,9 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
         encoded = encoded.unionByName(frame)
     encoded = encoded.persist(StorageLevel.MEMORY_AND_DISK)
     with run.stage("encode"):  # the first action on the vectors: what is not reused is encoded here
-        rows = encoded.groupBy("representation", "status", "_reused").count().collect()
+        groups = encoded.groupBy("representation", "status", "_reused").count().collect()
     statuses: dict[tuple[str, str], int] = {}
-    for row in rows:
+    for row in groups:
         key = (row["representation"], row["status"])
         statuses[key] = statuses.get(key, 0) + row["count"]
         if row["_reused"]:
@@ -444,9 +449,7 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
     for frame in fused_frames:
         frame.unpersist()
     encoded.unpersist()
-    for frame in (previous, items):
-        if frame is not None:
-            frame.unpersist()
+    items.unpersist()
     log.info("embed %s: wrote %d vectors over %s", dataset, total, list(written))
 
 
