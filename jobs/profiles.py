@@ -107,9 +107,11 @@ def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
     interactions = tables.read(spark, wh, "interactions").filter(F.col("dataset") == dataset)
     train = (interactions.filter(F.col("split") == "train").select("user_id", "item_id", "ts")
              .persist(StorageLevel.MEMORY_AND_DISK))
-    n_train = train.count()
-    n_users = interactions.select("user_id").distinct().count()
-    n_train_users = train.select("user_id").distinct().count()
+    # One pass over the interactions for the three totals.
+    totals = (interactions.groupBy("user_id").agg(F.count_if(F.col("split") == "train").alias("train_rows"))
+              .agg(F.sum("train_rows").alias("rows"), F.count(F.lit(1)).alias("users"),
+                   F.count_if(F.col("train_rows") > 0).alias("train_users")).first())
+    n_train, n_users, n_train_users = (int(totals[k] or 0) for k in ("rows", "users", "train_users"))
     run.count("train_rows_read", n_train)
     run.count("users", n_users)
     run.count("users_with_train", n_train_users)
