@@ -345,7 +345,6 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
     # are reused, not encoded again: a rerun encodes only what changed.
     previous = None
     if reuse_vectors(run):
-        tables.ensure(spark, wh, "item_embeddings")  # a table from before the input hash gets it
         previous = cut_lineage(spark, previous_vectors(spark, wh, dataset, [r.name for r in base]))
         if previous.isEmpty():  # a first run: nothing to compare with
             previous = None

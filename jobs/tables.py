@@ -167,10 +167,18 @@ def exists(spark: SparkSession, warehouse: str | Path, name: str) -> bool:
 
 
 def read(spark: SparkSession, warehouse: str | Path, name: str) -> DataFrame:
-    """The table, or an empty frame with its schema when it was never written."""
-    if exists(spark, warehouse, name):
-        return spark.read.format("delta").load(table_path(warehouse, name))
-    return spark.createDataFrame([], SCHEMAS[name])
+    """The table, or an empty frame with its schema when it was never written. A contract
+    column that a table written by an older version lacks reads as null (``ensure`` adds it
+    to the table at the next write)."""
+    from pyspark.sql import functions as F
+
+    if not exists(spark, warehouse, name):
+        return spark.createDataFrame([], SCHEMAS[name])
+    frame = spark.read.format("delta").load(table_path(warehouse, name))
+    for field in SCHEMAS[name].fields:
+        if field.name not in frame.columns:
+            frame = frame.withColumn(field.name, F.lit(None).cast(field.dataType))
+    return frame
 
 
 # Tables this process has found up to date with their contract: checked once, not per write.
@@ -248,19 +256,17 @@ def append(spark: SparkSession, warehouse: str | Path, name: str, df: DataFrame)
     retry_on_conflict(lambda: data.write.format("delta").mode("append").save(table_path(warehouse, name)), name)
 
 
-def slice_condition(where: dict[str, object], alias: str = "") -> str:
-    """SQL for a slice: column -> value (``=``) or list of values (``IN``), quoted, ANDed;
-    ``alias`` qualifies the columns (``t`` for a MERGE's target)."""
+def slice_condition(where: dict[str, object]) -> str:
+    """SQL for a slice: column -> value (``=``) or list of values (``IN``), quoted, ANDed."""
     def quote(value: object) -> str:
         return "'" + str(value).replace("'", "''") + "'"
 
-    prefix = f"{alias}." if alias else ""
     terms = []
     for column, value in where.items():
         if isinstance(value, (list, tuple)):
-            terms.append(f"{prefix}`{column}` IN ({', '.join(quote(v) for v in value)})" if value else "FALSE")
+            terms.append(f"`{column}` IN ({', '.join(quote(v) for v in value)})" if value else "FALSE")
         else:
-            terms.append(f"{prefix}`{column}` = {quote(value)}")
+            terms.append(f"`{column}` = {quote(value)}")
     return " AND ".join(terms)
 
 

@@ -20,8 +20,8 @@ def bootstrap_mean_ci(
     values: np.ndarray, n_samples: int = 1000, alpha: float = 0.05, seed: int = 0
 ) -> tuple[float, float, float]:
     """(mean, lo, hi): the sample mean and the percentile bootstrap (1 - alpha) interval of it."""
-    values = _as_sample(values, "values")
-    (mean, lo, hi), = bootstrap_mean_cis(values[:, None], n_samples, alpha, seed)
+    (mean, lo, hi), = bootstrap_mean_cis(np.asarray(values, dtype=np.float64).reshape(-1, 1),
+                                         n_samples, alpha, seed)
     return mean, lo, hi
 
 
