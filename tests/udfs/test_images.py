@@ -3,18 +3,24 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from udfs import images
 from udfs.images import (
     ImageError,
+    ReadLimits,
     check_image,
     downscale,
     load_image,
+    read_image_file,
     resize_for,
+    resolve_under,
     sha256_bytes,
     sha256_file,
     to_rgb,
@@ -163,6 +169,44 @@ def test_sixteen_bit_greyscale_keeps_its_tonal_range(tmp_path):
     assert r == g == b and 120 <= r <= 135
 
 
+def _float64_to_8bit(arr: np.ndarray, top: float) -> np.ndarray:
+    """The conversion ``to_rgb`` used before it dropped its float64 copy: the reference."""
+    return np.clip(arr.astype(np.float64) / top * 255.0, 0, 255).astype(np.uint8)
+
+
+def test_sixteen_bit_png_gives_the_float_conversions_pixels_within_one(tmp_path):
+    rng = np.random.default_rng(7)
+    arr = rng.integers(0, 65536, size=(23, 17), dtype=np.uint16)
+    arr[0, :4] = [0, 255, 65280, 65535]  # both ends and the byte boundaries
+    path = _save(Image.fromarray(arr), tmp_path / "g16.png")
+    with Image.open(path) as raw:
+        assert raw.mode == "I;16"  # the mode the integer path is for
+    got = np.asarray(load_image(path))
+    assert got.shape == (23, 17, 3) and (got[..., 0] == got[..., 1]).all() and (got[..., 0] == got[..., 2]).all()
+    diff = np.abs(got[..., 0].astype(int) - _float64_to_8bit(arr, 65535.0).astype(int))
+    assert diff.max() <= 1
+    assert got[0, 0, 0] == 0 and got[0, 3, 0] == 255
+
+
+def test_big_endian_16_bit_and_32_bit_images_keep_the_float_conversions_pixels(tmp_path):
+    rng = np.random.default_rng(8)
+    arr = rng.integers(0, 65536, size=(9, 11), dtype=np.uint16)
+    big_endian = Image.frombytes("I;16B", (11, 9), arr.astype(">u2").tobytes())
+    diff = np.abs(np.asarray(to_rgb(big_endian))[..., 0].astype(int) - _float64_to_8bit(arr, 65535.0))
+    assert diff.max() <= 1
+    # 32-bit integers scale by the image's own maximum, in blocks of rows; one block here.
+    wide = rng.integers(0, 3_000_000, size=(9, 11)).astype(np.int32)
+    got = np.asarray(to_rgb(Image.fromarray(wide, "I")))[..., 0].astype(int)
+    assert np.abs(got - _float64_to_8bit(wide, float(wide.max()))).max() <= 1
+
+
+def test_32_bit_image_is_scaled_in_blocks_of_rows_like_in_one(monkeypatch):
+    arr = np.random.default_rng(9).random((40, 7)).astype(np.float32) * 1000.0
+    whole = np.asarray(to_rgb(Image.fromarray(arr, "F")))
+    monkeypatch.setattr(images, "_SCALE_BLOCK_PIXELS", 7 * 3)  # 3 rows per block, the last one short
+    assert np.array_equal(np.asarray(to_rgb(Image.fromarray(arr, "F"))), whole)
+
+
 def test_exif_orientation_is_applied(tmp_path):
     img = Image.new("RGB", (40, 20), (0, 0, 255))
     img.paste((255, 0, 0), (0, 0, 20, 20))  # left half red
@@ -195,3 +239,131 @@ def test_downscale_keeps_aspect_and_never_upscales():
 def test_to_rgb_returns_rgb_unchanged():
     img = Image.new("RGB", (3, 3), (1, 2, 3))
     assert to_rgb(img) is img
+
+
+# --- bounded, confined reads --------------------------------------------------------------
+
+def _png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (6, 4), (10, 20, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_read_limits_name_the_setting_to_fix():
+    with pytest.raises(ValueError, match="dataset.images.max_bytes"):
+        ReadLimits(max_bytes=0)
+    with pytest.raises(ValueError, match="dataset.images.read_timeout_s"):
+        ReadLimits(timeout_s=0)
+    with pytest.raises(ValueError, match="dataset.images.read_timeout_s"):
+        ReadLimits(timeout_s=float("inf"))
+
+
+def test_a_file_above_max_bytes_is_refused_from_its_size(tmp_path):
+    big = tmp_path / "huge.jpg"
+    big.write_bytes(_png_bytes())
+    os.truncate(big, 1 << 30)  # a sparse gigabyte: costs nothing unless someone reads it
+    with pytest.raises(ImageError) as info:
+        read_image_file(big, ReadLimits(max_bytes=1 << 20))
+    assert info.value.kind == "too_big"
+    assert "1,073,741,824 bytes" in info.value.reason and "dataset.images.max_bytes=1,048,576" in info.value.reason
+    sha, reason = check_image(big, limits=ReadLimits(max_bytes=1 << 20))
+    assert sha is None and reason == info.value.reason
+    small = tmp_path / "small.png"
+    small.write_bytes(_png_bytes())
+    exact = ReadLimits(max_bytes=small.stat().st_size)  # a file of exactly max_bytes is read
+    assert read_image_file(small, exact) == small.read_bytes()
+
+
+def test_a_file_that_reports_no_size_is_read_only_up_to_max_bytes():
+    # procfs files report st_size 0 and have content: the reader must count what it reads.
+    with pytest.raises(ImageError) as info:
+        read_image_file("/proc/self/status", ReadLimits(max_bytes=16))
+    assert info.value.kind == "too_big" and "more than 16 bytes" in info.value.reason
+
+
+def _in_thread(fn, *args):
+    """``fn(*args)`` in a thread joined with a timeout: a hang guard, so that a regression fails
+    this test instead of hanging the whole run."""
+    result = {}
+
+    def target():
+        try:
+            result["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), f"{fn.__name__}{args} hung"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def test_devices_fifos_and_directories_are_refused_without_reading(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    for path, what in (("/dev/zero", "a character device"), (fifo, "a FIFO"), (tmp_path, "a directory")):
+        with pytest.raises(ImageError) as info:
+            _in_thread(read_image_file, path)
+        assert info.value.kind == "not_regular", path
+        assert f"is {what}" in info.value.reason and "only regular files" in info.value.reason
+        sha, reason = _in_thread(check_image, path)
+        assert sha is None and reason == info.value.reason
+
+
+def test_a_read_that_hangs_returns_a_timeout_and_the_reader_recovers(tmp_path):
+    good = tmp_path / "good.png"
+    good.write_bytes(_png_bytes())
+    release = threading.Event()
+    # Occupy every reader thread the way reads stuck in the kernel (a dead NFS mount) would.
+    stuck = [images._READERS.submit(release.wait, 60) for _ in range(images._READ_THREADS)]
+    try:
+        with pytest.raises(ImageError) as info:
+            read_image_file(good, ReadLimits(timeout_s=0.2))
+        assert info.value.kind == "timeout"
+        assert "read timed out after 0.2 s" in info.value.reason
+        assert "dataset.images.read_timeout_s" in info.value.reason
+        assert check_image(good, limits=ReadLimits(timeout_s=0.2))[1] == info.value.reason
+    finally:
+        release.set()
+    assert all(future.result(timeout=60) for future in stuck)
+    assert read_image_file(good) == good.read_bytes()
+
+
+def test_paths_out_of_the_root_are_refused_by_symlink_or_dotdot(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "img").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.jpg").write_text("not for you")
+    (root / "img" / "a.png").write_bytes(_png_bytes())
+    (root / "img" / "link.jpg").symlink_to(outside / "secret.jpg")
+    (root / "img" / "inner.png").symlink_to(root / "img" / "a.png")
+    (tmp_path / "root2").mkdir()  # a sibling whose name starts like the root's
+    for path in (root / "img" / "link.jpg", root / "img" / ".." / ".." / "outside" / "secret.jpg",
+                 tmp_path / "root2" / "x.png", "/etc/hostname"):
+        with pytest.raises(ImageError) as info:
+            resolve_under(str(path), str(root))
+        assert info.value.kind == "outside_root"
+        assert "outside the dataset's images root" in info.value.reason
+        assert "dataset.images.allow_outside_root" in info.value.reason
+        assert resolve_under(str(path), str(root), allow_outside_root=True) == os.path.realpath(path)
+    assert resolve_under(str(root / "img" / "inner.png"), str(root)) == str((root / "img" / "a.png").resolve())
+    assert resolve_under(str(root / "img" / ".." / "img" / "a.png"), str(root)) == str(root / "img" / "a.png")
+    with pytest.raises(ImageError, match="names no images root"):
+        resolve_under(str(root / "img" / "a.png"), None)
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"\xff\xd8\xff\xe0" + b"\x01" * 60, "a damaged JPEG (JPEG header found but its tables are unreadable"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x01" * 60, "a damaged PNG (PNG signature found"),
+    (b"GIF89a" + b"\x01" * 3, "a damaged GIF (GIF signature found"),
+    (b"RIFF\x10\x00\x00\x00WEBPVP8 " + b"\x01" * 8, "a damaged WebP (WebP header found"),
+    (b"root:x:0:0:root:/root:/bin/bash\n", "not an image format Pillow can read"),
+], ids=["jpeg", "png", "gif", "webp", "text"])
+def test_an_unreadable_file_is_named_by_its_format_and_never_quoted(tmp_path, data, expected):
+    path = _write(tmp_path / "x.jpg", data)
+    sha, reason = check_image(path)
+    assert sha is None and expected in reason and "x.jpg" in reason
+    assert "root:x" not in reason and "\\x01" not in reason and "\\xff" not in reason
