@@ -58,6 +58,23 @@ class SplitConf:
 
 
 @dataclass
+class ImagesConf:
+    """``dataset.images``: how ingest and caption read item image files (``udfs.images.ReadLimits``)."""
+
+    max_bytes: int = 64 * 1024 * 1024  # a larger file is rejected from its size, never read
+    read_timeout_s: float = 30.0  # a slower read (a dead network mount) is an error; caption retries it
+    # false: an image path must resolve (symbolic links and '..' followed) under the adapter's images root
+    allow_outside_root: bool = False
+
+    def problems(self) -> dict[str, str | None]:
+        timeout = self.read_timeout_s
+        return {"max_bytes": None if self.max_bytes >= 1
+                else f"must be a positive number of bytes, got {self.max_bytes!r}",
+                "read_timeout_s": None if 0 < timeout < float("inf")
+                else f"must be a positive, finite number of seconds, got {timeout!r}"}
+
+
+@dataclass
 class DatasetConf:
     name: str = ""
     adapter: str = ""  # movielens | mmrec | amazon | hm | csv | synthetic
@@ -67,6 +84,7 @@ class DatasetConf:
     split: SplitConf = field(default_factory=SplitConf)
     kcore: int = 0  # 0: no k-core filtering
     min_rating: float | None = None  # keep interactions with rating >= this (implicit feedback)
+    images: ImagesConf = field(default_factory=ImagesConf)
 
 
 @dataclass

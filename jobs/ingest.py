@@ -29,6 +29,7 @@ from .adapters import read_dataset
 from .adapters.base import AdapterOutput
 from .config import ConfigError
 from udfs.image_hashing import with_image_hashes
+from udfs.images import ReadLimits
 from .job_run import JobRun, NothingUsable, run_job
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,10 @@ def _as_rejects(df: DataFrame, reason: F.Column | str, row: F.Column) -> DataFra
                      F.to_json(F.struct(*[c for c in df.columns if not c.startswith("_")])).alias("content"))
 
 
-def clean_items(run: JobRun, items: DataFrame) -> tuple[DataFrame, DataFrame]:
-    """Unique item ids (a repeated id keeps its first row), image checked and hashed."""
+def clean_items(run: JobRun, items: DataFrame, images_root: str | None = None) -> tuple[DataFrame, DataFrame]:
+    """Unique item ids (a repeated id keeps its first row), image checked and hashed: a local
+    image path must resolve under ``images_root`` (the adapter's) and is read within
+    ``dataset.images``."""
     items = items.withColumn("_source", F.lit("items")).withColumn("_order", F.monotonically_increasing_id())
     first = Window.partitionBy("item_id").orderBy("_order")
     ranked = items.withColumn("_rank", F.row_number().over(first))
@@ -59,7 +62,9 @@ def clean_items(run: JobRun, items: DataFrame) -> tuple[DataFrame, DataFrame]:
                         "duplicate item_id: only the first row of this id is kept",
                         F.concat(F.lit("item_id="), F.col("item_id")))
     unique = ranked.filter(F.col("_rank") == 1).drop("_rank", "_order", "_source")
-    checked = with_image_hashes(unique).persist(StorageLevel.DISK_ONLY)
+    images = run.config.dataset.images
+    checked = with_image_hashes(unique, images_root, ReadLimits(images.max_bytes, images.read_timeout_s),
+                                images.allow_outside_root).persist(StorageLevel.DISK_ONLY)
     bad_images = checked.filter(F.col("_image_error").isNotNull()).select(
         F.col("image_uri").alias("source"), F.concat(F.lit("item_id="), F.col("item_id")).alias("row"),
         F.concat(F.col("_image_error"), F.lit(" (the item is kept without an image: fix or replace the file)"))
@@ -131,7 +136,7 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
         out = read_dataset(spark, dataset)
         for key, value in out.counts.items():
             run.count(key, value)
-        items, item_rejects = clean_items(run, out.items)
+        items, item_rejects = clean_items(run, out.items, out.images_root)
         summary = items.agg(F.count(F.lit(1)).alias("n"),
                             F.count(F.when(F.col("image_sha256").isNull(), 1)).alias("no_image")).first()
         n_items = summary["n"]

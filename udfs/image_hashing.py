@@ -1,21 +1,25 @@
 """Spark wrapper: check and hash every item's image on the executors, in parallel.
 
-Local paths are opened, fully decoded (so a truncated file is caught here, not in the caption
-job) and hashed; remote URIs (``http://``, ``s3://``) are left for the caption job to fetch and
-get no hash yet.
+Local paths are confined to the dataset's images root (``udfs.images.resolve_under``: symbolic
+links and ``..`` resolved; a path outside is rejected without being opened, unless
+``allow_outside_root``), then read within ``ReadLimits``, fully decoded (so a truncated file is
+caught here, not in the caption job) and hashed; remote URIs (``http://``, ``s3://``) are left
+for the caption job to fetch and get no hash yet.
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import pandas as pd
 
-from .images import check_image
+from .images import ImageError, ReadLimits, check_image, resolve_under
 
 REMOTE_PREFIXES = ("http://", "https://", "s3://", "s3a://", "gs://", "abfs://", "hdfs://")
 
 
-def _check_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+def _check_batches(batches: Iterator[pd.DataFrame], images_root: str | None, limits: ReadLimits,
+                   allow_outside_root: bool) -> Iterator[pd.DataFrame]:
     for batch in batches:
         hashes, errors = [], []
         for uri in batch["image_uri"]:
@@ -27,17 +31,30 @@ def _check_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
                 errors.append(None)
             else:
                 path = str(uri)[7:] if str(uri).startswith("file://") else str(uri)
-                digest, reason = check_image(path)
+                try:
+                    # The resolved path is the one opened: what was checked is what is read.
+                    resolved = resolve_under(path, images_root, allow_outside_root, name=str(uri))
+                except ImageError as e:
+                    digest, reason = None, e.reason
+                else:
+                    digest, reason = check_image(resolved, limits=limits, name=str(uri))
                 hashes.append(digest)
-                errors.append(reason)  # check_image's reason already names the file
+                errors.append(reason)  # the reason already names the file
         yield batch.assign(image_sha256=hashes, _image_error=errors)
 
 
-def with_image_hashes(items):
-    """``items`` (a Spark frame with ``image_uri``) plus ``image_sha256`` and ``_image_error``."""
+def with_image_hashes(items, images_root: str | None = None, limits: ReadLimits | None = None,
+                      allow_outside_root: bool = False):
+    """``items`` (a Spark frame with ``image_uri``) plus ``image_sha256`` and ``_image_error``.
+
+    ``images_root``: the folder every local image path must resolve into (the adapter's
+    ``AdapterOutput.images_root``); ``None`` with ``allow_outside_root=False`` rejects every
+    local path, since there is nothing to confine it to."""
     from pyspark.sql import types as T
 
     base = items.drop("image_sha256") if "image_sha256" in items.columns else items
     schema = T.StructType(base.schema.fields + [T.StructField("image_sha256", T.StringType()),
                                                 T.StructField("_image_error", T.StringType())])
-    return base.mapInPandas(_check_batches, schema)
+    check = functools.partial(_check_batches, images_root=images_root, limits=limits or ReadLimits(),
+                              allow_outside_root=allow_outside_root)
+    return base.mapInPandas(check, schema)

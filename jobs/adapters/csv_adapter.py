@@ -95,4 +95,4 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
     # Bad interaction records stay in the frame (``_reason``): ingest reads the file once for both.
     interactions, _ = validate_columns(raw_inter, required, optional, inter_path, "interactions",
                                        opts.timestamp_format, encoding=opts.encoding, split=False)
-    return AdapterOutput(items, interactions, item_rejects, {})
+    return AdapterOutput(items, interactions, item_rejects, {}, images_root=images_root)

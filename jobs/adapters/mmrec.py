@@ -51,6 +51,7 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
         raw, {"user_id": opts.user_col, "item_id": opts.item_col, "ts": opts.timestamp_col},
         {"rating": opts.rating_col, "label": opts.label_col}, inter_path, "interactions")
     counts: dict[str, int] = {}
+    images_root = None  # no items file: no image paths
     ids = interactions.select("item_id").distinct()
     if opts.items_file:
         items_path = require_path(dataset, "items", opts.items_file)
@@ -77,4 +78,4 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
                            F.lit(None).cast("string").alias("text"), F.lit(None).cast("string").alias("image_uri"),
                            F.create_map().cast("map<string,string>").alias("attrs"))
         counts["items_without_metadata_file"] = 1
-    return AdapterOutput(items, interactions, rejects, counts)
+    return AdapterOutput(items, interactions, rejects, counts, images_root=images_root)

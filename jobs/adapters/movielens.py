@@ -85,7 +85,7 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
                       "text": items["overview"].where(items["overview"].notna(), None),
                       "image_uri": items["image_uri"], "attrs": attrs}),
         "item_id string, title string, text string, image_uri string, attrs map<string,string>")
-    return AdapterOutput(items_df, interactions, rejects, counts)
+    return AdapterOutput(items_df, interactions, rejects, counts, images_root=str(poster_dir.resolve()))
 
 
 def _pick_overviews(path, items: pd.DataFrame, counts: dict[str, int]) -> pd.DataFrame:

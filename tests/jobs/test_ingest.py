@@ -1,9 +1,13 @@
 """The ingest job end to end: real MovieLens, the synthetic data, idempotency, the runs table."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import threading
 
 import pytest
+import yaml
 from pyspark.sql import functions as F
 
 from jobs import ingest
@@ -95,3 +99,102 @@ def test_cli_dispatches_to_jobs(capsys):
     assert main(["--help"]) == 0
     assert "ingest" in capsys.readouterr().out
     assert main(["nope"]) == 2
+
+
+# --- image files that must not be read, or not read whole ----------------------------------
+
+MARKER = "MARKER-9d4e-secret-file-content"
+
+
+def _hostile_catalog(tmp_path):
+    """A csv dataset whose image paths are a good JPEG and PNG, an oversized (sparse) file, a
+    FIFO, a symlink out of the root, a ``../`` path and ``/dev/zero``; the file outside the root
+    holds ``MARKER``."""
+    from PIL import Image
+
+    root, outside = tmp_path / "shop", tmp_path / "outside"
+    (root / "img").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.jpg").write_text(f"{MARKER}\n" * 20)
+    Image.new("RGB", (16, 12), (200, 10, 10)).save(root / "img" / "good1.jpg")
+    Image.new("RGB", (16, 12), (10, 200, 10)).save(root / "img" / "good2.png")
+    Image.new("RGB", (16, 12), (10, 10, 200)).save(root / "img" / "big.jpg")
+    os.truncate(root / "img" / "big.jpg", 8 << 20)  # sparse: cheap to make, refused by its size
+    os.mkfifo(root / "img" / "pipe.jpg")
+    (root / "img" / "link.jpg").symlink_to(outside / "secret.jpg")
+    images = {"good1": "img/good1.jpg", "good2": "img/good2.png", "big": "img/big.jpg", "fifo": "img/pipe.jpg",
+              "link": "img/link.jpg", "dotdot": "../outside/secret.jpg", "zero": "/dev/zero"}
+    (root / "items.csv").write_text("item_id,title,image_path\n"
+                                    + "".join(f"{i},Item {i},{p}\n" for i, p in images.items()))
+    rows = [f"u{u},{i},{100 * u + n}" for u in range(3) for n, i in enumerate(images)]
+    (root / "interactions.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    return root, root / "img" / "pipe.jpg", len(rows)
+
+
+def _ingest(tmp_path, warehouse, name, root, *extra):
+    conf = tmp_path / f"{name}.yaml"
+    conf.write_text(yaml.safe_dump({"dataset": {
+        "name": name, "adapter": "csv", "paths": {"root": str(root)},
+        "options": {"image": "image_path"}, "split": {"protocol": "leave_one_out"}}}))
+    return ingest.main(["--conf", str(conf), "--set", f"warehouse={warehouse}", "--set", "log_level=WARNING",
+                        "--set", "dataset.images.max_bytes=1048576", *extra])
+
+
+@contextlib.contextmanager
+def _fifo_hang_guard(fifo):
+    """If a reader ever blocks on the FIFO, a writer opening and closing it after a long wait
+    gives that reader EOF: the test then fails on its reasons instead of hanging the run."""
+    def unblock():
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass  # no reader waiting (ENXIO): nothing hangs
+
+    timer = threading.Timer(300, unblock)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def test_hostile_image_paths_become_rejects_without_reading_or_quoting_them(spark, warehouse, tmp_path):
+    root, fifo, n_interactions = _hostile_catalog(tmp_path)
+    with _fifo_hang_guard(fifo):
+        assert _ingest(tmp_path, warehouse, "hostile", root) == 0
+    items = {r.item_id: r for r in table(spark, warehouse, "items").filter("dataset = 'hostile'").collect()}
+    assert set(items) == {"good1", "good2", "big", "fifo", "link", "dotdot", "zero"}  # every item kept
+    assert {i for i, r in items.items() if r.image_sha256} == {"good1", "good2"}
+    assert table(spark, warehouse, "interactions").filter("dataset = 'hostile'").count() == n_interactions
+    rejects = table(spark, warehouse, "rejects").filter("dataset = 'hostile'")
+    reasons = {r.row: r.reason for r in rejects.collect()}
+    assert set(reasons) == {f"item_id={i}" for i in ("big", "fifo", "link", "dotdot", "zero")}
+    assert "8,388,608 bytes, above dataset.images.max_bytes=1,048,576" in reasons["item_id=big"]
+    assert "is a FIFO (named pipe): only regular files are read" in reasons["item_id=fifo"]
+    for item in ("link", "dotdot", "zero"):
+        reason = reasons[f"item_id={item}"]
+        assert "outside the dataset's images root" in reason and "dataset.images.allow_outside_root" in reason
+        assert "the item is kept without an image" in reason
+    assert MARKER not in json.dumps([r.asDict() for r in rejects.collect()], default=str)
+
+    # Allowed outside the root, the files are read (and still never quoted); /dev/zero is refused
+    # as a device, not read until memory runs out.
+    with _fifo_hang_guard(fifo):
+        assert _ingest(tmp_path, warehouse, "hostile_open", root,
+                       "--set", "dataset.images.allow_outside_root=true") == 0
+    rejects = table(spark, warehouse, "rejects").filter("dataset = 'hostile_open'")
+    reasons = {r.row: r.reason for r in rejects.collect()}
+    assert set(reasons) == {f"item_id={i}" for i in ("big", "fifo", "link", "dotdot", "zero")}
+    assert "is a character device: only regular files are read" in reasons["item_id=zero"]
+    for item in ("link", "dotdot"):
+        assert "not an image format Pillow can read" in reasons[f"item_id={item}"]
+    assert MARKER not in json.dumps([r.asDict() for r in rejects.collect()], default=str)
+
+
+def test_image_settings_are_checked_by_the_config(spark, warehouse, tmp_path, capsys):
+    root, _, _ = _hostile_catalog(tmp_path)
+    assert _ingest(tmp_path, warehouse, "bad_limits", root, "--set", "dataset.images.max_bytes=0") == 2
+    assert "dataset.images.max_bytes" in capsys.readouterr().err
+    assert _ingest(tmp_path, warehouse, "bad_limits", root, "--set", "dataset.images.max_byte=5") == 2
+    assert "did you mean 'max_bytes'" in capsys.readouterr().err
