@@ -70,6 +70,7 @@ from pyspark.sql import functions as F
 
 from udfs import caption_udfs as cu
 from udfs.caption.engine import DEFAULT_MODELS, ENGINES
+from udfs.images import ReadLimits
 from udfs.representations import RepresentationError, lvlm_name
 
 from . import tables
@@ -358,8 +359,10 @@ def _actor_resources(ray: Any, spec: CaptionSpec) -> tuple[float, float, int]:
     return actor_cpus, (1.0 if use_gpu else 0.0), threads
 
 
-def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: Path) -> list[dict[str, Any]]:
-    """Run the Ray Data pipeline over ``todo``; returns one summary row per staged file."""
+def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: Path,
+                      limits: ReadLimits | None = None) -> list[dict[str, Any]]:
+    """Run the Ray Data pipeline over ``todo``; returns one summary row per staged file.
+    ``limits``: how image files are read (``dataset.images``)."""
     import ray.data
 
     per_file = int(spec.job_options["rows_per_file"])
@@ -368,13 +371,14 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: Path) -> l
     write_kwargs = dict(staging_dir=str(folder), engine=spec.engine, model=spec.model,
                         prompt_id=spec.prompt_id, prompt=spec.prompt)
     if spec.engine == "vllm":
-        ds = describe_with_vllm(ds, spec)
+        ds = describe_with_vllm(ds, spec, limits)
     else:
         actor_cpus, actor_gpus, threads = _actor_resources(ray, spec)
         log.info("caption engine %s: %d actor(s), %.2f CPU + %.0f GPU each, %d torch thread(s)",
                  spec.engine, spec.num_workers, actor_cpus, actor_gpus, threads)
         cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        ds = ds.map_batches(cu.load_images, fn_kwargs={"max_side": cu.ENGINE_MAX_SIDE[spec.engine]},
+        ds = ds.map_batches(cu.load_images, fn_kwargs={"max_side": cu.ENGINE_MAX_SIDE[spec.engine],
+                                                    "limits": limits},
                             batch_size=spec.batch_size, batch_format="pandas",
                             num_cpus=float(spec.job_options["load_num_cpus"]),
                             compute=ray.data.TaskPoolStrategy(size=cluster_cpus))
@@ -391,7 +395,7 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: Path) -> l
     return ds.take_all()
 
 
-def describe_with_vllm(ds: Any, spec: CaptionSpec) -> Any:
+def describe_with_vllm(ds: Any, spec: CaptionSpec, limits: ReadLimits | None = None) -> Any:
     """The ``vllm`` branch: Ray's vLLM processor replaces the actor pool (needs GPUs and vLLM;
     not exercised on CPU-only machines). Images that fail to load bypass the engine."""
     from udfs.caption.vllm_engine import build_vllm_processor
@@ -405,7 +409,8 @@ def describe_with_vllm(ds: Any, spec: CaptionSpec) -> Any:
         accelerator_type=spec.job_options["accelerator_type"],
         max_model_len=options.get("max_model_len"), min_new_tokens=options.get("min_new_tokens"),
         engine_kwargs=options.get("engine_kwargs"))
-    loaded = ds.map_batches(cu.load_image_bytes, batch_format="pandas", batch_size=spec.batch_size).materialize()
+    loaded = ds.map_batches(cu.load_image_bytes, fn_kwargs={"limits": limits}, batch_format="pandas",
+                            batch_size=spec.batch_size).materialize()
     failed = loaded.filter(expr="error IS NOT NULL").map_batches(cu.failed_rows, batch_format="pandas")
     described = caption(loaded.filter(expr="error IS NULL")).map_batches(cu.vllm_rows, batch_format="pandas")
     return described.union(failed)
@@ -430,7 +435,8 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
         started = time.perf_counter()
         try:
             with ray_session(config.ray) as ray:
-                summaries = describe_with_ray(ray, todo, spec, folder)
+                summaries = describe_with_ray(ray, todo, spec, folder, ReadLimits(
+                    config.dataset.images.max_bytes, config.dataset.images.read_timeout_s))
         except BaseException:
             _salvage(run, folder)
             raise

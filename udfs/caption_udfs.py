@@ -15,12 +15,16 @@ Three Ray Data stages over batches of unique images (pandas frames with ``image_
 
 Every input row leaves as one ``descriptions`` row with ``status`` ``ok`` or ``error``; an
 error's text is ``"<kind>: <reason>"``, where kind is one of ``udfs.images.ImageError.kind``
-(missing, empty, not_image, truncated, too_large, unreadable), ``changed`` (the file's bytes no
-longer hash to the recorded ``image_sha256``: rerun ``ingest``) or ``engine`` (the model raised).
+(missing, empty, not_image, truncated, too_large, too_big, not_regular, timeout, unreadable),
+``changed`` (the file's bytes no longer hash to the recorded ``image_sha256``: rerun
+``ingest``) or ``engine`` (the model raised). Files are read by ``udfs.images.read_image_file``
+within ``ReadLimits`` (``dataset.images``): a regular file only, at most ``max_bytes``, within
+``read_timeout_s``.
 
 Retry policy (``is_permanent_error``): an error that the image bytes alone decide (empty,
 not_image, truncated, too_large) is final for that hash and counts as a cache hit; a changed
-or missing file, an unreadable one and an engine error are retried by the next run.
+or missing file, an unreadable one, a read refused or timed out (too_big, not_regular,
+timeout) and an engine error are retried by the next run.
 """
 from __future__ import annotations
 
@@ -45,7 +49,11 @@ OK, ERROR = "ok", "error"
 CHANGED = "changed"
 ENGINE = "engine"
 REMOTE = "remote_uri"
-# Kinds decided by the bytes alone: the same hash fails the same way on every run.
+# Kinds decided by the bytes alone: the same hash fails the same way on every run. Not here:
+# too_big and not_regular, because ingest read and hashed these very bytes from a regular file
+# within the limit, so at caption time they mean the file was replaced or the limit lowered
+# (a state of the file system or the config, not of the hashed bytes); timeout is slow storage.
+# All three may succeed on the next run and are retried.
 PERMANENT_ERROR_KINDS = frozenset({"empty", "not_image", "truncated", "too_large"})
 
 # Longest side the engine needs. ``tags`` sees 224 px (and a 64 px colour thumbnail); LLaVA-NeXT
@@ -97,20 +105,21 @@ def local_path(uri: str) -> str | None:
     return uri
 
 
-def load_one(uri: str, expected_sha256: str, max_side: int | None) -> tuple[Any, str | None]:
-    """``(RGB image, None)`` or ``(None, error text)`` for one item's image file."""
-    from udfs.images import ImageError, load_image, sha256_bytes
+def read_checked(uri: str, expected_sha256: str, limits: Any = None) -> tuple[bytes | None, str | None]:
+    """``(bytes, None)`` of one item's image file, read within ``limits`` (a
+    ``udfs.images.ReadLimits``) and still hashing to ``expected_sha256``, or ``(None, error text)``."""
+    from udfs.images import ImageError, load_image, read_image_file, sha256_bytes
 
     path = local_path(str(uri))
     if path is None:
         return None, error_text(REMOTE, f"image '{uri}' is remote: the caption job reads local or "
                                         "mounted files only; mount the bucket or copy the images")
     try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        return None, error_text("missing", f"image '{uri}' does not exist any more: restore it or rerun ingest")
-    except OSError as exc:
-        return None, error_text("unreadable", f"image '{uri}' cannot be read ({exc}): check its permissions")
+        data = read_image_file(path, limits, name=str(uri))
+    except ImageError as exc:
+        if exc.kind == "missing":
+            return None, error_text("missing", f"image '{uri}' does not exist any more: restore it or rerun ingest")
+        return None, error_text(exc.kind, exc.reason)
     actual = sha256_bytes(data)
     if actual != expected_sha256:
         try:
@@ -121,18 +130,30 @@ def load_one(uri: str, expected_sha256: str, max_side: int | None) -> tuple[Any,
         return None, error_text(
             CHANGED, f"image '{uri}' changed since ingest (sha256 {actual[:12]}..., items has "
                      f"{expected_sha256[:12]}...; {now}): rerun ingest so that items records the new file")
+    return data, None
+
+
+def load_one(uri: str, expected_sha256: str, max_side: int | None,
+             limits: Any = None) -> tuple[Any, str | None]:
+    """``(RGB image, None)`` or ``(None, error text)`` for one item's image file (``read_checked``,
+    then decoded and shrunk to ``max_side``)."""
+    from udfs.images import ImageError, load_image
+
+    data, error = read_checked(uri, expected_sha256, limits)
+    if error is not None:
+        return None, error
     try:
         return load_image(data, name=str(uri), max_side=max_side), None
     except ImageError as exc:
         return None, error_text(exc.kind, exc.reason)
 
 
-def load_images(batch: pd.DataFrame, max_side: int | None) -> pd.DataFrame:
+def load_images(batch: pd.DataFrame, max_side: int | None, limits: Any = None) -> pd.DataFrame:
     """Ray stage 1: adds ``pixels`` (raw RGB bytes), ``width``, ``height`` and ``error``."""
     pixels, widths, heights, errors = [], [], [], []
     for uri, sha in zip(batch["image_uri"], batch["image_sha256"]):
         try:
-            img, error = load_one(uri, sha, max_side)
+            img, error = load_one(uri, sha, max_side, limits)
         except Exception as exc:  # noqa: BLE001 - one image never fails its batch
             img, error = None, error_text("unreadable", f"image '{uri}' failed to load ({type(exc).__name__}: {exc})")
         pixels.append(None if img is None else img.tobytes())
@@ -267,14 +288,21 @@ def write_staging(batch: pd.DataFrame, staging_dir: str, engine: str, model: str
 
 # --- the vllm branch: bytes in, Ray's vLLM processor, rows back in the staging shape ---------
 
-def load_image_bytes(batch: pd.DataFrame) -> pd.DataFrame:
+def load_image_bytes(batch: pd.DataFrame, limits: Any = None) -> pd.DataFrame:
     """Like ``load_images`` but keeps the file's bytes (``image_bytes``) for vLLM's data URLs;
-    the image is still decoded once, so a truncated file fails here and not inside vLLM."""
+    the image is still decoded once, so a truncated file fails here and not inside vLLM. The
+    bytes decoded are the bytes sent: the file is read once."""
+    from udfs.images import ImageError, load_image
+
     blobs, errors = [], []
     for uri, sha in zip(batch["image_uri"], batch["image_sha256"]):
-        img, error = load_one(uri, sha, 64)
-        path = local_path(str(uri))
-        blobs.append(Path(path).read_bytes() if img is not None and path else None)
+        data, error = read_checked(uri, sha, limits)
+        if data is not None:
+            try:
+                load_image(data, name=str(uri), max_side=64)
+            except ImageError as exc:
+                data, error = None, error_text(exc.kind, exc.reason)
+        blobs.append(data)
         errors.append(error)
     return batch.assign(image_bytes=blobs, error=errors)
 

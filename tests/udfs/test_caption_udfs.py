@@ -1,0 +1,78 @@
+"""The caption job's image reading on the Ray workers (``load_one``, ``load_image_bytes``): the
+same bounded reader as ingest, with the caption cache's retry policy. No Spark, no Ray."""
+from __future__ import annotations
+
+import io
+import os
+import threading
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from udfs import caption_udfs as cu
+from udfs.images import ReadLimits, sha256_bytes
+
+
+def _png(path, size=(30, 20)):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 35)).save(buffer, "PNG")
+    path.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _load_in_thread(*args):
+    """``load_one(*args)`` with a join timeout: a hang guard, so that a FIFO read regression fails
+    this test instead of hanging the run."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(cu.load_one(*args)), daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), f"load_one{args} hung"
+    return result[0]
+
+
+def test_oversized_file_is_an_error_that_is_retried(tmp_path):
+    path = tmp_path / "big.png"
+    data = _png(path)
+    os.truncate(path, 512 << 20)  # sparse: refused from its size, never read
+    img, error = cu.load_one(str(path), sha256_bytes(data), 448, ReadLimits(max_bytes=1 << 20))
+    assert img is None and cu.error_kind(error) == "too_big"
+    assert "dataset.images.max_bytes=1,048,576" in error and not cu.is_permanent_error(error)
+
+
+def test_devices_and_fifos_return_promptly_with_an_error(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    for path, what in (("/dev/zero", "a character device"), (str(fifo), "a FIFO")):
+        img, error = _load_in_thread(path, "0" * 64, 448, ReadLimits())
+        assert img is None and cu.error_kind(error) == "not_regular" and f"is {what}" in error
+        assert not cu.is_permanent_error(error)
+    # The vllm branch reads through the same reader.
+    out = cu.load_image_bytes(pd.DataFrame({"image_uri": ["/dev/zero"], "image_sha256": ["0" * 64]}))
+    assert out["image_bytes"].iat[0] is None and cu.error_kind(out["error"].iat[0]) == "not_regular"
+
+
+def test_a_changed_file_is_described_without_quoting_it(tmp_path):
+    path = tmp_path / "a.png"
+    data = _png(path)
+    marker = "MARKER-3b1f-content-that-must-not-leak"
+    path.write_text(f"{marker}\n" * 3)
+    _, error = cu.load_one(str(path), sha256_bytes(data), 448)
+    assert cu.error_kind(error) == "changed" and "not an image format" in error and marker not in error
+
+
+def test_timeout_is_not_permanent():
+    assert not cu.is_permanent_error("timeout: image 'x': read timed out after 30 s")
+    assert cu.is_permanent_error("not_image: image 'x' is a damaged JPEG")
+
+
+def test_vllm_bytes_are_the_bytes_that_were_checked(tmp_path):
+    path = tmp_path / "a.png"
+    data = _png(path)
+    out = cu.load_image_bytes(pd.DataFrame({"image_uri": [str(path)], "image_sha256": [sha256_bytes(data)]}),
+                              ReadLimits(max_bytes=len(data)))
+    assert out["image_bytes"].iat[0] == data and out["error"].iat[0] is None
+    out = cu.load_image_bytes(pd.DataFrame({"image_uri": [str(path)], "image_sha256": [sha256_bytes(data)]}),
+                              ReadLimits(max_bytes=len(data) - 1))
+    assert out["image_bytes"].iat[0] is None and cu.error_kind(out["error"].iat[0]) == "too_big"
