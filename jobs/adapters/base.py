@@ -17,7 +17,7 @@ import functools
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession, Window
@@ -46,9 +46,6 @@ class AdapterOutput:
     interactions: DataFrame
     rejects: DataFrame
     counts: dict[str, int] = field(default_factory=dict)
-    # The folder local image paths must resolve into (ingest confines them there; see
-    # dataset.images.allow_outside_root); None when the adapter gives no local paths.
-    images_root: str | None = None
 
 
 def options_from(cls: type, dataset: DatasetConf) -> Any:
@@ -159,9 +156,15 @@ def parse_delimited(spark: SparkSession, path: Path, sep: str, names: list[str],
     problems = [F.when(undecodable(F.col("value"), encoding),
                        F.lit(f"line is not valid {encoding}: the file has bytes in another encoding "
                              "(latin-1?); re-save it as UTF-8 or fix the line")),
-                F.when(F.col("_n") != len(names),
+                F.when(F.col("_n") > len(names),
                        F.format_string(f"expected {len(names)} '{printable(sep)}'-separated fields "
-                                       f"({', '.join(names)}), found %d", F.col("_n")))]
+                                       f"({', '.join(names)}), found %d: a field holds an extra "
+                                       f"'{printable(sep)}'; remove it or fix the line", F.col("_n"))),
+                F.when(F.col("_n") < len(names),
+                       F.format_string(f"expected {len(names)} '{printable(sep)}'-separated fields "
+                                       f"({', '.join(names)}), found %d: a field or a '{printable(sep)}' "
+                                       "is missing, or the line uses another separator; fix the line",
+                                       F.col("_n")))]
     typed = []
     for name in names:
         kind = casts.get(name, "string")
@@ -205,7 +208,8 @@ def printable(sep: str) -> str:
 def read_table_file(spark: SparkSession, path: Path, fmt: str = "", sep: str = ",",
                     encoding: str = "utf-8", multiline: bool = True) -> DataFrame:
     """A CSV (header row, quoted fields) or Parquet file, every CSV column as a string, with
-    ``_pos``/``_source`` for rejects. A malformed CSV record lands in ``_corrupt_record``."""
+    ``_pos``/``_source`` for rejects. A malformed CSV record lands in ``_corrupt_record``: Spark
+    (4.0.1) puts there a record with more fields than the header and also one with fewer."""
     fmt = fmt or ("parquet" if path.suffix.lower() in (".parquet", ".pq") or path.is_dir() else "csv")
     if fmt == "parquet":
         df = spark.read.parquet(str(path)).withColumn("_corrupt_record", F.lit(None).cast("string"))
@@ -218,9 +222,65 @@ def read_table_file(spark: SparkSession, path: Path, fmt: str = "", sep: str = "
               .option("multiLine", str(multiline).lower()).option("escape", '"')
               .option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", "_corrupt_record")
               .schema(schema).csv(str(path)))
+        # validate_columns explains a malformed record by its field count: the separator and the
+        # header travel with the column, so no caller has to pass them along.
+        df = df.withColumn("_corrupt_record", F.col("_corrupt_record").alias(
+            "_corrupt_record", metadata={"sep": sep, "header": header}))
     else:
         raise ConfigError(f"format '{fmt}' for {path} is not supported: use csv or parquet")
     return df.withColumn("_pos", F.monotonically_increasing_id()).withColumn("_source", F.lit(str(path)))
+
+
+def malformed_reason(df: DataFrame, columns: list[str]) -> Column:
+    """Why Spark's CSV parser put a record into ``_corrupt_record``, with the fix.
+
+    The raw record is split again here, respecting quotes: quoted fields (``""`` inside them is
+    an escaped quote, as read_table_file reads it) are cut out, the separators left are counted.
+    A quote that opens a field and never closes is named first: in a multi-line read it runs on
+    over the following lines and swallows those records. Wrapped in the caller's ``when`` on
+    ``_corrupt_record``, so the regular expressions run on the malformed records only."""
+    meta = df.schema["_corrupt_record"].metadata if "_corrupt_record" in df.columns else {}
+    sep, header = meta.get("sep", ","), list(meta.get("header", columns))
+    record = F.col("_corrupt_record")
+    sep_re = "\\Q" + sep + "\\E"
+    unquoted = F.regexp_replace(record, f'(^|{sep_re})"(?:[^"]|"")*+"', "$1")
+    found = F.size(F.split(unquoted, sep_re))
+    shown = ", ".join(header[:12]) + (f", ... ({len(header) - 12} more)" if len(header) > 12 else "")
+    # format_string patterns below: a '%' in a column name or the separator is literal text.
+    counts = f"the header has {len(header)} (columns {shown})".replace("%", "%%")
+    shown_sep = printable(sep).replace("%", "%%")
+    extra_lines = F.size(F.split(record, "\n")) - 1
+    return (F.when(unquoted.rlike(f'(^|{sep_re})"'), F.concat(
+                F.lit("malformed record: a '\"' opens a quoted field that is never closed"),
+                F.when(extra_lines > 0, F.format_string(
+                    ", so the record runs on over the next %d line(s) and swallows the records there",
+                    extra_lines)).otherwise(F.lit("")),
+                F.lit("; close the quote, or double a quote inside a quoted field (\"\")")))
+            .when(found > len(header), F.format_string(
+                f"malformed record: it has %d fields, {counts}: a field holds an unquoted "
+                f"'{shown_sep}'; quote fields that contain the separator or fix the row", found))
+            .when(found < len(header), F.format_string(
+                f"malformed record: it has %d fields, {counts}: a field or a '{shown_sep}' is "
+                "missing (or the row uses another separator); fix the row", found))
+            .otherwise(F.lit(f"malformed record: the CSV parser could not split it into the {len(header)} "
+                             f"'{printable(sep)}'-separated fields of the header; check the row's quoting")))
+
+
+def with_image_only_items(items: DataFrame, interactions: DataFrame,
+                          find_images: Callable[[DataFrame], DataFrame], counts: dict[str, int]) -> DataFrame:
+    """``items`` plus a row for each id that the (good) ``interactions`` name, that has no row in
+    ``items``, and whose image file exists: title and text null, attrs empty, image_uri the file.
+
+    ``find_images`` maps a frame of such ids to (item_id, image_uri) for those whose file exists,
+    by the adapter's own naming rule. An id without a file is left out, so ingest still rejects
+    its interactions as naming an unknown item. The count is ``image_only_items``."""
+    missing = interactions.select("item_id").distinct().join(items.select("item_id"), "item_id", "left_anti")
+    # Small (one row per image-only item) and read twice: by the count here and by ingest.
+    found = find_images(missing).persist(StorageLevel.MEMORY_AND_DISK)
+    counts["image_only_items"] = found.count()
+    return items.unionByName(found.select(
+        "item_id", F.lit(None).cast("string").alias("title"), F.lit(None).cast("string").alias("text"),
+        "image_uri", F.create_map().cast("map<string,string>").alias("attrs")))
 
 
 def timestamp_seconds(raw: Column, ts_format: str) -> Column:
@@ -258,7 +318,7 @@ def validate_columns(df: DataFrame, required: dict[str, str], optional: dict[str
     casts = {"ts": "long", "rating": "double"}
     text_cols = [F.col(f"`{c}`").cast("string") for c in have]
     cols, problems = [], [
-        F.when(F.col("_corrupt_record").isNotNull(), F.lit("malformed record")),
+        F.when(F.col("_corrupt_record").isNotNull(), malformed_reason(df, have)),
         # Column by column: joining the columns into one string to check it cost a third of the
         # whole parse of a large file.
         F.when(functools.reduce(operator.or_, (undecodable(c, encoding) for c in text_cols), F.lit(False)),

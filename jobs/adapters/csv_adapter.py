@@ -18,11 +18,24 @@ dataset:
     timestamp_format: unix      # unix | unix_ms | a datetime pattern such as yyyy-MM-dd
     label: ""                   # a column holding train/valid/test labels, if any
     interactions_multiline: false  # true if quoted interaction fields span lines (reads the file in one task)
+    image_only_items: false     # keep interacted items that have no metadata row but an image file
+    image_pattern: ""           # their image, relative to images_root, e.g. "{item_id}.jpg"
 ```
 
 Items files are read with quoted fields that may span lines (descriptions do). An interactions
 file is read line by line by default, so Spark splits it across tasks: a catalog-sized file is
 parsed by every core instead of one.
+
+A malformed record (more or fewer fields than the header, a quote never closed) is rejected with
+its field count, the header's and the fix.
+
+With ``image_only_items: true``, an item id that the interactions name but the items file does
+not (or whose items row was rejected) becomes an item when its image file exists: the path is
+``image_pattern`` with ``{item_id}`` filled in (``{item_id[0]}`` works too), relative to
+``images_root``. Such an item has title and text null, attrs empty, image_uri that file; they are
+counted as ``image_only_items``. An id with neither metadata nor image is still rejected by the
+ingest as an unknown item. ``image_only_items`` without ``image_pattern`` is a config error. The
+existence checks run on the executors, one per id without metadata.
 """
 from __future__ import annotations
 
@@ -31,8 +44,11 @@ from dataclasses import dataclass, field
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from ..config import DatasetConf
-from .base import AdapterOutput, read_table_file, require_path, options_from, validate_columns
+from udfs.image_files import pattern_problem, with_image_files
+
+from ..config import ConfigError, DatasetConf
+from .base import (AdapterOutput, options_from, read_table_file, require_path, validate_columns,
+                   with_image_only_items)
 
 
 @dataclass
@@ -54,6 +70,8 @@ class CsvOptions:
     timestamp_format: str = "unix"
     label: str = ""
     interactions_multiline: bool = False
+    image_only_items: bool = False
+    image_pattern: str = ""
 
 
 def image_uri(path_col: F.Column, images_root: str) -> F.Column:
@@ -75,6 +93,7 @@ def attrs_map(df: DataFrame, columns: list[str]) -> F.Column:
 
 def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
     opts = options_from(CsvOptions, dataset)
+    check_image_only_options(opts)
     root = require_path(dataset, "root")
     items_path = require_path(dataset, "items", opts.items)
     inter_path = require_path(dataset, "interactions", opts.interactions)
@@ -95,4 +114,24 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
     # Bad interaction records stay in the frame (``_reason``): ingest reads the file once for both.
     interactions, _ = validate_columns(raw_inter, required, optional, inter_path, "interactions",
                                        opts.timestamp_format, encoding=opts.encoding, split=False)
-    return AdapterOutput(items, interactions, item_rejects, {}, images_root=images_root)
+    counts: dict[str, int] = {}
+    if opts.image_only_items:
+        items = with_image_only_items(
+            items, interactions.filter(F.col("_reason").isNull()),
+            lambda ids: with_image_files(ids, images_root, opts.image_pattern), counts)
+    return AdapterOutput(items, interactions, item_rejects, counts)
+
+
+def check_image_only_options(opts: CsvOptions) -> None:
+    if not isinstance(opts.image_only_items, bool):
+        raise ConfigError(f"dataset.options.image_only_items must be true or false, got {opts.image_only_items!r}")
+    if not opts.image_only_items:
+        return
+    if not opts.image_pattern:
+        raise ConfigError("dataset.options.image_only_items needs dataset.options.image_pattern, the image "
+                          "file of an item without metadata relative to images_root (e.g. '{item_id}.jpg'): "
+                          "set it, or set image_only_items to false")
+    problem = pattern_problem(opts.image_pattern)
+    if problem:
+        raise ConfigError(f"dataset.options.image_pattern '{opts.image_pattern}': {problem} "
+                          "(e.g. '{item_id}.jpg')")

@@ -29,6 +29,17 @@ legitimate, but those purchases share (user, item, ts), the ingest's interaction
 adds no signal, and millions of legitimate rows in ``rejects`` would bury the real problems.
 With ``reject`` they are left to the ingest, which keeps one and writes each repeat to
 ``rejects`` as a duplicate interaction.
+
+``image_only_items: true`` keeps the purchases of articles that are missing from articles.csv
+(or whose row there was rejected) but have their image, ``images/0xx/<id>.jpg``: each becomes
+an item with title and text null, attrs empty and image_uri that file, counted as
+``image_only_items``; for those the image is the only content. Without the option (the
+default), or for an article with no image either, the ingest rejects the purchases as naming an
+unknown item. The image folder is listed once either way, so the option costs one distinct over
+the purchased article ids.
+
+A malformed record (more or fewer fields than the header, a quote never closed) is rejected with
+its field count, the header's and the fix.
 """
 from __future__ import annotations
 
@@ -42,7 +53,8 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from ..config import ConfigError, DatasetConf
-from .base import AdapterOutput, options_from, read_table_file, require_path, validate_columns
+from .base import (AdapterOutput, options_from, read_table_file, require_path, validate_columns,
+                   with_image_only_items)
 from .csv_adapter import attrs_map
 
 log = logging.getLogger(__name__)
@@ -61,6 +73,7 @@ class HMOptions:
     images_dir: str = "images"
     attrs: list[str] = field(default_factory=lambda: list(DEFAULT_ATTRS))
     same_day_repeats: str = "collapse"  # collapse | reject
+    image_only_items: bool = False
 
 
 def padded_article_id(raw: Column) -> Column:
@@ -98,6 +111,8 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
     if opts.same_day_repeats not in REPEAT_POLICIES:
         raise ConfigError(f"dataset.options.same_day_repeats must be collapse or reject, "
                           f"got {opts.same_day_repeats!r}")
+    if not isinstance(opts.image_only_items, bool):
+        raise ConfigError(f"dataset.options.image_only_items must be true or false, got {opts.image_only_items!r}")
     root = require_path(dataset, "root")
     articles_path = require_path(dataset, "articles", opts.articles)
     transactions_path = require_path(dataset, "transactions", opts.transactions)
@@ -113,7 +128,9 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
                                            {"title": "prod_name", "text": "detail_desc"},
                                            articles_path, "articles", keep=("attrs",))
     items, bad_items = _bad_ids(items, articles_path, F.concat(F.lit("article_id="), F.col("item_id")))
-    items = _with_images(spark, items, root / opts.images_dir, counts)
+    images_dir = root / opts.images_dir
+    present = _image_id_frame(spark, images_dir)
+    items = _with_images(items, present, images_dir, counts)
 
     # transactions_train.csv has no quoted newlines: a line-splittable read parses it in parallel.
     raw_tx = read_table_file(spark, transactions_path, multiline=False)
@@ -124,6 +141,11 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
                                       ts_format="yyyy-MM-dd")
     tx, bad_tx = _bad_ids(tx, transactions_path,
                           F.format_string("customer_id=%s article_id=%s ts=%d", "user_id", "item_id", "ts"))
+    if opts.image_only_items:
+        folder = str(images_dir.resolve())
+        items = with_image_only_items(
+            items, tx, lambda ids: ids.join(F.broadcast(present), "item_id").select(
+                "item_id", article_image_uri(F.col("item_id"), folder).alias("image_uri")), counts)
     interactions = tx.select("user_id", "item_id", "ts", "rating", "label", "_source")
     if opts.same_day_repeats == "collapse":
         grouped = interactions.groupBy("user_id", "item_id", "ts", "_source").agg(F.count(F.lit(1)).alias("_n"))
@@ -131,21 +153,29 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
         interactions = grouped.select("user_id", "item_id", "ts", F.lit(None).cast("double").alias("rating"),
                                       F.lit(None).cast("string").alias("label"), "_source")
     rejects = item_rejects.unionByName(bad_items).unionByName(tx_rejects).unionByName(bad_tx)
-    return AdapterOutput(items, interactions, rejects, counts, images_root=str((root / opts.images_dir).resolve()))
+    return AdapterOutput(items, interactions, rejects, counts)
 
 
-def _with_images(spark: SparkSession, items: DataFrame, images_dir: Path, counts: dict[str, int]) -> DataFrame:
-    folder = str(images_dir.resolve())
+def _image_id_frame(spark: SparkSession, images_dir: Path) -> DataFrame:
+    """The ids that have an image file, as a one-column frame (item_id); empty without the folder."""
     if images_dir.is_dir():
         ids = image_ids(images_dir)
     else:
         log.warning("H&M images folder %s does not exist: every article is ingested without an image "
                     "(set dataset.options.images_dir to the folder holding 0xx/0xxxxxxxxx.jpg)", images_dir)
         ids = []
-    present = spark.createDataFrame(pd.DataFrame({"item_id": pd.Series(ids, dtype=str)}), "item_id string")
+    return spark.createDataFrame(pd.DataFrame({"item_id": pd.Series(ids, dtype=str)}), "item_id string")
+
+
+def article_image_uri(item_id: Column, folder: str) -> Column:
+    """``folder/0xx/<id>.jpg``, the Kaggle layout's path of an article's image."""
+    return F.concat(F.lit(folder + "/"), F.substring(item_id, 1, 3), F.lit("/"), item_id, F.lit(".jpg"))
+
+
+def _with_images(items: DataFrame, present: DataFrame, images_dir: Path, counts: dict[str, int]) -> DataFrame:
+    folder = str(images_dir.resolve())
     joined = items.join(F.broadcast(present.withColumn("_has_image", F.lit(True))), "item_id", "left")
-    uri = F.when(F.col("_has_image"), F.concat(F.lit(folder + "/"), F.substring("item_id", 1, 3), F.lit("/"),
-                                               F.col("item_id"), F.lit(".jpg")))
+    uri = F.when(F.col("_has_image"), article_image_uri(F.col("item_id"), folder))
     items = joined.select("item_id", "title", "text", uri.alias("image_uri"), "attrs")
     counts["items_without_image_file"] = joined.filter(F.col("_has_image").isNull()).count()
     return items

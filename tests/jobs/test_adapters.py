@@ -339,6 +339,50 @@ def test_hm_article_ids_keep_leading_zeros(spark, warehouse, tmp_path, capsys):
     assert len(rejects) == 4
 
 
+def write_hm_partial_catalog(root: Path) -> None:
+    """One article with metadata; two purchased articles without, one of which has its image."""
+    root.mkdir()
+    (root / "articles.csv").write_text(
+        "article_id,prod_name,product_type_name,detail_desc\n"
+        "0108775015,Strap top,Vest top,Jersey top\n")
+    (root / "transactions_train.csv").write_text(
+        "t_dat,customer_id,article_id,price,sales_channel_id\n"
+        "2020-09-01,c1,0108775015,0.05,2\n"
+        "2020-09-02,c1,200000001,0.03,1\n"   # image only, id without its leading zero
+        "2020-09-03,c2,0200000001,0.03,1\n"
+        "2020-09-04,c2,0200000002,0.02,1\n")  # neither metadata nor image
+    write_jpeg(root / "images" / "010" / "0108775015.jpg", (0, 0, 0))
+    write_jpeg(root / "images" / "020" / "0200000001.jpg", (90, 0, 0))
+
+
+@pytest.mark.parametrize("image_only", [True, False])
+def test_hm_image_only_items(spark, warehouse, tmp_path, capsys, image_only):
+    root = tmp_path / "hmpart"
+    write_hm_partial_catalog(root)
+    name = f"hmpart{int(image_only)}"
+    rc, out, counts = run(tmp_path, warehouse, {"name": name, "adapter": "hm", "paths": {"root": str(root)},
+                                                "options": {"image_only_items": image_only},
+                                                "split": {"protocol": "leave_one_out"}}, capsys)
+    assert rc == 0, out
+    items = by(table(spark, warehouse, "items", name), "item_id")
+    inter = sorted((r["user_id"], r["item_id"]) for r in table(spark, warehouse, "interactions", name))
+    unknown = sorted(r["content"] for r in reject_with(table(spark, warehouse, "rejects", name),
+                                                         "is not among the ingested items"))
+    if image_only:
+        assert set(items) == {"0108775015", "0200000001"}
+        only = items["0200000001"]
+        assert only["title"] is None and only["text"] is None and only["attrs"] == {}
+        assert only["image_uri"] == str((root / "images" / "020" / "0200000001.jpg").resolve())
+        assert only["image_sha256"]
+        assert inter == [("c1", "0108775015"), ("c1", "0200000001"), ("c2", "0200000001")]
+        assert len(unknown) == 1 and '"item_id":"0200000002"' in unknown[0]
+        assert counts["image_only_items"] == 1 and counts["items"] == 2
+    else:
+        assert set(items) == {"0108775015"}
+        assert inter == [("c1", "0108775015")]
+        assert len(unknown) == 3 and "image_only_items" not in counts
+
+
 def test_padded_article_id_pads_only_short_digit_strings(spark):
     df = spark.createDataFrame([(" 108775015 ",), ("0108775015",), ("42",), ("abc",), ("12345678901",)], "a string")
     got = [r[0] for r in df.select(padded_article_id(df["a"])).collect()]
@@ -425,6 +469,106 @@ def test_csv_adapter_reads_a_parquet_pair(spark, warehouse, tmp_path, capsys):
                    for r in table(spark, warehouse, "interactions", "pq"))
     assert inter == [("u1", "e", 1_700_000_000, 4.5), ("u1", "f", 1_700_000_100, 3.0), ("u2", "e", 1_700_000_200, None)]
     assert table(spark, warehouse, "rejects", "pq") == []
+
+
+def test_csv_malformed_records_name_their_field_count_and_the_fix(spark, warehouse, tmp_path, capsys):
+    root = tmp_path / "ragged"
+    root.mkdir()
+    write_jpeg(root / "zz.jpg", (0, 0, 250))  # an image, but image_only_items is off
+    (root / "items.csv").write_text(
+        "item_id,title,description,image_path,colour\n"
+        "a,Red shirt,\"A red shirt, cotton\",,red\n"
+        "b,Green shirt,A green shirt, with collar,,green\n"   # an unquoted ',': 6 fields
+        "c,Grey shirt\n"                                       # 2 fields
+        "d,\"Pink \"\"shirt\"\"\",Pink,,pink\n"                 # escaped quotes: fine
+        "e,\"Blue shirt,Blue,,blue\n"                          # a quote never closed ...
+        "f,Hat,A hat,,black\n")                                # ... swallows this record
+    (root / "interactions.csv").write_text(
+        "user_id,item_id,timestamp,rating\n"
+        "u1,a,100,5\n"
+        "u1,a,200,4,9\n"      # 5 fields
+        "u2,a\n"              # 2 fields: timestamp missing, said as a field count
+        "u2,\"a,300,1\n"       # a quote never closed on its line
+        "u2,d,400,3\n"
+        "u3,zz,500,1\n")      # no metadata row: rejected as before
+    rc, out, counts = run(tmp_path, warehouse, {"name": "ragged", "adapter": "csv", "paths": {"root": str(root)},
+                                                "options": {"text": "description", "image": "image_path",
+                                                            "rating": "rating"}}, capsys)
+    assert rc == 0, out
+    items = by(table(spark, warehouse, "items", "ragged"), "item_id")
+    assert set(items) == {"a", "d"} and items["d"]["title"] == 'Pink "shirt"'
+    rejects = {(r["source"].rsplit("/", 1)[-1], r["row"]): r for r in table(spark, warehouse, "rejects", "ragged")}
+    item_cols = "(columns item_id, title, description, image_path, colour)"
+    long_item = rejects["items.csv", "record 2"]
+    assert long_item["reason"] == (
+        f"malformed record: it has 6 fields, the header has 5 {item_cols}: a field holds an unquoted ','; "
+        "quote fields that contain the separator or fix the row")
+    assert long_item["content"] == "b,Green shirt,A green shirt, with collar,,green"
+    assert rejects["items.csv", "record 3"]["reason"].startswith(
+        f"malformed record: it has 2 fields, the header has 5 {item_cols}: a field or a ',' is missing")
+    swallowed = rejects["items.csv", "record 5"]["reason"]
+    assert "a '\"' opens a quoted field that is never closed" in swallowed
+    assert "runs on over the next 1 line(s)" in swallowed and "close the quote" in swallowed
+    inter_cols = "(columns user_id, item_id, timestamp, rating)"
+    assert rejects["interactions.csv", "record 2"]["reason"].startswith(
+        f"malformed record: it has 5 fields, the header has 4 {inter_cols}: a field holds an unquoted ','")
+    short = rejects["interactions.csv", "record 3"]
+    assert short["reason"].startswith(f"malformed record: it has 2 fields, the header has 4 {inter_cols}")
+    assert short["content"] == "u2,a"
+    quote = rejects["interactions.csv", "record 4"]["reason"]
+    assert "never closed" in quote and "runs on" not in quote
+    assert "is not among the ingested items" in rejects["interactions.csv", "record 6"]["reason"]
+    assert len(rejects) == 7 and counts["rejected_malformed_record"] == 6
+    inter = sorted((r["user_id"], r["item_id"]) for r in table(spark, warehouse, "interactions", "ragged"))
+    assert inter == [("u1", "a"), ("u2", "d")]
+
+
+def test_csv_image_only_items_kept_by_their_image_file(spark, warehouse, tmp_path, capsys):
+    root = tmp_path / "partial"
+    root.mkdir()
+    (root / "items.csv").write_text("item_id,title\na,Red shirt\n")
+    write_jpeg(root / "pics" / "a.jpg", (250, 0, 0))
+    write_jpeg(root / "pics" / "x.jpg", (0, 250, 0))
+    write_jpeg(root / "secret.jpg", (0, 0, 250))  # outside images_root: never reached through an id
+    (root / "interactions.csv").write_text(
+        "user_id,item_id,timestamp\n"
+        "u1,a,100\n"
+        "u1,x,200\n"
+        "u2,x,300\n"
+        "u2,y,400\n"          # neither metadata nor image
+        "u2,../secret,500\n")
+    rc, out, counts = run(tmp_path, warehouse, {
+        "name": "partial", "adapter": "csv", "paths": {"root": str(root)},
+        "options": {"images_root": "pics", "image_only_items": True, "image_pattern": "{item_id}.jpg"},
+        "split": {"protocol": "leave_one_out"}}, capsys)
+    assert rc == 0, out
+    items = by(table(spark, warehouse, "items", "partial"), "item_id")
+    assert set(items) == {"a", "x"}
+    x = items["x"]
+    assert x["title"] is None and x["text"] is None and x["attrs"] == {}
+    assert x["image_uri"] == str((root / "pics" / "x.jpg").resolve()) and x["image_sha256"]
+    assert counts["image_only_items"] == 1
+    inter = sorted((r["user_id"], r["item_id"]) for r in table(spark, warehouse, "interactions", "partial"))
+    assert inter == [("u1", "a"), ("u1", "x"), ("u2", "x")]
+    unknown = sorted(r["row"] for r in reject_with(table(spark, warehouse, "rejects", "partial"),
+                                                   "is not among the ingested items"))
+    assert unknown == ["record 4", "record 5"]
+
+
+@pytest.mark.parametrize("pattern, expected", [
+    ("", "dataset.options.image_only_items needs dataset.options.image_pattern"),
+    ("{id}.jpg", "dataset.options.image_pattern '{id}.jpg': it uses {id}: only {item_id} is known"),
+])
+def test_csv_image_only_items_needs_a_valid_pattern(spark, warehouse, tmp_path, capsys, pattern, expected):
+    root = tmp_path / "nopattern"
+    root.mkdir()
+    (root / "items.csv").write_text("item_id,title\na,A\n")
+    (root / "interactions.csv").write_text("user_id,item_id,timestamp\nu1,a,1\n")
+    rc, out, _ = run(tmp_path, warehouse, {"name": "nopattern", "adapter": "csv", "paths": {"root": str(root)},
+                                           "options": {"image_only_items": True, "image_pattern": pattern}},
+                     capsys)
+    assert rc == 2 and "config error" in out
+    assert expected in out
 
 
 # ----------------------------------------------------------------------------- config and file errors
