@@ -46,6 +46,9 @@ class AdapterOutput:
     interactions: DataFrame
     rejects: DataFrame
     counts: dict[str, int] = field(default_factory=dict)
+    # The folder local image paths must resolve into (ingest confines them there; see
+    # dataset.images.allow_outside_root); None when the adapter gives no local paths.
+    images_root: str | None = None
 
 
 def options_from(cls: type, dataset: DatasetConf) -> Any:

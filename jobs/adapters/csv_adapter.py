@@ -119,7 +119,7 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
         items = with_image_only_items(
             items, interactions.filter(F.col("_reason").isNull()),
             lambda ids: with_image_files(ids, images_root, opts.image_pattern), counts)
-    return AdapterOutput(items, interactions, item_rejects, counts)
+    return AdapterOutput(items, interactions, item_rejects, counts, images_root=images_root)
 
 
 def check_image_only_options(opts: CsvOptions) -> None:

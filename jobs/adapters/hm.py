@@ -153,7 +153,7 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
         interactions = grouped.select("user_id", "item_id", "ts", F.lit(None).cast("double").alias("rating"),
                                       F.lit(None).cast("string").alias("label"), "_source")
     rejects = item_rejects.unionByName(bad_items).unionByName(tx_rejects).unionByName(bad_tx)
-    return AdapterOutput(items, interactions, rejects, counts)
+    return AdapterOutput(items, interactions, rejects, counts, images_root=str((root / opts.images_dir).resolve()))
 
 
 def _image_id_frame(spark: SparkSession, images_dir: Path) -> DataFrame:
