@@ -156,6 +156,7 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
     classify_counts = Observation("classified")
     observed = classified.observe(classify_counts, F.count(F.when(F.col("_reason").isNotNull(), 1)).alias("bad"))
     good = observed.filter(F.col("_reason").isNull()).drop("_reason", "_source", "_content", "_pos")
+    filtered = dataset.min_rating is not None or dataset.kcore > 1
     if dataset.min_rating is not None:
         before = good
         good = good.filter(F.col("rating") >= F.lit(dataset.min_rating))
@@ -166,6 +167,15 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
         run.count("kcore_removed", before_n - good.count())
         run.count("kcore_rounds", rounds)
 
+    usable = _first_usable_interaction(out, items, spec, good if filtered else None)
+    if usable is None:
+        # Checked before any slice is replaced: the last good snapshot of this dataset stays.
+        _write_rejects(run, out.rejects.unionByName(item_rejects).unionByName(
+            interaction_rejects(classified, _count_bad(classified))))
+        raise NothingUsable(f"dataset '{dataset.name}': no interaction row survived; see the rejects "
+                            "table for the reasons (a wrong separator or column mapping rejects every "
+                            "row). The tables keep this dataset's previous snapshot.")
+
     split = assign_split(good, spec)
     label_counts = None
     if spec.protocol == "label":
@@ -174,7 +184,7 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
         unlabeled = split.filter(F.col("split").isNull())
         split = split.filter(F.col("split").isNotNull())
 
-    interactions = split.withColumn("dataset", F.lit(dataset.name))
+    interactions = split.withColumn("dataset", F.lit(dataset.name)).withColumn("ingest_id", F.lit(run.run_id))
     with run.stage("classify_split_and_write_interactions"):
         tables.replace_slice(spark, wh, "interactions", interactions, {"dataset": dataset.name})
     with run.stage("write_rejects"):
@@ -188,7 +198,7 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
             run.count("rejected_bad_label", bad_labels)
         _write_rejects(run, rejects)
     with run.stage("write_items"):
-        items_out = items.withColumn("dataset", F.lit(dataset.name))
+        items_out = items.withColumn("dataset", F.lit(dataset.name)).withColumn("ingest_id", F.lit(run.run_id))
         tables.replace_slice(spark, wh, "items", items_out, {"dataset": dataset.name})
     # Every frame this job cached (parsed files, classified rows) is done with.
     spark.catalog.clearCache()
@@ -202,9 +212,34 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
         run.count(f"users_with_{row['split']}", row["users"])
         total += row["n"]
     run.count("interactions", total)
-    if total == 0:
-        raise NothingUsable(f"dataset '{dataset.name}': no interaction row survived; see the rejects "
-                            "table for the reasons (a wrong separator or column mapping rejects every row)")
+
+
+def _first_usable_interaction(out: AdapterOutput, items: DataFrame, spec: SplitSpec,
+                              filtered: DataFrame | None):
+    """One interaction row that the write would keep, or ``None``: asked before any slice is
+    replaced, so that an export with nothing usable (header only, every row rejected, a wrong
+    column mapping) leaves the previous snapshot as it was.
+
+    A row survives when the adapter parsed it, its item was ingested and (``label`` protocol) its
+    label is known: duplicates always keep one row of their group, so they cannot empty the
+    table. Without shuffle, and ``limit(1)`` stops at the first partition that has such a row, so
+    the usual case costs a fraction of one scan. After the rating or k-core filters, which have
+    counted their output already, their frame is asked instead."""
+    from udfs.splits import label_column
+
+    if filtered is not None:
+        return filtered.select("user_id").limit(1).collect() or None
+    rows = out.interactions
+    if "_reason" in rows.columns:
+        rows = rows.filter(F.col("_reason").isNull())
+    rows = rows.join(F.broadcast(items.select("item_id")), "item_id", "left_semi")
+    if spec.protocol == "label":
+        rows = rows.filter(label_column(F.col("label")).isNotNull())
+    return rows.select("user_id").limit(1).collect() or None
+
+
+def _count_bad(classified: DataFrame) -> int:
+    return classified.filter(F.col("_reason").isNotNull()).count()
 
 
 def _write_rejects(run: JobRun, rejects: DataFrame) -> DataFrame:

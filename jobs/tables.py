@@ -12,6 +12,7 @@ Tables live at ``{warehouse}/{name}``; analysts query them with
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -31,6 +32,8 @@ SCHEMAS: dict[str, T.StructType] = {
         T.StructField("image_uri", T.StringType()),
         T.StructField("image_sha256", T.StringType()),
         T.StructField("attrs", T.MapType(T.StringType(), T.StringType())),
+        # The run id of the ingest that wrote the row: see ``check_same_ingest``.
+        T.StructField("ingest_id", T.StringType()),
     ]),
     "interactions": T.StructType([
         T.StructField("dataset", T.StringType(), False),
@@ -39,6 +42,7 @@ SCHEMAS: dict[str, T.StructType] = {
         T.StructField("ts", T.LongType(), False),
         T.StructField("rating", T.DoubleType()),
         T.StructField("split", T.StringType(), False),
+        T.StructField("ingest_id", T.StringType()),
     ]),
     "rejects": T.StructType([
         T.StructField("dataset", T.StringType(), False),
@@ -126,6 +130,11 @@ SCHEMAS: dict[str, T.StructType] = {
         T.StructField("status", T.StringType()),
         T.StructField("counts", T.MapType(T.StringType(), T.LongType())),
         T.StructField("error", T.StringType()),
+        # Who runs it, so that the next job can tell a killed run from a running one.
+        T.StructField("host", T.StringType()),
+        T.StructField("pid", T.LongType()),
+        T.StructField("driver_token", T.StringType()),
+        T.StructField("heartbeat_at", T.TimestampType()),
     ]),
 }
 
@@ -196,9 +205,9 @@ def ensure(spark: SparkSession, warehouse: str | Path, name: str) -> None:
             have = set(spark.read.format("delta").load(path).columns)
             missing = [f for f in SCHEMAS[name].fields if f.name not in have]
             if missing:
-                columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in missing)
+                columns = ", ".join(f"{_identifier(f.name)} {f.dataType.simpleString()}" for f in missing)
                 log.info("table %s lacks %s: adding them", name, [f.name for f in missing])
-                retry_on_conflict(lambda: spark.sql(f"ALTER TABLE delta.`{path}` ADD COLUMNS ({columns})"),
+                retry_on_conflict(lambda: spark.sql(f"ALTER TABLE delta.{_identifier(path)} ADD COLUMNS ({columns})"),
                                   name)
             _CURRENT.add(path)
         return
@@ -256,18 +265,52 @@ def append(spark: SparkSession, warehouse: str | Path, name: str, df: DataFrame)
     retry_on_conflict(lambda: data.write.format("delta").mode("append").save(table_path(warehouse, name)), name)
 
 
-def slice_condition(where: dict[str, object]) -> str:
-    """SQL for a slice: column -> value (``=``) or list of values (``IN``), quoted, ANDed."""
-    def quote(value: object) -> str:
-        return "'" + str(value).replace("'", "''") + "'"
+# Values that read the same in Spark SQL whatever the parser settings: no quote, no backslash,
+# no control character. Anything else is written as the hex of its UTF-8 bytes (below).
+_PLAIN_LITERAL = re.compile(r"[A-Za-z0-9 _.:@+=,/#()-]*")
 
+
+def sql_literal(value: object) -> str:
+    """``value`` as a Spark SQL string literal that cannot end early, whatever it holds.
+
+    Doubling quotes is not enough in Spark SQL: a backslash escapes the quote after it
+    (``'x\\'' OR true --'`` ends the literal after ``x'``), and adjacent literals concatenate
+    (``'it''s'`` is ``its``). A plain value is quoted as it is, so that Delta's history stays
+    readable; any other is ``decode(unhex('<hex of its UTF-8 bytes>'), 'UTF-8')``, whose only
+    characters are hex digits."""
+    text = str(value)
+    if _PLAIN_LITERAL.fullmatch(text):
+        return f"'{text}'"
+    return f"decode(unhex('{text.encode('utf-8').hex().upper()}'), 'UTF-8')"
+
+
+def _identifier(column: str) -> str:
+    return "`" + column.replace("`", "``") + "`"
+
+
+def slice_condition(where: dict[str, object]) -> str:
+    """SQL for a slice (the ``replaceWhere`` option, which takes only SQL text): column -> value
+    (``=``) or list of values (``IN``), ANDed, every value through ``sql_literal``."""
     terms = []
     for column, value in where.items():
         if isinstance(value, (list, tuple)):
-            terms.append(f"`{column}` IN ({', '.join(quote(v) for v in value)})" if value else "FALSE")
+            terms.append(f"{_identifier(column)} IN ({', '.join(sql_literal(v) for v in value)})"
+                         if value else "FALSE")
         else:
-            terms.append(f"`{column}` = {quote(value)}")
+            terms.append(f"{_identifier(column)} = {sql_literal(value)}")
     return " AND ".join(terms)
+
+
+def slice_filter(where: dict[str, object]):
+    """The same slice as a Column, for DataFrame filters (no SQL text at all)."""
+    import functools
+    import operator
+
+    from pyspark.sql import functions as F
+
+    terms = [F.col(column).isin(list(value)) if isinstance(value, (list, tuple)) else F.col(column) == F.lit(value)
+             for column, value in where.items()]
+    return functools.reduce(operator.and_, terms) if terms else F.lit(True)
 
 
 def replace_slice(spark: SparkSession, warehouse: str | Path, name: str, df: DataFrame,
@@ -286,6 +329,39 @@ def replace_slice(spark: SparkSession, warehouse: str | Path, name: str, df: Dat
          .save(table_path(warehouse, name)))
 
     retry_on_conflict(run, name)
+
+
+class MixedIngest(RuntimeError):
+    """A dataset's ``items`` and ``interactions`` slices come from different ingest runs."""
+
+
+def check_same_ingest(spark: SparkSession, warehouse: str | Path, dataset: str) -> str | None:
+    """The ingest run id that wrote both the ``items`` and the ``interactions`` of ``dataset``.
+
+    Delta commits one table at a time, so an ingest killed between its two commits leaves new
+    interactions beside the previous items (or the reverse). Every row carries its ingest's run
+    id; a reader that joins the two calls this first and gets ``MixedIngest`` naming both ids
+    and the fix instead of a silent mix. Rows written before the column existed (null) are not
+    checked: ``None`` is returned."""
+    from pyspark.sql import functions as F
+
+    seen = {}
+    for name in ("items", "interactions"):
+        row = (read(spark, warehouse, name).filter(F.col("dataset") == F.lit(dataset))
+               .agg(F.min("ingest_id").alias("low"), F.max("ingest_id").alias("high"),
+                    F.count(F.lit(1)).alias("n"), F.count("ingest_id").alias("tagged")).first())
+        if row["n"] == 0 or row["tagged"] < row["n"]:
+            return None
+        if row["low"] != row["high"]:
+            raise MixedIngest(f"dataset '{dataset}': table {name} holds rows of two ingest runs "
+                              f"({row['low']} and {row['high']}); rerun `vlm4rec ingest` for it")
+        seen[name] = row["low"]
+    if seen["items"] != seen["interactions"]:
+        raise MixedIngest(
+            f"dataset '{dataset}': items were written by ingest {seen['items']} but interactions by "
+            f"ingest {seen['interactions']} (an ingest stopped between its two commits): rerun "
+            "`vlm4rec ingest` for this dataset, then the later jobs")
+    return seen["items"]
 
 
 def register_views(spark: SparkSession, warehouse: str | Path) -> list[str]:

@@ -19,7 +19,8 @@ def pytest_configure(config):
                          ("realdata", "reads ../shared/data/ml100k"),
                          ("gpu", "needs a CUDA GPU"),
                          ("spark", "starts the shared Spark session"),
-                         ("ray", "starts Ray")):
+                         ("ray", "starts Ray"),
+                         ("faults", "kills jobs, runs them at once, or feeds them crafted input")):
         config.addinivalue_line("markers", f"{marker}: {text}")
 
 
