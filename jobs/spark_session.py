@@ -2,6 +2,10 @@
 
 The connector's JARs are resolved once from Maven Central by ``vlm4rec setup`` into a local
 folder; afterwards sessions start offline from that folder.
+
+The driver's py4j connections to the JVM are made fork-safe (``keep_gateway_connections_across_fork``):
+Ray starts its daemons from the driver with ``subprocess`` and a ``preexec_fn``, and without this each
+such child shut down one of the parent's connections (a ``ConnectionResetError`` traceback on stderr).
 """
 from __future__ import annotations
 
@@ -98,4 +102,53 @@ def build_spark(config: Config, app_name: str | None = None):
         builder = builder.config(key, str(value))
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
+    keep_gateway_connections_across_fork()
     return spark
+
+
+# The gateway's connections of the forking process, referenced from just before a fork until its
+# child has let go of its copies; empty otherwise.
+_HELD_ACROSS_FORK: list = []
+_FORK_HOOKS_REGISTERED = False
+
+
+def keep_gateway_connections_across_fork() -> None:
+    """Stop a forked child from closing the driver's py4j connections to the JVM (idempotent).
+
+    A child that runs Python after the fork (``subprocess`` with a ``preexec_fn``, as Ray's
+    ``start_ray_process`` does for every daemon; ``multiprocessing``'s fork) frees the state of
+    the parent's other threads, py4j's thread-local connections among them (pinned thread mode,
+    PySpark's default: its finalizer thread owns one). py4j closes a freed connection with
+    ``socket.shutdown``, which acts on the TCP connection the parent still uses, not just on the
+    child's descriptor: the parent's next call fails with ``ConnectionResetError``, is retried on
+    a new connection and leaves a logged traceback. CPython frees those thread states before it
+    runs the ``after_in_child`` hooks, so the connections are referenced from just before the
+    fork; the child then closes only its own descriptors, which leaves the TCP connections open.
+    """
+    global _FORK_HOOKS_REGISTERED
+    if _FORK_HOOKS_REGISTERED or not hasattr(os, "register_at_fork"):
+        return
+    from pyspark import SparkContext
+
+    def hold() -> None:
+        client = getattr(SparkContext._gateway, "_gateway_client", None)
+        # The idle connections of every thread; a connection in use sits in its thread's frame,
+        # which the child never frees.
+        _HELD_ACROSS_FORK[:] = list(getattr(client, "deque", ()))
+
+    def release_in_child() -> None:
+        for connection in _HELD_ACROSS_FORK:
+            for name in ("stream", "socket"):
+                handle = getattr(connection, name, None)
+                try:
+                    if handle is not None:
+                        handle.close()
+                except OSError:
+                    pass
+                # py4j's close() then returns early instead of shutting the socket down.
+                setattr(connection, name, None)
+            connection.is_connected = False
+        _HELD_ACROSS_FORK.clear()
+
+    os.register_at_fork(before=hold, after_in_parent=_HELD_ACROSS_FORK.clear, after_in_child=release_in_child)
+    _FORK_HOOKS_REGISTERED = True

@@ -1,0 +1,48 @@
+"""Ray started inside a Spark driver: a clean ``vlm4rec caption`` run says nothing on stderr about
+py4j (each Ray daemon forked from the driver used to reset one of its connections to the JVM)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs import ingest
+
+pytestmark = [pytest.mark.slow, pytest.mark.spark, pytest.mark.ray]
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def ingested(spark, tmp_path_factory):
+    """(warehouse, data folder): a tiny synthetic catalog, ingested by this process's Spark."""
+    from udfs.synth import generate
+
+    root = tmp_path_factory.mktemp("ray-session-data")
+    wh = tmp_path_factory.mktemp("ray-session-wh")
+    generate(root, seed=3, n_items=6, n_users=4)
+    assert ingest.main(["--conf", "datasets/synthetic.yaml", "--set", f"warehouse={wh}",
+                        "--set", f"dataset.paths.root={root}", "--set", "log_level=WARNING"]) == 0
+    return wh, root
+
+
+def test_caption_cli_that_starts_ray_in_the_driver_prints_no_py4j_traceback(ingested):
+    wh, root = ingested
+    # The job must start its own Ray inside its Spark driver, not join one this process runs.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [BIN / "vlm4rec", "caption", "--conf", "experiments/synthetic.yaml", "--set", f"warehouse={wh}",
+         "--set", f"dataset.paths.root={root}", "--set", "log_level=INFO", "--set", "spark.master=local[1]",
+         "--set", "spark.driver_memory=1g", "--set", "ray.num_cpus=1", "--set", "ray.object_store_memory_mb=100"],
+        capture_output=True, text=True, cwd=REPO, env={**env, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Ray started on this machine" in done.stderr  # the path under test was taken
+    counts = json.loads(done.stdout.strip().splitlines()[-1])["counts"]
+    assert counts["described"] == 6 and counts["failed"] == 0
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "ConnectionResetError" not in done.stderr, done.stderr[-3000:]
