@@ -130,7 +130,7 @@ def main() -> None:
     common = ["--conf", "datasets/ml100k.yaml", "--set", f"warehouse={warehouse}", "--set", "log_level=WARNING",
               "--set", f"dataset.paths.root={args.ml100k.resolve()}", "--set", "spark.master=local[2]",
               "--set", "spark.shuffle_partitions=4", "--set", "experiment.representations=[title]",
-              "--set", f"experiment.ks={KS}", "--set", "experiment.bootstrap_samples=1000"]
+              "--set", f"experiment.evaluate.ks={KS}", "--set", "experiment.evaluate.bootstrap_samples=1000"]
     config = load_config(["datasets/ml100k.yaml"], ["spark.master=local[2]", "spark.shuffle_partitions=4"])
     spark = build_spark(config, app_name="bench-evaluate")
     try:

@@ -126,7 +126,7 @@ def run_topk_job(spark, warehouse: Path, run_id: str, k: int, user_block: int, i
     from jobs import topk
 
     argv = ["--set", f"warehouse={warehouse}", "--set", "dataset.name=bench", "--set", "log_level=WARNING",
-            "--set", "experiment.representations=[title]", "--set", f"experiment.ks=[{k}]", "--baselines", "",
+            "--set", "experiment.representations=[title]", "--set", f"experiment.evaluate.ks=[{k}]", "--baselines", "",
             "--run-id", run_id, "--k", str(k), "--user-block", str(user_block), "--item-block", str(item_block),
             "--exclude", "train"]
     with PeakRss() as peak, contextlib.redirect_stdout(io.StringIO()):

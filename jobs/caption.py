@@ -10,7 +10,7 @@ For the configured dataset and ``experiment.caption`` (engine, model, prompt):
    and reruns, when that row is ``ok`` or a permanent error (the bytes are empty, not an
    image, truncated, too large: the same hash fails the same way every time). Other errors (a
    file changed or missing since ingest, an engine exception) are retried (``retried``).
-   ``--force`` (or ``caption.force``) describes every image again.
+   ``--force`` (``experiment.caption.force``) describes every image again.
 3. Ray Data (``udfs.caption_udfs``): CPU tasks read, verify (the bytes must still hash to
    ``image_sha256``) and decode each image and shrink it to what the engine needs; an actor
    pool of ``caption.num_workers`` engines describes them (``describe_isolated``: a failing
@@ -32,12 +32,13 @@ Counts: ``items``, ``skipped_no_image``, ``images`` (distinct hashes), ``shared_
 ``failed`` (and ``failed_<kind>``), ``adopted_rows`` (from killed runs), ``staged_files``.
 The job prints the representation name the ``embed`` job uses for these descriptions.
 
-Job options in ``caption.options`` (everything else goes to the engine): ``actor_num_cpus``
+The job's settings in ``experiment.caption`` (``jobs.config.CaptionConf``): ``actor_num_cpus``
 (CPUs reserved per engine actor; default: up to 1, leaving one core to image loading),
 ``torch_threads`` (per actor; default: the cores divided by the actors), ``rows_per_file``
 (rows per staged file, default 256: a killed run loses at most this many captions per actor
 in flight), ``load_num_cpus`` (CPUs reserved per image-loading task, default 0: see below),
-``tensor_parallel_size`` and ``accelerator_type`` (``vllm``).
+``accelerator_type`` (``vllm``). The engine gets its own section as its options:
+``experiment.caption.tags``, ``.hf`` or ``.vllm`` (``tensor_parallel_size`` is there).
 
 Image loading reserves no CPU by default, and at most as many loading tasks as the cluster has
 CPUs run at once. Loading tasks that reserved CPUs could wait forever when engine actors hold
@@ -61,7 +62,7 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,19 +76,11 @@ from udfs.representations import RepresentationError, lvlm_name
 
 from . import tables
 from .config import CaptionConf, ConfigError, load_config
-from .job_run import EXIT_INSTALL, JobRun, NothingUsable, base_parser, run_job
+from .job_run import EXIT_INSTALL, JobParser, JobRun, NothingUsable, base_parser, run_job
 from .ray_session import ray_session
 
 log = logging.getLogger(__name__)
 
-JOB_OPTIONS: dict[str, Any] = {
-    "actor_num_cpus": None,
-    "torch_threads": 0,
-    "rows_per_file": 256,
-    "load_num_cpus": 0.0,
-    "tensor_parallel_size": 1,
-    "accelerator_type": None,
-}
 STAGING = ("_staging", "descriptions")
 OWNER_FILE = "_OWNER.json"
 ADOPTED_MARK = ".adopted-by-"
@@ -101,18 +94,31 @@ class EngineUnavailable(ImportError):
 
 @dataclass(frozen=True)
 class CaptionSpec:
-    """The resolved caption settings: the engine's identity (the cache key) and the job's knobs."""
+    """The resolved caption settings: the engine's identity (the cache key), its options, and
+    the job's settings (``conf``)."""
 
     engine: str
     model: str
     prompt: str
     prompt_id: str
-    batch_size: int
-    max_new_tokens: int
-    num_workers: int
-    force: bool
-    engine_options: dict[str, Any] = field(default_factory=dict)
-    job_options: dict[str, Any] = field(default_factory=dict)
+    engine_options: dict[str, Any]
+    conf: CaptionConf
+
+    @property
+    def batch_size(self) -> int:
+        return self.conf.batch_size
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.conf.max_new_tokens
+
+    @property
+    def num_workers(self) -> int:
+        return self.conf.num_workers
+
+    @property
+    def force(self) -> bool:
+        return self.conf.force
 
     @property
     def representation(self) -> str:
@@ -137,18 +143,10 @@ def engine_identity(engine: str, model: str, prompt: str, batch_size: int, max_n
     return prompt, prompt_id(prompt)
 
 
-def caption_spec(conf: CaptionConf, force: bool = False) -> CaptionSpec:
-    """Validate ``experiment.caption``; raises ``ConfigError`` naming the key and the fix."""
-    if conf.engine not in ENGINES:
-        raise ConfigError(f"experiment.caption.engine '{conf.engine}' is not one of {sorted(ENGINES)}")
-    for key in ("batch_size", "max_new_tokens", "num_workers"):
-        if getattr(conf, key) < 1:
-            raise ConfigError(f"experiment.caption.{key} must be >= 1, got {getattr(conf, key)}")
-    job_options = {k: conf.options[k] for k in JOB_OPTIONS if k in conf.options}
-    engine_options = {k: v for k, v in conf.options.items() if k not in JOB_OPTIONS}
-    job_options = {**JOB_OPTIONS, **job_options}
-    if int(job_options["rows_per_file"]) < 1:
-        raise ConfigError(f"experiment.caption.options.rows_per_file must be >= 1, got {job_options['rows_per_file']}")
+def caption_spec(conf: CaptionConf) -> CaptionSpec:
+    """The engine's identity for ``experiment.caption`` (whose ranges the config checked); raises
+    ``ConfigError`` naming the section when the engine refuses its options or model."""
+    engine_options = conf.engine_options()
     model = conf.model or DEFAULT_MODELS[conf.engine]
     if conf.engine == "vllm":
         prompt, pid = conf.prompt, __import__("udfs.caption", fromlist=["prompt_id"]).prompt_id(conf.prompt)
@@ -157,9 +155,8 @@ def caption_spec(conf: CaptionConf, force: bool = False) -> CaptionSpec:
             prompt, pid = engine_identity(conf.engine, model, conf.prompt, conf.batch_size,
                                           conf.max_new_tokens, engine_options)
         except ValueError as exc:
-            raise ConfigError(f"experiment.caption: {exc}") from exc
-    spec = CaptionSpec(conf.engine, model, prompt, pid, conf.batch_size, conf.max_new_tokens,
-                       conf.num_workers, bool(conf.force or force), engine_options, job_options)
+            raise ConfigError(f"experiment.caption.{conf.engine}: {exc}") from exc
+    spec = CaptionSpec(conf.engine, model, prompt, pid, engine_options, conf)
     try:
         spec.representation
     except RepresentationError as exc:
@@ -349,13 +346,12 @@ def _actor_resources(ray: Any, spec: CaptionSpec) -> tuple[float, float, int]:
     cpus, gpus = float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
     device = str(spec.engine_options.get("device", "auto"))
     use_gpu = spec.engine == "hf" and gpus >= 1 and device != "cpu"
-    options = spec.job_options
-    if options["actor_num_cpus"] is not None:
-        actor_cpus = float(options["actor_num_cpus"])
+    if spec.conf.actor_num_cpus is not None:
+        actor_cpus = spec.conf.actor_num_cpus
     else:
         # Actors holding every core starve the loading tasks: leave one core to them.
         actor_cpus = max(0.25, min(1.0, (cpus - 1) / spec.num_workers)) if cpus > 1 else 0.5
-    threads = int(options["torch_threads"]) or max(1, int(cpus // spec.num_workers))
+    threads = spec.conf.torch_threads or max(1, int(cpus // spec.num_workers))
     return actor_cpus, (1.0 if use_gpu else 0.0), threads
 
 
@@ -365,7 +361,7 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: Path,
     ``limits``: how image files are read (``dataset.images``)."""
     import ray.data
 
-    per_file = int(spec.job_options["rows_per_file"])
+    per_file = spec.conf.rows_per_file
     blocks = [todo.slice(start, per_file) for start in range(0, todo.num_rows, per_file)]
     ds = ray.data.from_arrow(blocks)
     write_kwargs = dict(staging_dir=str(folder), engine=spec.engine, model=spec.model,
@@ -380,7 +376,7 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: Path,
         ds = ds.map_batches(cu.load_images, fn_kwargs={"max_side": cu.ENGINE_MAX_SIDE[spec.engine],
                                                     "limits": limits},
                             batch_size=spec.batch_size, batch_format="pandas",
-                            num_cpus=float(spec.job_options["load_num_cpus"]),
+                            num_cpus=spec.conf.load_num_cpus,
                             compute=ray.data.TaskPoolStrategy(size=cluster_cpus))
         ds = ds.map_batches(
             cu.CaptionActor,
@@ -401,14 +397,18 @@ def describe_with_vllm(ds: Any, spec: CaptionSpec, limits: ReadLimits | None = N
     from udfs.caption.vllm_engine import build_vllm_processor
 
     options = spec.engine_options
+    engine_kwargs = dict(options["engine_kwargs"] or {})
+    # The processor takes no argument of its own for it: an engine argument of vLLM's.
+    if options["gpu_memory_utilization"] is not None:
+        engine_kwargs.setdefault("gpu_memory_utilization", options["gpu_memory_utilization"])
     caption = build_vllm_processor(
         model=spec.model, prompt=spec.prompt, batch_size=spec.batch_size,
-        max_new_tokens=spec.max_new_tokens, tensor_parallel_size=int(spec.job_options["tensor_parallel_size"]),
+        max_new_tokens=spec.max_new_tokens, tensor_parallel_size=options["tensor_parallel_size"],
         concurrency=spec.num_workers, image_column="image_bytes",
         keep_columns=("image_sha256", "item_id", "image_uri"),
-        accelerator_type=spec.job_options["accelerator_type"],
-        max_model_len=options.get("max_model_len"), min_new_tokens=options.get("min_new_tokens"),
-        engine_kwargs=options.get("engine_kwargs"))
+        accelerator_type=spec.conf.accelerator_type,
+        max_model_len=options["max_model_len"], min_new_tokens=options["min_new_tokens"],
+        engine_kwargs=engine_kwargs)
     loaded = ds.map_batches(cu.load_image_bytes, fn_kwargs={"limits": limits}, batch_format="pandas",
                             batch_size=spec.batch_size).materialize()
     failed = loaded.filter(expr="error IS NOT NULL").map_batches(cu.failed_rows, batch_format="pandas")
@@ -423,7 +423,7 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
     config = run.config
     if not config.dataset.name:
         raise ConfigError("no dataset configured: pass --conf datasets/NAME.yaml (or --set dataset.name=...)")
-    spec = caption_spec(config.experiment.caption, force=bool(getattr(args, "force", False)))
+    spec = caption_spec(config.experiment.caption)
     check_engine_installed(spec.engine)
     log.info("caption %s with %s (prompt %s) for dataset %s%s", spec.engine, spec.model, spec.prompt_id,
              config.dataset.name, " (forced)" if spec.force else "")
@@ -476,9 +476,9 @@ def _salvage(run: JobRun, folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--force", action="store_true",
-                        help="describe every image again, ignoring cached descriptions")
+def add_arguments(parser: JobParser) -> None:
+    parser.add_setting("--force", "experiment.caption.force", type=bool,
+                       help="describe every image again, ignoring cached descriptions")
 
 
 def unavailable_engine(argv: list[str] | None) -> str | None:

@@ -1,15 +1,19 @@
 """Typed job configuration: YAML files merged in order, then ``--set key=value`` overrides.
 
 Every key is checked against the dataclasses below; an unknown or mistyped key is an error
-that names the key and the file (or ``--set``) it came from. The resolved config dumps to a
-plain dict (``to_dict``) and loads back (``from_dict``) unchanged, which is what the ``runs``
-table stores.
+that names the key, the file (or ``--set``) it came from and the closest valid key, and a key
+of an older config says where it moved. Each job's settings are a typed section
+(``experiment.caption``, ``.embed``, ``.profiles``, ``.topk``, ``.evaluate``); a section's
+ranges and choices are its ``problems()``, checked once by the builder for every job. The
+resolved config dumps to a plain dict (``to_dict``) and loads back (``from_dict``) unchanged,
+which is what the ``runs`` table stores.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +91,65 @@ class DatasetConf:
     images: ImagesConf = field(default_factory=ImagesConf)
 
 
+CAPTION_ENGINES = ("tags", "hf", "vllm")
+COMMON, ALL = "common", "all"
+CANDIDATE_POLICIES = (COMMON, ALL)
+POPULARITY, RANDOM = "popularity", "random"
+BASELINES = (POPULARITY, RANDOM)
+# Splits whose items a ranking may exclude; never 'test', the very items being evaluated.
+EXCLUDABLE_SPLITS = ("train", "valid")
+
+
+def _below(value: float | None, low: float) -> str | None:
+    """'must be >= low, got value' when ``value`` is below ``low`` (None passes)."""
+    if value is not None and value < low:
+        return f"must be >= {low}, got {value!r}"
+    return None
+
+
+@dataclass
+class TagsEngineConf:
+    """``experiment.caption.tags``: the ``tags`` engine's options (``udfs.caption.tags_engine.OPTIONS``,
+    whose own checks cover their ranges)."""
+
+    top_k: int = 3
+    min_prob: float = 0.15
+    colours: int = 3
+    min_colour_share: float = 0.15
+    device: str = "cpu"
+
+
+@dataclass
+class HfEngineConf:
+    """``experiment.caption.hf``: the ``hf`` engine's options (``udfs.caption.hf_engine.OPTIONS``)."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    min_new_tokens: int | None = None
+    static_cache: bool = False
+    do_sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    local_files_only: bool | None = None
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class VllmEngineConf:
+    """``experiment.caption.vllm``: the ``vllm`` engine's options (``udfs.caption.vllm_engine.OPTIONS``)."""
+
+    tensor_parallel_size: int = 1  # GPUs per model replica
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    min_new_tokens: int | None = None
+    # vLLM's own engine arguments, passed as they are (its keys, not ours).
+    engine_kwargs: dict[str, Any] | None = None
+
+    def problems(self) -> dict[str, str | None]:
+        return {"tensor_parallel_size": _below(self.tensor_parallel_size, 1)}
+
+
 @dataclass
 class CaptionConf:
     engine: str = "tags"  # tags | hf | vllm
@@ -98,8 +161,110 @@ class CaptionConf:
     batch_size: int = 16
     max_new_tokens: int = 128
     num_workers: int = 1
-    force: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
+    force: bool = False  # describe every image again, ignoring the cache (``--force``)
+    # The job's Ray resources (see jobs/caption.py): None / 0 pick them from the cluster's CPUs.
+    actor_num_cpus: float | None = None
+    torch_threads: int = 0
+    rows_per_file: int = 256
+    load_num_cpus: float = 0.0
+    accelerator_type: str | None = None  # vllm: pin the engine replicas to one GPU type ("H100")
+    # Each engine's options; the configured engine receives its section as a plain dict.
+    tags: TagsEngineConf = field(default_factory=TagsEngineConf)
+    hf: HfEngineConf = field(default_factory=HfEngineConf)
+    vllm: VllmEngineConf = field(default_factory=VllmEngineConf)
+
+    def engine_options(self) -> dict[str, Any]:
+        """The configured engine's section, as the engine's ``options`` mapping."""
+        return dataclasses.asdict(getattr(self, self.engine))
+
+    def problems(self) -> dict[str, str | None]:
+        return {
+            "engine": None if self.engine in CAPTION_ENGINES
+            else f"must be one of {list(CAPTION_ENGINES)}, got {self.engine!r}",
+            "batch_size": _below(self.batch_size, 1),
+            "max_new_tokens": _below(self.max_new_tokens, 1),
+            "num_workers": _below(self.num_workers, 1),
+            "actor_num_cpus": None if self.actor_num_cpus is None or self.actor_num_cpus > 0
+            else f"must be > 0 (or null to pick from the cluster's CPUs), got {self.actor_num_cpus!r}",
+            "torch_threads": _below(self.torch_threads, 0),
+            "rows_per_file": _below(self.rows_per_file, 1),
+            "load_num_cpus": _below(self.load_num_cpus, 0),
+        }
+
+
+@dataclass
+class EmbedConf:
+    text_batch_size: int = 64
+    image_batch_size: int = 32
+    # Rows of one Spark task (at least one task per core).
+    rows_per_task: int = 20_000
+    # false encodes every input again (e.g. after an encoder upgrade that kept its name).
+    reuse_vectors: bool = True
+    # Part representation -> weight in ``concat`` fusions (default 1 each); also for profiles.
+    concat_weights: dict[str, float] = field(default_factory=dict)
+
+    def problems(self) -> dict[str, str | None]:
+        return {"text_batch_size": _below(self.text_batch_size, 1),
+                "image_batch_size": _below(self.image_batch_size, 1),
+                "rows_per_task": _below(self.rows_per_task, 1)}
+
+
+@dataclass
+class ProfilesConf:
+    # Weight each history item by recency (a half-life in days before the user's latest train
+    # interaction); null: the plain mean.
+    half_life_days: float | None = None
+
+    def problems(self) -> dict[str, str | None]:
+        value = self.half_life_days
+        bad = value is not None and not (math.isfinite(value) and value > 0)
+        return {"half_life_days": f"must be a positive number of days (or null for the plain mean), "
+                                  f"got {value!r}" if bad else None}
+
+
+@dataclass
+class TopkConf:
+    k: int | None = None  # list length; null: max(experiment.evaluate.ks)
+    # common: the items with a vector in every representation (the same for all of them);
+    # all: each representation its own items (and the baselines the whole catalog).
+    candidates: str = "common"
+    exclude: list[str] = field(default_factory=lambda: ["train", "valid"])  # splits seen at ranking
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    user_block: int = 16384
+    item_block: int = 32768
+    score_rows: int = 1024
+    seed: int = 42  # the random baseline's order
+
+    def problems(self) -> dict[str, str | None]:
+        bad_exclude = [s for s in self.exclude if s not in EXCLUDABLE_SPLITS]
+        bad_baselines = [b for b in self.baselines if b not in BASELINES]
+        return {
+            "k": _below(self.k, 1),
+            "candidates": None if self.candidates in CANDIDATE_POLICIES
+            else f"must be one of {list(CANDIDATE_POLICIES)}, got {self.candidates!r}",
+            "exclude": None if not bad_exclude else
+            f"must name splits among {list(EXCLUDABLE_SPLITS)}, got {self.exclude!r} (excluding 'test' "
+            "would hide the very items being evaluated)",
+            "baselines": None if not bad_baselines else
+            f"has unknown baselines {bad_baselines}: choose from {list(BASELINES)}",
+            "user_block": _below(self.user_block, 1),
+            "item_block": _below(self.item_block, 1),
+            "score_rows": _below(self.score_rows, 1),
+        }
+
+
+@dataclass
+class EvaluateConf:
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    bootstrap_samples: int = 1000
+    seed: int = 42  # the bootstrap's resamples
+
+    def problems(self) -> dict[str, str | None]:
+        return {
+            "ks": None if self.ks and all(k >= 1 for k in self.ks)
+            else f"must be a non-empty list of integers >= 1, got {self.ks!r}",
+            "bootstrap_samples": _below(self.bootstrap_samples, 1),
+        }
 
 
 @dataclass
@@ -108,11 +273,17 @@ class ExperimentConf:
     representations: list[str] = field(default_factory=lambda: ["title"])
     text_encoder: str = "all-MiniLM-L6-v2"
     image_encoder: str = "efficientnet-lite0"
-    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     caption: CaptionConf = field(default_factory=CaptionConf)
-    bootstrap_samples: int = 1000
-    seed: int = 42
-    options: dict[str, Any] = field(default_factory=dict)
+    embed: EmbedConf = field(default_factory=EmbedConf)
+    profiles: ProfilesConf = field(default_factory=ProfilesConf)
+    topk: TopkConf = field(default_factory=TopkConf)
+    evaluate: EvaluateConf = field(default_factory=EvaluateConf)
+
+    def problems(self) -> dict[str, str | None]:
+        k, ks = self.topk.k, self.evaluate.ks
+        short = k is not None and bool(ks) and k < max(ks)
+        return {"topk.k": f"is {k}, below max(experiment.evaluate.ks) = {max(ks)}: the evaluation needs "
+                          "lists that long" if short else None}
 
 
 @dataclass
@@ -163,11 +334,58 @@ def _build(cls: type, data: Any, prefix: str, sources: dict[str, str]) -> Any:
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
+            moved = _moved(dotted, value)
+            if moved:
+                raise ConfigError(f"config key '{dotted}' in {_source(sources, dotted)} is no longer read: {moved}")
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(sorted(names))}"
             raise ConfigError(f"unknown config key '{dotted}' in {_source(sources, dotted)}{hint}")
         kwargs[key] = _coerce(hints[key], value, dotted, sources)
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    # Ranges and choices live in each section's ``problems`` (field -> what is wrong, or None),
+    # checked here once for every job.
+    for name, problem in (built.problems() if hasattr(built, "problems") else {}).items():
+        if problem:
+            dotted = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(f"config key '{dotted}' in {_source(sources, dotted)} {problem}")
+    return built
+
+
+# Keys of older configs, and where each setting lives now.
+MOVED_KEYS = {
+    "experiment.ks": "experiment.evaluate.ks",
+    "experiment.bootstrap_samples": "experiment.evaluate.bootstrap_samples",
+    "experiment.seed": "experiment.evaluate.seed (the bootstrap) and experiment.topk.seed (the random baseline)",
+}
+# Free option maps of older configs: each of their keys is now a field of one of these sections.
+MOVED_MAPS = {
+    "experiment.options": ("experiment.embed", "experiment.profiles", "experiment.topk"),
+    "experiment.caption.options": ("experiment.caption", "experiment.caption.tags", "experiment.caption.hf",
+                                   "experiment.caption.vllm"),
+}
+
+
+def section_type(dotted: str) -> type:
+    """The dataclass of a dotted section of ``Config`` (``experiment.caption.tags``)."""
+    cls: type = Config
+    for part in dotted.split("."):
+        cls = typing.get_type_hints(cls)[part]
+    return cls
+
+
+def _moved(dotted: str, value: Any) -> str | None:
+    """Where a key of an older config moved (None when it is simply unknown)."""
+    if dotted in MOVED_KEYS:
+        return f"it moved to {MOVED_KEYS[dotted]}"
+    if dotted not in MOVED_MAPS:
+        return None
+    sections = MOVED_MAPS[dotted]
+    lines = []
+    for key in value if isinstance(value, dict) else []:
+        homes = [s for s in sections if key in {f.name for f in dataclasses.fields(section_type(s))}]
+        where = " or ".join(f"{s}.{key}" for s in homes) or f"nowhere (not a setting of {', '.join(sections)})"
+        lines.append(f"{dotted}.{key} moved to {where}")
+    return "; ".join(lines) or f"its settings are typed fields of {', '.join(sections)} now"
 
 
 def _coerce(hint: Any, value: Any, key: str, sources: dict[str, str]) -> Any:
@@ -264,8 +482,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(conf_files: list[str] | None = None, overrides: list[str] | None = None) -> Config:
-    """``base.yaml``, then each ``--conf`` file in order, then each ``--set`` override."""
+def load_config(conf_files: list[str] | None = None, overrides: list[str] | None = None,
+                origins: dict[str, str] | None = None) -> Config:
+    """``base.yaml``, then each ``--conf`` file in order, then each ``--set`` override.
+    ``origins`` names how an override was given when it was not a ``--set`` (a job's flag)."""
     data: dict[str, Any] = {}
     sources: dict[str, str] = {}
     _load_file(CONF_ROOT / "base.yaml", data, sources, ())
@@ -280,5 +500,5 @@ def load_config(conf_files: list[str] | None = None, overrides: list[str] | None
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: '{part}' is not a section")
         node[parts[-1]] = value
-        sources[key] = f"--set {text}"
+        sources[key] = (origins or {}).get(text, f"--set {text}")
     return Config.from_dict(data, sources)

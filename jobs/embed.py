@@ -33,7 +33,7 @@ A stored vector is reused, not encoded again, when it came from the same encoder
 text, or the image bytes' hash taken at ingest): a rerun encodes only the items whose input
 changed, and counts the others as ``reused_<rep>``. Fusions are always rebuilt from their parts.
 
-Options (``experiment.options``): ``text_batch_size`` (64), ``image_batch_size`` (32),
+Settings (``experiment.embed``): ``text_batch_size`` (64), ``image_batch_size`` (32),
 ``concat_weights`` (part representation -> weight for ``concat`` fusions; default 1 each),
 ``rows_per_task`` (20000: rows of one Spark task, at least one task per core),
 ``reuse_vectors`` (true; false encodes every input again, e.g. after an encoder upgrade that
@@ -95,17 +95,6 @@ _LVLM_REASONS = {
     "failed_caption": "lvlm_failed_caption",
     embedding_udfs.EMPTY_TEXT: "lvlm_empty_description",
 }
-
-
-def _option(run: JobRun, key: str, default, kind: type):
-    value = run.config.experiment.options.get(key, default)
-    if kind is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"experiment.options.{key} must be a mapping, got {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
-        raise ConfigError(f"experiment.options.{key} must be a positive number, got {value!r}")
-    return kind(value)
 
 
 def planned_representations(names: Sequence[str]) -> tuple[list[Representation], list[Representation]]:
@@ -283,17 +272,10 @@ def fuse_items(encoded: DataFrame, rep: Representation, weights: dict[str, float
         embedding_udfs.fused_vector_batches(rep.kind, rep.parts, weights), FUSED_SCHEMA)
 
 
-def reuse_vectors(run: JobRun) -> bool:
-    value = run.config.experiment.options.get("reuse_vectors", True)
-    if not isinstance(value, bool):
-        raise ConfigError(f"experiment.options.reuse_vectors must be true or false, got {value!r}")
-    return value
-
-
 def fusion_weights(run: JobRun, rep: Representation) -> dict[str, float] | None:
     if rep.kind != "concat":
         return None
-    weights = _option(run, "concat_weights", {}, dict)
+    weights = run.config.experiment.embed.concat_weights
     chosen = {part: float(w) for part, w in weights.items() if part in rep.parts}
     return chosen or None
 
@@ -327,9 +309,9 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
     base, fusions = planned_representations(experiment.representations)
     text_reps = [r for r in base if r.is_text]
     image_reps = [r for r in base if r.kind == VISUAL]
-    text_batch = _option(run, "text_batch_size", 64, int)
-    image_batch = _option(run, "image_batch_size", 32, int)
-    rows_per_task = _option(run, "rows_per_task", 20_000, int)
+    settings = experiment.embed
+    text_batch, image_batch = settings.text_batch_size, settings.image_batch_size
+    rows_per_task = settings.rows_per_task
     threads = task_threads(spark)
 
     items = (tables.read(spark, wh, "items").filter(F.col("dataset") == dataset)
@@ -344,7 +326,7 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
     # Vectors whose input (text or image bytes) and encoder are unchanged since they were stored
     # are reused, not encoded again: a rerun encodes only what changed.
     previous = None
-    if reuse_vectors(run):
+    if settings.reuse_vectors:
         previous = cut_lineage(spark, previous_vectors(spark, wh, dataset, [r.name for r in base]))
         if previous.isEmpty():  # a first run: nothing to compare with
             previous = None

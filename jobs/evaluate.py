@@ -3,12 +3,13 @@
 For one run id (``--run-id``, the key of ``recommendations``) and every representation the
 ``topk`` job ranked (the vector representations and the baselines):
 
-- ``user_metrics``: Recall, NDCG, Precision, MAP, HitRate and MRR at each ``experiment.ks``
+- ``user_metrics``: Recall, NDCG, Precision, MAP, HitRate and MRR at each ``experiment.evaluate.ks``
   per user (``udfs.metrics``). A user's relevant items are their test items that are in the
-  candidate set and not excluded from their ranking (``--candidates`` and ``--exclude``, as
-  in ``topk``: pass the same values). Users without any relevant item are excluded.
-- ``metrics``: the mean over users with a percentile bootstrap CI (``experiment.bootstrap_samples``,
-  seeded with ``experiment.seed``) and ``n_users``.
+  candidate set and not excluded from their ranking (``experiment.topk.candidates`` and
+  ``.exclude``, or ``--candidates`` and ``--exclude``, as in ``topk``: pass the same values).
+  Users without any relevant item are excluded.
+- ``metrics``: the mean over users with a percentile bootstrap CI
+  (``experiment.evaluate.bootstrap_samples``, seeded with ``experiment.evaluate.seed``) and ``n_users``.
 - ``comparisons``: for every pair of representations, paired over the users both were
   evaluated on: the mean difference (a - b) with a paired bootstrap CI, the Wilcoxon
   signed-rank p-value, and Holm's correction over all the pairs of each metric@k.
@@ -87,7 +88,7 @@ def results_table(rows: list, order: list[str], ks: list[int]) -> str:
 def evaluate(run: JobRun, args: argparse.Namespace) -> None:
     spark, wh, experiment = run.spark, run.warehouse, run.config.experiment
     settings = resolve_settings(run, args)
-    ks = sorted(set(experiment.ks))
+    ks = sorted(set(experiment.evaluate.ks))
     wanted = list(settings.all_representations)
 
     with run.stage("prepare"):
@@ -171,7 +172,7 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
         tables.replace_slice(spark, wh, "user_metrics", out, where)
 
     with run.stage("summary"):
-        n_samples, seed = int(experiment.bootstrap_samples), int(experiment.seed)
+        n_samples, seed = experiment.evaluate.bootstrap_samples, experiment.evaluate.seed
         summary = (values.groupBy("representation", "metric", "k")
                    .applyInPandas(evaluate_udfs.metric_summary(n_samples, seed), evaluate_udfs.METRICS_DDL)
                    .persist(StorageLevel.MEMORY_AND_DISK))

@@ -120,8 +120,42 @@ class JobRun:
         return f"{self.job} {self.run_id}: {counts}"
 
 
-def base_parser(job: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"vlm4rec {job}", description=description)
+def comma_list(text: str) -> list[str]:
+    """argparse type of a list flag: ``train,valid`` -> ['train', 'valid']; '' -> []."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+class JobParser(argparse.ArgumentParser):
+    """A job's command line. A setting's flag (``--k 20``) is an alias of ``--set`` on its config
+    key: ``run_job`` turns it into that override before the config is loaded, so the typed config
+    is the one place a setting is read from, and the ``runs`` table records it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.setting_flags: list[tuple[str, str, str]] = []  # (dest, config key, flag)
+
+    def add_setting(self, flag: str, key: str, help: str, type: Callable = str, **kwargs) -> None:
+        """``flag VALUE`` means ``--set key=VALUE`` (``type=bool``: a switch meaning ``key=true``)."""
+        text = f"{help} (an alias of --set {key}=...)"
+        if type is bool:
+            action = self.add_argument(flag, action="store_const", const=True, default=None, help=text, **kwargs)
+        else:
+            action = self.add_argument(flag, type=type, default=None, help=text, **kwargs)
+        self.setting_flags.append((action.dest, key, flag))
+
+    def setting_overrides(self, args: argparse.Namespace) -> dict[str, str]:
+        """``key=value`` override -> the flag it came from, for every setting flag given."""
+        given = {}
+        for dest, key, flag in self.setting_flags:
+            value = getattr(args, dest)
+            if value is not None:
+                # JSON is YAML: the override parses back to exactly this value.
+                given[f"{key}={json.dumps(value)}"] = f"{flag} (--set {key})"
+        return given
+
+
+def base_parser(job: str, description: str) -> JobParser:
+    parser = JobParser(prog=f"vlm4rec {job}", description=description)
     parser.add_argument("--conf", action="append", default=[], metavar="FILE",
                         help="YAML config merged over conf/base.yaml (repeatable; later wins)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
@@ -168,15 +202,18 @@ JobBody = Callable[[JobRun, argparse.Namespace], None]
 
 
 def run_job(job: str, description: str, body: JobBody, argv: list[str] | None,
-            add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+            add_arguments: Callable[[JobParser], None] | None = None,
             spark=None) -> int:
     """Parse the command line, start Spark, run ``body`` inside a recorded run, print a summary."""
     parser = base_parser(job, description)
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)
+    flags = parser.setting_overrides(args)
+    # After the --set overrides: a flag is the more specific of the two.
+    args.overrides = [*args.overrides, *flags]
     try:
-        config = expand_lvlm(load_config(args.conf, args.overrides))
+        config = expand_lvlm(load_config(args.conf, args.overrides, flags))
     except ConfigError as exc:
         print(f"vlm4rec {job}: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -2,7 +2,7 @@
 
 A user's profile in a representation is the mean of the L2-normalised vectors of the items in
 their TRAIN history (``interactions.split = 'train'``), re-normalised (``udfs.profiles``); with
-``experiment.options.half_life_days`` each item is weighted by recency (a half-life in days,
+``experiment.profiles.half_life_days`` each item is weighted by recency (a half-life in days,
 counted back from the user's latest train interaction). ``n_history`` is the number of train
 rows whose item has a vector in that representation.
 
@@ -62,16 +62,6 @@ FUSED_PROFILE_SCHEMA = T.StructType([
 ROWS_PER_GROUP = 200_000
 
 
-def half_life(run: JobRun) -> float | None:
-    value = run.config.experiment.options.get("half_life_days")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"experiment.options.half_life_days must be a positive number of days "
-                          f"(or absent for the plain mean), got {value!r}")
-    return float(value)
-
-
 def base_profiles(history: DataFrame, half_life_days: float | None, n_buckets: int) -> DataFrame:
     """``PROFILE_SCHEMA`` rows from history rows (representation, user_id, vector, ts)."""
     bucketed = history.withColumn("_bucket", F.pmod(F.xxhash64("user_id"), F.lit(n_buckets)))
@@ -102,7 +92,7 @@ def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
         raise ConfigError("no dataset configured: pass --conf datasets/NAME.yaml (or --set dataset.name=...)")
     run_id = getattr(args, "run_id", None) or run.run_id
     base, fusions = planned_representations(run.config.experiment.representations)
-    half_life_days = half_life(run)
+    half_life_days = run.config.experiment.profiles.half_life_days
 
     interactions = tables.read(spark, wh, "interactions").filter(F.col("dataset") == dataset)
     train = (interactions.filter(F.col("split") == "train").select("user_id", "item_id", "ts")

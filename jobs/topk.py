@@ -16,17 +16,18 @@ For one profiles run (``--run-id``) and each representation, the exact top-K ite
 Memory per task depends on the block sizes only: one item block, one user block and one
 (``score_rows`` x ``item_block``) float32 score matrix.
 
-Candidates (``--candidates`` / ``experiment.options.candidates``): ``common`` (default) is the
-set of items with a vector in EVERY configured representation, the same for all of them, as
+Settings: ``experiment.topk`` (``jobs.config.TopkConf``); each flag is an alias of ``--set`` on
+its key. Candidates (``--candidates`` / ``experiment.topk.candidates``): ``common`` (default) is
+the set of items with a vector in EVERY configured representation, the same for all of them, as
 the evaluation protocol requires; ``all`` gives each representation its own items (and the
-baselines the whole catalog). Seen items (``--exclude`` / ``experiment.options.exclude``):
-the user's interactions in these splits, ``train,valid`` by default (test-time evaluation).
+baselines the whole catalog). Seen items (``--exclude`` / ``experiment.topk.exclude``): the
+user's interactions in these splits, ``train,valid`` by default (test-time evaluation).
 
-Baselines (``--baselines`` / ``experiment.options.baselines``, default ``popularity,random``)
+Baselines (``--baselines`` / ``experiment.topk.baselines``, default ``popularity,random``)
 need no vectors: ``popularity`` ranks the candidates by their train interaction count (the
 same blockwise path, with one-dimensional vectors); ``random`` gives each user an independent
-order from a hash of (``experiment.seed``, user id, item id). Both serve every user with train
-interactions.
+order from a hash of (``experiment.topk.seed``, user id, item id). Both serve every user with
+train interactions.
 
 Ties break by item id (ascending), so the output is deterministic. A list is shorter than K
 only when the user's unseen candidates run out (``short_lists_<rep>``). Users without a
@@ -58,31 +59,15 @@ from udfs import topk_udfs
 from udfs.representations import RepresentationError, validate_representations
 
 from . import tables
-from .config import ConfigError
-from .job_run import JobRun, NothingUsable, run_job
+from .config import ALL, BASELINES, COMMON, POPULARITY, RANDOM, ConfigError
+from .job_run import JobParser, JobRun, NothingUsable, comma_list, run_job
 
 log = logging.getLogger(__name__)
-
-POPULARITY = "popularity"
-RANDOM = "random"
-BASELINES = (POPULARITY, RANDOM)
-COMMON = "common"
-ALL = "all"
-SPLITS = ("train", "valid", "test")
-
-DEFAULTS = {
-    "exclude": ["train", "valid"],
-    "candidates": COMMON,
-    "baselines": list(BASELINES),
-    "user_block": 16384,
-    "item_block": 32768,
-    "score_rows": 1024,
-}
 
 
 @dataclass(frozen=True)
 class TopkSettings:
-    """What the topk and evaluate jobs must agree on, resolved from the config and the CLI."""
+    """What the topk and evaluate jobs must agree on, resolved from the config."""
 
     dataset: str
     run_id: str
@@ -101,72 +86,32 @@ class TopkSettings:
         return self.representations + self.baselines
 
 
-def _names(value, key: str) -> list[str]:
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ConfigError(f"{key} must be a list of names (or a comma-separated string), got {value!r}")
-
-
-def _positive(value, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-    return value
-
-
 def resolve_settings(run: JobRun, args: argparse.Namespace) -> TopkSettings:
-    """Merge ``experiment.options`` with the command line; the CLI values are written back into
-    the config so that the ``runs`` table records what this run used."""
+    """``experiment.topk`` (ranges checked by the config) with the representations split into
+    vector ones and baselines (a baseline named in ``experiment.representations`` is ranked too)."""
     experiment = run.config.experiment
-    options = experiment.options
-    for key in DEFAULTS:
-        cli = getattr(args, key, None)
-        if cli is not None:
-            options[key] = cli
+    settings = experiment.topk
     dataset = run.config.dataset.name
     if not dataset:
         raise ConfigError("no dataset configured: pass --conf datasets/NAME.yaml (or --set dataset.name=...)")
     if not args.run_id:
         raise ConfigError("--run-id is required: pass the run id the profiles job keyed user_profiles by")
 
-    names = _names(args.representations, "--representations") if getattr(args, "representations", None) \
-        else list(experiment.representations)
-    baselines = _names(options.get("baselines", DEFAULTS["baselines"]), "experiment.options.baselines")
-    unknown = [b for b in baselines if b not in BASELINES]
-    if unknown:
-        raise ConfigError(f"experiment.options.baselines {unknown} unknown: choose from {list(BASELINES)}")
+    names = list(experiment.representations)
+    baselines = list(dict.fromkeys([*settings.baselines, *(n for n in names if n in BASELINES)]))
     vector_names = [n for n in names if n not in BASELINES]
-    baselines += [n for n in names if n in BASELINES and n not in baselines]
     try:
         representations = validate_representations(vector_names) if vector_names else []
     except RepresentationError as err:
         raise ConfigError(str(err)) from None
     if not representations and not baselines:
-        raise ConfigError("no representation to rank: configure experiment.representations or baselines")
-
-    exclude = _names(options.get("exclude", DEFAULTS["exclude"]), "experiment.options.exclude")
-    bad = [s for s in exclude if s not in SPLITS]
-    if bad or "test" in exclude:
-        raise ConfigError(f"experiment.options.exclude {exclude} must name splits among ['train', 'valid'] "
-                          "(excluding 'test' would hide the very items being evaluated)")
-    candidates = options.get("candidates", DEFAULTS["candidates"])
-    if candidates not in (COMMON, ALL):
-        raise ConfigError(f"experiment.options.candidates must be '{COMMON}' or '{ALL}', got {candidates!r}")
-    ks = experiment.ks
-    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
-        raise ConfigError(f"experiment.ks must be a non-empty list of positive integers, got {ks!r}")
-    k = _positive(getattr(args, "k", None) or max(ks), "--k")
-    if k < max(ks):
-        raise ConfigError(f"--k {k} is below max(experiment.ks) = {max(ks)}: the evaluation needs lists that long")
-    options.update(exclude=list(exclude), baselines=list(dict.fromkeys(baselines)), candidates=candidates)
+        raise ConfigError("no representation to rank: configure experiment.representations or "
+                          "experiment.topk.baselines")
     return TopkSettings(
         dataset=dataset, run_id=args.run_id, representations=tuple(representations),
-        baselines=tuple(dict.fromkeys(baselines)), k=k, exclude=tuple(exclude), candidates=candidates,
-        user_block=_positive(options.get("user_block", DEFAULTS["user_block"]), "experiment.options.user_block"),
-        item_block=_positive(options.get("item_block", DEFAULTS["item_block"]), "experiment.options.item_block"),
-        score_rows=_positive(options.get("score_rows", DEFAULTS["score_rows"]), "experiment.options.score_rows"),
-        seed=int(experiment.seed),
+        baselines=tuple(baselines), k=settings.k or max(experiment.evaluate.ks),
+        exclude=tuple(settings.exclude), candidates=settings.candidates, user_block=settings.user_block,
+        item_block=settings.item_block, score_rows=settings.score_rows, seed=settings.seed,
     )
 
 
@@ -390,30 +335,27 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
     log.info("topk run_id=%s: top-%d over %s", settings.run_id, settings.k, list(settings.all_representations))
 
 
-def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
+def add_shared_arguments(parser: JobParser) -> None:
     """Options shared by ``topk`` and ``evaluate`` (they must agree on the candidates)."""
     parser.add_argument("--run-id", default=None,
                         help="the run id that user_profiles (and recommendations) are keyed by")
-    parser.add_argument("--representations", default=None,
-                        help="comma-separated representations (default: experiment.representations)")
-    parser.add_argument("--baselines", default=None,
-                        help="comma-separated baselines among popularity,random; '' for none "
-                             "(default: experiment.options.baselines, else both)")
-    parser.add_argument("--candidates", choices=[COMMON, ALL], default=None,
-                        help="common: items with a vector in every representation (default); "
-                             "all: each representation's own items")
-    parser.add_argument("--exclude", default=None,
-                        help="comma-separated splits whose items are removed from a user's ranking "
-                             "(default: train,valid)")
+    parser.add_setting("--representations", "experiment.representations", type=comma_list,
+                       help="comma-separated representations")
+    parser.add_setting("--baselines", "experiment.topk.baselines", type=comma_list,
+                       help="comma-separated baselines among popularity,random; '' for none (default: both)")
+    parser.add_setting("--candidates", "experiment.topk.candidates", choices=[COMMON, ALL],
+                       help="common: items with a vector in every representation (default); "
+                            "all: each representation's own items")
+    parser.add_setting("--exclude", "experiment.topk.exclude", type=comma_list,
+                       help="comma-separated splits whose items are removed from a user's ranking "
+                            "(default: train,valid)")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: JobParser) -> None:
     add_shared_arguments(parser)
-    parser.add_argument("--k", type=int, default=None, help="list length (default: max(experiment.ks))")
-    parser.add_argument("--user-block", dest="user_block", type=int, default=None,
-                        help="profiles per block (default 16384)")
-    parser.add_argument("--item-block", dest="item_block", type=int, default=None,
-                        help="items per block (default 32768)")
+    parser.add_setting("--k", "experiment.topk.k", type=int, help="list length (default: max(experiment.evaluate.ks))")
+    parser.add_setting("--user-block", "experiment.topk.user_block", type=int, help="profiles per block (default 16384)")
+    parser.add_setting("--item-block", "experiment.topk.item_block", type=int, help="items per block (default 32768)")
 
 
 def main(argv: list[str] | None = None, spark=None) -> int:

@@ -2,7 +2,7 @@
 
 Local paths are confined to the dataset's images root (``udfs.images.resolve_under``: symbolic
 links and ``..`` resolved; a path outside is rejected without being opened, unless
-``allow_outside_root``), then read within ``ReadLimits``, fully decoded (so a truncated file is
+``allow_outside_root``; the resolved path is the one opened), then read within ``ReadLimits``, fully decoded (so a truncated file is
 caught here, not in the caption job) and hashed; remote URIs (``http://``, ``s3://``) are left
 for the caption job to fetch and get no hash yet.
 """
@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pandas as pd
 
-from .images import ImageError, ReadLimits, check_image, resolve_under
+from .images import ReadLimits, check_image
 
 REMOTE_PREFIXES = ("http://", "https://", "s3://", "s3a://", "gs://", "abfs://", "hdfs://")
 
@@ -31,13 +31,8 @@ def _check_batches(batches: Iterator[pd.DataFrame], images_root: str | None, lim
                 errors.append(None)
             else:
                 path = str(uri)[7:] if str(uri).startswith("file://") else str(uri)
-                try:
-                    # The resolved path is the one opened: what was checked is what is read.
-                    resolved = resolve_under(path, images_root, allow_outside_root, name=str(uri))
-                except ImageError as e:
-                    digest, reason = None, e.reason
-                else:
-                    digest, reason = check_image(resolved, limits=limits, name=str(uri))
+                digest, reason = check_image(path, limits=limits, name=str(uri), images_root=images_root,
+                                             confine=not allow_outside_root)
                 hashes.append(digest)
                 errors.append(reason)  # the reason already names the file
         yield batch.assign(image_sha256=hashes, _image_error=errors)

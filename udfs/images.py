@@ -28,6 +28,7 @@ reason, so the ingest job can count and store rejects and keep going.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -171,8 +172,13 @@ def _timed_out(name: str, timeout_s: float) -> ImageError:
                                  "an overloaded disk?): check the storage, or raise dataset.images.read_timeout_s")
 
 
-def _read_bounded(path: str, name: str, limits: ReadLimits, deadline: float) -> bytes:
-    """The reader thread's work: open without blocking, check the open file, read within limits."""
+def _read_bounded(path: str, name: str, limits: ReadLimits, deadline: float, images_root: str | None,
+                  confine: bool) -> bytes:
+    """The reader thread's work: confine the path, open it without blocking, check the open file,
+    read within limits. Resolving the path stats every folder on it, which a dead mount hangs
+    as surely as a read: it runs here, under the same timeout."""
+    if confine:
+        path = resolve_under(path, images_root, name=name)
     try:
         # O_NONBLOCK: opening a FIFO with no writer returns at once instead of waiting for one.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -219,13 +225,17 @@ def _read_bounded(path: str, name: str, limits: ReadLimits, deadline: float) -> 
     return b"".join(chunks)
 
 
-def read_image_file(path: str | Path, limits: ReadLimits | None = None, name: str | None = None) -> bytes:
+def read_image_file(path: str | Path, limits: ReadLimits | None = None, name: str | None = None, *,
+                    images_root: str | None = None, confine: bool = False) -> bytes:
     """The bytes of an image file, read within ``limits``; raises ``ImageError`` (missing,
-    unreadable, not_regular, too_big, timeout, empty). See the module docstring's read policy."""
+    unreadable, not_regular, too_big, timeout, empty). See the module docstring's read policy.
+
+    ``confine``: the path must resolve under ``images_root`` (``resolve_under``; an
+    ``outside_root`` error otherwise, and the file is not opened)."""
     limits = limits or ReadLimits()
     name = name or str(path)
     deadline = time.monotonic() + limits.timeout_s
-    future = _READERS.submit(_read_bounded, os.fspath(path), name, limits, deadline)
+    future = _READERS.submit(_read_bounded, os.fspath(path), name, limits, deadline, images_root, confine)
     try:
         data = future.result(timeout=limits.timeout_s)
     except TimeoutError:
@@ -234,6 +244,11 @@ def read_image_file(path: str | Path, limits: ReadLimits | None = None, name: st
     if not data:
         raise ImageError("empty", f"image '{name}' is empty (0 bytes): re-download it or drop it from the catalog")
     return data
+
+
+# A root is resolved once per process, not once per image (a folder's lstat per level): a root
+# re-pointed while a worker lives is not seen, and the job's roots do not move under it.
+_real_root = functools.lru_cache(maxsize=16)(os.path.realpath)
 
 
 def resolve_under(path: str, root: str | None, allow_outside_root: bool = False, name: str | None = None) -> str:
@@ -249,7 +264,7 @@ def resolve_under(path: str, root: str | None, allow_outside_root: bool = False,
         raise ImageError("outside_root", f"image '{name}' is a local path, but the dataset's adapter names no "
                                          "images root to keep image paths under: set "
                                          "dataset.images.allow_outside_root=true to read it")
-    base = os.path.realpath(root)
+    base = _real_root(root)
     if resolved != base and not resolved.startswith(base.rstrip(os.sep) + os.sep):
         raise ImageError("outside_root", f"image '{name}' resolves to '{resolved}', outside the dataset's images "
                                          f"root '{base}' (through '..' or a symbolic link): only files under "
@@ -258,8 +273,8 @@ def resolve_under(path: str, root: str | None, allow_outside_root: bool = False,
     return resolved
 
 
-def _read_source(source: ImageSource, name: str | None = None,
-                 limits: ReadLimits | None = None) -> tuple[bytes, str]:
+def _read_source(source: ImageSource, name: str | None = None, limits: ReadLimits | None = None,
+                 images_root: str | None = None, confine: bool = False) -> tuple[bytes, str]:
     """The bytes of an image and a name to put in error messages."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
@@ -268,7 +283,7 @@ def _read_source(source: ImageSource, name: str | None = None,
             raise ImageError("empty", f"image '{name}' is empty (0 bytes): re-download it or drop it from the catalog")
         return data, name
     name = name or str(source)
-    return read_image_file(source, limits, name), name
+    return read_image_file(source, limits, name, images_root=images_root, confine=confine), name
 
 
 # What the first bytes say a file is meant to be, when Pillow cannot identify it.
@@ -427,16 +442,20 @@ def check_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     limits: ReadLimits | None = None,
     name: str | None = None,
+    *,
+    images_root: str | None = None,
+    confine: bool = False,
 ) -> tuple[str | None, str | None]:
     """Ingest check: ``(sha256, None)`` for a usable image, ``(None, reason)`` otherwise.
 
-    Reads the file once within ``limits``, hashes it, verifies the header and decodes every
-    pixel (JPEGs at a reduced DCT scale, which still reads the whole entropy-coded stream, so
-    truncation is caught). ``name`` is what a reason calls the file (default: ``path``). Never
-    raises for a bad file.
+    Reads the file once within ``limits`` (confined to ``images_root`` when ``confine``: see
+    ``read_image_file``), hashes it, verifies the header and decodes every pixel (JPEGs at a
+    reduced DCT scale, which still reads the whole entropy-coded stream, so truncation is
+    caught). ``name`` is what a reason calls the file (default: ``path``). Never raises for a
+    bad file.
     """
     try:
-        data, name = _read_source(path, name, limits)
+        data, name = _read_source(path, name, limits, images_root, confine)
         img = _open_checked(data, name, max_pixels)
         if img.format == "JPEG":
             img.draft("RGB", (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))

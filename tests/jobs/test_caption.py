@@ -165,8 +165,11 @@ def test_vllm_without_vllm_installed_fails_before_touching_a_table(tmp_path, cap
 
 def test_bad_caption_settings_are_config_errors(catalog, capsys):
     wh, root = catalog
-    assert caption.main(argv(wh, root, "--set", "experiment.caption.options={top_kk: 2}")) == 2
-    assert "unknown option(s) ['top_kk']" in capsys.readouterr().err
+    assert caption.main(argv(wh, root, "--set", "experiment.caption.tags.top_kk=2")) == 2
+    assert "experiment.caption.tags.top_kk" in capsys.readouterr().err
+    # A range the tags engine checks itself: named by the engine's section.
+    assert caption.main(argv(wh, root, "--set", "experiment.caption.tags.top_k=0")) == 2
+    assert "experiment.caption.tags: caption engine 'tags': top_k must be in 1..1000" in capsys.readouterr().err
 
 
 def expected_errors(spark, wh: Path, root: Path) -> int:
@@ -182,7 +185,7 @@ def _staged_parts(wh: Path) -> list[Path]:
 def test_killed_run_is_completed_by_the_next_one(spark, catalog, ray_address, capsys, tmp_path):
     """SIGKILL a subprocess job once it has staged files; the rerun adopts them and finishes."""
     wh, root = catalog
-    recipe = ["--set", "experiment.caption.options={top_k: 2, rows_per_file: 1}",
+    recipe = ["--set", "experiment.caption.tags.top_k=2", "--set", "experiment.caption.rows_per_file=1",
               "--set", "experiment.caption.batch_size=1"]
     command = [sys.executable, "-m", "jobs.caption", *argv(wh, root), *recipe, "--set", f"ray.address={ray_address}",
                "--set", "spark.master=local[1]", "--set", "spark.driver_memory=1g"]
@@ -218,7 +221,7 @@ def test_killed_run_is_completed_by_the_next_one(spark, catalog, ray_address, ca
 def test_two_runs_at_once_both_succeed_and_lose_nothing(spark, catalog, ray_address, tmp_path):
     wh, root = catalog
     command = [sys.executable, "-m", "jobs.caption", *argv(wh, root),
-               "--set", "experiment.caption.options={top_k: 4}", "--set", f"ray.address={ray_address}",
+               "--set", "experiment.caption.tags.top_k=4", "--set", f"ray.address={ray_address}",
                "--set", "spark.master=local[1]", "--set", "spark.driver_memory=1g"]
     logs = [tmp_path / f"run{i}.log" for i in range(2)]
     procs = [subprocess.Popen(command, cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
@@ -237,7 +240,7 @@ def test_hf_engine_with_a_tiny_llava_through_the_whole_job(spark, catalog, capsy
     counts = run_caption(capsys, *argv(wh, root, "--set", "experiment.caption.engine=hf",
                                        "--set", f"experiment.caption.model={model}",
                                        "--set", "experiment.caption.max_new_tokens=6",
-                                       "--set", "experiment.caption.options={min_new_tokens: 3, device: cpu}"))
+                                       "--set", "experiment.caption.hf={min_new_tokens: 3, device: cpu}"))
     assert counts["to_describe"] == N_IMAGES and counts["failed"] == expected_errors(spark, wh, root)
     rows = descriptions(spark, wh, engine="hf")
     ok = [r for r in rows.values() if r.status == "ok"]

@@ -316,11 +316,11 @@ def test_reuse_can_be_turned_off(spark, catalog, tmp_path):
     shutil.copytree(catalog.warehouse, warehouse)
     argv = catalog.argv + ["--set", f"warehouse={warehouse}",
                            "--set", "experiment.representations=[title]",
-                           "--set", "experiment.options={reuse_vectors: false}"]
+                           "--set", "experiment.embed.reuse_vectors=false"]
     assert embed.main(argv) == 0
     counts = last_run_counts(spark, warehouse, "embed")
     assert counts["written_title"] == 59 and "reused_title" not in counts
-    assert embed.main(argv[:-2] + ["--set", "experiment.options={reuse_vectors: 'no'}"]) == 2
+    assert embed.main(argv[:-2] + ["--set", "experiment.embed.reuse_vectors='no'"]) == 2
 
 
 def test_a_table_written_before_the_input_hash_gets_the_column(spark, tmp_path):

@@ -36,10 +36,10 @@ def evaluated(spark, tmp_path_factory):
     warehouse = tmp_path_factory.mktemp("evaluate") / "warehouse"
     write_dataset(spark, warehouse, data, "run-e")
     common = ["--set", f"warehouse={warehouse}", "--set", "dataset.name=rand", "--set", "log_level=WARNING",
-              "--set", "experiment.representations=[title,visual]", "--set", f"experiment.ks={KS}",
+              "--set", "experiment.representations=[title,visual]", "--set", f"experiment.evaluate.ks={KS}",
               "--run-id", "run-e"]
     run_quietly(topk.main, common + ["--user-block", "32", "--item-block", "16"], spark)
-    printed = run_quietly(evaluate.main, common + ["--set", "experiment.bootstrap_samples=300"], spark)
+    printed = run_quietly(evaluate.main, common + ["--set", "experiment.evaluate.bootstrap_samples=300"], spark)
     counts = json.loads(printed.strip().splitlines()[-1])["counts"]
 
     def frame(name):

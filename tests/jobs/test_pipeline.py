@@ -39,7 +39,7 @@ def comparison(spark, wh, run_id, a, b, name="ndcg", k=10):
 def test_pipeline_on_movielens_beats_random(spark, warehouse, ml100k, capsys):
     argv = ["--conf", "experiments/ml100k.yaml", "--set", f"warehouse={warehouse}",
             "--set", f"dataset.paths.root={ml100k}", "--set", "experiment.representations=[title]",
-            "--set", "spark.shuffle_partitions=2", "--set", "experiment.bootstrap_samples=300"]
+            "--set", "spark.shuffle_partitions=2", "--set", "experiment.evaluate.bootstrap_samples=300"]
     assert pipeline.main(argv) == 0
     out = capsys.readouterr().out
     run_id = last_json(out)["run_id"]
@@ -71,7 +71,7 @@ def test_pipeline_on_synthetic_with_captions(spark, warehouse, tmp_path, capsys)
     generate(data, seed=5, n_items=30, n_users=20)
     argv = ["--conf", "experiments/synthetic.yaml", "--set", f"warehouse={warehouse}",
             "--set", f"dataset.paths.root={data}", "--set", "experiment.representations=[lvlm, visual, naive:lvlm+visual]",
-            "--set", "spark.shuffle_partitions=2", "--set", "experiment.bootstrap_samples=100"]
+            "--set", "spark.shuffle_partitions=2", "--set", "experiment.evaluate.bootstrap_samples=100"]
     assert pipeline.main(argv) == 0
     counts = last_json(capsys.readouterr().out)["counts"]
     assert counts["rows_descriptions"] == 30 and counts["rows_metrics"] > 0

@@ -36,7 +36,7 @@ def profiled(spark, tmp_path_factory) -> Profiled:
     wh = catalog.warehouse
     assert profiles.main(catalog.argv + ["--run-id", "plain"]) == 0
     counts = last_run_counts(spark, wh, "profiles")
-    assert profiles.main(catalog.argv + ["--set", f"experiment.options.half_life_days={HALF_LIFE_DAYS}",
+    assert profiles.main(catalog.argv + ["--set", f"experiment.profiles.half_life_days={HALF_LIFE_DAYS}",
                                          "--set", "experiment.representations=[title]"]) == 0
     runs = tables.read(spark, wh, "runs").filter("job = 'profiles'").orderBy("started_at").toPandas()
     own_run_id = runs.iloc[-1]["run_id"]

@@ -113,7 +113,7 @@ def brute_force(data: RandomDataset, rep: str, candidates: list[str], exclude: t
 
 def run_topk(spark, warehouse, argv: list[str], capsys) -> dict:
     base = ["--set", f"warehouse={warehouse}", "--set", "dataset.name=rand", "--set", "log_level=WARNING",
-            "--set", "experiment.representations=[title,visual]", "--set", f"experiment.seed={SEED}"]
+            "--set", "experiment.representations=[title,visual]", "--set", f"experiment.topk.seed={SEED}"]
     assert topk.main(base + argv, spark=spark) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["counts"]
 
@@ -145,7 +145,7 @@ def test_blockwise_spark_topk_equals_brute_force(spark, tmp_path, capsys, case):
     data = make_dataset(seed=len(case))
     warehouse = tmp_path / "warehouse"
     write_dataset(spark, warehouse, data, "run-a")
-    argv = ["--run-id", "run-a", "--k", str(k), "--set", f"experiment.ks=[{k}]", "--user-block", user_block,
+    argv = ["--run-id", "run-a", "--k", str(k), "--set", f"experiment.evaluate.ks=[{k}]", "--user-block", user_block,
             "--item-block", item_block, "--exclude", ",".join(exclude)]
     counts = run_topk(spark, warehouse, argv, capsys)
     got = recommendation_lists(spark, warehouse, "run-a")
@@ -163,6 +163,11 @@ def test_blockwise_spark_topk_equals_brute_force(spark, tmp_path, capsys, case):
             assert len(items) == min(k, unseen_candidates), (rep, user)
 
     assert counts["candidates_title"] == len(candidates) == len(data.items) - 5
+    # The flags are settings of the typed config, so the run's stored config shows them.
+    stored = tables.read(spark, warehouse, "runs").filter("job = 'topk'").first()
+    topk_settings = json.loads(stored.config)["experiment"]["topk"]
+    assert (topk_settings["k"], topk_settings["user_block"], topk_settings["item_block"], topk_settings["exclude"]) \
+        == (k, int(user_block), int(item_block), list(exclude))
     assert counts["users_without_profile_visual"] == 3
     # The user with test items only; a user with no interaction at all is in no table to count.
     assert counts["users_without_train"] == 1 and counts["users"] == len(data.users) - 1

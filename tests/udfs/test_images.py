@@ -367,3 +367,18 @@ def test_an_unreadable_file_is_named_by_its_format_and_never_quoted(tmp_path, da
     sha, reason = check_image(path)
     assert sha is None and expected in reason and "x.jpg" in reason
     assert "root:x" not in reason and "\\x01" not in reason and "\\xff" not in reason
+
+
+def test_a_confined_check_refuses_an_outside_path_without_opening_it(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    os.mkfifo(outside / "pipe.jpg")  # opened, it would be refused as a FIFO instead
+    (root / "pipe.jpg").symlink_to(outside / "pipe.jpg")
+    (root / "a.png").write_bytes(_png_bytes())
+    sha, reason = _in_thread(check_image, root / "pipe.jpg")
+    assert sha is None and "FIFO" in reason  # unconfined: opened and refused as what it is
+    sha, reason = check_image(root / "pipe.jpg", name="img/pipe.jpg", images_root=str(root), confine=True)
+    assert sha is None and "image 'img/pipe.jpg' resolves to" in reason and "FIFO" not in reason
+    assert "dataset.images.allow_outside_root" in reason
+    assert check_image(root / "a.png", images_root=str(root), confine=True) == (sha256_file(root / "a.png"), None)
