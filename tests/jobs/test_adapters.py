@@ -139,7 +139,8 @@ def test_wrong_separator_rejects_every_row_and_exits_1(spark, warehouse, tmp_pat
     assert len(rejects) == 5
     assert all("expected 4 '\\t'-separated fields" in r["reason"] and "found 1" in r["reason"] for r in rejects)
     assert sorted(r["row"] for r in rejects) == [f"line {i}" for i in range(1, 6)]
-    assert table(spark, warehouse, "interactions", "mlcomma") == []
+    # Nothing usable: ingest replaces no slice, so this fresh warehouse gets no interactions table.
+    assert not (warehouse / "interactions").exists()
 
 
 # ----------------------------------------------------------------------------- mmrec
