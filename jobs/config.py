@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,6 +291,9 @@ class ExperimentConf:
 class Config:
     warehouse: str = "warehouse"
     log_level: str = "INFO"
+    # How often a running job refreshes its ``runs`` row; a row whose driver runs on another host
+    # and has missed three beats is marked abandoned by the next job (jobs/abandoned_runs.py).
+    heartbeat_s: float = 300.0
     spark: SparkConf = field(default_factory=SparkConf)
     ray: RayConf = field(default_factory=RayConf)
     dataset: DatasetConf = field(default_factory=DatasetConf)
@@ -303,10 +307,45 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], sources: dict[str, str] | None = None) -> "Config":
-        return _build(cls, data, "", sources or {})
+        config = _build(cls, data, "", sources or {})
+        if config.dataset.name:
+            try:
+                check_dataset_name(config.dataset.name)
+            except ConfigError as exc:
+                raise ConfigError(f"dataset.name in {_source(sources or {}, 'dataset.name')}: {exc}") from None
+        return config
 
     def warehouse_path(self) -> Path:
         return Path(self.warehouse).expanduser().resolve()
+
+
+# Run ids name folders (caption staging, reports) and are typed on command lines: a closed
+# alphabet. Dataset names are what people call their catalogs ("O'Neill's catalog"): any
+# printable text, since every place that puts one into SQL or a path escapes it.
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+MAX_DATASET_NAME = 128
+
+
+def check_run_id(run_id: str) -> str:
+    """``run_id`` unchanged, or a ConfigError saying which characters a run id may hold."""
+    if not RUN_ID.fullmatch(run_id):
+        raise ConfigError(f"run id {run_id!r} is not valid: a run id is 1-128 characters among letters, "
+                          "digits, '.', '_', ':' and '-', starting with a letter or digit (the ids the jobs "
+                          "print look like profiles-20261130T120000-1a2b3c)")
+    return run_id
+
+
+def check_dataset_name(name: str) -> str:
+    """``name`` unchanged, or a ConfigError naming what is wrong with it."""
+    if len(name) > MAX_DATASET_NAME:
+        raise ConfigError(f"dataset name {name[:40]!r}... is {len(name)} characters long; "
+                          f"the limit is {MAX_DATASET_NAME}")
+    if not name.isprintable():
+        raise ConfigError(f"dataset name {name!r} holds a control character (a newline, tab, ...): "
+                          "use printable characters only")
+    if name != name.strip():
+        raise ConfigError(f"dataset name {name!r} starts or ends with white space: remove it")
+    return name
 
 
 def _source(sources: dict[str, str], key: str) -> str:

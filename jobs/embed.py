@@ -297,7 +297,7 @@ def stale_rows(spark: SparkSession, warehouse: str, name: str, written: DataFram
     item dropped from the catalog, a caption that now fails). A read-only anti-join."""
     keys = tables.KEYS[name]
     source = written.select(*keys).dropDuplicates(keys)
-    return (tables.read(spark, warehouse, name).filter(tables.slice_condition(where)).select(*keys)
+    return (tables.read(spark, warehouse, name).filter(tables.slice_filter(where)).select(*keys)
             .join(source, keys, "left_anti").count())
 
 

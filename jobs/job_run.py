@@ -13,12 +13,13 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .config import Config, ConfigError, load_config
 
@@ -54,6 +55,11 @@ def now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
+# Job runs open in this process: a pipeline's stages run inside its own run, and only the
+# outermost one looks for abandoned runs (its stages would find the same rows).
+_OPEN_RUNS: list[str] = []
+
+
 @dataclass
 class JobRun:
     """One job's run: its id, its counts, and its row in ``runs`` (written at start and end)."""
@@ -64,6 +70,8 @@ class JobRun:
     run_id: str = ""
     counts: Counter = field(default_factory=Counter)
     started_at: dt.datetime = field(default_factory=now)
+    driver: Any = None
+    abandoned: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.run_id:
@@ -88,36 +96,76 @@ class JobRun:
             self.counts[f"ms_{name}"] += ms
             log.info("%s: %s took %.1f s", self.job, name, ms / 1000)
 
-    def _record(self, status: str, error: str | None = None, finished: bool = False) -> None:
+    def _record(self, status: str, error: str | None = None, finished: bool = False,
+                beat: bool = False) -> None:
         from . import tables
 
+        driver = self.driver
         row = [(self.run_id, self.job, self.config.to_json(), code_version(), self.started_at,
-                now() if finished else None, status, {k: int(v) for k, v in self.counts.items()},
-                error)]
+                now() if finished else None, status, {k: int(v) for k, v in list(self.counts.items())},
+                error, driver.host, driver.pid, driver.token, now())]
         frame = self.spark.createDataFrame(row, tables.SCHEMAS["runs"])
-        if finished:
-            # One commit swaps the start row for the final one (or inserts it if the start row
-            # never landed): cheaper than a MERGE, which joins the whole runs table first.
+        if finished or beat:
+            # One commit swaps the row for the new one (or inserts it if the start row never
+            # landed): cheaper than a MERGE, which joins the whole runs table first.
             tables.replace_slice(self.spark, self.warehouse, "runs", frame, {"run_id": self.run_id})
         else:
             # A fresh run id: a blind append, and appends from concurrent jobs never conflict.
             tables.append(self.spark, self.warehouse, "runs", frame)
 
+    def _beat(self) -> None:
+        while not self._stop.wait(self.config.heartbeat_s):
+            with self._row_lock:
+                if self._stop.is_set():
+                    return
+                try:
+                    self._record("running", beat=True)
+                except Exception:  # noqa: BLE001 - a missed beat must not kill the job
+                    log.warning("run %s: heartbeat not recorded", self.run_id, exc_info=True)
+
     def __enter__(self) -> "JobRun":
+        from .abandoned_runs import Driver, mark_abandoned
+
+        self.driver = Driver.current()
+        if not _OPEN_RUNS:
+            self.abandoned = mark_abandoned(self.spark, self.warehouse, self.driver, now(),
+                                            self.config.heartbeat_s)
+        if self.abandoned:
+            self.counts["abandoned_runs_marked"] = len(self.abandoned)
         self._record("running")
+        self._stop = threading.Event()
+        self._row_lock = threading.Lock()
+        self._heart = threading.Thread(target=self._beat, name=f"{self.run_id}-heartbeat", daemon=True)
+        self._heart.start()
+        _OPEN_RUNS.append(self.run_id)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.run_id in _OPEN_RUNS:
+            _OPEN_RUNS.remove(self.run_id)
+        self._stop.set()
         status = "succeeded" if exc is None else "failed"
         try:
-            self._record(status, None if exc is None else f"{exc_type.__name__}: {exc}", finished=True)
+            with self._row_lock:  # a beat in flight lands first, then the final row replaces it
+                self._record(status, None if exc is None else f"{exc_type.__name__}: {exc}", finished=True)
         except Exception:  # noqa: BLE001 - never mask the job's own error with a bookkeeping one
             log.exception("could not record run %s in the runs table", self.run_id)
         return False
 
     def summary(self) -> str:
         counts = " ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
-        return f"{self.job} {self.run_id}: {counts}"
+        abandoned = f" (marked abandoned: {', '.join(self.abandoned)})" if self.abandoned else ""
+        return f"{self.job} {self.run_id}: {counts}{abandoned}"
+
+
+def run_id_argument(text: str) -> str:
+    """argparse type of ``--run-id``: a bad id exits 2 with the rule, before Spark starts."""
+    from .config import check_run_id
+
+    try:
+        return check_run_id(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def comma_list(text: str) -> list[str]:

@@ -42,7 +42,7 @@ from udfs.representations import Representation
 from . import tables
 from .config import ConfigError
 from .embed import fusion_weights, planned_representations
-from .job_run import JobRun, NothingUsable, run_job
+from .job_run import JobRun, NothingUsable, run_id_argument, run_job
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,14 @@ def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
     base, fusions = planned_representations(run.config.experiment.representations)
     half_life_days = run.config.experiment.profiles.half_life_days
 
+    try:
+        # Profiles are where interactions first meet what was built from items: a mix of two
+        # ingests would pair one snapshot's histories with another's catalog.
+        ingest_id = tables.check_same_ingest(spark, wh, dataset)
+    except tables.MixedIngest as exc:
+        raise NothingUsable(str(exc)) from None
+    if ingest_id:
+        log.info("profiles %s: ingest %s", dataset, ingest_id)
     interactions = tables.read(spark, wh, "interactions").filter(F.col("dataset") == dataset)
     train = (interactions.filter(F.col("split") == "train").select("user_id", "item_id", "ts")
              .persist(StorageLevel.MEMORY_AND_DISK))
@@ -164,7 +172,7 @@ def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-id", default=None,
+    parser.add_argument("--run-id", default=None, type=run_id_argument,
                         help="key the profiles by this run id (the pipeline's); default: this job's run id")
 
 

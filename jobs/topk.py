@@ -60,7 +60,7 @@ from udfs.representations import RepresentationError, validate_representations
 
 from . import tables
 from .config import ALL, BASELINES, COMMON, POPULARITY, RANDOM, ConfigError
-from .job_run import JobParser, JobRun, NothingUsable, comma_list, run_job
+from .job_run import JobParser, JobRun, NothingUsable, comma_list, run_id_argument, run_job
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
 
 def add_shared_arguments(parser: JobParser) -> None:
     """Options shared by ``topk`` and ``evaluate`` (they must agree on the candidates)."""
-    parser.add_argument("--run-id", default=None,
+    parser.add_argument("--run-id", default=None, type=run_id_argument,
                         help="the run id that user_profiles (and recommendations) are keyed by")
     parser.add_setting("--representations", "experiment.representations", type=comma_list,
                        help="comma-separated representations")
