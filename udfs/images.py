@@ -39,6 +39,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as WaitTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -185,14 +186,16 @@ def _read_bounded(path: str, name: str, limits: ReadLimits, deadline: float, ima
     except (FileNotFoundError, NotADirectoryError) as e:
         raise ImageError("missing", f"image '{name}' does not exist: check the path or the images root") from e
     except PermissionError as e:
-        raise ImageError("unreadable", f"image '{name}' cannot be read (permission denied): check its permissions") from e
+        raise ImageError("unreadable",
+                         f"image '{name}' cannot be read (permission denied): check its permissions") from e
     except OSError as e:
         try:  # a socket cannot be opened at all (ENXIO): name what it is
             what = _file_kind(os.stat(path).st_mode)
         except OSError:
             what = None
         if what and what != "not a regular file":
-            raise ImageError("not_regular", f"image '{name}' is {what}: only regular files are read as images") from e
+            raise ImageError("not_regular", f"image '{name}' is {what}: only regular files are read as images; "
+                                            "point image_uri at the image file itself") from e
         raise ImageError("unreadable", f"image '{name}' cannot be opened ({e.strerror}): check the file") from e
     try:
         # The descriptor, not the path: what is checked is what is read.
@@ -238,7 +241,7 @@ def read_image_file(path: str | Path, limits: ReadLimits | None = None, name: st
     future = _READERS.submit(_read_bounded, os.fspath(path), name, limits, deadline, images_root, confine)
     try:
         data = future.result(timeout=limits.timeout_s)
-    except TimeoutError:
+    except WaitTimeout:  # the builtin TimeoutError only from Python 3.11 on
         future.cancel()  # still queued behind stuck reads: never started
         raise _timed_out(name, limits.timeout_s) from None
     if not data:
