@@ -214,7 +214,29 @@ def ensure(spark: SparkSession, warehouse: str | Path, name: str) -> None:
     builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(SCHEMAS[name])
     if name in PARTITIONS:
         builder = builder.partitionedBy(*PARTITIONS[name])
-    retry_on_conflict(lambda: builder.execute(), name)
+
+    def create():
+        try:
+            builder.execute()
+        except Exception as exc:  # noqa: BLE001 - Delta's errors reach Python as generic Py4J ones
+            # Two jobs starting on a fresh warehouse race to create the same table; the loser
+            # finds the location taken (DELTA_CREATE_TABLE_WITH_NON_EMPTY_LOCATION), possibly
+            # before the winner's first commit has landed.
+            if "NON_EMPTY_LOCATION" not in str(exc):
+                raise
+            for _ in range(40):
+                # A read refreshes Delta's cached log of the path; isDeltaTable would keep
+                # answering from the empty log this failed create just cached.
+                try:
+                    spark.read.format("delta").load(path).columns
+                except Exception:  # noqa: BLE001 - not a table yet: the winner has not committed
+                    time.sleep(0.25)
+                    continue
+                log.info("table %s was created by a concurrent job", name)
+                return
+            raise
+
+    retry_on_conflict(create, name)
 
 
 def conform(df: DataFrame, name: str) -> DataFrame:

@@ -108,9 +108,19 @@ def _pick_overviews(path, items: pd.DataFrame, counts: dict[str, int]) -> pd.Dat
 
 def _flag_suspects(items: pd.DataFrame, policy: str, counts: dict[str, int]) -> None:
     """Mark items whose overview or poster is shared with a differently titled item."""
-    from udfs.images import sha256_file
+    from udfs.images import ImageError, read_image_file, sha256_bytes
 
-    items["_poster"] = items["image_uri"].map(lambda uri: sha256_file(uri) if isinstance(uri, str) else None)
+    def poster_hash(uri) -> str | None:
+        # The bounded reader: a FIFO or a huge file named like a poster must not hang or flood
+        # the driver here, before ingest's own image checks (which reject it) have run.
+        if not isinstance(uri, str):
+            return None
+        try:
+            return sha256_bytes(read_image_file(uri))
+        except ImageError:
+            return None
+
+    items["_poster"] = items["image_uri"].map(poster_hash)
     suspect: dict[str, set[str]] = {}
     shared_same_title = set()
     for key in ("overview", "_poster"):

@@ -180,13 +180,14 @@ def _spawn(job: str, argv: list[str], log: Path) -> subprocess.Popen:
 
 
 def _kill_when_running(spark, wh, proc, job: str, log: Path, after_s: float) -> None:
-    """SIGKILL ``proc`` ``after_s`` seconds after its ``running`` row appears."""
-    deadline = time.monotonic() + 240
+    """SIGKILL ``proc`` ``after_s`` seconds after it logs its first stage, which it does once its
+    ``running`` row is committed (watched in its log, not through Spark: a query from this
+    process could take longer than a small job on a loaded machine)."""
+    deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
-        if (tables.exists(spark, wh, "runs")
-                and tables.read(spark, wh, "runs").filter(f"job = '{job}' AND status = 'running'").count()):
+        if f"vlm4rec: {job}: " in log.read_text(errors="replace"):
             break
-        time.sleep(0.3)
+        time.sleep(0.1)
     time.sleep(after_s)
     alive = proc.poll() is None
     proc.send_signal(signal.SIGKILL)
