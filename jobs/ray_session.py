@@ -33,9 +33,12 @@ def init_kwargs(conf: RayConf) -> dict[str, Any]:
     common: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
                               "configure_logging": False}
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    # Ray starts each worker with its runtime_env's variables (setup_worker execs the worker),
+    # so glibc's malloc tunables take effect; os.environ set inside a running worker would not.
+    env.update({k: str(v) for k, v in conf.worker_env.items() if v != ""})
+    if env:
+        common["runtime_env"] = {"env_vars": env}
     if conf.address:
-        if env:
-            common["runtime_env"] = {"env_vars": env}
         return {"address": conf.address, **common}
     if conf.num_cpus < 0:
         raise ValueError(f"ray.num_cpus must be >= 0 (0: all cores), got {conf.num_cpus}")

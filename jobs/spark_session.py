@@ -98,6 +98,11 @@ def build_spark(config: Config, app_name: str | None = None):
         # Workers must run the interpreter that has our packages, not whatever `python3` is.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    # spark.executorEnv.* reaches the Python workers in local mode too (pyspark.daemon is started
+    # with it), and before they start, which is when glibc reads its malloc tunables.
+    for key, value in sc.worker_env.items():
+        if value != "":
+            builder = builder.config(f"spark.executorEnv.{key}", str(value))
     for key, value in sc.extra.items():
         builder = builder.config(key, str(value))
     spark = builder.getOrCreate()

@@ -46,3 +46,13 @@ def test_caption_cli_that_starts_ray_in_the_driver_prints_no_py4j_traceback(inge
     assert counts["described"] == 6 and counts["failed"] == 0
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert "ConnectionResetError" not in done.stderr, done.stderr[-3000:]
+
+
+def test_ray_workers_get_the_worker_env_locally_and_on_a_cluster():
+    from jobs.config import MALLOC_WORKER_ENV, RayConf
+    from jobs.ray_session import init_kwargs
+
+    assert init_kwargs(RayConf())["runtime_env"]["env_vars"].items() >= MALLOC_WORKER_ENV.items()
+    cluster = init_kwargs(RayConf(address="auto", worker_env={"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": ""}))
+    assert cluster["runtime_env"]["env_vars"]["MALLOC_MMAP_MAX_"] == "0"
+    assert "MALLOC_TRIM_THRESHOLD_" not in cluster["runtime_env"]["env_vars"]  # empty: left unset

@@ -48,3 +48,19 @@ def test_a_forked_child_leaves_the_drivers_jvm_connections_open(spark, caplog):
     # A connection shut down by the child is replaced, after a logged reset, by one on a new port.
     assert ports["after"] == ports["before"]
     assert not [r for r in caplog.records if r.exc_info or "Exception while sending" in r.getMessage()]
+
+
+def _worker_environ(batches):
+    import pandas as pd
+
+    environ = open("/proc/self/environ", "rb").read().split(b"\0")
+    for _ in batches:
+        yield pd.DataFrame({"var": [v.decode() for v in environ if v.startswith(b"MALLOC_")]})
+
+
+def test_python_workers_start_with_the_configured_malloc_tunables(spark):
+    # /proc/self/environ is the environment the process was started with: what glibc read.
+    from jobs.config import MALLOC_WORKER_ENV
+
+    seen = set(spark.range(2).repartition(2).mapInPandas(_worker_environ, "var string").toPandas()["var"])
+    assert seen == {f"{k}={v}" for k, v in MALLOC_WORKER_ENV.items()}
