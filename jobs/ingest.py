@@ -21,14 +21,15 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Observation, Window
 from pyspark.sql import functions as F
 
-from udfs.kcore import kcore
-from udfs.splits import SplitError, SplitSpec, assign_split
+from udfs.spark.image_hashing import with_image_hashes
+from udfs.spark.kcore import kcore
+from udfs.spark.splits import assign_split, label_column
+from udfs.splits import SplitError, SplitSpec
 
 from . import tables
 from .adapters import read_dataset
 from .adapters.base import AdapterOutput
 from .config import ConfigError
-from udfs.image_hashing import with_image_hashes
 from udfs.images import ReadLimits
 from .job_run import JobRun, NothingUsable, run_job
 
@@ -225,8 +226,6 @@ def _first_usable_interaction(out: AdapterOutput, items: DataFrame, spec: SplitS
     table. Without shuffle, and ``limit(1)`` stops at the first partition that has such a row, so
     the usual case costs a fraction of one scan. After the rating or k-core filters, which have
     counted their output already, their frame is asked instead."""
-    from udfs.splits import label_column
-
     if filtered is not None:
         return filtered.select("user_id").limit(1).collect() or None
     rows = out.interactions

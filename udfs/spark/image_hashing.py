@@ -13,9 +13,7 @@ from typing import Iterator
 
 import pandas as pd
 
-from .images import ReadLimits, check_image
-
-REMOTE_PREFIXES = ("http://", "https://", "s3://", "s3a://", "gs://", "abfs://", "hdfs://")
+from udfs.images import ReadLimits, check_image, local_path
 
 
 def _check_batches(batches: Iterator[pd.DataFrame], images_root: str | None, limits: ReadLimits,
@@ -26,11 +24,10 @@ def _check_batches(batches: Iterator[pd.DataFrame], images_root: str | None, lim
             if uri is None or (isinstance(uri, float) and pd.isna(uri)) or uri == "":
                 hashes.append(None)
                 errors.append(None)
-            elif str(uri).startswith(REMOTE_PREFIXES):
+            elif (path := local_path(str(uri))) is None:  # remote: hashed when the caption job fetches it
                 hashes.append(None)
                 errors.append(None)
             else:
-                path = str(uri)[7:] if str(uri).startswith("file://") else str(uri)
                 digest, reason = check_image(path, limits=limits, name=str(uri), images_root=images_root,
                                              confine=not allow_outside_root)
                 hashes.append(digest)

@@ -1,0 +1,107 @@
+"""The layers DESIGN.md promises, read from the source with ``ast``: ``udfs`` computes without
+Spark (only ``udfs/spark/`` imports pyspark), jobs do not import jobs (``pipeline`` runs them),
+and the import graph of ``jobs`` has no loop.
+
+Imports inside functions count: a lazy import is still a dependency, and it is where such
+leaks hide."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+JOB_MODULES = {"ingest", "caption", "embed", "fuse", "profiles", "topk", "evaluate", "synth", "pipeline"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imported_modules(path: Path, source: str | None = None) -> set[str]:
+    """Absolute names of every module ``path`` imports, at any depth of its code; ``from a
+    import b`` yields ``a.b`` too, since ``b`` may be a submodule."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text() if source is None else source, str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(base + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def python_files(folder: str) -> list[Path]:
+    return sorted(p for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def imports_pyspark(path: Path) -> bool:
+    return any(m == "pyspark" or m.startswith("pyspark.") for m in imported_modules(path))
+
+
+def test_walker_sees_pyspark_where_it_is():
+    # Guards the checks below against passing vacuously: the Spark wrappers do import pyspark.
+    assert imports_pyspark(ROOT / "udfs" / "spark" / "splits.py")
+    assert imports_pyspark(ROOT / "udfs" / "spark" / "image_hashing.py")  # inside a function
+
+
+def test_udfs_outside_spark_wrappers_import_no_pyspark():
+    leaks = [str(p.relative_to(ROOT)) for p in python_files("udfs")
+             if "spark" not in p.relative_to(ROOT / "udfs").parts[:-1] and imports_pyspark(p)]
+    assert leaks == [], f"move the Spark code of {leaks} into udfs/spark/"
+
+
+def jobs_graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in python_files("jobs")}
+    graph = {}
+    for name, path in modules.items():
+        # A package's import also runs its __init__, so edges go to every module named.
+        graph[name] = {m for m in imported_modules(path) if m in modules and m != name}
+    return graph
+
+
+def test_no_job_imports_another_job():
+    offenders = sorted((name, dep) for name, deps in jobs_graph().items() for dep in deps
+                       if name != "jobs.pipeline" and dep.rpartition(".")[2] in JOB_MODULES
+                       and dep.count(".") == 1)
+    assert offenders == [], "jobs import the plan, the tables and udfs, not each other"
+
+
+def test_jobs_import_graph_has_no_cycle():
+    graph = jobs_graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert cycles == []
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("from . import tables\n", {"jobs", "jobs.tables"}),
+    ("def f():\n    from .config import load_config\n", {"jobs.config", "jobs.config.load_config"}),
+    ("from pyspark.sql import functions as F\n", {"pyspark.sql", "pyspark.sql.functions"}),
+])
+def test_imported_modules_resolves_relative_and_nested_imports(source, expected):
+    assert imported_modules(ROOT / "jobs" / "probe.py", source) == expected
