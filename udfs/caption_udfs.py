@@ -96,19 +96,10 @@ def is_permanent_error(error: str | None) -> bool:
     return error_kind(error) in PERMANENT_ERROR_KINDS
 
 
-def local_path(uri: str) -> str | None:
-    """The local file behind an ``image_uri``, or ``None`` for a remote URI."""
-    if uri.startswith("file://"):
-        return uri[len("file://"):]
-    if "://" in uri:
-        return None
-    return uri
-
-
 def read_checked(uri: str, expected_sha256: str, limits: Any = None) -> tuple[bytes | None, str | None]:
     """``(bytes, None)`` of one item's image file, read within ``limits`` (a
     ``udfs.images.ReadLimits``) and still hashing to ``expected_sha256``, or ``(None, error text)``."""
-    from udfs.images import ImageError, load_image, read_image_file, sha256_bytes
+    from udfs.images import ImageError, load_image, local_path, read_image_file, sha256_bytes
 
     path = local_path(str(uri))
     if path is None:

@@ -37,7 +37,6 @@ ENCODE_FAILED = "encode_failed"
 # Status the fusion wrapper gives to a row whose parts cancel out.
 ZERO_FUSION = "zero_fusion"
 
-REMOTE_PREFIXES = ("http://", "https://", "s3://", "s3a://", "gs://", "abfs://", "hdfs://")
 # Images are decoded at no more than twice the encoder's 224-pixel input: JPEGs then decode at a
 # reduced DCT scale, and the model's own resize still has enough pixels to antialias.
 IMAGE_MAX_SIDE = 448
@@ -117,12 +116,10 @@ def local_image_path(uri: object) -> tuple[str | None, str | None]:
     """``(path, None)`` for a local image reference, ``(None, status)`` when there is none."""
     if _is_blank(uri):
         return None, NO_IMAGE
-    text = str(uri)
-    if text.startswith("file://"):
-        return text[len("file://"):], None
-    if text.startswith(REMOTE_PREFIXES):
-        return None, REMOTE_IMAGE
-    return text, None
+    from udfs.images import local_path
+
+    path = local_path(str(uri))
+    return (None, REMOTE_IMAGE) if path is None else (path, None)
 
 
 def image_vector_batches(

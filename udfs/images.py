@@ -34,6 +34,7 @@ import io
 import logging
 import os
 import queue
+import re
 import stat
 import threading
 import time
@@ -252,6 +253,19 @@ def read_image_file(path: str | Path, limits: ReadLimits | None = None, name: st
 # A root is resolved once per process, not once per image (a folder's lstat per level): a root
 # re-pointed while a worker lives is not seen, and the job's roots do not move under it.
 _real_root = functools.lru_cache(maxsize=16)(os.path.realpath)
+
+
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def local_path(uri: str) -> str | None:
+    """The local file behind an ``image_uri``, or ``None`` for a remote one: the one rule ingest,
+    caption and embed share. ``file://`` names a local file; any other scheme (``http://``,
+    ``s3://``, ``ftp://``...) is remote, left for a reader that fetches it; anything without a
+    scheme is a local path."""
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    return None if _URI_SCHEME.match(uri) else uri
 
 
 def resolve_under(path: str, root: str | None, allow_outside_root: bool = False, name: str | None = None) -> str:

@@ -382,3 +382,16 @@ def test_a_confined_check_refuses_an_outside_path_without_opening_it(tmp_path):
     assert sha is None and "image 'img/pipe.jpg' resolves to" in reason and "FIFO" not in reason
     assert "dataset.images.allow_outside_root" in reason
     assert check_image(root / "a.png", images_root=str(root), confine=True) == (sha256_file(root / "a.png"), None)
+
+
+@pytest.mark.parametrize("uri, expected", [
+    ("posters/1.jpg", "posters/1.jpg"),
+    ("/data/posters/1.jpg", "/data/posters/1.jpg"),
+    ("file:///data/posters/1.jpg", "/data/posters/1.jpg"),
+    ("http://example.org/1.jpg", None),
+    ("s3a://bucket/1.jpg", None),
+    ("ftp://host/1.jpg", None),  # any scheme but file:// is remote, not a missing local file
+    ("posters/a://b.jpg", "posters/a://b.jpg"),  # "://" past a path separator is no scheme
+])
+def test_local_path_is_one_rule_for_every_stage(uri, expected):
+    assert images.local_path(uri) == expected
