@@ -37,6 +37,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from udfs.representations import CONCAT, FUSIONS, NAIVE
+from udfs.vectors import l2_normalise
 
 __all__ = ["CONCAT", "FUSIONS", "NAIVE", "fuse", "score_weights"]
 
@@ -116,14 +117,13 @@ def _checked_parts(parts: Mapping[str, np.ndarray]) -> tuple[list[str], list[np.
                 f"part {part!r} has {block.shape[0]} rows, part {names[0]!r} has {n_rows}: "
                 "align the parts on the same item ids, row for row, before fusing"
             )
-        norms = np.linalg.norm(block, axis=1)
-        bad = ~np.isfinite(norms) | (norms == 0)
+        unit, bad = l2_normalise(block, dtype=np.float64)
         if bad.any():
             raise ValueError(
                 f"part {part!r} row {int(np.flatnonzero(bad)[0])} is zero or not finite "
                 f"({int(bad.sum())} such rows): fuse only items that have a vector in every part"
             )
-        blocks.append(block / norms[:, None])
+        blocks.append(unit)
     return names, blocks
 
 
@@ -144,11 +144,10 @@ def _concat_weights(names: list[str], weights: Mapping[str, float] | None) -> np
 
 
 def _normalised(x: np.ndarray, what: str, names: list[str]) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1)
-    bad = norms <= 1e-12
+    unit, bad = l2_normalise(x, min_norm=1e-12, dtype=np.float64)
     if bad.any():
         raise ValueError(
             f"{what} of parts {names}: row {int(np.flatnonzero(bad)[0])} fuses to a zero vector "
             "(its parts cancel out); drop that item or use 'concat'"
         )
-    return (x / norms[:, None]).astype(np.float32)
+    return unit.astype(np.float32)

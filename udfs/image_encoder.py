@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from udfs.images import resize_for
+from udfs.vectors import l2_normalise
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +115,6 @@ ENCODERS: dict[str, Callable[[Sequence[Image.Image], int], np.ndarray]] = {
 }
 
 
-def l2_normalise(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit norm (float32); an all-zero row stays zero instead of becoming NaN."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.where(norms > 0, norms, 1.0).astype(np.float32)
-
-
 def encode_images(
     images: Sequence[Image.Image],
     batch_size: int = 32,
@@ -136,4 +130,5 @@ def encode_images(
     if not images:
         dim = LITE0_FEATURE_DIM if encoder == EFFICIENTNET_LITE0 else 0
         return np.zeros((0, dim), dtype=np.float32)
-    return l2_normalise(ENCODERS[encoder](images, batch_size))
+    # An all-zero feature row stays zero (no direction): the stored vector is never NaN.
+    return l2_normalise(ENCODERS[encoder](images, batch_size))[0]

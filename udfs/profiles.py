@@ -22,6 +22,8 @@ import logging
 import numpy as np
 import pandas as pd
 
+from udfs.vectors import l2_normalise
+
 log = logging.getLogger(__name__)
 
 SECONDS_PER_DAY = 86_400.0
@@ -105,16 +107,13 @@ def user_profiles(
     if m == 0:
         return profiles, n_history
 
-    x = item_vectors.astype(np.float64, copy=True)
-    norms = np.linalg.norm(x, axis=1)
-    bad_rows = ~np.isfinite(norms) | (norms == 0)
+    x, bad_rows = l2_normalise(item_vectors, dtype=np.float64)
     if bad_rows.any():
         row = int(np.flatnonzero(bad_rows)[0])
         raise ValueError(
             f"item_vectors row {row} (user index {int(user_index[row])}) is zero or not finite: "
             "drop history rows whose item has no vector before building profiles"
         )
-    x /= norms[:, None]
     if half_life_days is not None:
         if ts is None:
             raise ValueError("half_life_days needs ts: pass the interaction timestamps")
@@ -124,15 +123,15 @@ def user_profiles(
     sorted_users = user_index[order]
     starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
     sums = np.add.reduceat(x[order], starts, axis=0)
-    lengths = np.linalg.norm(sums, axis=1)
-    ok = lengths > DEGENERATE_NORM
+    unit, degenerate = l2_normalise(sums, min_norm=DEGENERATE_NORM, dtype=np.float64)
+    ok = ~degenerate
     if not ok.all():
         log.warning(
             "user_profiles: %d users have item vectors that cancel out; their profile is left "
             "zero", int((~ok).sum())
         )
     owners = sorted_users[starts]
-    profiles[owners[ok]] = (sums[ok] / lengths[ok, None]).astype(np.float32)
+    profiles[owners[ok]] = unit[ok].astype(np.float32)
     return profiles, n_history
 
 

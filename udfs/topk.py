@@ -35,6 +35,8 @@ import pandas as pd
 import scipy.sparse
 import torch
 
+from udfs.vectors import l2_normalise
+
 logger = logging.getLogger(__name__)
 
 # Seen items: one array of item indices (into the block's items) per user, or a (u, n) sparse
@@ -50,14 +52,14 @@ def l2_normalize(vectors: np.ndarray, name: str = "vectors") -> np.ndarray:
     matrix = np.asarray(vectors, dtype=np.float32)
     if matrix.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array (rows, dim), got shape {matrix.shape}")
-    norms = np.linalg.norm(matrix, axis=1)
-    bad = np.flatnonzero(~np.isfinite(norms) | (norms == 0))
+    unit, no_direction = l2_normalise(matrix)
+    bad = np.flatnonzero(no_direction)
     if bad.size:
         raise ValueError(
             f"{name} row {int(bad[0])} (and {bad.size - 1} more) has a zero or non-finite norm: "
             "such a vector has no direction, so drop it or recompute its embedding"
         )
-    return matrix / norms[:, None]
+    return unit
 
 
 class ItemBlock:
