@@ -109,10 +109,10 @@ def interaction_rejects(classified: DataFrame, n_bad: int) -> DataFrame:
     """Rejected interactions in the rejects schema; rows named by record number when the adapter
     kept the file position, else by their key. ``n_bad`` (counted while the good rows were
     written) spares the usual case, no bad row, a second pass over the file."""
-    from .adapters.base import line_numbers
+    from .adapters.base import CONTENT_CHARS, REJECT_SCHEMA, line_numbers
 
     if n_bad == 0:
-        return classified.sparkSession.createDataFrame([], "source string, row string, reason string, content string")
+        return classified.sparkSession.createDataFrame([], REJECT_SCHEMA)
     bad = classified.filter(F.col("_reason").isNotNull())
     numbered = line_numbers(classified.filter(F.col("_pos").isNotNull()), bad)
     row = F.when(F.col("_pos").isNotNull(), F.concat(F.lit("record "), F.col("_line").cast("string"))) \
@@ -120,7 +120,7 @@ def interaction_rejects(classified: DataFrame, n_bad: int) -> DataFrame:
     content = F.coalesce(F.col("_content"),
                          F.to_json(F.struct("user_id", "item_id", "ts", "rating", "label")))
     return numbered.select(F.col("_source").alias("source"), row.alias("row"), F.col("_reason").alias("reason"),
-                           F.substring(content, 1, 500).alias("content"))
+                           F.substring(content, 1, CONTENT_CHARS).alias("content"))
 
 
 def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:

@@ -41,10 +41,6 @@ ZERO_FUSION = "zero_fusion"
 # reduced DCT scale, and the model's own resize still has enough pixels to antialias.
 IMAGE_MAX_SIDE = 448
 
-# DDL of what the embedding wrappers emit; ``vector`` elements are never null, as in the
-# ``item_embeddings`` contract.
-VECTOR_DDL = "array<float not null>"
-
 
 def _set_torch_threads(threads: int) -> None:
     import torch

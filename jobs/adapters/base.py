@@ -24,17 +24,12 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from .. import tables
 from ..config import ConfigError, DatasetConf
 from ..job_run import NothingUsable
 
-REJECT_SCHEMA = T.StructType([
-    T.StructField("source", T.StringType(), False),
-    T.StructField("row", T.StringType(), False),
-    T.StructField("reason", T.StringType(), False),
-    T.StructField("content", T.StringType()),
-])
-ITEM_COLUMNS = ["item_id", "title", "text", "image_uri", "attrs"]
-INTERACTION_COLUMNS = ["user_id", "item_id", "ts", "rating", "label", "_source"]
+# What an adapter emits: the rejects table's columns but ``dataset``, which ingest adds.
+REJECT_SCHEMA = T.StructType([f for f in tables.SCHEMAS["rejects"].fields if f.name != "dataset"])
 CONTENT_CHARS = 500
 # The CSV reader decodes bytes that are not valid in the file's charset to U+FFFD.
 REPLACEMENT_CHAR = "\ufffd"
@@ -134,10 +129,6 @@ def reject(df: DataFrame, reason: Column | str, row: Column | None = None,
     return df.select(
         F.col("_source").cast("string").alias("source"), row.cast("string").alias("row"),
         reason.alias("reason"), F.substring(content.cast("string"), 1, CONTENT_CHARS).alias("content"))
-
-
-def empty_rejects(spark: SparkSession) -> DataFrame:
-    return spark.createDataFrame([], REJECT_SCHEMA)
 
 
 def parse_delimited(spark: SparkSession, path: Path, sep: str, names: list[str],
