@@ -112,7 +112,8 @@ def main() -> None:
     import ray
 
     from jobs import caption, ingest
-    from jobs.config import load_config
+    from jobs.config import RayConf, load_config
+    from jobs.ray_session import init_kwargs
     from jobs.spark_session import build_spark
 
     work = Path(tempfile.mkdtemp(prefix="bench-caption-"))
@@ -121,8 +122,8 @@ def main() -> None:
               "--set", f"spark.master=local[{args.cpus}]", "--set", f"experiment.caption.batch_size={args.batch_size}"]
     build_spark(load_config(None, [f"spark.master=local[{args.cpus}]", "spark.shuffle_partitions=2",
                                    "log_level=WARNING"]), app_name="bench-caption")
-    ray.init(num_cpus=args.cpus, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
-             configure_logging=False)
+    # The job's own ray.init arguments (worker_env included), with this benchmark's sizes.
+    ray.init(**init_kwargs(RayConf(num_cpus=args.cpus, object_store_memory_mb=300)))
     load_before = os.getloadavg()
     _, ingested = run_job(ingest.main, common)
     first_s, first = run_job(caption.main, common)

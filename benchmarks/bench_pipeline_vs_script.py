@@ -1,0 +1,573 @@
+"""The whole distributed job against a plain single-process script doing the same work (issue 9).
+
+    python benchmarks/bench_pipeline_vs_script.py [--order pipeline-first|script-first]
+        [--ml100k ../shared/data/ml100k] [--master local[2]] [--n-users N] [--n-items N]
+        [--pipeline-set KEY=VALUE ...] [--skip-pipeline] [--skip-script] [--out FILE]
+
+Both sides run ``conf/experiments/ml100k.yaml`` on the real MovieLens-100k, each in its own
+fresh process, one after the other, on the same machine:
+
+- pipeline: ``vlm4rec pipeline --conf experiments/ml100k.yaml`` on a fresh temporary warehouse
+  (nothing cached: every poster described, every vector encoded). Its stage times are the
+  ``stage wall times: ...`` line it prints (the ``ms_<stage>`` of its ``runs`` row).
+- script: this file with ``--reference``: pandas for the files, then the project's own ``udfs``
+  kernels called in-process, in one Python process: the adapter's reading rules (u.data,
+  u.item, the TMDB overviews, the suspect-content rule), the image checks and hashes, the
+  ``temporal_ratio`` split, the ``tags`` descriptions of the unique posters (decoded as the
+  caption job's loading stage decodes them), MiniLM vectors of titles, overviews and
+  descriptions, EfficientNet-Lite0 vectors, the fusions, mean-of-history profiles (fusions of
+  the parts' profiles, as the profiles job does), exact top-K with seen items masked over the
+  common candidate set plus the popularity and random baselines, the six metrics at each K
+  with bootstrap CIs, and the paired comparisons. The numerics are the same functions; what
+  differs is the orchestration (Spark actions, Delta commits, Ray, Arrow shipping).
+
+Prints a table stage by stage with pipeline / script, the whole-process ratio, and how many of
+the pipeline's metric and comparison values the script reproduces (equal to 1e-9; the max abs
+difference of the rest: tied scores among identical descriptions may order differently).
+The pipeline's ``metrics`` and ``comparisons`` rows are read from its Delta tables' Parquet
+files through the Delta log (no Spark, no deltalake package). Records the CPU model, cores and
+load average before and after; the machine must be otherwise idle for the figures to mean much.
+Writes JSON (``--out``, default ``benchmarks/results/pipeline_vs_script.json``).
+
+``--n-users`` / ``--n-items`` run both sides on a subset (the first users / items by id, the
+files rewritten into a temporary folder, posters linked) for quick checks; the default is the
+full ml100k. ``--pipeline-set`` passes a ``--set`` to the pipeline (e.g.
+``spark.worker_env={}`` to measure it without the malloc tunables).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results" / "pipeline_vs_script.json"
+CONF = "experiments/ml100k.yaml"
+STAGES = ("ingest", "caption", "embed", "profiles", "topk", "evaluate")
+TOLERANCE = 1e-9
+STAGE_LINE = re.compile(r"stage wall times: (.*) \(total ([0-9.]+) s\)")
+
+
+# --- the reference: one process, pandas + the project's udfs ---------------------------------
+
+class Stopwatch:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        watch = self
+
+        class _Timed:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                watch.seconds[name] = time.perf_counter() - self.start
+
+        return _Timed()
+
+
+def _norm_title(title: object) -> str:
+    return " ".join(str(title).lower().split()) if isinstance(title, str) else ""
+
+
+def read_movielens(root: Path, counts: dict[str, int]):
+    """items (item_id, title, text, image_uri, image_sha256) and interactions (user_id,
+    item_id, rating, ts), by the rules of ``jobs/adapters/movielens.py`` and ``jobs/ingest.py``
+    (that module imports pyspark, so its pandas steps are restated here, not imported)."""
+    import pandas as pd
+
+    from udfs.images import ImageError, ReadLimits, check_image, read_image_file, sha256_bytes
+
+    raw = pd.read_csv(root / "u.item", sep="|", header=None, encoding="latin-1", dtype=str,
+                      keep_default_na=False, quoting=3)
+    items = pd.DataFrame({"item_id": raw[0].str.strip(), "title": raw[1].str.strip()})
+    tmdb = pd.read_csv(root / "items_tmdb.csv", dtype={"movie_id": str})
+    tmdb["movie_id"] = tmdb["movie_id"].str.strip()
+    titles = dict(zip(items["item_id"], items["title"].map(_norm_title)))
+    tmdb["_match"] = [titles.get(i) == _norm_title(t) for i, t in zip(tmdb["movie_id"], tmdb["title"])]
+    tmdb["_order"] = range(len(tmdb))
+    best = tmdb.sort_values(["movie_id", "_match", "_order"], ascending=[True, False, True]).drop_duplicates("movie_id")
+    overviews = best[["movie_id", "overview"]].rename(columns={"movie_id": "item_id"})
+    overviews["overview"] = overviews["overview"].where(
+        overviews["overview"].notna() & (overviews["overview"].astype(str).str.strip() != ""))
+    items = items.merge(overviews, on="item_id", how="left")
+    posters = root / "posters"
+    items["image_uri"] = [str(posters / f"{i}.jpg") if (posters / f"{i}.jpg").exists() else None
+                          for i in items["item_id"]]
+
+    def poster_hash(uri):
+        if not isinstance(uri, str):
+            return None
+        try:
+            return sha256_bytes(read_image_file(uri))
+        except ImageError:
+            return None
+
+    # The suspect-content rule: an overview or poster shared by differently titled items is dropped.
+    items["_poster"] = items["image_uri"].map(poster_hash)
+    suspect: set[str] = set()
+    for key in ("overview", "_poster"):
+        for _, group in items.dropna(subset=[key]).groupby(key):
+            if len(group) > 1 and group["title"].map(_norm_title).nunique() > 1:
+                suspect.update(group["item_id"])
+    mask = items["item_id"].isin(list(suspect))
+    items.loc[mask, "overview"] = None
+    items.loc[mask, "image_uri"] = None
+    counts["tmdb_suspect_items"] = len(suspect)
+    items = items.drop(columns=["_poster"]).rename(columns={"overview": "text"})
+    items["text"] = items["text"].where(items["text"].notna(), None)
+    items = items.drop_duplicates("item_id", keep="first").reset_index(drop=True)
+
+    # ingest: every local image confined to the posters folder, read within the default limits,
+    # decoded and hashed (an unusable one leaves the item without a hash).
+    limits, images_root = ReadLimits(), str(posters.resolve())
+    hashes = []
+    for uri in items["image_uri"]:
+        if not isinstance(uri, str):
+            hashes.append(None)
+            continue
+        digest, _ = check_image(uri, limits=limits, name=uri, images_root=images_root, confine=True)
+        hashes.append(digest)
+    items["image_sha256"] = hashes
+
+    ratings = pd.read_csv(root / "u.data", sep="\t", header=None, names=["user_id", "item_id", "rating", "ts"],
+                          dtype={"user_id": str, "item_id": str, "rating": float, "ts": "int64"})
+    ratings = ratings[ratings["item_id"].isin(set(items["item_id"]))]
+    ratings = (ratings.sort_values(["user_id", "item_id", "ts", "rating"], ascending=[True, True, True, False])
+               .drop_duplicates(["user_id", "item_id", "ts"], keep="first"))
+    counts["items"], counts["interactions"] = len(items), len(ratings)
+    return items, ratings.reset_index(drop=True)
+
+
+def temporal_ratio_split(df, ratios, min_user_interactions: int):
+    """``udfs.splits``' ``temporal_ratio`` in pandas: per user by (ts, item_id), the last
+    ``ratios[2]`` share test, the ``ratios[1]`` share before it valid."""
+    import numpy as np
+
+    _, valid, test = ratios
+    df = df.sort_values(["user_id", "ts", "item_id"], kind="stable").reset_index(drop=True)
+    by_user = df.groupby("user_id", sort=False)
+    n = by_user["item_id"].transform("size").to_numpy()
+    from_end = n - (by_user.cumcount().to_numpy() + 1)
+    n_test = np.maximum(np.floor(n * test), 1 if test > 0 else 0)
+    n_valid = np.maximum(np.floor(n * valid), 1 if valid > 0 else 0)
+    eligible = (n >= max(min_user_interactions, 1)) & (n - n_test - n_valid >= 1)
+    split = np.where(~eligible, "train", np.where(from_end < n_test, "test",
+                                                  np.where(from_end < n_test + n_valid, "valid", "train")))
+    return df.assign(split=split)
+
+
+def expand_lvlm(names: list[str], full: str) -> list[str]:
+    from udfs.representations import FUSIONS, fusion_name, validate_representations
+
+    out = []
+    for name in names:
+        head, _, parts = name.partition(":")
+        if name == "lvlm":
+            name = full
+        elif head in FUSIONS and "lvlm" in parts.split("+"):
+            name = fusion_name(head, [full if p == "lvlm" else p for p in parts.split("+")])
+        out.append(name)
+    return validate_representations(out)
+
+
+def reference(root: Path, overrides: list[str]) -> dict:
+    """The plain script: returns stage seconds, counts, the metric and comparison rows."""
+    watch = Stopwatch()
+    counts: dict[str, int] = {}
+    with watch("ingest"):
+        import numpy as np
+        import pandas as pd
+
+        from jobs.config import load_config
+
+        config = load_config([CONF], overrides)
+        experiment, dataset = config.experiment, config.dataset
+        items, interactions = read_movielens(root, counts)
+        interactions = temporal_ratio_split(interactions, dataset.split.ratios, dataset.split.min_user_interactions)
+
+    with watch("caption"):
+        from udfs.caption import describe_isolated, make_engine
+        from udfs.caption_udfs import ENGINE_MAX_SIDE, load_one
+        from udfs.images import ReadLimits
+        from udfs.representations import lvlm_name
+
+        cap = experiment.caption
+        engine = make_engine(cap.engine, cap.model or "efficientnet-lite0", cap.prompt, cap.batch_size,
+                             cap.max_new_tokens, cap.engine_options())
+        full_lvlm = lvlm_name(engine.name, engine.model, engine.prompt_id)
+        unique = items.dropna(subset=["image_sha256"]).drop_duplicates("image_sha256")
+        limits = ReadLimits(dataset.images.max_bytes, dataset.images.read_timeout_s)
+        descriptions: dict[str, str] = {}
+        rows = list(zip(unique["image_uri"], unique["image_sha256"]))
+        for start in range(0, len(rows), cap.batch_size):
+            loaded = [(sha, load_one(uri, sha, ENGINE_MAX_SIDE[engine.name], limits)) for uri, sha in
+                      rows[start:start + cap.batch_size]]
+            ok = [(sha, img) for sha, (img, error) in loaded if error is None]
+            for (sha, _), result in zip(ok, describe_isolated(engine, [img for _, img in ok])):
+                if not isinstance(result, Exception):
+                    descriptions[sha] = result.text
+        counts["described"] = len(descriptions)
+        del engine
+
+    with watch("embed"):
+        from udfs import embedding_udfs
+        from udfs.representations import parse_representation, required_base_representations
+
+        names = expand_lvlm(list(experiment.representations), full_lvlm)
+        base = [parse_representation(n) for n in required_base_representations(names)]
+        fusions = [p for p in (parse_representation(n) for n in names) if p.is_fusion]
+        text_frames = []
+        for rep in base:
+            if rep.kind in ("title", "text"):
+                text = items[rep.kind]
+            elif rep.kind == "lvlm":
+                text = items["image_sha256"].map(lambda s: descriptions.get(s) if isinstance(s, str) else None)
+            else:
+                continue
+            text_frames.append(pd.DataFrame({"representation": rep.name, "item_id": items["item_id"],
+                                             "text": text, "pre_status": None}))
+        vectors: dict[str, pd.DataFrame] = {}
+        encoded = []
+        if text_frames:
+            encode = embedding_udfs.text_vector_batches(experiment.text_encoder, experiment.embed.text_batch_size, 0)
+            encoded += list(encode(iter([pd.concat(text_frames, ignore_index=True)])))
+        if any(rep.kind == "visual" for rep in base):
+            encode = embedding_udfs.image_vector_batches(experiment.image_encoder, experiment.embed.image_batch_size, 0)
+            frame = pd.DataFrame({"representation": "visual", "item_id": items["item_id"],
+                                  "image_uri": items["image_uri"], "pre_status": None})
+            encoded += list(encode(iter([frame])))
+        encoded = pd.concat(encoded, ignore_index=True)
+        encoded = encoded[encoded["status"] == embedding_udfs.OK]
+        for name, group in encoded.groupby("representation"):
+            vectors[name] = group[["item_id", "vector"]].reset_index(drop=True)
+        weights = experiment.embed.concat_weights
+
+        def fusion_weights(rep):
+            chosen = {p: float(w) for p, w in weights.items() if p in rep.parts}
+            return chosen or None if rep.kind == "concat" else None
+
+        def fused(rep, parts: dict[str, pd.DataFrame], key: str):
+            joined = None
+            for j, part in enumerate(rep.parts):
+                frame = parts[part].rename(columns={"vector": f"part_{j}", "n_history": f"_n_{j}"})
+                joined = frame if joined is None else joined.merge(frame, on=key)
+            if "_n_0" in joined.columns:
+                joined["n_history"] = joined[[f"_n_{j}" for j in range(len(rep.parts))]].min(axis=1)
+            out = pd.concat(list(embedding_udfs.fused_vector_batches(rep.kind, rep.parts, fusion_weights(rep), key)(
+                iter([joined]))), ignore_index=True)
+            return out[out["status"] == embedding_udfs.OK].drop(columns=["status"]).reset_index(drop=True)
+
+        for rep in fusions:
+            vectors[rep.name] = fused(rep, vectors, "item_id")
+        counts["vectors"] = sum(len(v) for v in vectors.values())
+
+    with watch("profiles"):
+        train = interactions[interactions["split"] == "train"]
+        profile_of = embedding_udfs.profile_groups(experiment.profiles.half_life_days)
+        profiles: dict[str, pd.DataFrame] = {}
+        for rep in base:
+            history = train.merge(vectors[rep.name], on="item_id")[["user_id", "vector", "ts"]]
+            profiles[rep.name] = profile_of((rep.name,), history).drop(columns=["representation"])
+        for rep in fusions:
+            profiles[rep.name] = fused(rep, profiles, "user_id")
+        counts["profiles"] = sum(len(p) for p in profiles.values())
+
+    with watch("topk"):
+        from udfs import topk as topk_kernels
+        from udfs import topk_udfs
+
+        settings = experiment.topk
+        k = settings.k or max(experiment.evaluate.ks)
+        baselines = list(dict.fromkeys([*settings.baselines, *(n for n in names if n in ("popularity", "random"))]))
+        vector_names = [n for n in names if n not in baselines]
+        order = vector_names + baselines
+        if settings.candidates != "common":
+            raise SystemExit("the reference implements the 'common' candidate policy only")
+        common = set.intersection(*[set(vectors[n]["item_id"]) for n in vector_names])
+        candidates = np.array(sorted(common), dtype=object)
+        seen_rows = interactions[interactions["split"].isin(list(settings.exclude))].drop_duplicates(["user_id", "item_id"])
+        seen = seen_rows.groupby("user_id")["item_id"].agg(list).to_dict()
+        train_users = np.array(sorted(train["user_id"].unique()), dtype=object)
+        popularity = train.groupby("item_id").size()
+        lists: dict[str, dict[str, list[str]]] = {}
+
+        def rank(name, user_ids, user_vectors, item_ids, item_vectors, scorer):
+            user_seen = [seen.get(u, []) for u in user_ids]
+            mask = topk_udfs.seen_mask([len(s) for s in user_seen], [i for s in user_seen for i in s], item_ids)
+            scores, ids = topk_udfs.pair_topk(user_ids, user_vectors, mask, item_ids, item_vectors, k, scorer,
+                                              settings.seed, settings.score_rows)
+            merged_scores, merged_ids = topk_kernels.merge_topk([(scores, ids)], k, None)
+            keep = ~np.isneginf(merged_scores)
+            lists[name] = {u: list(merged_ids[i][keep[i]]) for i, u in enumerate(user_ids) if keep[i].any()}
+
+        for name in vector_names:
+            items_of = vectors[name][vectors[name]["item_id"].isin(common)]
+            rank(name, profiles[name]["user_id"].to_numpy(dtype=object),
+                 embedding_udfs.stack_vectors(profiles[name]["vector"]), items_of["item_id"].to_numpy(dtype=object),
+                 embedding_udfs.stack_vectors(items_of["vector"]), topk_udfs.COSINE)
+        ones = np.ones((len(train_users), 1), np.float32)
+        for name in baselines:
+            if name == "popularity":
+                item_vectors = popularity.reindex(candidates).fillna(0).to_numpy(np.float32)[:, None]
+                rank(name, train_users, ones, candidates, item_vectors, topk_udfs.COSINE)
+            else:
+                rank(name, train_users, ones, candidates, np.zeros((len(candidates), 1), np.float32),
+                     topk_udfs.RANDOM)
+
+    with watch("evaluate"):
+        from udfs import evaluate_udfs
+
+        ks = sorted(set(experiment.evaluate.ks))
+        n_samples, seed = experiment.evaluate.bootstrap_samples, experiment.evaluate.seed
+        test = interactions[interactions["split"] == "test"].drop_duplicates(["user_id", "item_id"])
+        excluded = set(zip(seen_rows["user_id"], seen_rows["item_id"]))
+        relevant_rows = test[test["item_id"].isin(common)
+                             & ~pd.Series(list(zip(test["user_id"], test["item_id"])), index=test.index).isin(excluded)]
+        relevant = relevant_rows.groupby("user_id")["item_id"].agg(list)
+        values = []
+        for name in order:
+            users = [u for u in relevant.index if u in lists[name]]
+            frame = pd.DataFrame({"user_id": users, "relevant": [relevant[u] for u in users],
+                                  "recommended": [lists[name][u] for u in users]})
+            per_user = evaluate_udfs.user_metrics(frame, ks)
+            per_user.insert(0, "representation", name)
+            values.append(per_user)
+        values = pd.concat(values, ignore_index=True)
+        summarise = evaluate_udfs.metric_summary(n_samples, seed)
+        metrics = pd.concat([summarise(key, group) for key, group in values.groupby(["representation", "metric", "k"])],
+                            ignore_index=True)
+        compare = evaluate_udfs.comparison_groups(order, n_samples, seed)
+        comparisons = pd.concat([compare(key, group[["representation", "user_id", "value"]])
+                                 for key, group in values.groupby(["metric", "k"])], ignore_index=True)
+    return {"stage_s": watch.seconds, "counts": counts,
+            "metrics": metrics.to_dict(orient="records"), "comparisons": comparisons.to_dict(orient="records")}
+
+
+# --- the pipeline's tables, read without Spark -------------------------------------------------
+
+def read_delta(path: Path):
+    """The live rows of a Delta table: its JSON commits (and checkpoint, if any) replayed for
+    add/remove actions, then the Parquet files, with partition values as columns."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    log = path / "_delta_log"
+    live: dict[str, dict] = {}
+    start = -1
+    last = log / "_last_checkpoint"
+    if last.exists():
+        version = json.loads(last.read_text())["version"]
+        checkpoint = pq.read_table(log / f"{version:020d}.checkpoint.parquet").to_pylist()
+        for action in checkpoint:
+            if action.get("add"):
+                live[action["add"]["path"]] = action["add"].get("partitionValues") or {}
+        start = version
+    for commit in sorted(log.glob("*.json")):
+        if int(commit.stem) <= start:
+            continue
+        for line in commit.read_text().splitlines():
+            action = json.loads(line)
+            if "add" in action:
+                live[action["add"]["path"]] = action["add"].get("partitionValues") or {}
+            elif "remove" in action:
+                live.pop(action["remove"]["path"], None)
+    frames = []
+    for file, partition in live.items():
+        frame = pq.read_table(path / file).to_pandas()
+        for key, value in (dict(partition) if not isinstance(partition, dict) else partition).items():
+            frame[key] = value
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def compare_values(pipeline_rows, script_rows, key: list[str], columns: list[str]) -> dict:
+    """How many (row, column) values agree within TOLERANCE, and the largest difference."""
+    import pandas as pd
+
+    merged = pd.DataFrame(pipeline_rows).merge(pd.DataFrame(script_rows), on=key, how="outer",
+                                               suffixes=("_pipeline", "_script"), indicator=True)
+    both = merged[merged["_merge"] == "both"]
+    equal, total, worst, worst_at = 0, 0, 0.0, None
+    for column in columns:
+        a, b = both[f"{column}_pipeline"].astype(float), both[f"{column}_script"].astype(float)
+        diff = (a - b).abs().where(~(a.isna() & b.isna()), 0.0).fillna(math.inf)
+        equal += int((diff <= TOLERANCE).sum())
+        total += len(diff)
+        if len(diff) and diff.max() > worst:
+            worst, row = float(diff.max()), both.loc[diff.idxmax()]
+            worst_at = {**{c: row[c] for c in key}, "column": column}
+    return {"values": total, "equal_1e-9": equal, "max_abs_diff": worst, "max_abs_diff_at": worst_at,
+            "only_in_pipeline": int((merged["_merge"] == "left_only").sum()),
+            "only_in_script": int((merged["_merge"] == "right_only").sum())}
+
+
+# --- the driver --------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def subset_data(source: Path, target: Path, n_users: int | None, n_items: int | None) -> Path:
+    """The first ``n_items`` items and ``n_users`` users (by numeric id) of ml100k, posters linked."""
+    target.mkdir(parents=True)
+    item_lines = (source / "u.item").read_bytes().splitlines(keepends=True)
+    keep_items = {line.split(b"|", 1)[0] for line in item_lines}
+    if n_items:
+        keep_items = {i for i in keep_items if int(i) <= n_items}
+        item_lines = [line for line in item_lines if line.split(b"|", 1)[0] in keep_items]
+    (target / "u.item").write_bytes(b"".join(item_lines))
+    rows = [line for line in (source / "u.data").read_bytes().splitlines(keepends=True)
+            if line.split(b"\t")[1] in keep_items and (not n_users or int(line.split(b"\t")[0]) <= n_users)]
+    (target / "u.data").write_bytes(b"".join(rows))
+    shutil.copy(source / "items_tmdb.csv", target / "items_tmdb.csv")
+    (target / "posters").symlink_to((source / "posters").resolve())
+    return target
+
+
+def run_pipeline(root: Path, work: Path, master: str, extra_sets: list[str]) -> dict:
+    warehouse = work / "warehouse"
+    sets = [f"warehouse={warehouse}", f"dataset.paths.root={root}", f"spark.master={master}", *extra_sets]
+    command = [sys.executable, "-m", "jobs.cli", "pipeline", "--conf", CONF,
+               *[a for s in sets for a in ("--set", s)]]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    (work / "pipeline.log").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
+    match = next((STAGE_LINE.search(line) for line in reversed(done.stdout.splitlines()) if STAGE_LINE.search(line)),
+                 None)
+    if done.returncode or not match:
+        raise SystemExit(f"pipeline exited {done.returncode}; log: {work / 'pipeline.log'}\n{done.stdout[-2000:]}"
+                         f"\n{done.stderr[-2000:]}")
+    stages = {}
+    for part in match.group(1).split(", "):
+        stage, seconds, _ = part.split(" ")
+        stages[stage] = float(seconds)
+    metrics = read_delta(warehouse / "metrics")
+    comparisons = read_delta(warehouse / "comparisons")
+    return {"wall_s": wall, "stage_s": stages, "stages_total_s": float(match.group(2)),
+            "metrics": metrics.drop(columns=["run_id"]).to_dict(orient="records"),
+            "comparisons": comparisons.drop(columns=["run_id"]).to_dict(orient="records")}
+
+
+def run_script(root: Path, work: Path) -> dict:
+    out = work / "script.json"
+    command = [sys.executable, str(Path(__file__).resolve()), "--reference", "--ml100k", str(root),
+               "--reference-out", str(out)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    (work / "script.log").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
+    if done.returncode:
+        raise SystemExit(f"script exited {done.returncode}; log: {work / 'script.log'}\n{done.stderr[-3000:]}")
+    return {"wall_s": wall, **json.loads(out.read_text())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ml100k", type=Path, default=REPO.parent / "shared" / "data" / "ml100k")
+    parser.add_argument("--master", default="local[2]")
+    parser.add_argument("--order", choices=["pipeline-first", "script-first"], default="pipeline-first")
+    parser.add_argument("--n-users", type=int, default=None, help="only users 1..N (quick checks; default all)")
+    parser.add_argument("--n-items", type=int, default=None, help="only items 1..N (quick checks; default all)")
+    parser.add_argument("--pipeline-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra --set for the pipeline (repeatable)")
+    parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--skip-script", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (warehouse, logs)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--reference-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    root = args.ml100k.resolve()
+    if args.reference:
+        result = reference(root, [f"dataset.paths.root={root}"])
+        args.reference_out.write_text(json.dumps(result, default=str))
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-vs-script-"))
+    if args.n_users or args.n_items:
+        root = subset_data(root, work / "data", args.n_users, args.n_items)
+    load_before = os.getloadavg()
+    runs = {}
+    sides = ["pipeline", "script"] if args.order == "pipeline-first" else ["script", "pipeline"]
+    try:
+        for side in sides:
+            if side == "pipeline" and not args.skip_pipeline:
+                runs["pipeline"] = run_pipeline(root, work, args.master, args.pipeline_set)
+            if side == "script" and not args.skip_script:
+                runs["script"] = run_script(root, work)
+            print(f"{side} done: {runs[side]['wall_s']:.1f} s" if side in runs else f"{side} skipped", flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    load_after = os.getloadavg()
+
+    result = {
+        "benchmark": "pipeline_vs_script",
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+                    "spark_master": args.master, "load_average_before": [round(x, 2) for x in load_before],
+                    "load_average_after": [round(x, 2) for x in load_after]},
+        "config": CONF, "order": args.order, "n_users": args.n_users, "n_items": args.n_items,
+        "pipeline_sets": args.pipeline_set,
+    }
+    pipe, script = runs.get("pipeline"), runs.get("script")
+    print(f"\n{'stage':<16}{'pipeline s':>12}{'script s':>12}{'pipeline/script':>17}")
+    table = {}
+    for stage in STAGES:
+        p = pipe["stage_s"].get(stage) if pipe else None
+        s = script["stage_s"].get(stage) if script else None
+        ratio = p / s if p is not None and s else None
+        table[stage] = {"pipeline_s": p, "script_s": s, "ratio": ratio}
+        print(f"{stage:<16}{'-' if p is None else f'{p:.1f}':>12}{'-' if s is None else f'{s:.1f}':>12}"
+              f"{'-' if ratio is None else f'{ratio:.2f}x':>17}")
+    p, s = (pipe["wall_s"] if pipe else None), (script["wall_s"] if script else None)
+    table["whole process"] = {"pipeline_s": p, "script_s": s, "ratio": p / s if p and s else None}
+    print(f"{'whole process':<16}{'-' if p is None else f'{p:.1f}':>12}{'-' if s is None else f'{s:.1f}':>12}"
+          f"{'-' if not (p and s) else f'{p / s:.2f}x':>17}")
+    if p and s:
+        print(f"the pipeline runs at {s / p:.2f}x the speed of the plain script (issue 9's targets: >= 0.6x on ml100k)")
+    result["stages"] = table
+    if pipe and script:
+        result["agreement"] = {
+            "metrics": compare_values(pipe["metrics"], script["metrics"], ["representation", "metric", "k"],
+                                      ["value", "ci_low", "ci_high", "n_users"]),
+            "comparisons": compare_values(pipe["comparisons"], script["comparisons"],
+                                          ["representation_a", "representation_b", "metric", "k"],
+                                          ["mean_diff", "ci_low", "ci_high", "p_value", "p_holm", "n_users"]),
+        }
+        for name, agreement in result["agreement"].items():
+            print(f"{name}: {agreement['equal_1e-9']} of {agreement['values']} values equal to 1e-9, max abs diff "
+                  f"{agreement['max_abs_diff']:.2e} at {agreement['max_abs_diff_at']}; rows only in pipeline "
+                  f"{agreement['only_in_pipeline']}, only in script {agreement['only_in_script']}")
+    if script:
+        result["script_counts"] = script["counts"]
+        recall = {r["representation"]: r["value"] for r in script["metrics"]
+                  if r["metric"] == "recall" and r["k"] == 10}
+        if recall:
+            print("script recall@10: " + ", ".join(f"{n} {v:.4f}" for n, v in recall.items()))
+    for side, run in runs.items():
+        result[side] = {k: v for k, v in run.items() if k not in ("metrics", "comparisons")}
+    print(f"machine: {result['machine']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
