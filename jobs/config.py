@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from udfs.caption.prompts import PAPER_PROMPT
+
 CONF_ROOT = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -169,10 +171,7 @@ class VllmEngineConf:
 class CaptionConf:
     engine: str = "tags"  # tags | hf | vllm
     model: str = ""
-    prompt: str = (
-        "Describe this product image in detail, focusing on visual attributes like color, "
-        "style, material, and what occasion it might be suitable for."
-    )
+    prompt: str = PAPER_PROMPT
     batch_size: int = 16
     max_new_tokens: int = 128
     num_workers: int = 1
