@@ -1,7 +1,6 @@
 """Blockwise exact top-k against a full sort written here from the definition."""
 from __future__ import annotations
 
-import pickle
 import warnings
 
 import numpy as np
@@ -176,8 +175,3 @@ def test_read_only_arrow_style_inputs_work_without_warnings():
         warnings.simplefilter("error")
         _, indices = topk_block(profiles, items, np.array(["a", "b"]), 1)
     assert indices.tolist() == [[0], [1]]
-
-
-def test_kernels_pickle_by_reference_for_spark_executors():
-    for function in (topk_block, merge_topk, blockwise_topk, block_item_ids):
-        assert pickle.loads(pickle.dumps(function)) is function
