@@ -125,37 +125,18 @@ class CaptionSpec:
         return lvlm_name(self.engine, self.model, self.prompt_id)
 
 
-def engine_identity(engine: str, model: str, prompt: str, batch_size: int, max_new_tokens: int,
-                    options: dict[str, Any]) -> tuple[str, str]:
-    """``(prompt, prompt_id)`` as the engine records them, checking its options on the driver.
-
-    ``tags`` derives its prompt from its options (its recipe), so it is built here (a 20 MB
-    model); the VLM engines use the configured prompt and are not loaded on the driver.
-    """
-    from udfs.caption import make_engine, prompt_id
-    from udfs.caption.engine import check_options
-
-    if engine == "tags":
-        built = make_engine("tags", model, prompt, batch_size, max_new_tokens, options)
-        return built.prompt, built.prompt_id
-    module = __import__(ENGINES[engine].split(":")[0], fromlist=["OPTIONS"])
-    check_options(engine, options, module.OPTIONS)
-    return prompt, prompt_id(prompt)
-
-
 def caption_spec(conf: CaptionConf) -> CaptionSpec:
     """The engine's identity for ``experiment.caption`` (whose ranges the config checked); raises
     ``ConfigError`` naming the section when the engine refuses its options or model."""
     engine_options = conf.engine_options()
     model = conf.model or DEFAULT_MODELS[conf.engine]
-    if conf.engine == "vllm":
-        prompt, pid = conf.prompt, __import__("udfs.caption", fromlist=["prompt_id"]).prompt_id(conf.prompt)
-    else:
-        try:
-            prompt, pid = engine_identity(conf.engine, model, conf.prompt, conf.batch_size,
-                                          conf.max_new_tokens, engine_options)
-        except ValueError as exc:
-            raise ConfigError(f"experiment.caption.{conf.engine}: {exc}") from exc
+    from udfs.caption.engine import engine_identity
+
+    try:
+        # The same pure identity the plan uses (no model loaded): the two cannot disagree.
+        prompt, pid = engine_identity(conf.engine, model, conf.prompt, engine_options)
+    except ValueError as exc:
+        raise ConfigError(f"experiment.caption.{conf.engine}: {exc}") from exc
     spec = CaptionSpec(conf.engine, model, prompt, pid, engine_options, conf)
     try:
         spec.representation

@@ -43,8 +43,9 @@ from udfs import evaluate_udfs
 from udfs.metrics import METRICS
 
 from . import tables
+from .config import ConfigError
 from .job_run import JobRun, NothingUsable, run_job
-from .topk import TopkSettings, add_shared_arguments, candidate_items, resolve_settings
+from .plan import EVALUATE_FIELDS, ExperimentPlan, add_plan_arguments, plan_for_run
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,11 @@ log = logging.getLogger(__name__)
 USERS_PER_GROUP = 50_000
 
 
-def relevant_lists(interactions: DataFrame, candidates: DataFrame, settings: TopkSettings) -> DataFrame:
+def relevant_lists(interactions: DataFrame, candidates: DataFrame, plan: ExperimentPlan) -> DataFrame:
     """(representation, user_id, item_id, excluded): each user's test items that are candidates,
     flagged when the item is also in one of the excluded splits."""
     test = interactions.filter(F.col("split") == "test").select("user_id", "item_id").distinct()
-    excluded = (interactions.filter(F.col("split").isin(list(settings.exclude))).select("user_id", "item_id")
+    excluded = (interactions.filter(F.col("split").isin(list(plan.exclude))).select("user_id", "item_id")
                 .distinct().withColumn("excluded", F.lit(True)))
     return (test.join(candidates, "item_id")
             .join(excluded, ["user_id", "item_id"], "left")
@@ -86,14 +87,18 @@ def results_table(rows: list, order: list[str], ks: list[int]) -> str:
 
 
 def evaluate(run: JobRun, args: argparse.Namespace) -> None:
-    spark, wh, experiment = run.spark, run.warehouse, run.config.experiment
-    settings = resolve_settings(run, args)
-    ks = sorted(set(experiment.evaluate.ks))
-    wanted = list(settings.all_representations)
+    spark, wh = run.spark, run.warehouse
+    if not args.run_id:
+        raise ConfigError("--run-id is required: pass the run id that topk keyed recommendations by")
+    run_id = args.run_id
+    # The run's plan: the settings topk ranked with; a flag that disagrees is refused (exit 2).
+    plan = plan_for_run(run, run_id, EVALUATE_FIELDS)
+    ks = list(plan.ks)
+    wanted = list(plan.ranked)
 
     with run.stage("prepare"):
         recommendations = (tables.read(spark, wh, "recommendations")
-                           .filter((F.col("run_id") == settings.run_id) & F.col("representation").isin(wanted)))
+                           .filter((F.col("run_id") == run_id) & F.col("representation").isin(wanted)))
         present = {r[0] for r in recommendations.select("representation").distinct().collect()}
         order = [r for r in wanted if r in present]
         for rep in wanted:
@@ -101,12 +106,21 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
                 run.count("representations_without_recommendations")
                 log.warning("representation %s has no recommendations under run id %s: run `vlm4rec topk "
                             "--run-id %s` with it first; it is left out of this evaluation",
-                            rep, settings.run_id, settings.run_id)
+                            rep, run_id, run_id)
         if not order:
-            raise NothingUsable(f"no recommendations under run id {settings.run_id} for {wanted}: "
+            raise NothingUsable(f"no recommendations under run id {run_id} for {wanted}: "
                                 "run `vlm4rec topk` first")
+        # The items the ranking was computed over, as topk stored them: never derived again here.
+        candidates = (tables.read(spark, wh, "candidates")
+                      .filter((F.col("run_id") == run_id) & F.col("representation").isin(order))
+                      .select("representation", "item_id"))
+        n_candidates = dict(candidates.groupBy("representation").count().collect())
+        missing = [rep for rep in order if not n_candidates.get(rep)]
+        if missing:
+            raise NothingUsable(f"run id {run_id}: no stored candidate set for {missing} (ranked by a topk "
+                                f"that predates the candidates table): run `vlm4rec topk --run-id {run_id}` again")
 
-        interactions = (tables.read(spark, wh, "interactions").filter(F.col("dataset") == settings.dataset)
+        interactions = (tables.read(spark, wh, "interactions").filter(F.col("dataset") == plan.dataset)
                         .select("user_id", "item_id", "split"))
         # One pass: per user, their distinct test items and whether they have train history.
         user_tests = interactions.groupBy("user_id").agg(
@@ -119,11 +133,10 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
         run.count("test_users", n_test_users)
         run.count("test_users_without_train", int(totals["no_train"] or 0))
         if n_test_rows == 0:
-            raise NothingUsable(f"dataset '{settings.dataset}' has no test interactions: check the split settings "
+            raise NothingUsable(f"dataset '{plan.dataset}' has no test interactions: check the split settings "
                                 "and run `vlm4rec ingest` again")
 
-        candidates = candidate_items(spark, wh, settings).filter(F.col("representation").isin(order))
-        relevant = relevant_lists(interactions, candidates, settings).persist(StorageLevel.MEMORY_AND_DISK)
+        relevant = relevant_lists(interactions, candidates, plan).persist(StorageLevel.MEMORY_AND_DISK)
         by_rep = {r["representation"]: r for r in relevant.groupBy("representation").agg(
             F.count(F.lit(1)).alias("rows"), F.sum(F.col("excluded").cast("long")).alias("excluded")).collect()}
         for rep in order:
@@ -163,21 +176,21 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
         if n_values == 0:
             for frame in (relevant, joined, values):
                 frame.unpersist()
-            raise NothingUsable(f"run id {settings.run_id}: no user has both a relevant test item and a list")
+            raise NothingUsable(f"run id {run_id}: no user has both a relevant test item and a list")
 
         # Each table's slice of this run is replaced in one atomic commit (replaceWhere): a
         # representation dropped from the run loses its old rows, and readers see no mix.
-        where = {"run_id": settings.run_id, "representation": order}
-        out = values.withColumn("run_id", F.lit(settings.run_id))
+        where = {"run_id": run_id, "representation": order}
+        out = values.withColumn("run_id", F.lit(run_id))
         tables.replace_slice(spark, wh, "user_metrics", out, where)
 
     with run.stage("summary"):
-        n_samples, seed = experiment.evaluate.bootstrap_samples, experiment.evaluate.seed
+        n_samples, seed = plan.bootstrap_samples, plan.evaluate_seed
         summary = (values.groupBy("representation", "metric", "k")
                    .applyInPandas(evaluate_udfs.metric_summary(n_samples, seed), evaluate_udfs.METRICS_DDL)
                    .persist(StorageLevel.MEMORY_AND_DISK))
         summary_rows = [r.asDict() for r in summary.collect()]
-        tables.replace_slice(spark, wh, "metrics", summary.withColumn("run_id", F.lit(settings.run_id)), where)
+        tables.replace_slice(spark, wh, "metrics", summary.withColumn("run_id", F.lit(run_id)), where)
         run.count("metrics_rows", len(summary_rows))
 
     with run.stage("comparisons"):
@@ -189,18 +202,18 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
         run.count("comparisons_rows", n_pairs)
         expected = len(order) * (len(order) - 1) // 2 * len(ks) * len(METRICS)
         run.count("pairs_without_common_users", expected - n_pairs)
-        tables.replace_slice(spark, wh, "comparisons", comparisons.withColumn("run_id", F.lit(settings.run_id)),
-                             {"run_id": settings.run_id, "representation_a": order})
+        tables.replace_slice(spark, wh, "comparisons", comparisons.withColumn("run_id", F.lit(run_id)),
+                             {"run_id": run_id, "representation_a": order})
 
     for frame in (relevant, joined, values, summary, comparisons):
         frame.unpersist()
-    print(f"evaluation of run {settings.run_id} on {settings.dataset} ({settings.candidates} candidates, "
-          f"excluding {'+'.join(settings.exclude) or 'nothing'}):")
+    print(f"evaluation of run {run_id} on {plan.dataset} ({plan.candidates} candidates, "
+          f"excluding {'+'.join(plan.exclude) or 'nothing'}):")
     print(results_table(summary_rows, order, ks))
 
 
 def main(argv: list[str] | None = None, spark=None) -> int:
-    return run_job("evaluate", __doc__.splitlines()[0], evaluate, argv, add_shared_arguments, spark=spark)
+    return run_job("evaluate", __doc__.splitlines()[0], evaluate, argv, add_plan_arguments, spark=spark)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import Config, ConfigError, load_config
+from .plan import expand_lvlm
 
 log = logging.getLogger("vlm4rec")
 
@@ -218,34 +219,6 @@ def setup_logging(level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def expand_lvlm(config: Config) -> Config:
-    """Spell out the ``lvlm`` shorthand in ``experiment.representations`` (alone, or as a fusion
-    part as in ``naive:lvlm+visual``) as the configured caption engine's full representation
-    name ``lvlm:<engine>:<model>:<prompt_id>``, so configs need not repeat the prompt hash."""
-    reps = config.experiment.representations
-
-    def uses_shorthand(name: str) -> bool:
-        head, _, parts = name.partition(":")
-        return name == "lvlm" or (head in ("naive", "concat") and "lvlm" in parts.split("+"))
-
-    if not any(uses_shorthand(r) for r in reps):
-        return config
-    from .caption import caption_spec
-
-    full = caption_spec(config.experiment.caption).representation
-
-    def expand(name: str) -> str:
-        if name == "lvlm":
-            return full
-        head, _, parts = name.partition(":")
-        if uses_shorthand(name):
-            return f"{head}:" + "+".join(full if p == "lvlm" else p for p in parts.split("+"))
-        return name
-
-    config.experiment.representations = [expand(r) for r in reps]
-    return config
-
-
 JobBody = Callable[[JobRun, argparse.Namespace], None]
 
 
@@ -261,7 +234,11 @@ def run_job(job: str, description: str, body: JobBody, argv: list[str] | None,
     # After the --set overrides: a flag is the more specific of the two.
     args.overrides = [*args.overrides, *flags]
     try:
-        config = expand_lvlm(load_config(args.conf, args.overrides, flags))
+        config = load_config(args.conf, args.overrides, flags)
+        # The jobs that read representation names from the config (embed, caption) get them
+        # spelt out; profiles, topk and evaluate read them from the run's plan.
+        config.experiment.representations = expand_lvlm(config.experiment.representations,
+                                                        config.experiment.caption)
     except ConfigError as exc:
         print(f"vlm4rec {job}: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -120,6 +120,19 @@ SCHEMAS: dict[str, T.StructType] = {
         T.StructField("p_value", T.DoubleType()),
         T.StructField("p_holm", T.DoubleType()),
     ]),
+    # The resolved experiment plan every job of a run reads (``jobs.plan.ExperimentPlan``).
+    "plans": T.StructType([
+        T.StructField("run_id", T.StringType(), False),
+        T.StructField("plan", T.StringType(), False),
+        T.StructField("plan_hash", T.StringType(), False),
+        T.StructField("created_at", T.TimestampType()),
+    ]),
+    # The items ``topk`` ranked over, per representation: ``evaluate`` measures over these.
+    "candidates": T.StructType([
+        T.StructField("run_id", T.StringType(), False),
+        T.StructField("representation", T.StringType(), False),
+        T.StructField("item_id", T.StringType(), False),
+    ]),
     "runs": T.StructType([
         T.StructField("run_id", T.StringType(), False),
         T.StructField("job", T.StringType()),
@@ -149,6 +162,8 @@ KEYS: dict[str, list[str]] = {
     "user_metrics": ["run_id", "user_id", "representation", "metric", "k"],
     "metrics": ["run_id", "representation", "metric", "k"],
     "comparisons": ["run_id", "representation_a", "representation_b", "metric", "k"],
+    "plans": ["run_id"],
+    "candidates": ["run_id", "representation", "item_id"],
     "runs": ["run_id"],
 }
 

@@ -56,63 +56,70 @@ from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
 from udfs import topk_udfs
-from udfs.representations import RepresentationError, validate_representations
 
 from . import tables
-from .config import ALL, BASELINES, COMMON, POPULARITY, RANDOM, ConfigError
-from .job_run import JobParser, JobRun, NothingUsable, comma_list, run_id_argument, run_job
+from .config import COMMON, POPULARITY, ConfigError
+from .job_run import JobParser, JobRun, NothingUsable, run_job
+from .plan import TOPK_FIELDS, ExperimentPlan, add_plan_arguments, plan_for_run
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TopkSettings:
-    """What the topk and evaluate jobs must agree on, resolved from the config."""
+    """The run's plan (what evaluate must agree with) and this job's own block sizes."""
 
-    dataset: str
+    plan: ExperimentPlan
     run_id: str
-    representations: tuple[str, ...]  # vector representations, canonical names
-    baselines: tuple[str, ...]
-    k: int
-    exclude: tuple[str, ...]
-    candidates: str
     user_block: int
     item_block: int
     score_rows: int
-    seed: int
+
+    @property
+    def dataset(self) -> str:
+        return self.plan.dataset
+
+    @property
+    def representations(self) -> tuple[str, ...]:
+        return self.plan.representations
+
+    @property
+    def baselines(self) -> tuple[str, ...]:
+        return self.plan.baselines
 
     @property
     def all_representations(self) -> tuple[str, ...]:
-        return self.representations + self.baselines
+        return self.plan.ranked
+
+    @property
+    def k(self) -> int:
+        return self.plan.k
+
+    @property
+    def exclude(self) -> tuple[str, ...]:
+        return self.plan.exclude
+
+    @property
+    def candidates(self) -> str:
+        return self.plan.candidates
+
+    @property
+    def seed(self) -> int:
+        return self.plan.topk_seed
 
 
 def resolve_settings(run: JobRun, args: argparse.Namespace) -> TopkSettings:
-    """``experiment.topk`` (ranges checked by the config) with the representations split into
-    vector ones and baselines (a baseline named in ``experiment.representations`` is ranked too)."""
-    experiment = run.config.experiment
-    settings = experiment.topk
-    dataset = run.config.dataset.name
-    if not dataset:
-        raise ConfigError("no dataset configured: pass --conf datasets/NAME.yaml (or --set dataset.name=...)")
+    """The plan stored under ``--run-id`` (``jobs.plan.plan_for_run``: refused when this job's
+    config disagrees with it) and ``experiment.topk``'s block sizes (ranges checked by the config)."""
     if not args.run_id:
         raise ConfigError("--run-id is required: pass the run id the profiles job keyed user_profiles by")
-
-    names = list(experiment.representations)
-    baselines = list(dict.fromkeys([*settings.baselines, *(n for n in names if n in BASELINES)]))
-    vector_names = [n for n in names if n not in BASELINES]
-    try:
-        representations = validate_representations(vector_names) if vector_names else []
-    except RepresentationError as err:
-        raise ConfigError(str(err)) from None
-    if not representations and not baselines:
+    plan = plan_for_run(run, args.run_id, TOPK_FIELDS)
+    if not plan.ranked:
         raise ConfigError("no representation to rank: configure experiment.representations or "
                           "experiment.topk.baselines")
-    return TopkSettings(
-        dataset=dataset, run_id=args.run_id, representations=tuple(representations),
-        baselines=tuple(baselines), k=settings.k or max(experiment.evaluate.ks),
-        exclude=tuple(settings.exclude), candidates=settings.candidates, user_block=settings.user_block,
-        item_block=settings.item_block, score_rows=settings.score_rows, seed=settings.seed,
-    )
+    conf = run.config.experiment.topk
+    return TopkSettings(plan=plan, run_id=args.run_id, user_block=conf.user_block, item_block=conf.item_block,
+                        score_rows=conf.score_rows)
 
 
 def catalog_items(spark: SparkSession, warehouse: str, dataset: str) -> DataFrame:
@@ -315,6 +322,10 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
         F.count(F.when((rep == name) & (rank == 1), 1)).alias(f"users_{i}"),
         F.count(F.when((rep == name) & (rank == settings.k), 1)).alias(f"full_{i}"))]
     with arrow_batch_rows(spark, 1), run.stage("merge_and_write"):
+        # The candidate set this ranking used, every representation in one commit: evaluate
+        # measures over it, whatever item_embeddings holds by then.
+        tables.replace_slice(spark, wh, "candidates", candidates.withColumn("run_id", F.lit(settings.run_id)),
+                             {"run_id": settings.run_id})
         ranks = (pairs.groupBy("representation", "user_block")
                  .applyInArrow(topk_udfs.merge_block_results(settings.k), topk_udfs.RANKS_DDL)
                  .observe(written, *per_name))
@@ -335,24 +346,8 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
     log.info("topk run_id=%s: top-%d over %s", settings.run_id, settings.k, list(settings.all_representations))
 
 
-def add_shared_arguments(parser: JobParser) -> None:
-    """Options shared by ``topk`` and ``evaluate`` (they must agree on the candidates)."""
-    parser.add_argument("--run-id", default=None, type=run_id_argument,
-                        help="the run id that user_profiles (and recommendations) are keyed by")
-    parser.add_setting("--representations", "experiment.representations", type=comma_list,
-                       help="comma-separated representations")
-    parser.add_setting("--baselines", "experiment.topk.baselines", type=comma_list,
-                       help="comma-separated baselines among popularity,random; '' for none (default: both)")
-    parser.add_setting("--candidates", "experiment.topk.candidates", choices=[COMMON, ALL],
-                       help="common: items with a vector in every representation (default); "
-                            "all: each representation's own items")
-    parser.add_setting("--exclude", "experiment.topk.exclude", type=comma_list,
-                       help="comma-separated splits whose items are removed from a user's ranking "
-                            "(default: train,valid)")
-
-
 def add_arguments(parser: JobParser) -> None:
-    add_shared_arguments(parser)
+    add_plan_arguments(parser)
     parser.add_setting("--k", "experiment.topk.k", type=int, help="list length (default: max(experiment.evaluate.ks))")
     parser.add_setting("--user-block", "experiment.topk.user_block", type=int, help="profiles per block (default 16384)")
     parser.add_setting("--item-block", "experiment.topk.item_block", type=int, help="items per block (default 32768)")

@@ -37,15 +37,16 @@ def evaluated(spark, tmp_path_factory):
     write_dataset(spark, warehouse, data, "run-e")
     common = ["--set", f"warehouse={warehouse}", "--set", "dataset.name=rand", "--set", "log_level=WARNING",
               "--set", "experiment.representations=[title,visual]", "--set", f"experiment.evaluate.ks={KS}",
-              "--run-id", "run-e"]
+              "--set", "experiment.evaluate.bootstrap_samples=300", "--run-id", "run-e"]
     run_quietly(topk.main, common + ["--user-block", "32", "--item-block", "16"], spark)
-    printed = run_quietly(evaluate.main, common + ["--set", "experiment.evaluate.bootstrap_samples=300"], spark)
+    printed = run_quietly(evaluate.main, common, spark)
     counts = json.loads(printed.strip().splitlines()[-1])["counts"]
 
     def frame(name):
         return tables.read(spark, warehouse, name).filter("run_id = 'run-e'").toPandas()
 
-    return SimpleNamespace(data=data, counts=counts, printed=printed, recommendations=frame("recommendations"),
+    return SimpleNamespace(data=data, counts=counts, printed=printed, warehouse=warehouse, argv=common,
+                           recommendations=frame("recommendations"),
                            user_metrics=frame("user_metrics"), metrics=frame("metrics"),
                            comparisons=frame("comparisons"))
 
@@ -132,3 +133,51 @@ def test_popularity_beats_random_on_skewed_data(evaluated):
                                 & (evaluated.comparisons.representation_b == "random")
                                 & (evaluated.comparisons.metric == "recall") & (evaluated.comparisons.k == 10)].iloc[0]
     assert row.ci_low > 0 and row.p_holm < 0.05
+
+
+def test_candidates_are_the_ones_topk_ranked_over_not_recomputed(evaluated, spark):
+    """topk stores the candidate set per representation; evaluate measures over it even after
+    item_embeddings changes under the run (an embed rerun that lost an item's vectors)."""
+    data, warehouse = evaluated.data, evaluated.warehouse
+    expected = set(data.common(["title", "visual"]))
+    stored = tables.read(spark, warehouse, "candidates").filter("run_id = 'run-e'").toPandas()
+    assert set(stored.representation) == set(REPRESENTATIONS)
+    for rep, group in stored.groupby("representation"):
+        assert set(group.item_id) == expected, rep
+    # One item that users hold as a relevant test item loses its title vector: a recomputed
+    # `common` set would shrink, and with it the relevant lists and the metrics.
+    gone = sorted(i for i in expected if any(i in v for v in data.splits["test"].values()))[0]
+    embeddings = tables.read(spark, warehouse, "item_embeddings")
+    kept = embeddings.filter(f"dataset = 'rand' AND NOT (item_id = '{gone}' AND representation = 'title')")
+    tables.replace_slice(spark, warehouse, "item_embeddings", kept.localCheckpoint(), {"dataset": "rand"})
+    assert tables.read(spark, warehouse, "item_embeddings").filter(f"item_id = '{gone}'").count() == 1
+    printed = run_quietly(evaluate.main, evaluated.argv, spark)
+    counts = json.loads(printed.strip().splitlines()[-1])["counts"]
+    after = tables.read(spark, warehouse, "metrics").filter("run_id = 'run-e'").toPandas()
+    key = ["representation", "metric", "k"]
+    before = evaluated.metrics.sort_values(key).reset_index(drop=True)
+    after = after.sort_values(key).reset_index(drop=True)
+    assert len(after) == len(before)
+    np.testing.assert_array_equal(after[["value", "ci_low", "ci_high"]].to_numpy(),
+                                  before[["value", "ci_low", "ci_high"]].to_numpy())
+    assert counts["test_rows_outside_candidates_title"] == evaluated.counts["test_rows_outside_candidates_title"]
+
+
+@pytest.mark.parametrize("flag, value, stored", [
+    ("--candidates", "all", '"common"'),
+    ("--exclude", "train", '["train","valid"]'),
+])
+def test_a_flag_that_disagrees_with_the_ranking_exits_2_naming_both_values(evaluated, spark, capsys, flag, value,
+                                                                            stored):
+    assert evaluate.main(evaluated.argv + [flag, value], spark=spark) == 2
+    message = capsys.readouterr().err
+    shown = '["train"]' if flag == "--exclude" else f'"{value}"'
+    assert flag in message and shown in message and stored.replace(",", ", ") in message, message
+    assert "run-e" in message
+
+
+def test_representations_not_ranked_exit_2(evaluated, spark, capsys):
+    argv = evaluated.argv + ["--set", "experiment.representations=[title,visual,text]"]
+    assert evaluate.main(argv, spark=spark) == 2
+    message = capsys.readouterr().err
+    assert "experiment.representations" in message and "text" in message, message

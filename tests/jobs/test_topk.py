@@ -78,7 +78,8 @@ def make_dataset(seed: int, n_users: int = 60, n_items: int = 40, dim: int = 4, 
 def write_dataset(spark, warehouse, data: RandomDataset, run_id: str) -> None:
     schema = tables.SCHEMAS
     tables.replace_slice(spark, warehouse, "interactions",
-                         spark.createDataFrame(data.interactions, schema["interactions"]), {"dataset": data.name})
+                         spark.createDataFrame([(*row, None) for row in data.interactions],  # no ingest_id
+                                               schema["interactions"]), {"dataset": data.name})
     rows = [(data.name, item, rep, "integer-test-vectors", len(v), v.tolist(), None)
             for rep, by_item in data.vectors.items() for item, v in by_item.items()]
     tables.replace_slice(spark, warehouse, "item_embeddings",

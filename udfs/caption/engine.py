@@ -101,6 +101,23 @@ def check_options(engine: str, options: Mapping[str, Any] | None, known: Mapping
     return {**known, **options}
 
 
+def engine_identity(name: str, model: str | None, prompt: str,
+                    options: Mapping[str, Any] | None = None) -> tuple[str, str]:
+    """``(prompt, prompt_id)`` that engine ``name`` records for these settings, without building
+    it: ``tags`` renders its recipe from its options (``tags_engine.tags_identity``, the function
+    the engine itself uses); the VLM engines record the configured prompt. Options the engine
+    would refuse raise ``ValueError`` naming them."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown caption engine {name!r}: choose one of {sorted(ENGINES)}")
+    if name == "tags":
+        from udfs.caption.tags_engine import tags_identity
+
+        return tags_identity(model or DEFAULT_MODELS[name], options)
+    module = importlib.import_module(ENGINES[name].split(":")[0])
+    check_options(name, options, module.OPTIONS)
+    return prompt, prompt_id(prompt)
+
+
 def make_engine(
     name: str,
     model: str | None = None,

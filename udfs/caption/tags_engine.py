@@ -13,6 +13,9 @@ and CI exercise the whole pipeline with genuine, image-dependent text:
 
 The VLM prompt means nothing here: the engine's ``prompt`` is its recipe (the settings above),
 so ``prompt_id`` changes exactly when the output would. ``n_tokens`` is the word count.
+``tags_identity`` renders that recipe from the options alone: importing this module and calling
+it loads neither torch nor the model, so a plan can name the engine's representation cheaply,
+and the engine itself builds its prompt with the same function.
 """
 from __future__ import annotations
 
@@ -23,17 +26,16 @@ from importlib import resources
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-from udfs.caption.engine import Caption, CaptionEngine, check_options
-from udfs.caption.prompts import DEFAULT_PROMPT
-from udfs.image_encoder import EFFICIENTNET_LITE0, lite0_pixels, load_efficientnet_lite0
+from udfs.caption.engine import DEFAULT_MODELS, Caption, CaptionEngine, check_options
+from udfs.caption.prompts import DEFAULT_PROMPT, prompt_id
 from udfs.images import to_rgb
 
 log = logging.getLogger(__name__)
 
 N_IMAGENET_CLASSES = 1000
+MODEL = DEFAULT_MODELS["tags"]  # udfs.image_encoder.EFFICIENTNET_LITE0, named without importing torch
 COLOUR_THUMBNAIL_SIDE = 64
 OPTIONS: dict[str, Any] = {
     "top_k": 3,
@@ -118,6 +120,25 @@ def render_sentence(labels: Sequence[str], colours: Sequence[str]) -> str:
     return text
 
 
+def tags_identity(model: str = MODEL, options: Mapping[str, Any] | None = None) -> tuple[str, str]:
+    """``(prompt, prompt_id)`` the engine records for ``options``: its recipe and the recipe's id.
+
+    Pure (no torch, no weights); raises ``ValueError`` naming the option for a value the engine
+    would refuse. ``TagsEngine`` takes its prompt from here, so the two cannot disagree."""
+    if model != MODEL:
+        raise ValueError(f"caption engine 'tags' runs only {MODEL!r}, got model={model!r}")
+    o = check_options(TagsEngine.name, options, OPTIONS)
+    if not 1 <= int(o["top_k"]) <= N_IMAGENET_CLASSES:
+        raise ValueError(f"caption engine 'tags': top_k must be in 1..1000, got {o['top_k']}")
+    if int(o["colours"]) < 0:
+        raise ValueError(f"caption engine 'tags': colours must be >= 0, got {o['colours']}")
+    recipe = (
+        f"tags v1: imagenet top_k={o['top_k']} min_prob={o['min_prob']}; "
+        f"colours max={o['colours']} min_share={o['min_colour_share']}"
+    )
+    return recipe, prompt_id(recipe)
+
+
 class TagsEngine(CaptionEngine):
     """EfficientNet-Lite0 labels + colour names; batched CPU inference (threads: the caller's)."""
 
@@ -125,26 +146,19 @@ class TagsEngine(CaptionEngine):
 
     def __init__(
         self,
-        model: str = EFFICIENTNET_LITE0,
+        model: str = MODEL,
         prompt: str = DEFAULT_PROMPT,
         batch_size: int = 32,
         max_new_tokens: int = 128,
         options: Mapping[str, Any] | None = None,
     ):
-        if model != EFFICIENTNET_LITE0:
-            raise ValueError(f"caption engine 'tags' runs only {EFFICIENTNET_LITE0!r}, got model={model!r}")
+        # torch and the weights only here: the module must stay importable without them.
+        from udfs.image_encoder import load_efficientnet_lite0
+
+        recipe, _ = tags_identity(model, options)
         self.options = check_options(self.name, options, OPTIONS)
-        if not 1 <= int(self.options["top_k"]) <= N_IMAGENET_CLASSES:
-            raise ValueError(f"caption engine 'tags': top_k must be in 1..1000, got {self.options['top_k']}")
-        if int(self.options["colours"]) < 0:
-            raise ValueError(f"caption engine 'tags': colours must be >= 0, got {self.options['colours']}")
-        o = self.options
-        recipe = (
-            f"tags v1: imagenet top_k={o['top_k']} min_prob={o['min_prob']}; "
-            f"colours max={o['colours']} min_share={o['min_colour_share']}"
-        )
         super().__init__(model=model, prompt=recipe, batch_size=batch_size, max_new_tokens=max_new_tokens)
-        self.device = str(o["device"])
+        self.device = str(self.options["device"])
         self._model = load_efficientnet_lite0(self.device)
         self._classes = imagenet_classes()
 
@@ -162,6 +176,10 @@ class TagsEngine(CaptionEngine):
         return [name for name, _ in dominant_colours(img, max_colours, float(self.options["min_colour_share"]))]
 
     def describe(self, images: Sequence[Image.Image]) -> list[Caption]:
+        import torch
+
+        from udfs.image_encoder import lite0_pixels
+
         captions: list[Caption] = []
         for start in range(0, len(images), self.batch_size):
             chunk = list(images[start : start + self.batch_size])

@@ -1,0 +1,247 @@
+"""The resolved experiment plan: what every job of a run must agree on, fixed once and stored.
+
+``ExperimentPlan.resolve(config)`` turns the typed config into the settings that decide a
+run's results: the ``lvlm`` shorthand spelt out as the caption engine's full representation
+name (from the engine's pure identity: no model is loaded), the base representations split
+from the fusions, the baselines, the candidate policy, the excluded splits, K, the Ks and the
+seeds. It serialises to canonical JSON (sorted keys) whose sha256 is the plan's hash: the same
+config gives the same hash, any changed setting another.
+
+The ``plans`` table (run_id, plan, plan_hash, created_at) keeps one plan per run id.
+``pipeline`` stores it before its first stage; ``profiles``, ``topk`` and ``evaluate`` read the
+plan stored under their ``--run-id`` (``plan_for_run``), or resolve, store and use their own
+when the run has none yet. A job whose own config disagrees with the stored plan on a setting
+that matters to it is refused (``ConfigError``: exit 2) with the setting and both values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from udfs.representations import (
+    RepresentationError,
+    lvlm_name,
+    parse_representation,
+    required_base_representations,
+    validate_representations,
+)
+
+from .config import ALL, BASELINES, COMMON, CaptionConf, Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+# Plan field -> the config key a user sets it with, for messages that name the fix.
+SETTING_KEYS: dict[str, str] = {
+    "dataset": "dataset.name",
+    "representations": "experiment.representations",
+    "baselines": "experiment.topk.baselines",
+    "candidates": "experiment.topk.candidates (--candidates)",
+    "exclude": "experiment.topk.exclude (--exclude)",
+    "k": "experiment.topk.k (--k)",
+    "topk_seed": "experiment.topk.seed",
+    "ks": "experiment.evaluate.ks",
+    "bootstrap_samples": "experiment.evaluate.bootstrap_samples",
+    "evaluate_seed": "experiment.evaluate.seed",
+    "half_life_days": "experiment.profiles.half_life_days",
+    "concat_weights": "experiment.embed.concat_weights",
+}
+
+# The plan fields each job's results depend on; a stored plan that differs on one is refused.
+PROFILES_FIELDS = ("dataset", "representations", "half_life_days", "concat_weights")
+TOPK_FIELDS = ("dataset", "representations", "baselines", "candidates", "exclude", "k", "topk_seed")
+EVALUATE_FIELDS = ("dataset", "representations", "baselines", "candidates", "exclude", "ks", "bootstrap_samples",
+                   "evaluate_seed")
+
+
+def caption_representation(conf: CaptionConf) -> str:
+    """``lvlm:<engine>:<model>:<prompt_id>`` of ``experiment.caption``, from the engine's pure
+    identity (``udfs.caption.engine.engine_identity``): no model is loaded, no torch imported
+    for ``tags``."""
+    from udfs.caption.engine import DEFAULT_MODELS, engine_identity
+
+    model = conf.model or DEFAULT_MODELS[conf.engine]
+    try:
+        _, pid = engine_identity(conf.engine, model, conf.prompt, conf.engine_options())
+    except ValueError as exc:
+        raise ConfigError(f"experiment.caption.{conf.engine}: {exc}") from exc
+    try:
+        return lvlm_name(conf.engine, model, pid)
+    except RepresentationError as exc:
+        raise ConfigError(f"experiment.caption.model '{model}': {exc}") from exc
+
+
+def _uses_shorthand(name: str) -> bool:
+    head, _, parts = name.partition(":")
+    return name == "lvlm" or (head in ("naive", "concat") and "lvlm" in parts.split("+"))
+
+
+def expand_lvlm(representations: list[str], caption: CaptionConf) -> list[str]:
+    """The names with the ``lvlm`` shorthand (alone, or as a fusion part as in
+    ``naive:lvlm+visual``) spelt out as the caption engine's full representation name, so that
+    configs need not repeat the prompt hash. Names without it come back unchanged."""
+    if not any(_uses_shorthand(r) for r in representations):
+        return list(representations)
+    full = caption_representation(caption)
+
+    def expand(name: str) -> str:
+        if name == "lvlm":
+            return full
+        if _uses_shorthand(name):
+            head, _, parts = name.partition(":")
+            return f"{head}:" + "+".join(full if p == "lvlm" else p for p in parts.split("+"))
+        return name
+
+    return [expand(r) for r in representations]
+
+
+@dataclass(frozen=True)
+class ExperimentPlan:
+    """The settings that decide a run's results (see the module doc). Immutable; built by
+    ``resolve`` or ``from_json``."""
+
+    dataset: str
+    representations: tuple[str, ...]  # the vector representations ranked, canonical full names
+    base: tuple[str, ...]  # base representations the vectors come from (fusion parts included)
+    fusions: tuple[str, ...]
+    baselines: tuple[str, ...]
+    candidates: str
+    exclude: tuple[str, ...]
+    k: int
+    ks: tuple[int, ...]
+    topk_seed: int
+    bootstrap_samples: int
+    evaluate_seed: int
+    half_life_days: float | None
+    concat_weights: tuple[tuple[str, float], ...]  # sorted (part, weight) pairs
+
+    @classmethod
+    def resolve(cls, config: Config) -> "ExperimentPlan":
+        """The plan of ``config``; ``ConfigError`` naming the setting when it cannot be resolved."""
+        experiment = config.experiment
+        dataset = config.dataset.name
+        if not dataset:
+            raise ConfigError("no dataset configured: pass --conf datasets/NAME.yaml (or --set dataset.name=...)")
+        names = expand_lvlm(list(experiment.representations), experiment.caption)
+        topk = experiment.topk
+        # A baseline named among the representations is ranked too.
+        baselines = list(dict.fromkeys([*topk.baselines, *(n for n in names if n in BASELINES)]))
+        vector_names = [n for n in names if n not in BASELINES]
+        try:
+            representations = validate_representations(vector_names) if vector_names else []
+            base = required_base_representations(representations)
+        except RepresentationError as err:
+            raise ConfigError(f"experiment.representations: {err}") from None
+        fusions = [n for n in representations if parse_representation(n).is_fusion]
+        ks = sorted(set(experiment.evaluate.ks))
+        return cls(
+            dataset=dataset, representations=tuple(representations), base=tuple(base), fusions=tuple(fusions),
+            baselines=tuple(baselines), candidates=topk.candidates, exclude=tuple(topk.exclude),
+            k=int(topk.k or max(ks)), ks=tuple(ks), topk_seed=int(topk.seed),
+            bootstrap_samples=int(experiment.evaluate.bootstrap_samples), evaluate_seed=int(experiment.evaluate.seed),
+            half_life_days=(None if experiment.profiles.half_life_days is None
+                            else float(experiment.profiles.half_life_days)),
+            concat_weights=tuple(sorted((str(p), float(w)) for p, w in experiment.embed.concat_weights.items())),
+        )
+
+    @property
+    def ranked(self) -> tuple[str, ...]:
+        """Every representation ``topk`` ranks: the vector ones, then the baselines."""
+        return self.representations + self.baselines
+
+    def fusion_weights(self, parts: tuple[str, ...]) -> dict[str, float] | None:
+        """``experiment.embed.concat_weights`` restricted to a concat fusion's parts; None if none."""
+        chosen = {p: w for p, w in self.concat_weights if p in parts}
+        return chosen or None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, no whitespace, so equal plans give equal text."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def plan_hash(self) -> str:
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+    @classmethod
+    def from_json(cls, text: str) -> "ExperimentPlan":
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(data) != known:
+            raise ConfigError(f"stored plan has fields {sorted(data)}, this version expects {sorted(known)}: "
+                              "use a new --run-id (the plan was stored by another version of vlm4rec)")
+        data["concat_weights"] = [tuple(pair) for pair in data["concat_weights"]]
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+    def check_agrees(self, stored: "ExperimentPlan", fields: tuple[str, ...], run_id: str, job: str) -> None:
+        """Raise ``ConfigError`` naming the first of ``fields`` where this plan (the job's own
+        config) differs from ``stored`` (the run's plan), with both values."""
+        for name in fields:
+            mine, theirs = _plain(getattr(self, name)), _plain(getattr(stored, name))
+            if mine != theirs:
+                raise ConfigError(
+                    f"{job}: {SETTING_KEYS[name]} is {json.dumps(mine)} here but {json.dumps(theirs)} in the plan "
+                    f"stored for run id '{run_id}' (plan {stored.plan_hash[:12]}): pass the run's value, or "
+                    "use another --run-id for a run with other settings")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def stored_plan(spark, warehouse: str, run_id: str) -> ExperimentPlan | None:
+    """The plan kept under ``run_id`` in the ``plans`` table, or None."""
+    from pyspark.sql import functions as F
+
+    from . import tables
+
+    rows = tables.read(spark, warehouse, "plans").filter(F.col("run_id") == run_id).select("plan").collect()
+    return ExperimentPlan.from_json(rows[0]["plan"]) if rows else None
+
+
+def store_plan(spark, warehouse: str, run_id: str, plan: ExperimentPlan) -> None:
+    """Keep ``plan`` under ``run_id`` (replacing any plan the run had)."""
+    from . import tables
+    from .job_run import now
+
+    frame = spark.createDataFrame([(run_id, plan.to_json(), plan.plan_hash, now())], tables.SCHEMAS["plans"])
+    tables.replace_slice(spark, warehouse, "plans", frame, {"run_id": run_id})
+
+
+def plan_for_run(run, run_id: str, fields: tuple[str, ...]) -> ExperimentPlan:
+    """The plan every job of ``run_id`` reads: the stored one, after checking that ``run``'s own
+    config agrees with it on ``fields``; when the run has none yet, ``run``'s own, stored."""
+    own = ExperimentPlan.resolve(run.config)
+    stored = stored_plan(run.spark, run.warehouse, run_id)
+    if stored is None:
+        store_plan(run.spark, run.warehouse, run_id, own)
+        log.info("run %s: plan %s stored", run_id, own.plan_hash[:12])
+        return own
+    own.check_agrees(stored, fields, run_id, run.job)
+    return stored
+
+
+def add_plan_arguments(parser) -> None:
+    """``--run-id`` and the plan's flags shared by ``topk`` and ``evaluate`` (aliases of ``--set``;
+    evaluate refuses values that differ from the run's plan)."""
+    from .job_run import comma_list, run_id_argument
+
+    parser.add_argument("--run-id", default=None, type=run_id_argument,
+                        help="the run id that user_profiles (and recommendations) are keyed by")
+    parser.add_setting("--representations", "experiment.representations", type=comma_list,
+                       help="comma-separated representations")
+    parser.add_setting("--baselines", "experiment.topk.baselines", type=comma_list,
+                       help="comma-separated baselines among popularity,random; '' for none (default: both)")
+    parser.add_setting("--candidates", "experiment.topk.candidates", choices=[COMMON, ALL],
+                       help="common: items with a vector in every representation (default); "
+                            "all: each representation's own items")
+    parser.add_setting("--exclude", "experiment.topk.exclude", type=comma_list,
+                       help="comma-separated splits whose items are removed from a user's ranking "
+                            "(default: train,valid)")
