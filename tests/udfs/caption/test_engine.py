@@ -2,12 +2,10 @@
 failing engines defined here (test doubles of a model, not of our code)."""
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 
 import pytest
 import torch
-from PIL import Image
 
 from udfs.caption import (
     Caption,
@@ -131,28 +129,12 @@ def test_empty_input_is_no_call():
     assert describe_isolated(engine, []) == [] and engine.batches == []
 
 
-# The real tags engine --------------------------------------------------------------------------
+# The real tags engine (what every engine must do: test_engine_contract.py) -----------------------
 
 
 @pytest.fixture(scope="module")
 def tags():
     return make_engine("tags", batch_size=4)
-
-
-def _lazy_truncated_image(ml100k) -> Image.Image:
-    """Opened but not decoded: the engine's pixel conversion is where it breaks, as with a file
-    that was cut while being read."""
-    data = (ml100k / "posters" / "2.jpg").read_bytes()
-    return Image.open(io.BytesIO(data[: len(data) // 2]))
-
-
-@pytest.mark.realdata
-def test_tags_engine_isolates_a_broken_image(tags, posters, ml100k):
-    red = Image.new("RGB", (40, 40), (255, 0, 0))
-    clean = tags.describe([posters[0], red])
-    results = describe_isolated(tags, [posters[0], _lazy_truncated_image(ml100k), red])
-    assert isinstance(results[1], OSError) and "truncated" in str(results[1])
-    assert [results[0], results[2]] == clean
 
 
 def test_registry_builds_the_tags_engine_with_its_key(tags):

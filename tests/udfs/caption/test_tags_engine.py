@@ -92,7 +92,3 @@ def test_options_shape_the_sentence(posters):
     (caption,) = top1_only.describe(posters[:1])
     assert " (or " not in caption.text and " in " not in caption.text
     assert caption.text.split(" ", 1)[1] in imagenet_classes()
-
-
-def test_empty_input(tags):
-    assert tags.describe([]) == []
