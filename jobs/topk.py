@@ -37,12 +37,8 @@ representations in one atomic commit (``replaceWhere`` on run id and representat
 """
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a file (`spark-submit jobs/<job>.py`): import as the package
-    import pathlib as _pathlib
-    import sys as _sys
-
-    _sys.path[0] = str(_pathlib.Path(__file__).resolve().parent.parent)
-    __package__ = "jobs"
+if not __package__:  # run as a file (`spark-submit jobs/<job>.py`): see jobs/_as_package.py
+    from _as_package import PACKAGE as __package__
 
 import argparse
 import contextlib
