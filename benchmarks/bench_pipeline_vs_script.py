@@ -399,7 +399,8 @@ def compare_values(pipeline_rows, script_rows, key: list[str], columns: list[str
                                                suffixes=("_pipeline", "_script"), indicator=True)
     both = merged[merged["_merge"] == "both"]
     equal, total, worst, worst_at = 0, 0, 0.0, None
-    for column in columns:
+    # A column the table does not keep (comparisons has no n_users) is not compared.
+    for column in [c for c in columns if f"{c}_pipeline" in merged.columns and f"{c}_script" in merged.columns]:
         a, b = both[f"{column}_pipeline"].astype(float), both[f"{column}_script"].astype(float)
         diff = (a - b).abs().where(~(a.isna() & b.isna()), 0.0).fillna(math.inf)
         equal += int((diff <= TOLERANCE).sum())
