@@ -1,10 +1,12 @@
 """``pipeline``: run an experiment config end to end (ingest, caption, embed, profiles, topk,
 evaluate) on one Spark session, then print what each table holds and the results table.
 
-Every stage is the job itself (``jobs.<stage>.main``) with the pipeline's ``--conf``/``--set``
-arguments, so each records its own row in ``runs``; ``profiles``, ``topk`` and ``evaluate``
-share the pipeline's run id, which keys ``user_profiles``, ``recommendations`` and the metric
-tables. The pipeline stops at the first stage that fails and exits with its code. ``caption``
+The experiment plan (``jobs.plan``) is resolved once and stored in ``plans`` under the
+pipeline's run id before the first stage. Every stage is the job itself (``jobs.<stage>.main``)
+with the pipeline's ``--conf``/``--set`` arguments, so each records its own row in ``runs``;
+``profiles``, ``topk`` and ``evaluate`` share the pipeline's run id, which keys the stored plan,
+``user_profiles``, ``recommendations``, ``candidates`` and the metric tables, so all three
+read one plan. The pipeline stops at the first stage that fails and exits with its code. ``caption``
 runs only when a representation needs descriptions (``lvlm`` ...). Stage wall times are logged
 and kept in the pipeline's ``runs`` row as ``ms_<stage>``.
 """
@@ -22,6 +24,7 @@ from udfs.representations import parse_representation
 
 from . import tables
 from .job_run import JobRun, run_job
+from .plan import ExperimentPlan, store_plan
 
 STAGES = ("ingest", "caption", "embed", "profiles", "topk", "evaluate")
 SHARED_RUN_ID = {"profiles", "topk", "evaluate"}
@@ -45,8 +48,12 @@ def pipeline(run: JobRun, args: argparse.Namespace) -> None:
     common = [a for path in args.conf for a in ("--conf", path)]
     common += [a for text in args.overrides for a in ("--set", text)]
     skip = set(args.skip or [])
+    # Resolved once, before any stage: profiles, topk and evaluate read it under this run id.
+    plan = ExperimentPlan.resolve(run.config)
+    store_plan(run.spark, run.warehouse, run.run_id, plan)
+    run.count("plan_stored")
     for stage in STAGES:
-        if stage in skip or (stage == "caption" and not needs_captions(run.config.experiment.representations)):
+        if stage in skip or (stage == "caption" and not needs_captions(plan.base)):
             run.count(f"skipped_stage_{stage}")
             continue
         argv = list(common) + (["--run-id", run.run_id] if stage in SHARED_RUN_ID else [])

