@@ -107,6 +107,30 @@ def test_unusable_dataset_names_are_config_errors(spark, warehouse, synthetic, c
     assert not tables.exists(spark, warehouse, "items")
 
 
+def test_item_and_user_ids_stay_arbitrary_strings(spark, warehouse, synthetic, tmp_path):
+    """Names are validated; ids are data: every crafted string round-trips byte-exact."""
+    import csv
+
+    root = tmp_path / "ids"
+    shutil.copytree(synthetic / "images", root / "images")
+    image = sorted((root / "images").iterdir())[0].name
+    ids = [*CRAFTED, "a,b", "tab\tid"]
+    with open(root / "items.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["item_id", "title", "description", "image_path", "category", "colour", "pattern",
+                         "material"])
+        writer.writerows([i, f"title {n}", "d", f"images/{image}", "c", "r", "p", "m"] for n, i in enumerate(ids))
+    with open(root / "interactions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["user_id", "item_id", "rating", "timestamp"])
+        writer.writerows([u, i, 5, 1000 + n] for u in ids for n, i in enumerate(ids))
+    assert ingest.main(ingest_argv(warehouse, root, "ids")) == 0
+    items = {r.item_id for r in tables.read(spark, warehouse, "items").collect()}
+    pairs = {(r.user_id, r.item_id) for r in tables.read(spark, warehouse, "interactions").collect()}
+    assert items == set(ids)
+    assert pairs == {(u, i) for u in ids for i in ids}
+
+
 @pytest.mark.parametrize("job", [profiles, topk])
 def test_crafted_run_ids_are_refused_before_anything_runs(spark, warehouse, capsys, job):
     with pytest.raises(SystemExit) as exit_:
