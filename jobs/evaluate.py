@@ -5,8 +5,10 @@ For one run id (``--run-id``, the key of ``recommendations``) and every represen
 
 - ``user_metrics``: Recall, NDCG, Precision, MAP, HitRate and MRR at each ``experiment.evaluate.ks``
   per user (``udfs.metrics``). A user's relevant items are their test items that are in the
-  candidate set and not excluded from their ranking (``experiment.topk.candidates`` and
-  ``.exclude``, or ``--candidates`` and ``--exclude``, as in ``topk``: pass the same values).
+  candidate set ``topk`` stored for the run (the ``candidates`` table: never derived again from
+  the current ``item_embeddings``) and not excluded from their ranking (``udfs.protocol``).
+  The settings are the run's plan (``jobs.plan``); ``--candidates``, ``--exclude``, the
+  representations, Ks or seeds that disagree with it exit 2, naming both values.
   Users without any relevant item are excluded.
 - ``metrics``: the mean over users with a percentile bootstrap CI
   (``experiment.evaluate.bootstrap_samples``, seeded with ``experiment.evaluate.seed``) and ``n_users``.
@@ -35,7 +37,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from udfs import evaluate_udfs
+from udfs import evaluate_udfs, protocol
 from udfs.metrics import METRICS
 
 from . import tables
@@ -52,8 +54,10 @@ USERS_PER_GROUP = 50_000
 def relevant_lists(interactions: DataFrame, candidates: DataFrame, plan: ExperimentPlan) -> DataFrame:
     """(representation, user_id, item_id, excluded): each user's test items that are candidates,
     flagged when the item is also in one of the excluded splits."""
-    test = interactions.filter(F.col("split") == "test").select("user_id", "item_id").distinct()
-    excluded = (interactions.filter(F.col("split").isin(list(plan.exclude))).select("user_id", "item_id")
+    # udfs.protocol's relevance and seen-item rules, over the whole table.
+    test = interactions.filter(F.col("split") == protocol.RELEVANT_SPLIT).select("user_id", "item_id").distinct()
+    excluded = (interactions.filter(F.col("split").isin(list(protocol.seen_splits(plan.exclude))))
+                .select("user_id", "item_id")
                 .distinct().withColumn("excluded", F.lit(True)))
     return (test.join(candidates, "item_id")
             .join(excluded, ["user_id", "item_id"], "left")
@@ -120,8 +124,8 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
                         .select("user_id", "item_id", "split"))
         # One pass: per user, their distinct test items and whether they have train history.
         user_tests = interactions.groupBy("user_id").agg(
-            F.countDistinct(F.when(F.col("split") == "test", F.col("item_id"))).alias("test_items"),
-            F.max((F.col("split") == "train").cast("int")).alias("has_train"))
+            F.countDistinct(F.when(F.col("split") == protocol.RELEVANT_SPLIT, F.col("item_id"))).alias("test_items"),
+            F.max((F.col("split") == protocol.TRAIN_SPLIT).cast("int")).alias("has_train"))
         totals = user_tests.agg(F.sum("test_items").alias("rows"), F.count_if(F.col("test_items") > 0).alias("users"),
                            F.count_if((F.col("test_items") > 0) & (F.col("has_train") == 0)).alias("no_train")).first()
         n_test_rows, n_test_users = int(totals["rows"] or 0), int(totals["users"] or 0)

@@ -16,16 +16,21 @@ For one profiles run (``--run-id``) and each representation, the exact top-K ite
 Memory per task depends on the block sizes only: one item block, one user block and one
 (``score_rows`` x ``item_block``) float32 score matrix.
 
-Settings: ``experiment.topk`` (``jobs.config.TopkConf``); each flag is an alias of ``--set`` on
-its key. Candidates (``--candidates`` / ``experiment.topk.candidates``): ``common`` (default) is
+Settings: the run's plan (``jobs.plan``: the one stored under ``--run-id``, else resolved from
+``experiment.topk`` and stored; a flag that disagrees with a stored plan exits 2) and this job's
+block sizes; each flag is an alias of ``--set`` on its key. Candidates (``--candidates`` /
+``experiment.topk.candidates``), by ``udfs.protocol.candidate_items``: ``common`` (default) is
 the set of items with a vector in EVERY configured representation, the same for all of them, as
 the evaluation protocol requires; ``all`` gives each representation its own items (and the
-baselines the whole catalog). Seen items (``--exclude`` / ``experiment.topk.exclude``): the
-user's interactions in these splits, ``train,valid`` by default (test-time evaluation).
+baselines the whole catalog). The candidate set is stored in the ``candidates`` table under the
+run id (every representation in one commit), and ``evaluate`` measures over it. Seen items
+(``--exclude`` / ``experiment.topk.exclude``): the user's interactions in these splits,
+``train,valid`` by default (test-time evaluation).
 
 Baselines (``--baselines`` / ``experiment.topk.baselines``, default ``popularity,random``)
 need no vectors: ``popularity`` ranks the candidates by their train interaction count (the
-same blockwise path, with one-dimensional vectors); ``random`` gives each user an independent
+same blockwise path, the count carried as a one-dimensional item vector, scored by
+``udfs.scorers.PopularityScorer``); ``random`` gives each user an independent
 order from a hash of (``experiment.topk.seed``, user id, item id). Both serve every user with
 train interactions.
 
@@ -47,14 +52,15 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import pandas as pd
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
-from udfs import topk_udfs
+from udfs import protocol, topk_udfs
 
 from . import tables
-from .config import COMMON, POPULARITY, ConfigError
+from .config import POPULARITY, ConfigError
 from .job_run import JobParser, JobRun, NothingUsable, run_job
 from .plan import TOPK_FIELDS, ExperimentPlan, add_plan_arguments, plan_for_run
 
@@ -118,31 +124,26 @@ def resolve_settings(run: JobRun, args: argparse.Namespace) -> TopkSettings:
                         score_rows=conf.score_rows)
 
 
-def catalog_items(spark: SparkSession, warehouse: str, dataset: str) -> DataFrame:
-    """(item_id) of the dataset's catalog: the ``items`` table, else the items interacted with."""
+def catalog_items(spark: SparkSession, warehouse: str, dataset: str) -> list[str]:
+    """The item ids of the dataset's catalog: the ``items`` table, else the items interacted with."""
     items = tables.read(spark, warehouse, "items").filter(F.col("dataset") == dataset).select("item_id")
-    if items.limit(1).count():
-        return items.distinct()
-    return (tables.read(spark, warehouse, "interactions").filter(F.col("dataset") == dataset)
-            .select("item_id").distinct())
+    if not items.limit(1).count():
+        items = tables.read(spark, warehouse, "interactions").filter(F.col("dataset") == dataset).select("item_id")
+    return [r[0] for r in items.distinct().collect()]
 
 
-def candidate_items(spark: SparkSession, warehouse: str, settings: TopkSettings) -> DataFrame:
-    """(representation, item_id): the items each representation ranks (see the module doc)."""
-    embeddings = (tables.read(spark, warehouse, "item_embeddings")
-                  .filter((F.col("dataset") == settings.dataset)
-                          & F.col("representation").isin(list(settings.representations)))
-                  .select("representation", "item_id").distinct())
-    names = spark.createDataFrame([(n,) for n in settings.all_representations], "representation string")
-    if settings.candidates == COMMON:
-        if settings.representations:
-            common = (embeddings.groupBy("item_id").agg(F.countDistinct("representation").alias("_n"))
-                      .filter(F.col("_n") == len(settings.representations)).select("item_id"))
-        else:
-            common = catalog_items(spark, warehouse, settings.dataset)
-        return names.crossJoin(common)
-    baseline_names = names.filter(F.col("representation").isin(list(settings.baselines)))
-    return embeddings.unionByName(baseline_names.crossJoin(catalog_items(spark, warehouse, settings.dataset)))
+def candidate_items(spark: SparkSession, warehouse: str, settings: TopkSettings) -> pd.DataFrame:
+    """(representation, item_id): the items each representation ranks, by the candidate rule
+    (``udfs.protocol.candidate_items``) applied on the driver to the ids with a vector (ids
+    only: tens of MB at a million items), so the rule has one definition."""
+    plan = settings.plan
+    embedded = (tables.read(spark, warehouse, "item_embeddings")
+                .filter((F.col("dataset") == plan.dataset) & F.col("representation").isin(list(plan.representations)))
+                .select("representation", "item_id").distinct().toPandas()) if plan.representations \
+        else pd.DataFrame(columns=protocol.CANDIDATE_COLUMNS)
+    needs_catalog = bool(plan.baselines) if plan.candidates == protocol.ALL else not plan.representations
+    catalog = catalog_items(spark, warehouse, plan.dataset) if needs_catalog else []
+    return protocol.candidate_items(embedded, plan.representations, plan.baselines, catalog, plan.candidates)
 
 
 def per_user(interactions: DataFrame, exclude: Sequence[str]) -> DataFrame:
@@ -150,8 +151,9 @@ def per_user(interactions: DataFrame, exclude: Sequence[str]) -> DataFrame:
     distinct items of their excluded splits. One shuffle serves the counts, the seen masks and
     the baselines' users."""
     return interactions.groupBy("user_id").agg(
-        F.max((F.col("split") == "train").cast("int")).alias("has_train"),
-        F.array_distinct(F.collect_list(F.when(F.col("split").isin(list(exclude)), F.col("item_id"))))
+        F.max((F.col("split") == protocol.TRAIN_SPLIT).cast("int")).alias("has_train"),
+        F.array_distinct(F.collect_list(F.when(F.col("split").isin(list(protocol.seen_splits(exclude))),
+                                               F.col("item_id"))))
         .alias("seen"))
 
 
@@ -240,8 +242,10 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
                                 "run `vlm4rec ingest` first")
 
         seen = users_seen.select("user_id", "seen")
-        candidates = candidate_items(spark, wh, settings).persist(StorageLevel.MEMORY_AND_DISK)
-        n_candidates = dict(candidates.groupBy("representation").count().collect())
+        chosen = candidate_items(spark, wh, settings)
+        n_candidates = chosen.groupby("representation").size().to_dict()
+        candidates = (spark.createDataFrame(chosen, "representation string, item_id string")
+                      .persist(StorageLevel.MEMORY_AND_DISK))
         for name in settings.all_representations:
             run.count(f"candidates_{name}", n_candidates.get(name, 0))
         if not any(n_candidates.values()):
@@ -250,7 +254,7 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
             raise NothingUsable(
                 f"no candidate item for {list(settings.all_representations)} ({settings.candidates}): with "
                 "'common', no item has a vector in every representation; run `vlm4rec embed` for them first")
-        train = interactions.filter(F.col("split") == "train")
+        train = interactions.filter(F.col("split") == protocol.TRAIN_SPLIT)
         profiles = (tables.read(spark, wh, "user_profiles")
                     .filter((F.col("run_id") == settings.run_id)
                             & F.col("representation").isin(list(settings.representations))))
@@ -279,7 +283,7 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
                 counts_by_item = train.groupBy("item_id").agg(F.count(F.lit(1)).cast("float").alias("_n"))
                 items = these.join(counts_by_item, "item_id", "left").select(
                     "item_id", F.array(F.coalesce("_n", F.lit(0.0).cast("float"))).alias("vector"))
-                scorer = topk_udfs.COSINE
+                scorer = topk_udfs.POPULARITY
             else:
                 items = these.select("item_id", F.array(F.lit(0.0).cast("float")).alias("vector"))
                 scorer = topk_udfs.RANDOM

@@ -23,7 +23,6 @@ Everything here runs without a Spark session: tests feed it lists of Arrow batch
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Iterator
 
@@ -31,13 +30,16 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse
 
+from udfs import scorers
 from udfs import topk as topk_kernels
+from udfs.scorers import random_scores  # noqa: F401 - the random baseline's scores, imported from here by callers
 
 log = logging.getLogger(__name__)
 
-COSINE = "cosine"
-RANDOM = "random"
-SCORERS = (COSINE, RANDOM)
+COSINE = scorers.CosineScorer.name
+POPULARITY = scorers.PopularityScorer.name
+RANDOM = scorers.RandomScorer.name
+SCORERS = tuple(scorers.SCORERS)
 
 # What the wrappers emit, as Spark DDL (kept here so the job and the tests use one definition).
 BLOCK_DDL = "block_id string, n int, dim int, ids array<string>, vectors binary"
@@ -54,50 +56,12 @@ PAIR_ARROW = pa.schema([pa.field("user_block", pa.string()), pa.field("user_ids"
                         pa.field("width", pa.int32()), pa.field("scores", pa.binary()),
                         pa.field("item_ids", pa.list_(pa.string()))])
 
-# Random scores keep 24 bits so that every value is exact in float32: ties are then real ties,
-# broken by item id like all others, and the order does not depend on the block layout.
-_RANDOM_BITS = 24
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
 def set_torch_threads(threads: int) -> None:
     """One task gets ``spark.task.cpus`` cores; more torch threads would oversubscribe them."""
     import torch
 
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-
-
-def _stable_hashes(ids: np.ndarray, seed: int) -> np.ndarray:
-    """A 64-bit hash of each string id and the seed, identical in every process (unlike ``hash``)."""
-    key = int(seed).to_bytes(8, "little", signed=True)
-    return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8, key=key).digest(), "little")
-         for i in ids),
-        dtype=np.uint64, count=len(ids),
-    )
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
-        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
-        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
-        return x ^ (x >> np.uint64(31))
-
-
-def random_scores(user_ids: np.ndarray, item_ids: np.ndarray, seed: int) -> np.ndarray:
-    """(u, n) float32 scores in [0, 1): a pure function of (seed, user id, item id).
-
-    Each user gets an independent pseudo-random order of the items; the same seed gives the
-    same order on any machine and for any block layout.
-    """
-    users = _stable_hashes(np.asarray(user_ids), seed)
-    items = _stable_hashes(np.asarray(item_ids), seed + 1)
-    with np.errstate(over="ignore"):
-        mixed = _splitmix64(users[:, None] ^ _splitmix64(items)[None, :])
-    top = (mixed >> np.uint64(64 - _RANDOM_BITS)).astype(np.float32)
-    return top / np.float32(1 << _RANDOM_BITS)
 
 
 def _vectors_of(column: pa.Array, ids: np.ndarray, what: str) -> np.ndarray:
@@ -206,8 +170,7 @@ def pair_topk(
     Returns (scores (u, k') float32, item ids (u, k') object), k' = min(k, items in the block);
     a slot past a user's unseen candidates holds -inf and None.
     """
-    if scorer not in SCORERS:
-        raise ValueError(f"unknown scorer {scorer!r}: choose one of {list(SCORERS)}")
+    scoring = scorers.make_scorer(scorer, seed)
     width = min(k, len(item_ids))
     scores = np.full((len(user_ids), width), -np.inf, np.float32)
     ids = np.full((len(user_ids), width), None, dtype=object)
@@ -217,10 +180,10 @@ def pair_topk(
     for start in range(0, len(user_ids), max(1, score_rows)):
         stop = min(start + max(1, score_rows), len(user_ids))
         mask = seen[start:stop]
-        if scorer == COSINE:
+        if scoring.by_inner_product:
             chunk_scores, indices = block.topk(user_vectors[start:stop], k, mask)
         else:
-            chunk = random_scores(user_ids[start:stop], item_ids, seed)
+            chunk = scoring.scores(user_ids[start:stop], user_vectors[start:stop], item_ids, item_vectors)
             coo = mask.tocoo()
             chunk[coo.row, coo.col] = -np.inf
             chunk_scores, indices = block.select(chunk, width)

@@ -1,0 +1,89 @@
+"""The evaluation protocol's rules, in one place, as pure functions over pandas frames.
+
+- Candidate rule (``candidate_items``): which items each representation ranks. ``common``: the
+  items with a vector in EVERY vector representation, the same set for all of them and for the
+  baselines (the catalog when there is no vector representation); ``all``: each vector
+  representation its own items, the baselines the whole catalog.
+- Seen-item rule (``seen_items``): a user's items in the excluded splits (``train,valid`` at
+  test time) are removed from their ranking.
+- Relevance rule (``relevant_items``): a user's relevant items are their ``test`` items that are
+  candidates; those also in an excluded split are flagged, since no ranking can hold them.
+
+``topk`` computes the candidates with ``candidate_items`` and stores them; ``topk`` and
+``evaluate`` apply the seen and relevance rules through ``seen_splits`` / ``RELEVANT_SPLIT`` (in
+Spark, over the whole interactions table); the functions here are the rules' reference
+definitions, which the tests hold the jobs to.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import pandas as pd
+
+COMMON = "common"
+ALL = "all"
+CANDIDATE_POLICIES = (COMMON, ALL)
+TRAIN_SPLIT = "train"
+RELEVANT_SPLIT = "test"
+EXCLUDABLE_SPLITS = ("train", "valid")
+
+CANDIDATE_COLUMNS = ["representation", "item_id"]
+
+
+def seen_splits(exclude: Iterable[str]) -> tuple[str, ...]:
+    """The splits whose items are removed from a ranking; a split that cannot be excluded (the
+    test split, which is what is measured) is an error naming the allowed ones."""
+    splits = tuple(dict.fromkeys(exclude))
+    wrong = [s for s in splits if s not in EXCLUDABLE_SPLITS]
+    if wrong:
+        raise ValueError(f"cannot exclude split(s) {wrong}: choose among {list(EXCLUDABLE_SPLITS)}")
+    return splits
+
+
+def candidate_items(embedded: pd.DataFrame, representations: Sequence[str], baselines: Sequence[str],
+                    catalog: Iterable[str], policy: str) -> pd.DataFrame:
+    """(representation, item_id) rows, sorted: the items each representation ranks.
+
+    ``embedded``: (representation, item_id) of the items with a vector, any duplicates;
+    ``catalog``: the dataset's item ids (read only when a rule needs it)."""
+    if policy not in CANDIDATE_POLICIES:
+        raise ValueError(f"unknown candidate policy {policy!r}: choose one of {list(CANDIDATE_POLICIES)}")
+    embedded = embedded.loc[embedded["representation"].isin(list(representations)), CANDIDATE_COLUMNS]
+    embedded = embedded.drop_duplicates()
+    names = list(dict.fromkeys([*representations, *baselines]))
+    if policy == COMMON:
+        if representations:
+            per_item = embedded.groupby("item_id")["representation"].nunique()
+            common = sorted(per_item.index[per_item == len(set(representations))])
+        else:
+            common = sorted(set(catalog))
+        frame = pd.DataFrame({"representation": [n for n in names for _ in common],
+                              "item_id": [i for _ in names for i in common]}, columns=CANDIDATE_COLUMNS)
+    else:
+        whole = sorted(set(catalog)) if baselines else []
+        own = pd.DataFrame({"representation": [b for b in baselines for _ in whole],
+                            "item_id": [i for _ in baselines for i in whole]}, columns=CANDIDATE_COLUMNS)
+        frame = pd.concat([embedded, own], ignore_index=True)
+    return frame.astype({"representation": object, "item_id": object}).sort_values(
+        CANDIDATE_COLUMNS, ignore_index=True)
+
+
+def seen_items(interactions: pd.DataFrame, exclude: Iterable[str]) -> dict[str, set[str]]:
+    """user -> the items of their excluded splits (``interactions``: user_id, item_id, split)."""
+    splits = seen_splits(exclude)
+    seen = interactions.loc[interactions["split"].isin(list(splits)), ["user_id", "item_id"]]
+    return {user: set(items) for user, items in seen.groupby("user_id")["item_id"]}
+
+
+def relevant_items(interactions: pd.DataFrame, candidates: Iterable[str],
+                   exclude: Iterable[str]) -> dict[str, set[str]]:
+    """user -> their relevant items: test items that are candidates and not in an excluded split."""
+    candidates = set(candidates)
+    seen = seen_items(interactions, exclude)
+    test = interactions.loc[interactions["split"] == RELEVANT_SPLIT, ["user_id", "item_id"]]
+    out = {}
+    for user, items in test.groupby("user_id")["item_id"]:
+        relevant = (set(items) & candidates) - seen.get(user, set())
+        if relevant:
+            out[user] = relevant
+    return out
