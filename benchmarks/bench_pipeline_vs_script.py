@@ -32,7 +32,9 @@ Writes JSON (``--out``, default ``benchmarks/results/pipeline_vs_script.json``).
 ``--n-users`` / ``--n-items`` run both sides on a subset (the first users / items by id, the
 files rewritten into a temporary folder, posters linked) for quick checks; the default is the
 full ml100k. ``--pipeline-set`` passes a ``--set`` to the pipeline (e.g.
-``spark.worker_env={}`` to measure it without the malloc tunables).
+``spark.worker_env={}`` to measure it without the malloc tunables). The script starts with
+glibc's malloc defaults, as a plain script would; ``--script-worker-env`` starts it with the
+workers' tunables (``jobs.config.MALLOC_WORKER_ENV``), which leaves the allocator out of the ratio.
 """
 from __future__ import annotations
 
@@ -465,11 +467,15 @@ def run_pipeline(root: Path, work: Path, master: str, extra_sets: list[str]) -> 
             "comparisons": comparisons.drop(columns=["run_id"]).to_dict(orient="records")}
 
 
-def run_script(root: Path, work: Path) -> dict:
+def run_script(root: Path, work: Path, worker_env: bool) -> dict:
     out = work / "script.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--reference", "--ml100k", str(root),
                "--reference-out", str(out)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    if worker_env:
+        from jobs.config import MALLOC_WORKER_ENV
+
+        env.update(MALLOC_WORKER_ENV)
     start = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -488,6 +494,9 @@ def main() -> None:
     parser.add_argument("--n-items", type=int, default=None, help="only items 1..N (quick checks; default all)")
     parser.add_argument("--pipeline-set", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra --set for the pipeline (repeatable)")
+    parser.add_argument("--script-worker-env", action="store_true",
+                        help="start the script with the workers' malloc tunables (jobs.config.MALLOC_WORKER_ENV) "
+                             "instead of glibc's defaults, so that the ratio leaves the allocator out")
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--skip-script", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (warehouse, logs)")
@@ -512,7 +521,7 @@ def main() -> None:
             if side == "pipeline" and not args.skip_pipeline:
                 runs["pipeline"] = run_pipeline(root, work, args.master, args.pipeline_set)
             if side == "script" and not args.skip_script:
-                runs["script"] = run_script(root, work)
+                runs["script"] = run_script(root, work, args.script_worker_env)
             print(f"{side} done: {runs[side]['wall_s']:.1f} s" if side in runs else f"{side} skipped", flush=True)
     finally:
         if not args.keep:
@@ -525,7 +534,7 @@ def main() -> None:
                     "spark_master": args.master, "load_average_before": [round(x, 2) for x in load_before],
                     "load_average_after": [round(x, 2) for x in load_after]},
         "config": CONF, "order": args.order, "n_users": args.n_users, "n_items": args.n_items,
-        "pipeline_sets": args.pipeline_set,
+        "pipeline_sets": args.pipeline_set, "script_worker_env": args.script_worker_env,
     }
     pipe, script = runs.get("pipeline"), runs.get("script")
     print(f"\n{'stage':<16}{'pipeline s':>12}{'script s':>12}{'pipeline/script':>17}")
