@@ -53,6 +53,8 @@ def write_catalog(folder: Path, n: int) -> Path:
         "  options:\n    items: items.csv\n    interactions: interactions.csv\n    item_id: item_id\n"
         "    user_id: user_id\n    title: title\n    image: image_path\n    rating: rating\n"
         "    timestamp: timestamp\n  split:\n    protocol: random_ratio\n"
+        # The posters stay in the shared data folder, outside this catalog's root.
+        "  images:\n    allow_outside_root: true\n"
     )
     return conf
 
