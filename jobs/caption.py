@@ -66,7 +66,7 @@ from pyspark.sql import DataFrame, Observation, Window
 from pyspark.sql import functions as F
 
 from udfs import caption_udfs as cu
-from udfs.caption.engine import DEFAULT_MODELS, ENGINES
+from udfs.caption.engine import DEFAULT_MODELS, engine_identity
 from udfs.images import ReadLimits
 from udfs.representations import RepresentationError, lvlm_name
 
@@ -126,8 +126,6 @@ def caption_spec(conf: CaptionConf) -> CaptionSpec:
     ``ConfigError`` naming the section when the engine refuses its options or model."""
     engine_options = conf.engine_options()
     model = conf.model or DEFAULT_MODELS[conf.engine]
-    from udfs.caption.engine import engine_identity
-
     try:
         # The same pure identity the plan uses (no model loaded): the two cannot disagree.
         prompt, pid = engine_identity(conf.engine, model, conf.prompt, engine_options)

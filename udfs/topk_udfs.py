@@ -1,4 +1,4 @@
-"""Arrow wrappers that Spark ships to executors for the ``topk`` job, plus the seeded random scorer.
+"""Arrow wrappers that Spark ships to executors for the ``topk`` job.
 
 The job moves vectors between tasks as packed blocks, one Spark row per block:
 
@@ -7,8 +7,9 @@ The job moves vectors between tasks as packed blocks, one Spark row per block:
    [, seen_counts, seen_ids]) of at most ``block_size`` rows each. ``block_id`` is the block's
    smallest id, unique because every id sits in exactly one block.
 2. ``pair_topk_batches`` (``mapInArrow`` over the cross join of user blocks with item blocks)
-   scores one user block against one item block with ``udfs.topk.topk_block`` (or the seeded
-   random scorer), masks the users' seen items of that block to -inf, and keeps the top k per
+   scores one user block against one item block with a ``udfs.scorers`` scorer (the inner
+   product ones through ``udfs.topk.ItemBlock``'s BLAS kernel, the others as a score matrix),
+   masks the users' seen items of that block to -inf, and keeps the top k per
    user: one row (user_block, user_ids, width, scores bytes, item_ids) per block pair.
 3. ``merge_block_results`` (``groupBy(representation, user_block).applyInArrow``) merges a user
    block's per-item-block lists with ``udfs.topk.merge_topk`` into rank rows.

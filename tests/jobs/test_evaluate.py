@@ -181,3 +181,11 @@ def test_representations_not_ranked_exit_2(evaluated, spark, capsys):
     assert evaluate.main(argv, spark=spark) == 2
     message = capsys.readouterr().err
     assert "experiment.representations" in message and "text" in message, message
+
+
+def test_topk_refuses_a_k_other_than_the_runs_plan_before_ranking(evaluated, spark, capsys):
+    before = tables.read(spark, evaluated.warehouse, "recommendations").filter("run_id = 'run-e'").count()
+    assert topk.main(evaluated.argv + ["--k", "12"], spark=spark) == 2
+    message = capsys.readouterr().err
+    assert "experiment.topk.k" in message and "12" in message and "10" in message, message
+    assert tables.read(spark, evaluated.warehouse, "recommendations").filter("run_id = 'run-e'").count() == before

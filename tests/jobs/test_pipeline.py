@@ -73,12 +73,25 @@ def test_pipeline_on_synthetic_with_captions(spark, warehouse, tmp_path, capsys)
             "--set", f"dataset.paths.root={data}", "--set", "experiment.representations=[lvlm, visual, naive:lvlm+visual]",
             "--set", "spark.shuffle_partitions=2", "--set", "experiment.evaluate.bootstrap_samples=100"]
     assert pipeline.main(argv) == 0
-    counts = last_json(capsys.readouterr().out)["counts"]
+    summary = last_json(capsys.readouterr().out)
+    counts = summary["counts"]
     assert counts["rows_descriptions"] == 30 and counts["rows_metrics"] > 0
     reps = {r.representation for r in spark.read.format("delta").load(f"{warehouse}/item_embeddings")
             .select("representation").distinct().collect()}
     assert any(r.startswith("lvlm:tags:") for r in reps) and "visual" in reps
     assert any(r.startswith("naive:") for r in reps)
+    # One plan, resolved by the pipeline before its stages and read by all of them.
+    from jobs.config import load_config
+    from jobs.plan import ExperimentPlan
+
+    stored = (spark.read.format("delta").load(f"{warehouse}/plans")
+              .filter(F.col("run_id") == summary["run_id"]).collect())
+    expected = ExperimentPlan.resolve(load_config([argv[1]], [argv[i + 1] for i in range(2, len(argv), 2)]))
+    assert len(stored) == 1 and stored[0].plan == expected.to_json() and stored[0].plan_hash == expected.plan_hash
+    assert set(expected.representations) <= reps
+    ranked = {r.representation for r in spark.read.format("delta").load(f"{warehouse}/candidates")
+              .filter(F.col("run_id") == summary["run_id"]).select("representation").distinct().collect()}
+    assert ranked == set(expected.ranked)
 
 
 def test_failed_stage_stops_the_pipeline_with_its_code(spark, warehouse, tmp_path, capsys):

@@ -128,3 +128,20 @@ def imported_modules(path: Path) -> set[str]:
 ])
 def test_jobs_take_their_settings_from_the_plan_not_from_other_jobs(job, forbidden):
     assert not imported_modules(ROOT / "jobs" / f"{job}.py") & forbidden
+
+
+@pytest.mark.spark
+def test_the_evaluate_job_with_an_lvlm_tags_config_imports_no_torch(tmp_path):
+    """The whole job in a fresh process (Spark, plan stored, nothing to evaluate: exit 1)."""
+    code = (
+        "import sys\n"
+        "from jobs import evaluate\n"
+        f"code = evaluate.main(['--conf', 'experiments/synthetic.yaml', '--set', 'warehouse={tmp_path / 'wh'}',\n"
+        "    '--set', 'spark.master=local[1]', '--set', 'log_level=WARNING', '--run-id', 'no-torch'])\n"
+        "heavy = sorted({'torch', 'efficientnet_lite_pytorch', 'udfs.image_encoder'} & set(sys.modules))\n"
+        "print('RESULT', code, ','.join(heavy) or '-')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT")]
+    assert lines, out.stdout[-2000:] + out.stderr[-3000:]
+    assert lines[-1] == "RESULT 1 -", out.stderr[-3000:]
