@@ -42,8 +42,8 @@ from udfs.metrics import METRICS
 
 from . import tables
 from .config import ConfigError
-from .job_run import JobRun, NothingUsable, run_job
-from .plan import EVALUATE_FIELDS, ExperimentPlan, add_plan_arguments, plan_for_run
+from .job_run import JobRun, NothingUsable, add_plan_arguments, run_job
+from .plan import EVALUATE_FIELDS, ExperimentPlan, plan_for_run
 
 log = logging.getLogger(__name__)
 

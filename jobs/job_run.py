@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import Config, ConfigError, load_config
+from .config import ALL, COMMON, Config, ConfigError, load_config
 from .plan import expand_lvlm
 
 log = logging.getLogger("vlm4rec")
@@ -201,6 +201,23 @@ class JobParser(argparse.ArgumentParser):
                 # JSON is YAML: the override parses back to exactly this value.
                 given[f"{key}={json.dumps(value)}"] = f"{flag} (--set {key})"
         return given
+
+
+def add_plan_arguments(parser: JobParser) -> None:
+    """``--run-id`` and the plan's flags shared by ``topk`` and ``evaluate`` (aliases of ``--set``;
+    a value that differs from the run's stored plan is refused, ``jobs.plan``)."""
+    parser.add_argument("--run-id", default=None, type=run_id_argument,
+                        help="the run id that user_profiles (and recommendations) are keyed by")
+    parser.add_setting("--representations", "experiment.representations", type=comma_list,
+                       help="comma-separated representations")
+    parser.add_setting("--baselines", "experiment.topk.baselines", type=comma_list,
+                       help="comma-separated baselines among popularity,random; '' for none (default: both)")
+    parser.add_setting("--candidates", "experiment.topk.candidates", choices=[COMMON, ALL],
+                       help="common: items with a vector in every representation (default); "
+                            "all: each representation's own items")
+    parser.add_setting("--exclude", "experiment.topk.exclude", type=comma_list,
+                       help="comma-separated splits whose items are removed from a user's ranking "
+                            "(default: train,valid)")
 
 
 def base_parser(job: str, description: str) -> JobParser:

@@ -16,6 +16,7 @@ that matters to it is refused (``ConfigError``: exit 2) with the setting and bot
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ from udfs.representations import (
     validate_representations,
 )
 
-from .config import ALL, BASELINES, COMMON, CaptionConf, Config, ConfigError
+from .config import BASELINES, CaptionConf, Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -209,9 +210,9 @@ def stored_plan(spark, warehouse: str, run_id: str) -> ExperimentPlan | None:
 def store_plan(spark, warehouse: str, run_id: str, plan: ExperimentPlan) -> None:
     """Keep ``plan`` under ``run_id`` (replacing any plan the run had)."""
     from . import tables
-    from .job_run import now
 
-    frame = spark.createDataFrame([(run_id, plan.to_json(), plan.plan_hash, now())], tables.SCHEMAS["plans"])
+    created_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    frame = spark.createDataFrame([(run_id, plan.to_json(), plan.plan_hash, created_at)], tables.SCHEMAS["plans"])
     tables.replace_slice(spark, warehouse, "plans", frame, {"run_id": run_id})
 
 
@@ -227,21 +228,3 @@ def plan_for_run(run, run_id: str, fields: tuple[str, ...]) -> ExperimentPlan:
     own.check_agrees(stored, fields, run_id, run.job)
     return stored
 
-
-def add_plan_arguments(parser) -> None:
-    """``--run-id`` and the plan's flags shared by ``topk`` and ``evaluate`` (aliases of ``--set``;
-    evaluate refuses values that differ from the run's plan)."""
-    from .job_run import comma_list, run_id_argument
-
-    parser.add_argument("--run-id", default=None, type=run_id_argument,
-                        help="the run id that user_profiles (and recommendations) are keyed by")
-    parser.add_setting("--representations", "experiment.representations", type=comma_list,
-                       help="comma-separated representations")
-    parser.add_setting("--baselines", "experiment.topk.baselines", type=comma_list,
-                       help="comma-separated baselines among popularity,random; '' for none (default: both)")
-    parser.add_setting("--candidates", "experiment.topk.candidates", choices=[COMMON, ALL],
-                       help="common: items with a vector in every representation (default); "
-                            "all: each representation's own items")
-    parser.add_setting("--exclude", "experiment.topk.exclude", type=comma_list,
-                       help="comma-separated splits whose items are removed from a user's ranking "
-                            "(default: train,valid)")

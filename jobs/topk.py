@@ -61,8 +61,8 @@ from udfs import protocol, topk_udfs
 
 from . import tables
 from .config import POPULARITY, ConfigError
-from .job_run import JobParser, JobRun, NothingUsable, run_job
-from .plan import TOPK_FIELDS, ExperimentPlan, add_plan_arguments, plan_for_run
+from .job_run import JobParser, JobRun, NothingUsable, add_plan_arguments, run_job
+from .plan import TOPK_FIELDS, ExperimentPlan, plan_for_run
 
 log = logging.getLogger(__name__)
 
