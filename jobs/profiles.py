@@ -11,7 +11,10 @@ prescribes, the per-modality profiles are fused, so the fused score stays the fi
 average of the per-modality cosines for every user. A fused profile exists for users who have
 a profile in every part; its ``n_history`` is the smallest of the parts'.
 
-Rows are keyed by ``run_id``: the pipeline's (``--run-id``), else this job's own run id.
+Rows are keyed by ``run_id``: the pipeline's (``--run-id``), else this job's own run id. The
+representations, fusions, half-life and concat weights come from the run's plan (``jobs.plan``:
+the one stored under the run id, else this config's, stored); a config that disagrees with a
+stored plan exits 2 naming the setting and both values.
 Nothing is dropped silently: ``users_without_train`` (users of the dataset with no train
 interaction), ``users_without_profile_<rep>`` (users with train interactions but no train item
 with a vector in <rep>, or whose vectors cancel out), ``history_rows_without_vector_<rep>``.
