@@ -446,7 +446,8 @@ def run_pipeline(root: Path, work: Path, master: str, extra_sets: list[str]) -> 
     sets = [f"warehouse={warehouse}", f"dataset.paths.root={root}", f"spark.master={master}", *extra_sets]
     command = [sys.executable, "-m", "jobs.cli", "pipeline", "--conf", CONF,
                *[a for s in sets for a in ("--set", s)]]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # PYTHONPATH: the Spark and Ray workers import this tree too, not whichever one is installed.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     start = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
