@@ -99,7 +99,9 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
     with run.stage("prepare"):
         recommendations = (tables.read(spark, wh, "recommendations")
                            .filter((F.col("run_id") == run_id) & F.col("representation").isin(wanted)))
-        present = {r[0] for r in recommendations.select("representation").distinct().collect()}
+        ranked_by = {r["representation"]: (r["lo"], r["hi"]) for r in recommendations.groupBy("representation")
+                     .agg(F.min("topk_id").alias("lo"), F.max("topk_id").alias("hi")).collect()}
+        present = set(ranked_by)
         order = [r for r in wanted if r in present]
         for rep in wanted:
             if rep not in present:
@@ -111,14 +113,25 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
             raise NothingUsable(f"no recommendations under run id {run_id} for {wanted}: "
                                 "run `vlm4rec topk` first")
         # The items the ranking was computed over, as topk stored them: never derived again here.
-        candidates = (tables.read(spark, wh, "candidates")
-                      .filter((F.col("run_id") == run_id) & F.col("representation").isin(order))
-                      .select("representation", "item_id"))
-        n_candidates = dict(candidates.groupBy("representation").count().collect())
+        stored_rows = (tables.read(spark, wh, "candidates")
+                       .filter((F.col("run_id") == run_id) & F.col("representation").isin(order)))
+        candidates = stored_rows.select("representation", "item_id")
+        stored = {r["representation"]: r for r in stored_rows.groupBy("representation").agg(
+            F.count(F.lit(1)).alias("n"), F.min("topk_id").alias("lo"), F.max("topk_id").alias("hi")).collect()}
+        n_candidates = {rep: row["n"] for rep, row in stored.items()}
         missing = [rep for rep in order if not n_candidates.get(rep)]
         if missing:
             raise NothingUsable(f"run id {run_id}: no stored candidate set for {missing} (ranked by a topk "
                                 f"that predates the candidates table): run `vlm4rec topk --run-id {run_id}` again")
+        for rep in order:
+            # A topk killed between its candidates and recommendations commits leaves the two from
+            # different rankings (rows written before the column existed are null: not checked).
+            ids = {*ranked_by[rep], stored[rep]["lo"], stored[rep]["hi"]} - {None}
+            if len(ids) > 1:
+                raise NothingUsable(
+                    f"run id {run_id}, representation {rep}: the candidates and the recommendations come from "
+                    f"different topk runs ({', '.join(sorted(ids))}; a topk stopped between its two commits): "
+                    f"run `vlm4rec topk --run-id {run_id}` again")
 
         interactions = (tables.read(spark, wh, "interactions").filter(F.col("dataset") == plan.dataset)
                         .select("user_id", "item_id", "split"))

@@ -89,6 +89,7 @@ SCHEMAS: dict[str, T.StructType] = {
         T.StructField("rank", T.IntegerType(), False),
         T.StructField("item_id", T.StringType()),
         T.StructField("score", T.FloatType()),
+        T.StructField("topk_id", T.StringType()),
     ]),
     "user_metrics": T.StructType([
         T.StructField("run_id", T.StringType(), False),
@@ -132,6 +133,8 @@ SCHEMAS: dict[str, T.StructType] = {
         T.StructField("run_id", T.StringType(), False),
         T.StructField("representation", T.StringType(), False),
         T.StructField("item_id", T.StringType(), False),
+        # The topk job run that wrote the row; recommendations carry it too (see evaluate).
+        T.StructField("topk_id", T.StringType()),
     ]),
     "runs": T.StructType([
         T.StructField("run_id", T.StringType(), False),

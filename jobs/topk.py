@@ -324,14 +324,17 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
     with arrow_batch_rows(spark, 1), run.stage("merge_and_write"):
         # The candidate set this ranking used, every representation in one commit: evaluate
         # measures over it, whatever item_embeddings holds by then.
-        tables.replace_slice(spark, wh, "candidates", candidates.withColumn("run_id", F.lit(settings.run_id)),
-                             {"run_id": settings.run_id})
+        tables.replace_slice(spark, wh, "candidates", candidates.withColumn("run_id", F.lit(settings.run_id))
+                             .withColumn("topk_id", F.lit(run.run_id)), {"run_id": settings.run_id})
         ranks = (pairs.groupBy("representation", "user_block")
                  .applyInArrow(topk_udfs.merge_block_results(settings.k), topk_udfs.RANKS_DDL)
                  .observe(written, *per_name))
         # One atomic overwrite of this run's slice: rows of a representation no longer ranked
         # go with it, and readers never see a half-replaced run.
-        tables.replace_slice(spark, wh, "recommendations", ranks.withColumn("run_id", F.lit(settings.run_id)),
+        # Both commits carry this job's run id: a topk killed between them leaves candidates
+        # and lists of two rankings, which evaluate then refuses.
+        tables.replace_slice(spark, wh, "recommendations", ranks.withColumn("run_id", F.lit(settings.run_id))
+                             .withColumn("topk_id", F.lit(run.run_id)),
                              {"run_id": settings.run_id, "representation": names})
     counted = written.get
     for i, name in enumerate(names):

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from pyspark.sql import functions as F
 
 from jobs import evaluate, tables, topk
 from tests.jobs.test_topk import make_dataset, write_dataset
@@ -189,3 +190,19 @@ def test_topk_refuses_a_k_other_than_the_runs_plan_before_ranking(evaluated, spa
     message = capsys.readouterr().err
     assert "experiment.topk.k" in message and "12" in message and "10" in message, message
     assert tables.read(spark, evaluated.warehouse, "recommendations").filter("run_id = 'run-e'").count() == before
+
+
+def test_candidates_and_lists_of_two_topk_runs_are_refused(evaluated, spark, capsys):
+    """What a topk killed between its candidates and recommendations commits leaves behind."""
+    wh = evaluated.warehouse
+    stored = tables.read(spark, wh, "candidates").filter("run_id = 'run-e'").localCheckpoint()
+    ranked_by = stored.first().topk_id
+    assert ranked_by.startswith("topk-")
+    try:
+        tables.replace_slice(spark, wh, "candidates", stored.withColumn("topk_id", F.lit("topk-later-000000")),
+                             {"run_id": "run-e"})
+        assert evaluate.main(evaluated.argv, spark=spark) == 1
+        message = capsys.readouterr().err
+        assert ranked_by in message and "topk-later-000000" in message and "vlm4rec topk --run-id run-e" in message
+    finally:
+        tables.replace_slice(spark, wh, "candidates", stored, {"run_id": "run-e"})
