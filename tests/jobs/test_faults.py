@@ -44,7 +44,8 @@ def ingest_argv(wh, root, name, *extra):
 
 
 def rows(spark, wh, name, dataset=None, **where):
-    frame = tables.read(spark, wh, name)
+    # topk_id names the topk run that wrote a row: a rerun differs there by design.
+    frame = tables.read(spark, wh, name).drop("topk_id")
     if dataset is not None:
         frame = frame.filter(F.col("dataset") == F.lit(dataset))
     for column, value in where.items():
