@@ -48,12 +48,11 @@ def test_contract_empty_blocks(name):
     assert scorer.scores(user_ids, users, item_ids[:0], items[:0]).shape == (len(user_ids), 0)
 
 
-@pytest.mark.parametrize("name", NAMES)
+# The random scorer reads no vector, so it has no alignment to check.
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "random"])
 def test_contract_misaligned_ids_and_vectors_are_refused(name):
     scorer = scorers.make_scorer(name)
     user_ids, users, item_ids, items = block(3, name=name)
-    if name == "random":
-        pytest.skip("random reads no vector")
     with pytest.raises(ValueError, match="one row per item"):
         scorer.scores(user_ids, users, item_ids[:-1], items)
     with pytest.raises(ValueError, match="one row per user"):
