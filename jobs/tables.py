@@ -240,7 +240,9 @@ def ensure(spark: SparkSession, warehouse: str | Path, name: str) -> None:
             # Two jobs starting on a fresh warehouse race to create the same table; the loser
             # finds the location taken (DELTA_CREATE_TABLE_WITH_NON_EMPTY_LOCATION), possibly
             # before the winner's first commit has landed.
-            if "NON_EMPTY_LOCATION" not in str(exc):
+            # The loser sees DELTA_CREATE_TABLE_WITH_NON_EMPTY_LOCATION or, mid-way through the
+            # winner's first commit, DELTA_TABLE_NOT_FOUND.
+            if not any(code in str(exc) for code in ("NON_EMPTY_LOCATION", "DELTA_TABLE_NOT_FOUND")):
                 raise
             for _ in range(40):
                 # A read refreshes Delta's cached log of the path; isDeltaTable would keep
