@@ -109,12 +109,11 @@ class DatasetConf:
 
 
 CAPTION_ENGINES = ("tags", "hf", "vllm")
-COMMON, ALL = "common", "all"
-CANDIDATE_POLICIES = (COMMON, ALL)
+# The evaluation protocol's names live once, in udfs.protocol; the typed config checks against them.
+from udfs.protocol import ALL, CANDIDATE_POLICIES, COMMON, EXCLUDABLE_SPLITS  # noqa: E402,F401
+
 POPULARITY, RANDOM = "popularity", "random"
 BASELINES = (POPULARITY, RANDOM)
-# Splits whose items a ranking may exclude; never 'test', the very items being evaluated.
-EXCLUDABLE_SPLITS = ("train", "valid")
 
 
 def _below(value: float | None, low: float) -> str | None:

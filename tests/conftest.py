@@ -53,3 +53,14 @@ def ml100k() -> Path:
     if not (ML100K / "u.data").exists():
         pytest.fail(f"the real MovieLens data is expected at {ML100K} (../shared/data/ml100k beside the repo)")
     return ML100K
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The caller owns torch's thread count; on a shared 2-core machine one thread is fastest."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -14,7 +14,6 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from udfs.image_encoder import EFFICIENTNET_LITE0, LITE0_FEATURE_DIM, encode_images  # noqa: E402
@@ -58,13 +57,7 @@ ENCODERS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # On a shared 2-core machine one thread is fastest; the caller owns the setting.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(params=sorted(ENCODERS), scope="module")

@@ -15,13 +15,7 @@ from udfs.image_encoder import (
 from udfs.images import load_image
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The caller owns torch's thread count; on a shared 2-core machine one thread is fastest."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
