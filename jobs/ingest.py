@@ -164,8 +164,7 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
         run.count("kcore_removed", before_n - good.count())
         run.count("kcore_rounds", rounds)
 
-    usable = _first_usable_interaction(out, items, spec, good if filtered else None)
-    if usable is None:
+    if not _has_usable_interaction(out, items, spec, good if filtered else None):
         # Checked before any slice is replaced: the last good snapshot of this dataset stays.
         _write_rejects(run, out.rejects.unionByName(item_rejects).unionByName(
             interaction_rejects(classified, _count_bad(classified))))
@@ -211,9 +210,9 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
     run.count("interactions", total)
 
 
-def _first_usable_interaction(out: AdapterOutput, items: DataFrame, spec: SplitSpec,
-                              filtered: DataFrame | None):
-    """One interaction row that the write would keep, or ``None``: asked before any slice is
+def _has_usable_interaction(out: AdapterOutput, items: DataFrame, spec: SplitSpec,
+                            filtered: DataFrame | None) -> bool:
+    """Whether the write would keep at least one interaction row: asked before any slice is
     replaced, so that an export with nothing usable (header only, every row rejected, a wrong
     column mapping) leaves the previous snapshot as it was.
 
@@ -223,14 +222,14 @@ def _first_usable_interaction(out: AdapterOutput, items: DataFrame, spec: SplitS
     the usual case costs a fraction of one scan. After the rating or k-core filters, which have
     counted their output already, their frame is asked instead."""
     if filtered is not None:
-        return filtered.select("user_id").limit(1).collect() or None
+        return bool(filtered.select("user_id").limit(1).collect())
     rows = out.interactions
     if "_reason" in rows.columns:
         rows = rows.filter(F.col("_reason").isNull())
     rows = rows.join(F.broadcast(items.select("item_id")), "item_id", "left_semi")
     if spec.protocol == "label":
         rows = rows.filter(label_column(F.col("label")).isNotNull())
-    return rows.select("user_id").limit(1).collect() or None
+    return bool(rows.select("user_id").limit(1).collect())
 
 
 def _count_bad(classified: DataFrame) -> int:
