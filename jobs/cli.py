@@ -18,6 +18,7 @@ COMMANDS = {
     "ingest": ("jobs.ingest", "dataset files -> items, interactions, rejects tables"),
     "caption": ("jobs.caption", "item images -> descriptions table (Ray Data + a caption engine)"),
     "embed": ("jobs.embed", "descriptions, titles, texts, images -> item_embeddings table"),
+    "fuse": ("jobs.fuse", "train attention/gating/crossmodal/smore fusions -> item_embeddings, fusion_models"),
     "profiles": ("jobs.profiles", "train histories -> user_profiles table"),
     "topk": ("jobs.topk", "blockwise top-k similarity join -> recommendations table"),
     "evaluate": ("jobs.evaluate", "recommendations + test split -> user_metrics, metrics, comparisons"),

@@ -222,6 +222,56 @@ class EmbedConf:
                 "rows_per_task": _below(self.rows_per_task, 1)}
 
 
+FUSE_OBJECTIVES = ("bpr", "sampled_softmax", "item_contrastive")
+
+
+@dataclass
+class FuseConf:
+    """``experiment.fuse``: the trained fusions (``attention``, ``gating``, ``crossmodal``,
+    ``smore``) of the ``fuse`` job; see ``udfs.fusion_training`` for the objectives."""
+
+    # bpr | sampled_softmax (a user signal) | item_contrastive (the paper's: no user signal)
+    objective: str = "bpr"
+    epochs: int = 15
+    batch_size: int = 256
+    lr: float = 1e-3
+    negatives: int = 4
+    temperature: float = 0.07
+    patience: int = 3  # epochs without a better valid recall before stopping
+    eval_k: int = 20  # early stopping on valid Recall@eval_k
+    hidden: int = 512  # each part's projection
+    out_dim: int = 512
+    heads: int = 4  # crossmodal
+    tokens: int = 8  # crossmodal: tokens each projected vector is split into
+    smore_product_term: bool = True
+    # smore's item-item kNN graphs: part representation (or its kind: lvlm, title...) -> k;
+    # empty: no graph propagation. Every part of a smore fusion then needs a k.
+    smore_knn_k: dict[str, int] = field(default_factory=dict)
+    seed: int = 42
+    threads: int = 2  # torch threads on the driver (fixed: results are byte-identical per count)
+    rows_per_task: int = 50_000  # items per Spark task when applying a model
+    reuse_models: bool = True  # false: retrain even when a stored model matches inputs and settings
+
+    def problems(self) -> dict[str, str | None]:
+        bad_k = {p: k for p, k in self.smore_knn_k.items() if k < 1}
+        return {
+            "objective": None if self.objective in FUSE_OBJECTIVES
+            else f"must be one of {list(FUSE_OBJECTIVES)}, got {self.objective!r}",
+            "epochs": _below(self.epochs, 1), "batch_size": _below(self.batch_size, 1),
+            "lr": None if self.lr > 0 and math.isfinite(self.lr) else f"must be > 0, got {self.lr!r}",
+            "negatives": _below(self.negatives, 1),
+            "temperature": None if self.temperature > 0 else f"must be > 0, got {self.temperature!r}",
+            "patience": _below(self.patience, 1), "eval_k": _below(self.eval_k, 1),
+            "hidden": _below(self.hidden, 2), "out_dim": _below(self.out_dim, 1), "heads": _below(self.heads, 1),
+            "tokens": _below(self.tokens, 1) or (None if self.hidden % self.tokens == 0
+                                                 and (self.hidden // self.tokens) % self.heads == 0 else
+                                                 f"must divide hidden ({self.hidden}) into tokens whose size is a "
+                                                 f"multiple of heads ({self.heads}), got {self.tokens}"),
+            "smore_knn_k": None if not bad_k else f"k must be >= 1, got {bad_k}",
+            "threads": _below(self.threads, 1), "rows_per_task": _below(self.rows_per_task, 1),
+        }
+
+
 @dataclass
 class ProfilesConf:
     # Weight each history item by recency (a half-life in days before the user's latest train
@@ -288,6 +338,7 @@ class ExperimentConf:
     image_encoder: str = "efficientnet-lite0"
     caption: CaptionConf = field(default_factory=CaptionConf)
     embed: EmbedConf = field(default_factory=EmbedConf)
+    fuse: FuseConf = field(default_factory=FuseConf)
     profiles: ProfilesConf = field(default_factory=ProfilesConf)
     topk: TopkConf = field(default_factory=TopkConf)
     evaluate: EvaluateConf = field(default_factory=EvaluateConf)

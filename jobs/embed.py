@@ -100,7 +100,8 @@ def planned_representations(names: Sequence[str]) -> tuple[list[Representation],
     except RepresentationError as err:
         raise ConfigError(str(err)) from None
     base = [parse_representation(n) for n in required_base_representations(canonical)]
-    fusions = [p for p in (parse_representation(n) for n in canonical) if p.is_fusion]
+    # Trained fusions are the ``fuse`` job's: embed encodes their parts only.
+    fusions = [p for p in (parse_representation(n) for n in canonical) if p.is_fusion and not p.is_trained]
     return base, fusions
 
 

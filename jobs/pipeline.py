@@ -1,12 +1,13 @@
-"""``pipeline``: run an experiment config end to end (ingest, caption, embed, profiles, topk,
-evaluate) on one Spark session, then print what each table holds and the results table.
+"""``pipeline``: run an experiment config end to end (ingest, caption, embed, fuse, profiles,
+topk, evaluate) on one Spark session, then print what each table holds and the results table.
 
 The experiment plan (``jobs.plan``) is resolved once and stored in ``plans`` under the
 pipeline's run id before the first stage. Every stage is the job itself (``jobs.<stage>.main``)
 with the pipeline's ``--conf``/``--set`` arguments, so each records its own row in ``runs``;
 ``profiles``, ``topk`` and ``evaluate`` share the pipeline's run id, which keys the stored plan,
 ``user_profiles``, ``recommendations``, ``candidates`` and the metric tables, so all three
-read one plan. The pipeline stops at the first stage that fails and exits with its code. ``caption``
+read one plan (``fuse`` too: its ``fusion_models`` rows carry the run id; it runs only when the
+plan has a trained fusion). The pipeline stops at the first stage that fails and exits with its code. ``caption``
 runs only when a representation needs descriptions (``lvlm`` ...). Stage wall times are logged
 and kept in the pipeline's ``runs`` row as ``ms_<stage>``.
 """
@@ -26,8 +27,8 @@ from . import tables
 from .job_run import JobRun, run_job
 from .plan import ExperimentPlan, store_plan
 
-STAGES = ("ingest", "caption", "embed", "profiles", "topk", "evaluate")
-SHARED_RUN_ID = {"profiles", "topk", "evaluate"}
+STAGES = ("ingest", "caption", "embed", "fuse", "profiles", "topk", "evaluate")
+SHARED_RUN_ID = {"fuse", "profiles", "topk", "evaluate"}
 
 
 class StageFailed(RuntimeError):
@@ -53,7 +54,8 @@ def pipeline(run: JobRun, args: argparse.Namespace) -> None:
     store_plan(run.spark, run.warehouse, run.run_id, plan)
     run.count("plan_stored")
     for stage in STAGES:
-        if stage in skip or (stage == "caption" and not needs_captions(plan.base)):
+        if stage in skip or (stage == "caption" and not needs_captions(plan.base)) \
+                or (stage == "fuse" and not plan.trained):
             run.count(f"skipped_stage_{stage}")
             continue
         argv = list(common) + (["--run-id", run.run_id] if stage in SHARED_RUN_ID else [])

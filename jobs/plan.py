@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from udfs.representations import (
+    ALL_FUSIONS,
     RepresentationError,
     lvlm_name,
     parse_representation,
@@ -49,10 +50,12 @@ SETTING_KEYS: dict[str, str] = {
     "evaluate_seed": "experiment.evaluate.seed",
     "half_life_days": "experiment.profiles.half_life_days",
     "concat_weights": "experiment.embed.concat_weights",
+    "fuse": "experiment.fuse",
 }
 
 # The plan fields each job's results depend on; a stored plan that differs on one is refused.
-PROFILES_FIELDS = ("dataset", "representations", "half_life_days", "concat_weights")
+PROFILES_FIELDS = ("dataset", "representations", "half_life_days", "concat_weights", "fuse")
+FUSE_FIELDS = ("dataset", "representations", "fuse")
 TOPK_FIELDS = ("dataset", "representations", "baselines", "candidates", "exclude", "k", "topk_seed")
 EVALUATE_FIELDS = ("dataset", "representations", "baselines", "candidates", "exclude", "ks", "bootstrap_samples",
                    "evaluate_seed")
@@ -77,7 +80,7 @@ def caption_representation(conf: CaptionConf) -> str:
 
 def _uses_shorthand(name: str) -> bool:
     head, _, parts = name.partition(":")
-    return name == "lvlm" or (head in ("naive", "concat") and "lvlm" in parts.split("+"))
+    return name == "lvlm" or (head in ALL_FUSIONS and "lvlm" in parts.split("+"))
 
 
 def expand_lvlm(representations: list[str], caption: CaptionConf) -> list[str]:
@@ -118,6 +121,9 @@ class ExperimentPlan:
     evaluate_seed: int
     half_life_days: float | None
     concat_weights: tuple[tuple[str, float], ...]  # sorted (part, weight) pairs
+    # experiment.fuse as canonical JSON when a trained fusion is planned, else "": the trained
+    # vectors (and so profiles, rankings and metrics) depend on every one of its settings.
+    fuse: str = ""
 
     @classmethod
     def resolve(cls, config: Config) -> "ExperimentPlan":
@@ -146,7 +152,19 @@ class ExperimentPlan:
             half_life_days=(None if experiment.profiles.half_life_days is None
                             else float(experiment.profiles.half_life_days)),
             concat_weights=tuple(sorted((str(p), float(w)) for p, w in experiment.embed.concat_weights.items())),
+            fuse=(json.dumps(dataclasses.asdict(experiment.fuse), sort_keys=True, separators=(",", ":"))
+                  if any(parse_representation(n).is_trained for n in fusions) else ""),
         )
+
+    @property
+    def trained(self) -> tuple[str, ...]:
+        """The trained fusions (built by ``fuse``; profiled like base representations)."""
+        return tuple(n for n in self.fusions if parse_representation(n).is_trained)
+
+    @property
+    def parameter_free(self) -> tuple[str, ...]:
+        """The fusions ``embed`` and ``profiles`` build from their parts (naive, concat)."""
+        return tuple(n for n in self.fusions if not parse_representation(n).is_trained)
 
     @property
     def ranked(self) -> tuple[str, ...]:
@@ -172,6 +190,7 @@ class ExperimentPlan:
     @classmethod
     def from_json(cls, text: str) -> "ExperimentPlan":
         data = json.loads(text)
+        data.setdefault("fuse", "")  # plans stored before trained fusions existed
         known = {f.name for f in dataclasses.fields(cls)}
         if set(data) != known:
             raise ConfigError(f"stored plan has fields {sorted(data)}, this version expects {sorted(known)}: "

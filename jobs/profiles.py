@@ -6,6 +6,9 @@ their TRAIN history (``interactions.split = 'train'``), re-normalised (``udfs.pr
 counted back from the user's latest train interaction). ``n_history`` is the number of train
 rows whose item has a vector in that representation.
 
+Trained fusions (``attention``, ``gating``, ``crossmodal``, ``smore``: item vectors that the
+``fuse`` job wrote) are profiled like base representations: the mean of the fused item vectors,
+which is the user vector they were trained for.
 Fusions (``naive``, ``concat``...) are NOT profiles of fused item vectors: as ``udfs.fusion``
 prescribes, the per-modality profiles are fused, so the fused score stays the fixed weighted
 average of the per-modality cosines for every user. A fused profile exists for users who have
@@ -93,8 +96,9 @@ def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
     # The run's plan (stored by the pipeline, or by the first job of the run id): the base
     # representations, the fusions built from them and their settings.
     plan = plan_for_run(run, run_id, PROFILES_FIELDS)
-    base = [parse_representation(n) for n in plan.base]
-    fusions = [parse_representation(n) for n in plan.fusions]
+    # Trained fusions (``fuse``) have item vectors of their own: profiled like base ones.
+    base = [parse_representation(n) for n in plan.base + plan.trained]
+    fusions = [parse_representation(n) for n in plan.parameter_free]
     half_life_days = plan.half_life_days
 
     try:

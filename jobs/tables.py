@@ -136,6 +136,25 @@ SCHEMAS: dict[str, T.StructType] = {
         # The topk job run that wrote the row; recommendations carry it too (see evaluate).
         T.StructField("topk_id", T.StringType()),
     ]),
+    # One trained fusion model per run and representation (``jobs.fuse``); the weights, the
+    # settings, the training curve and the library versions lie under ``path``.
+    "fusion_models": T.StructType([
+        T.StructField("run_id", T.StringType(), False),
+        T.StructField("representation", T.StringType(), False),
+        T.StructField("parts", T.ArrayType(T.StringType())),
+        T.StructField("objective", T.StringType()),
+        T.StructField("params", T.StringType()),  # json: architecture and training settings
+        T.StructField("epochs", T.IntegerType()),  # epochs run
+        T.StructField("best_epoch", T.IntegerType()),
+        T.StructField("valid_recall", T.DoubleType()),  # at params.eval_k, of the kept epoch
+        T.StructField("train_seconds", T.DoubleType()),
+        T.StructField("path", T.StringType()),
+        T.StructField("sha256", T.StringType()),  # of the model file
+        # sha256 of the training inputs, settings and library versions: equal means reusable
+        T.StructField("inputs_sha256", T.StringType()),
+        T.StructField("reused", T.BooleanType()),
+        T.StructField("created_at", T.TimestampType()),
+    ]),
     "runs": T.StructType([
         T.StructField("run_id", T.StringType(), False),
         T.StructField("job", T.StringType()),
@@ -167,6 +186,7 @@ KEYS: dict[str, list[str]] = {
     "comparisons": ["run_id", "representation_a", "representation_b", "metric", "k"],
     "plans": ["run_id"],
     "candidates": ["run_id", "representation", "item_id"],
+    "fusion_models": ["run_id", "representation"],
     "runs": ["run_id"],
 }
 

@@ -11,7 +11,10 @@ Allowed forms:
 - ``naive``, ``concat``: a fusion (``udfs.fusion``) of the paper's Title+Vision baseline,
   i.e. of ``title`` and ``visual``;
 - ``naive:<a>+<b>[+...]``, ``concat:<a>+<b>[+...]``: a fusion of the named non-fused
-  representations, e.g. ``naive:lvlm:vllm:llava-hf/llava-v1.6-mistral-7b-hf:p1+visual``.
+  representations, e.g. ``naive:lvlm:vllm:llava-hf/llava-v1.6-mistral-7b-hf:p1+visual``;
+- ``attention``, ``gating``, ``crossmodal``, ``smore`` (bare: of title and visual) and
+  ``<method>:<a>+<b>[+...]``: a trained fusion (``udfs.fusion_models``, built by the ``fuse``
+  job), whose item vectors are profiled and ranked like a base representation's.
 
 A fusion's canonical name lists its parts sorted and is the bare ``naive``/``concat`` for the
 default parts, so one fusion has one name (and one row per item).
@@ -30,13 +33,18 @@ CONCAT = "concat"
 
 BASE_REPRESENTATIONS = (TITLE, TEXT, VISUAL)
 FUSIONS = (NAIVE, CONCAT)
+# Fusions with weights, trained by the ``fuse`` job (udfs.fusion_models).
+TRAINED_FUSIONS = ("attention", "gating", "crossmodal", "smore")
+ALL_FUSIONS = FUSIONS + TRAINED_FUSIONS
 # The paper's "Title+Vision (Naive 50/50)" and "(Concat)" baselines.
 DEFAULT_FUSION_PARTS = (TITLE, VISUAL)
 
 ALLOWED_FORMS = (
     "'title', 'text', 'visual', 'lvlm:<engine>:<model>:<prompt_id>', "
     "'naive', 'concat' (fusions of title and visual), "
-    "'naive:<a>+<b>' or 'concat:<a>+<b>' (fusions of the named non-fused representations)"
+    "'naive:<a>+<b>' or 'concat:<a>+<b>' (fusions of the named non-fused representations), "
+    "'attention', 'gating', 'crossmodal', 'smore' (trained fusions of title and visual) or "
+    "'<method>:<a>+<b>' (trained fusions of the named non-fused representations)"
 )
 
 
@@ -48,7 +56,7 @@ class RepresentationError(ValueError):
 class Representation:
     """A parsed representation name; ``name`` is its canonical spelling."""
 
-    kind: str  # title | text | visual | lvlm | naive | concat
+    kind: str  # title | text | visual | lvlm | naive | concat | attention | gating | crossmodal | smore
     engine: str | None = None
     model: str | None = None
     prompt_id: str | None = None
@@ -58,13 +66,20 @@ class Representation:
     def name(self) -> str:
         if self.kind == LVLM:
             return f"{LVLM}:{self.engine}:{self.model}:{self.prompt_id}"
-        if self.kind in FUSIONS:
+        if self.kind in ALL_FUSIONS:
             return fusion_name(self.kind, self.parts)
         return self.kind
 
     @property
     def is_fusion(self) -> bool:
-        return self.kind in FUSIONS
+        """Any fusion: parameter-free (built by ``embed``) or trained (built by ``fuse``)."""
+        return self.kind in ALL_FUSIONS
+
+    @property
+    def is_trained(self) -> bool:
+        """A trained fusion: its item vectors come from the ``fuse`` job and are profiled like a
+        base representation's (a user's vector is the mean of the fused item vectors)."""
+        return self.kind in TRAINED_FUSIONS
 
     @property
     def is_text(self) -> bool:
@@ -96,8 +111,8 @@ def lvlm_name(engine: str, model: str, prompt_id: str) -> str:
 
 def fusion_name(method: str, parts: Iterable[str]) -> str:
     """Canonical name of fusion ``method`` over ``parts`` (bare for title + visual)."""
-    if method not in FUSIONS:
-        raise RepresentationError(f"unknown fusion {method!r}: choose one of {list(FUSIONS)}")
+    if method not in ALL_FUSIONS:
+        raise RepresentationError(f"unknown fusion {method!r}: choose one of {list(ALL_FUSIONS)}")
     canonical = []
     for part in parts:
         parsed = parse_representation(part)
@@ -126,7 +141,7 @@ def parse_representation(name: str) -> Representation:
         )
     if name in BASE_REPRESENTATIONS:
         return Representation(kind=name)
-    if name in FUSIONS:
+    if name in ALL_FUSIONS:
         return Representation(kind=name, parts=tuple(sorted(DEFAULT_FUSION_PARTS)))
     head, sep, rest = name.partition(":")
     if sep and head == LVLM:
@@ -143,7 +158,7 @@ def parse_representation(name: str) -> Representation:
         except RepresentationError as err:
             raise RepresentationError(f"representation {name!r}: {err}") from None
         return Representation(kind=LVLM, engine=engine, model=model, prompt_id=prompt_id)
-    if sep and head in FUSIONS:
+    if sep and head in ALL_FUSIONS:
         pieces = rest.split("+")
         try:
             fusion_name(head, pieces)

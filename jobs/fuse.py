@@ -1,0 +1,330 @@
+"""``fuse``: item vectors of the parts + train/valid interactions -> trained fusions in ``item_embeddings``.
+
+For every trained fusion of the run's plan (``attention``, ``gating``, ``crossmodal``, ``smore``
+over two or more parts; ``udfs.fusion_models``), with the settings of ``experiment.fuse``:
+
+1. read the parts' vectors from ``item_embeddings`` and the dataset's interactions with
+   ``split IN ('train', 'valid')``: no test row is ever read;
+2. train the model on the driver, in one process, with torch (``experiment.fuse.threads``
+   threads): train rows in the loss, valid rows for early stopping only
+   (``udfs.fusion_training``);
+3. apply it to every item that has all the parts, in Spark (``mapInArrow`` with the model's
+   bytes broadcast; ``udfs.fusion_udfs``); ``smore`` with kNN graphs is applied on the driver,
+   since an item's vector then depends on its neighbours';
+4. write the L2-normalised vectors into ``item_embeddings`` in one atomic replacement of the
+   (dataset, these representations) slice, and describe each model in ``fusion_models``.
+
+An item lacking a part's vector is left out and counted (``skipped_<rep>_missing_part``);
+interactions with such items are not used in training (``interactions_without_item_<rep>``).
+Each model is kept under ``<warehouse>/fusion_model_files/<run_id>/<sha256(representation)[:16]>/``:
+``model.pt`` (spec + weights), ``config.json`` (representation, parts, settings),
+``curve.json`` (loss and valid recall per epoch), ``versions.json`` (library versions).
+A rerun whose inputs (item ids, part vectors, train and valid interactions), settings, seed and
+library versions hash to a stored model's ``inputs_sha256`` loads that model instead of training
+(``reused_models``); anything else trains again (``trained_models``).
+"""
+from __future__ import annotations
+
+if not __package__:  # run as a file (`spark-submit jobs/<job>.py`): see jobs/_as_package.py
+    from _as_package import PACKAGE as __package__
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from udfs import fusion_udfs
+from udfs.representations import Representation, parse_representation
+
+from . import tables
+from .config import ConfigError, FuseConf
+from .job_run import JobRun, NothingUsable, run_id_argument, run_job
+from .plan import FUSE_FIELDS, plan_for_run
+
+log = logging.getLogger(__name__)
+
+APPLIED_SCHEMA = T.StructType([
+    T.StructField("item_id", T.StringType(), False),
+    T.StructField("vector", tables.VECTOR),
+    T.StructField("status", T.StringType(), False),
+])
+MODEL_FILE = "model.pt"
+# Beside the warehouse's tables, not inside the fusion_models table's folder (a VACUUM there would
+# delete files Delta does not know).
+MODEL_ROOT = "fusion_model_files"
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    return versions
+
+
+def knn_ks(settings: FuseConf, rep: Representation) -> tuple[int, ...]:
+    """smore's k per part from ``experiment.fuse.smore_knn_k`` (by part name, else its kind)."""
+    if rep.kind != "smore" or not settings.smore_knn_k:
+        return ()
+    ks = []
+    for part in rep.parts:
+        kind = parse_representation(part).kind
+        k = settings.smore_knn_k.get(part, settings.smore_knn_k.get(kind))
+        if k is None:
+            raise ConfigError(f"experiment.fuse.smore_knn_k names {sorted(settings.smore_knn_k)} but not part "
+                              f"'{part}' of '{rep.name}': give every part of a smore fusion a k (or none)")
+        ks.append(int(k))
+    return tuple(ks)
+
+
+def read_parts(spark, wh: str, dataset: str, parts: list[str]) -> dict[str, pd.DataFrame]:
+    """part -> (item_id, vector) frame sorted by item id, collected to the driver."""
+    rows = (tables.read(spark, wh, "item_embeddings")
+            .filter((F.col("dataset") == dataset) & F.col("representation").isin(parts))
+            .select("representation", "item_id", "vector").toPandas())
+    return {p: rows[rows["representation"] == p].sort_values("item_id").reset_index(drop=True) for p in parts}
+
+
+def read_train_valid(spark, wh: str, dataset: str) -> pd.DataFrame:
+    """(user_id, item_id, split) of the train and valid rows; the filter cannot let a test row through."""
+    return (tables.read(spark, wh, "interactions")
+            .filter((F.col("dataset") == dataset) & F.col("split").isin("train", "valid"))
+            .select("user_id", "item_id", "split").toPandas())
+
+
+def aligned_parts(frames: dict[str, pd.DataFrame], rep: Representation) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(item ids having every part, sorted; each part's (n, d) float32 rows in that order)."""
+    ids = None
+    for part in rep.parts:
+        have = set(frames[part]["item_id"])
+        ids = have if ids is None else ids & have
+    item_ids = np.array(sorted(ids or ()), dtype=object)
+    matrices = []
+    for part in rep.parts:
+        frame = frames[part].set_index("item_id").loc[item_ids]
+        dims = {len(v) for v in frame["vector"]}
+        if len(dims) > 1:
+            raise NothingUsable(f"representation '{part}' holds vectors of dimensions {sorted(dims)}: "
+                                "rerun `vlm4rec embed` for it")
+        matrices.append(np.stack(frame["vector"].to_numpy()).astype(np.float32) if len(frame)
+                        else np.zeros((0, 1), np.float32))
+    return item_ids, matrices
+
+
+def indexed_interactions(interactions: pd.DataFrame, item_ids: np.ndarray):
+    """(train users, train items, valid users, valid items) as indices (users sorted by id), and
+    the number of rows whose item is not among ``item_ids``."""
+    position = pd.Index(item_ids)
+    items = position.get_indexer(interactions["item_id"])
+    known = items >= 0
+    kept = interactions[known]
+    users = pd.Index(sorted(kept["user_id"].unique())).get_indexer(kept["user_id"])
+    items = items[known]
+    train = (kept["split"] == "train").to_numpy()
+    return (users[train].astype(np.int64), items[train].astype(np.int64), users[~train].astype(np.int64),
+            items[~train].astype(np.int64)), int((~known).sum())
+
+
+def inputs_digest(rep: Representation, params: dict, item_ids: np.ndarray, matrices: list[np.ndarray],
+                  interactions: pd.DataFrame) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"representation": rep.name, "params": params, "versions": library_versions()},
+                             sort_keys=True).encode())
+    digest.update("\n".join(item_ids.tolist()).encode())
+    for matrix in matrices:
+        digest.update(np.ascontiguousarray(matrix, dtype=np.float32).tobytes())
+    rows = interactions.sort_values(["split", "user_id", "item_id"], kind="stable")
+    for column in ("split", "user_id", "item_id"):
+        digest.update("\x1f".join(rows[column].astype(str).tolist()).encode())
+    return digest.hexdigest()
+
+
+def model_folder(wh: str, run_id: str, rep: Representation) -> Path:
+    if "://" in wh and not wh.startswith("file:"):
+        raise ConfigError(f"fuse keeps its models in a local warehouse folder; warehouse '{wh}' is not one")
+    root = Path(wh[len("file://"):] if wh.startswith("file://") else wh)
+    return root / MODEL_ROOT / run_id / hashlib.sha256(rep.name.encode()).hexdigest()[:16]
+
+
+def stored_model(spark, wh: str, key: str) -> tuple[bytes, dict] | None:
+    """(model bytes, its fusion_models row) of a stored model trained on inputs hashing to ``key``
+    whose file is intact, else None."""
+    rows = (tables.read(spark, wh, "fusion_models").filter(F.col("inputs_sha256") == key)
+            .orderBy(F.col("created_at").desc()).collect())
+    for row in rows:
+        path = Path(row["path"]) / MODEL_FILE
+        if path.is_file():
+            blob = path.read_bytes()
+            if hashlib.sha256(blob).hexdigest() == row["sha256"]:
+                return blob, row.asDict()
+    return None
+
+
+def save_model(folder: Path, blob: bytes, config: dict, curve: list[dict]) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in (("config.json", config), ("curve.json", curve), ("versions.json", library_versions())):
+        (folder / name).write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp = folder / (MODEL_FILE + ".tmp")
+    tmp.write_bytes(blob)
+    tmp.replace(folder / MODEL_FILE)  # a reader never sees half a model
+    return hashlib.sha256(blob).hexdigest()
+
+
+def apply_in_spark(spark, wh: str, dataset: str, rep: Representation, blob: bytes, threads: int,
+                   n_items: int, rows_per_task: int) -> DataFrame:
+    """(item_id, vector, status) of the items with every part: parts joined on the item id."""
+    vectors = tables.read(spark, wh, "item_embeddings").filter(F.col("dataset") == dataset)
+    joined = None
+    for j, part in enumerate(rep.parts):
+        frame = vectors.filter(F.col("representation") == part).select("item_id", F.col("vector").alias(f"part_{j}"))
+        joined = frame if joined is None else joined.join(frame, "item_id")
+    partitions = max(1, min(spark.sparkContext.defaultParallelism, math.ceil(n_items / 2000)),
+                     math.ceil(n_items / rows_per_task))
+    shipped = spark.sparkContext.broadcast(blob)
+
+    def run(batches):
+        return fusion_udfs.apply_batches(shipped.value, threads)(batches)
+
+    return joined.repartition(partitions, "item_id").mapInArrow(run, APPLIED_SCHEMA)
+
+
+def fuse(run: JobRun, args: argparse.Namespace | None = None) -> None:
+    from udfs.fusion_models import FusionSpec, item_graphs
+    from udfs.fusion_training import TrainData, TrainSettings, apply_fusion, load_model, model_bytes, train_fusion
+
+    spark, wh = run.spark, run.warehouse
+    dataset = run.config.dataset.name
+    if not dataset:
+        raise ConfigError("no dataset configured: pass --conf datasets/NAME.yaml (or --set dataset.name=...)")
+    run_id = getattr(args, "run_id", None) or run.run_id
+    plan = plan_for_run(run, run_id, FUSE_FIELDS)
+    trained = [parse_representation(n) for n in plan.trained]
+    run.count("trained_fusions_planned", len(trained))
+    if not trained:
+        log.info("fuse %s: the plan has no trained fusion; nothing to do", dataset)
+        return
+    settings = FuseConf(**json.loads(plan.fuse)) if plan.fuse else run.config.experiment.fuse
+    n_items = tables.read(spark, wh, "items").filter(F.col("dataset") == dataset).count()
+    run.count("items", n_items)
+    frames = read_parts(spark, wh, dataset, sorted({p for r in trained for p in r.parts}))
+    interactions = read_train_valid(spark, wh, dataset)
+    run.count("interactions_read", len(interactions))
+    if not len(interactions):
+        raise NothingUsable(f"dataset '{dataset}' has no train or valid interactions: run `vlm4rec ingest` first")
+
+    outputs: list[DataFrame] = []
+    applied_frames: list[DataFrame] = []
+    model_rows = []
+    written = {}
+    for rep in trained:
+        item_ids, matrices = aligned_parts(frames, rep)
+        run.count(f"skipped_{rep.name}_missing_part", n_items - len(item_ids))
+        if len(item_ids) < 2:
+            raise NothingUsable(f"'{rep.name}': {len(item_ids)} items have a vector in every part {list(rep.parts)}; "
+                                "run `vlm4rec embed` with these representations first")
+        indexed, unknown = indexed_interactions(interactions, item_ids)
+        run.count(f"interactions_without_item_{rep.name}", unknown)
+        spec = FusionSpec(rep.kind, tuple(m.shape[1] for m in matrices), hidden=settings.hidden,
+                          out_dim=settings.out_dim, heads=settings.heads, tokens=settings.tokens,
+                          product_term=settings.smore_product_term)
+        train_settings = TrainSettings(
+            objective=settings.objective, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
+            negatives=settings.negatives, temperature=settings.temperature, patience=settings.patience,
+            eval_k=settings.eval_k, seed=settings.seed, threads=settings.threads, knn_k=knn_ks(settings, rep))
+        params = {"spec": spec.to_dict(), "training": train_settings.to_dict()}
+        key = inputs_digest(rep, params, item_ids, matrices, interactions)
+        folder = model_folder(wh, run_id, rep)
+        found = stored_model(spark, wh, key) if settings.reuse_models else None
+        if found is not None:
+            blob, row = found
+            model, _ = load_model(blob)
+            run.count("reused_models")
+            curve = json.loads((Path(row["path"]) / "curve.json").read_text()) \
+                if (Path(row["path"]) / "curve.json").is_file() else []
+            if Path(row["path"]) != folder:
+                sha = save_model(folder, blob, json.loads((Path(row["path"]) / "config.json").read_text()), curve)
+            else:
+                sha = row["sha256"]
+            info = {k: row[k] for k in ("epochs", "best_epoch", "valid_recall", "train_seconds")}
+            reused = True
+        else:
+            data = TrainData(matrices, *indexed)
+            with run.stage(f"train_{rep.kind}"):
+                result = train_fusion(spec, data, train_settings)
+            model, blob = result.model, model_bytes(result.model, spec)
+            config = {"representation": rep.name, "parts": list(rep.parts), "dataset": dataset, **params,
+                      "inputs_sha256": key, "n_items": len(item_ids), "n_examples": result.n_examples,
+                      "n_valid_users": result.n_valid_users}
+            sha = save_model(folder, blob, config, result.curve)
+            info = {"epochs": result.epochs_run, "best_epoch": result.best_epoch,
+                    "valid_recall": result.valid_recall, "train_seconds": result.seconds}
+            run.count("trained_models")
+            reused = False
+        model_rows.append((run_id, rep.name, list(rep.parts), settings.objective, json.dumps(params, sort_keys=True),
+                           int(info["epochs"]), int(info["best_epoch"]),
+                           None if info["valid_recall"] is None else float(info["valid_recall"]),
+                           float(info["train_seconds"]), str(folder), sha, key, reused,
+                           dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)))
+        with run.stage(f"apply_{rep.kind}"):
+            if train_settings.knn_k:
+                # each vector depends on its neighbours': the whole catalog at once, on the driver
+                vectors = apply_fusion(model, matrices, settings.threads, item_graphs(matrices, train_settings.knn_k))
+                applied = spark.createDataFrame(pd.DataFrame({
+                    "item_id": item_ids.tolist(), "vector": [v.tolist() for v in vectors],
+                    "status": fusion_udfs.OK}), APPLIED_SCHEMA)
+            else:
+                applied = apply_in_spark(spark, wh, dataset, rep, blob, 1, len(item_ids), settings.rows_per_task)
+            applied = applied.persist()
+            applied_frames.append(applied)
+            by_status = dict(applied.groupBy("status").count().collect())
+        written[rep.name] = by_status.get(fusion_udfs.OK, 0)
+        for status, n in by_status.items():
+            if status != fusion_udfs.OK:
+                run.count(f"skipped_{rep.name}_{status}", n)
+        encoder = f"{rep.kind}[{','.join(rep.parts)}]@{sha[:12]}"
+        outputs.append(applied.filter(F.col("status") == fusion_udfs.OK).select(
+            F.lit(dataset).alias("dataset"), "item_id", F.lit(rep.name).alias("representation"),
+            F.lit(encoder).alias("encoder"), F.size("vector").alias("dim"), "vector",
+            F.lit(None).cast("string").alias("source_sha256")))
+
+    for name, n in written.items():
+        run.count(f"written_{name}", n)
+    run.count("rows_written", sum(written.values()))
+    out = outputs[0]
+    for frame in outputs[1:]:
+        out = out.unionByName(frame)
+    with run.stage("write"):
+        # one commit replaces every trained fusion's slice: a reader sees all old or all new
+        tables.replace_slice(spark, wh, "item_embeddings", out.coalesce(max(1, spark.sparkContext.defaultParallelism)),
+                             {"dataset": dataset, "representation": list(written)})
+        models = spark.createDataFrame(model_rows, tables.SCHEMAS["fusion_models"])
+        tables.replace_slice(spark, wh, "fusion_models", models, {"run_id": run_id, "representation": list(written)})
+    for frame in applied_frames:
+        frame.unpersist()
+    log.info("fuse %s: %s", dataset, {n: written[n] for n in written})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-id", default=None, type=run_id_argument,
+                        help="key the fusion_models rows by this run id (the pipeline's); default: this job's")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("fuse", __doc__.splitlines()[0], fuse, argv, add_arguments)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

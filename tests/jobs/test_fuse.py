@@ -1,0 +1,176 @@
+"""The ``fuse`` job on a small synthetic catalog (udfs.synth's items and users), real Spark +
+Delta: trained fusions written into item_embeddings and fusion_models, an item without a part
+left out and counted, a rerun reusing the stored models, and test interactions that change
+nothing (the leakage test). The parts' vectors are numpy-made from the latent attributes (the
+encoders are embed's business and tested there); two epochs of tiny models keep it fast."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from udfs.synth import CATEGORIES, COLOURS, make_interactions, make_items
+
+pytestmark = [pytest.mark.spark]
+
+MISSING_VISUAL = "i00005"
+REPRESENTATIONS = ["title", "visual", "attention", "gating:title+visual"]
+
+
+def write_catalog(spark, warehouse: Path, test_item_shift: int = 0) -> None:
+    from jobs import tables
+
+    items = make_items(7, 120)
+    rows = pd.DataFrame(make_interactions(7, items, 60, min_history=6, max_history=12),
+                        columns=["user_id", "item_id", "rating", "ts"])
+    rows = rows.sort_values(["user_id", "ts"]).reset_index(drop=True)
+    position = rows.groupby("user_id").cumcount(ascending=False)
+    rows["split"] = np.where(position == 0, "test", np.where(position == 1, "valid", "train"))
+    if test_item_shift:  # other test labels: each test row names another item
+        ids = [it.item_id for it in items]
+        test = rows["split"] == "test"
+        rows.loc[test, "item_id"] = [ids[(ids.index(i) + test_item_shift) % len(ids)] for i in rows.loc[test, "item_id"]]
+        rows = rows.drop_duplicates(["user_id", "item_id", "ts"])
+    rows["dataset"], rows["rating"], rows["ingest_id"] = "synthetic", rows["rating"].astype(float), "ingest-test"
+    tables.replace_slice(spark, warehouse, "interactions", spark.createDataFrame(rows), {"dataset": "synthetic"})
+    frame = pd.DataFrame({"dataset": "synthetic", "item_id": [it.item_id for it in items],
+                          "title": [it.title for it in items], "text": [it.description for it in items],
+                          "image_uri": None, "image_sha256": None, "ingest_id": "ingest-test"})
+    frame["attrs"] = [{} for _ in items]
+    frame = frame[[f.name for f in tables.SCHEMAS["items"].fields]]
+    tables.replace_slice(spark, warehouse, "items", spark.createDataFrame(frame, tables.SCHEMAS["items"]),
+                         {"dataset": "synthetic"})
+    rng = np.random.default_rng(0)
+    title = np.eye(len(CATEGORIES))[[CATEGORIES.index(it.category) for it in items]] @ rng.normal(size=(8, 12))
+    visual = np.eye(len(COLOURS))[[list(COLOURS).index(it.colour) for it in items]] @ rng.normal(size=(10, 6))
+    vectors = []
+    for name, matrix in (("title", title), ("visual", visual)):
+        matrix = matrix + 0.3 * rng.normal(size=matrix.shape)
+        matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+        for item, vector in zip(items, matrix.astype(np.float32)):
+            if not (name == "visual" and item.item_id == MISSING_VISUAL):
+                vectors.append(("synthetic", item.item_id, name, "numpy", len(vector), vector.tolist(), None))
+    tables.replace_slice(spark, warehouse, "item_embeddings",
+                         spark.createDataFrame(vectors, tables.SCHEMAS["item_embeddings"]), {"dataset": "synthetic"})
+
+
+def run_fuse(warehouse: Path, *overrides: str) -> int:
+    from jobs import fuse
+
+    return fuse.main(["--conf", "datasets/synthetic.yaml", "--set", f"warehouse={warehouse}",
+                      "--set", "spark.master=local[2]", "--set", "log_level=WARNING",
+                      "--set", f"experiment.representations=[{','.join(REPRESENTATIONS)}]",
+                      "--set", "experiment.fuse.epochs=2", "--set", "experiment.fuse.hidden=16",
+                      "--set", "experiment.fuse.out_dim=16", "--set", "experiment.fuse.threads=1",
+                      "--set", "experiment.fuse.tokens=2", "--set", "experiment.fuse.heads=2",
+                      "--set", "experiment.fuse.batch_size=128", *overrides])
+
+
+def fused(spark, warehouse: Path) -> pd.DataFrame:
+    from jobs import tables
+
+    frame = tables.read(spark, warehouse, "item_embeddings").filter(
+        "representation IN ('attention', 'gating')").toPandas()
+    return frame.sort_values(["representation", "item_id"]).reset_index(drop=True)
+
+
+def last_counts(spark, warehouse: Path) -> dict[str, int]:
+    from jobs import tables
+
+    runs = tables.read(spark, warehouse, "runs").filter("job = 'fuse'").orderBy("started_at").toPandas()
+    assert runs.iloc[-1]["status"] == "succeeded", runs.iloc[-1]["error"]
+    return dict(runs.iloc[-1]["counts"])
+
+
+@pytest.fixture(scope="module")
+def fused_catalog(spark, tmp_path_factory):
+    warehouse = tmp_path_factory.mktemp("fuse") / "wh"
+    write_catalog(spark, warehouse)
+    assert run_fuse(warehouse) == 0
+    return warehouse, fused(spark, warehouse), last_counts(spark, warehouse)
+
+
+def test_fused_vectors_are_written_unit_norm_and_the_item_without_a_part_is_left_out(spark, fused_catalog):
+    warehouse, vectors, counts = fused_catalog
+    assert set(vectors["representation"]) == {"attention", "gating"}
+    for name, group in vectors.groupby("representation"):
+        assert len(group) == 119 and MISSING_VISUAL not in set(group["item_id"])
+        matrix = np.stack(group["vector"].to_numpy())
+        assert matrix.shape[1] == 16 and (group["dim"] == 16).all()
+        np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1, rtol=1e-5)
+        assert counts[f"skipped_{name}_missing_part"] == 1 and counts[f"written_{name}"] == 119
+    assert counts["trained_models"] == 2 and counts.get("reused_models", 0) == 0
+    # the base vectors are untouched
+    from jobs import tables
+
+    base = tables.read(spark, warehouse, "item_embeddings").filter("representation = 'visual'").count()
+    assert base == 119
+
+
+def test_the_vectors_are_the_stored_model_applied_to_each_items_own_parts(spark, fused_catalog):
+    from jobs import tables
+    from udfs.fusion_training import apply_fusion, load_model
+
+    warehouse, vectors, _ = fused_catalog
+    models = tables.read(spark, warehouse, "fusion_models").toPandas().set_index("representation")
+    assert set(models.index) == {"attention", "gating"}
+    row = models.loc["gating"]
+    blob = (Path(row["path"]) / "model.pt").read_bytes()
+    assert hashlib.sha256(blob).hexdigest() == row["sha256"]
+    assert list(row["parts"]) == ["title", "visual"] and row["objective"] == "bpr"
+    assert 1 <= row["epochs"] <= 2 and 0 <= row["best_epoch"] <= row["epochs"] and row["train_seconds"] > 0
+    for name in ("config.json", "curve.json", "versions.json"):
+        assert (Path(row["path"]) / name).is_file()
+    model, _ = load_model(blob)
+    base = tables.read(spark, warehouse, "item_embeddings").filter("representation IN ('title', 'visual')").toPandas()
+    parts = {n: g.set_index("item_id")["vector"] for n, g in base.groupby("representation")}
+    mine = vectors[vectors["representation"] == "gating"].set_index("item_id")
+    ids = list(mine.index[::10])
+    expected = apply_fusion(model, [np.stack(parts[p].loc[ids].to_numpy()).astype(np.float32)
+                                    for p in ("title", "visual")])
+    np.testing.assert_allclose(np.stack(mine.loc[ids, "vector"].to_numpy()), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_rerun_reuses_the_models_and_other_test_rows_change_nothing(spark, fused_catalog, tmp_path):
+    warehouse, before, _ = fused_catalog
+    write_catalog(spark, warehouse, test_item_shift=17)  # other test labels, same train and valid
+    assert run_fuse(warehouse) == 0
+    counts = last_counts(spark, warehouse)
+    assert counts["reused_models"] == 2 and counts.get("trained_models", 0) == 0
+    pd.testing.assert_frame_equal(fused(spark, warehouse).drop(columns="encoder"), before.drop(columns="encoder"))
+    # trained again from scratch on the changed test rows: the same vectors, byte for byte
+    assert run_fuse(warehouse, "--set", "experiment.fuse.reuse_models=false") == 0
+    assert last_counts(spark, warehouse)["trained_models"] == 2
+    again = fused(spark, warehouse)
+    for a, b in zip(again["vector"], before["vector"]):
+        assert np.asarray(a, np.float32).tobytes() == np.asarray(b, np.float32).tobytes()
+
+
+def test_a_changed_setting_trains_again(spark, fused_catalog):
+    warehouse, before, _ = fused_catalog
+    assert run_fuse(warehouse, "--set", "experiment.fuse.seed=5") == 0
+    counts = last_counts(spark, warehouse)
+    assert counts["trained_models"] == 2 and counts.get("reused_models", 0) == 0
+    assert not np.allclose(np.stack(fused(spark, warehouse)["vector"]), np.stack(before["vector"]))
+
+
+def test_fuse_settings_are_typed_and_planned():
+    from jobs.config import ConfigError, load_config
+    from jobs.plan import ExperimentPlan
+
+    with pytest.raises(ConfigError, match="did you mean 'objective'"):
+        load_config(["experiments/synthetic.yaml"], ["experiment.fuse.objectve=bpr"])
+    with pytest.raises(ConfigError, match="experiment.fuse.objective"):
+        load_config(["experiments/synthetic.yaml"], ["experiment.fuse.objective=contrastive"])
+    plan = ExperimentPlan.resolve(load_config(["experiments/synthetic.yaml"], [
+        "experiment.representations=[title,visual,naive,gating,attention:lvlm+visual]"]))
+    assert plan.trained[0] == "gating" and plan.trained[1].startswith("attention:lvlm:tags:")
+    assert plan.parameter_free == ("naive",) and '"epochs":15' in plan.fuse
+    other = ExperimentPlan.resolve(load_config(["experiments/synthetic.yaml"], [
+        "experiment.representations=[title,visual,naive,gating,attention:lvlm+visual]", "experiment.fuse.epochs=3"]))
+    assert other.plan_hash != plan.plan_hash
+    # a plan without a trained fusion does not depend on experiment.fuse
+    assert ExperimentPlan.resolve(load_config(["experiments/synthetic.yaml"], [])).fuse == ""
