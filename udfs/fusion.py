@@ -25,10 +25,10 @@ user (towards the modality in which the history is more coherent); the two agree
 ``r_u1 = ... = r_uk`` (e.g. a one-item history).
 
 Fusions that the paper trains (attention, gating, cross-modal attention, SMORE's spectral
-fusion) are not here: they need training code and data splits of their own. A parameter-free
-"attention" (softmax of each modality's similarity to the modalities' mean) is not a useful
-stand-in: for two unit-norm vectors a, b, cos(a, a+b) = cos(b, a+b), so its weights are always
-50/50 and it reduces to ``naive``.
+fusion) are in ``udfs.fusion_models``, trained by ``udfs.fusion_training`` (the ``fuse`` job).
+A parameter-free "attention" (softmax of each modality's similarity to the modalities' mean) is
+not a useful stand-in: for two unit-norm vectors a, b, cos(a, a+b) = cos(b, a+b), so its weights
+are always 50/50 and it reduces to ``naive``.
 """
 from __future__ import annotations
 
