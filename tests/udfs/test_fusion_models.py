@@ -218,3 +218,38 @@ def test_trained_fusion_names_are_canonical_and_not_parameter_free():
     assert not parse_representation("naive").is_trained
     with pytest.raises(RepresentationError, match="itself a fusion"):
         parse_representation("gating:naive+visual")
+
+
+def split_attribute_catalog(seed: int = 0, n_items: int = 400, n_users: int = 300):
+    """Titles show the category, images the colour (both plus noise); users prefer one category
+    and one colour (log-odds 2 each); 12 train, 1 valid, 3 test items per user."""
+    rng = np.random.default_rng(seed)
+    category, colour = rng.integers(8, size=n_items), rng.integers(8, size=n_items)
+    title = np.eye(8)[category] @ rng.normal(size=(8, 24)) + 0.5 * rng.normal(size=(n_items, 24))
+    visual = np.eye(8)[colour] @ rng.normal(size=(8, 16)) + 0.5 * rng.normal(size=(n_items, 16))
+    title /= np.linalg.norm(title, axis=1, keepdims=True)
+    visual /= np.linalg.norm(visual, axis=1, keepdims=True)
+    rows = {"train": ([], []), "valid": ([], []), "test": ([], [])}
+    for user in range(n_users):
+        weights = np.exp(2.0 * (category == rng.integers(8)) + 2.0 * (colour == rng.integers(8)))
+        chosen = rng.choice(n_items, size=16, replace=False, p=weights / weights.sum())
+        for split, items in (("train", chosen[:12]), ("valid", chosen[12:13]), ("test", chosen[13:])):
+            rows[split][0].extend([user] * len(items))
+            rows[split][1].extend(items)
+    return title.astype(np.float32), visual.astype(np.float32), {k: (np.array(u), np.array(i))
+                                                                 for k, (u, i) in rows.items()}
+
+
+def test_trained_fusions_of_attributes_split_across_title_and_image_beat_each_single_modality():
+    """Users follow category (title) and colour (image): test Recall@20 measured once:
+    title-only 0.184, visual-only 0.163, naive 0.258, trained gating 0.258, smore 0.263
+    (attention 0.249, crossmodal 0.227; bpr, 6 epochs, hidden 32). Trained must beat the better
+    single modality by 0.03."""
+    title, visual, arrays = split_attribute_catalog()
+    data = TrainData([title, visual], *arrays["train"], *arrays["valid"])
+    best_single = max(test_recall(title, arrays), test_recall(visual, arrays))
+    settings = TrainSettings(epochs=6, batch_size=256, lr=3e-3, threads=1)
+    for method in ("gating", "smore"):
+        result = train_fusion(FusionSpec(method, (24, 16), hidden=32, out_dim=32), data, settings)
+        trained = test_recall(apply_fusion(result.model, [title, visual]), arrays)
+        assert trained > best_single + 0.03, (method, trained, best_single)
