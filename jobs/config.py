@@ -206,6 +206,23 @@ class CaptionConf:
 
 
 @dataclass
+class AlsConf:
+    """``experiment.profiles.als``: the collaborative-filtering reference ``als`` (Spark ML's
+    implicit ALS on the train interactions; ``udfs.spark.als``). Spark's own defaults except
+    ``rank`` (10 is far below the content vectors' dimensions); none is tuned on any split."""
+
+    rank: int = 64
+    reg_param: float = 0.1
+    alpha: float = 1.0  # confidence = 1 + alpha * (train interactions of the pair)
+    max_iter: int = 10
+    seed: int = 42
+
+    def problems(self) -> dict[str, str | None]:
+        return {"rank": _below(self.rank, 1), "reg_param": _below(self.reg_param, 0),
+                "alpha": _below(self.alpha, 0), "max_iter": _below(self.max_iter, 1)}
+
+
+@dataclass
 class EmbedConf:
     text_batch_size: int = 64
     image_batch_size: int = 32
@@ -277,6 +294,7 @@ class ProfilesConf:
     # Weight each history item by recency (a half-life in days before the user's latest train
     # interaction); null: the plain mean.
     half_life_days: float | None = None
+    als: AlsConf = field(default_factory=AlsConf)  # read only when ``als`` is a representation
 
     def problems(self) -> dict[str, str | None]:
         value = self.half_life_days

@@ -22,7 +22,10 @@ Nothing is dropped silently; the counts say: ``test_rows``, ``test_users``,
 excluded split), ``users_without_relevant_<rep>``, ``users_without_recommendations_<rep>``
 (users with relevant items but no list, e.g. no profile) and ``users_evaluated_<rep>``.
 
-Prints a table: one block per K, a row per representation, each metric's mean and 95% CI.
+Prints the results (``udfs.results_table``): the paper's rows in the paper's order (lvlm, title,
+vision, title+vision and lvlm+vision fusions, als, popularity, random, then the others), one
+block per K with each metric's mean and 95% CI, then each representation's paired difference
+against the run's ``lvlm`` representation (mean, bootstrap CI, Holm-corrected p).
 Rewrites of the same run id replace the run's rows for these representations.
 """
 from __future__ import annotations
@@ -39,6 +42,7 @@ from pyspark.sql import functions as F
 
 from udfs import evaluate_udfs, protocol
 from udfs.metrics import METRICS
+from udfs.results_table import results_table
 
 from . import tables
 from .config import ConfigError
@@ -62,28 +66,6 @@ def relevant_lists(interactions: DataFrame, candidates: DataFrame, plan: Experim
     return (test.join(candidates, "item_id")
             .join(excluded, ["user_id", "item_id"], "left")
             .select("representation", "user_id", "item_id", F.coalesce("excluded", F.lit(False)).alias("excluded")))
-
-
-def results_table(rows: list, order: list[str], ks: list[int]) -> str:
-    """One block per K: a row per representation, each metric as ``mean [ci_low, ci_high]``."""
-    by_key = {(r["representation"], r["metric"], r["k"]): r for r in rows}
-    width = max([len(r) for r in order] + [len("representation")])
-    lines = []
-    for k in ks:
-        header = f"{'representation':<{width}}  {'n_users':>7}  " + "  ".join(f"{f'{m}@{k}':^22}" for m in METRICS)
-        lines += [header, "-" * len(header)]
-        for rep in order:
-            cells, n_users = [], 0
-            for metric in METRICS:
-                row = by_key.get((rep, metric, k))
-                if row is None:
-                    cells.append(f"{'-':^22}")
-                    continue
-                n_users = row["n_users"]
-                cells.append(f"{row['value']:.4f} [{row['ci_low']:.4f},{row['ci_high']:.4f}]")
-            lines.append(f"{rep:<{width}}  {n_users:>7}  " + "  ".join(cells))
-        lines.append("")
-    return "\n".join(lines)
 
 
 def evaluate(run: JobRun, args: argparse.Namespace) -> None:
@@ -218,11 +200,12 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
         tables.replace_slice(spark, wh, "comparisons", comparisons.withColumn("run_id", F.lit(run_id)),
                              {"run_id": run_id, "representation_a": order})
 
+    comparison_rows = [r.asDict() for r in comparisons.collect()]
     for frame in (relevant, joined, values, summary, comparisons):
         frame.unpersist()
     print(f"evaluation of run {run_id} on {plan.dataset} ({plan.candidates} candidates, "
           f"excluding {'+'.join(plan.exclude) or 'nothing'}):")
-    print(results_table(summary_rows, order, ks))
+    print(results_table(summary_rows, comparison_rows, order, ks))
 
 
 def main(argv: list[str] | None = None, spark=None) -> int:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from udfs.representations import (
+    ALS,
     ALL_FUSIONS,
     RepresentationError,
     lvlm_name,
@@ -51,10 +52,11 @@ SETTING_KEYS: dict[str, str] = {
     "half_life_days": "experiment.profiles.half_life_days",
     "concat_weights": "experiment.embed.concat_weights",
     "fuse": "experiment.fuse",
+    "als": "experiment.profiles.als",
 }
 
 # The plan fields each job's results depend on; a stored plan that differs on one is refused.
-PROFILES_FIELDS = ("dataset", "representations", "half_life_days", "concat_weights", "fuse")
+PROFILES_FIELDS = ("dataset", "representations", "half_life_days", "concat_weights", "fuse", "als")
 FUSE_FIELDS = ("dataset", "representations", "fuse")
 TOPK_FIELDS = ("dataset", "representations", "baselines", "candidates", "exclude", "k", "topk_seed")
 EVALUATE_FIELDS = ("dataset", "representations", "baselines", "candidates", "exclude", "ks", "bootstrap_samples",
@@ -124,6 +126,8 @@ class ExperimentPlan:
     # experiment.fuse as canonical JSON when a trained fusion is planned, else "": the trained
     # vectors (and so profiles, rankings and metrics) depend on every one of its settings.
     fuse: str = ""
+    # experiment.profiles.als as canonical JSON when ``als`` is ranked, else "".
+    als: str = ""
 
     @classmethod
     def resolve(cls, config: Config) -> "ExperimentPlan":
@@ -154,6 +158,8 @@ class ExperimentPlan:
             concat_weights=tuple(sorted((str(p), float(w)) for p, w in experiment.embed.concat_weights.items())),
             fuse=(json.dumps(dataclasses.asdict(experiment.fuse), sort_keys=True, separators=(",", ":"))
                   if any(parse_representation(n).is_trained for n in fusions) else ""),
+            als=(json.dumps(dataclasses.asdict(experiment.profiles.als), sort_keys=True, separators=(",", ":"))
+                 if ALS in representations else ""),
         )
 
     @property
@@ -191,6 +197,7 @@ class ExperimentPlan:
     def from_json(cls, text: str) -> "ExperimentPlan":
         data = json.loads(text)
         data.setdefault("fuse", "")  # plans stored before trained fusions existed
+        data.setdefault("als", "")  # ... and before the ALS reference
         known = {f.name for f in dataclasses.fields(cls)}
         if set(data) != known:
             raise ConfigError(f"stored plan has fields {sorted(data)}, this version expects {sorted(known)}: "

@@ -14,6 +14,18 @@ prescribes, the per-modality profiles are fused, so the fused score stays the fi
 average of the per-modality cosines for every user. A fused profile exists for users who have
 a profile in every part; its ``n_history`` is the smallest of the parts'.
 
+The collaborative-filtering reference ``als`` (when it is a representation) is trained here,
+because it is what this job makes: user vectors from the train interactions. Spark ML's
+implicit ALS (``udfs.spark.als``, settings ``experiment.profiles.als``) is fitted on the train
+split only (valid and test are never read); its user factors become the users' ``als`` rows of
+``user_profiles`` (``n_history``: the user's train rows) and its item factors the dataset's
+``als`` rows of ``item_embeddings``, UNNORMALISED (``topk`` ranks them by dot product, the
+model's own score), with ``encoder = 'spark-ml-als:<run id>'`` so that ``topk`` can refuse
+item factors that another run's ALS wrote. Every catalog item gets a row: an item without a
+train interaction has no factor and gets the zero vector (score 0, the model's prediction for
+an item it has no evidence about), counted as ``items_without_factor_als``, so ``als`` never
+shrinks the common candidate set. ``ms_train_als`` is the training time.
+
 Rows are keyed by ``run_id``: the pipeline's (``--run-id``), else this job's own run id. The
 representations, fusions, half-life and concat weights come from the run's plan (``jobs.plan``:
 the one stored under the run id, else this config's, stored); a config that disagrees with a
@@ -30,6 +42,7 @@ if not __package__:  # run as a file (`spark-submit jobs/<job>.py`): see jobs/_a
     from _as_package import PACKAGE as __package__
 
 import argparse
+import json
 import logging
 import math
 
@@ -39,7 +52,8 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from udfs import embedding_udfs
-from udfs.representations import Representation, parse_representation
+from udfs.spark.als import AlsSettings, train_als
+from udfs.representations import ALS, Representation, parse_representation
 
 from . import tables
 from .config import ConfigError
@@ -85,6 +99,37 @@ def fuse_profiles(profiles: DataFrame, rep: Representation, weights: dict[str, f
         embedding_udfs.fused_vector_batches(rep.kind, rep.parts, None if rep.kind != "concat" else weights,
                                             key="user_id"),
         FUSED_PROFILE_SCHEMA)
+
+
+def als_profiles(run: JobRun, dataset: str, train: DataFrame, settings_json: str, run_id: str) -> DataFrame:
+    """Train the ``als`` reference on ``train``, write its item factors to ``item_embeddings``
+    (every catalog item; zeros without a factor) and return its user factors as
+    (user_id, representation, vector, n_history) rows."""
+    spark, wh = run.spark, run.warehouse
+    settings = AlsSettings(**json.loads(settings_json))
+    with run.stage("train_als"):
+        user_factors, item_factors = train_als(train, settings)
+        # fit() trains eagerly and Spark ML keeps the factors cached (finalStorageLevel).
+        item_factors = item_factors.persist(StorageLevel.MEMORY_AND_DISK)
+        n_factors = item_factors.count()
+    catalog = tables.read(spark, wh, "items").filter(F.col("dataset") == dataset).select("item_id")
+    # Items interacted with but missing from ``items`` (an older ingest) still get their factor.
+    catalog = catalog.unionByName(item_factors.select("item_id")).distinct()
+    zeros = F.array_repeat(F.lit(0.0).cast("float"), settings.rank)
+    items = (catalog.join(item_factors, "item_id", "left")
+             .select(F.lit(dataset).alias("dataset"), "item_id", F.lit(ALS).alias("representation"),
+                     F.lit(f"spark-ml-als:{run_id}").alias("encoder"), F.lit(settings.rank).alias("dim"),
+                     F.coalesce("vector", zeros).alias("vector"),
+                     F.lit(None).cast("string").alias("source_sha256")))
+    n_items = items.count()
+    run.count("items_without_factor_als", n_items - n_factors)
+    tables.replace_slice(spark, wh, "item_embeddings", items, {"dataset": dataset, "representation": [ALS]})
+    item_factors.unpersist()
+    n_history = train.groupBy("user_id").agg(F.count(F.lit(1)).cast("int").alias("n_history"))
+    log.info("als %s: %d user and %d item factors of rank %d", dataset, user_factors.count(), n_factors,
+             settings.rank)
+    return (user_factors.join(n_history, "user_id")
+            .select("user_id", F.lit(ALS).alias("representation"), "vector", "n_history"))
 
 
 def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
@@ -156,6 +201,11 @@ def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
                               .select("user_id", F.lit(rep.name).alias("representation"), "vector", "n_history"))
 
     names = base_names + [r.name for r in fusions]
+    if ALS in plan.representations:
+        factors = als_profiles(run, dataset, train, plan.als, run_id)
+        written[ALS] = factors.count()
+        out = out.unionByName(factors)
+        names.append(ALS)
     for name in names:
         n = written.get(name, 0)
         run.count(f"profiles_{name}", n)

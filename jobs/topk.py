@@ -1,7 +1,9 @@
 """``topk``: user profiles x item vectors -> the ``recommendations`` Delta table, blockwise.
 
 For one profiles run (``--run-id``) and each representation, the exact top-K items by cosine
-(the inner product of the stored L2-normalised vectors), the user's seen items excluded:
+(the inner product of the stored L2-normalised vectors; the ``als`` reference by the dot
+product of its unnormalised factors, ``udfs.scorers.vector_scorer``), the user's seen items
+excluded:
 
 1. Profiles (with each user's seen items) and candidate items are packed into blocks of at
    most ``user_block`` / ``item_block`` rows, one Spark row of float32 bytes per block
@@ -57,7 +59,8 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
-from udfs import protocol, topk_udfs
+from udfs import protocol, scorers, topk_udfs
+from udfs.representations import ALS
 
 from . import tables
 from .config import POPULARITY, ConfigError
@@ -217,6 +220,19 @@ def rank_representation(run: JobRun, name: str, users: DataFrame, items: DataFra
         "representation", F.lit(name))
 
 
+def check_als_factors(embeddings: DataFrame, run_id: str) -> None:
+    """The ``als`` item factors must come from the ALS whose user factors this run's profiles
+    hold (the profiles job of ``run_id`` writes both): factors of two fits live in unrelated
+    spaces, and a later run's profiles job replaces the dataset's item factors."""
+    expected = f"spark-ml-als:{run_id}"
+    found = sorted(r[0] or "" for r in embeddings.filter(F.col("representation") == ALS)
+                   .select("encoder").distinct().collect())
+    if found and found != [expected]:
+        raise NothingUsable(
+            f"the als item factors in item_embeddings were trained by {', '.join(found)}, not by the profiles "
+            f"of run id {run_id}: run `vlm4rec profiles --run-id {run_id}` again (it retrains them), then topk")
+
+
 def user_counts(users: DataFrame) -> dict[str, int]:
     """users, users_with_train, seen_pairs_excluded from ``per_user``'s frame."""
     row = users.agg(F.count(F.lit(1)).alias("users"), F.sum("has_train").alias("users_with_train"),
@@ -260,6 +276,8 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
                             & F.col("representation").isin(list(settings.representations))))
         n_profiles = dict(profiles.groupBy("representation").count().collect()) if settings.representations else {}
         embeddings = tables.read(spark, wh, "item_embeddings").filter(F.col("dataset") == settings.dataset)
+        if ALS in settings.representations:
+            check_als_factors(embeddings, settings.run_id)
     blocks: list[DataFrame] = []  # every representation's packed user and item blocks, persisted
     parts: list[DataFrame] = []
     for name in settings.all_representations:
@@ -269,7 +287,7 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
                      .select("user_id", "vector").join(seen, "user_id", "left"))
             items = (embeddings.filter(F.col("representation") == name).select("item_id", "vector")
                      .join(these, "item_id", "left_semi"))
-            scorer = topk_udfs.COSINE
+            scorer = scorers.vector_scorer(name)
             n_users = n_profiles.get(name, 0)
             run.count(f"users_without_profile_{name}", max(0, n_train_users - n_users))
             if n_users == 0:

@@ -24,6 +24,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+# The collaborative-filtering reference: Spark ML's implicit ALS, trained from the train
+# interactions by the ``profiles`` job (not embedded); its vectors are unnormalised factors
+# ranked by dot product. It is not a fusion part.
+ALS = "als"
+
 TITLE = "title"
 TEXT = "text"
 VISUAL = "visual"
@@ -122,6 +127,9 @@ def fusion_name(method: str, parts: Iterable[str]) -> str:
                 f"only ({ALLOWED_FORMS})"
             )
         canonical.append(parsed.name)
+    if ALS in canonical:
+        raise RepresentationError(f"fusion part {ALS!r} is a collaborative-filtering model, not an item content "
+                                  "representation: fuse content representations only")
     ordered = tuple(sorted(canonical))
     if len(set(ordered)) != len(ordered) or len(ordered) < 2:
         raise RepresentationError(
@@ -166,8 +174,11 @@ def parse_representation(name: str) -> Representation:
         except RepresentationError as err:
             raise RepresentationError(f"representation {name!r}: {err}") from None
         return Representation(kind=head, parts=parts)
+    if name == ALS:
+        return Representation(kind=ALS)
     raise RepresentationError(
-        f"representation {name!r} is not one of the allowed forms: {ALLOWED_FORMS}"
+        f"representation {name!r} is not one of the allowed forms: {ALLOWED_FORMS}, or {ALS!r} "
+        f"(the collaborative-filtering reference)"
     )
 
 
@@ -203,10 +214,13 @@ def validate_representations(
 
 
 def required_base_representations(names: Sequence[str]) -> list[str]:
-    """The non-fused representations that ``names`` need (fusion parts included), in order."""
+    """The non-fused representations that ``names`` need (fusion parts included), in order:
+    the ones ``embed`` encodes. ``als`` is not one (``profiles`` trains it from interactions)."""
     needed: list[str] = []
     for name in names:
         parsed = parse_representation(name)
+        if parsed.kind == ALS:
+            continue
         for base in parsed.parts if parsed.is_fusion else (parsed.name,):
             if base not in needed:
                 needed.append(base)

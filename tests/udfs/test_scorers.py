@@ -92,3 +92,14 @@ def test_pair_topk_over_every_scorer_equals_a_full_sort(name, seed):
         have = [i for i in got_ids[row] if i is not None]
         assert have == want, (name, row)
         np.testing.assert_allclose(got_scores[row, :len(want)], [-s for s, _ in ranked[:k]], rtol=1e-6)
+
+
+def test_als_factors_are_ranked_by_dot_and_content_vectors_by_cosine():
+    assert scorers.vector_scorer("als") == "dot"
+    assert {scorers.vector_scorer(n) for n in ("title", "visual", "naive", "lvlm:tags:m:p")} == {"cosine"}
+    # On unnormalised factors the two orders differ: a long item vector wins the dot product.
+    user, items = np.array([[1.0, 0.0]]), np.array([[3.0, 3.0], [1.0, 0.1]])
+    ids = np.array(["long", "aligned"])
+    dot = scorers.make_scorer("dot").scores(np.array(["u"]), user, ids, items)
+    cosine = scorers.make_scorer("cosine").scores(np.array(["u"]), user, ids, items / np.linalg.norm(items, axis=1)[:, None])
+    assert ids[dot[0].argmax()] == "long" and ids[cosine[0].argmax()] == "aligned"

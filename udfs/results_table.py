@@ -1,0 +1,129 @@
+"""The printed results table: the paper's rows in the paper's order, with CIs and the paired
+differences against the text-grounded representation (``lvlm``).
+
+Row order (``paper_order``), rows that the run has only:
+
+1. ``lvlm:...`` (text-only from the descriptions; several caption engines in the run's order),
+2. ``title`` (title only), 3. ``visual`` (vision only),
+4. title + vision with each fusion method in ``FUSION_METHODS`` order, then lvlm + vision the
+   same way (for each lvlm representation),
+5. ``als``, ``popularity``, ``random`` (the references),
+6. every other representation (``text``, fusions of other parts...), sorted by name.
+
+The formatting takes plain rows (dicts or Spark ``Row``s) of the ``metrics`` and ``comparisons``
+tables, so ``evaluate`` and anyone reading the tables print the same thing.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from udfs.metrics import METRICS
+from udfs.representations import ALS, LVLM, TITLE, VISUAL, RepresentationError, parse_representation
+
+# The paper's fusion columns, in its table's order.
+FUSION_METHODS = ("naive", "concat", "attention", "gating", "crossmodal", "smore")
+REFERENCES = (ALS, "popularity", "random")
+
+
+def _parsed(name: str):
+    try:
+        return parse_representation(name)
+    except RepresentationError:  # a baseline name, or one this version does not know
+        return None
+
+
+def paper_order(names: Iterable[str]) -> list[str]:
+    """``names`` (each once) in the paper's row order (see the module doc)."""
+    names = list(dict.fromkeys(names))
+    parsed = {n: _parsed(n) for n in names}
+    lvlms = [n for n in names if parsed[n] is not None and parsed[n].kind == LVLM]
+    order = lvlms + [n for n in (TITLE, VISUAL) if n in parsed]
+    for text in [TITLE, *lvlms]:
+        for method in FUSION_METHODS:
+            order += [n for n in names if parsed[n] is not None and parsed[n].kind == method
+                      and set(parsed[n].parts) == {text, VISUAL}]
+    order += [n for n in REFERENCES if n in parsed]
+    placed = set(order)
+    return order + sorted(n for n in names if n not in placed)
+
+
+def _get(row, key):
+    return row[key]
+
+
+def metrics_block(rows: Iterable[Mapping], order: Sequence[str], ks: Sequence[int]) -> list[str]:
+    """One block per K: a row per representation, each metric as ``mean [ci_low,ci_high]``."""
+    by_key = {(_get(r, "representation"), _get(r, "metric"), int(_get(r, "k"))): r for r in rows}
+    width = max([len(r) for r in order] + [len("representation")])
+    lines = []
+    for k in ks:
+        header = f"{'representation':<{width}}  {'n_users':>7}  " + "  ".join(f"{f'{m}@{k}':^22}" for m in METRICS)
+        lines += [header, "-" * len(header)]
+        for rep in order:
+            cells, n_users = [], 0
+            for metric in METRICS:
+                row = by_key.get((rep, metric, k))
+                if row is None:
+                    cells.append(f"{'-':^22}")
+                    continue
+                n_users = _get(row, "n_users")
+                cells.append(f"{_get(row, 'value'):.4f} [{_get(row, 'ci_low'):.4f},{_get(row, 'ci_high'):.4f}]")
+            lines.append(f"{rep:<{width}}  {n_users:>7}  " + "  ".join(cells))
+        lines.append("")
+    return lines
+
+
+def differences_against(rows: Iterable[Mapping], reference: str) -> dict[tuple[str, str, int], tuple]:
+    """(representation, metric, k) -> (mean_diff, ci_low, ci_high, p_holm) of representation
+    minus ``reference``, from ``comparisons`` rows stored in either orientation."""
+    out = {}
+    for row in rows:
+        a, b = _get(row, "representation_a"), _get(row, "representation_b")
+        key_metric, k = _get(row, "metric"), int(_get(row, "k"))
+        diff, low, high, p = (_get(row, c) for c in ("mean_diff", "ci_low", "ci_high", "p_holm"))
+        if b == reference:
+            out[(a, key_metric, k)] = (diff, low, high, p)
+        elif a == reference:
+            out[(b, key_metric, k)] = (-diff, -high, -low, p)
+    return out
+
+
+def _p(value) -> str:
+    """A p-value, or 'n/a' where the test had nothing to rank (every paired difference zero)."""
+    return "n/a" if value is None or value != value else f"{value:.3g}"
+
+
+def comparisons_block(rows: Iterable[Mapping], order: Sequence[str], ks: Sequence[int],
+                      reference: str) -> list[str]:
+    """Per K, each representation minus ``reference``, paired over the users both were
+    evaluated on: ``mean [ci_low,ci_high] p`` per metric (p: Wilcoxon, Holm-corrected)."""
+    diffs = differences_against(rows, reference)
+    others = [r for r in order if r != reference]
+    width = max([len(r) for r in others] + [len("representation")])
+    lines = [f"paired differences against {reference} (representation - {reference}; mean [95% CI] Holm p):"]
+    for k in ks:
+        header = f"{'representation':<{width}}  " + "  ".join(f"{f'{m}@{k}':^33}" for m in METRICS)
+        lines += [header, "-" * len(header)]
+        for rep in others:
+            cells = []
+            for metric in METRICS:
+                found = diffs.get((rep, metric, k))
+                cells.append(f"{'-':^33}" if found is None else
+                             f"{found[0]:+.4f} [{found[1]:+.4f},{found[2]:+.4f}] {_p(found[3])}".ljust(33))
+            lines.append(f"{rep:<{width}}  " + "  ".join(cells))
+        lines.append("")
+    return lines
+
+
+def results_table(metric_rows: Iterable[Mapping], comparison_rows: Iterable[Mapping], names: Iterable[str],
+                  ks: Sequence[int]) -> str:
+    """The metrics of ``names`` in the paper's order, then their paired differences against the
+    first ``lvlm`` representation (when the run has one)."""
+    order = paper_order(names)
+    lines = metrics_block(list(metric_rows), order, ks)
+    reference = next((n for n in order if n.startswith(f"{LVLM}:")), None)
+    if reference is None:
+        lines.append("no lvlm representation in this run: no paired differences against it")
+    elif len(order) > 1:
+        lines += comparisons_block(list(comparison_rows), order, ks, reference)
+    return "\n".join(lines)
