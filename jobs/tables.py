@@ -204,6 +204,11 @@ _CONFLICTS = ("ConcurrentAppendException", "ConcurrentDeleteReadException",
 
 
 def table_path(warehouse: str | Path, name: str) -> str:
+    """``{warehouse}/{name}``; a URI warehouse (``s3a://bucket/w``) stays a URI."""
+    from udfs.storage import is_uri, join
+
+    if is_uri(str(warehouse)):
+        return join(str(warehouse), name)
     return str(Path(warehouse) / name)
 
 

@@ -20,7 +20,9 @@ def pytest_configure(config):
                          ("gpu", "needs a CUDA GPU"),
                          ("spark", "starts the shared Spark session"),
                          ("ray", "starts Ray"),
-                         ("faults", "kills jobs, runs them at once, or feeds them crafted input")):
+                         ("faults", "kills jobs, runs them at once, or feeds them crafted input"),
+                         ("cluster", "starts a Spark standalone master + worker, a 2-node Ray cluster and an S3 "
+                                     "server on 127.0.0.1 (tests/local_cluster.py)")):
         config.addinivalue_line("markers", f"{marker}: {text}")
 
 

@@ -99,12 +99,12 @@ def is_permanent_error(error: str | None) -> bool:
 def read_checked(uri: str, expected_sha256: str, limits: Any = None) -> tuple[bytes | None, str | None]:
     """``(bytes, None)`` of one item's image file, read within ``limits`` (a
     ``udfs.images.ReadLimits``) and still hashing to ``expected_sha256``, or ``(None, error text)``."""
-    from udfs.images import ImageError, load_image, local_path, read_image_file, sha256_bytes
+    from udfs.images import ImageError, load_image, read_image_file, readable_source, sha256_bytes
 
-    path = local_path(str(uri))
+    path = readable_source(str(uri))
     if path is None:
-        return None, error_text(REMOTE, f"image '{uri}' is remote: the caption job reads local or "
-                                        "mounted files only; mount the bucket or copy the images")
+        return None, error_text(REMOTE, f"image '{uri}' is remote: the caption job reads local files and "
+                                        "object stores (s3a://, gs://, abfss://, hdfs://); copy the images to one")
     try:
         data = read_image_file(path, limits, name=str(uri))
     except ImageError as exc:
@@ -164,10 +164,12 @@ class CaptionActor:
 
     def __init__(self, engine: str, model: str, prompt: str, batch_size: int, max_new_tokens: int,
                  options: Mapping[str, Any] | None = None, torch_threads: int = 0,
-                 expected_prompt_id: str | None = None):
+                 expected_prompt_id: str | None = None, max_torch_threads: int = 0):
         self.spec = dict(name=engine, model=model, prompt=prompt, batch_size=batch_size,
                          max_new_tokens=max_new_tokens, options=dict(options or {}))
-        self.torch_threads = torch_threads
+        # Explicit, or this node's own cores up to the driver's share (``max_torch_threads``):
+        # on a cluster the nodes differ, and the driver sees only the cluster's total.
+        self.torch_threads = torch_threads or (min(max_torch_threads, node_cpus()) if max_torch_threads else 0)
         self.expected_prompt_id = expected_prompt_id
         self._engine = None
 
@@ -216,6 +218,14 @@ class CaptionActor:
                           status=[OK if e is None else ERROR for e in errors])
 
 
+def node_cpus() -> int:
+    """The cores this process may run on, on the node it runs on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _text_or_none(value: Any) -> str | None:
     # Arrow round trips turn a null string into None, NaN or pd.NA depending on the column's type.
     if value is None or (not isinstance(value, (str, bytes)) and pd.isna(value)):
@@ -245,19 +255,17 @@ def description_table(batch: pd.DataFrame, engine: str, model: str, prompt_id: s
     return pa.Table.from_pydict(columns, schema=STAGING_SCHEMA)
 
 
-def write_atomically(table: pa.Table, folder: str | Path) -> Path:
-    """Write ``table`` as one Parquet file in ``folder``: a temporary name, then a rename, so that
-    a ``part-*.parquet`` file is always complete (a killed writer leaves only a ``.tmp-`` file)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"{uuid.uuid4().hex}.parquet"
-    temporary = folder / f"{TEMP_FILE_PREFIX}{name}"
-    final = folder / f"{STAGED_FILE_PREFIX}{name}"
-    with open(temporary, "wb") as sink:
-        pq.write_table(table, sink)
-        sink.flush()
-        os.fsync(sink.fileno())
-    os.replace(temporary, final)
+def write_atomically(table: pa.Table, folder: str | Path) -> str:
+    """Write ``table`` as one Parquet file in ``folder`` (a local path or an object-store URI),
+    so that a ``part-*.parquet`` file is always complete: locally a temporary name, then a rename
+    (a killed writer leaves only a ``.tmp-`` file); on an object store one upload, which becomes
+    visible only when complete."""
+    from udfs import storage
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    final = storage.join(str(folder), f"{STAGED_FILE_PREFIX}{uuid.uuid4().hex}.parquet")
+    storage.write_bytes(final, sink.getvalue().to_pybytes())
     return final
 
 

@@ -112,9 +112,9 @@ def local_image_path(uri: object) -> tuple[str | None, str | None]:
     """``(path, None)`` for a local image reference, ``(None, status)`` when there is none."""
     if _is_blank(uri):
         return None, NO_IMAGE
-    from udfs.images import local_path
+    from udfs.images import readable_source
 
-    path = local_path(str(uri))
+    path = readable_source(str(uri))
     return (None, REMOTE_IMAGE) if path is None else (path, None)
 
 
@@ -126,7 +126,7 @@ def image_vector_batches(
 
     Images are decoded ``batch_size`` at a time (never a whole Arrow batch in memory). A missing,
     truncated or otherwise unreadable file gets the ``ImageError.kind`` as status and is logged
-    with its reason; a remote URI gets ``remote_uri`` (only local files are read here).
+    with its reason; an ``http(s)://`` URI gets ``remote_uri`` (local files and object stores are read).
     """
     from udfs.image_encoder import encode_images
     from udfs.images import ImageError, load_image

@@ -19,7 +19,10 @@ Read policy (``read_image_file``, the one reader of image files for ingest and c
 regular file is read (a FIFO, a device such as ``/dev/zero``, a directory or a socket is refused
 without reading), a file above ``ReadLimits.max_bytes`` is refused from its size alone and never
 more than ``max_bytes + 1`` bytes are read, and a read that takes longer than
-``ReadLimits.timeout_s`` (a dead network mount) returns a ``timeout`` error to the caller. No
+``ReadLimits.timeout_s`` (a dead network mount) returns a ``timeout`` error to the caller. An
+object-store image (``s3a://...``, ``udfs.storage``) is read with the same limits, its size taken
+from the object's metadata; it is not confined to a local images root (the job's credentials
+decide what it may read). No
 error message ever quotes the file's content: a data file must not be able to copy another file
 into the ``rejects`` table.
 
@@ -47,6 +50,8 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from udfs.storage import is_object_store
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +184,8 @@ def _read_bounded(path: str, name: str, limits: ReadLimits, deadline: float, ima
     """The reader thread's work: confine the path, open it without blocking, check the open file,
     read within limits. Resolving the path stats every folder on it, which a dead mount hangs
     as surely as a read: it runs here, under the same timeout."""
+    if is_object_store(path):
+        return _read_object(path, name, limits, deadline)
     if confine:
         path = resolve_under(path, images_root, name=name)
     try:
@@ -229,6 +236,44 @@ def _read_bounded(path: str, name: str, limits: ReadLimits, deadline: float, ima
     return b"".join(chunks)
 
 
+def _read_object(uri: str, name: str, limits: ReadLimits, deadline: float) -> bytes:
+    """An object-store image (``s3://``, ``s3a://``, ``gs://``, ``abfss://``, ``hdfs://``) read
+    within the same limits as a file: its size checked from its metadata first, never more than
+    ``max_bytes + 1`` bytes read, the deadline checked between chunks."""
+    from pyarrow import fs as pafs
+
+    from udfs import storage
+
+    try:
+        store, key = storage.filesystem(uri)
+        info = store.get_file_info(key)
+        if info.type == pafs.FileType.NotFound:
+            raise ImageError("missing", f"image '{name}' does not exist: check the URI or upload the object")
+        if info.type != pafs.FileType.File:
+            raise ImageError("not_regular", f"image '{name}' is a folder (a prefix), not an object: point "
+                                            "image_uri at the image object itself")
+        if info.size is not None and info.size > limits.max_bytes:
+            raise _too_big(name, f"{info.size:,}", limits.max_bytes)
+        chunks: list[bytes] = []
+        total, limit = 0, limits.max_bytes + 1
+        with store.open_input_stream(key) as stream:
+            while total < limit:
+                if time.monotonic() > deadline:
+                    raise _timed_out(name, limits.timeout_s)
+                chunk = stream.read(min(_READ_CHUNK, limit - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+    except ImageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a store error becomes a reason that names the fix
+        raise ImageError("unreadable", f"image {storage.describe_failure(name, e)}") from e
+    if total > limits.max_bytes:
+        raise _too_big(name, f"more than {limits.max_bytes:,}", limits.max_bytes)
+    return b"".join(chunks)
+
+
 def read_image_file(path: str | Path, limits: ReadLimits | None = None, name: str | None = None, *,
                     images_root: str | None = None, confine: bool = False) -> bytes:
     """The bytes of an image file, read within ``limits``; raises ``ImageError`` (missing,
@@ -266,6 +311,16 @@ def local_path(uri: str) -> str | None:
     if uri.startswith("file://"):
         return uri[len("file://"):]
     return None if _URI_SCHEME.match(uri) else uri
+
+
+def readable_source(uri: str) -> str | None:
+    """What ``read_image_file`` reads for an ``image_uri``: the local path (``local_path``), the
+    object-store URI itself (``s3://``, ``s3a://``, ``gs://``, ``abfss://``, ``hdfs://``), or
+    ``None`` for a reference no reader here fetches (``http://``, ``ftp://``)."""
+    path = local_path(uri)
+    if path is not None:
+        return path
+    return uri if is_object_store(uri) else None
 
 
 def resolve_under(path: str, root: str | None, allow_outside_root: bool = False, name: str | None = None) -> str:

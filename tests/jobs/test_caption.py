@@ -272,7 +272,7 @@ def test_image_loading_names_the_reason_and_checks_the_hash(tmp_path):
     assert cu.error_kind(error) == "truncated" and cu.is_permanent_error(error) and "a.png" in error
     _, error = cu.load_one(str(tmp_path / "gone.png"), "0" * 64, max_side=448)
     assert cu.error_kind(error) == "missing" and not cu.is_permanent_error(error)
-    _, error = cu.load_one("s3://bucket/x.jpg", "0" * 64, max_side=448)
+    _, error = cu.load_one("https://example.com/x.jpg", "0" * 64, max_side=448)
     assert cu.error_kind(error) == "remote_uri"
     assert cu.is_permanent_error("empty: image 'x' is empty") and not cu.is_permanent_error("engine: boom")
     assert cu.error_kind(None) is None and not cu.is_permanent_error(None)
@@ -306,6 +306,6 @@ def test_only_folders_of_dead_runs_are_claimed_and_each_by_one_run(tmp_path):
     (root / "dead-run" / caption.OWNER_FILE).write_text(json.dumps({**owner, "pid": dead_pid}))
     caption.write_owner(root / "live-run", "live-run")  # this process: alive
     claimed = caption.claim_dead_folders(root, "me")
-    assert [p.name for p in claimed] == ["dead-run.adopted-by-me"]
+    assert [Path(p).name for p in claimed] == ["dead-run.adopted-by-me"]
     assert caption.claim_dead_folders(root, "other") == []  # the claimer (this process) is alive
     assert sorted(p.name for p in root.iterdir()) == ["dead-run.adopted-by-me", "live-run"]

@@ -56,3 +56,21 @@ def test_ray_workers_get_the_worker_env_locally_and_on_a_cluster():
     cluster = init_kwargs(RayConf(address="auto", worker_env={"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": ""}))
     assert cluster["runtime_env"]["env_vars"]["MALLOC_MMAP_MAX_"] == "0"
     assert "MALLOC_TRIM_THRESHOLD_" not in cluster["runtime_env"]["env_vars"]  # empty: left unset
+
+
+def test_a_refused_token_is_reported_as_such_with_the_fix():
+    from ray.exceptions import AuthenticationError
+
+    from jobs.ray_session import connection_failure
+
+    try:
+        try:
+            raise AuthenticationError("InvalidAuthToken: the token does not match the cluster's")
+        except AuthenticationError as inner:
+            raise ConnectionError("Failed to connect to GCS") from inner
+    except ConnectionError as exc:
+        message = connection_failure("127.0.0.1:6379", exc)
+    assert "refused this driver's authentication" in message and "RAY_AUTH_MODE=token" in message
+    assert "RAY_AUTH_TOKEN" in message and "127.0.0.1:6379" in message
+    other = connection_failure("10.0.0.9:6379", ConnectionError("timed out"))
+    assert "ConnectionError: timed out" in other and "ray status" in other

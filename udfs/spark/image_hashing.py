@@ -3,8 +3,9 @@
 Local paths are confined to the dataset's images root (``udfs.images.resolve_under``: symbolic
 links and ``..`` resolved; a path outside is rejected without being opened, unless
 ``allow_outside_root``; the resolved path is the one opened), then read within ``ReadLimits``, fully decoded (so a truncated file is
-caught here, not in the caption job) and hashed; remote URIs (``http://``, ``s3://``) are left
-for the caption job to fetch and get no hash yet.
+caught here, not in the caption job) and hashed; object-store URIs (``s3a://``, ``gs://``...)
+are read and hashed the same way through ``udfs.storage``, not confined to the local root;
+other remote URIs (``http://``) get no hash.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Iterator
 
 import pandas as pd
 
-from udfs.images import ReadLimits, check_image, local_path
+from udfs.images import ReadLimits, check_image, readable_source
 
 
 def _check_batches(batches: Iterator[pd.DataFrame], images_root: str | None, limits: ReadLimits,
@@ -24,7 +25,7 @@ def _check_batches(batches: Iterator[pd.DataFrame], images_root: str | None, lim
             if uri is None or (isinstance(uri, float) and pd.isna(uri)) or uri == "":
                 hashes.append(None)
                 errors.append(None)
-            elif (path := local_path(str(uri))) is None:  # remote: hashed when the caption job fetches it
+            elif (path := readable_source(str(uri))) is None:  # http(s): hashed when something fetches it
                 hashes.append(None)
                 errors.append(None)
             else:
