@@ -16,7 +16,10 @@ For the configured dataset and ``experiment.caption`` (engine, model, prompt):
    pool of ``caption.num_workers`` engines describes them (``describe_isolated``: a failing
    image fails alone); I/O tasks write each batch to one Parquet file in
    ``{warehouse}/_staging/descriptions/{run_id}/``, under a temporary name renamed into place.
-   The ``vllm`` engine runs Ray's own vLLM integration instead of the actor pool.
+   The ``vllm`` engine runs Ray's own vLLM integration instead of the actor pool. The ``openai``
+   engine's actors send HTTP requests to the servers of ``experiment.caption.openai``, checked
+   before Ray starts: when none answers the job exits 4 (``EXIT_SERVER_DOWN``), naming the URLs
+   (docs/CAPTION_SERVERS.md).
 4. Spark merges the staged files into ``descriptions`` (``MERGE`` on the key; an error row
    never replaces an ok row, an older row never replaces a newer one), then removes the folder.
 
@@ -29,7 +32,9 @@ plan, ``MERGE`` retries on Delta conflicts, and every key ends with one row.
 
 Counts: ``items``, ``skipped_no_image``, ``images`` (distinct hashes), ``shared_image_items``,
 ``cached`` (= ``cached_ok`` + ``cached_errors``), ``retried``, ``to_describe``, ``described``,
-``failed`` (and ``failed_<kind>``), ``adopted_rows`` (from killed runs), ``staged_files``.
+``failed`` (and ``failed_<kind>``), ``adopted_rows`` (from killed runs), ``staged_files``;
+with the ``openai`` engine also ``prompt_tokens``, ``completion_tokens`` (the servers' usage),
+``described_after_retry``, ``retries`` and ``retries_<kind>``.
 The job prints the representation name the ``embed`` job uses for these descriptions.
 
 The job's settings in ``experiment.caption`` (``jobs.config.CaptionConf``): ``actor_num_cpus``
@@ -52,6 +57,7 @@ if not __package__:  # run as a file (`spark-submit jobs/<job>.py`): see jobs/_a
     from _as_package import PACKAGE as __package__
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -83,6 +89,8 @@ OWNER_FILE = "_OWNER.json"
 ADOPTED_MARK = ".adopted-by-"
 # A staging folder of another host whose owner is silent this long belongs to a dead run.
 FOREIGN_STALE_SECONDS = 24 * 3600
+# The ``openai`` engine's server does not answer (the job's other exit codes: jobs.job_run).
+EXIT_SERVER_DOWN = 4
 
 
 class EngineUnavailable(ImportError):
@@ -142,6 +150,13 @@ def caption_spec(conf: CaptionConf) -> CaptionSpec:
 
 def check_engine_installed(engine: str) -> None:
     """Raise ``EngineUnavailable`` with the install command when the engine cannot run here."""
+    if engine == "openai":
+        import importlib.util
+
+        if importlib.util.find_spec("aiohttp") is None:
+            raise EngineUnavailable("caption engine 'openai' needs aiohttp, which is not installed: "
+                                    "pip install aiohttp (a dependency of vlm4rec: reinstall it)")
+        return
     if engine != "vllm":
         return
     from udfs.caption.vllm_engine import ray_data_llm, require_vllm
@@ -325,6 +340,9 @@ def _actor_resources(ray: Any, spec: CaptionSpec) -> tuple[float, float, int]:
     """(num_cpus, num_gpus, torch threads) per engine actor."""
     resources = ray.cluster_resources()
     cpus, gpus = float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
+    if spec.engine == "openai":
+        # Waiting on HTTP: a quarter core per actor (JPEG encoding), no torch at all.
+        return (spec.conf.actor_num_cpus or 0.25), 0.0, 0
     device = str(spec.engine_options.get("device", "auto"))
     use_gpu = spec.engine == "hf" and gpus >= 1 and device != "cpu"
     if spec.conf.actor_num_cpus is not None:
@@ -364,13 +382,24 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: str,
             cu.CaptionActor,
             fn_constructor_kwargs=dict(engine=spec.engine, model=spec.model, prompt=spec.prompt,
                                        batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens,
-                                       options=spec.engine_options, torch_threads=spec.conf.torch_threads,
+                                       options=spec.engine_options,
+                                       torch_threads=spec.conf.torch_threads if threads else 0,
                                        max_torch_threads=threads, expected_prompt_id=spec.prompt_id),
-            compute=ray.data.ActorPoolStrategy(size=spec.num_workers),
+            compute=actor_pool(ray, spec),
             batch_size=spec.batch_size, batch_format="pandas", num_cpus=actor_cpus, num_gpus=actor_gpus)
     ds = ds.map_batches(cu.write_staging, fn_kwargs=write_kwargs, batch_size=per_file,
                         batch_format="pandas", num_cpus=0.25)
     return ds.take_all()
+
+
+def actor_pool(ray: Any, spec: CaptionSpec) -> Any:
+    """The engine actors. An ``openai`` actor takes a second batch while the first is in flight
+    (two calls on two threads sharing the engine's event loop and its ``max_concurrency``), so
+    that its servers never wait for Ray to hand over the next batch."""
+    if spec.engine == "openai":
+        return ray.data.ActorPoolStrategy(size=spec.num_workers, max_concurrent_calls_per_actor=2,
+                                          enable_true_multi_threading=True)
+    return ray.data.ActorPoolStrategy(size=spec.num_workers)
 
 
 def describe_with_vllm(ds: Any, spec: CaptionSpec, limits: ReadLimits | None = None) -> Any:
@@ -411,6 +440,8 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
              config.dataset.name, " (forced)" if spec.force else "")
     adopt_dead_runs(run)
     todo = plan(run, spec)
+    if todo.num_rows and spec.engine == "openai":
+        spec = with_live_servers(spec)
     if todo.num_rows:
         folder = storage.join(staging_root(run.warehouse), run.run_id)
         write_owner(folder, run.run_id)
@@ -433,6 +464,8 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
         for summary in summaries:
             for kind, n in json.loads(summary["error_kinds"]).items():
                 run.count(f"failed_{kind}", n)
+        if spec.engine == "openai":
+            count_requests(run, summaries)
         log.info("described %d images in %.1f s (%.2f images/s)", todo.num_rows, seconds,
                  todo.num_rows / max(seconds, 1e-9))
     else:
@@ -444,6 +477,32 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
     if usable == 0:
         raise NothingUsable(f"dataset '{config.dataset.name}': no image could be described; the errors "
                             f"are in the descriptions table (status = 'error')")
+
+
+def with_live_servers(spec: CaptionSpec) -> CaptionSpec:
+    """The spec with the ``openai`` servers that answer now (raises ``ServerUnavailable``, exit
+    4, when none does): a server that is down fails the job before any image is sent."""
+    from udfs.caption.openai_engine import check_servers
+
+    try:
+        live = check_servers(spec.engine_options, spec.model)
+    except ValueError as exc:
+        raise ConfigError(f"experiment.caption.openai: {exc}") from exc
+    return dataclasses.replace(spec, engine_options={**spec.engine_options, "base_urls": live})
+
+
+def count_requests(run: JobRun, summaries: list[dict[str, Any]]) -> None:
+    """The ``openai`` engine's cost and fault counts: tokens as the server reported them, images
+    described after a retry, and retries per fault kind (``retries_rate_limited``, ...)."""
+    for key in ("prompt_tokens", "completion_tokens", "described_after_retry"):
+        run.count(key, sum(int(s.get(key) or 0) for s in summaries))
+    retries: dict[str, int] = {}
+    for summary in summaries:
+        for kind, n in json.loads(summary.get("retries") or "{}").items():
+            retries[kind] = retries.get(kind, 0) + n
+    run.count("retries", sum(retries.values()))
+    for kind, n in sorted(retries.items()):
+        run.count(f"retries_{kind}", n)
 
 
 def _salvage(run: JobRun, folder: str) -> None:
@@ -480,12 +539,18 @@ def unavailable_engine(argv: list[str] | None) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from udfs.caption.openai_engine import ServerUnavailable
+
     argv = list(sys.argv[1:] if argv is None else argv)
     missing = unavailable_engine(argv)
     if missing:
         print(f"vlm4rec caption: {missing}", file=sys.stderr)
         return EXIT_INSTALL
-    return run_job("caption", __doc__.splitlines()[0], caption, argv, add_arguments=add_arguments)
+    try:
+        return run_job("caption", __doc__.splitlines()[0], caption, argv, add_arguments=add_arguments)
+    except ServerUnavailable as exc:
+        print(f"vlm4rec caption: {exc}", file=sys.stderr)
+        return EXIT_SERVER_DOWN
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ class DatasetConf:
     images: ImagesConf = field(default_factory=ImagesConf)
 
 
-CAPTION_ENGINES = ("tags", "hf", "vllm")
+CAPTION_ENGINES = ("tags", "hf", "vllm", "openai")
 # The evaluation protocol's names live once, in udfs.protocol; the typed config checks against them.
 from udfs.protocol import ALL, CANDIDATE_POLICIES, COMMON, EXCLUDABLE_SPLITS  # noqa: E402,F401
 
@@ -181,8 +181,40 @@ class VllmEngineConf:
 
 
 @dataclass
+class OpenaiEngineConf:
+    """``experiment.caption.openai``: the ``openai`` engine's options (``udfs.caption.openai_engine.OPTIONS``).
+    The model is ``experiment.caption.model`` (the served name) and ``max_tokens`` is
+    ``experiment.caption.max_new_tokens``; ``max_concurrency`` and ``qps`` hold per engine actor
+    (``experiment.caption.num_workers`` of them)."""
+
+    base_url: str = "http://127.0.0.1:8000"  # an address (/v1 is added) or an API root with its path
+    base_urls: list[str] = field(default_factory=list)  # several servers, balanced (replaces base_url)
+    api_key_env: str | None = None  # the NAME of the environment variable holding the key
+    temperature: float = 0.0  # 0: reproducible descriptions, as the cache assumes
+    timeout_s: float = 120.0  # per request
+    max_concurrency: int = 8  # requests in flight per actor
+    qps: float | None = None  # request starts per second per actor (None: no limit)
+    max_retries: int = 6  # per image, on connection errors, timeouts, 408, 429 and 5xx
+    backoff_s: float = 0.5  # first backoff; doubles per retry, full jitter
+    backoff_max_s: float = 30.0
+
+    def problems(self) -> dict[str, str | None]:
+        bad_urls = [u for u in [self.base_url, *self.base_urls] if not u.startswith(("http://", "https://"))]
+        return {
+            "base_url": f"must start with http:// or https://, got {bad_urls}" if bad_urls else None,
+            "timeout_s": None if self.timeout_s > 0 else f"must be > 0, got {self.timeout_s!r}",
+            "max_concurrency": _below(self.max_concurrency, 1),
+            "qps": None if self.qps is None or self.qps > 0 else f"must be > 0 (or null: no limit), got {self.qps!r}",
+            "max_retries": _below(self.max_retries, 0),
+            "backoff_s": _below(self.backoff_s, 0),
+            "backoff_max_s": _below(self.backoff_max_s, 0),
+            "temperature": _below(self.temperature, 0),
+        }
+
+
+@dataclass
 class CaptionConf:
-    engine: str = "tags"  # tags | hf | vllm
+    engine: str = "tags"  # tags | hf | vllm | openai
     model: str = ""
     prompt: str = PAPER_PROMPT
     batch_size: int = 16
@@ -199,6 +231,7 @@ class CaptionConf:
     tags: TagsEngineConf = field(default_factory=TagsEngineConf)
     hf: HfEngineConf = field(default_factory=HfEngineConf)
     vllm: VllmEngineConf = field(default_factory=VllmEngineConf)
+    openai: OpenaiEngineConf = field(default_factory=OpenaiEngineConf)
 
     def engine_options(self) -> dict[str, Any]:
         """The configured engine's section, as the engine's ``options`` mapping."""
@@ -511,7 +544,7 @@ MOVED_KEYS = {
 MOVED_MAPS = {
     "experiment.options": ("experiment.embed", "experiment.profiles", "experiment.topk"),
     "experiment.caption.options": ("experiment.caption", "experiment.caption.tags", "experiment.caption.hf",
-                                   "experiment.caption.vllm"),
+                                   "experiment.caption.vllm", "experiment.caption.openai"),
 }
 
 

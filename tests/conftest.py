@@ -22,7 +22,9 @@ def pytest_configure(config):
                          ("ray", "starts Ray"),
                          ("faults", "kills jobs, runs them at once, or feeds them crafted input"),
                          ("cluster", "starts a Spark standalone master + worker, a 2-node Ray cluster and an S3 "
-                                     "server on 127.0.0.1 (tests/local_cluster.py)")):
+                                     "server on 127.0.0.1 (tests/local_cluster.py)"),
+                         ("browser", "opens a page in the real headless Chromium (Debian's chromium)"),
+                         ("server", "starts the real llama.cpp caption server (tests/llama_server.py)")):
         config.addinivalue_line("markers", f"{marker}: {text}")
 
 
@@ -66,3 +68,39 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory):
+    """The real OpenAI-compatible llama.cpp server with a tiny random LLaVA, started once for
+    the run (about 2 s); tests that kill it start it again on the same port."""
+    from tests.llama_server import LlamaServer
+
+    server = LlamaServer(tmp_path_factory.mktemp("llama-server")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def synthetic_run(spark, tmp_path_factory):
+    """ONE pipeline run (every stage, the report included) on a small synthetic catalog with
+    captions, shared by the tests that read a finished run (pipeline, report, recommend, the
+    browser test). Read-only: a test that changes tables works on a copy of ``warehouse``."""
+    from types import SimpleNamespace
+
+    from pyspark.sql import functions as F
+
+    from jobs import pipeline
+    from udfs.synth import generate
+
+    root = tmp_path_factory.mktemp("synthetic-run")
+    data, warehouse = root / "synth", root / "warehouse"
+    generate(data, seed=5, n_items=30, n_users=20)
+    argv = ["--conf", "experiments/synthetic.yaml", "--set", f"warehouse={warehouse}",
+            "--set", f"dataset.paths.root={data}",
+            "--set", "experiment.representations=[lvlm, title, visual, naive:lvlm+visual]",
+            "--set", "spark.shuffle_partitions=2", "--set", "experiment.evaluate.bootstrap_samples=100"]
+    assert pipeline.main(argv) == 0
+    row = (spark.read.format("delta").load(f"{warehouse}/runs")
+           .filter((F.col("job") == "pipeline") & (F.col("status") == "succeeded")).first())
+    return SimpleNamespace(warehouse=warehouse, data=data, argv=argv, run_id=row.run_id, counts=dict(row.counts))

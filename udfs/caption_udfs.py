@@ -17,14 +17,21 @@ Every input row leaves as one ``descriptions`` row with ``status`` ``ok`` or ``e
 error's text is ``"<kind>: <reason>"``, where kind is one of ``udfs.images.ImageError.kind``
 (missing, empty, not_image, truncated, too_large, too_big, not_regular, timeout, unreadable),
 ``changed`` (the file's bytes no longer hash to the recorded ``image_sha256``: rerun
-``ingest``) or ``engine`` (the model raised). Files are read by ``udfs.images.read_image_file``
+``ingest``), ``engine`` (the model raised) or, for the ``openai`` engine, the request's fault
+(``connection``, ``timeout``, ``rate_limited``, ``server_error`` after its retries, ``rejected``
+for a 4xx, ``bad_response``). Files are read by ``udfs.images.read_image_file``
 within ``ReadLimits`` (``dataset.images``): a regular file only, at most ``max_bytes``, within
 ``read_timeout_s``.
 
 Retry policy (``is_permanent_error``): an error that the image bytes alone decide (empty,
 not_image, truncated, too_large) is final for that hash and counts as a cache hit; a changed
 or missing file, an unreadable one, a read refused or timed out (too_big, not_regular,
-timeout) and an engine error are retried by the next run.
+timeout), an engine error and every request fault (a 4xx included: it is usually the server's
+configuration, fixed before the next run) are retried by the next run.
+
+Besides the ``descriptions`` rows, each staged batch reports what it cost: ``prompt_tokens`` and
+``completion_tokens`` as the server counted them, ``described_after_retry`` (ok images whose
+requests failed first) and ``retries`` (``{fault kind: n}``), which the job adds to its counts.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ import datetime as dt
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections import Counter
@@ -58,7 +66,7 @@ PERMANENT_ERROR_KINDS = frozenset({"empty", "not_image", "truncated", "too_large
 
 # Longest side the engine needs. ``tags`` sees 224 px (and a 64 px colour thumbnail); LLaVA-NeXT
 # tiles at most 672 x 672 or 336 x 1344; ``None`` keeps the full image.
-ENGINE_MAX_SIDE: dict[str, int | None] = {"tags": 448, "hf": 1344, "vllm": None}
+ENGINE_MAX_SIDE: dict[str, int | None] = {"tags": 448, "hf": 1344, "vllm": None, "openai": 1344}
 
 # The staging files' schema: the ``descriptions`` contract in Arrow types.
 STAGING_SCHEMA = pa.schema([
@@ -172,9 +180,16 @@ class CaptionActor:
         self.torch_threads = torch_threads or (min(max_torch_threads, node_cpus()) if max_torch_threads else 0)
         self.expected_prompt_id = expected_prompt_id
         self._engine = None
+        # Ray may call an I/O-bound engine's actor from two threads (the openai engine overlaps
+        # batches so that its server never waits for the next one): build the engine once.
+        self._lock = threading.Lock()
 
     @property
     def engine(self):
+        with self._lock:
+            return self._build_engine()
+
+    def _build_engine(self):
         if self._engine is None:
             if self.torch_threads > 0:
                 import torch
@@ -199,6 +214,8 @@ class CaptionActor:
         n = len(batch)
         texts: list[str | None] = [None] * n
         tokens: list[int | None] = [None] * n
+        prompt_tokens: list[int | None] = [None] * n
+        retries: list[str] = [""] * n
         latency: list[float | None] = [None] * n
         errors = [_text_or_none(e) for e in batch["error"]]
         todo = [i for i in range(n) if errors[i] is None]
@@ -210,12 +227,17 @@ class CaptionActor:
             per_image_ms = (time.perf_counter() - started) * 1000.0 / len(todo)
             for i, result in zip(todo, results):
                 if isinstance(result, Exception):
-                    errors[i] = error_text(ENGINE, f"{type(result).__name__}: {result}")
+                    kind = getattr(result, "kind", None)
+                    errors[i] = (error_text(kind, str(result)) if kind
+                                 else error_text(ENGINE, f"{type(result).__name__}: {result}"))
+                    retries[i] = ",".join(getattr(result, "retries", ()))
                 else:
                     texts[i], tokens[i], latency[i] = result.text, result.n_tokens, per_image_ms
+                    prompt_tokens[i], retries[i] = result.prompt_tokens, ",".join(result.retries)
         out = batch.drop(columns=["pixels", "width", "height"])
         return out.assign(text=texts, n_tokens=tokens, latency_ms=latency, error=errors,
-                          status=[OK if e is None else ERROR for e in errors])
+                          status=[OK if e is None else ERROR for e in errors],
+                          prompt_tokens=pd.array(prompt_tokens, dtype="Int64"), retries=retries)
 
 
 def node_cpus() -> int:
@@ -272,16 +294,27 @@ def write_atomically(table: pa.Table, folder: str | Path) -> str:
 def write_staging(batch: pd.DataFrame, staging_dir: str, engine: str, model: str, prompt_id: str,
                   prompt: str) -> pd.DataFrame:
     """Ray stage 3: the batch's ``descriptions`` rows -> one staged file; returns one summary row
-    (file, ok, error, error_kinds as JSON ``{kind: n}``) for the driver's counts."""
+    (file, ok, error, error_kinds as JSON ``{kind: n}``, and the cost: prompt_tokens,
+    completion_tokens, described_after_retry, retries as JSON ``{fault kind: n}``) for the
+    driver's counts."""
     table = description_table(batch, engine, model, prompt_id, prompt)
     path = write_atomically(table, staging_dir)
     kinds = Counter(error_kind(_text_or_none(e)) for e in batch["error"])
     kinds.pop(None, None)
+    ok = batch["status"] == OK
+    # Only engines that report usage carry these columns (the vllm branch and load failures do not).
+    prompt_tokens = batch["prompt_tokens"] if "prompt_tokens" in batch else pd.Series([None] * len(batch))
+    retry_lists = [str(r).split(",") if _text_or_none(r) else [] for r in batch.get("retries", [None] * len(batch))]
+    reported = ok & prompt_tokens.notna().to_numpy()
     return pd.DataFrame({
         "file": [str(path)],
-        "ok": [int((batch["status"] == OK).sum())],
+        "ok": [int(ok.sum())],
         "error": [int((batch["status"] == ERROR).sum())],
         "error_kinds": [json.dumps(dict(kinds), sort_keys=True)],
+        "prompt_tokens": [int(pd.to_numeric(prompt_tokens[reported]).sum())],
+        "completion_tokens": [int(pd.to_numeric(batch["n_tokens"][reported]).sum())],
+        "described_after_retry": [int(sum(1 for r, o in zip(retry_lists, ok) if r and o))],
+        "retries": [json.dumps(dict(Counter(k for r in retry_lists for k in r)), sort_keys=True)],
     })
 
 

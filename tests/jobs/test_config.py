@@ -226,12 +226,13 @@ def test_typed_sections_have_todays_defaults():
 
 def test_each_engine_section_is_that_engines_options():
     """The engine gets its section as its options: same keys, same defaults as the engine's own."""
-    from udfs.caption import hf_engine, tags_engine, vllm_engine
+    from udfs.caption import hf_engine, openai_engine, tags_engine, vllm_engine
     from udfs.caption.engine import ENGINES
 
     caption = load_config().experiment.caption
-    assert set(ENGINES) == {"tags", "hf", "vllm"}
-    for name, module in (("tags", tags_engine), ("hf", hf_engine), ("vllm", vllm_engine)):
+    assert set(ENGINES) == {"tags", "hf", "vllm", "openai"}
+    for name, module in (("tags", tags_engine), ("hf", hf_engine), ("vllm", vllm_engine),
+                         ("openai", openai_engine)):
         assert dataclasses.asdict(getattr(caption, name)) == module.OPTIONS, name
     tuned = load_config(None, ["experiment.caption.engine=hf", "experiment.caption.hf.device=cpu"])
     assert tuned.experiment.caption.engine_options() == {**hf_engine.OPTIONS, "device": "cpu"}
@@ -249,7 +250,7 @@ def test_each_engine_section_is_that_engines_options():
     ("experiment.profiles.half_life_days=.inf", r"'experiment\.profiles\.half_life_days'.*positive number of days"),
     ("experiment.embed.text_batch_size=0", r"'experiment\.embed\.text_batch_size'.*>= 1"),
     ("experiment.embed.reuse_vectors=maybe", r"'experiment\.embed\.reuse_vectors'.*true or false"),
-    ("experiment.caption.engine=llava", r"'experiment\.caption\.engine'.*one of \['tags', 'hf', 'vllm'\]"),
+    ("experiment.caption.engine=llava", r"'experiment\.caption\.engine'.*one of \['tags', 'hf', 'vllm', 'openai'\]"),
     ("experiment.caption.rows_per_file=0", r"'experiment\.caption\.rows_per_file'.*>= 1"),
     ("experiment.caption.actor_num_cpus=0", r"'experiment\.caption\.actor_num_cpus'.*> 0"),
     ("experiment.caption.vllm.tensor_parallel_size=0", r"'experiment\.caption\.vllm\.tensor_parallel_size'.*>= 1"),

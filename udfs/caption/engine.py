@@ -1,17 +1,20 @@
 """The caption engine interface, the engine registry, and batch failure isolation.
 
-An engine turns a list of RGB images into one ``Caption`` per image, in order. Three engines:
+An engine turns a list of RGB images into one ``Caption`` per image, in order. Four engines:
 
 - ``tags``: EfficientNet-Lite0 ImageNet labels + dominant colour names (CPU, offline, CI);
 - ``hf``: any transformers image-text-to-text model (LLaVA and friends), one GPU or the CPU;
-- ``vllm``: vLLM, for production throughput (see ``vllm_engine`` for the Ray Data path).
+- ``vllm``: vLLM, for production throughput (see ``vllm_engine`` for the Ray Data path);
+- ``openai``: any OpenAI-compatible vision server over HTTP (``openai_engine``).
 
 ``make_engine`` imports an engine's module only when it is asked for, so that a CPU-only
 install never imports vLLM and ``tags`` never imports transformers.
 
 ``describe_isolated`` wraps ``engine.describe`` so that one bad image never costs its batch:
 a failed batch is retried once (transient errors), then split in halves recursively until the
-failing items stand alone; an out-of-memory error halves the batch straight away.
+failing items stand alone; an out-of-memory error halves the batch straight away. An engine
+whose requests are per image already (``isolates_failures``, the ``openai`` engine) returns one
+result per image from ``describe_each`` instead: nothing is sent twice.
 """
 from __future__ import annotations
 
@@ -35,21 +38,28 @@ ENGINES: dict[str, str] = {
     "tags": "udfs.caption.tags_engine:TagsEngine",
     "hf": "udfs.caption.hf_engine:HFEngine",
     "vllm": "udfs.caption.vllm_engine:VLLMEngine",
+    "openai": "udfs.caption.openai_engine:OpenAIEngine",
 }
 DEFAULT_MODELS: dict[str, str] = {
     "tags": "efficientnet-lite0",
     "hf": "llava-hf/llava-v1.6-mistral-7b-hf",
     "vllm": "llava-hf/llava-v1.6-mistral-7b-hf",
+    # The name `vllm serve llava-hf/llava-v1.6-mistral-7b-hf` serves it under.
+    "openai": "llava-hf/llava-v1.6-mistral-7b-hf",
 }
 
 
 @dataclass(frozen=True)
 class Caption:
     """One image description; ``n_tokens`` is the engine's own length unit (generated tokens
-    for the VLM engines, words for ``tags``)."""
+    for the VLM engines, words for ``tags``; ``None`` when a server reports no usage).
+    ``prompt_tokens`` (servers that report it) and ``retries`` (the fault kinds of the requests
+    that failed before this one succeeded) feed the job's cost and fault counts."""
 
     text: str
-    n_tokens: int
+    n_tokens: int | None
+    prompt_tokens: int | None = None
+    retries: tuple[str, ...] = ()
 
 
 class CaptionEngineError(RuntimeError):
@@ -61,6 +71,8 @@ class CaptionEngine(abc.ABC):
     together with the image hash, so they must change whenever the output would."""
 
     name: str = ""
+    # True when ``describe_each`` already isolates failures per image (see the module docstring).
+    isolates_failures: bool = False
 
     def __init__(
         self,
@@ -126,7 +138,7 @@ def make_engine(
     max_new_tokens: int = 128,
     options: Mapping[str, Any] | None = None,
 ) -> CaptionEngine:
-    """Build the engine registered as ``name`` ("tags", "hf", "vllm"); ``model=None`` takes the
+    """Build the engine registered as ``name`` ("tags", "hf", "vllm", "openai"); ``model=None`` takes the
     engine's default model; ``options`` are engine-specific (see each engine's ``OPTIONS``)."""
     if name not in ENGINES:
         raise ValueError(f"unknown caption engine {name!r}: choose one of {sorted(ENGINES)}")
@@ -175,6 +187,12 @@ def describe_isolated(
     error halves the batch without a retry. A batch of n images with one bad image costs about
     2 + 2*log2(n) engine calls.
     """
+    if engine.isolates_failures:
+        results = list(engine.describe_each(images))  # type: ignore[attr-defined]
+        if len(results) != len(images):
+            raise CaptionEngineError(
+                f"caption engine {engine.name!r} returned {len(results)} results for {len(images)} images")
+        return results
     results: list[Caption | Exception | None] = [None] * len(images)
     _describe_span(engine, list(images), list(range(len(images))), results, retry=True)
     return results  # type: ignore[return-value]

@@ -1,7 +1,11 @@
 """The ``vllm`` caption engine: production captioning with vLLM, through Ray's own integration.
 
 Importable without vLLM: vLLM is imported inside the functions that need it, and a missing
-install fails with one clear message (``pip install 'vlm4rec[gpu]'``).
+install fails with one clear message (``pip install 'vlm4rec[gpu]'``). Ray and vLLM are pinned
+together (``RAY_VERSION``, ``VLLM_VERSION``: the vLLM release ``ray[llm]==2.60.0`` itself
+requires); the multimodal stage's configuration changed across Ray releases (a dict with
+``chat_template_content_format`` since the typed stage configs), so another vLLM or Ray fails
+at once with both versions and the install command, not deep inside a Ray worker.
 
 Two entry points:
 - ``build_vllm_processor(...)`` returns ``caption(ds) -> ds`` for a Ray Dataset. It is built on
@@ -50,6 +54,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = DEFAULT_MODELS["vllm"]
 INSTALL_HINT = "pip install 'vlm4rec[gpu]'"
+# ray[llm]==2.60.0 requires vllm[audio]==0.29.0; vlm4rec[gpu] pins both (setup.py).
+RAY_VERSION, VLLM_VERSION = "2.60.0", "0.29.0"
 OPTIONS: dict[str, Any] = {
     "tensor_parallel_size": 1,
     "max_model_len": None,
@@ -62,9 +68,29 @@ _MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": 
 
 
 def require_vllm() -> None:
-    """Raise a clear ImportError when vLLM is not installed."""
+    """Raise a clear ImportError when vLLM is not installed, or not the release Ray's
+    integration was built for."""
     if importlib.util.find_spec("vllm") is None:
         raise ImportError(f"caption engine 'vllm' needs vLLM, which is not installed: {INSTALL_HINT} on every GPU node")
+    check_versions(installed_version("ray"), installed_version("vllm"))
+
+
+def installed_version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def check_versions(ray_version: str | None, vllm_version: str | None) -> None:
+    """Raise ImportError naming both versions unless they are the pinned pair."""
+    if (ray_version, vllm_version) != (RAY_VERSION, VLLM_VERSION):
+        raise ImportError(
+            f"caption engine 'vllm' runs Ray {RAY_VERSION} with vLLM {VLLM_VERSION} (the release "
+            f"ray.data.llm {RAY_VERSION} is built for), found Ray {ray_version} and vLLM {vllm_version}: "
+            f"{INSTALL_HINT} into a fresh environment on every node")
 
 
 def ray_data_llm() -> Any:

@@ -145,7 +145,7 @@ def test_registry_builds_the_tags_engine_with_its_key(tags):
 
 
 def test_registry_errors_name_the_fix():
-    with pytest.raises(ValueError, match=r"unknown caption engine 'llava'.*\['hf', 'tags', 'vllm'\]"):
+    with pytest.raises(ValueError, match=r"unknown caption engine 'llava'.*\['hf', 'openai', 'tags', 'vllm'\]"):
         make_engine("llava")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['topk'\]"):
         make_engine("tags", options={"topk": 2})

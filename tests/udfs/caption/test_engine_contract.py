@@ -1,6 +1,7 @@
 """What every caption engine must do, one suite run against each (in the manner of LensKit's
 shared component tests): ``tags`` on the real EfficientNet-Lite0 weights, ``hf`` on the tiny
-random LLaVA. An engine added later joins by adding its name and model to ``ENGINES``.
+random LLaVA, ``openai`` against the real llama.cpp server serving a tiny random LLaVA (GGUF).
+An engine added later joins by adding its name and model to ``ENGINES``.
 
 - a bad image fails alone and the rest of its batch is described as without it;
 - an empty batch is an empty result;
@@ -27,7 +28,8 @@ from udfs.caption import Caption, describe_isolated, make_engine
 ROOT = Path(__file__).resolve().parents[3]
 # Engine name -> options to set away from their defaults, so that the round trip is not
 # satisfied by defaults alone.
-ENGINES = {"tags": {"top_k": 2, "colours": 2}, "hf": {"device": "cpu", "min_new_tokens": 2}}
+ENGINES = {"tags": {"top_k": 2, "colours": 2}, "hf": {"device": "cpu", "min_new_tokens": 2},
+           "openai": {"max_concurrency": 2, "timeout_s": 60.0}}
 
 
 def section(name: str) -> dict:
@@ -35,9 +37,15 @@ def section(name: str) -> dict:
     return dataclasses.asdict(dataclasses.replace(getattr(CaptionConf(), name), **ENGINES[name]))
 
 
-@pytest.fixture(params=sorted(ENGINES), scope="module")
+@pytest.fixture(params=[pytest.param(name, marks=pytest.mark.server) if name == "openai" else name
+                        for name in sorted(ENGINES)], scope="module")
 def built(request, tiny_llava) -> tuple[str, str | None, dict]:
     name = request.param
+    if name == "openai":
+        from tests.llama_server import MODEL_NAME
+
+        server = request.getfixturevalue("llama_server")
+        return name, MODEL_NAME, {**section(name), "base_url": server.base_url}
     return name, (str(tiny_llava) if name == "hf" else None), section(name)
 
 
@@ -77,6 +85,7 @@ def test_an_empty_batch_is_an_empty_result(engine):
 def test_options_are_the_config_section_key_for_key(engine, built):
     name, _, options = built
     assert engine.options == options
+    assert set(options) == set(dataclasses.asdict(getattr(CaptionConf(), name)))
     # The section's defaults are the engine's: a config that sets nothing runs the defaults.
     default = dataclasses.asdict(getattr(CaptionConf(), name))
     assert dict(sys.modules[type(engine).__module__].OPTIONS) == default

@@ -106,7 +106,24 @@ def test_processor_config_or_a_clear_install_error():
         return
     config = vllm_processor_config(**args)
     assert config.model_source == "/models/llava" and config.batch_size == 32
+    # The multimodal stage as Ray itself resolves it (its schema changed across releases).
+    from ray.llm._internal.batch.stages.configs import PrepareMultimodalStageConfig, resolve_stage_config
+
+    stage = resolve_stage_config(config.prepare_multimodal_stage, PrepareMultimodalStageConfig)
+    assert stage.enabled and stage.chat_template_content_format == "openai"
     assert config.engine_kwargs["tensor_parallel_size"] == 2
     assert config.engine_kwargs["limit_mm_per_prompt"] == {"image": 1}
     assert config.engine_kwargs["enable_prefix_caching"] is True
     assert config.should_continue_on_error is True
+
+
+def test_ray_and_vllm_are_pinned_together():
+    from udfs.caption.vllm_engine import RAY_VERSION, VLLM_VERSION, check_versions
+
+    check_versions(RAY_VERSION, VLLM_VERSION)
+    with pytest.raises(ImportError, match=r"Ray 2\.60\.0 with vLLM 0\.29\.0 .*found Ray 2\.60\.0 and vLLM 0\.11\.0"):
+        check_versions("2.60.0", "0.11.0")
+    # The pin is Ray's own requirement, so the two cannot drift apart unnoticed.
+    from importlib.metadata import requires
+
+    assert f"vllm[audio]=={VLLM_VERSION}; extra == \"llm\"" in requires("ray")

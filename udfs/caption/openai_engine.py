@@ -1,0 +1,433 @@
+"""The ``openai`` caption engine: any vision-language server with an OpenAI-compatible
+``/v1/chat/completions`` (``vllm serve``, SGLang, TGI, llama.cpp's server, Ollama, a hosted API).
+
+One request per image: a user turn with the image as a ``data:`` URL (``image_url`` part) and the
+configured prompt, ``temperature`` 0 by default (descriptions are cached by image, engine, model
+and prompt, so they must be reproducible), ``max_tokens`` = ``experiment.caption.max_new_tokens``.
+The served model name is ``experiment.caption.model`` (part of the cache key; the server's
+address is not: any server of the same model gives the same descriptions).
+
+How it runs in Ray Data, and why not ``ray.data.llm``: the job's actor pool holds one engine
+per actor (``caption.num_workers`` actors); each engine keeps an asyncio event loop on a thread
+of its own with one ``aiohttp`` session, and a batch's requests run concurrently on it, at most
+``max_concurrency`` in flight and ``qps`` started per second *per actor*. Ray 2.60's
+``HttpRequestProcessorConfig`` was the first choice and does not fit: it posts to one URL (no
+list of servers), retries only 408/429/502/503/504 with a fixed exponential wait (no jitter, no
+``Retry-After``, no retry on a 500 or on a connection refused in the middle of a batch), sends
+every row of a batch at once with no bound but ``qps``, raises for the whole batch when one row
+runs out of retries, reports neither an error kind per row nor token counts, and imports
+``aiohttp`` only with ``ray[llm]`` (vLLM's dependency tree). ``aiohttp`` is what it uses too.
+
+Faults, per image (``describe_each``):
+- retried with exponential backoff and full jitter (``backoff_s`` * 2^attempt, at most
+  ``backoff_max_s``): a connection error, a timeout (``timeout_s`` per request), 408, 429
+  (waiting what ``Retry-After`` says, seconds or an HTTP date, when the server sends it) and
+  5xx; each retry goes to the next server of ``base_urls``, so a dead server's share moves to
+  the live ones;
+- not retried: any other 4xx (``rejected``: the server refuses this request as it is) and a 200
+  whose body is not a chat completion (``bad_response``);
+- after ``max_retries`` retries the image fails alone with the kind of its last fault
+  (``connection``, ``timeout``, ``rate_limited``, ``server_error``), which the job writes as an
+  error row; a failed image never fails its batch or the job.
+
+The API key is read from the environment variable named by ``api_key_env`` when the engine is
+built (on the worker, so every node needs it set); only the variable's name is configuration.
+The key is sent as ``Authorization: Bearer`` and never logged, stored or put in an error text.
+"""
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import os
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from udfs.caption.engine import DEFAULT_MODELS, Caption, CaptionEngine, check_options
+from udfs.caption.prompts import DEFAULT_PROMPT
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = DEFAULT_MODELS["openai"]
+CHAT_PATH = "/chat/completions"
+MODELS_PATH = "/models"
+# The options and their defaults: ``jobs.config.OpenaiEngineConf`` field for field.
+OPTIONS: dict[str, Any] = {
+    "base_url": "http://127.0.0.1:8000",
+    "base_urls": [],
+    "api_key_env": None,
+    "temperature": 0.0,
+    "timeout_s": 120.0,
+    "max_concurrency": 8,
+    "qps": None,
+    "max_retries": 6,
+    "backoff_s": 0.5,
+    "backoff_max_s": 30.0,
+}
+# Error kinds (the ``descriptions.error`` prefix); the first four are retried within a run.
+CONNECTION, TIMEOUT, RATE_LIMITED, SERVER_ERROR = "connection", "timeout", "rate_limited", "server_error"
+REJECTED, BAD_RESPONSE = "rejected", "bad_response"
+RETRIED_KINDS = (CONNECTION, TIMEOUT, RATE_LIMITED, SERVER_ERROR)
+# A Retry-After beyond this is a server asking us to stop for the day: cap it, the budget decides.
+MAX_RETRY_AFTER_S = 300.0
+
+
+class RequestFailed(RuntimeError):
+    """One image's request failed for good: ``kind`` (an error kind above), ``retries`` (the
+    kinds of the attempts before the last one)."""
+
+    def __init__(self, kind: str, message: str, retries: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.kind = kind
+        self.retries = retries
+
+
+class ServerUnavailable(RuntimeError):
+    """No configured server answers (checked before a job starts)."""
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """The validated options; ``urls`` are the servers' API roots (``api_root``)."""
+
+    urls: tuple[str, ...]
+    temperature: float
+    timeout_s: float
+    max_concurrency: int
+    qps: float | None
+    max_retries: int
+    backoff_s: float
+    backoff_max_s: float
+    api_key_env: str | None
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> ClientSettings:
+        o = check_options("openai", options, OPTIONS)
+        urls = tuple(api_root(str(u)) for u in (o["base_urls"] or [o["base_url"]]))
+        problems = [
+            *(f"base URL {u!r} must start with http:// or https://" for u in urls
+              if not u.startswith(("http://", "https://"))),
+            *(["base_url is empty and base_urls lists nothing"] if not urls or not all(urls) else []),
+            *([f"max_concurrency must be >= 1, got {o['max_concurrency']}"] if o["max_concurrency"] < 1 else []),
+            *([f"timeout_s must be > 0, got {o['timeout_s']}"] if o["timeout_s"] <= 0 else []),
+            *([f"qps must be > 0 (or null for no limit), got {o['qps']}"]
+              if o["qps"] is not None and o["qps"] <= 0 else []),
+            *([f"max_retries must be >= 0, got {o['max_retries']}"] if o["max_retries"] < 0 else []),
+            *([f"backoff_s must be >= 0, got {o['backoff_s']}"] if o["backoff_s"] < 0 else []),
+        ]
+        if problems:
+            raise ValueError(f"caption engine 'openai': {'; '.join(problems)}")
+        return cls(urls, float(o["temperature"]), float(o["timeout_s"]), int(o["max_concurrency"]),
+                   None if o["qps"] is None else float(o["qps"]), int(o["max_retries"]),
+                   float(o["backoff_s"]), float(o["backoff_max_s"]), o["api_key_env"] or None)
+
+    def headers(self) -> dict[str, str]:
+        """Request headers; the key comes from the environment, named by ``api_key_env``."""
+        headers = {"Content-Type": "application/json"}
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env)
+            if not key:
+                raise ValueError(f"caption engine 'openai': api_key_env names {self.api_key_env!r}, which is "
+                                 "not set in this process's environment: export it on every node")
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+
+def api_root(base_url: str) -> str:
+    """Where ``/chat/completions`` and ``/models`` live: a bare server address gets ``/v1``
+    (``http://host:8000`` -> ``http://host:8000/v1``); an address with a path is the root as it
+    is, as the OpenAI SDK's ``base_url`` (``http://host:8000/v1``, ``https://host/v1beta/openai``)."""
+    from urllib.parse import urlsplit
+
+    url = base_url.strip().rstrip("/")
+    return url + "/v1" if urlsplit(url).path in ("", "/") and url else url
+
+
+def image_data_url(image: Image.Image) -> str:
+    """The image as a JPEG ``data:`` URL (shared with the vllm engine's request format)."""
+    from udfs.caption.vllm_engine import image_data_url as data_url
+
+    return data_url(image)
+
+
+def request_body(model: str, prompt: str, image_url: str, max_tokens: int, temperature: float) -> dict[str, Any]:
+    """The chat completion request for one image."""
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image_url}},
+            {"type": "text", "text": prompt},
+        ]}],
+        "max_tokens": int(max_tokens),
+        "temperature": float(temperature),
+        "stream": False,
+    }
+
+
+def parse_completion(body: Any) -> Caption:
+    """A ``Caption`` from a chat completion response body; ``ValueError`` when it is not one.
+    ``n_tokens`` / ``prompt_tokens`` are the server's ``usage`` (``None`` when it reports none)."""
+    try:
+        message = body["choices"][0]["message"]
+        text = message.get("content") or ""
+        if not isinstance(text, str):  # some servers return content parts
+            text = "".join(part.get("text", "") for part in text if isinstance(part, dict))
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not a chat completion ({type(exc).__name__}: {exc}): {str(body)[:200]}") from None
+    usage = body.get("usage") or {}
+    completion, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
+    return Caption(text=text.strip(), n_tokens=None if completion is None else int(completion),
+                   prompt_tokens=None if prompt is None else int(prompt))
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds to wait: delta-seconds or an HTTP date; ``None`` when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2**attempt)] (``attempt`` counts from 0)."""
+    return rng.uniform(0.0, min(cap, base * (2 ** attempt)))
+
+
+class _Limiter:
+    """At most ``qps`` request starts per second (None: no limit), shared by one engine's requests."""
+
+    def __init__(self, qps: float | None):
+        self.interval = 0.0 if not qps else 1.0 / qps
+        self.next_start = 0.0
+        self.lock = asyncio.Lock()
+
+    async def wait(self) -> None:
+        if not self.interval:
+            return
+        async with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next_start)
+            self.next_start = start + self.interval
+        if start > now:
+            await asyncio.sleep(start - now)
+
+
+class _Client:
+    """An event loop on a thread of its own with one aiohttp session: synchronous callers (the
+    Ray actor) hand it a batch and wait for all of its requests."""
+
+    def __init__(self, settings: ClientSettings, headers: dict[str, str]):
+        self.settings = settings
+        self.headers = headers
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="openai-engine", daemon=True)
+        self.thread.start()
+        self.session = self._run(self._open())
+        self.next_url = 0
+        self.rng = random.Random()
+
+    async def _open(self):
+        import aiohttp
+
+        self.semaphore = asyncio.Semaphore(self.settings.max_concurrency)
+        self.limiter = _Limiter(self.settings.qps)
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
+        return aiohttp.ClientSession(connector=connector, headers=self.headers)
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def post_all(self, bodies: Sequence[dict[str, Any] | Exception]) -> list[Caption | Exception]:
+        async def gather():
+            return await asyncio.gather(*(self._one(b) if isinstance(b, dict) else _raise(b) for b in bodies),
+                                        return_exceptions=True)
+
+        return list(self._run(gather()))
+
+    def _url(self) -> str:
+        url = self.settings.urls[self.next_url % len(self.settings.urls)]
+        self.next_url += 1
+        return url
+
+    async def _one(self, body: dict[str, Any]) -> Caption:
+        import aiohttp
+
+        s = self.settings
+        payload = json.dumps(body)
+        retries: list[str] = []
+        async with self.semaphore:
+            for attempt in range(s.max_retries + 1):
+                await self.limiter.wait()
+                url = self._url()
+                wait = None
+                try:
+                    async with self.session.post(url + CHAT_PATH, data=payload,
+                                                 timeout=aiohttp.ClientTimeout(total=s.timeout_s)) as response:
+                        status = response.status
+                        if status == 200:
+                            try:
+                                caption = parse_completion(await response.json(content_type=None))
+                            except ValueError as exc:
+                                raise RequestFailed(BAD_RESPONSE, f"{url}: {exc}", tuple(retries)) from None
+                            return Caption(caption.text, caption.n_tokens, caption.prompt_tokens, tuple(retries))
+                        text = (await response.text())[:300]
+                        if status == 429:
+                            kind = RATE_LIMITED
+                            wait = retry_after_seconds(response.headers.get("Retry-After"))
+                        elif status >= 500:
+                            kind = SERVER_ERROR
+                        elif status == 408:
+                            kind = TIMEOUT
+                        else:
+                            raise RequestFailed(REJECTED, f"HTTP {status} from {url}{CHAT_PATH}: {text}", tuple(retries))
+                        reason = f"HTTP {status} from {url}{CHAT_PATH}: {text}"
+                except RequestFailed:
+                    raise
+                except asyncio.TimeoutError:
+                    kind, reason = TIMEOUT, f"no answer from {url}{CHAT_PATH} within timeout_s={s.timeout_s:g} s"
+                except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+                    kind, reason = CONNECTION, f"{url}{CHAT_PATH}: {type(exc).__name__}: {exc}"
+                if attempt == s.max_retries:
+                    tried = f" (after {s.max_retries} retries: {', '.join(retries)})" if retries else ""
+                    raise RequestFailed(kind, reason + tried, tuple(retries))
+                retries.append(kind)
+                if wait is not None:
+                    # Honour the server's wait, plus a little jitter so that the actors it told
+                    # the same thing do not all come back in the same instant.
+                    delay = min(wait, MAX_RETRY_AFTER_S) * (1 + 0.1 * self.rng.random())
+                else:
+                    delay = backoff_delay(attempt, s.backoff_s, s.backoff_max_s, self.rng)
+                log.debug("openai engine: %s, retry %d in %.2f s", reason, attempt + 1, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        try:
+            self._run(self.session.close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=5)
+            self.loop.close()
+
+
+async def _raise(error: Exception):
+    raise error
+
+
+class OpenAIEngine(CaptionEngine):
+    """One chat completion request per image to an OpenAI-compatible server (see the module)."""
+
+    name = "openai"
+    # describe_each returns one result per image: failures are already isolated, no batch retries.
+    isolates_failures = True
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        prompt: str = DEFAULT_PROMPT,
+        batch_size: int = 16,
+        max_new_tokens: int = 128,
+        options: Mapping[str, Any] | None = None,
+    ):
+        super().__init__(model=model, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        self.options = check_options(self.name, options, OPTIONS)
+        self.settings = ClientSettings.from_options(self.options)
+        self._client: _Client | None = None
+
+    @property
+    def client(self) -> _Client:
+        if self._client is None:
+            self._client = _Client(self.settings, self.settings.headers())
+        return self._client
+
+    def describe_each(self, images: Sequence[Image.Image]) -> list[Caption | Exception]:
+        """One result per image, in order: its ``Caption`` or the exception that image alone met
+        (a ``RequestFailed`` after the retries, or the error encoding it)."""
+        bodies: list[dict[str, Any] | Exception] = []
+        for image in images:
+            try:
+                bodies.append(request_body(self.model, self.prompt, image_data_url(image),
+                                           self.max_new_tokens, self.settings.temperature))
+            except Exception as exc:  # noqa: BLE001 - a bad image fails alone
+                bodies.append(exc)
+        if not bodies:
+            return []
+        return self.client.post_all(bodies)
+
+    def describe(self, images: Sequence[Image.Image]) -> list[Caption]:
+        results = self.describe_each(images)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def check_servers(options: Mapping[str, Any], model: str, timeout_s: float = 10.0) -> list[str]:
+    """The configured servers that answer ``GET /v1/models`` (the job calls this before it
+    starts, so that a server that is down fails the job at once, not after every retry of every
+    image). Raises ``ServerUnavailable`` naming the URLs and the fix when none answers, and
+    ``ValueError`` when the key is refused or the servers list models without ``model``."""
+    settings = ClientSettings.from_options(options)
+    headers = settings.headers()
+    live, failures = [], []
+    for url in settings.urls:
+        request = urllib.request.Request(url + MODELS_PATH, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=min(timeout_s, settings.timeout_s)) as response:
+                body = json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                raise ValueError(f"{url}{MODELS_PATH} refused the API key (HTTP {exc.code}): set the variable "
+                                 f"that experiment.caption.openai.api_key_env names "
+                                 f"({settings.api_key_env or 'not set'}) to a valid key") from None
+            # Some servers do not list models; answering at all is what this checks.
+            live.append(url)
+            continue
+        except (OSError, ValueError) as exc:
+            failures.append(f"{url} ({getattr(exc, 'reason', exc)})")
+            continue
+        served = [m.get("id") for m in body.get("data", []) if isinstance(m, dict)]
+        if served and model not in served:
+            raise ValueError(f"the server at {url} serves {served}, not {model!r}: set experiment.caption.model "
+                             "to the served model's name (vllm serve --served-model-name, llama.cpp --model_alias)")
+        live.append(url)
+    if not live:
+        raise ServerUnavailable(
+            f"caption engine 'openai': no server answers: {'; '.join(failures)}. Start the server (for "
+            "example `vllm serve llava-hf/llava-v1.6-mistral-7b-hf`) or point "
+            "experiment.caption.openai.base_url (or base_urls) at where it runs")
+    for failure in failures:
+        log.warning("caption engine 'openai': %s does not answer; the run uses %s", failure, live)
+    return live
