@@ -22,6 +22,8 @@ COMMANDS = {
     "profiles": ("jobs.profiles", "train histories -> user_profiles table"),
     "topk": ("jobs.topk", "blockwise top-k similarity join -> recommendations table"),
     "evaluate": ("jobs.evaluate", "recommendations + test split -> user_metrics, metrics, comparisons"),
+    "report": ("jobs.report", "a run's tables -> HTML report + PNG figures under <warehouse>/reports/<run_id>/"),
+    "recommend": ("jobs.recommend", "top-K for users or ad-hoc histories of a run, with explanations (no Spark)"),
     "pipeline": ("jobs.pipeline", "run an experiment config end to end"),
 }
 

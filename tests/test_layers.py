@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-JOB_MODULES = {"ingest", "caption", "embed", "fuse", "profiles", "topk", "evaluate", "synth", "pipeline"}
+JOB_MODULES = {"ingest", "caption", "embed", "fuse", "profiles", "topk", "evaluate", "report", "recommend", "synth",
+               "pipeline"}
 
 
 def module_name(path: Path) -> str:

@@ -76,17 +76,9 @@ def test_pipeline_on_movielens_beats_random(spark, warehouse, ml100k, capsys):
     assert {r.job for r in stages.collect()} >= {"ingest", "embed", "profiles", "topk", "evaluate", "pipeline"}
 
 
-def test_pipeline_on_synthetic_with_captions(spark, warehouse, tmp_path, capsys):
-    from udfs.synth import generate
-
-    data = tmp_path / "synth"
-    generate(data, seed=5, n_items=30, n_users=20)
-    argv = ["--conf", "experiments/synthetic.yaml", "--set", f"warehouse={warehouse}",
-            "--set", f"dataset.paths.root={data}", "--set", "experiment.representations=[lvlm, visual, naive:lvlm+visual]",
-            "--set", "spark.shuffle_partitions=2", "--set", "experiment.evaluate.bootstrap_samples=100"]
-    assert pipeline.main(argv) == 0
-    summary = last_json(capsys.readouterr().out)
-    counts = summary["counts"]
+def test_pipeline_on_synthetic_with_captions(spark, synthetic_run):
+    # The session's shared run (tests/conftest.py): lvlm, title, visual, naive:lvlm+visual.
+    warehouse, argv, counts = synthetic_run.warehouse, synthetic_run.argv, synthetic_run.counts
     assert counts["rows_descriptions"] == 30 and counts["rows_metrics"] > 0
     reps = {r.representation for r in spark.read.format("delta").load(f"{warehouse}/item_embeddings")
             .select("representation").distinct().collect()}
@@ -97,13 +89,16 @@ def test_pipeline_on_synthetic_with_captions(spark, warehouse, tmp_path, capsys)
     from jobs.plan import ExperimentPlan
 
     stored = (spark.read.format("delta").load(f"{warehouse}/plans")
-              .filter(F.col("run_id") == summary["run_id"]).collect())
+              .filter(F.col("run_id") == synthetic_run.run_id).collect())
     expected = ExperimentPlan.resolve(load_config([argv[1]], [argv[i + 1] for i in range(2, len(argv), 2)]))
     assert len(stored) == 1 and stored[0].plan == expected.to_json() and stored[0].plan_hash == expected.plan_hash
     assert set(expected.representations) <= reps
     ranked = {r.representation for r in spark.read.format("delta").load(f"{warehouse}/candidates")
-              .filter(F.col("run_id") == summary["run_id"]).select("representation").distinct().collect()}
+              .filter(F.col("run_id") == synthetic_run.run_id).select("representation").distinct().collect()}
     assert ranked == set(expected.ranked)
+    # The report ran last, with the run's id, and its stage time is kept.
+    assert "ms_report" in counts
+    assert (warehouse / "reports" / synthetic_run.run_id / "report.html").is_file()
 
 
 def test_failed_stage_stops_the_pipeline_with_its_code(spark, warehouse, tmp_path, capsys):

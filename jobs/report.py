@@ -1,0 +1,336 @@
+"""``report``: one run's tables -> a self-contained HTML report and its figures as PNG files,
+under ``<warehouse>/reports/<run_id>/`` (``report.html``, ``metrics.png``, ``forest.png``,
+``by_history.png``, ``beyond_accuracy.png``).
+
+Contents: each metric@K per representation with its bootstrap CI, in the paper's row order;
+a forest plot of the paired differences against the reference representation (``--reference``,
+default ``lvlm``: the run's LVLM representation, else its first representation) with Holm
+p-values, at K = 10 (or the largest K evaluated when 10 is not); per-user NDCG@K by train
+history length; catalog coverage, mean popularity percentile and Gini of exposure of each
+representation's lists (``udfs.exposure``, over the run's stored candidates); a gallery of item
+images beside the descriptions the caption engine wrote, and a few users' history next to
+their top-5 per representation; the data counts (items without image, rejects by reason,
+users without train history), the run's plan and config and its stage wall times.
+
+Tables are read with delta-rs (``udfs.warehouse_reader``), not Spark: a run's slices are small
+and a Spark read costs a job per table. ``pipeline`` runs this stage last, with its run id.
+The counts record ``report_figures``, ``report_thumbnails`` and ``report_bytes``; the summary
+line ends with the HTML file's path.
+"""
+from __future__ import annotations
+
+if not __package__:  # run as a file (`spark-submit jobs/<job>.py`): see jobs/_as_package.py
+    from _as_package import PACKAGE as __package__
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from udfs import exposure, report_figures, report_html
+from udfs.metrics import METRICS
+from udfs.protocol import TRAIN_SPLIT
+from udfs.recommender import RecommendError, resolve_representation
+from udfs.warehouse_reader import TableMissing, read_frame
+
+from .config import ConfigError
+from .job_run import JobRun, NothingUsable, run_id_argument, run_job
+
+log = logging.getLogger(__name__)
+
+FOREST_METRICS = ("recall", "ndcg")
+SIGNIFICANCE = 0.05
+PREFERRED_K = 10
+GALLERY_ITEMS = 8
+GALLERY_USERS = 3
+TOP_N = 5
+HISTORY_SHOWN = 8
+DESCRIPTION_CHARS = 300
+
+
+def report_dir(warehouse: str, run_id: str) -> Path:
+    return Path(warehouse) / "reports" / run_id
+
+
+def _sample(ids, n: int, salt: str) -> list:
+    """``n`` of ``ids``, the same ones on every run (ordered by a keyed hash, not by Python's)."""
+    key = lambda i: hashlib.blake2b(f"{salt}:{i}".encode(), digest_size=8).digest()  # noqa: E731
+    return sorted(dict.fromkeys(ids), key=key)[:n]
+
+
+def _fmt(value, digits: int = 4) -> str:
+    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
+
+
+def read_run(warehouse: str, run_id: str) -> dict:
+    """The run's slices of every table the report shows, as pandas frames."""
+    plans = read_frame(warehouse, "plans", equal={"run_id": run_id}, columns=["plan", "plan_hash"])
+    if plans.empty:
+        raise ConfigError(f"run '{run_id}' has no plan in {warehouse}/plans: pass the run id `vlm4rec pipeline` "
+                          "printed")
+    plan = json.loads(plans["plan"].iloc[0])
+    dataset = plan["dataset"]
+    by_run = {"run_id": run_id}
+    out = {"plan": plan, "plan_hash": plans["plan_hash"].iloc[0]}
+    out["metrics"] = read_frame(warehouse, "metrics", equal=by_run)
+    if out["metrics"].empty:
+        raise NothingUsable(f"run '{run_id}' has no metrics: run `vlm4rec evaluate --run-id {run_id}` first")
+    out["comparisons"] = read_frame(warehouse, "comparisons", equal=by_run)
+    out["user_metrics"] = read_frame(warehouse, "user_metrics", equal=by_run,
+                                     columns=["representation", "user_id", "metric", "k", "value"])
+    out["recommendations"] = read_frame(warehouse, "recommendations", equal=by_run,
+                                        columns=["representation", "user_id", "rank", "item_id", "score"])
+    out["candidates"] = read_frame(warehouse, "candidates", equal=by_run, columns=["representation", "item_id"])
+    out["interactions"] = read_frame(warehouse, "interactions", equal={"dataset": dataset},
+                                     columns=["user_id", "item_id", "ts", "split"])
+    out["items"] = read_frame(warehouse, "items", equal={"dataset": dataset},
+                              columns=["item_id", "title", "image_uri", "image_sha256"])
+    out["rejects"] = _optional(warehouse, "rejects", {"dataset": dataset}, ["source", "reason"])
+    out["runs"] = _optional(warehouse, "runs", by_run, ["job", "config", "code_version", "counts"])
+    lvlm = [r for r in plan["representations"] if r.startswith("lvlm:")]
+    out["descriptions"] = pd.DataFrame(columns=["image_sha256", "text", "status"])
+    if lvlm:
+        engine, rest = lvlm[0].split(":", 2)[1:]
+        model, _, prompt_id = rest.rpartition(":")
+        out["descriptions"] = _optional(warehouse, "descriptions",
+                                        {"engine": engine, "model": model, "prompt_id": prompt_id},
+                                        ["image_sha256", "text", "status"])
+    return out
+
+
+def _optional(warehouse: str, name: str, equal: dict, columns: list[str]) -> pd.DataFrame:
+    try:
+        return read_frame(warehouse, name, equal=equal, columns=columns)
+    except TableMissing:
+        return pd.DataFrame(columns=columns)
+
+
+def data_counts(data: dict) -> tuple[list[tuple[str, str]], list[tuple[str, int]]]:
+    """(name, value) rows of the data section, and rejects per reason (its text up to a colon)."""
+    items, inter = data["items"], data["interactions"]
+    without_image = int((items["image_uri"].fillna("") == "").sum())
+    train_users = set(inter.loc[inter["split"] == TRAIN_SPLIT, "user_id"])
+    users = set(inter["user_id"])
+    rows = [("items", len(items)), ("items without image", without_image)]
+    texts = data["descriptions"]
+    if len(texts):
+        ok = set(texts.loc[texts["status"] == "ok", "image_sha256"])
+        with_image = items[items["image_uri"].fillna("") != ""]
+        rows.append(("items with an image but no description", int((~with_image["image_sha256"].isin(ok)).sum())))
+    rows += [("interactions", len(inter))]
+    rows += [(f"interactions ({split})", int(n)) for split, n in inter["split"].value_counts().sort_index().items()]
+    rows += [("users", len(users)), ("users without train history", len(users - train_users))]
+    for rep, n in data["candidates"].groupby("representation").size().items():
+        rows.append((f"candidates ({report_figures.short_label(rep, data['plan']['representations'])})", int(n)))
+    reasons = data["rejects"]["reason"].fillna("").str.split(":").str[0].str.strip()
+    rows.append(("rejected rows", len(reasons)))
+    by_reason = [(r or "(no reason)", int(n)) for r, n in reasons.value_counts().items()]
+    return [(name, f"{value:,}") for name, value in rows], by_reason
+
+
+def stage_times(runs: pd.DataFrame) -> list[tuple[str, str]]:
+    if runs.empty or runs["counts"].iloc[0] is None:
+        return []
+    counts = dict(runs["counts"].iloc[0])
+    return [(key[3:], f"{value / 1000:.1f} s") for key, value in counts.items() if key.startswith("ms_")]
+
+
+def choose_reference(asked: str, order: list[str], run_id: str) -> str:
+    vectors = [r for r in order if r not in report_figures.BASELINE_ORDER]
+    try:
+        return resolve_representation(asked, order, run_id)
+    except RecommendError:
+        if asked != "lvlm":
+            raise ConfigError(f"--reference '{asked}' is not a representation of run '{run_id}': choose one of "
+                              f"{order}") from None
+    return (vectors or order)[0]
+
+
+def metric_rows(metrics: pd.DataFrame, order: list[str], ks: list[int]) -> tuple[list[str], list[dict]]:
+    columns = [f"{report_figures.METRIC_LABELS.get(m, m)}@{k}" for k in ks for m in METRICS]
+    by_key = {(r.representation, r.metric, r.k): r for r in metrics.itertuples()}
+    rows = []
+    for rep in order:
+        cells, n_users = [], 0
+        for k in ks:
+            for m in METRICS:
+                r = by_key.get((rep, m, k))
+                if r is None:
+                    cells.append("-")
+                    continue
+                n_users = int(r.n_users)
+                cells.append(f"{_fmt(r.value)} [{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]")
+        rows.append({"label": report_figures.short_label(rep, order), "n_users": n_users, "cells": cells})
+    return columns, rows
+
+
+def forest_rows(comparisons: pd.DataFrame, reference: str, k: int, order: list[str]) -> list[dict]:
+    rows = []
+    for metric in FOREST_METRICS:
+        diffs = report_figures.reference_differences(comparisons, reference, metric, k)
+        for _, r in diffs.set_index("other").reindex([o for o in order if o != reference]).dropna(
+                subset=["mean_diff"]).iterrows():
+            better = "reference better" if r["mean_diff"] > 0 else "reference worse"
+            if r["ci_low"] <= 0 <= r["ci_high"]:
+                verdict = "no clear difference (CI crosses zero)"
+            elif r["p_holm"] >= SIGNIFICANCE:
+                verdict = f"{better} in the CI, not significant after Holm's correction"
+            else:
+                verdict = f"{better} (Holm p < {SIGNIFICANCE})"
+            rows.append({"metric": f"{report_figures.METRIC_LABELS[metric]}@{k}",
+                         "other": report_figures.short_label(r.name, order), "diff": f"{r['mean_diff']:+.4f}",
+                         "ci": f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]", "p": f"{r['p_value']:.3g}",
+                         "p_holm": f"{r['p_holm']:.3g}", "verdict": verdict})
+    return rows
+
+
+def gallery(data: dict, descriptions: dict[str, str], run) -> tuple[list[dict], list[dict]]:
+    """Sample item cards and users' strips (history, then top-``TOP_N`` per representation)."""
+    items = data["items"].set_index("item_id")
+    thumbs: dict[str, str | None] = {}
+
+    def card(item_id: str, hit: bool = False) -> dict:
+        if item_id not in thumbs:
+            uri = items["image_uri"].get(item_id) if item_id in items.index else None
+            thumbs[item_id] = report_html.thumbnail(uri if isinstance(uri, str) else None)
+            run.count("report_thumbnails")
+        title = items["title"].get(item_id) if item_id in items.index else None
+        return {"item_id": item_id, "title": title if isinstance(title, str) else None,
+                "image": thumbs[item_id], "hit": hit}
+
+    with_image = items.index[items["image_uri"].fillna("") != ""]
+    chosen = _sample(with_image if len(with_image) else items.index, GALLERY_ITEMS, "gallery")
+    cards = []
+    for item_id in chosen:
+        entry = card(item_id)
+        text = descriptions.get(item_id)
+        entry["description"] = (text[:DESCRIPTION_CHARS] + "...") if text and len(text) > DESCRIPTION_CHARS else text
+        cards.append(entry)
+
+    recs, inter, order = data["recommendations"], data["interactions"], data["order"]
+    test = inter[inter["split"] == "test"].groupby("user_id")["item_id"].apply(set)
+    train = inter[inter["split"] == TRAIN_SPLIT].sort_values("ts").groupby("user_id")["item_id"].apply(list)
+    listed = set(recs["user_id"]) & set(test.index) & set(train.index)
+    users = []
+    for user in _sample(sorted(listed), GALLERY_USERS, "users"):
+        mine = recs[(recs["user_id"] == user) & (recs["rank"] <= TOP_N)]
+        lists = []
+        for rep in order:
+            ranked = mine[mine["representation"] == rep].sort_values("rank")["item_id"]
+            if len(ranked):
+                lists.append({"label": report_figures.short_label(rep, order),
+                              "cards": [card(i, i in test[user]) for i in ranked]})
+        history = train[user]
+        users.append({"user_id": user, "n_history": len(history),
+                      "history": [card(i) for i in history[-HISTORY_SHOWN:]], "lists": lists})
+    return cards, users
+
+
+def build(warehouse: str, run_id: str, reference: str, run) -> tuple[str, dict[str, bytes]]:
+    """The page and the figures (file name -> PNG bytes) of one run."""
+    with run.stage("read"):
+        data = read_run(warehouse, run_id)
+    plan, metrics = data["plan"], data["metrics"]
+    order = report_figures.paper_order([r for r in [*plan["representations"], *plan["baselines"]]
+                                        if r in set(metrics["representation"])])
+    data["order"] = order
+    ks = sorted(int(k) for k in metrics["k"].unique())
+    k = PREFERRED_K if PREFERRED_K in ks else max(ks)
+    reference = choose_reference(reference, order, run_id)
+    with run.stage("figures"):
+        figures = {"metrics.png": report_figures.metrics_figure(metrics, order)}
+        comparisons = data["comparisons"]
+        has_pairs = not report_figures.reference_differences(comparisons, reference, FOREST_METRICS[0], k).empty
+        if has_pairs:
+            figures["forest.png"] = report_figures.forest_figure(comparisons, reference, FOREST_METRICS, k, order)
+        inter = data["interactions"]
+        n_history = inter[inter["split"] == TRAIN_SPLIT].groupby("user_id").size()
+        values = data["user_metrics"]
+        values = values[(values["metric"] == "ndcg") & (values["k"] == k)]
+        if len(values):
+            figures["by_history.png"] = report_figures.by_history_figure(values, n_history, "ndcg", k, order)
+        recs = data["recommendations"]
+        beyond = exposure.beyond_accuracy_frame(recs, data["candidates"], n_history_counts(inter))
+        figures["beyond_accuracy.png"] = report_figures.beyond_accuracy_figure(beyond, order)
+    with run.stage("gallery"):
+        texts = data["descriptions"]
+        ok = texts[texts["status"] == "ok"].drop_duplicates("image_sha256").set_index("image_sha256")["text"]
+        descriptions = {i: ok[s] for i, s in zip(data["items"]["item_id"], data["items"]["image_sha256"])
+                        if isinstance(s, str) and s in ok.index}
+        cards, users = gallery(data, descriptions, run)
+    counts, rejects = data_counts(data)
+    metric_columns, rows = metric_rows(metrics, order, ks)
+    runs = data["runs"]
+    beyond_rows = [{"label": report_figures.short_label(r.representation, order), "coverage": _fmt(r.coverage, 3),
+                    "popularity_percentile": _fmt(r.popularity_percentile, 3),
+                    "exposure_gini": _fmt(r.exposure_gini, 3)}
+                   for r in beyond.set_index("representation").reindex(order).reset_index().itertuples()
+                   if r.representation in set(beyond["representation"])]
+    context = {
+        "run_id": run_id, "dataset": plan["dataset"], "candidates_policy": plan["candidates"],
+        "exclude": "+".join(plan["exclude"]) or "nothing",
+        "written_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "code_version": runs["code_version"].iloc[0] if len(runs) and runs["code_version"].iloc[0] else "unknown",
+        "data_counts": counts, "rejects": rejects,
+        "figures": {"metrics": report_html.b64(figures["metrics.png"]),
+                    "forest": report_html.b64(figures["forest.png"]) if "forest.png" in figures else "",
+                    "history": report_html.b64(figures["by_history.png"]) if "by_history.png" in figures else "",
+                    "beyond": report_html.b64(figures["beyond_accuracy.png"])},
+        "metric_columns": metric_columns, "metric_rows": rows,
+        "reference_label": report_figures.short_label(reference, order),
+        "forest_rows": forest_rows(comparisons, reference, k, order) if has_pairs else [],
+        "beyond_rows": beyond_rows, "gallery": cards, "users": users, "top_n": TOP_N,
+        "stage_times": stage_times(runs), "plan_hash": data["plan_hash"],
+        "plan_json": json.dumps(plan, indent=2, sort_keys=True),
+        "config_json": (json.dumps(json.loads(runs["config"].iloc[0]), indent=2, sort_keys=True)
+                        if len(runs) and runs["config"].iloc[0] else "(no runs row for this run id)"),
+    }
+    return report_html.render(context), figures
+
+
+def n_history_counts(interactions: pd.DataFrame) -> dict[str, int]:
+    """item -> train interactions: the popularity the percentile is taken over."""
+    return interactions[interactions["split"] == TRAIN_SPLIT].groupby("item_id").size().to_dict()
+
+
+def report(run: JobRun, args: argparse.Namespace) -> None:
+    if not args.run_id:
+        raise ConfigError("--run-id is required: pass the run id `vlm4rec pipeline` printed")
+    warehouse = run.warehouse
+    if "://" in warehouse and not warehouse.startswith("file://"):
+        raise ConfigError(f"report writes local files, and warehouse {warehouse} is an object store: run it with "
+                          "--set warehouse=<a local copy or mount of the warehouse>")
+    warehouse = warehouse.removeprefix("file://")
+    page, figures = build(warehouse, args.run_id, args.reference, run)
+    with run.stage("write"):
+        folder = report_dir(warehouse, args.run_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in figures.items():
+            (folder / name).write_bytes(data)
+        html = folder / "report.html"
+        # Written whole then renamed: a reader never sees half a page.
+        partial = html.with_suffix(".html.partial")
+        partial.write_text(page, encoding="utf-8")
+        partial.replace(html)
+    run.count("report_figures", len(figures))
+    run.count("report_bytes", len(page.encode("utf-8")))
+    print(f"report of run {args.run_id}: {html} (figures: {', '.join(sorted(figures))})")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-id", default=None, type=run_id_argument, help="the run to report on")
+    parser.add_argument("--reference", default="lvlm",
+                        help="the representation the others are compared against (default lvlm)")
+
+
+def main(argv: list[str] | None = None, spark=None) -> int:
+    return run_job("report", __doc__.splitlines()[0], report, argv, add_arguments, spark=spark)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

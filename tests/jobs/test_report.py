@@ -1,0 +1,97 @@
+"""``report`` over the session's shared pipeline run: the page is self-contained, shows every
+representation, and its figures are real PNGs; ``--reference`` picks the forest plot's reference."""
+from __future__ import annotations
+
+import shutil
+from html.parser import HTMLParser
+
+import pytest
+from PIL import Image
+
+from jobs import report
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
+FIGURES = ("metrics.png", "forest.png", "by_history.png", "beyond_accuracy.png")
+
+
+class Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.links, self.scripts, self.cells = [], [], [], []
+        self._cell = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        elif tag in ("link", "a") and attrs.get("href"):
+            self.links.append(attrs["href"])
+        elif tag == "script":
+            self.scripts.append(attrs.get("src"))
+        elif tag == "td":
+            self._cell = ""
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._cell is not None:
+            self.cells.append(self._cell.strip())
+            self._cell = None
+
+
+def read_page(path) -> tuple[str, Page]:
+    text = path.read_text(encoding="utf-8")
+    page = Page()
+    page.feed(text)
+    return text, page
+
+
+def test_pipeline_report_is_self_contained_with_real_figures(synthetic_run):
+    folder = synthetic_run.warehouse / "reports" / synthetic_run.run_id
+    for name in FIGURES:
+        with Image.open(folder / name) as image:
+            assert image.format == "PNG" and image.width > 300 and image.height > 150
+    text, page = read_page(folder / "report.html")
+    # Nothing to fetch: every image inline, no script or stylesheet from elsewhere.
+    assert page.images and all(src.startswith("data:image/") for src in page.images)
+    assert page.links == [] and all(src is None for src in page.scripts)
+    # 4 figures, 8 gallery cards, and thumbnails of users' histories and lists.
+    assert len(page.images) > 4 + 8
+    assert synthetic_run.run_id in text and "Against the reference: lvlm" in text
+    for label in ("lvlm", "title", "visual", "naive:lvlm+visual", "popularity", "random"):
+        assert f"<td>{label}</td>" in text, label
+    for stage in ("ingest", "caption", "embed", "profiles", "topk", "evaluate"):
+        assert f"<th>{stage}</th>" in text, stage
+
+
+def test_popularity_lists_have_the_highest_popularity_percentile(synthetic_run):
+    _, page = read_page(synthetic_run.warehouse / "reports" / synthetic_run.run_id / "report.html")
+    cells = page.cells
+    # The beyond-accuracy table: label, coverage, popularity percentile, Gini (the last table
+    # whose rows start with a representation and hold three numbers).
+    rows = {}
+    for i, cell in enumerate(cells[:-3]):
+        values = cells[i + 1:i + 4]
+        if cell in ("lvlm", "title", "visual", "popularity", "random") and all(
+                v.replace(".", "", 1).isdigit() for v in values):
+            rows[cell] = [float(v) for v in values]
+    assert set(rows) == {"lvlm", "title", "visual", "popularity", "random"}
+    assert rows["popularity"][1] == max(r[1] for r in rows.values())
+    assert rows["random"][2] < rows["popularity"][2]  # random spreads exposure more evenly
+
+
+def test_report_job_with_another_reference(spark, synthetic_run, tmp_path, capsys):
+    warehouse = tmp_path / "warehouse"
+    shutil.copytree(synthetic_run.warehouse, warehouse)
+    argv = ["--conf", "experiments/synthetic.yaml", "--set", f"warehouse={warehouse}",
+            "--run-id", synthetic_run.run_id]
+    assert report.main(argv + ["--reference", "title"]) == 0
+    out = capsys.readouterr().out
+    html = warehouse / "reports" / synthetic_run.run_id / "report.html"
+    assert str(html) in out
+    text, _ = read_page(html)
+    assert "Against the reference: title" in text
+    assert report.main(argv + ["--reference", "nope"]) == 2
+    assert "--reference 'nope' is not a representation" in capsys.readouterr().err

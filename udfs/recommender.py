@@ -1,0 +1,376 @@
+"""The online half: top-K of one representation of one run, for known users or ad-hoc
+histories, read from the Delta tables without Spark, with explanations.
+
+``Recommender.load(warehouse, run_id, representation)`` reads, once, what the run's
+``topk`` ranked with: the run's plan (dataset, excluded splits, half-life, concat weights),
+its stored candidate set (``candidates``), the candidates' vectors (``item_embeddings``), the
+run's user profiles (``user_profiles``) and the dataset's interactions (seen items and train
+histories). ``recommend(users=[...])`` or ``recommend(histories=[[...], ...])`` then costs one
+matrix product and one top-k selection per batch, by the same kernel the ``topk`` job uses
+(``udfs.topk.ItemBlock``: score descending, ties by item id ascending, seen items -inf), so a
+known user's list equals the run's ``recommendations``.
+
+Rules, the same as ``topk``'s:
+- candidates: the run's stored candidate set for the representation (never recomputed);
+- a known user is scored with their stored profile; their items in the plan's excluded splits
+  (``train,valid`` by default) are removed;
+- an ad-hoc history (a user the tables have never seen: a list of item ids) is profiled like
+  a train history (``udfs.profiles``: the plain mean; it carries no timestamps, so a run's
+  half-life does not apply), fusions ``naive``/``concat`` from per-part profiles
+  (``udfs.fusion``); its own items are removed.
+
+Explanations (``explain=True``): for each recommended item, the history items with the largest
+share of its score. For a base representation the shares are exact (``udfs.explanations``:
+they sum to the score); for a fusion, the history items are ranked by the cosine of their
+fused vectors with the item, which orders them but does not decompose the fused score
+(``exact`` is false). For an LVLM representation (or a fusion with an LVLM part) each
+explanation also lists the description phrases the item shares with those history items.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
+
+from udfs import explanations, fusion
+from udfs.profiles import recency_weights, user_profiles
+from udfs.representations import LVLM, RepresentationError, parse_representation
+from udfs.topk import ItemBlock
+from udfs.warehouse_reader import read_table
+
+log = logging.getLogger(__name__)
+
+TRAIN_SPLIT = "train"
+DESCRIPTION_OK = "ok"
+
+
+class RecommendError(ValueError):
+    """A request the recommender cannot serve; the message names the input and the fix."""
+
+
+@dataclass(frozen=True)
+class Contribution:
+    item_id: str
+    share: float | None  # the history item's exact part of the score; None for a fusion
+    similarity: float  # cosine of the history item with the recommended item
+
+
+@dataclass(frozen=True)
+class Explanation:
+    contributors: tuple[Contribution, ...]
+    exact: bool  # the shares of ALL history items sum to the score
+    shared_phrases: tuple[str, ...] = ()
+
+
+@dataclass
+class Recommendations:
+    """One row per query (a user id, or None for an ad-hoc history): ``item_ids`` (q, k)
+    object and ``scores`` (q, k) float32; a row shorter than k (its unseen candidates ran out)
+    is padded with None / -inf. ``explanations[q][r]`` explains ``item_ids[q, r]``."""
+
+    run_id: str
+    representation: str
+    queries: list[str | None]
+    item_ids: np.ndarray
+    scores: np.ndarray
+    explanations: list[list[Explanation]] | None = None
+    titles: dict[str, str] = field(default_factory=dict)
+
+    def records(self) -> list[dict]:
+        """One JSON-ready dict per query: user, run, representation, and its ranked items."""
+        out = []
+        for q, query in enumerate(self.queries):
+            items = []
+            for r, item in enumerate(self.item_ids[q]):
+                if item is None:
+                    break
+                entry = {"rank": r + 1, "item_id": item, "score": float(self.scores[q, r])}
+                if item in self.titles:
+                    entry["title"] = self.titles[item]
+                if self.explanations is not None:
+                    why = self.explanations[q][r]
+                    entry["because"] = [{"item_id": c.item_id,
+                                         "share": None if c.share is None else round(c.share, 6),
+                                         "similarity": round(c.similarity, 6)} for c in why.contributors]
+                    entry["shares_exact"] = why.exact
+                    if why.shared_phrases:
+                        entry["shared_phrases"] = list(why.shared_phrases)
+                items.append(entry)
+            out.append({"user_id": query, "run_id": self.run_id, "representation": self.representation,
+                        "items": items})
+        return out
+
+
+@dataclass
+class _Vectors:
+    """One representation's item vectors: ids, a (n, d) float32 matrix and an id -> row map."""
+
+    ids: np.ndarray
+    matrix: np.ndarray
+    row: dict[str, int]
+
+    @classmethod
+    def from_table(cls, table) -> "_Vectors":
+        ids = np.asarray(table.column("item_id").to_pylist(), dtype=object)
+        flat = pc.list_flatten(table.column("vector")).to_numpy(zero_copy_only=False)
+        matrix = np.ascontiguousarray(flat.reshape(len(ids), -1) if len(ids) else np.empty((0, 0)),
+                                      dtype=np.float32)
+        return cls(ids, matrix, {item: i for i, item in enumerate(ids)})
+
+
+class Recommender:
+    """See the module doc. Build with ``load``; ``recommend`` is batch-first."""
+
+    def __init__(self, warehouse: str, run_id: str, representation: str, plan: dict, vectors: _Vectors,
+                 candidates: np.ndarray, profiles: dict[str, np.ndarray], interactions: pd.DataFrame):
+        self.warehouse, self.run_id, self.representation, self.plan = warehouse, run_id, representation, plan
+        self.dataset: str = plan["dataset"]
+        self.vectors = vectors
+        self.parsed = _parse(representation)
+        rows = np.fromiter((vectors.row[i] for i in candidates), dtype=np.int64, count=len(candidates))
+        self.candidate_ids = np.asarray(candidates, dtype=object)
+        self.block = ItemBlock(vectors.matrix[rows], self.candidate_ids)
+        self.candidate_index = {item: i for i, item in enumerate(self.candidate_ids)}
+        self.profiles = profiles
+        exclude = set(plan["exclude"])
+        seen = interactions[interactions["split"].isin(exclude)]
+        self.seen = {u: np.unique(np.fromiter((self.candidate_index.get(i, -1) for i in items), np.int64))
+                     for u, items in seen.groupby("user_id")["item_id"]}
+        self.seen = {u: s[s >= 0] for u, s in self.seen.items()}
+        train = interactions[interactions["split"] == TRAIN_SPLIT]
+        self.train = {u: (list(g["item_id"]), g["ts"].to_numpy(np.float64)) for u, g in train.groupby("user_id")}
+        self._parts: dict[str, _Vectors] | None = None
+        self._descriptions: dict[str, str] | None = None
+        self._titles: dict[str, str] | None = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, warehouse: str | Path, run_id: str, representation: str) -> "Recommender":
+        """Read the run's tables once (errors name the run, the representation and the fix)."""
+        warehouse = str(warehouse)
+        plans = read_table(warehouse, "plans", equal={"run_id": run_id}, columns=["plan"])
+        if plans.num_rows == 0:
+            known = read_table(warehouse, "plans", columns=["run_id", "created_at"]).to_pandas()
+            latest = known.sort_values("created_at")["run_id"].tolist()[-5:]
+            raise RecommendError(f"run '{run_id}' has no plan in {warehouse}/plans: pass the run id a `vlm4rec "
+                                 f"pipeline` printed (latest runs: {latest})")
+        plan = json.loads(plans.column("plan")[0].as_py())
+        name = resolve_representation(representation, plan["representations"], run_id)
+        candidates = read_table(warehouse, "candidates", equal={"run_id": run_id, "representation": name},
+                                columns=["item_id"]).column("item_id").to_pylist()
+        if not candidates:
+            raise RecommendError(f"run '{run_id}' stored no candidates for '{name}': its topk stage did not "
+                                 f"finish; rerun `vlm4rec pipeline` (or `vlm4rec topk --run-id {run_id}`)")
+        vectors = _Vectors.from_table(read_table(
+            warehouse, "item_embeddings", equal={"dataset": plan["dataset"], "representation": name},
+            columns=["item_id", "vector"]))
+        missing = [i for i in candidates if i not in vectors.row]
+        if missing:
+            raise RecommendError(
+                f"{len(missing)} candidate items of run '{run_id}' have no '{name}' vector in item_embeddings now "
+                f"(e.g. {missing[:3]}): the catalog was re-embedded without them; rerun `vlm4rec pipeline` for a "
+                "run over the current catalog")
+        profiles_table = read_table(warehouse, "user_profiles", equal={"run_id": run_id, "representation": name},
+                                    columns=["user_id", "vector"])
+        profile_vectors = _Vectors.from_table(profiles_table.rename_columns(["item_id", "vector"]))
+        profiles = {u: profile_vectors.matrix[i] for u, i in profile_vectors.row.items()}
+        interactions = read_table(warehouse, "interactions", equal={"dataset": plan["dataset"]},
+                                  columns=["user_id", "item_id", "ts", "split"]).to_pandas()
+        log.info("recommender %s/%s: %d candidates, %d profiles", run_id, name, len(candidates), len(profiles))
+        return cls(warehouse, run_id, name, plan, vectors, np.asarray(sorted(candidates), dtype=object),
+                   profiles, interactions)
+
+    # ------------------------------------------------------------------ ranking
+    def recommend(self, users: Sequence[str] | None = None, histories: Sequence[Sequence[str]] | None = None,
+                  k: int = 10, explain: bool = False, n_contributors: int = 3) -> Recommendations:
+        """Top-``k`` for each of ``users`` (known user ids) or each of ``histories`` (lists of item
+        ids, for users the tables have never seen); exactly one of the two."""
+        if (users is None) == (histories is None):
+            raise RecommendError("pass either users (known user ids) or histories (lists of item ids), not both")
+        if isinstance(users, str) or isinstance(histories, str):
+            raise RecommendError("users / histories are batches: pass a list, e.g. users=['42']")
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise RecommendError(f"k must be a positive integer, got {k!r}")
+        if users is not None:
+            users = [str(u) for u in users]
+            profiles = self._known_profiles(users)
+            seen = [self.seen.get(u, np.empty(0, np.int64)) for u in users]
+            history_items = [self.train.get(u, ([], None))[0] for u in users]
+            queries: list[str | None] = list(users)
+        else:
+            history_items = [self._checked_history(h, q) for q, h in enumerate(histories)]
+            profiles = self._history_profiles(history_items)
+            seen = [np.unique([self.candidate_index[i] for i in h if i in self.candidate_index]).astype(np.int64)
+                    for h in history_items]
+            queries = [None] * len(history_items)
+        if len(queries) == 0:
+            return Recommendations(self.run_id, self.representation, [], np.empty((0, k), object),
+                                   np.empty((0, k), np.float32))
+        scores, indices = self.block.topk(profiles, int(k), seen)
+        ids = np.full(indices.shape, None, dtype=object)
+        ok = indices >= 0
+        ids[ok] = self.candidate_ids[indices[ok]]
+        if indices.shape[1] < k:  # fewer candidates than k: pad to a rectangle
+            pad = k - indices.shape[1]
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=None)
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        result = Recommendations(self.run_id, self.representation, queries, ids, scores)
+        if explain:
+            result.explanations = [self._explain(users[q] if users is not None else None, history_items[q],
+                                                 ids[q], n_contributors) for q in range(len(queries))]
+            result.titles = self.titles([i for row in ids for i in row if i is not None])
+        return result
+
+    def _known_profiles(self, users: list[str]) -> np.ndarray:
+        unknown = [u for u in users if u not in self.profiles]
+        if unknown:
+            sample = sorted(self.profiles)[:5]
+            hint = difflib.get_close_matches(unknown[0], list(self.profiles), n=3)
+            raise RecommendError(
+                f"user '{unknown[0]}' ({len(unknown)} unknown in all) has no '{self.representation}' profile in run "
+                f"'{self.run_id}'" + (f" (did you mean {hint}?)" if hint else f" (its users look like {sample})")
+                + ": for a user the run has not seen, pass their history as a list of item ids "
+                "(--history ITEM,ITEM)")
+        return np.stack([self.profiles[u] for u in users]).astype(np.float32)
+
+    def _checked_history(self, history: Sequence[str], q: int) -> list[str]:
+        if isinstance(history, str):
+            raise RecommendError(f"history {q} is a string: pass a list of item ids, e.g. ['12', '40']")
+        items = [str(i) for i in history]
+        if not items:
+            raise RecommendError(f"history {q} is empty: a user needs at least one item to be profiled "
+                                 "(for a user without history use the popularity baseline)")
+        unknown = [i for i in items if i not in self.vectors.row]
+        if unknown:
+            hint = difflib.get_close_matches(unknown[0], list(self.vectors.row), n=3)
+            raise RecommendError(
+                f"history {q}: item '{unknown[0]}' has no '{self.representation}' vector in dataset "
+                f"'{self.dataset}'" + (f" (did you mean {hint}?)" if hint else "")
+                + ": use item ids of the items table; a new item needs `vlm4rec ingest` and `vlm4rec pipeline` first")
+        return items
+
+    def _history_profiles(self, histories: list[list[str]]) -> np.ndarray:
+        rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
+        flat = [i for h in histories for i in h]
+        if not self.parsed.is_fusion:
+            profiles, _ = user_profiles(rows, self.vectors.matrix[[self.vectors.row[i] for i in flat]],
+                                        n_users=len(histories))
+            return profiles
+        parts = self._part_vectors()
+        per_part = {}
+        for name, vectors in parts.items():
+            missing = [i for i in flat if i not in vectors.row]
+            if missing:
+                raise RecommendError(f"item '{missing[0]}' has no '{name}' vector, a part of '{self.representation}': "
+                                     "run `vlm4rec embed` for it")
+            per_part[name], _ = user_profiles(rows, vectors.matrix[[vectors.row[i] for i in flat]],
+                                              n_users=len(histories))
+        weights = dict(self.plan.get("concat_weights") or [])
+        chosen = {p: w for p, w in weights.items() if p in parts} or None
+        return fusion.fuse(self.parsed.kind, per_part, chosen if self.parsed.kind == fusion.CONCAT else None)
+
+    def _part_vectors(self) -> dict[str, _Vectors]:
+        if self._parts is None:
+            self._parts = {part: _Vectors.from_table(read_table(
+                self.warehouse, "item_embeddings", equal={"dataset": self.dataset, "representation": part},
+                columns=["item_id", "vector"])) for part in self.parsed.parts}
+        return self._parts
+
+    # ------------------------------------------------------------------ explanations
+    def _explain(self, user: str | None, history: list[str], items: np.ndarray, n: int) -> list[Explanation]:
+        # History rows with a vector, as the profile was built from (a repeated item counts twice).
+        rows = [j for j, i in enumerate(history) if i in self.vectors.row]
+        known = [history[j] for j in rows]
+        chosen = [i for i in items if i is not None]
+        if not known or not chosen:
+            return [Explanation((), False) for _ in chosen]
+        h = self.vectors.matrix[[self.vectors.row[i] for i in known]]
+        x = self.vectors.matrix[[self.vectors.row[i] for i in chosen]]
+        similarity = x.astype(np.float64) @ h.T.astype(np.float64)
+        exact = not self.parsed.is_fusion
+        if exact:
+            weights = None
+            half_life = self.plan.get("half_life_days")
+            if user is not None and half_life is not None:
+                ts = self.train[user][1][rows]
+                weights = recency_weights(np.zeros(len(known), np.int64), ts, half_life, 1)
+            shares = explanations.history_shares(h, x, weights)
+        else:
+            shares = similarity
+        texts = self.descriptions() if self._has_lvlm() else {}
+        out = []
+        for r, item in enumerate(chosen):
+            top = np.argsort(-shares[r], kind="stable")[:n]
+            contributors = tuple(Contribution(known[j], float(shares[r, j]) if exact else None,
+                                              float(similarity[r, j])) for j in top)
+            phrases = ()
+            if texts:
+                phrases = tuple(explanations.shared_phrases(texts.get(item), [texts.get(c.item_id)
+                                                                              for c in contributors]))
+            out.append(Explanation(contributors, exact, phrases))
+        return out
+
+    def _has_lvlm(self) -> bool:
+        kinds = {self.parsed.kind} | {parse_representation(p).kind for p in self.parsed.parts}
+        return LVLM in kinds
+
+    def descriptions(self) -> dict[str, str]:
+        """item id -> the description the run's LVLM engine wrote for its image (read once)."""
+        if self._descriptions is None:
+            lvlm = next(parse_representation(n) for n in (self.representation, *self.parsed.parts)
+                        if parse_representation(n).kind == LVLM)
+            items = read_table(self.warehouse, "items", equal={"dataset": self.dataset},
+                               columns=["item_id", "image_sha256"]).to_pandas()
+            texts = read_table(self.warehouse, "descriptions",
+                               equal={"engine": lvlm.engine, "model": lvlm.model, "prompt_id": lvlm.prompt_id,
+                                      "status": DESCRIPTION_OK},
+                               columns=["image_sha256", "text"]).to_pandas()
+            joined = items.merge(texts.drop_duplicates("image_sha256"), on="image_sha256")
+            self._descriptions = dict(zip(joined["item_id"], joined["text"]))
+        return self._descriptions
+
+    def titles(self, item_ids: Sequence[str]) -> dict[str, str]:
+        if self._titles is None:
+            items = read_table(self.warehouse, "items", equal={"dataset": self.dataset},
+                               columns=["item_id", "title"]).to_pandas()
+            self._titles = {i: t for i, t in zip(items["item_id"], items["title"]) if t}
+        return {i: self._titles[i] for i in item_ids if i in self._titles}
+
+
+def _parse(name: str):
+    try:
+        return parse_representation(name)
+    except RepresentationError as exc:
+        raise RecommendError(f"representation '{name}' is not served by recommend: {exc}") from None
+
+
+def resolve_representation(asked: str, available: Sequence[str], run_id: str) -> str:
+    """The run's full representation name for ``asked``: itself, or the ``lvlm`` shorthand (alone
+    or as a fusion part) spelt out when the run has exactly one LVLM representation."""
+    if asked in available:
+        return asked
+    lvlm = [n for n in available if n.startswith(f"{LVLM}:")]
+    if len(lvlm) == 1:
+        head, _, parts = asked.partition(":")
+        expanded = lvlm[0] if asked == LVLM else (
+            f"{head}:" + "+".join(lvlm[0] if p == LVLM else p for p in parts.split("+")) if parts else asked)
+        for name in available:
+            if name == expanded or (":" in expanded and _same_fusion(name, expanded)):
+                return name
+    raise RecommendError(f"run '{run_id}' has no representation '{asked}': it ranked {list(available)}; pass one "
+                         "of them, or run `vlm4rec pipeline` with it in experiment.representations")
+
+
+def _same_fusion(a: str, b: str) -> bool:
+    try:
+        pa_, pb = parse_representation(a), parse_representation(b)
+    except RepresentationError:
+        return False
+    return pa_.kind == pb.kind and pa_.parts == pb.parts

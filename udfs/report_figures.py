@@ -1,0 +1,195 @@
+"""The report's figures, drawn with matplotlib's object API (``Figure``: no pyplot, no display,
+the Agg canvas) from plain pandas frames, each returned as PNG bytes.
+
+Representations appear in the paper's row order (``paper_order``): the LVLM descriptions
+first, then title-only text, item text, raw visual features, the fusions, and the popularity
+and random baselines. Long LVLM names (``lvlm:<engine>:<model>:<prompt_id>``) are shown as
+``lvlm`` (``short_label``) when a run has one.
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from udfs.exposure import BEYOND_ACCURACY
+from udfs.metrics import METRICS
+
+PAPER_KINDS = ("lvlm", "title", "text", "visual", "naive", "concat")
+BASELINE_ORDER = ("popularity", "random")
+METRIC_LABELS = {"recall": "Recall", "ndcg": "NDCG", "precision": "Precision", "map": "MAP",
+                 "hit_rate": "HitRate", "hitrate": "HitRate", "mrr": "MRR"}
+BEYOND_LABELS = {"coverage": "catalog coverage", "popularity_percentile": "mean popularity percentile",
+                 "exposure_gini": "Gini of exposure"}
+HISTORY_BUCKETS = (1, 5, 10, 20, 50)  # lower bounds of the history-length buckets
+DPI = 100
+
+
+def paper_order(names: Sequence[str]) -> list[str]:
+    """``names`` sorted by the paper's rows (see the module doc); unknown kinds after the
+    fusions, in their given order."""
+    def rank(pair):
+        position, name = pair
+        kind = name.split(":", 1)[0]
+        if name in BASELINE_ORDER:
+            return (2, BASELINE_ORDER.index(name), position)
+        if kind in PAPER_KINDS:
+            return (0, PAPER_KINDS.index(kind), position)
+        return (1, 0, position)
+
+    return [name for _, name in sorted(enumerate(dict.fromkeys(names)), key=rank)]
+
+
+def short_label(name: str, names: Sequence[str] = ()) -> str:
+    """``lvlm`` for the run's only LVLM representation (also inside a fusion's parts)."""
+    lvlm = [n for n in names if n.startswith("lvlm:")]
+    if len(lvlm) <= 1 and "lvlm:" in name:
+        head, _, parts = name.partition(":")
+        if head == "lvlm":
+            return "lvlm"
+        return f"{head}:" + "+".join("lvlm" if p.startswith("lvlm:") else p for p in parts.split("+"))
+    return name
+
+
+def png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _metric_label(metric: str, k: int | None = None) -> str:
+    label = METRIC_LABELS.get(metric, metric)
+    return f"{label}@{k}" if k is not None else label
+
+
+def metrics_figure(metrics: pd.DataFrame, order: Sequence[str]) -> bytes:
+    """One panel per metric: a bar per representation and K, with the bootstrap CI as error bars.
+    ``metrics``: representation, metric, k, value, ci_low, ci_high."""
+    present = list(metrics["metric"].drop_duplicates())
+    names = [m for m in METRICS if m in present] + [m for m in present if m not in METRICS]
+    ks = sorted(metrics["k"].unique())
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    figure = Figure(figsize=(4.6 * cols, 3.4 * rows + 0.6), layout="constrained")
+    labels = [short_label(r, order) for r in order]
+    width = 0.8 / max(1, len(ks))
+    x = np.arange(len(order))
+    for n, metric in enumerate(names):
+        ax = figure.add_subplot(rows, cols, n + 1)
+        for j, k in enumerate(ks):
+            part = (metrics[(metrics["metric"] == metric) & (metrics["k"] == k)]
+                    .set_index("representation").reindex(order))
+            value = part["value"].to_numpy(np.float64)
+            low = np.clip(value - part["ci_low"].to_numpy(np.float64), 0, None)
+            high = np.clip(part["ci_high"].to_numpy(np.float64) - value, 0, None)
+            ax.bar(x + (j - (len(ks) - 1) / 2) * width, np.nan_to_num(value), width, label=f"@{k}",
+                   yerr=np.nan_to_num(np.vstack([low, high])), capsize=2, ecolor="#333333")
+        ax.set_title(_metric_label(metric))
+        ax.set_xticks(x, labels, rotation=35, ha="right", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        if n == 0:
+            ax.legend(fontsize=7, title="K", title_fontsize=7)
+    figure.suptitle("Metrics per representation (bars: mean over users; whiskers: 95% bootstrap CI)")
+    return png(figure)
+
+
+def forest_figure(comparisons: pd.DataFrame, reference: str, metrics: Sequence[str], k: int,
+                  order: Sequence[str]) -> bytes:
+    """Paired differences ``reference - other`` with their bootstrap CI and Holm p-values, one
+    panel per metric at K. A difference whose CI crosses zero is drawn hollow and grey.
+    ``comparisons``: representation_a, representation_b, metric, k, mean_diff, ci_low, ci_high, p_holm."""
+    others = [r for r in order if r != reference]
+    figure = Figure(figsize=(5.2 * len(metrics), 0.45 * len(others) + 1.6))
+    for n, metric in enumerate(metrics):
+        ax = figure.add_subplot(1, len(metrics), n + 1)
+        rows = reference_differences(comparisons, reference, metric, k).set_index("other").reindex(others)
+        y = np.arange(len(others))[::-1]
+        for yi, (other, row) in zip(y, rows.iterrows()):
+            if pd.isna(row["mean_diff"]):
+                ax.text(0, yi, "no common users", ha="center", va="center", fontsize=7, color="#888888")
+                continue
+            crosses = row["ci_low"] <= 0 <= row["ci_high"]
+            color = "#9e9e9e" if crosses else ("#1b7837" if row["mean_diff"] > 0 else "#b2182b")
+            ax.plot([row["ci_low"], row["ci_high"]], [yi, yi], color=color, lw=2)
+            ax.plot([row["mean_diff"]], [yi], "o", color=color, mfc="white" if crosses else color, ms=7)
+            ax.annotate(f"p_holm={row['p_holm']:.2g}", (row["ci_high"], yi), xytext=(4, 0),
+                        textcoords="offset points", va="center", fontsize=7)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(y, [short_label(o, order) for o in others], fontsize=8)
+        ax.set_title(f"{short_label(reference, order)} - other, {_metric_label(metric, k)}", fontsize=9)
+        ax.margins(x=0.25)
+        ax.grid(axis="x", alpha=0.3)
+    figure.suptitle("Paired differences against the reference (95% bootstrap CI; grey: CI crosses zero)",
+                    fontsize=10)
+    return png(figure)
+
+
+def reference_differences(comparisons: pd.DataFrame, reference: str, metric: str, k: int) -> pd.DataFrame:
+    """(other, mean_diff, ci_low, ci_high, p_value, p_holm) of ``reference - other``: a pair
+    stored as ``other - reference`` is turned round (the CI's ends swap and change sign)."""
+    part = comparisons[(comparisons["metric"] == metric) & (comparisons["k"] == k)]
+    out = []
+    for _, row in part.iterrows():
+        if row["representation_a"] == reference:
+            out.append((row["representation_b"], row["mean_diff"], row["ci_low"], row["ci_high"],
+                        row["p_value"], row["p_holm"]))
+        elif row["representation_b"] == reference:
+            out.append((row["representation_a"], -row["mean_diff"], -row["ci_high"], -row["ci_low"],
+                        row["p_value"], row["p_holm"]))
+    return pd.DataFrame(out, columns=["other", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm"])
+
+
+def history_bucket(n_history: np.ndarray) -> np.ndarray:
+    """The label of each history length's bucket (``HISTORY_BUCKETS``: 1-4, 5-9, ..., 50+)."""
+    bounds = list(HISTORY_BUCKETS)
+    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(bounds, bounds[1:])] + [f"{bounds[-1]}+"]
+    index = np.searchsorted(bounds, np.asarray(n_history), side="right") - 1
+    return np.array([labels[i] if i >= 0 else "0" for i in index], dtype=object)
+
+
+def by_history_figure(user_values: pd.DataFrame, n_history: pd.Series, metric: str, k: int,
+                      order: Sequence[str]) -> bytes:
+    """Mean per-user ``metric@k`` per history-length bucket, a line per representation, with the
+    number of users of each bucket under its label. ``user_values``: representation, user_id, value;
+    ``n_history``: user_id -> train interactions."""
+    frame = user_values.assign(bucket=history_bucket(user_values["user_id"].map(n_history).fillna(0).to_numpy()))
+    bounds = list(HISTORY_BUCKETS)
+    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(bounds, bounds[1:])] + [f"{bounds[-1]}+"]
+    present = [b for b in labels if (frame["bucket"] == b).any()]
+    users = frame.drop_duplicates("user_id")["bucket"].value_counts()
+    figure = Figure(figsize=(7.5, 3.8))
+    ax = figure.add_subplot(1, 1, 1)
+    x = np.arange(len(present))
+    for rep in order:
+        means = frame[frame["representation"] == rep].groupby("bucket")["value"].mean().reindex(present)
+        ax.plot(x, means.to_numpy(np.float64), marker="o", label=short_label(rep, order))
+    ax.set_xticks(x, [f"{b}\n({users.get(b, 0)} users)" for b in present], fontsize=8)
+    ax.set_xlabel("train history length")
+    ax.set_ylabel(f"mean {_metric_label(metric, k)}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"Per-user {_metric_label(metric, k)} by history length")
+    return png(figure)
+
+
+def beyond_accuracy_figure(figures: pd.DataFrame, order: Sequence[str]) -> bytes:
+    """A horizontal bar panel per figure of ``udfs.exposure``: coverage, mean popularity
+    percentile, Gini of exposure. ``figures``: representation + those columns."""
+    frame = figures.set_index("representation").reindex([r for r in order if r in set(figures["representation"])])
+    figure = Figure(figsize=(12, 0.35 * len(frame) + 1.6))
+    y = np.arange(len(frame))[::-1]
+    for n, column in enumerate(BEYOND_ACCURACY):
+        ax = figure.add_subplot(1, len(BEYOND_ACCURACY), n + 1)
+        values = frame[column].to_numpy(np.float64)
+        ax.barh(y, np.nan_to_num(values), color="#4c72b0")
+        for yi, v in zip(y, values):
+            ax.text(v, yi, f" {v:.3f}", va="center", fontsize=7)
+        ax.set_yticks(y, [short_label(r, order) for r in frame.index] if n == 0 else [""] * len(y), fontsize=8)
+        ax.set_xlim(0, 1.15)
+        ax.set_title(BEYOND_LABELS[column], fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    figure.suptitle("Beyond accuracy: each representation's lists over the run's candidates", fontsize=10)
+    return png(figure)
