@@ -174,3 +174,27 @@ def test_fuse_settings_are_typed_and_planned():
     assert other.plan_hash != plan.plan_hash
     # a plan without a trained fusion does not depend on experiment.fuse
     assert ExperimentPlan.resolve(load_config(["experiments/synthetic.yaml"], [])).fuse == ""
+
+
+def test_profiles_of_a_trained_fusion_are_the_mean_of_its_fused_item_vectors(spark, fused_catalog):
+    from jobs import profiles, tables
+
+    warehouse, _, _ = fused_catalog
+    argv = ["--conf", "datasets/synthetic.yaml", "--set", f"warehouse={warehouse}", "--set", "spark.master=local[2]",
+            "--set", "log_level=WARNING", "--set", f"experiment.representations=[{','.join(REPRESENTATIONS)}]",
+            "--set", "experiment.fuse.epochs=2", "--set", "experiment.fuse.hidden=16",
+            "--set", "experiment.fuse.out_dim=16", "--set", "experiment.fuse.threads=1",
+            "--set", "experiment.fuse.tokens=2", "--set", "experiment.fuse.heads=2",
+            "--set", "experiment.fuse.batch_size=128", "--run-id", "profiles-of-fusions"]
+    assert profiles.main(argv) == 0
+    got = tables.read(spark, warehouse, "user_profiles").filter(
+        "run_id = 'profiles-of-fusions' AND representation = 'gating'").toPandas().set_index("user_id")
+    vectors = fused(spark, warehouse)
+    gating = vectors[vectors["representation"] == "gating"].set_index("item_id")["vector"]
+    train = tables.read(spark, warehouse, "interactions").filter("split = 'train'").toPandas()
+    assert len(got) > 0
+    for user, rows in list(train.groupby("user_id"))[:10]:
+        items = [i for i in rows["item_id"] if i in gating.index]
+        mean = np.stack(gating.loc[items].to_numpy()).astype(np.float64).mean(axis=0)
+        np.testing.assert_allclose(got.loc[user, "vector"], mean / np.linalg.norm(mean), rtol=1e-4, atol=1e-5)
+        assert got.loc[user, "n_history"] == len(items)
