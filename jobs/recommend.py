@@ -1,5 +1,6 @@
-"""``recommend``: top-K of one representation of one run for users or ad-hoc histories, with
-explanations, read from the Delta tables WITHOUT Spark (``udfs.recommender``).
+"""``recommend``: top-K lists of a run for users or ad-hoc histories, with explanations (no Spark).
+
+One representation of one run, read from the Delta tables WITHOUT Spark (``udfs.recommender``).
 
     vlm4rec recommend --run-id RUN --user 42 --user 7 --k 10
     vlm4rec recommend --run-id RUN --representation title --history 12,40,77 --format table

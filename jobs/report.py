@@ -1,6 +1,7 @@
-"""``report``: one run's tables -> a self-contained HTML report and its figures as PNG files,
-under ``<warehouse>/reports/<run_id>/`` (``report.html``, ``metrics.png``, ``forest.png``,
-``by_history.png``, ``beyond_accuracy.png``).
+"""``report``: one run's tables -> a self-contained HTML report and its figures as PNG files.
+
+Written under ``<warehouse>/reports/<run_id>/`` (``report.html``, ``metrics.png``,
+``forest.png``, ``by_history.png``, ``beyond_accuracy.png``).
 
 Contents: each metric@K per representation with its bootstrap CI, in the paper's row order;
 a forest plot of the paired differences against the reference representation (``--reference``,
