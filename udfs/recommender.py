@@ -20,10 +20,12 @@ Rules, the same as ``topk``'s:
   (``udfs.fusion``); its own items are removed.
 
 Explanations (``explain=True``): for each recommended item, the history items with the largest
-share of its score. For a base representation the shares are exact (``udfs.explanations``:
-they sum to the score); for a fusion, the history items are ranked by the cosine of their
-fused vectors with the item, which orders them but does not decompose the fused score
-(``exact`` is false). For an LVLM representation (or a fusion with an LVLM part) each
+share of its score. For a base representation or a trained fusion (profiles are the mean of
+item vectors) the shares are exact (``udfs.explanations``: they sum to the score); for a
+parameter-free fusion (``naive``/``concat``, fused from per-part profiles) and for ``als``
+(fitted user factors), the history items are ranked by their similarity with the item, which
+orders them but does not decompose the score (``exact`` is false, no share). ``als`` serves
+known users only. For an LVLM representation (or a fusion with an LVLM part) each
 explanation also lists the description phrases the item shares with those history items.
 """
 from __future__ import annotations
@@ -41,7 +43,7 @@ import pyarrow.compute as pc
 
 from udfs import explanations, fusion
 from udfs.profiles import recency_weights, user_profiles
-from udfs.representations import LVLM, RepresentationError, parse_representation
+from udfs.representations import ALS, FUSIONS, LVLM, RepresentationError, parse_representation
 from udfs.topk import ItemBlock
 from udfs.warehouse_reader import read_table
 
@@ -134,6 +136,10 @@ class Recommender:
         self.dataset: str = plan["dataset"]
         self.vectors = vectors
         self.parsed = _parse(representation)
+        # Profiles that are the (normalised) mean of the history's item vectors: base
+        # representations and trained fusions; not the parameter-free fusions (fused from
+        # per-part profiles) nor ALS (fitted user factors).
+        self.mean_profile = self.parsed.kind not in FUSIONS and self.parsed.kind != ALS
         rows = np.fromiter((vectors.row[i] for i in candidates), dtype=np.int64, count=len(candidates))
         self.candidate_ids = np.asarray(candidates, dtype=object)
         self.block = ItemBlock(vectors.matrix[rows], self.candidate_ids)
@@ -259,7 +265,11 @@ class Recommender:
     def _history_profiles(self, histories: list[list[str]]) -> np.ndarray:
         rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
         flat = [i for h in histories for i in h]
-        if not self.parsed.is_fusion:
+        if self.parsed.kind == ALS:
+            raise RecommendError(f"'{self.representation}' scores users by the factors ALS fitted to the train "
+                                 "split, which an ad-hoc history does not have: pass a user of the run, or use a "
+                                 "content representation (lvlm, title, visual...) for a new user")
+        if self.mean_profile:
             profiles, _ = user_profiles(rows, self.vectors.matrix[[self.vectors.row[i] for i in flat]],
                                         n_users=len(histories))
             return profiles
@@ -294,7 +304,7 @@ class Recommender:
         h = self.vectors.matrix[[self.vectors.row[i] for i in known]]
         x = self.vectors.matrix[[self.vectors.row[i] for i in chosen]]
         similarity = x.astype(np.float64) @ h.T.astype(np.float64)
-        exact = not self.parsed.is_fusion
+        exact = self.mean_profile
         if exact:
             weights = None
             half_life = self.plan.get("half_life_days")
