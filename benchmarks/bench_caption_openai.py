@@ -1,0 +1,235 @@
+"""The ``openai`` caption engine through Ray Data against a bare asyncio client, on the same real
+server (llama.cpp's server with the tiny random LLaVA of ``tests/llama_server.py``), and the cost
+of a cached rerun.
+
+1. Throughput, for each ``max_concurrency`` in ``--concurrency`` (1, 2, 4, 8): the caption job's
+   Ray Data stages (``jobs.caption.describe_with_ray``: read + decode + shrink tasks, the engine
+   actor, the staging writer; no Spark) over N real MovieLens posters, against a bare ``aiohttp``
+   client firing the very same request bodies (built beforehand: no image work in the baseline)
+   at the same server with the same number of requests in flight. Ratio = Ray images/s / bare
+   images/s (target >= 0.9). Both include their own start (Ray: the actor pool and tasks, after
+   one warm-up run that loads the workers' imports).
+2. Cache: ``--cache-n`` posters (1,500) ingested, the whole ``caption`` job run against the
+   server through a counting proxy (``tests/fault_proxy.py``), then again: the rerun's requests
+   at the proxy (target 0) and its time / the first run's (target < 0.1).
+
+Prints a table, writes ``benchmarks/results/caption_openai.json``.
+
+    python benchmarks/bench_caption_openai.py --n 200 --cache-n 1500
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+POSTERS = REPO.parent / "shared" / "data" / "ml100k" / "posters"
+RESULTS = REPO / "benchmarks" / "results" / "caption_openai.json"
+PROMPT = "Describe this image."
+
+
+def posters(n: int) -> list[Path]:
+    found = sorted(POSTERS.glob("*.jpg"), key=lambda p: int(p.stem))[:n]
+    if len(found) < n:
+        raise SystemExit(f"only {len(found)} posters in {POSTERS}, asked for {n}")
+    return found
+
+
+def todo_table(paths: list[Path]):
+    """What ``caption.plan`` hands to Ray: image_sha256, item_id, image_uri."""
+    import pyarrow as pa
+
+    from udfs.images import sha256_bytes
+
+    return pa.table({"image_sha256": [sha256_bytes(p.read_bytes()) for p in paths],
+                     "item_id": [f"m{p.stem}" for p in paths], "image_uri": [str(p) for p in paths]})
+
+
+def spec_for(base_url: str, concurrency: int, max_new_tokens: int, batch_size: int):
+    from jobs.caption import caption_spec
+    from jobs.config import CaptionConf, OpenaiEngineConf
+    from tests.llama_server import MODEL_NAME
+
+    return caption_spec(CaptionConf(engine="openai", model=MODEL_NAME, prompt=PROMPT, batch_size=batch_size,
+                                    max_new_tokens=max_new_tokens, num_workers=1,
+                                    openai=OpenaiEngineConf(base_url=base_url, max_concurrency=concurrency)))
+
+
+def ray_run(ray, todo, spec, folder: Path) -> tuple[float, int]:
+    from jobs.caption import describe_with_ray
+    from udfs.images import ReadLimits
+
+    start = time.perf_counter()
+    summaries = describe_with_ray(ray, todo, spec, str(folder), ReadLimits())
+    seconds = time.perf_counter() - start
+    ok = sum(int(s["ok"]) for s in summaries)
+    if ok != todo.num_rows:
+        raise SystemExit(f"Ray run described {ok} of {todo.num_rows} images")
+    return seconds, ok
+
+
+def request_bodies(paths: list[Path], max_new_tokens: int) -> list[str]:
+    """The engine's request bodies for these images (same decode, shrink and JPEG encoding)."""
+    from tests.llama_server import MODEL_NAME
+    from udfs.caption.openai_engine import image_data_url, request_body
+    from udfs.caption_udfs import ENGINE_MAX_SIDE
+    from udfs.images import load_image
+
+    return [json.dumps(request_body(MODEL_NAME, PROMPT, image_data_url(load_image(p, max_side=ENGINE_MAX_SIDE["openai"])),
+                                    max_new_tokens, 0.0)) for p in paths]
+
+
+async def bare_client(base_url: str, bodies: list[str], concurrency: int) -> float:
+    """Seconds for a plain aiohttp client to get every body answered, ``concurrency`` in flight."""
+    import aiohttp
+
+    semaphore = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession(headers={"Content-Type": "application/json"},
+                                     timeout=aiohttp.ClientTimeout(total=600)) as session:
+        async def one(body: str) -> None:
+            async with semaphore, session.post(base_url + "/v1/chat/completions", data=body) as response:
+                if response.status != 200:
+                    raise SystemExit(f"bare client: HTTP {response.status}: {await response.text()}")
+                await response.read()
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(b) for b in bodies))
+        return time.perf_counter() - start
+
+
+def write_catalog(folder: Path, paths: list[Path]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "items.csv", "w") as f:
+        f.write("item_id,title,image_path\n")
+        for p in paths:
+            f.write(f"m{p.stem},Movie {p.stem},{p}\n")
+    with open(folder / "interactions.csv", "w") as f:
+        f.write("user_id,item_id,rating,timestamp\n")
+        for i, p in enumerate(paths):
+            f.write(f"u{i % 7},m{p.stem},4,{1000 + i}\n")
+    conf = folder / "posters.yaml"
+    conf.write_text(
+        "dataset:\n  name: bench_openai\n  adapter: csv\n  paths:\n    root: " + str(folder) + "\n"
+        "  options:\n    items: items.csv\n    interactions: interactions.csv\n    item_id: item_id\n"
+        "    user_id: user_id\n    title: title\n    image: image_path\n    rating: rating\n"
+        "    timestamp: timestamp\n  split:\n    protocol: random_ratio\n"
+        "  images:\n    allow_outside_root: true\n")
+    return conf
+
+
+def run_job(main, argv: list[str]) -> tuple[float, dict]:
+    out = io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(out):
+        code = main(argv)
+    seconds = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"{main.__module__} exited {code}:\n{out.getvalue()[-3000:]}")
+    return seconds, json.loads(out.getvalue().strip().splitlines()[-1])["counts"]
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=200, help="images per throughput run")
+    parser.add_argument("--cache-n", type=int, default=1500, help="images of the cache test (0: skip it)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--server-threads", type=int, default=1)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import ray
+
+    from tests.fault_proxy import FaultProxy
+    from tests.llama_server import LlamaServer, MODEL_NAME
+
+    work = Path(tempfile.mkdtemp(prefix="bench-openai-"))
+    server = LlamaServer(work / "server", threads=args.server_threads).start()
+    ray.init(num_cpus=os.cpu_count(), object_store_memory=300 * 1024 * 1024, include_dashboard=False,
+             configure_logging=False, log_to_driver=False)
+    result: dict = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count()}, "n": args.n,
+                    "max_new_tokens": args.max_new_tokens, "server_threads": args.server_threads,
+                    "batch_size": args.batch_size, "throughput": []}
+    try:
+        paths = posters(args.n)
+        todo = todo_table(paths)
+        bodies = request_bodies(paths, args.max_new_tokens)
+        asyncio.run(bare_client(server.base_url, bodies[:8], 2))  # warm the server
+        # Warm Ray's workers (imports) so that the first concurrency level does not pay for it.
+        ray_run(ray, todo.slice(0, 8), spec_for(server.base_url, 2, args.max_new_tokens, args.batch_size),
+                work / "staging-warm")
+        for c in args.concurrency:
+            spec = spec_for(server.base_url, c, args.max_new_tokens, args.batch_size)
+            ray_s, _ = ray_run(ray, todo, spec, work / f"staging-{c}")
+            bare_s = asyncio.run(bare_client(server.base_url, bodies, c))
+            row = {"max_concurrency": c, "ray_images_per_s": args.n / ray_s, "bare_images_per_s": args.n / bare_s,
+                   "ratio": bare_s / ray_s, "ray_s": ray_s, "bare_s": bare_s}
+            result["throughput"].append(row)
+            print(f"c={c}: ray {row['ray_images_per_s']:.2f}/s, bare {row['bare_images_per_s']:.2f}/s, "
+                  f"ratio {row['ratio']:.2f}", flush=True)
+
+        if args.cache_n:
+            from jobs import caption, ingest
+
+            conf = write_catalog(work / "catalog", posters(args.cache_n))
+            wh = work / "wh"
+            with FaultProxy(server.base_url) as proxy:
+                common = ["--conf", str(conf), "--set", f"warehouse={wh}", "--set", "log_level=WARNING",
+                          "--set", "spark.master=local[2]", "--set", "spark.driver_memory=2g"]
+                run_job(ingest.main, common)
+                job = [*common, "--set", "experiment.caption.engine=openai",
+                       "--set", f"experiment.caption.model={MODEL_NAME}", "--set", f"experiment.caption.prompt={PROMPT}",
+                       "--set", f"experiment.caption.max_new_tokens={args.max_new_tokens}",
+                       "--set", f"experiment.caption.batch_size={args.batch_size}",
+                       "--set", f"experiment.caption.openai.base_url={proxy.base_url}",
+                       "--set", "experiment.caption.openai.max_concurrency=4"]
+                first_s, first = run_job(caption.main, job)
+                first_requests = proxy.counts["requests"]
+                second_s, second = run_job(caption.main, job)
+                rerun_requests = proxy.counts["requests"] - first_requests
+            result["cache"] = {"images": args.cache_n, "first_s": first_s, "described": first["described"],
+                               "rerun_s": second_s, "rerun_cached": second["cached"],
+                               "rerun_requests": rerun_requests, "ratio": second_s / first_s,
+                               "prompt_tokens": first["prompt_tokens"], "completion_tokens": first["completion_tokens"]}
+    finally:
+        ray.shutdown()
+        server.stop()
+
+    print(f"\nmachine: {result['machine']['cpu']}, {result['machine']['cores']} cores; server: llama.cpp, "
+          f"{args.server_threads} thread(s), tiny random LLaVA, {args.max_new_tokens} new tokens")
+    print(f"{'max_concurrency':>15} {'Ray images/s':>13} {'bare images/s':>14} {'ratio':>6}")
+    for row in result["throughput"]:
+        print(f"{row['max_concurrency']:>15} {row['ray_images_per_s']:>13.2f} {row['bare_images_per_s']:>14.2f} "
+              f"{row['ratio']:>6.2f}")
+    if "cache" in result:
+        c = result["cache"]
+        print(f"cache, {c['images']} images: first run {c['first_s']:.1f} s ({c['described']} described), "
+              f"rerun {c['rerun_s']:.1f} s, {c['rerun_requests']} requests, ratio {c['ratio']:.3f}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
