@@ -181,6 +181,22 @@ def test_retry_after_is_honoured(llama_server):
 
 
 @pytest.mark.server
+def test_qps_spaces_the_request_starts(llama_server):
+    """qps=4 with 8 requests allowed in flight: the fifth request cannot start before 4 intervals
+    of 1/4 s have passed (a wait the engine imposes on purpose: a lower bound, not a speed
+    figure)."""
+    import time
+
+    with FaultProxy(llama_server.base_url) as proxy:
+        engine = engine_at(proxy.base_url, qps=4.0, max_concurrency=8)
+        started = time.monotonic()
+        assert len(engine.describe(pictures(5))) == 5
+        elapsed = time.monotonic() - started
+        engine.close()
+    assert proxy.counts["requests"] == 5 and elapsed >= 1.0
+
+
+@pytest.mark.server
 def test_the_api_key_is_sent_and_never_shown(llama_server, monkeypatch, caplog):
     secret = "sk-test-" + "7" * 24
     monkeypatch.setenv("VLM4REC_TEST_KEY", secret)
