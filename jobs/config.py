@@ -124,10 +124,8 @@ class DatasetConf:
 
 CAPTION_ENGINES = ("tags", "hf", "vllm", "openai")
 # The evaluation protocol's names live once, in udfs.protocol; the typed config checks against them.
-from udfs.protocol import ALL, CANDIDATE_POLICIES, COMMON, EXCLUDABLE_SPLITS  # noqa: E402,F401
-
-POPULARITY, RANDOM = "popularity", "random"
-BASELINES = (POPULARITY, RANDOM)
+from udfs.protocol import (  # noqa: E402,F401
+    ALL, BASELINES, CANDIDATE_POLICIES, COMMON, EXCLUDABLE_SPLITS, POPULARITY, RANDOM)
 
 
 def _below(value: float | None, low: float) -> str | None:

@@ -35,8 +35,9 @@ import pandas as pd
 
 from udfs import exposure, report_figures, report_html
 from udfs.metrics import METRICS
-from udfs.protocol import TRAIN_SPLIT
+from udfs.protocol import BASELINES, TRAIN_SPLIT
 from udfs.recommender import RecommendError, resolve_representation
+from udfs.results_table import paper_order
 from udfs.warehouse_reader import TableMissing, read_frame
 
 from .config import ConfigError
@@ -142,7 +143,7 @@ def stage_times(runs: pd.DataFrame) -> list[tuple[str, str]]:
 
 
 def choose_reference(asked: str, order: list[str], run_id: str) -> str:
-    vectors = [r for r in order if r not in report_figures.BASELINE_ORDER]
+    vectors = [r for r in order if r not in BASELINES]
     try:
         return resolve_representation(asked, order, run_id)
     except RecommendError:
@@ -237,7 +238,7 @@ def build(warehouse: str, run_id: str, reference: str, run) -> tuple[str, dict[s
     with run.stage("read"):
         data = read_run(warehouse, run_id)
     plan, metrics = data["plan"], data["metrics"]
-    order = report_figures.paper_order([r for r in [*plan["representations"], *plan["baselines"]]
+    order = paper_order([r for r in [*plan["representations"], *plan["baselines"]]
                                         if r in set(metrics["representation"])])
     data["order"] = order
     ks = sorted(int(k) for k in metrics["k"].unique())

@@ -26,6 +26,9 @@ CANDIDATE_POLICIES = (COMMON, ALL)
 TRAIN_SPLIT = "train"
 RELEVANT_SPLIT = "test"
 EXCLUDABLE_SPLITS = ("train", "valid")
+# The vector-free baselines, ranked beside every representation over the same candidates.
+POPULARITY, RANDOM = "popularity", "random"
+BASELINES = (POPULARITY, RANDOM)
 
 CANDIDATE_COLUMNS = ["representation", "item_id"]
 

@@ -1,10 +1,9 @@
 """The report's figures, drawn with matplotlib's object API (``Figure``: no pyplot, no display,
 the Agg canvas) from plain pandas frames, each returned as PNG bytes.
 
-Representations appear in the paper's row order (``paper_order``): the LVLM descriptions
-first, then title-only text, item text, raw visual features, the fusions, and the popularity
-and random baselines. Long LVLM names (``lvlm:<engine>:<model>:<prompt_id>``) are shown as
-``lvlm`` (``short_label``) when a run has one.
+Representations appear in the paper's row order (``udfs.results_table.paper_order``, the
+same order as the printed results table). Long LVLM names (``lvlm:<engine>:<model>:<prompt_id>``)
+are shown as ``lvlm`` (``short_label``) when a run has one.
 """
 from __future__ import annotations
 
@@ -18,29 +17,12 @@ from matplotlib.figure import Figure
 from udfs.exposure import BEYOND_ACCURACY
 from udfs.metrics import METRICS
 
-PAPER_KINDS = ("lvlm", "title", "text", "visual", "naive", "concat")
-BASELINE_ORDER = ("popularity", "random")
 METRIC_LABELS = {"recall": "Recall", "ndcg": "NDCG", "precision": "Precision", "map": "MAP",
                  "hit_rate": "HitRate", "hitrate": "HitRate", "mrr": "MRR"}
 BEYOND_LABELS = {"coverage": "catalog coverage", "popularity_percentile": "mean popularity percentile",
                  "exposure_gini": "Gini of exposure"}
 HISTORY_BUCKETS = (1, 5, 10, 20, 50)  # lower bounds of the history-length buckets
 DPI = 100
-
-
-def paper_order(names: Sequence[str]) -> list[str]:
-    """``names`` sorted by the paper's rows (see the module doc); unknown kinds after the
-    fusions, in their given order."""
-    def rank(pair):
-        position, name = pair
-        kind = name.split(":", 1)[0]
-        if name in BASELINE_ORDER:
-            return (2, BASELINE_ORDER.index(name), position)
-        if kind in PAPER_KINDS:
-            return (0, PAPER_KINDS.index(kind), position)
-        return (1, 0, position)
-
-    return [name for _, name in sorted(enumerate(dict.fromkeys(names)), key=rank)]
 
 
 def short_label(name: str, names: Sequence[str] = ()) -> str:

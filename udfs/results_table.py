@@ -18,11 +18,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from udfs.metrics import METRICS
+from udfs.protocol import BASELINES
 from udfs.representations import ALS, LVLM, TITLE, VISUAL, RepresentationError, parse_representation
 
 # The paper's fusion columns, in its table's order.
 FUSION_METHODS = ("naive", "concat", "attention", "gating", "crossmodal", "smore")
-REFERENCES = (ALS, "popularity", "random")
+REFERENCES = (ALS, *BASELINES)
 
 
 def _parsed(name: str):
