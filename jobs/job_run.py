@@ -114,15 +114,18 @@ class JobRun:
             # A fresh run id: a blind append, and appends from concurrent jobs never conflict.
             tables.append(self.spark, self.warehouse, "runs", frame)
 
+    def record_progress(self) -> None:
+        """Write the run's row now, with the counts and stage times so far (a heartbeat)."""
+        with self._row_lock:
+            if not self._stop.is_set():
+                self._record("running", beat=True)
+
     def _beat(self) -> None:
         while not self._stop.wait(self.config.heartbeat_s):
-            with self._row_lock:
-                if self._stop.is_set():
-                    return
-                try:
-                    self._record("running", beat=True)
-                except Exception:  # noqa: BLE001 - a missed beat must not kill the job
-                    log.warning("run %s: heartbeat not recorded", self.run_id, exc_info=True)
+            try:
+                self.record_progress()
+            except Exception:  # noqa: BLE001 - a missed beat must not kill the job
+                log.warning("run %s: heartbeat not recorded", self.run_id, exc_info=True)
 
     def __enter__(self) -> "JobRun":
         from .abandoned_runs import Driver, mark_abandoned

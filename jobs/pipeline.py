@@ -62,8 +62,7 @@ def pipeline(run: JobRun, args: argparse.Namespace) -> None:
         argv = list(common) + (["--run-id", run.run_id] if stage in SHARED_RUN_ID else [])
         if stage == "report":
             # The report shows this run's stage times: its row gets them now, as a heartbeat would.
-            with run._row_lock:
-                run._record("running", beat=True)
+            run.record_progress()
         with run.stage(stage):
             code = int(import_module(f"jobs.{stage}").main(argv) or 0)
         if code != 0:
