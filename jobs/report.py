@@ -1,7 +1,8 @@
 """``report``: one run's tables -> a self-contained HTML report and its figures as PNG files.
 
 Written under ``<warehouse>/reports/<run_id>/`` (``report.html``, ``metrics.png``,
-``forest.png``, ``by_history.png``, ``beyond_accuracy.png``).
+``forest.png``, ``by_history.png``, ``beyond_accuracy.png``), a local folder or an object-store
+prefix (``s3a://bucket/w/reports/<run_id>/``) through ``udfs.storage``.
 
 Contents: each metric@K per representation with its bootstrap CI, in the paper's row order;
 a forest plot of the paired differences against the reference representation (``--reference``,
@@ -28,12 +29,11 @@ import datetime as dt
 import hashlib
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from udfs import exposure, report_figures, report_html
+from udfs import exposure, report_figures, report_html, storage
 from udfs.metrics import METRICS
 from udfs.protocol import BASELINES, TRAIN_SPLIT
 from udfs.recommender import RecommendError, resolve_representation
@@ -55,8 +55,22 @@ HISTORY_SHOWN = 8
 DESCRIPTION_CHARS = 300
 
 
-def report_dir(warehouse: str, run_id: str) -> Path:
-    return Path(warehouse) / "reports" / run_id
+def report_dir(warehouse: str, run_id: str) -> str:
+    """The run's report folder: a local path, or a URI for an object-store warehouse."""
+    return storage.join(warehouse.removeprefix("file://"), "reports", run_id)
+
+
+def write_report(warehouse: str, run_id: str, page: str, figures: dict[str, bytes]) -> str:
+    """Write the figures, then the page, under ``report_dir``; returns the page's path or URI.
+    Each file is complete once it has its name (``storage.write_bytes``: renamed into place on
+    a local disk; an object-store upload is visible only once complete), and the page comes
+    last, so a reader that finds it finds its figures too."""
+    folder = report_dir(warehouse, run_id)
+    for name, data in figures.items():
+        storage.write_bytes(storage.join(folder, name), data)
+    html = storage.join(folder, "report.html")
+    storage.write_bytes(html, page.encode("utf-8"))
+    return html
 
 
 def _sample(ids, n: int, salt: str) -> list:
@@ -303,22 +317,10 @@ def n_history_counts(interactions: pd.DataFrame) -> dict[str, int]:
 def report(run: JobRun, args: argparse.Namespace) -> None:
     if not args.run_id:
         raise ConfigError("--run-id is required: pass the run id `vlm4rec pipeline` printed")
-    warehouse = run.warehouse
-    if "://" in warehouse and not warehouse.startswith("file://"):
-        raise ConfigError(f"report writes local files, and warehouse {warehouse} is an object store: run it with "
-                          "--set warehouse=<a local copy or mount of the warehouse>")
-    warehouse = warehouse.removeprefix("file://")
+    warehouse = run.warehouse.removeprefix("file://")
     page, figures = build(warehouse, args.run_id, args.reference, run)
     with run.stage("write"):
-        folder = report_dir(warehouse, args.run_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, data in figures.items():
-            (folder / name).write_bytes(data)
-        html = folder / "report.html"
-        # Written whole then renamed: a reader never sees half a page.
-        partial = html.with_suffix(".html.partial")
-        partial.write_text(page, encoding="utf-8")
-        partial.replace(html)
+        html = write_report(warehouse, args.run_id, page, figures)
     run.count("report_figures", len(figures))
     run.count("report_bytes", len(page.encode("utf-8")))
     print(f"report of run {args.run_id}: {html} (figures: {', '.join(sorted(figures))})")

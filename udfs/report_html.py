@@ -14,7 +14,7 @@ from importlib import resources
 
 from jinja2 import DictLoader, Environment, StrictUndefined, select_autoescape
 
-from udfs.images import ImageError, load_image, local_path
+from udfs.images import ImageError, load_image, readable_source
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ def b64(data: bytes) -> str:
 def thumbnail(image_uri: str | None, side: int = THUMB_SIDE) -> str | None:
     """A base64 JPEG of the image at ``image_uri`` at most ``side`` pixels wide, or None when
     there is no image or it cannot be read (logged; the page shows a grey box instead)."""
-    path = local_path(image_uri) if image_uri else None
-    if not path:  # no image, or a remote one: the report fetches nothing
+    path = readable_source(image_uri) if image_uri else None
+    if not path:  # no image, or a web one (http://): the report fetches nothing from the web
         return None
     try:
         img = load_image(path, max_side=side, name=image_uri)

@@ -80,6 +80,29 @@ def _s3_options() -> dict[str, Any]:
     return options
 
 
+def delta_location(uri: str) -> tuple[str, dict[str, str]]:
+    """``(URI, storage_options)`` for delta-rs (``deltalake``) to open the table at ``uri``:
+    S3 under Hadoop's names is ``s3://`` there, with the endpoint, region and credentials of the
+    same AWS environment ``filesystem`` reads (an unset credential is left to delta-rs's own
+    chain: ``~/.aws``, the instance role). Other URIs and plain paths are passed as they are."""
+    kind = scheme(uri)
+    if kind not in _S3_SCHEMES:
+        return str(uri), {}
+    options: dict[str, str] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["AWS_ENDPOINT_URL"] = endpoint
+        if endpoint.lower().startswith("http://"):
+            options["AWS_ALLOW_HTTP"] = "true"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        options["AWS_REGION"] = region
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        if os.environ.get(name):
+            options[name] = os.environ[name]
+    return "s3://" + str(uri)[len(kind) + 3:], options
+
+
 @functools.lru_cache(maxsize=8)
 def _s3_filesystem(options_key: tuple) -> Any:
     from pyarrow import fs

@@ -5,6 +5,10 @@ delta-rs reads the tables delta-spark 4.0 writes here (reader protocol 1, no del
 no column mapping); filters are pushed down to the Parquet files as pyarrow expressions, so a
 run's slice of ``recommendations`` is read without the other runs' rows. Column names and
 table names are the contract of ``jobs.tables`` (which ``udfs`` may not import).
+
+An object-store warehouse (``s3a://bucket/w``) is read the same way: delta-rs opens the log
+with ``udfs.storage.delta_location`` (``s3://`` and the AWS environment's endpoint, region and
+credentials) and the Parquet files are read through ``udfs.storage``'s pyarrow file system.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from urllib.parse import unquote
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+
+from udfs import storage
 
 
 class TableMissing(LookupError):
@@ -33,7 +39,8 @@ def table_uri(warehouse: str | Path, name: str) -> str:
 def has_table(warehouse: str | Path, name: str) -> bool:
     from deltalake import DeltaTable
 
-    return DeltaTable.is_deltatable(table_uri(warehouse, name))
+    location, options = storage.delta_location(table_uri(warehouse, name))
+    return DeltaTable.is_deltatable(location, storage_options=options or None)
 
 
 def read_table(warehouse: str | Path, name: str, equal: Mapping[str, object] | None = None,
@@ -45,20 +52,21 @@ def read_table(warehouse: str | Path, name: str, equal: Mapping[str, object] | N
     from deltalake import DeltaTable
 
     uri = table_uri(warehouse, name)
-    if not DeltaTable.is_deltatable(uri):
+    location, options = storage.delta_location(uri)
+    if not DeltaTable.is_deltatable(location, storage_options=options or None):
         raise TableMissing(f"no '{name}' table in warehouse {warehouse}: run the job that writes it "
                            f"(`vlm4rec pipeline`) or pass the warehouse that holds the run")
-    table = DeltaTable(uri)
+    table = DeltaTable(location, storage_options=options or None)
     schema = pa.schema(table.schema().to_arrow())
     conditions = {c: [v] for c, v in (equal or {}).items()} | {c: list(v) for c, v in (within or {}).items()}
     wanted = list(columns) if columns is not None else schema.names
-    if "://" in uri or table.protocol().min_reader_version > 1:
-        # Object stores and reader features (deletion vectors...) go through delta-rs's own
-        # scan; it can abort the interpreter at exit, so local tables avoid it (below).
+    if table.protocol().min_reader_version > 1:
+        # Reader features (deletion vectors...) go through delta-rs's own scan; it can abort
+        # the interpreter at exit, so tables without them avoid it (below).
         result = table.to_pyarrow_dataset().to_table(filter=_expression(conditions),
                                                      columns=[c for c in wanted if c in schema.names])
     else:
-        result = _read_local(uri, table, schema, conditions, wanted)
+        result = _read_files(uri, table, schema, conditions, wanted)
     for column in wanted:
         # A contract column an older writer lacked reads as null, as jobs.tables.read does.
         if column not in result.column_names:
@@ -74,12 +82,34 @@ def _expression(conditions: Mapping[str, list]):
     return expression
 
 
-def _read_local(uri: str, table, schema: pa.Schema, conditions: Mapping[str, list], wanted: list[str]) -> pa.Table:
+def _file_locator(uri: str):
+    """``(pyarrow file system or None, log entry's path -> file's path)`` for the table at
+    ``uri``: local paths as they always were; object-store keys through ``udfs.storage``."""
+    if not storage.is_uri(uri):  # table_uri resolved it: a local path
+        return None, lambda path: str(Path(uri) / unquote(path).removeprefix("file://"))
+    store, root = storage.filesystem(uri)
+
+    def locate(path: str) -> str:
+        path = unquote(path)  # the log holds URL-encoded keys; an absolute one from a cloned table
+        if storage.is_uri(path):
+            other, key = storage.filesystem(path)
+            if type(other) is not type(store):
+                raise storage.StorageError(f"table {uri} lists a file in another store ({path}): "
+                                           "deep-clone it into the warehouse's store")
+            return key
+        return root.rstrip("/") + "/" + path
+
+    return store, locate
+
+
+def _read_files(uri: str, table, schema: pa.Schema, conditions: Mapping[str, list], wanted: list[str]) -> pa.Table:
     """The snapshot's Parquet files read with pyarrow: delta-rs lists the live files (its log
     replay) and their partition values; partitions are pruned on those values and the other
     conditions are pushed into the Parquet scan. (delta-rs's own pyarrow dataset leaves Rust
     I/O threads behind that abort the interpreter at exit: "terminate called without an
-    active exception", delta-io/delta-rs#2184.)"""
+    active exception", delta-io/delta-rs#2184.) Local files are read from the local file
+    system, an object store's through ``udfs.storage.filesystem``."""
+    store, locate = _file_locator(uri)
     partitions = list(table.metadata().partition_columns)
     actions = pa.table(table.get_add_actions(flatten=True))
     paths = actions.column("path").to_pylist()
@@ -91,12 +121,11 @@ def _read_local(uri: str, table, schema: pa.Schema, conditions: Mapping[str, lis
     for i, path in enumerate(paths):
         key = tuple(values[p][i] for p in partitions)
         if all(key[partitions.index(c)] in set(v) for c, v in conditions.items() if c in partitions):
-            local = unquote(path).removeprefix("file://")  # relative, or absolute (a cloned table)
-            groups.setdefault(key, []).append(str(Path(uri) / local))
+            groups.setdefault(key, []).append(locate(path))  # relative, or absolute (a cloned table)
     pieces = []
     file_schema = pa.schema([schema.field(c) for c in schema.names if c not in partitions])
     for key, files in groups.items():
-        piece = pads.dataset(files, schema=file_schema, format="parquet").to_table(
+        piece = pads.dataset(files, schema=file_schema, format="parquet", filesystem=store).to_table(
             filter=_expression(data_conditions), columns=scan_columns)
         for p, value in zip(partitions, key):
             if p in wanted:

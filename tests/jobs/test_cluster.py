@@ -87,7 +87,8 @@ def run_cli(cluster: lc.LocalCluster, *argv: str, timeout: float = 1200) -> subp
                           env=cluster.env, timeout=timeout)
 
 
-# The report stage writes local files and refuses an object-store warehouse (jobs/report.py).
+# The report stage is skipped for time only: it reads and writes an object-store warehouse
+# (tests/jobs/test_report.py::test_report_on_an_object_store_warehouse, against moto).
 EXPERIMENT = ["--conf", "experiments/synthetic.yaml", "--set", "experiment.representations=[lvlm, title, visual]",
               "--set", "experiment.evaluate.bootstrap_samples=20", "--set", "log_level=INFO", "--skip", "report"]
 

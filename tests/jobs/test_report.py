@@ -1,14 +1,20 @@
 """``report`` over the session's shared pipeline run: the page is self-contained, shows every
-representation, and its figures are real PNGs; ``--reference`` picks the forest plot's reference."""
+representation, and its figures are real PNGs; ``--reference`` picks the forest plot's reference;
+the run's tables read from an object store (moto's S3 server) equal the local ones, and the page,
+its figures and its thumbnails are written and read there."""
 from __future__ import annotations
 
 import shutil
 from html.parser import HTMLParser
 
+import pandas as pd
 import pytest
 from PIL import Image
+from pyarrow import fs as pafs
 
 from jobs import report
+from tests.moto_s3 import BUCKET, moto_s3
+from udfs import report_html, storage
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 FIGURES = ("metrics.png", "forest.png", "by_history.png", "beyond_accuracy.png")
@@ -95,3 +101,39 @@ def test_report_job_with_another_reference(spark, synthetic_run, tmp_path, capsy
     assert "Against the reference: title" in text
     assert report.main(argv + ["--reference", "nope"]) == 2
     assert "--reference 'nope' is not a representation" in capsys.readouterr().err
+
+
+def test_report_on_an_object_store_warehouse(synthetic_run):
+    """The tables delta-spark wrote, copied into a bucket as they are, read back frame for frame;
+    the report written under the bucket's reports/<run_id>/ with nothing else left there."""
+    local, run_id = str(synthetic_run.warehouse), synthetic_run.run_id
+    remote = f"s3a://{BUCKET}/warehouse"
+    with moto_s3():
+        store, root = storage.filesystem(remote)
+        for table in ("plans", "metrics", "comparisons", "user_metrics", "recommendations", "candidates",
+                      "interactions", "items", "rejects", "runs", "descriptions"):
+            if (synthetic_run.warehouse / table).is_dir():
+                pafs.copy_files(f"{local}/{table}", f"{root}/{table}", source_filesystem=pafs.LocalFileSystem(),
+                                destination_filesystem=store)
+        here, there = report.read_run(local, run_id), report.read_run(remote, run_id)
+        assert there.keys() == here.keys() and there["plan"] == here["plan"]
+        for key, frame in here.items():
+            if isinstance(frame, pd.DataFrame):
+                assert len(frame) or key in ("rejects",), key
+                pd.testing.assert_frame_equal(there[key], frame, obj=key)
+
+        folder = synthetic_run.warehouse / "reports" / run_id
+        page = (folder / "report.html").read_text(encoding="utf-8")
+        figures = {name: (folder / name).read_bytes() for name in FIGURES}
+        html = report.write_report(remote, run_id, page, figures)
+        assert html == f"{remote}/reports/{run_id}/report.html"
+        assert storage.read_bytes(html).decode("utf-8") == page
+        assert all(storage.read_bytes(f"{remote}/reports/{run_id}/{n}") == figures[n] for n in FIGURES)
+        assert sorted(e[0] for e in storage.list_entries(f"{remote}/reports/{run_id}")) == sorted(
+            ["report.html", *FIGURES])
+
+        # An item image in the bucket is shown as the local file is.
+        image = next(u for u in here["items"]["image_uri"] if isinstance(u, str) and u)
+        with open(storage.local_path_of(image), "rb") as f:
+            storage.write_bytes(f"s3a://{BUCKET}/images/one", f.read())
+        assert report_html.thumbnail(f"s3a://{BUCKET}/images/one") == report_html.thumbnail(image) is not None

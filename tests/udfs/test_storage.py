@@ -1,9 +1,7 @@
 """Storage by URI: local paths behave as before, URIs are never mangled by pathlib, and the object
-store is reached for real (moto's S3 server on loopback, in this process's threads)."""
+store is reached for real (moto's S3 server on loopback, a process of its own: the ``s3``
+fixture of tests/udfs/conftest.py)."""
 from __future__ import annotations
-
-import os
-import socket
 
 import pytest
 
@@ -53,32 +51,6 @@ def test_local_staging_writes_are_complete_or_absent(tmp_path):
     storage.delete_dir(str(tmp_path / "moved"))
     storage.delete_dir(str(tmp_path / "moved"))  # absent: fine
     assert storage.list_entries(str(tmp_path / "moved")) == []
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """moto's S3 server on a free loopback port, with the AWS variables pointing at it."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    client = boto3.client("s3")
-    client.create_bucket(Bucket="vlm4rec-unit")
-    yield client
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    server.stop()
 
 
 def test_staging_on_an_object_store(s3):

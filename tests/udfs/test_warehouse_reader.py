@@ -1,11 +1,15 @@
 """delta-rs reads what delta-spark 4.0 writes: partitions with names that need escaping, a
-table rewritten in place, and a column added after the first files were written."""
+table rewritten in place, and a column added after the first files were written; the same
+table in an object store (moto's S3 server, the ``s3`` fixture) reads back row for row."""
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
+from pyarrow import fs as pafs
 
 from jobs import tables
-from udfs.warehouse_reader import TableMissing, read_frame
+from udfs import storage
+from udfs.warehouse_reader import TableMissing, has_table, read_frame, read_table
 
 pytestmark = pytest.mark.spark
 
@@ -32,3 +36,49 @@ def test_reads_the_live_rows_of_partitioned_rewritten_tables(spark, warehouse):
                       )["no_such"].isna().all()
     with pytest.raises(TableMissing, match="no 'metrics' table"):
         read_frame(warehouse, "metrics")
+
+
+def test_a_table_delta_spark_wrote_reads_back_from_an_object_store(spark, warehouse, s3):
+    rows = [("O'Neill's catalog", "a", "t1", None, None, None, None, "x"),
+            ("data set/2 %", "b", "t2", None, None, None, None, "x"),
+            ("data set/2 %", "e", "t5", None, None, None, None, "z"),
+            ("plain", "c", "t3", None, None, None, None, "x")]
+    frame = spark.createDataFrame(rows, tables.SCHEMAS["items"])
+    tables.replace_slice(spark, warehouse, "items", frame, {"dataset": ["O'Neill's catalog", "data set/2 %", "plain"]})
+    tables.replace_slice(spark, warehouse, "items", spark.createDataFrame(
+        [("plain", "d", "t4", None, None, None, None, "y")], tables.SCHEMAS["items"]), {"dataset": "plain"})
+    # The folder delta-spark wrote, log and data files as they are, copied into the bucket.
+    remote = "s3a://vlm4rec-unit/reader-wh"
+    store, root = storage.filesystem(remote)
+    pafs.copy_files(str(warehouse / "items"), f"{root}/items", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=store)
+    assert has_table(remote, "items") and not has_table(remote, "metrics")
+    cases = [{}, {"equal": {"dataset": "plain"}}, {"equal": {"dataset": "data set/2 %", "title": "t5"}},
+             {"within": {"dataset": ["O'Neill's catalog", "plain"]}, "columns": ["item_id", "dataset"]},
+             {"equal": {"dataset": "no such"}}, {"columns": ["item_id", "no_such"]}]
+    for case in cases:
+        local, got = read_table(warehouse, "items", **case), read_table(remote, "items", **case)
+        assert got.schema == local.schema, case
+        assert got.sort_by("item_id").to_pylist() == local.sort_by("item_id").to_pylist(), case
+    assert sorted(read_table(remote, "items", columns=["item_id"]).column("item_id").to_pylist()) == ["a", "b", "d", "e"]
+    assert read_table(remote, "items", equal={"dataset": "plain"}, columns=["item_id"]).to_pylist() == [{"item_id": "d"}]
+    with pytest.raises(TableMissing, match=r"no 'metrics' table in warehouse s3a://vlm4rec-unit/reader-wh"):
+        read_frame(remote, "metrics")
+
+
+def test_partitions_are_pruned_before_any_object_is_read(s3):
+    from deltalake import write_deltalake
+
+    remote = "s3a://vlm4rec-unit/pruned-wh"
+    location, options = storage.delta_location(f"{remote}/metrics")
+    assert location == "s3://vlm4rec-unit/pruned-wh/metrics" and options["AWS_ALLOW_HTTP"] == "true"
+    data = pa.table({"run_id": ["r1", "r1", "r2"], "metric": ["ndcg", "recall", "ndcg"], "value": [0.1, 0.2, 0.3]})
+    write_deltalake(location, data, partition_by=["run_id"], storage_options=options)
+    assert read_table(remote, "metrics", equal={"run_id": "r2"}).to_pylist() == [
+        {"run_id": "r2", "metric": "ndcg", "value": 0.3}]
+    # The other run's objects gone: a read of r2 never touches them; a read of r1 fails naming them.
+    store, root = storage.filesystem(f"{remote}/metrics")
+    store.delete_dir(f"{root}/run_id=r1")
+    assert read_table(remote, "metrics", equal={"run_id": "r2"}, columns=["value"]).to_pylist() == [{"value": 0.3}]
+    with pytest.raises(OSError, match="run_id=r1"):
+        read_table(remote, "metrics", equal={"run_id": "r1"})
