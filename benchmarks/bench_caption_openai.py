@@ -25,11 +25,11 @@ import contextlib
 import io
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+from machine import cpu_model  # benchmarks/machine.py (the scripts run from their folder)
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -136,16 +136,6 @@ def run_job(main, argv: list[str]) -> tuple[float, dict]:
     if code != 0:
         raise SystemExit(f"{main.__module__} exited {code}:\n{out.getvalue()[-3000:]}")
     return seconds, json.loads(out.getvalue().strip().splitlines()[-1])["counts"]
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,16 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests import local_cluster as lc  # noqa: E402 - the tests' own cluster, started for real
+from machine import cpu_model  # benchmarks/machine.py (the scripts run from their folder)
 
 BIN = Path(sys.executable).parent
 STAGES = ("ingest", "caption", "embed", "profiles", "topk", "evaluate")
-
-
-def cpu_model() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def run(cluster: lc.LocalCluster, *argv: str) -> tuple[dict, float]:

@@ -23,29 +23,20 @@ import argparse
 import json
 import platform
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from udfs.fusion_models import FusionSpec, build_model
 from udfs.fusion_training import (
     TrainData, TrainSettings, _histories, _user_loss, apply_fusion, model_bytes, train_fusion,
 )
+from machine import cpu_model  # benchmarks/machine.py (the scripts run from their folder)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def training_data(n_items: int, dims: list[int], n_users: int, history: int, seed: int = 0) -> TrainData:

@@ -22,21 +22,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration, subprocess.SubprocessError):
-        return platform.processor() or "unknown"
+from machine import cpu_model  # benchmarks/machine.py (the scripts run from their folder)
 
 
 def unit_rows(rng, n: int, d: int) -> np.ndarray:
