@@ -44,7 +44,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from udfs import fusion_udfs
+from udfs import fusion_udfs, storage
 from udfs.representations import Representation, parse_representation
 
 from . import tables
@@ -153,10 +153,10 @@ def inputs_digest(rep: Representation, params: dict, item_ids: np.ndarray, matri
 
 
 def model_folder(wh: str, run_id: str, rep: Representation) -> Path:
-    if "://" in wh and not wh.startswith("file:"):
+    local = storage.local_path_of(wh)
+    if local is None:
         raise ConfigError(f"fuse keeps its models in a local warehouse folder; warehouse '{wh}' is not one")
-    root = Path(wh[len("file://"):] if wh.startswith("file://") else wh)
-    return root / MODEL_ROOT / run_id / hashlib.sha256(rep.name.encode()).hexdigest()[:16]
+    return Path(local) / MODEL_ROOT / run_id / hashlib.sha256(rep.name.encode()).hexdigest()[:16]
 
 
 def stored_model(spark, wh: str, key: str) -> tuple[bytes, dict] | None:

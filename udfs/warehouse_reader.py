@@ -28,12 +28,10 @@ class TableMissing(LookupError):
 
 
 def table_uri(warehouse: str | Path, name: str) -> str:
-    text = str(warehouse)
-    if text.startswith("file://"):
-        text = text[len("file://"):]
-    if "://" in text:
-        return text.rstrip("/") + "/" + name
-    return str(Path(text).expanduser().resolve() / name)
+    local = storage.local_path_of(str(warehouse))
+    if local is None:
+        return storage.join(str(warehouse), name)
+    return str(Path(local).expanduser().resolve() / name)
 
 
 def has_table(warehouse: str | Path, name: str) -> bool:
