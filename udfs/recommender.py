@@ -43,13 +43,13 @@ import pyarrow.compute as pc
 
 from udfs import explanations, fusion
 from udfs.profiles import recency_weights, user_profiles
+from udfs.protocol import TRAIN_SPLIT, seen_items
 from udfs.representations import ALS, FUSIONS, LVLM, RepresentationError, parse_representation
 from udfs.topk import ItemBlock
 from udfs.warehouse_reader import read_table
 
 log = logging.getLogger(__name__)
 
-TRAIN_SPLIT = "train"
 DESCRIPTION_OK = "ok"
 
 
@@ -145,10 +145,9 @@ class Recommender:
         self.block = ItemBlock(vectors.matrix[rows], self.candidate_ids)
         self.candidate_index = {item: i for i, item in enumerate(self.candidate_ids)}
         self.profiles = profiles
-        exclude = set(plan["exclude"])
-        seen = interactions[interactions["split"].isin(exclude)]
+        # The protocol's seen-item rule (the one topk applies), mapped onto candidate positions.
         self.seen = {u: np.unique(np.fromiter((self.candidate_index.get(i, -1) for i in items), np.int64))
-                     for u, items in seen.groupby("user_id")["item_id"]}
+                     for u, items in seen_items(interactions, plan["exclude"]).items()}
         self.seen = {u: s[s >= 0] for u, s in self.seen.items()}
         train = interactions[interactions["split"] == TRAIN_SPLIT]
         self.train = {u: (list(g["item_id"]), g["ts"].to_numpy(np.float64)) for u, g in train.groupby("user_id")}
