@@ -58,3 +58,107 @@ def test_compare_values_counts_equal_values_and_the_largest_difference(bench):
     assert (out["values"], out["equal_1e-9"], out["only_in_pipeline"], out["only_in_script"]) == (2, 1, 1, 0)
     assert out["max_abs_diff"] == pytest.approx(0.05)
     assert out["max_abs_diff_at"] == {"representation": "b", "column": "value"}
+
+
+# benchmarks/bench_new_items.py: which items it holds out, the reduced catalog it writes, and the
+# check of the rerun's counts (the pipeline runs themselves are the benchmark, not a test).
+
+@pytest.fixture(scope="module")
+def new_items_bench():
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import benchmarks/machine.py as `machine`
+    try:
+        spec = importlib.util.spec_from_file_location("bench_new_items", REPO / "benchmarks" / "bench_new_items.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclass resolves annotations through sys.modules
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return module
+
+
+def small_csv_catalog(root: Path):
+    from PIL import Image
+
+    from jobs.config import load_config
+
+    (root / "images").mkdir(parents=True)
+    colours = {"a": "red", "b": "green", "c": "blue", "d": "blue", "e": "white", "f": "black"}
+    for item, colour in colours.items():
+        Image.new("RGB", (8, 8), colour).save(root / "images" / f"{item}.png")
+    rows = [("a", "Red shirt", "images/a.png"), ("b", "Green shirt", "images/b.png"),
+            ("c", "Blue shirt", "images/c.png"), ("d", "Blue shirt two", "images/d.png"),  # same image bytes
+            ("e", "Shared title", "images/e.png"), ("f", "Shared title", "images/f.png"),
+            ("g", "No picture", "")]
+    with open(root / "items.csv", "w") as handle:
+        handle.write("item_id,title,description,image_path,category,colour,pattern,material\n")
+        handle.writelines(f'{i},{t},"Text of {i}, quoted",{p},c,x,y,z\n' for i, t, p in rows)
+    with open(root / "interactions.csv", "w") as handle:
+        handle.write("user_id,item_id,rating,timestamp\n")
+        handle.writelines(f"u{u},{i},5,{100 * u + n}\n" for u in range(3) for n, (i, _, _) in enumerate(rows))
+    return load_config(["experiments/synthetic.yaml"], [f"dataset.paths.root={root}"]).dataset
+
+
+def test_new_items_are_drawn_among_items_with_an_image_that_share_nothing(new_items_bench, tmp_path):
+    catalog = new_items_bench.read_catalog(small_csv_catalog(tmp_path / "data"))
+    assert catalog.with_image == set("abcdef")
+    drawn = {item for seed in range(20) for item in new_items_bench.choose_new_items(catalog, 0.2, seed)}
+    assert drawn == {"a", "b"}  # c/d share image bytes, e/f a title, g has no image
+    assert new_items_bench.choose_new_items(catalog, 0.2, 3) == new_items_bench.choose_new_items(catalog, 0.2, 3)
+    with pytest.raises(SystemExit, match="lower --fraction"):
+        new_items_bench.choose_new_items(catalog, 0.5, 0)
+
+
+def test_the_reduced_catalog_lacks_the_new_items_and_their_interactions(new_items_bench, tmp_path):
+    import csv
+
+    dataset = small_csv_catalog(tmp_path / "data")
+    catalog = new_items_bench.read_catalog(dataset)
+    (tmp_path / "reduced").mkdir()
+    overrides = catalog.write_without({"a"}, tmp_path / "reduced")
+    with open(tmp_path / "reduced" / "items.csv", newline="") as handle:
+        items = list(csv.DictReader(handle))
+    with open(tmp_path / "reduced" / "interactions.csv", newline="") as handle:
+        interactions = list(csv.DictReader(handle))
+    assert [r["item_id"] for r in items] == list("bcdefg")
+    assert items[0]["description"] == "Text of b, quoted" and items[0]["image_path"] == "images/b.png"
+    assert len(interactions) == 18 and "a" not in {r["item_id"] for r in interactions}
+    assert f"dataset.options.items={tmp_path / 'reduced' / 'items.csv'}" in overrides
+    assert f"dataset.options.images_root={(tmp_path / 'data').resolve()}" in overrides
+
+
+def test_the_rerun_check_names_every_piece_of_work_beyond_the_new_items(new_items_bench):
+    lvlm = "lvlm:tags:cpu-tags:v1"
+
+    def runs(described_rerun=2, reused_title=98, encoded_text=1):
+        first = {"caption": {"counts": {"images": 98, "described": 98, "cached": 0}},
+                 "embed": {"counts": {f"written_{lvlm}": 98, "written_title": 98, "written_text": 90,
+                                      "written_naive": 98}}}
+        rerun = {"caption": {"counts": {"images": 100, "to_describe": 2, "described": described_rerun,
+                                        "cached": 98}},
+                 "embed": {"counts": {f"written_{lvlm}": 100, f"reused_{lvlm}": 98, "written_title": 100,
+                                      "reused_title": reused_title, "written_text": 90 + encoded_text,
+                                      "reused_text": 90, "written_naive": 100}}}
+        return first, rerun
+
+    counts, problems = new_items_bench.check_rerun(*runs(), n_new=2)
+    assert problems == []
+    assert counts["encoded_rerun"] == {lvlm: 2, "text": 1, "title": 2}
+    assert counts["encoded_first"]["title"] == 98 and counts["described_rerun"] == 2
+    _, problems = new_items_bench.check_rerun(*runs(reused_title=97), n_new=2)
+    assert problems == ["embed title: reused 97 vectors, expected the first run's 98",
+                        "embed title: encoded 3 inputs in the rerun, expected the 2 new items"]
+    _, problems = new_items_bench.check_rerun(*runs(described_rerun=1, encoded_text=3), n_new=2)
+    assert problems == ["caption described = 1 in the rerun, expected the 2 new images",
+                        "embed text: encoded 3 inputs in the rerun, more than the 2 new items"]
+
+
+def test_the_new_items_script_explains_itself():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_new_items.py"), "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--fraction" in out.stdout and "--keep" in out.stdout
