@@ -17,7 +17,9 @@ For the configured dataset and ``experiment.caption`` (engine, model, prompt):
    image fails alone); I/O tasks write each batch to one Parquet file in
    ``{warehouse}/_staging/descriptions/{run_id}/``, under a temporary name renamed into place.
    The ``vllm`` engine runs Ray's own vLLM integration instead of the actor pool. The ``openai``
-   engine's actors send HTTP requests to the servers of ``experiment.caption.openai``, checked
+   engine's actors read the files themselves (no loading tasks: the request carries the file's
+   own bytes when the server can take them) and send HTTP requests to the servers of
+   ``experiment.caption.openai``, checked
    before Ray starts: when none answers the job exits 4 (``EXIT_SERVER_DOWN``), naming the URLs
    (docs/CAPTION_SERVERS.md).
 4. Spark merges the staged files into ``descriptions`` (``MERGE`` on the key; an error row
@@ -34,7 +36,8 @@ Counts: ``items``, ``skipped_no_image``, ``images`` (distinct hashes), ``shared_
 ``cached`` (= ``cached_ok`` + ``cached_errors``), ``retried``, ``to_describe``, ``described``,
 ``failed`` (and ``failed_<kind>``), ``adopted_rows`` (from killed runs), ``staged_files``;
 with the ``openai`` engine also ``prompt_tokens``, ``completion_tokens`` (the servers' usage),
-``described_after_retry``, ``retries`` and ``retries_<kind>``.
+``described_after_retry``, ``retries`` and ``retries_<kind>``; stage times ``ms_adopt``,
+``ms_plan``, ``ms_check_servers``, ``ms_ray_start``, ``ms_describe``, ``ms_ray_stop``, ``ms_merge``.
 The job prints the representation name the ``embed`` job uses for these descriptions.
 
 The job's settings in ``experiment.caption`` (``jobs.config.CaptionConf``): ``actor_num_cpus``
@@ -57,6 +60,7 @@ if not __package__:  # run as a file (`spark-submit jobs/<job>.py`): see jobs/_a
     from _as_package import PACKAGE as __package__
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -362,7 +366,12 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: str,
     import ray.data
 
     per_file = spec.conf.rows_per_file
-    blocks = [todo.slice(start, per_file) for start in range(0, todo.num_rows, per_file)]
+    per_block = per_file
+    if spec.engine == "openai":
+        # An openai actor streams a whole block (CaptionActor._send_as_read): blocks small
+        # enough that every actor gets two, so none idles while another works through the rest.
+        per_block = max(1, min(per_file, -(-todo.num_rows // (2 * spec.num_workers))))
+    blocks = [todo.slice(start, per_block) for start in range(0, todo.num_rows, per_block)]
     ds = ray.data.from_arrow(blocks)
     write_kwargs = dict(staging_dir=str(folder), engine=spec.engine, model=spec.model,
                         prompt_id=spec.prompt_id, prompt=spec.prompt)
@@ -373,29 +382,33 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: str,
         log.info("caption engine %s: %d actor(s), %.2f CPU + %.0f GPU each, %d torch thread(s)",
                  spec.engine, spec.num_workers, actor_cpus, actor_gpus, threads)
         cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        ds = ds.map_batches(cu.load_images, fn_kwargs={"max_side": cu.ENGINE_MAX_SIDE[spec.engine],
-                                                    "limits": limits},
-                            batch_size=spec.batch_size, batch_format="pandas",
-                            num_cpus=spec.conf.load_num_cpus,
-                            compute=ray.data.TaskPoolStrategy(size=cluster_cpus))
+        load = {"max_side": cu.ENGINE_MAX_SIDE[spec.engine], "limits": limits}
+        if spec.engine != "openai":
+            ds = ds.map_batches(cu.load_images, fn_kwargs=load, batch_size=spec.batch_size, batch_format="pandas",
+                                num_cpus=spec.conf.load_num_cpus,
+                                compute=ray.data.TaskPoolStrategy(size=cluster_cpus))
         ds = ds.map_batches(
             cu.CaptionActor,
             fn_constructor_kwargs=dict(engine=spec.engine, model=spec.model, prompt=spec.prompt,
                                        batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens,
                                        options=spec.engine_options,
                                        torch_threads=spec.conf.torch_threads if threads else 0,
-                                       max_torch_threads=threads, expected_prompt_id=spec.prompt_id),
+                                       max_torch_threads=threads, expected_prompt_id=spec.prompt_id,
+                                       # The openai actor reads its own files: see CaptionActor.
+                                       load=load if spec.engine == "openai" else None),
             compute=actor_pool(ray, spec),
-            batch_size=spec.batch_size, batch_format="pandas", num_cpus=actor_cpus, num_gpus=actor_gpus)
+            # openai: the whole block in one call, streamed (see CaptionActor._send_as_read).
+            batch_size=None if spec.engine == "openai" else spec.batch_size,
+            batch_format="pandas", num_cpus=actor_cpus, num_gpus=actor_gpus)
     ds = ds.map_batches(cu.write_staging, fn_kwargs=write_kwargs, batch_size=per_file,
                         batch_format="pandas", num_cpus=0.25)
     return ds.take_all()
 
 
 def actor_pool(ray: Any, spec: CaptionSpec) -> Any:
-    """The engine actors. An ``openai`` actor takes a second batch while the first is in flight
-    (two calls on two threads sharing the engine's event loop and its ``max_concurrency``), so
-    that its servers never wait for Ray to hand over the next batch."""
+    """The engine actors. An ``openai`` actor takes a second block while the first one's last
+    requests are in flight (two calls on two threads sharing the engine's event loop and its
+    ``max_concurrency``), so that its servers never wait for Ray to hand over the next block."""
     if spec.engine == "openai":
         return ray.data.ActorPoolStrategy(size=spec.num_workers, max_concurrent_calls_per_actor=2,
                                           enable_true_multi_threading=True)
@@ -438,25 +451,37 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
     check_engine_installed(spec.engine)
     log.info("caption %s with %s (prompt %s) for dataset %s%s", spec.engine, spec.model, spec.prompt_id,
              config.dataset.name, " (forced)" if spec.force else "")
-    adopt_dead_runs(run)
-    todo = plan(run, spec)
+    # Stage times (ms_<stage> in the counts) say where a run's fixed seconds go; a fully cached
+    # rerun stops after the plan and never starts Ray.
+    with run.stage("adopt"):
+        adopt_dead_runs(run)
+    with run.stage("plan"):
+        todo = plan(run, spec)
     if todo.num_rows and spec.engine == "openai":
-        spec = with_live_servers(spec)
+        with run.stage("check_servers"):
+            spec = with_live_servers(spec)
     if todo.num_rows:
         folder = storage.join(staging_root(run.warehouse), run.run_id)
         write_owner(folder, run.run_id)
         started = time.perf_counter()
         try:
-            with ray_session(config.ray) as ray:
-                summaries = describe_with_ray(ray, todo, spec, folder, ReadLimits(
-                    config.dataset.images.max_bytes, config.dataset.images.read_timeout_s))
+            with contextlib.ExitStack() as stack:
+                with run.stage("ray_start"):
+                    ray = stack.enter_context(ray_session(config.ray))
+                with run.stage("describe"):
+                    summaries = describe_with_ray(ray, todo, spec, folder, ReadLimits(
+                        config.dataset.images.max_bytes, config.dataset.images.read_timeout_s))
+                session = stack.pop_all()
+            with run.stage("ray_stop"):
+                session.close()
         except BaseException:
             _salvage(run, folder)
             raise
         seconds = time.perf_counter() - started
-        files = staged_files(folder)
-        merge_staged(run, files)
-        storage.delete_dir(folder)
+        with run.stage("merge"):
+            files = staged_files(folder)
+            merge_staged(run, files)
+            storage.delete_dir(folder)
         run.count("staged_files", len(files))
         run.count("described", sum(s["ok"] for s in summaries))
         run.count("failed", sum(s["error"] for s in summaries))

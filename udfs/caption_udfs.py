@@ -8,7 +8,10 @@ Three Ray Data stages over batches of unique images (pandas frames with ``image_
    to what the engine needs, so that the engine never waits on I/O or a JPEG decoder. Pixels
    travel as raw RGB bytes with their width and height (no tensor extension types).
 2. ``CaptionActor`` (an actor pool): one engine per actor, built on the first batch that has an
-   image to describe; ``udfs.caption.describe_isolated`` makes one bad image fail alone.
+   image to describe; ``udfs.caption.describe_isolated`` makes one bad image fail alone. The
+   ``openai`` engine has no stage 1: its actor reads and checks the files itself
+   (``load_image_urls``: the request's ``data:`` URL, usually the file's own bytes) and does
+   nothing else but HTTP.
 3. ``write_staging`` (I/O tasks): each batch becomes one Parquet file in the run's staging
    folder, written under a temporary name and renamed into place, so a file that exists under
    its final name is complete. The job's Spark step merges those files into ``descriptions``.
@@ -162,6 +165,31 @@ def load_images(batch: pd.DataFrame, max_side: int | None, limits: Any = None) -
     return batch.assign(pixels=pixels, width=widths, height=heights, error=errors)
 
 
+def image_url_of(uri: str, sha: str, max_side: int | None, limits: Any = None) -> tuple[str | None, str | None]:
+    """``(data: URL, None)`` or ``(None, error text)`` for one image of the ``openai`` engine:
+    ``read_checked``, then ``udfs.caption.openai_engine.file_data_url`` (the file's own bytes
+    when the server can take them as they are, else decoded, shrunk to ``max_side`` and
+    re-encoded); a corrupt file is an error naming it, never an exception."""
+    from udfs.caption.openai_engine import file_data_url
+    from udfs.images import ImageError
+
+    try:
+        data, error = read_checked(uri, sha, limits)
+        if data is None:
+            return None, error
+        return file_data_url(data, str(uri), max_side)[0], None
+    except ImageError as exc:
+        return None, error_text(exc.kind, exc.reason)
+    except Exception as exc:  # noqa: BLE001 - one image never fails its batch
+        return None, error_text("unreadable", f"image '{uri}' failed to load ({type(exc).__name__}: {exc})")
+
+
+def load_image_urls(batch: pd.DataFrame, max_side: int | None, limits: Any = None) -> pd.DataFrame:
+    """``image_url_of`` for a batch: adds ``image_url`` and ``error``."""
+    pairs = [image_url_of(uri, sha, max_side, limits) for uri, sha in zip(batch["image_uri"], batch["image_sha256"])]
+    return batch.assign(image_url=[u for u, _ in pairs], error=[e for _, e in pairs])
+
+
 class CaptionActor:
     """Ray stage 2: one caption engine per actor, described batch by batch.
 
@@ -172,9 +200,14 @@ class CaptionActor:
 
     def __init__(self, engine: str, model: str, prompt: str, batch_size: int, max_new_tokens: int,
                  options: Mapping[str, Any] | None = None, torch_threads: int = 0,
-                 expected_prompt_id: str | None = None, max_torch_threads: int = 0):
+                 expected_prompt_id: str | None = None, max_torch_threads: int = 0,
+                 load: Mapping[str, Any] | None = None):
         self.spec = dict(name=engine, model=model, prompt=prompt, batch_size=batch_size,
                          max_new_tokens=max_new_tokens, options=dict(options or {}))
+        # ``load_image_urls``'s keyword arguments when this actor reads its own files (the
+        # openai engine: a millisecond per image, not worth a stage, a process hop and an
+        # object-store copy of its own).
+        self.load = dict(load) if load is not None else None
         # Explicit, or this node's own cores up to the driver's share (``max_torch_threads``):
         # on a cluster the nodes differ, and the driver sees only the cluster's total.
         self.torch_threads = torch_threads or (min(max_torch_threads, node_cpus()) if max_torch_threads else 0)
@@ -217,13 +250,18 @@ class CaptionActor:
         prompt_tokens: list[int | None] = [None] * n
         retries: list[str] = [""] * n
         latency: list[float | None] = [None] * n
-        errors = [_text_or_none(e) for e in batch["error"]]
-        todo = [i for i in range(n) if errors[i] is None]
+        started = time.perf_counter()
+        if self.load is not None:
+            todo, results, errors = self._send_as_read(batch)
+        else:
+            errors = [_text_or_none(e) for e in batch["error"]]
+            todo = [i for i in range(n) if errors[i] is None]
+            results = []
+            if todo:
+                images = [Image.frombytes("RGB", (int(batch["width"].iat[i]), int(batch["height"].iat[i])),
+                                          batch["pixels"].iat[i]) for i in todo]
+                results = describe_isolated(self.engine, images)
         if todo:
-            images = [Image.frombytes("RGB", (int(batch["width"].iat[i]), int(batch["height"].iat[i])),
-                                      batch["pixels"].iat[i]) for i in todo]
-            started = time.perf_counter()
-            results = describe_isolated(self.engine, images)
             per_image_ms = (time.perf_counter() - started) * 1000.0 / len(todo)
             for i, result in zip(todo, results):
                 if isinstance(result, Exception):
@@ -234,10 +272,27 @@ class CaptionActor:
                 else:
                     texts[i], tokens[i], latency[i] = result.text, result.n_tokens, per_image_ms
                     prompt_tokens[i], retries[i] = result.prompt_tokens, ",".join(result.retries)
-        out = batch.drop(columns=["pixels", "width", "height"])
+        out = batch.drop(columns=[c for c in ("pixels", "width", "height", "error") if c in batch])
         return out.assign(text=texts, n_tokens=tokens, latency_ms=latency, error=errors,
                           status=[OK if e is None else ERROR for e in errors],
                           prompt_tokens=pd.array(prompt_tokens, dtype="Int64"), retries=retries)
+
+
+    def _send_as_read(self, batch: pd.DataFrame) -> tuple[list[int], list[Any], list[str | None]]:
+        """The ``openai`` engine's streaming path: each image is read, checked and handed to
+        the engine's event loop at once (``submit_url``), so requests leave while the rest of
+        the batch is still being read, and the whole batch (a staged file's worth of rows) is
+        in flight up to ``max_concurrency``: no batch waits for its slowest request before the
+        next one starts. Returns (rows sent, their results, every row's error)."""
+        from udfs.caption.openai_engine import outcome
+
+        errors: list[str | None] = [None] * len(batch)
+        sent: dict[int, Any] = {}
+        for i, (uri, sha) in enumerate(zip(batch["image_uri"], batch["image_sha256"])):
+            url, errors[i] = image_url_of(uri, sha, **self.load)
+            if url is not None:
+                sent[i] = self.engine.submit_url(url)
+        return list(sent), [outcome(f) for f in sent.values()], errors
 
 
 def node_cpus() -> int:

@@ -37,7 +37,10 @@ The key is sent as ``Authorization: Bearer`` and never logged, stored or put in 
 from __future__ import annotations
 
 import asyncio
+import base64
+import concurrent.futures
 import email.utils
+import io
 import json
 import logging
 import os
@@ -159,6 +162,45 @@ def image_data_url(image: Image.Image) -> str:
     return data_url(image)
 
 
+# Formats every vision server decodes itself (llama.cpp's stb_image, vLLM's and TGI's Pillow,
+# Ollama, hosted APIs; not WebP, which stb_image cannot read), in the pixel modes whose look
+# does not depend on how a decoder treats alpha, palettes, CMYK or 16 bits: such files go out
+# as their own bytes.
+SENT_AS_IS: dict[str, str] = {"JPEG": "image/jpeg", "PNG": "image/png"}
+SENT_AS_IS_MODES = frozenset({"RGB", "L"})
+# A file above this is shrunk and re-encoded even within max_side: hosted APIs cap a request's
+# image (OpenAI at 20 MB, others lower) and a data URL is a third larger than its bytes.
+MAX_SENT_BYTES = 4 * 1024 * 1024
+EXIF_ORIENTATION = 0x0112
+
+
+def file_data_url(data: bytes, name: str, max_side: int | None) -> tuple[str, bool]:
+    """``(data: URL, sent as is)`` for one image file's bytes.
+
+    A JPEG or PNG in RGB or grey without transparency, no larger than ``max_side`` on its longest side and
+    ``MAX_SENT_BYTES``, upright (no EXIF rotation) goes out as its own bytes with its MIME type:
+    no re-encoding, so the server sees the very file that was hashed. It is still decoded once
+    (JPEGs at 1/8 scale, which reads the whole entropy-coded stream), so a truncated or corrupt
+    file fails here as ``udfs.images.ImageError`` and never reaches the server. Anything else
+    is decoded, rotated, flattened and shrunk as for the other engines (``udfs.images.load_image``)
+    and sent as a JPEG."""
+    from udfs.images import load_image
+
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            as_is = (probe.format in SENT_AS_IS and probe.mode in SENT_AS_IS_MODES
+                     and "transparency" not in probe.info
+                     and (max_side is None or max(probe.size) <= max_side) and len(data) <= MAX_SENT_BYTES
+                     and probe.getexif().get(EXIF_ORIENTATION, 1) == 1)
+            mime = SENT_AS_IS.get(probe.format or "")
+    except Exception:  # noqa: BLE001 - load_image below names what is wrong with the file
+        as_is = False
+    if as_is:
+        load_image(data, name=name, max_side=64)  # the integrity check: raises for a bad file
+        return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", True
+    return image_data_url(load_image(data, name=name, max_side=max_side)), False
+
+
 def request_body(model: str, prompt: str, image_url: str, max_tokens: int, temperature: float) -> dict[str, Any]:
     """The chat completion request for one image."""
     return {
@@ -242,6 +284,9 @@ class _Client:
         self.thread = threading.Thread(target=self.loop.run_forever, name="openai-engine", daemon=True)
         self.thread.start()
         self.session = self._run(self._open())
+        # Requests handed over and not finished: the max_concurrency in flight plus as many
+        # waiting, so that the servers never wait for the caller to read the next image.
+        self.window = threading.BoundedSemaphore(2 * settings.max_concurrency)
         self.next_url = 0
         self.rng = random.Random()
 
@@ -256,12 +301,15 @@ class _Client:
     def _run(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
-    def post_all(self, bodies: Sequence[dict[str, Any] | Exception]) -> list[Caption | Exception]:
-        async def gather():
-            return await asyncio.gather(*(self._one(b) if isinstance(b, dict) else _raise(b) for b in bodies),
-                                        return_exceptions=True)
-
-        return list(self._run(gather()))
+    def submit(self, body: dict[str, Any] | Exception) -> concurrent.futures.Future:
+        """Start one request on the loop; the future holds its ``Caption`` or raises its error.
+        Blocks while ``window`` requests are in flight or queued, so that a caller reading a
+        large batch never holds more than that many request bodies in memory."""
+        self.window.acquire()
+        future = asyncio.run_coroutine_threadsafe(self._one(body) if isinstance(body, dict) else _raise(body),
+                                                  self.loop)
+        future.add_done_callback(lambda _: self.window.release())
+        return future
 
     def _url(self) -> str:
         url = self.settings.urls[self.next_url % len(self.settings.urls)]
@@ -335,6 +383,12 @@ async def _raise(error: Exception):
     raise error
 
 
+def outcome(future: concurrent.futures.Future) -> Caption | Exception:
+    """A submitted request's result: its ``Caption``, or the exception it ended with."""
+    error = future.exception()
+    return error if error is not None else future.result()
+
+
 class OpenAIEngine(CaptionEngine):
     """One chat completion request per image to an OpenAI-compatible server (see the module)."""
 
@@ -354,26 +408,38 @@ class OpenAIEngine(CaptionEngine):
         self.options = check_options(self.name, options, OPTIONS)
         self.settings = ClientSettings.from_options(self.options)
         self._client: _Client | None = None
+        self._client_lock = threading.Lock()  # the caption actor calls from several threads
 
     @property
     def client(self) -> _Client:
-        if self._client is None:
-            self._client = _Client(self.settings, self.settings.headers())
-        return self._client
+        with self._client_lock:
+            if self._client is None:
+                self._client = _Client(self.settings, self.settings.headers())
+            return self._client
 
     def describe_each(self, images: Sequence[Image.Image]) -> list[Caption | Exception]:
         """One result per image, in order: its ``Caption`` or the exception that image alone met
         (a ``RequestFailed`` after the retries, or the error encoding it)."""
-        bodies: list[dict[str, Any] | Exception] = []
+        urls: list[str | Exception] = []
         for image in images:
             try:
-                bodies.append(request_body(self.model, self.prompt, image_data_url(image),
-                                           self.max_new_tokens, self.settings.temperature))
+                urls.append(image_data_url(image))
             except Exception as exc:  # noqa: BLE001 - a bad image fails alone
-                bodies.append(exc)
-        if not bodies:
-            return []
-        return self.client.post_all(bodies)
+                urls.append(exc)
+        return self.describe_urls(urls)
+
+    def submit_url(self, image_url: str | Exception) -> concurrent.futures.Future:
+        """Send one image (its ``data:`` URL) now; the future's ``outcome`` is its result.
+        Blocks while twice ``max_concurrency`` requests are already in flight or waiting."""
+        body = image_url if isinstance(image_url, Exception) else request_body(
+            self.model, self.prompt, image_url, self.max_new_tokens, self.settings.temperature)
+        return self.client.submit(body)
+
+    def describe_urls(self, image_urls: Sequence[str | Exception]) -> list[Caption | Exception]:
+        """``describe_each`` for images already in request form (``file_data_url``: what the
+        caption job's loading tasks hand over, so that the actor does only HTTP); an exception
+        in the list is that image's result as it is."""
+        return [outcome(f) for f in [self.submit_url(url) for url in image_urls]]
 
     def describe(self, images: Sequence[Image.Image]) -> list[Caption]:
         results = self.describe_each(images)

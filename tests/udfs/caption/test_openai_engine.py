@@ -3,12 +3,15 @@ through the fault-injecting proxy; and its pure parts (Retry-After, backoff, res
 settings) in milliseconds."""
 from __future__ import annotations
 
+import base64
+import io
 import json
 import logging
 import random
 import urllib.request
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -107,6 +110,60 @@ def test_no_server_is_a_clear_error_naming_the_url():
         check_servers({"base_url": url}, MODEL_NAME, timeout_s=2)
 
 
+def encoded(image: Image.Image, fmt: str, **save) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def data_url_bytes(url: str) -> tuple[str, bytes]:
+    header, payload = url.split(",", 1)
+    return header, base64.b64decode(payload)
+
+
+def test_a_file_the_server_can_take_goes_as_its_own_bytes_and_others_are_reencoded():
+    from udfs.caption.openai_engine import file_data_url
+
+    picture = pictures(1)[0]
+    jpeg, png = encoded(picture, "JPEG", quality=80), encoded(picture, "PNG")
+    for data, mime in ((jpeg, "image/jpeg"), (png, "image/png"), (encoded(picture.convert("L"), "PNG"), "image/png")):
+        url, as_is = file_data_url(data, "poster.x", max_side=1344)
+        assert as_is and data_url_bytes(url) == (f"data:{mime};base64", data)
+    # Too large for the engine, alpha, a palette with transparency, WebP (llama.cpp cannot read
+    # it), an EXIF rotation: decoded, flattened, rotated, shrunk, sent as a JPEG.
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    wide = Image.new("RGB", (3000, 100), (200, 10, 10))
+    cases = {"big": (encoded(wide, "PNG"), (1344, 45)),
+             "rgba": (encoded(picture.convert("RGBA"), "PNG"), picture.size),
+             "webp": (encoded(picture, "WEBP"), picture.size),
+             "rotated": (encoded(picture, "JPEG", exif=exif.tobytes()), picture.size[::-1])}
+    for name, (data, size) in cases.items():
+        url, as_is = file_data_url(data, name, max_side=1344)
+        header, sent = data_url_bytes(url)
+        assert not as_is and header == "data:image/jpeg;base64", name
+        assert Image.open(io.BytesIO(sent)).size == size, name
+
+
+def test_a_corrupt_file_is_an_error_row_that_names_it_never_a_failed_batch(tmp_path):
+    from udfs.caption_udfs import load_image_urls
+    from udfs.images import sha256_bytes
+
+    good = encoded(pictures(1)[0], "JPEG")
+    files = {"good.jpg": good, "cut.jpg": good[: len(good) // 2], "text.jpg": b"not an image at all"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    batch = pd.DataFrame({"image_uri": [str(tmp_path / n) for n in files],
+                          "image_sha256": [sha256_bytes(d) for d in files.values()],
+                          "item_id": list(files)})
+    batch.loc[3] = [str(tmp_path / "good.jpg"), "0" * 64, "changed"]  # bytes that no longer match
+    out = load_image_urls(batch, max_side=1344)
+    assert data_url_bytes(out["image_url"][0])[1] == good and out["error"][0] is None
+    kinds = [str(e).split(":")[0] for e in out["error"][1:]]
+    assert kinds == ["truncated", "not_image", "changed"] and out["image_url"][1:].isna().all()
+    assert "cut.jpg" in out["error"][1] and "text.jpg" in out["error"][2] and "rerun ingest" in out["error"][3]
+
+
 # --- against the real server ------------------------------------------------------------------
 
 @pytest.mark.server
@@ -133,6 +190,24 @@ def test_images_go_through_the_vision_encoder(llama_server):
     one, two, three = prompt_tokens(1), prompt_tokens(2), prompt_tokens(3)
     assert two - one == three - two == (V_IMAGE // V_PATCH) ** 2
     assert prompt_tokens(0) < one
+
+
+@pytest.mark.server
+def test_a_jpeg_and_a_png_sent_as_their_own_bytes_reach_the_vision_encoder(llama_server):
+    """The bytes path (``file_data_url`` -> ``describe_urls``): llama.cpp decodes both formats
+    itself, so each prompt carries the same image tokens; an exception in the list stays that
+    image's result."""
+    from udfs.caption.openai_engine import file_data_url
+
+    picture = pictures(1)[0]
+    urls = [file_data_url(encoded(picture, fmt), fmt, max_side=1344) for fmt in ("JPEG", "PNG")]
+    assert [as_is for _, as_is in urls] == [True, True]
+    engine = engine_at(llama_server.base_url)
+    failed = ValueError("could not be read")
+    jpeg, png, kept = engine.describe_urls([urls[0][0], urls[1][0], failed])
+    engine.close()
+    assert isinstance(jpeg, Caption) and isinstance(png, Caption) and kept is failed
+    assert jpeg.prompt_tokens == png.prompt_tokens > (V_IMAGE // V_PATCH) ** 2
 
 
 @pytest.mark.server
