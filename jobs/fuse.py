@@ -34,17 +34,15 @@ import hashlib
 import json
 import logging
 import math
-import platform
-from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from udfs import fusion_udfs, storage
+from udfs.fusion_inputs import FUSE_SPLITS, aligned_parts, indexed_interactions, inputs_digest, library_versions
 from udfs.representations import Representation, parse_representation
 
 from . import tables
@@ -63,16 +61,6 @@ MODEL_FILE = "model.pt"
 # Beside the warehouse's tables, not inside the fusion_models table's folder (a VACUUM there would
 # delete files Delta does not know).
 MODEL_ROOT = "fusion_model_files"
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in ("torch", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "absent"
-    return versions
 
 
 def knn_ks(settings: FuseConf, rep: Representation) -> tuple[int, ...]:
@@ -101,55 +89,8 @@ def read_parts(spark, wh: str, dataset: str, parts: list[str]) -> dict[str, pd.D
 def read_train_valid(spark, wh: str, dataset: str) -> pd.DataFrame:
     """(user_id, item_id, split) of the train and valid rows; the filter cannot let a test row through."""
     return (tables.read(spark, wh, "interactions")
-            .filter((F.col("dataset") == dataset) & F.col("split").isin("train", "valid"))
+            .filter((F.col("dataset") == dataset) & F.col("split").isin(*FUSE_SPLITS))
             .select("user_id", "item_id", "split").toPandas())
-
-
-def aligned_parts(frames: dict[str, pd.DataFrame], rep: Representation) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(item ids having every part, sorted; each part's (n, d) float32 rows in that order)."""
-    ids = None
-    for part in rep.parts:
-        have = set(frames[part]["item_id"])
-        ids = have if ids is None else ids & have
-    item_ids = np.array(sorted(ids or ()), dtype=object)
-    matrices = []
-    for part in rep.parts:
-        frame = frames[part].set_index("item_id").loc[item_ids]
-        dims = {len(v) for v in frame["vector"]}
-        if len(dims) > 1:
-            raise NothingUsable(f"representation '{part}' holds vectors of dimensions {sorted(dims)}: "
-                                "rerun `vlm4rec embed` for it")
-        matrices.append(np.stack(frame["vector"].to_numpy()).astype(np.float32) if len(frame)
-                        else np.zeros((0, 1), np.float32))
-    return item_ids, matrices
-
-
-def indexed_interactions(interactions: pd.DataFrame, item_ids: np.ndarray):
-    """(train users, train items, valid users, valid items) as indices (users sorted by id), and
-    the number of rows whose item is not among ``item_ids``."""
-    position = pd.Index(item_ids)
-    items = position.get_indexer(interactions["item_id"])
-    known = items >= 0
-    kept = interactions[known]
-    users = pd.Index(sorted(kept["user_id"].unique())).get_indexer(kept["user_id"])
-    items = items[known]
-    train = (kept["split"] == "train").to_numpy()
-    return (users[train].astype(np.int64), items[train].astype(np.int64), users[~train].astype(np.int64),
-            items[~train].astype(np.int64)), int((~known).sum())
-
-
-def inputs_digest(rep: Representation, params: dict, item_ids: np.ndarray, matrices: list[np.ndarray],
-                  interactions: pd.DataFrame) -> str:
-    digest = hashlib.sha256()
-    digest.update(json.dumps({"representation": rep.name, "params": params, "versions": library_versions()},
-                             sort_keys=True).encode())
-    digest.update("\n".join(item_ids.tolist()).encode())
-    for matrix in matrices:
-        digest.update(np.ascontiguousarray(matrix, dtype=np.float32).tobytes())
-    rows = interactions.sort_values(["split", "user_id", "item_id"], kind="stable")
-    for column in ("split", "user_id", "item_id"):
-        digest.update("\x1f".join(rows[column].astype(str).tolist()).encode())
-    return digest.hexdigest()
 
 
 def model_folder(wh: str, run_id: str, rep: Representation) -> Path:
@@ -230,7 +171,10 @@ def fuse(run: JobRun, args: argparse.Namespace | None = None) -> None:
     model_rows = []
     written = {}
     for rep in trained:
-        item_ids, matrices = aligned_parts(frames, rep)
+        try:
+            item_ids, matrices = aligned_parts(frames, rep)
+        except ValueError as exc:
+            raise NothingUsable(f"'{rep.name}': {exc}") from exc
         run.count(f"skipped_{rep.name}_missing_part", n_items - len(item_ids))
         if len(item_ids) < 2:
             raise NothingUsable(f"'{rep.name}': {len(item_ids)} items have a vector in every part {list(rep.parts)}; "
@@ -240,10 +184,7 @@ def fuse(run: JobRun, args: argparse.Namespace | None = None) -> None:
         spec = FusionSpec(rep.kind, tuple(m.shape[1] for m in matrices), hidden=settings.hidden,
                           out_dim=settings.out_dim, heads=settings.heads, tokens=settings.tokens,
                           product_term=settings.smore_product_term)
-        train_settings = TrainSettings(
-            objective=settings.objective, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
-            negatives=settings.negatives, temperature=settings.temperature, patience=settings.patience,
-            eval_k=settings.eval_k, seed=settings.seed, threads=settings.threads, knn_k=knn_ks(settings, rep))
+        train_settings = TrainSettings.from_fields(settings, knn_ks(settings, rep))
         params = {"spec": spec.to_dict(), "training": train_settings.to_dict()}
         key = inputs_digest(rep, params, item_ids, matrices, interactions)
         folder = model_folder(wh, run_id, rep)

@@ -36,7 +36,7 @@ import io
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -69,6 +69,14 @@ class TrainSettings:
         out = asdict(self)
         out["knn_k"] = list(self.knn_k)
         return out
+
+    @classmethod
+    def from_fields(cls, source, knn_k: Sequence[int] = ()) -> "TrainSettings":
+        """Every field but ``knn_k`` read from ``source``'s same-named attribute (the job's
+        ``experiment.fuse``, ``jobs.config.FuseConf``, where the settings are typed and checked):
+        a setting is named once there and cannot be forgotten on the way here."""
+        return cls(**{f.name: getattr(source, f.name) for f in fields(cls) if f.name != "knn_k"},
+                   knn_k=tuple(int(k) for k in knn_k))
 
 
 @dataclass

@@ -24,8 +24,9 @@ COMMON = "common"
 ALL = "all"
 CANDIDATE_POLICIES = (COMMON, ALL)
 TRAIN_SPLIT = "train"
+VALID_SPLIT = "valid"  # early stopping and tuning only
 RELEVANT_SPLIT = "test"
-EXCLUDABLE_SPLITS = ("train", "valid")
+EXCLUDABLE_SPLITS = (TRAIN_SPLIT, VALID_SPLIT)
 # The vector-free baselines, ranked beside every representation over the same candidates.
 POPULARITY, RANDOM = "popularity", "random"
 BASELINES = (POPULARITY, RANDOM)
