@@ -16,7 +16,8 @@ over two or more parts; ``udfs.fusion_models``), with the settings of ``experime
 
 An item lacking a part's vector is left out and counted (``skipped_<rep>_missing_part``);
 interactions with such items are not used in training (``interactions_without_item_<rep>``).
-Each model is kept under ``<warehouse>/fusion_model_files/<run_id>/<sha256(representation)[:16]>/``:
+Each model is kept under ``<warehouse>/fusion_model_files/<run_id>/<sha256(representation)[:16]>/``
+(through ``udfs.storage``: a local folder or an object store such as ``s3a://bucket/w``):
 ``model.pt`` (spec + weights), ``config.json`` (representation, parts, settings),
 ``curve.json`` (loss and valid recall per epoch), ``versions.json`` (library versions).
 A rerun whose inputs (item ids, part vectors, train and valid interactions), settings, seed and
@@ -34,7 +35,6 @@ import hashlib
 import json
 import logging
 import math
-from pathlib import Path
 
 import pandas as pd
 from pyspark.sql import DataFrame
@@ -93,11 +93,15 @@ def read_train_valid(spark, wh: str, dataset: str) -> pd.DataFrame:
             .select("user_id", "item_id", "split").toPandas())
 
 
-def model_folder(wh: str, run_id: str, rep: Representation) -> Path:
-    local = storage.local_path_of(wh)
-    if local is None:
-        raise ConfigError(f"fuse keeps its models in a local warehouse folder; warehouse '{wh}' is not one")
-    return Path(local) / MODEL_ROOT / run_id / hashlib.sha256(rep.name.encode()).hexdigest()[:16]
+def model_folder(wh: str, run_id: str, rep: Representation) -> str:
+    """Where ``rep``'s model of ``run_id`` is kept: a folder under the warehouse, local or a URI."""
+    return storage.join(wh, MODEL_ROOT, run_id, hashlib.sha256(rep.name.encode()).hexdigest()[:16])
+
+
+def read_json(folder: str, name: str, default):
+    """``name`` in ``folder`` parsed, or ``default`` when the file is absent."""
+    uri = storage.join(folder, name)
+    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else default
 
 
 def stored_model(spark, wh: str, key: str) -> tuple[bytes, dict] | None:
@@ -106,21 +110,21 @@ def stored_model(spark, wh: str, key: str) -> tuple[bytes, dict] | None:
     rows = (tables.read(spark, wh, "fusion_models").filter(F.col("inputs_sha256") == key)
             .orderBy(F.col("created_at").desc()).collect())
     for row in rows:
-        path = Path(row["path"]) / MODEL_FILE
-        if path.is_file():
-            blob = path.read_bytes()
+        uri = storage.join(row["path"], MODEL_FILE)
+        if storage.exists(uri):
+            blob = storage.read_bytes(uri)
             if hashlib.sha256(blob).hexdigest() == row["sha256"]:
                 return blob, row.asDict()
     return None
 
 
-def save_model(folder: Path, blob: bytes, config: dict, curve: list[dict]) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
+def save_model(folder: str, blob: bytes, config: dict, curve: list[dict]) -> str:
+    """The model and its descriptions written into ``folder`` (through ``udfs.storage``: a local
+    folder or an object store); returns the model's sha256. The model file is written last, so a
+    folder with a model file is complete."""
     for name, data in (("config.json", config), ("curve.json", curve), ("versions.json", library_versions())):
-        (folder / name).write_text(json.dumps(data, indent=1, sort_keys=True))
-    tmp = folder / (MODEL_FILE + ".tmp")
-    tmp.write_bytes(blob)
-    tmp.replace(folder / MODEL_FILE)  # a reader never sees half a model
+        storage.write_bytes(storage.join(folder, name), json.dumps(data, indent=1, sort_keys=True).encode())
+    storage.write_bytes(storage.join(folder, MODEL_FILE), blob)  # a reader never sees half a model
     return hashlib.sha256(blob).hexdigest()
 
 
@@ -193,10 +197,9 @@ def fuse(run: JobRun, args: argparse.Namespace | None = None) -> None:
             blob, row = found
             model, _ = load_model(blob)
             run.count("reused_models")
-            curve = json.loads((Path(row["path"]) / "curve.json").read_text()) \
-                if (Path(row["path"]) / "curve.json").is_file() else []
-            if Path(row["path"]) != folder:
-                sha = save_model(folder, blob, json.loads((Path(row["path"]) / "config.json").read_text()), curve)
+            if row["path"] != folder:
+                sha = save_model(folder, blob, read_json(row["path"], "config.json", {}),
+                                 read_json(row["path"], "curve.json", []))
             else:
                 sha = row["sha256"]
             info = {k: row[k] for k in ("epochs", "best_epoch", "valid_recall", "train_seconds")}

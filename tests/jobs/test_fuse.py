@@ -198,3 +198,67 @@ def test_profiles_of_a_trained_fusion_are_the_mean_of_its_fused_item_vectors(spa
         mean = np.stack(gating.loc[items].to_numpy()).astype(np.float64).mean(axis=0)
         np.testing.assert_allclose(got.loc[user, "vector"], mean / np.linalg.norm(mean), rtol=1e-4, atol=1e-5)
         assert got.loc[user, "n_history"] == len(items)
+
+
+def test_fuse_on_an_object_store_warehouse_keeps_and_reuses_its_model_there(spark, fused_catalog):
+    """A warehouse in a bucket (moto's S3 server, Spark through S3A in a process of its own: the
+    shared session has no S3 connector): the model, its config, curve and versions are written
+    under the bucket's fusion_model_files/, the fusion_models row points there with the model's
+    sha256, a rerun reuses that model, and the vectors equal the local run's (to float32 rounding:
+the Spark layouts differ, and a row's last bits may depend on the Arrow batch it is computed in)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from pyarrow import fs as pafs
+
+    from jobs import tables
+    from tests.moto_s3 import BUCKET, moto_s3
+    from udfs import storage, warehouse_reader
+    from udfs.fusion_training import load_model
+
+    local, first, _ = fused_catalog  # the first local run's vectors: same seed and settings as here
+    local_gating = first[first["representation"] == "gating"].reset_index(drop=True)
+    remote = f"s3a://{BUCKET}/wh"
+    argv = ["--conf", "datasets/synthetic.yaml", "--set", f"warehouse={remote}", "--set", "spark.master=local[1]",
+            "--set", "spark.shuffle_partitions=1", "--set", "log_level=WARNING",
+            "--set", "experiment.representations=[title,visual,gating:title+visual]",
+            "--set", "experiment.fuse.epochs=2", "--set", "experiment.fuse.hidden=16",
+            "--set", "experiment.fuse.out_dim=16", "--set", "experiment.fuse.threads=1",
+            "--set", "experiment.fuse.tokens=2", "--set", "experiment.fuse.heads=2",
+            "--set", "experiment.fuse.batch_size=128"]
+    # both runs in one interpreter: one JVM start, the second run finds the first's model
+    script = ("import sys; from jobs import fuse; argv = sys.argv[1:]; "
+              "sys.exit(fuse.main(argv) or fuse.main(argv))")
+    with moto_s3():
+        store, root = storage.filesystem(remote)
+        for table in ("items", "interactions", "item_embeddings"):
+            pafs.copy_files(f"{local}/{table}", f"{root}/{table}", source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=store)
+        done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=600,
+                              cwd=Path(tables.__file__).resolve().parent.parent, env=dict(os.environ))
+        assert done.returncode == 0, done.stderr[-3000:]
+        counts = [json.loads(line)["counts"] for line in done.stdout.splitlines() if line.startswith('{"counts"')]
+        assert [c.get("trained_models", 0) for c in counts] == [1, 0], done.stdout[-2000:]
+        assert counts[1]["reused_models"] == 1 and counts[1]["written_gating"] == 119
+
+        models = warehouse_reader.read_frame(remote, "fusion_models")
+        assert len(models) == 2 and models["reused"].tolist().count(True) == 1
+        for _, row in models.iterrows():
+            assert row["path"].startswith(f"{remote}/fusion_model_files/{row['run_id']}/")
+            blob = storage.read_bytes(f"{row['path']}/model.pt")
+            assert hashlib.sha256(blob).hexdigest() == row["sha256"]
+            names = sorted(e[0] for e in storage.list_entries(row["path"]))
+            assert names == ["config.json", "curve.json", "model.pt", "versions.json"]
+        config = json.loads(storage.read_bytes(f"{models['path'].iloc[0]}/config.json"))
+        assert config["representation"] == "gating" and config["inputs_sha256"] == models["inputs_sha256"].iloc[0]
+        load_model(blob)
+
+        there = warehouse_reader.read_frame(remote, "item_embeddings", equal={"representation": "gating"})
+    assert not (local / "fusion_model_files" / models["run_id"].iloc[0]).exists()
+    there = there.sort_values("item_id").reset_index(drop=True)
+    assert there["item_id"].tolist() == local_gating["item_id"].tolist()
+    np.testing.assert_allclose(np.stack(there["vector"].to_numpy()), np.stack(local_gating["vector"].to_numpy()),
+                               rtol=1e-5, atol=1e-6)
+
