@@ -1,9 +1,15 @@
-"""New items without a full rerun: ``pipeline`` on a catalog without a few of its items, then again
-with them added back, on the same warehouse; per-stage wall times of both runs side by side, and
-``report`` timed on its own.
+"""New items: ``pipeline`` on a catalog without a few items, then with them back, on one warehouse.
+
+Per-stage wall times of both runs side by side (caption and embed should do only the new items'
+work on the rerun), and ``report`` timed on its own.
 
     python benchmarks/bench_new_items.py [--conf experiments/ml100k.yaml] [--fraction 0.01]
         [--seed 7] [--set key=value ...] [--keep]
+
+A quick check on the synthetic demo (`vlm4rec synth --out /tmp/synth --items 60 --users 30` first):
+``--conf experiments/synthetic.yaml --set dataset.paths.root=/tmp/synth --fraction 0.05``.
+The work folder (warehouse, reduced files, one log per subprocess) is removed at the end unless
+``--keep``, and kept when a run fails.
 
 1. The held-out items: ``--fraction`` of the catalog (at least one), drawn with ``--seed`` among
    the items that have an image file and share no content with another item (image bytes,
@@ -275,6 +281,37 @@ def runs_row_seconds(warehouse: Path, run_id: str) -> float | None:
     return (row["finished_at"].iloc[0] - row["started_at"].iloc[0]).total_seconds()
 
 
+def print_table(result: dict) -> None:
+    """The stages of both runs side by side, the counts, and the report's own time."""
+    from jobs.pipeline import STAGES
+
+    machine, counts, report = result["machine"], result["counts"], result["report"]
+    first, rerun = result["first_run"], result["rerun"]
+    print(f"\nmachine: {machine['cpu_model']}, {machine['cpus']} cores, load {machine['load_average_before'][0]:.1f}"
+          f" -> {machine['load_average_after'][0]:.1f}")
+    print(f"new items: {len(result['new_items'])} added to {result['items_first_run']} "
+          f"(ratio {result['new_item_ratio']:.4f})")
+    print(f"{'stage':<20}{'first run s':>12}{'+new rerun s':>14}{'ratio':>8}")
+    order = [stage for stage in STAGES if stage in first["stage_s"] or stage in rerun["stage_s"]]
+    rows = [(stage, first["stage_s"].get(stage), rerun["stage_s"].get(stage)) for stage in order]
+    rows += [(f"{job}.{stage}", times["first"].get(stage), times["rerun"].get(stage))
+             for job, times in result["job_stage_s"].items()
+             for stage in dict.fromkeys([*times["first"], *times["rerun"]])]
+    rows.append(("pipeline (wall)", first["wall_s"], rerun["wall_s"]))
+    for name, a, b in rows:
+        ratio = f"{b / a:8.3f}" if a and b is not None else f"{'-':>8}"
+        a, b = (float("nan") if x is None else x for x in (a, b))
+        print(f"{name:<20}{a:>12.1f}{b:>14.1f}{ratio}")
+    print(f"described: first {counts['described_first']}, rerun {counts['described_rerun']} "
+          f"(cached {counts['cached_rerun']})")
+    for rep in counts["encoded_rerun"]:
+        print(f"encoded {rep}: first {counts['encoded_first'][rep]}, rerun {counts['encoded_rerun'][rep]} "
+              f"(reused {counts['reused_rerun'][rep]})")
+    job_s = f"{report['job_s']:.1f} s" if report["job_s"] is not None else "unknown"
+    print(f"report alone: {report['subprocess_wall_s']:.1f} s wall (Spark start included), job {job_s}, stages "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in report["stage_s"].items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conf", default="experiments/ml100k.yaml", help="the experiment (conf/ relative)")
@@ -294,9 +331,9 @@ def main() -> None:
 
     try:
         config = load_config([args.conf], args.overrides)
+        catalog = read_catalog(config.dataset)
     except ConfigError as exc:
         raise SystemExit(f"bench_new_items: {exc}")
-    catalog = read_catalog(config.dataset)
     new_items = choose_new_items(catalog, args.fraction, args.seed)
     n_first = len(catalog.item_ids) - len(new_items)
 
@@ -305,6 +342,7 @@ def main() -> None:
     reduced.mkdir()
     common = ["--conf", args.conf] + [a for o in [*args.overrides, f"warehouse={warehouse}"] for a in ("--set", o)]
     load_before = os.getloadavg()
+    finished = False
     try:
         reduced_sets = catalog.write_without(set(new_items), reduced)
         print(f"{config.dataset.name}: {len(catalog.item_ids)} items, {len(new_items)} held out (seed {args.seed}); "
@@ -319,9 +357,12 @@ def main() -> None:
         print(f"report on its own: {report_s:.1f} s", flush=True)
         rerun_s, rerun = run_cli(["pipeline", *common], root / "rerun.log")
         print(f"rerun with the new items: {rerun_s:.1f} s", flush=True)
+        finished = True
     finally:
-        if not args.keep:
+        if finished and not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+        else:
+            print(f"kept {root} (warehouse, reduced files, logs)", flush=True)
 
     counts, problems = check_rerun(first, rerun, len(new_items))
     stages_first, stages_rerun = stage_seconds(first["pipeline"]["counts"]), stage_seconds(rerun["pipeline"]["counts"])
@@ -344,27 +385,7 @@ def main() -> None:
         "counts": counts, "problems": problems, "passed": not problems,
     }
 
-    print(f"\nmachine: {result['machine']['cpu_model']}, {os.cpu_count()} cores, load {load_before[0]:.1f} -> "
-          f"{result['machine']['load_average_after'][0]:.1f}")
-    print(f"new items: {len(new_items)} added to {n_first} (ratio {item_ratio:.4f})")
-    print(f"{'stage':<20}{'first run s':>12}{'+new rerun s':>14}{'ratio':>8}")
-    rows = [(stage, stages_first.get(stage), stages_rerun.get(stage))
-            for stage in dict.fromkeys([*stages_first, *stages_rerun])]
-    rows += [(f"{job}.{stage}", times["first"].get(stage), times["rerun"].get(stage))
-             for job, times in inner.items() for stage in dict.fromkeys([*times["first"], *times["rerun"]])]
-    for name, a, b in rows:
-        ratio = f"{b / a:8.3f}" if a and b is not None else f"{'-':>8}"
-        a, b = (float("nan") if x is None else x for x in (a, b))
-        print(f"{name:<20}{a:>12.1f}{b:>14.1f}{ratio}")
-    print(f"{'pipeline (wall)':<20}{first_s:>12.1f}{rerun_s:>14.1f}{rerun_s / first_s:>8.3f}")
-    print(f"described: first {counts['described_first']}, rerun {counts['described_rerun']} "
-          f"(cached {counts['cached_rerun']})")
-    for rep in counts["encoded_rerun"]:
-        print(f"encoded {rep}: first {counts['encoded_first'][rep]}, rerun {counts['encoded_rerun'][rep]} "
-              f"(reused {counts['reused_rerun'][rep]})")
-    job_s = f"{report_job_s:.1f} s" if report_job_s is not None else "unknown"
-    print(f"report alone: {report_s:.1f} s wall (Spark start included), job {job_s}, stages "
-          + ", ".join(f"{k} {v:.1f} s" for k, v in result["report"]["stage_s"].items()))
+    print_table(result)
     out = args.out or REPO / "benchmarks" / "results" / f"new_items_{config.dataset.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

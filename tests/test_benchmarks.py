@@ -162,3 +162,24 @@ def test_the_new_items_script_explains_itself():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--fraction" in out.stdout and "--keep" in out.stdout
+
+
+def test_the_new_items_table_puts_both_runs_side_by_side(new_items_bench, capsys):
+    result = {"machine": {"cpu_model": "cpu", "cpus": 2, "load_average_before": [1.0], "load_average_after": [2.0]},
+              "new_items": ["a", "b"], "items_first_run": 98, "new_item_ratio": 2 / 98,
+              "first_run": {"wall_s": 100.0, "stage_s": {"embed": 40.0, "caption": 50.0}},
+              "rerun": {"wall_s": 50.0, "stage_s": {"embed": 4.0, "caption": 10.0}},
+              "job_stage_s": {"caption": {"first": {"describe": 40.0}, "rerun": {"describe": 1.0}},
+                              "embed": {"first": {"encode": 30.0}, "rerun": {}}},
+              "report": {"subprocess_wall_s": 20.0, "job_s": None, "stage_s": {"read": 1.5}},
+              "counts": {"described_first": 98, "described_rerun": 2, "cached_rerun": 98,
+                         "encoded_first": {"title": 98}, "encoded_rerun": {"title": 2}, "reused_rerun": {"title": 98}}}
+    new_items_bench.print_table(result)
+    lines = capsys.readouterr().out.splitlines()
+    table = {line.split()[0]: line.split()[1:] for line in lines if line and line.split()[0] in
+             ("caption", "embed", "caption.describe", "embed.encode")}
+    assert list(table) == ["caption", "embed", "caption.describe", "embed.encode"]  # the pipeline's order
+    assert table["caption"] == ["50.0", "10.0", "0.200"] and table["caption.describe"] == ["40.0", "1.0", "0.025"]
+    assert table["embed.encode"] == ["30.0", "nan", "-"]
+    assert "encoded title: first 98, rerun 2 (reused 98)" in lines
+    assert any(line.startswith("pipeline (wall)") and line.endswith("0.500") for line in lines)
