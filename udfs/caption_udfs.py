@@ -169,7 +169,9 @@ def image_url_of(uri: str, sha: str, max_side: int | None, limits: Any = None) -
     """``(data: URL, None)`` or ``(None, error text)`` for one image of the ``openai`` engine:
     ``read_checked``, then ``udfs.caption.openai_engine.file_data_url`` (the file's own bytes
     when the server can take them as they are, else decoded, shrunk to ``max_side`` and
-    re-encoded); a corrupt file is an error naming it, never an exception."""
+    re-encoded); a file that is not what ingest checked is an error naming it (``changed``,
+    saying what it is now), never an exception. Bytes that still hash to ``image_sha256`` are
+    the bytes ingest decoded in full, so they are not decoded again."""
     from udfs.caption.openai_engine import file_data_url
     from udfs.images import ImageError
 
@@ -177,7 +179,7 @@ def image_url_of(uri: str, sha: str, max_side: int | None, limits: Any = None) -
         data, error = read_checked(uri, sha, limits)
         if data is None:
             return None, error
-        return file_data_url(data, str(uri), max_side)[0], None
+        return file_data_url(data, str(uri), max_side, verified=True)[0], None
     except ImageError as exc:
         return None, error_text(exc.kind, exc.reason)
     except Exception as exc:  # noqa: BLE001 - one image never fails its batch

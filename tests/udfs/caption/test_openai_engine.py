@@ -146,22 +146,28 @@ def test_a_file_the_server_can_take_goes_as_its_own_bytes_and_others_are_reencod
 
 
 def test_a_corrupt_file_is_an_error_row_that_names_it_never_a_failed_batch(tmp_path):
+    """Unverified bytes are decoded before they are sent; in the job, a file that no longer
+    hashes to what ingest decoded in full is a ``changed`` error saying what it is now."""
+    from udfs.caption.openai_engine import file_data_url
     from udfs.caption_udfs import load_image_urls
-    from udfs.images import sha256_bytes
+    from udfs.images import ImageError, sha256_bytes
 
     good = encoded(pictures(1)[0], "JPEG")
+    with pytest.raises(ImageError, match="'cut.jpg' is truncated") as error:
+        file_data_url(good[: len(good) // 2], "cut.jpg", max_side=1344)
+    assert error.value.kind == "truncated"
     files = {"good.jpg": good, "cut.jpg": good[: len(good) // 2], "text.jpg": b"not an image at all"}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
+    # Ingest hashed the good poster; two of the files were damaged since.
     batch = pd.DataFrame({"image_uri": [str(tmp_path / n) for n in files],
-                          "image_sha256": [sha256_bytes(d) for d in files.values()],
-                          "item_id": list(files)})
-    batch.loc[3] = [str(tmp_path / "good.jpg"), "0" * 64, "changed"]  # bytes that no longer match
+                          "image_sha256": [sha256_bytes(good)] * 3, "item_id": list(files)})
     out = load_image_urls(batch, max_side=1344)
     assert data_url_bytes(out["image_url"][0])[1] == good and out["error"][0] is None
-    kinds = [str(e).split(":")[0] for e in out["error"][1:]]
-    assert kinds == ["truncated", "not_image", "changed"] and out["image_url"][1:].isna().all()
-    assert "cut.jpg" in out["error"][1] and "text.jpg" in out["error"][2] and "rerun ingest" in out["error"][3]
+    assert out["image_url"][1:].isna().all()
+    assert out["error"][1].startswith("changed: image ") and "cut.jpg" in out["error"][1]
+    assert "it is now truncated" in out["error"][1] and "rerun ingest" in out["error"][1]
+    assert "text.jpg" in out["error"][2] and "it is now not_image" in out["error"][2]
 
 
 # --- against the real server ------------------------------------------------------------------
