@@ -128,22 +128,45 @@ def save_model(folder: str, blob: bytes, config: dict, curve: list[dict]) -> str
     return hashlib.sha256(blob).hexdigest()
 
 
-def apply_in_spark(spark, wh: str, dataset: str, rep: Representation, blob: bytes, threads: int,
-                   n_items: int, rows_per_task: int) -> DataFrame:
-    """(item_id, vector, status) of the items with every part: parts joined on the item id."""
+def joined_parts(spark, wh: str, dataset: str, rep: Representation, n_items: int, rows_per_task: int) -> DataFrame:
+    """(item_id, part_0, ..., part_{k-1}) of the items with every part, in tasks of at most
+    ``rows_per_task`` items (and at least as many tasks as Spark has cores, while each task still
+    gets 2,000 items).
+
+    Each part is hash-partitioned on the item id into that many partitions, once, and the parts
+    are joined within those partitions: the join needs no exchange of its own and no second
+    repartition of the joined rows follows, so every vector crosses the shuffle once. A sort-merge
+    join: it spills where a hash join would have to hold a whole task's side in memory, and its
+    output is in item id order within each partition whatever order the shuffle blocks arrived
+    in, so the Arrow batches (and with them the vectors' last bits) are the same every run."""
     vectors = tables.read(spark, wh, "item_embeddings").filter(F.col("dataset") == dataset)
-    joined = None
-    for j, part in enumerate(rep.parts):
-        frame = vectors.filter(F.col("representation") == part).select("item_id", F.col("vector").alias(f"part_{j}"))
-        joined = frame if joined is None else joined.join(frame, "item_id")
     partitions = max(1, min(spark.sparkContext.defaultParallelism, math.ceil(n_items / 2000)),
                      math.ceil(n_items / rows_per_task))
+    joined = None
+    for j, part in enumerate(rep.parts):
+        frame = (vectors.filter(F.col("representation") == part)
+                 .select("item_id", F.col("vector").alias(f"part_{j}"))
+                 .repartition(partitions, "item_id"))
+        joined = frame if joined is None else joined.join(frame, "item_id")
+    return joined
+
+
+def task_threads(spark) -> int:
+    """torch threads for one apply task: the cores Spark reserves per task (``spark.task.cpus``),
+    so that the tasks running at once use the executors' cores without oversubscribing them."""
+    return max(1, int(spark.conf.get("spark.task.cpus", "1")))
+
+
+def apply_in_spark(spark, wh: str, dataset: str, rep: Representation, blob: bytes, threads: int,
+                   n_items: int, rows_per_task: int) -> DataFrame:
+    """(item_id, vector, status) of the items with every part (``joined_parts``), the model in
+    ``blob`` applied in ``mapInArrow`` with ``threads`` torch threads per task."""
     shipped = spark.sparkContext.broadcast(blob)
 
     def run(batches):
         return fusion_udfs.apply_batches(shipped.value, threads)(batches)
 
-    return joined.repartition(partitions, "item_id").mapInArrow(run, APPLIED_SCHEMA)
+    return joined_parts(spark, wh, dataset, rep, n_items, rows_per_task).mapInArrow(run, APPLIED_SCHEMA)
 
 
 def fuse(run: JobRun, args: argparse.Namespace | None = None) -> None:
@@ -230,7 +253,8 @@ def fuse(run: JobRun, args: argparse.Namespace | None = None) -> None:
                     "item_id": item_ids.tolist(), "vector": [v.tolist() for v in vectors],
                     "status": fusion_udfs.OK}), APPLIED_SCHEMA)
             else:
-                applied = apply_in_spark(spark, wh, dataset, rep, blob, 1, len(item_ids), settings.rows_per_task)
+                applied = apply_in_spark(spark, wh, dataset, rep, blob, task_threads(spark), len(item_ids),
+                                         settings.rows_per_task)
             applied = applied.persist()
             applied_frames.append(applied)
             by_status = dict(applied.groupBy("status").count().collect())

@@ -34,16 +34,25 @@ def _model(blob: bytes):
 
 
 def _matrix(column: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, dim) float32 rows and a mask of the rows whose list is not ``dim`` long."""
+    """(n, dim) float32 rows and a mask of the rows whose list is null or not ``dim`` long; the
+    Arrow values reach numpy in one piece (no per-row Python)."""
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    lengths = column.value_lengths().to_numpy(zero_copy_only=False)
-    bad = np.asarray(lengths != dim) | np.asarray(column.is_null().to_numpy(zero_copy_only=False))
-    out = np.zeros((len(column), dim), np.float32)
+    n = len(column)
+    lengths = column.value_lengths().fill_null(-1).to_numpy(zero_copy_only=False)
+    bad = np.asarray(lengths != dim)
+    if not bad.any():
+        # flatten() honours the slice's offsets; the copy gives torch a writable array
+        values = np.array(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+        return values.reshape(n, dim), bad
+    out = np.zeros((n, dim), np.float32)
     good = np.flatnonzero(~bad)
     if len(good):
-        values = pa.array(column.take(pa.array(good)).flatten()).to_numpy(zero_copy_only=False)
+        values = column.take(pa.array(good)).flatten().to_numpy(zero_copy_only=False)
         out[good] = values.astype(np.float32).reshape(len(good), dim)
     return out, bad
+
+
+_STATUSES = pa.array([OK, BAD_DIM])
 
 
 def apply_batches(blob: bytes, threads: int) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
@@ -62,11 +71,11 @@ def apply_batches(blob: bytes, threads: int) -> Callable[[Iterator[pa.RecordBatc
                 parts.append(matrix)
                 bad |= wrong
             vectors = apply_fusion(model, parts, threads=threads)
-            status = np.where(bad, BAD_DIM, OK)
+            status = pa.DictionaryArray.from_arrays(pa.array(bad.astype(np.int8)), _STATUSES).cast(pa.string())
             flat = pa.array(vectors.ravel(), pa.float32())
             offsets = pa.array(np.arange(0, vectors.size + 1, vectors.shape[1], dtype=np.int32))
             column = pa.ListArray.from_arrays(offsets, flat, mask=pa.array(bad))
-            yield pa.RecordBatch.from_arrays([batch.column("item_id"), column, pa.array(status.tolist())],
+            yield pa.RecordBatch.from_arrays([batch.column("item_id"), column, status],
                                              schema=OUTPUT)
 
     return run

@@ -262,3 +262,33 @@ the Spark layouts differ, and a row's last bits may depend on the Arrow batch it
     np.testing.assert_allclose(np.stack(there["vector"].to_numpy()), np.stack(local_gating["vector"].to_numpy()),
                                rtol=1e-5, atol=1e-6)
 
+
+def test_the_parts_cross_one_shuffle_and_join_without_another(spark, warehouse):
+    """apply's input plan: each part hash-partitioned on the item id once, into the task count
+    rows_per_task asks for (one exchange per part), and joined within those partitions (no
+    exchange after it); every item with both parts present once."""
+    import re
+
+    from jobs import fuse, tables
+    from udfs.representations import parse_representation
+
+    rows = [("synthetic", f"i{i}", name, "numpy", 2, [float(i), 1.0], None)
+            for name, ids in (("title", range(7)), ("visual", range(1, 8))) for i in ids]
+    frame = spark.createDataFrame(rows, tables.SCHEMAS["item_embeddings"])
+    tables.replace_slice(spark, warehouse, "item_embeddings", frame, {"dataset": "synthetic"})
+    joined = fuse.joined_parts(spark, str(warehouse), "synthetic", parse_representation("gating:title+visual"),
+                               6, rows_per_task=2)
+    threshold = spark.conf.get("spark.sql.autoBroadcastJoinThreshold")
+    spark.conf.set("spark.sql.autoBroadcastJoinThreshold", "-1")  # the plan of parts too big to broadcast
+    try:
+        plan = joined._jdf.queryExecution().executedPlan().toString()
+    finally:
+        spark.conf.set("spark.sql.autoBroadcastJoinThreshold", threshold)
+    steps = [line.strip().lstrip("+- :") for line in plan.splitlines()]
+    assert sum(s.startswith("Exchange") for s in steps) == 2, plan
+    assert any(s.startswith("SortMergeJoin") for s in steps), plan
+    # ceil(6 / 2) partitions
+    assert len(re.findall(r"Exchange hashpartitioning\(item_id#\d+, 3\)", plan)) == 2, plan
+    got = joined.toPandas().sort_values("item_id")
+    assert got["item_id"].tolist() == [f"i{i}" for i in range(1, 7)]
+    assert all(a[0] == b[0] == int(i[1:]) for i, a, b in zip(got["item_id"], got["part_0"], got["part_1"]))
