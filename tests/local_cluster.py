@@ -27,6 +27,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def wait_for(what: str, check, timeout: float = 120.0, interval: float = 0.5):
     deadline = time.monotonic() + timeout
     last: Exception | None = None
@@ -143,7 +148,10 @@ def base_env(root: Path) -> dict[str, str]:
     env.update({"AWS_ACCESS_KEY_ID": "cluster-test", "AWS_SECRET_ACCESS_KEY": "cluster-test-secret",
                 "AWS_REGION": "us-east-1", "SPARK_LOCAL_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1",
                 "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-                "RAY_USAGE_STATS_ENABLED": "0", "SPARK_LOG_DIR": str(root / "spark-logs"),
+                "RAY_USAGE_STATS_ENABLED": "0",
+                # Ray's OOM killer watches the whole machine's memory: on a shared CI machine other
+                # processes' memory would get this cluster's caption workers killed.
+                "RAY_memory_monitor_refresh_ms": "0", "SPARK_LOG_DIR": str(root / "spark-logs"),
                 "SPARK_WORKER_DIR": str(root / "spark-work")})
     return env
 
@@ -183,13 +191,30 @@ def start_ray(cluster: LocalCluster, worker_cpus: int = 2) -> None:
               "--disable-usage-stats"]
     cluster.spawn("ray-head", [BIN / "ray", "start", "--head", "--port", port, "--num-cpus", "0",
                                "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                               "--dashboard-port", dashboard, "--temp-dir", temp, *common])
+                               "--dashboard-port", dashboard, "--ray-client-server-port", free_port(),
+                               "--temp-dir", temp, *common, *agent_ports()])
     cluster.ray_address = f"127.0.0.1:{port}"
     cluster.ray_dashboard = f"http://127.0.0.1:{dashboard}"
     wait_for("Ray head", lambda: cluster.ray_api("/api/version"), timeout=120)
-    cluster.spawn("ray-worker", [BIN / "ray", "start", "--address", cluster.ray_address,
-                                 "--num-cpus", worker_cpus, *common])
-    wait_for("Ray worker node", lambda: len(alive_ray_nodes(cluster)) == 2, timeout=120)
+    add_ray_worker(cluster, "ray-worker", worker_cpus)
+
+
+def agent_ports() -> list[str]:
+    """Free ports for a node's agents: Ray's fixed defaults (52365 for the dashboard agent, whose
+    HTTP server takes job submissions on the head) collide between the nodes of this cluster and
+    with any other Ray on the machine, and the agent then runs without its HTTP server."""
+    return [str(a) for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                "--metrics-export-port", "--runtime-env-agent-port") for a in (flag, free_port())]
+
+
+def add_ray_worker(cluster: LocalCluster, name: str, cpus: int = 2) -> subprocess.Popen:
+    """One more Ray worker node joined to the running head (``ray start --address --block``)."""
+    before = len(alive_ray_nodes(cluster))
+    process = cluster.spawn(name, [BIN / "ray", "start", "--address", cluster.ray_address, "--num-cpus", cpus,
+                                   "--block", "--node-ip-address", "127.0.0.1", "--object-store-memory",
+                                   str(100 * 1024 * 1024), "--disable-usage-stats", *agent_ports()])
+    wait_for(f"Ray worker node {name}", lambda: len(alive_ray_nodes(cluster)) == before + 1, timeout=120)
+    return process
 
 
 def alive_ray_nodes(cluster: LocalCluster) -> list[dict]:
@@ -200,6 +225,43 @@ def alive_ray_nodes(cluster: LocalCluster) -> list[dict]:
 
 def ray_actors(cluster: LocalCluster) -> list[dict]:
     return cluster.ray_api("/api/v0/actors?limit=1000&detail=1")["data"]["result"]["result"]
+
+
+def caption_actors(cluster: LocalCluster) -> list[dict]:
+    """The caption job's actors (Ray Data names them after the UDF class) in Ray's state API."""
+    return [a for a in ray_actors(cluster) if "CaptionActor" in (a.get("class_name") or "")
+            or "CaptionActor" in json.dumps(a.get("repr_name") or "")]
+
+
+def ray_jobs(cluster: LocalCluster) -> list[dict]:
+    """Jobs submitted with ``ray job submit``, from the dashboard's job API."""
+    return cluster.ray_api("/api/jobs/")
+
+
+def executor_jvms(worker: subprocess.Popen) -> list:
+    """The executor JVMs (``CoarseGrainedExecutorBackend``) a Spark worker process has launched."""
+    import psutil
+
+    found = []
+    for pid in process_tree(worker.pid):
+        try:
+            process = psutil.Process(pid)
+            if "CoarseGrainedExecutorBackend" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def spark_events(events: Path, app_id: str) -> list[dict]:
+    """The event log of one application (``spark.eventLog.dir`` uncompressed, not rolled)."""
+    return [json.loads(line) for log in events.glob(f"*{app_id}*") if log.is_file() for line in open(log)]
+
+
+def spark_apps(cluster: LocalCluster) -> list[dict]:
+    """Every application the standalone master has seen, from its JSON API."""
+    state = http_json(f"{cluster.spark_ui}/json/")
+    return state["completedapps"] + state["activeapps"]
 
 
 # Columns that a rerun of the same config reproduces (run ids, timings and timestamps differ).

@@ -129,10 +129,28 @@ def filesystem(uri: str) -> tuple[Any, str]:
                            "and configured on every node") from exc
 
 
+def s3_credentials_configured() -> bool:
+    """Whether the AWS environment names credentials (variables, profile files, web identity or
+    container credentials). An instance role cannot be seen without asking the metadata service,
+    so this only sharpens an error message, never refuses a store on its own."""
+    if os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE"):
+        return True
+    if any(os.environ.get(k) for k in ("AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                                        "AWS_CONTAINER_CREDENTIALS_FULL_URI")):
+        return True
+    files = (os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+             os.environ.get("AWS_CONFIG_FILE", "~/.aws/config"))
+    return any(os.path.isfile(os.path.expanduser(f)) for f in files)
+
+
 def describe_failure(uri: str, exc: BaseException) -> str:
     """What went wrong reaching ``uri`` and how to fix it, for an error message."""
     text = f"{type(exc).__name__}: {exc}"
     kind = scheme(uri)
+    if kind in _S3_SCHEMES and not s3_credentials_configured():
+        return (f"'{uri}' cannot be reached ({text}) and no AWS credentials were found in this "
+                "environment: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE with "
+                "~/.aws/credentials, or give the node an instance role)")
     if kind in _S3_SCHEMES:
         return (f"'{uri}' cannot be reached ({text}): check the bucket exists, the credentials "
                 "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws or an instance role) and, for a "
