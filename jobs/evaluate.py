@@ -37,7 +37,7 @@ import argparse
 import logging
 
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
 
 from udfs import evaluate_udfs, protocol
@@ -68,6 +68,47 @@ def relevant_lists(interactions: DataFrame, candidates: DataFrame, plan: Experim
             .select("representation", "user_id", "item_id", F.coalesce("excluded", F.lit(False)).alias("excluded")))
 
 
+def prepare_facts(recommendations: DataFrame, stored: DataFrame, interactions: DataFrame,
+                  joined: DataFrame) -> dict[str, dict]:
+    """kind -> representation -> row, from one Spark job over a union of small aggregates:
+    ``ranked`` (the topk ids of the recommendations: lo, hi), ``stored`` (the stored candidates:
+    a = how many, lo/hi = topk ids), ``tests`` (representation None: a = distinct test rows,
+    b = test users, c = test users without train) and ``status`` (per representation: a = test
+    rows that are candidates, b = of those in an excluded split, c = users with a relevant item,
+    d = of those without a list)."""
+    none_s, none_l = F.lit(None).cast("string"), F.lit(None).cast("long")
+
+    def shaped(frame: DataFrame, kind: str, rep, a=none_l, b=none_l, c=none_l, d=none_l, lo=none_s, hi=none_s):
+        return frame.select(F.lit(kind).alias("kind"), rep.cast("string").alias("representation"),
+                            *[col.cast("long").alias(n) for n, col in zip("abcd", (a, b, c, d))],
+                            lo.cast("string").alias("lo"), hi.cast("string").alias("hi"))
+
+    rep = F.col("representation")
+    ranked = recommendations.groupBy("representation").agg(F.min("topk_id").alias("lo"), F.max("topk_id").alias("hi"))
+    candidates = stored.groupBy("representation").agg(
+        F.count(F.lit(1)).alias("n"), F.min("topk_id").alias("lo"), F.max("topk_id").alias("hi"))
+    # Per user: their distinct test items and whether they have train history.
+    user_tests = interactions.groupBy("user_id").agg(
+        F.countDistinct(F.when(F.col("split") == protocol.RELEVANT_SPLIT, F.col("item_id"))).alias("test_items"),
+        F.max((F.col("split") == protocol.TRAIN_SPLIT).cast("int")).alias("has_train"))
+    tests = user_tests.agg(F.sum("test_items").alias("rows"), F.count_if(F.col("test_items") > 0).alias("users"),
+                           F.count_if((F.col("test_items") > 0) & (F.col("has_train") == 0)).alias("no_train"))
+    has_relevant = F.size("relevant") > 0
+    status = joined.groupBy("representation").agg(
+        F.sum("_rows").alias("rows"), F.sum("_excluded").alias("excluded"),
+        F.count_if(has_relevant).alias("users"),
+        F.count_if(has_relevant & F.col("recommended").isNull()).alias("no_list"))
+    union = (shaped(ranked, "ranked", rep, lo=F.col("lo"), hi=F.col("hi"))
+             .unionByName(shaped(candidates, "stored", rep, a=F.col("n"), lo=F.col("lo"), hi=F.col("hi")))
+             .unionByName(shaped(tests, "tests", none_s, a=F.col("rows"), b=F.col("users"), c=F.col("no_train")))
+             .unionByName(shaped(status, "status", rep, a=F.col("rows"), b=F.col("excluded"), c=F.col("users"),
+                                 d=F.col("no_list"))))
+    facts: dict[str, dict] = {"ranked": {}, "stored": {}, "tests": {}, "status": {}}
+    for row in union.collect():
+        facts[row["kind"]][row["representation"]] = row
+    return facts
+
+
 def evaluate(run: JobRun, args: argparse.Namespace) -> None:
     spark, wh = run.spark, run.warehouse
     if not args.run_id:
@@ -81,8 +122,26 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
     with run.stage("prepare"):
         recommendations = (tables.read(spark, wh, "recommendations")
                            .filter((F.col("run_id") == run_id) & F.col("representation").isin(wanted)))
-        ranked_by = {r["representation"]: (r["lo"], r["hi"]) for r in recommendations.groupBy("representation")
-                     .agg(F.min("topk_id").alias("lo"), F.max("topk_id").alias("hi")).collect()}
+        # The items the ranking was computed over, as topk stored them: never derived again here.
+        stored_rows = (tables.read(spark, wh, "candidates")
+                       .filter((F.col("run_id") == run_id) & F.col("representation").isin(wanted)))
+        candidates = stored_rows.select("representation", "item_id")
+        interactions = (tables.read(spark, wh, "interactions").filter(F.col("dataset") == plan.dataset)
+                        .select("user_id", "item_id", "split"))
+        # Per representation and user: the relevant items (excluded ones left out), how many test
+        # rows were candidates and how many of those an excluded split holds, and the ranked list.
+        relevant = relevant_lists(interactions, candidates, plan)
+        per_user = relevant.groupBy("representation", "user_id").agg(
+            F.collect_list(F.when(~F.col("excluded"), F.col("item_id"))).alias("relevant"),
+            F.count(F.lit(1)).alias("_rows"), F.sum(F.col("excluded").cast("long")).alias("_excluded"))
+        lists = (recommendations.groupBy("representation", "user_id")
+                 .agg(F.array_sort(F.collect_list(F.struct("rank", "item_id"))).alias("_ranked"))
+                 .select("representation", "user_id", F.col("_ranked.item_id").alias("recommended")))
+        joined = per_user.join(lists, ["representation", "user_id"], "left").persist(StorageLevel.MEMORY_AND_DISK)
+        # Every check and count below comes from this one Spark job (which also fills ``joined``'s
+        # cache): a job per question cost more than the questions on small data.
+        facts = prepare_facts(recommendations, stored_rows, interactions, joined)
+        ranked_by = {rep: (row["lo"], row["hi"]) for rep, row in facts["ranked"].items()}
         present = set(ranked_by)
         order = [r for r in wanted if r in present]
         for rep in wanted:
@@ -92,17 +151,14 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
                             "--run-id %s` with it first; it is left out of this evaluation",
                             rep, run_id, run_id)
         if not order:
+            joined.unpersist()
             raise NothingUsable(f"no recommendations under run id {run_id} for {wanted}: "
                                 "run `vlm4rec topk` first")
-        # The items the ranking was computed over, as topk stored them: never derived again here.
-        stored_rows = (tables.read(spark, wh, "candidates")
-                       .filter((F.col("run_id") == run_id) & F.col("representation").isin(order)))
-        candidates = stored_rows.select("representation", "item_id")
-        stored = {r["representation"]: r for r in stored_rows.groupBy("representation").agg(
-            F.count(F.lit(1)).alias("n"), F.min("topk_id").alias("lo"), F.max("topk_id").alias("hi")).collect()}
-        n_candidates = {rep: row["n"] for rep, row in stored.items()}
+        stored = facts["stored"]
+        n_candidates = {rep: row["a"] for rep, row in stored.items()}
         missing = [rep for rep in order if not n_candidates.get(rep)]
         if missing:
+            joined.unpersist()
             raise NothingUsable(f"run id {run_id}: no stored candidate set for {missing} (ranked by a topk "
                                 f"that predates the candidates table): run `vlm4rec topk --run-id {run_id}` again")
         for rep in order:
@@ -110,74 +166,57 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
             # different rankings (rows written before the column existed are null: not checked).
             ids = {*ranked_by[rep], stored[rep]["lo"], stored[rep]["hi"]} - {None}
             if len(ids) > 1:
+                joined.unpersist()
                 raise NothingUsable(
                     f"run id {run_id}, representation {rep}: the candidates and the recommendations come from "
                     f"different topk runs ({', '.join(sorted(ids))}; a topk stopped between its two commits): "
                     f"run `vlm4rec topk --run-id {run_id}` again")
 
-        interactions = (tables.read(spark, wh, "interactions").filter(F.col("dataset") == plan.dataset)
-                        .select("user_id", "item_id", "split"))
-        # One pass: per user, their distinct test items and whether they have train history.
-        user_tests = interactions.groupBy("user_id").agg(
-            F.countDistinct(F.when(F.col("split") == protocol.RELEVANT_SPLIT, F.col("item_id"))).alias("test_items"),
-            F.max((F.col("split") == protocol.TRAIN_SPLIT).cast("int")).alias("has_train"))
-        totals = user_tests.agg(F.sum("test_items").alias("rows"), F.count_if(F.col("test_items") > 0).alias("users"),
-                           F.count_if((F.col("test_items") > 0) & (F.col("has_train") == 0)).alias("no_train")).first()
-        n_test_rows, n_test_users = int(totals["rows"] or 0), int(totals["users"] or 0)
+        totals = facts["tests"].get(None)
+        n_test_rows, n_test_users, no_train = (int(totals[c] or 0) if totals else 0 for c in ("a", "b", "c"))
         run.count("test_rows", n_test_rows)
         run.count("test_users", n_test_users)
-        run.count("test_users_without_train", int(totals["no_train"] or 0))
+        run.count("test_users_without_train", no_train)
         if n_test_rows == 0:
+            joined.unpersist()
             raise NothingUsable(f"dataset '{plan.dataset}' has no test interactions: check the split settings "
                                 "and run `vlm4rec ingest` again")
 
-        relevant = relevant_lists(interactions, candidates, plan).persist(StorageLevel.MEMORY_AND_DISK)
-        by_rep = {r["representation"]: r for r in relevant.groupBy("representation").agg(
-            F.count(F.lit(1)).alias("rows"), F.sum(F.col("excluded").cast("long")).alias("excluded")).collect()}
-        for rep in order:
-            row = by_rep.get(rep)
-            run.count(f"test_rows_outside_candidates_{rep}", n_test_rows - (row["rows"] if row else 0))
-            run.count(f"test_rows_excluded_{rep}", row["excluded"] if row else 0)
-
-        per_user = (relevant.filter(~F.col("excluded")).groupBy("representation", "user_id")
-                    .agg(F.collect_list("item_id").alias("relevant")))
-        lists = (recommendations.groupBy("representation", "user_id")
-                 .agg(F.array_sort(F.collect_list(F.struct("rank", "item_id"))).alias("_ranked"))
-                 .select("representation", "user_id", F.col("_ranked.item_id").alias("recommended")))
-        joined = per_user.join(lists, ["representation", "user_id"], "left").persist(StorageLevel.MEMORY_AND_DISK)
-        status = {r["representation"]: r for r in joined.groupBy("representation").agg(
-            F.count(F.lit(1)).alias("users"), F.sum(F.col("recommended").isNull().cast("long")).alias("no_list"))
-            .collect()}
-        n_groups = 1
+        status = facts["status"]
+        n_groups, n_evaluated = 1, 0
         for rep in order:
             row = status.get(rep)
-            users, no_list = (int(row["users"]), int(row["no_list"])) if row else (0, 0)
+            rows, excluded, users, no_list = (int(row[c] or 0) for c in ("a", "b", "c", "d")) if row else (0, 0, 0, 0)
+            run.count(f"test_rows_outside_candidates_{rep}", n_test_rows - rows)
+            run.count(f"test_rows_excluded_{rep}", excluded)
             run.count(f"users_without_relevant_{rep}", n_test_users - users)
             run.count(f"users_without_recommendations_{rep}", no_list)
             run.count(f"users_evaluated_{rep}", users - no_list)
+            n_evaluated += users - no_list
             n_groups = max(n_groups, -(-users // USERS_PER_GROUP))
             if no_list:
                 log.warning("representation %s: %d users with relevant test items have no recommendation list "
                             "(no profile: no train item with a vector); they are left out of its metrics", rep, no_list)
 
     with run.stage("user_metrics"):
-        scored = (joined.filter(F.col("recommended").isNotNull())
+        if n_evaluated == 0:
+            joined.unpersist()
+            raise NothingUsable(f"run id {run_id}: no user has both a relevant test item and a list")
+        scored = (joined.filter(F.col("representation").isin(order) & (F.size("relevant") > 0)
+                                & F.col("recommended").isNotNull())
+                  .select("representation", "user_id", "relevant", "recommended")
                   .withColumn("_group", F.pmod(F.xxhash64("user_id"), F.lit(n_groups))))
         values = (scored.groupBy("_group").applyInPandas(evaluate_udfs.user_metric_groups(ks),
                                                          evaluate_udfs.USER_METRICS_DDL)
                   .persist(StorageLevel.MEMORY_AND_DISK))
-        n_values = values.count()
-        run.count("user_metrics_rows", n_values)
-        if n_values == 0:
-            for frame in (relevant, joined, values):
-                frame.unpersist()
-            raise NothingUsable(f"run id {run_id}: no user has both a relevant test item and a list")
-
         # Each table's slice of this run is replaced in one atomic commit (replaceWhere): a
         # representation dropped from the run loses its old rows, and readers see no mix.
+        # The write computes (and caches) the values and counts them on the way.
         where = {"run_id": run_id, "representation": order}
-        out = values.withColumn("run_id", F.lit(run_id))
+        written = Observation("user_metrics")
+        out = values.observe(written, F.count(F.lit(1)).alias("n")).withColumn("run_id", F.lit(run_id))
         tables.replace_slice(spark, wh, "user_metrics", out, where)
+        run.count("user_metrics_rows", int(written.get["n"]))
 
     with run.stage("summary"):
         n_samples, seed = plan.bootstrap_samples, plan.evaluate_seed
@@ -193,15 +232,16 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
                        .applyInPandas(evaluate_udfs.comparison_groups(order, n_samples, seed),
                                       evaluate_udfs.COMPARISONS_DDL)
                        .persist(StorageLevel.MEMORY_AND_DISK))
-        n_pairs = comparisons.count()
+        # Collected first (it fills the cache the write then reads): the rows are printed below.
+        comparison_rows = [r.asDict() for r in comparisons.collect()]
+        n_pairs = len(comparison_rows)
         run.count("comparisons_rows", n_pairs)
         expected = len(order) * (len(order) - 1) // 2 * len(ks) * len(METRICS)
         run.count("pairs_without_common_users", expected - n_pairs)
         tables.replace_slice(spark, wh, "comparisons", comparisons.withColumn("run_id", F.lit(run_id)),
                              {"run_id": run_id, "representation_a": order})
 
-    comparison_rows = [r.asDict() for r in comparisons.collect()]
-    for frame in (relevant, joined, values, summary, comparisons):
+    for frame in (joined, values, summary, comparisons):
         frame.unpersist()
     print(f"evaluation of run {run_id} on {plan.dataset} ({plan.candidates} candidates, "
           f"excluding {'+'.join(plan.exclude) or 'nothing'}):")

@@ -47,7 +47,7 @@ import logging
 import math
 
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -121,15 +121,41 @@ def als_profiles(run: JobRun, dataset: str, train: DataFrame, settings_json: str
                      F.lit(f"spark-ml-als:{run_id}").alias("encoder"), F.lit(settings.rank).alias("dim"),
                      F.coalesce("vector", zeros).alias("vector"),
                      F.lit(None).cast("string").alias("source_sha256")))
-    n_items = items.count()
-    run.count("items_without_factor_als", n_items - n_factors)
+    # Counted while written (no pass of its own).
+    written = Observation("als_items")
+    items = items.observe(written, F.count(F.lit(1)).alias("n"))
     tables.replace_slice(spark, wh, "item_embeddings", items, {"dataset": dataset, "representation": [ALS]})
+    run.count("items_without_factor_als", int(written.get["n"]) - n_factors)
     item_factors.unpersist()
     n_history = train.groupBy("user_id").agg(F.count(F.lit(1)).cast("int").alias("n_history"))
-    log.info("als %s: %d user and %d item factors of rank %d", dataset, user_factors.count(), n_factors,
-             settings.rank)
+    log.info("als %s: %d item factors of rank %d", dataset, n_factors, settings.rank)
     return (user_factors.join(n_history, "user_id")
             .select("user_id", F.lit(ALS).alias("representation"), "vector", "n_history"))
+
+
+def first_facts(spark, wh: str, dataset: str, interactions: DataFrame, history: DataFrame):
+    """(``tables.ingest_id_summary`` rows, the totals row: rows / users / train_users, history
+    rows per representation), from one Spark job over a union of the three small aggregates."""
+    none_s, none_l = F.lit(None).cast("string"), F.lit(None).cast("long")
+    ingest = tables.ingest_id_summary(spark, wh, dataset).select(
+        F.lit("ingest").alias("kind"), "name", "low", "high", F.col("n").cast("long").alias("a"),
+        F.col("tagged").cast("long").alias("b"), none_l.alias("c"))
+    totals = (interactions.groupBy("user_id").agg(F.count_if(F.col("split") == "train").alias("train_rows"))
+              .agg(F.sum("train_rows").alias("rows"), F.count(F.lit(1)).alias("users"),
+                   F.count_if(F.col("train_rows") > 0).alias("train_users"))
+              .select(F.lit("totals").alias("kind"), none_s.alias("name"), none_s.alias("low"),
+                      none_s.alias("high"), F.col("rows").cast("long").alias("a"),
+                      F.col("users").cast("long").alias("b"), F.col("train_users").cast("long").alias("c")))
+    by_rep = (history.groupBy("representation").count()
+              .select(F.lit("history").alias("kind"), F.col("representation").alias("name"), none_s.alias("low"),
+                      none_s.alias("high"), F.col("count").cast("long").alias("a"), none_l.alias("b"),
+                      none_l.alias("c")))
+    rows = ingest.unionByName(totals).unionByName(by_rep).collect()
+    ingest_rows = [{"name": r["name"], "low": r["low"], "high": r["high"], "n": r["a"], "tagged": r["b"]}
+                   for r in rows if r["kind"] == "ingest"]
+    t = next(r for r in rows if r["kind"] == "totals")
+    totals_row = {"rows": t["a"], "users": t["b"], "train_users": t["c"]}
+    return ingest_rows, totals_row, {r["name"]: int(r["a"]) for r in rows if r["kind"] == "history"}
 
 
 def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
@@ -146,21 +172,26 @@ def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
     fusions = [parse_representation(n) for n in plan.parameter_free]
     half_life_days = plan.half_life_days
 
-    try:
-        # Profiles are where interactions first meet what was built from items: a mix of two
-        # ingests would pair one snapshot's histories with another's catalog.
-        ingest_id = tables.check_same_ingest(spark, wh, dataset)
-    except tables.MixedIngest as exc:
-        raise NothingUsable(str(exc)) from None
-    if ingest_id:
-        log.info("profiles %s: ingest %s", dataset, ingest_id)
     interactions = tables.read(spark, wh, "interactions").filter(F.col("dataset") == dataset)
     train = (interactions.filter(F.col("split") == "train").select("user_id", "item_id", "ts")
              .persist(StorageLevel.MEMORY_AND_DISK))
-    # One pass over the interactions for the three totals.
-    totals = (interactions.groupBy("user_id").agg(F.count_if(F.col("split") == "train").alias("train_rows"))
-              .agg(F.sum("train_rows").alias("rows"), F.count(F.lit(1)).alias("users"),
-                   F.count_if(F.col("train_rows") > 0).alias("train_users")).first())
+    base_names = [r.name for r in base]
+    vectors = (tables.read(spark, wh, "item_embeddings")
+               .filter((F.col("dataset") == dataset) & F.col("representation").isin(base_names))
+               .select("representation", "item_id", "vector"))
+    history = train.join(vectors, "item_id").select("representation", "user_id", "vector", "ts")
+    # One Spark job answers the ingest check, the three totals and the history rows per
+    # representation (a job per question cost more than the questions on small data).
+    ingest_rows, totals, rows_by_rep = first_facts(spark, wh, dataset, interactions, history)
+    try:
+        # Profiles are where interactions first meet what was built from items: a mix of two
+        # ingests would pair one snapshot's histories with another's catalog.
+        ingest_id = tables.same_ingest(ingest_rows, dataset)
+    except tables.MixedIngest as exc:
+        train.unpersist()
+        raise NothingUsable(str(exc)) from None
+    if ingest_id:
+        log.info("profiles %s: ingest %s", dataset, ingest_id)
     n_train, n_users, n_train_users = (int(totals[k] or 0) for k in ("rows", "users", "train_users"))
     run.count("train_rows_read", n_train)
     run.count("users", n_users)
@@ -171,12 +202,6 @@ def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
         raise NothingUsable(f"dataset '{dataset}' has no train interactions in {wh}/interactions: "
                             "run `vlm4rec ingest` first (and check the split settings)")
 
-    base_names = [r.name for r in base]
-    vectors = (tables.read(spark, wh, "item_embeddings")
-               .filter((F.col("dataset") == dataset) & F.col("representation").isin(base_names))
-               .select("representation", "item_id", "vector"))
-    history = train.join(vectors, "item_id").select("representation", "user_id", "vector", "ts")
-    rows_by_rep = dict(history.groupBy("representation").count().collect())
     for name in base_names:
         run.count(f"history_rows_{name}", rows_by_rep.get(name, 0))
         run.count(f"history_rows_without_vector_{name}", n_train - rows_by_rep.get(name, 0))
@@ -187,18 +212,21 @@ def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
     n_buckets = max(spark.sparkContext.defaultParallelism,
                     math.ceil(max(rows_by_rep.values(), default=0) / ROWS_PER_GROUP))
     made = base_profiles(history, half_life_days, n_buckets).persist(StorageLevel.MEMORY_AND_DISK)
-    written = dict(made.groupBy("representation").count().collect())
     out = made.select("user_id", "representation", "vector", "n_history")
 
     fused_frames = []
+    # Profiles per representation, base and fused, counted in one Spark job (which also fills
+    # the caches the write then reads).
+    counted = made.groupBy("representation").agg(F.count(F.lit(1)).alias("n"))
     for rep in fusions:
         weights = plan.fusion_weights(rep.parts) if rep.kind == "concat" else None
         fused = fuse_profiles(made, rep, weights).persist(StorageLevel.MEMORY_AND_DISK)
-        by_status = dict(fused.groupBy("status").count().collect())
-        written[rep.name] = by_status.get(embedding_udfs.OK, 0)
         fused_frames.append(fused)
+        counted = counted.unionByName(fused.agg(F.count_if(F.col("status") == embedding_udfs.OK).alias("n"))
+                                      .select(F.lit(rep.name).alias("representation"), "n"))
         out = out.unionByName(fused.filter(F.col("status") == embedding_udfs.OK)
                               .select("user_id", F.lit(rep.name).alias("representation"), "vector", "n_history"))
+    written = {row["representation"]: int(row["n"]) for row in counted.collect()}
 
     names = base_names + [r.name for r in fusions]
     if ALS in plan.representations:

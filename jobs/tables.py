@@ -402,21 +402,27 @@ class MixedIngest(RuntimeError):
     """A dataset's ``items`` and ``interactions`` slices come from different ingest runs."""
 
 
-def check_same_ingest(spark: SparkSession, warehouse: str | Path, dataset: str) -> str | None:
-    """The ingest run id that wrote both the ``items`` and the ``interactions`` of ``dataset``.
-
-    Delta commits one table at a time, so an ingest killed between its two commits leaves new
-    interactions beside the previous items (or the reverse). Every row carries its ingest's run
-    id; a reader that joins the two calls this first and gets ``MixedIngest`` naming both ids
-    and the fix instead of a silent mix. Rows written before the column existed (null) are not
-    checked: ``None`` is returned."""
+def ingest_id_summary(spark: SparkSession, warehouse: str | Path, dataset: str) -> DataFrame:
+    """One row per table (``items``, ``interactions``: ``name``) with the dataset's smallest and
+    largest ingest id (``low``, ``high``), its rows (``n``) and its rows with an id (``tagged``):
+    the facts ``same_ingest`` decides from. A frame, so that a caller can fold it into a larger
+    Spark job."""
     from pyspark.sql import functions as F
 
+    frames = [read(spark, warehouse, name).filter(F.col("dataset") == F.lit(dataset))
+              .agg(F.min("ingest_id").alias("low"), F.max("ingest_id").alias("high"),
+                   F.count(F.lit(1)).alias("n"), F.count("ingest_id").alias("tagged"))
+              .select(F.lit(name).alias("name"), "low", "high", "n", "tagged")
+              for name in ("items", "interactions")]
+    return frames[0].unionByName(frames[1])
+
+
+def same_ingest(rows, dataset: str) -> str | None:
+    """The ingest run id behind ``ingest_id_summary``'s rows (see ``check_same_ingest``)."""
+    by_name = {row["name"]: row for row in rows}
     seen = {}
     for name in ("items", "interactions"):
-        row = (read(spark, warehouse, name).filter(F.col("dataset") == F.lit(dataset))
-               .agg(F.min("ingest_id").alias("low"), F.max("ingest_id").alias("high"),
-                    F.count(F.lit(1)).alias("n"), F.count("ingest_id").alias("tagged")).first())
+        row = by_name[name]
         if row["n"] == 0 or row["tagged"] < row["n"]:
             return None
         if row["low"] != row["high"]:
@@ -429,6 +435,17 @@ def check_same_ingest(spark: SparkSession, warehouse: str | Path, dataset: str) 
             f"ingest {seen['interactions']} (an ingest stopped between its two commits): rerun "
             "`vlm4rec ingest` for this dataset, then the later jobs")
     return seen["items"]
+
+
+def check_same_ingest(spark: SparkSession, warehouse: str | Path, dataset: str) -> str | None:
+    """The ingest run id that wrote both the ``items`` and the ``interactions`` of ``dataset``.
+
+    Delta commits one table at a time, so an ingest killed between its two commits leaves new
+    interactions beside the previous items (or the reverse). Every row carries its ingest's run
+    id; a reader that joins the two calls this first and gets ``MixedIngest`` naming both ids
+    and the fix instead of a silent mix. Rows written before the column existed (null) are not
+    checked: ``None`` is returned."""
+    return same_ingest(ingest_id_summary(spark, warehouse, dataset).collect(), dataset)
 
 
 def register_views(spark: SparkSession, warehouse: str | Path) -> list[str]:

@@ -135,18 +135,54 @@ def catalog_items(spark: SparkSession, warehouse: str, dataset: str) -> list[str
     return [r[0] for r in items.distinct().collect()]
 
 
-def candidate_items(spark: SparkSession, warehouse: str, settings: TopkSettings) -> pd.DataFrame:
+def candidate_items(spark: SparkSession, warehouse: str, settings: TopkSettings,
+                    embedded: pd.DataFrame) -> pd.DataFrame:
     """(representation, item_id): the items each representation ranks, by the candidate rule
-    (``udfs.protocol.candidate_items``) applied on the driver to the ids with a vector (ids
-    only: tens of MB at a million items), so the rule has one definition."""
+    (``udfs.protocol.candidate_items``) applied on the driver to the ids with a vector
+    (``embedded``, ids only: tens of MB at a million items), so the rule has one definition."""
     plan = settings.plan
-    embedded = (tables.read(spark, warehouse, "item_embeddings")
-                .filter((F.col("dataset") == plan.dataset) & F.col("representation").isin(list(plan.representations)))
-                .select("representation", "item_id").distinct().toPandas()) if plan.representations \
-        else pd.DataFrame(columns=protocol.CANDIDATE_COLUMNS)
     needs_catalog = bool(plan.baselines) if plan.candidates == protocol.ALL else not plan.representations
     catalog = catalog_items(spark, warehouse, plan.dataset) if needs_catalog else []
     return protocol.candidate_items(embedded, plan.representations, plan.baselines, catalog, plan.candidates)
+
+
+def prepare_facts(users_seen: DataFrame, profiles: DataFrame, embeddings: DataFrame,
+                  settings: TopkSettings) -> dict:
+    """What the ranking needs to know first, from ONE Spark job over a union of small results (a
+    job per question cost more than the questions on small data): ``users`` (users,
+    users_with_train, seen_pairs_excluded of ``per_user``'s frame), ``profiles`` (representation
+    -> profiles under the run id), ``embedded`` ((representation, item_id) with a vector, as
+    pandas) and ``als_encoders`` (the encoders of the ``als`` item factors)."""
+    none_s, none_l = F.lit(None).cast("string"), F.lit(None).cast("long")
+
+    def shaped(frame: DataFrame, kind: str, rep=none_s, item=none_s, a=none_l, b=none_l, c=none_l) -> DataFrame:
+        return frame.select(F.lit(kind).alias("kind"), rep.cast("string").alias("representation"),
+                            item.cast("string").alias("item_id"),
+                            *[col.cast("long").alias(n) for n, col in zip("abc", (a, b, c))])
+
+    reps = list(settings.representations)
+    union = shaped(users_seen.agg(F.count(F.lit(1)).alias("users"), F.sum("has_train").alias("with_train"),
+                                  F.sum(F.size("seen")).alias("seen")),
+                   "users", a=F.col("users"), b=F.col("with_train"), c=F.col("seen"))
+    if reps:
+        union = union.unionByName(shaped(profiles.groupBy("representation").count(), "profiles",
+                                         rep=F.col("representation"), a=F.col("count")))
+        union = union.unionByName(shaped(
+            embeddings.filter(F.col("representation").isin(reps)).select("representation", "item_id").distinct(),
+            "embedded", rep=F.col("representation"), item=F.col("item_id")))
+    if ALS in reps:
+        union = union.unionByName(shaped(embeddings.filter(F.col("representation") == ALS).select("encoder")
+                                         .distinct(), "als", item=F.col("encoder")))
+    rows = union.collect()
+    users = next(r for r in rows if r["kind"] == "users")
+    return {
+        "users": {"users": int(users["a"] or 0), "users_with_train": int(users["b"] or 0),
+                  "seen_pairs_excluded": int(users["c"] or 0)},
+        "profiles": {r["representation"]: int(r["a"]) for r in rows if r["kind"] == "profiles"},
+        "embedded": pd.DataFrame([(r["representation"], r["item_id"]) for r in rows if r["kind"] == "embedded"],
+                                 columns=protocol.CANDIDATE_COLUMNS),
+        "als_encoders": sorted(r["item_id"] or "" for r in rows if r["kind"] == "als"),
+    }
 
 
 def per_user(interactions: DataFrame, exclude: Sequence[str]) -> DataFrame:
@@ -220,24 +256,15 @@ def rank_representation(run: JobRun, name: str, users: DataFrame, items: DataFra
         "representation", F.lit(name))
 
 
-def check_als_factors(embeddings: DataFrame, run_id: str) -> None:
-    """The ``als`` item factors must come from the ALS whose user factors this run's profiles
-    hold (the profiles job of ``run_id`` writes both): factors of two fits live in unrelated
-    spaces, and a later run's profiles job replaces the dataset's item factors."""
+def check_als_factors(found: list[str], run_id: str) -> None:
+    """The ``als`` item factors (their encoders: ``found``) must come from the ALS whose user
+    factors this run's profiles hold (the profiles job of ``run_id`` writes both): factors of two
+    fits live in unrelated spaces, and a later run's profiles job replaces the dataset's item factors."""
     expected = f"spark-ml-als:{run_id}"
-    found = sorted(r[0] or "" for r in embeddings.filter(F.col("representation") == ALS)
-                   .select("encoder").distinct().collect())
     if found and found != [expected]:
         raise NothingUsable(
             f"the als item factors in item_embeddings were trained by {', '.join(found)}, not by the profiles "
             f"of run id {run_id}: run `vlm4rec profiles --run-id {run_id}` again (it retrains them), then topk")
-
-
-def user_counts(users: DataFrame) -> dict[str, int]:
-    """users, users_with_train, seen_pairs_excluded from ``per_user``'s frame."""
-    row = users.agg(F.count(F.lit(1)).alias("users"), F.sum("has_train").alias("users_with_train"),
-                    F.sum(F.size("seen")).alias("seen_pairs_excluded")).first()
-    return {key: int(row[key] or 0) for key in ("users", "users_with_train", "seen_pairs_excluded")}
 
 
 def topk(run: JobRun, args: argparse.Namespace) -> None:
@@ -247,7 +274,12 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
                     .select("user_id", "item_id", "split"))
     with run.stage("prepare"):
         users_seen = per_user(interactions, settings.exclude).persist(StorageLevel.MEMORY_AND_DISK)
-        counts = user_counts(users_seen)
+        profiles = (tables.read(spark, wh, "user_profiles")
+                    .filter((F.col("run_id") == settings.run_id)
+                            & F.col("representation").isin(list(settings.representations))))
+        embeddings = tables.read(spark, wh, "item_embeddings").filter(F.col("dataset") == settings.dataset)
+        facts = prepare_facts(users_seen, profiles, embeddings, settings)
+        counts = facts["users"]
         for key, value in counts.items():
             run.count(key, value)
         n_train_users = counts["users_with_train"]
@@ -258,7 +290,7 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
                                 "run `vlm4rec ingest` first")
 
         seen = users_seen.select("user_id", "seen")
-        chosen = candidate_items(spark, wh, settings)
+        chosen = candidate_items(spark, wh, settings, facts["embedded"])
         n_candidates = chosen.groupby("representation").size().to_dict()
         candidates = (spark.createDataFrame(chosen, "representation string, item_id string")
                       .persist(StorageLevel.MEMORY_AND_DISK))
@@ -271,13 +303,9 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
                 f"no candidate item for {list(settings.all_representations)} ({settings.candidates}): with "
                 "'common', no item has a vector in every representation; run `vlm4rec embed` for them first")
         train = interactions.filter(F.col("split") == protocol.TRAIN_SPLIT)
-        profiles = (tables.read(spark, wh, "user_profiles")
-                    .filter((F.col("run_id") == settings.run_id)
-                            & F.col("representation").isin(list(settings.representations))))
-        n_profiles = dict(profiles.groupBy("representation").count().collect()) if settings.representations else {}
-        embeddings = tables.read(spark, wh, "item_embeddings").filter(F.col("dataset") == settings.dataset)
+        n_profiles = facts["profiles"]
         if ALS in settings.representations:
-            check_als_factors(embeddings, settings.run_id)
+            check_als_factors(facts["als_encoders"], settings.run_id)
     blocks: list[DataFrame] = []  # every representation's packed user and item blocks, persisted
     parts: list[DataFrame] = []
     for name in settings.all_representations:
@@ -315,21 +343,12 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
             frame.unpersist()
         raise NothingUsable(f"run id {settings.run_id}: no representation had both users and candidate "
                             "items; run `vlm4rec profiles` (and `embed`) first")
-    with run.stage("pack"):
-        # Every representation's blocks in one Spark job, so that small representations pack
-        # side by side on all cores rather than one after another.
-        packed = blocks[0].select("block_id")
-        for frame in blocks[1:]:
-            packed = packed.unionByName(frame.select("block_id"))
-        packed.count()
+    # No action packs or scores ahead of the write: the write's one Spark job runs every
+    # representation's packing stages side by side (independent stages of one job), then the
+    # block pairs, then the merge; the packed blocks are persisted, so each is computed once.
     pairs = parts[0]
     for part in parts[1:]:
         pairs = pairs.unionByName(part)
-    with arrow_batch_rows(spark, 1), run.stage("score"):
-        # Persisted (k lists per block pair: small) so that the score and merge stages are timed apart.
-        pairs = pairs.persist(StorageLevel.MEMORY_AND_DISK)
-        cached.append(pairs)
-        pairs.count()
     names = list(settings.all_representations)
     # Counted while the merged lists are written (one pass, no cache of the ranks): a user with
     # a list has a rank 1, and one whose list is full has a rank k.
@@ -339,7 +358,7 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
         F.count(F.when(rep == name, 1)).alias(f"rows_{i}"),
         F.count(F.when((rep == name) & (rank == 1), 1)).alias(f"users_{i}"),
         F.count(F.when((rep == name) & (rank == settings.k), 1)).alias(f"full_{i}"))]
-    with arrow_batch_rows(spark, 1), run.stage("merge_and_write"):
+    with arrow_batch_rows(spark, 1), run.stage("score_merge_and_write"):
         # The candidate set this ranking used, every representation in one commit: evaluate
         # measures over it, whatever item_embeddings holds by then.
         tables.replace_slice(spark, wh, "candidates", candidates.withColumn("run_id", F.lit(settings.run_id))
