@@ -260,6 +260,19 @@ def while_running(job: subprocess.Popen, what: str, check, timeout: float = 600)
     raise AssertionError(f"no {what} within {timeout:.0f} s")
 
 
+def kill_while_running(job: subprocess.Popen, what: str, find) -> tuple[str, str]:
+    """SIGKILL what ``find`` returns once it appears while ``job`` runs, wait for the job to end
+    (killing it if the test fails first) and return its (stdout, stderr)."""
+    try:
+        while_running(job, what, find).kill()
+        job.wait(timeout=900)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    return job.out.read_text(), job.err.read_text()
+
+
 def test_an_executor_killed_mid_embed_is_retried_and_the_table_written_once(cluster, cluster_run, tmp_path):
     """The worker's executor JVM is SIGKILLed while its Python worker runs a task of embed (which
     encodes every input again): Spark's task retry on a new executor completes the job, with
@@ -276,15 +289,7 @@ def test_an_executor_killed_mid_embed_is_retried_and_the_table_written_once(clus
                 return jvm
         return None
 
-    try:
-        victim = while_running(job, "an executor running a Python task", busy_executor)
-        victim.kill()
-        job.wait(timeout=900)
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
-    stdout, stderr = job.out.read_text(), job.err.read_text()
+    stdout, stderr = kill_while_running(job, "an executor running a Python task", busy_executor)
     assert job.returncode == 0, stderr[-4000:]
     app = [a for a in lc.spark_apps(cluster) if a["name"] == "vlm4rec-embed"][-1]
     events = lc.spark_events(cluster_run["events"], app["id"])
@@ -318,15 +323,7 @@ def test_a_ray_node_lost_mid_caption_still_describes_every_image_once(cluster, c
                         return parent
         return None
 
-    try:
-        raylet = while_running(job, "a running caption actor", raylet_of_a_captioner)
-        raylet.kill()
-        job.wait(timeout=900)
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
-    stdout, stderr = job.out.read_text(), job.err.read_text()
+    stdout, stderr = kill_while_running(job, "a running caption actor", raylet_of_a_captioner)
     print(stderr[-3000:])
     if job.returncode != 0:
         assert "Traceback" not in stderr.strip().splitlines()[-1], stderr[-3000:]
