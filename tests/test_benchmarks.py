@@ -183,3 +183,65 @@ def test_the_new_items_table_puts_both_runs_side_by_side(new_items_bench, capsys
     assert table["embed.encode"] == ["30.0", "nan", "-"]
     assert "encoded title: first 98, rerun 2 (reused 98)" in lines
     assert any(line.startswith("pipeline (wall)") and line.endswith("0.500") for line in lines)
+
+
+# --scale: the N-times ml100k both sides read (the benchmark's setup, not timed).
+
+ML100K = REPO.parent / "shared" / "data" / "ml100k"
+
+
+def test_scaled_ml100k_is_the_subset_three_times_with_its_own_titles_overviews_and_posters(bench, tmp_path):
+    import hashlib
+
+    from PIL import Image
+
+    if not (ML100K / "u.item").exists():
+        pytest.skip(f"needs MovieLens-100k at {ML100K}")
+    small = bench.subset_data(ML100K, tmp_path / "small", n_users=3, n_items=5)
+    scaled = bench.scale_data(small, tmp_path / "scaled", 3)
+
+    item_lines = (scaled / "u.item").read_text(encoding="latin-1").splitlines()
+    assert [line.split("|")[0] for line in item_lines] == [str(i) for i in range(1, 16)]
+    originals = {line.split("|")[0]: line.split("|") for line in item_lines[:5]}
+    for line in item_lines[5:]:
+        fields = line.split("|")
+        k, i = divmod(int(fields[0]) - 1, 5)
+        assert fields[1] == f"{originals[str(i + 1)][1]} [copy {k}]"
+        assert fields[2:] == originals[str(i + 1)][2:]  # date, url, genre flags as they were
+
+    small_ratings = [line.split("\t") for line in (small / "u.data").read_text().splitlines()]
+    max_user = max(int(u) for u, *_ in small_ratings)
+    expected = [[str(int(u) + k * max_user), str(int(i) + k * 5), r, ts]
+                for k in range(3) for u, i, r, ts in small_ratings]
+    assert [line.split("\t") for line in (scaled / "u.data").read_text().splitlines()] == expected
+
+    posters = sorted((scaled / "posters").iterdir(), key=lambda p: int(p.stem))
+    assert [p.stem for p in posters] == [str(i) for i in range(1, 16)]  # the first five all have one
+    assert not any(p.is_symlink() for p in posters)  # ingest confines images after resolving links
+    assert len({hashlib.sha256(p.read_bytes()).hexdigest() for p in posters}) == 15
+    for p in posters:
+        source = small / "posters" / f"{(int(p.stem) - 1) % 5 + 1}.jpg"
+        if int(p.stem) <= 5:
+            assert p.read_bytes() == source.read_bytes()
+            continue
+        with Image.open(source) as original, Image.open(p) as image:
+            copy = np.asarray(image.convert("RGB"), dtype=np.int16)
+            first = np.asarray(original.convert("RGB"), dtype=np.int16)
+        # A real picture: the original's pixels up to JPEG's loss, but not its bytes.
+        assert copy.shape == first.shape and np.abs(copy - first).mean() < 3
+
+    # The script side's reader (the adapter's rules): three times the items and interactions, no
+    # suspect item beyond the original's three times, every copy with its own text and image hash.
+    once, thrice = {}, {}
+    items_once, ratings_once = bench.read_movielens(small, once)
+    items, ratings = bench.read_movielens(scaled, thrice)
+    assert (thrice["items"], thrice["interactions"]) == (3 * once["items"], 3 * once["interactions"])
+    assert thrice["tmdb_suspect_items"] == 3 * once["tmdb_suspect_items"]
+    assert len(ratings) == 3 * len(ratings_once) and len(items) == 15
+    by_id = items.set_index("item_id")
+    for i in range(1, 6):
+        copies = by_id.loc[[str(i + k * 5) for k in range(3)]]
+        assert copies["title"].nunique() == 3
+        assert copies["image_sha256"].notna().all() and copies["image_sha256"].nunique() == 3
+        if isinstance(by_id.loc[str(i), "text"], str):
+            assert copies["text"].tolist() == [by_id.loc[str(i), "text"] + s for s in ("", " (copy 1)", " (copy 2)")]
