@@ -93,6 +93,37 @@ def is_gone(row, here: Driver, now: dt.datetime, heartbeat_s: float) -> str | No
     return None
 
 
+_LIVENESS = ("run_id", "host", "pid", "driver_token", "heartbeat_at", "started_at")
+
+
+def running_rows(spark, warehouse: str) -> list[dict]:
+    """The liveness columns of every ``running`` row. Read with delta-rs (tens of ms; through
+    Spark it was a job and a log replay, half a second at the start of every job), or with Spark
+    where delta-rs cannot open the store (credentials given only to Hadoop's s3a, say)."""
+    from pyspark.sql import functions as F
+
+    from udfs.warehouse_reader import TableMissing, read_table
+
+    from . import tables
+
+    try:
+        rows = read_table(warehouse, "runs", equal={"status": RUNNING}, columns=_LIVENESS).to_pylist()
+    except TableMissing:
+        return []
+    except Exception as exc:  # noqa: BLE001 - any failure of the fast path falls back to Spark
+        log.debug("runs read through delta-rs failed (%s); reading it with Spark", exc)
+        if not tables.exists(spark, warehouse, "runs"):
+            return []
+        rows = [row.asDict() for row in tables.read(spark, warehouse, "runs")
+                .filter(F.col("status") == RUNNING).select(*_LIVENESS).collect()]
+    for row in rows:
+        for column in ("heartbeat_at", "started_at"):
+            # Spark's naive UTC datetimes, whichever reader: delta-rs gives them tz-aware.
+            if row[column] is not None and row[column].tzinfo is not None:
+                row[column] = row[column].astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return rows
+
+
 def mark_abandoned(spark, warehouse: str, here: Driver, now: dt.datetime, heartbeat_s: float) -> list[str]:
     """Mark every ``running`` run whose driver is gone; returns their run ids."""
     from delta.tables import DeltaTable
@@ -100,10 +131,7 @@ def mark_abandoned(spark, warehouse: str, here: Driver, now: dt.datetime, heartb
 
     from . import tables
 
-    if not tables.exists(spark, warehouse, "runs"):
-        return []
-    running = (tables.read(spark, warehouse, "runs").filter(F.col("status") == RUNNING)
-               .select("run_id", "host", "pid", "driver_token", "heartbeat_at", "started_at").collect())
+    running = running_rows(spark, warehouse)
     gone = {row["run_id"]: why for row in running if (why := is_gone(row, here, now, heartbeat_s))}
     if not gone:
         return []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import subprocess
@@ -33,7 +34,10 @@ class NothingUsable(RuntimeError):
     """No usable row remained after rejecting the bad ones."""
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
+    """The code's git commit (``-dirty`` with uncommitted changes), else the package version;
+    asked once per process (two git calls per runs row added up across a pipeline's stages)."""
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
@@ -63,7 +67,8 @@ _OPEN_RUNS: list[str] = []
 
 @dataclass
 class JobRun:
-    """One job's run: its id, its counts, and its row in ``runs`` (written at start and end)."""
+    """One job's run: its id, its counts, and its row in ``runs`` (written at start, at each
+    heartbeat and at the end; a pipeline's stage skips the start row)."""
 
     job: str
     config: Config
@@ -73,6 +78,8 @@ class JobRun:
     started_at: dt.datetime = field(default_factory=now)
     driver: Any = None
     abandoned: list[str] = field(default_factory=list)
+    # Whether this run's row is in ``runs`` yet: the final row then replaces it, else appends.
+    row_written: bool = False
 
     def __post_init__(self):
         if not self.run_id:
@@ -97,8 +104,7 @@ class JobRun:
             self.counts[f"ms_{name}"] += ms
             log.info("%s: %s took %.1f s", self.job, name, ms / 1000)
 
-    def _record(self, status: str, error: str | None = None, finished: bool = False,
-                beat: bool = False) -> None:
+    def _record(self, status: str, error: str | None = None, finished: bool = False) -> None:
         from . import tables
 
         driver = self.driver
@@ -106,19 +112,21 @@ class JobRun:
                 now() if finished else None, status, {k: int(v) for k, v in list(self.counts.items())},
                 error, driver.host, driver.pid, driver.token, now())]
         frame = self.spark.createDataFrame(row, tables.SCHEMAS["runs"])
-        if finished or beat:
-            # One commit swaps the row for the new one (or inserts it if the start row never
-            # landed): cheaper than a MERGE, which joins the whole runs table first.
+        if self.row_written:
+            # One commit swaps the row for the new one: cheaper than a MERGE, which joins the
+            # whole runs table first.
             tables.replace_slice(self.spark, self.warehouse, "runs", frame, {"run_id": self.run_id})
         else:
-            # A fresh run id: a blind append, and appends from concurrent jobs never conflict.
+            # A fresh run id: a blind append (a third of a replace's cost), and appends from
+            # concurrent jobs never conflict.
             tables.append(self.spark, self.warehouse, "runs", frame)
+        self.row_written = True
 
     def record_progress(self) -> None:
         """Write the run's row now, with the counts and stage times so far (a heartbeat)."""
         with self._row_lock:
             if not self._stop.is_set():
-                self._record("running", beat=True)
+                self._record("running")
 
     def _beat(self) -> None:
         while not self._stop.wait(self.config.heartbeat_s):
@@ -136,7 +144,12 @@ class JobRun:
                                             self.config.heartbeat_s)
         if self.abandoned:
             self.counts["abandoned_runs_marked"] = len(self.abandoned)
-        self._record("running")
+        if not _OPEN_RUNS:
+            # The row that says this run is alive, for the next job's abandoned-runs check. A
+            # pipeline's stage writes its row when it ends (or at its first heartbeat): the
+            # pipeline's own row already says the process runs, and a stage killed with it is
+            # told by that row; two commits per stage were a tenth of a small pipeline's time.
+            self._record("running")
         self._stop = threading.Event()
         self._row_lock = threading.Lock()
         self._heart = threading.Thread(target=self._beat, name=f"{self.run_id}-heartbeat", daemon=True)

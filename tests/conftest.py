@@ -99,7 +99,9 @@ def synthetic_run(spark, tmp_path_factory):
     argv = ["--conf", "experiments/synthetic.yaml", "--set", f"warehouse={warehouse}",
             "--set", f"dataset.paths.root={data}",
             "--set", "experiment.representations=[lvlm, title, visual, naive:lvlm+visual]",
-            "--set", "spark.shuffle_partitions=2", "--set", "experiment.evaluate.bootstrap_samples=100"]
+            "--set", "spark.shuffle_partitions=2", "--set", "experiment.evaluate.bootstrap_samples=100",
+            # No heartbeat on a slow machine either: a test counts the run's commits of ``runs``.
+            "--set", "heartbeat_s=3600"]
     assert pipeline.main(argv) == 0
     row = (spark.read.format("delta").load(f"{warehouse}/runs")
            .filter((F.col("job") == "pipeline") & (F.col("status") == "succeeded")).first())

@@ -101,6 +101,19 @@ def test_pipeline_on_synthetic_with_captions(spark, synthetic_run):
     assert (warehouse / "reports" / synthetic_run.run_id / "report.html").is_file()
 
 
+def test_each_stage_of_a_pipeline_costs_one_commit_of_the_runs_table(spark, synthetic_run):
+    from delta.tables import DeltaTable
+
+    runs = spark.read.format("delta").load(f"{synthetic_run.warehouse}/runs").collect()
+    stages = [r for r in runs if r.job != "pipeline"]
+    assert {r.job for r in stages} == {"ingest", "caption", "embed", "profiles", "topk", "evaluate", "report"}
+    assert all(r.status == "succeeded" and r.finished_at is not None for r in runs)
+    commits = DeltaTable.forPath(spark, f"{synthetic_run.warehouse}/runs").history().count()
+    # The table's creation, one row per stage when it ends (the pipeline's own row says the
+    # process is alive meanwhile), and the pipeline's start, progress before the report and end.
+    assert commits == 1 + len(stages) + 3
+
+
 def test_failed_stage_stops_the_pipeline_with_its_code(spark, warehouse, tmp_path, capsys):
     argv = ["--conf", "experiments/synthetic.yaml", "--set", f"warehouse={warehouse}",
             "--set", f"dataset.paths.root={tmp_path / 'missing'}"]
