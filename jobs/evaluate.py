@@ -46,6 +46,7 @@ from udfs.results_table import results_table
 
 from . import tables
 from .config import ConfigError
+from .facts import collect_facts
 from .job_run import JobRun, NothingUsable, add_plan_arguments, run_job
 from .plan import EVALUATE_FIELDS, ExperimentPlan, plan_for_run
 
@@ -76,13 +77,6 @@ def prepare_facts(recommendations: DataFrame, stored: DataFrame, interactions: D
     b = test users, c = test users without train) and ``status`` (per representation: a = test
     rows that are candidates, b = of those in an excluded split, c = users with a relevant item,
     d = of those without a list)."""
-    none_s, none_l = F.lit(None).cast("string"), F.lit(None).cast("long")
-
-    def shaped(frame: DataFrame, kind: str, rep, a=none_l, b=none_l, c=none_l, d=none_l, lo=none_s, hi=none_s):
-        return frame.select(F.lit(kind).alias("kind"), rep.cast("string").alias("representation"),
-                            *[col.cast("long").alias(n) for n, col in zip("abcd", (a, b, c, d))],
-                            lo.cast("string").alias("lo"), hi.cast("string").alias("hi"))
-
     rep = F.col("representation")
     ranked = recommendations.groupBy("representation").agg(F.min("topk_id").alias("lo"), F.max("topk_id").alias("hi"))
     candidates = stored.groupBy("representation").agg(
@@ -98,13 +92,15 @@ def prepare_facts(recommendations: DataFrame, stored: DataFrame, interactions: D
         F.sum("_rows").alias("rows"), F.sum("_excluded").alias("excluded"),
         F.count_if(has_relevant).alias("users"),
         F.count_if(has_relevant & F.col("recommended").isNull()).alias("no_list"))
-    union = (shaped(ranked, "ranked", rep, lo=F.col("lo"), hi=F.col("hi"))
-             .unionByName(shaped(candidates, "stored", rep, a=F.col("n"), lo=F.col("lo"), hi=F.col("hi")))
-             .unionByName(shaped(tests, "tests", none_s, a=F.col("rows"), b=F.col("users"), c=F.col("no_train")))
-             .unionByName(shaped(status, "status", rep, a=F.col("rows"), b=F.col("excluded"), c=F.col("users"),
-                                 d=F.col("no_list"))))
+    rows = collect_facts(
+        {"representation": "string", "a": "long", "b": "long", "c": "long", "d": "long", "lo": "string", "hi": "string"},
+        [("ranked", ranked, {"representation": rep, "lo": F.col("lo"), "hi": F.col("hi")}),
+         ("stored", candidates, {"representation": rep, "a": F.col("n"), "lo": F.col("lo"), "hi": F.col("hi")}),
+         ("tests", tests, {"a": F.col("rows"), "b": F.col("users"), "c": F.col("no_train")}),
+         ("status", status, {"representation": rep, "a": F.col("rows"), "b": F.col("excluded"),
+                             "c": F.col("users"), "d": F.col("no_list")})])
     facts: dict[str, dict] = {"ranked": {}, "stored": {}, "tests": {}, "status": {}}
-    for row in union.collect():
+    for row in rows:
         facts[row["kind"]][row["representation"]] = row
     return facts
 

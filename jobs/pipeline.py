@@ -25,6 +25,7 @@ from pyspark.sql import functions as F
 from udfs.representations import parse_representation
 
 from . import tables
+from .facts import collect_facts
 from .job_run import JobRun, run_job
 from .plan import ExperimentPlan, store_plan
 
@@ -68,6 +69,7 @@ def pipeline(run: JobRun, args: argparse.Namespace) -> None:
         if code != 0:
             raise StageFailed(stage, code)
     print(f"\npipeline {run.run_id}: tables in {run.warehouse}")
+    counts = []
     for name in tables.SCHEMAS:
         if not tables.exists(run.spark, run.warehouse, name):
             continue
@@ -76,9 +78,10 @@ def pipeline(run: JobRun, args: argparse.Namespace) -> None:
             frame = frame.filter(F.col("run_id") == run.run_id)
         elif "dataset" in frame.columns:
             frame = frame.filter(F.col("dataset") == run.config.dataset.name)
-        n = frame.count()
-        run.count(f"rows_{name}", n)
-        print(f"  {name:<16} {n:>10,} rows")
+        counts.append((name, frame.agg(F.count(F.lit(1)).alias("n")), {"n": F.col("n")}))
+    for row in collect_facts({"n": "long"}, counts):
+        run.count(f"rows_{row['kind']}", row["n"])
+        print(f"  {row['kind']:<16} {row['n']:>10,} rows")
     timed = [(stage, run.counts[f"ms_{stage}"] / 1000) for stage in STAGES if f"ms_{stage}" in run.counts]
     if "ms_report" in run.counts:
         print(f"report: {run.warehouse}/reports/{run.run_id}/report.html")

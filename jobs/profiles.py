@@ -57,6 +57,7 @@ from udfs.representations import ALS, Representation, parse_representation
 
 from . import tables
 from .config import ConfigError
+from .facts import collect_facts
 from .job_run import JobRun, NothingUsable, run_id_argument, run_job
 from .plan import PROFILES_FIELDS, plan_for_run
 
@@ -136,26 +137,21 @@ def als_profiles(run: JobRun, dataset: str, train: DataFrame, settings_json: str
 def first_facts(spark, wh: str, dataset: str, interactions: DataFrame, history: DataFrame):
     """(``tables.ingest_id_summary`` rows, the totals row: rows / users / train_users, history
     rows per representation), from one Spark job over a union of the three small aggregates."""
-    none_s, none_l = F.lit(None).cast("string"), F.lit(None).cast("long")
-    ingest = tables.ingest_id_summary(spark, wh, dataset).select(
-        F.lit("ingest").alias("kind"), "name", "low", "high", F.col("n").cast("long").alias("a"),
-        F.col("tagged").cast("long").alias("b"), none_l.alias("c"))
+    ingest = tables.ingest_id_summary(spark, wh, dataset)
     totals = (interactions.groupBy("user_id").agg(F.count_if(F.col("split") == "train").alias("train_rows"))
               .agg(F.sum("train_rows").alias("rows"), F.count(F.lit(1)).alias("users"),
-                   F.count_if(F.col("train_rows") > 0).alias("train_users"))
-              .select(F.lit("totals").alias("kind"), none_s.alias("name"), none_s.alias("low"),
-                      none_s.alias("high"), F.col("rows").cast("long").alias("a"),
-                      F.col("users").cast("long").alias("b"), F.col("train_users").cast("long").alias("c")))
-    by_rep = (history.groupBy("representation").count()
-              .select(F.lit("history").alias("kind"), F.col("representation").alias("name"), none_s.alias("low"),
-                      none_s.alias("high"), F.col("count").cast("long").alias("a"), none_l.alias("b"),
-                      none_l.alias("c")))
-    rows = ingest.unionByName(totals).unionByName(by_rep).collect()
-    ingest_rows = [{"name": r["name"], "low": r["low"], "high": r["high"], "n": r["a"], "tagged": r["b"]}
-                   for r in rows if r["kind"] == "ingest"]
+                   F.count_if(F.col("train_rows") > 0).alias("train_users")))
+    by_rep = history.groupBy("representation").count()
+    rows = collect_facts(
+        {"name": "string", "low": "string", "high": "string", "n": "long", "tagged": "long",
+         "rows": "long", "users": "long", "train_users": "long"},
+        [("ingest", ingest, {c: F.col(c) for c in ("name", "low", "high", "n", "tagged")}),
+         ("totals", totals, {c: F.col(c) for c in ("rows", "users", "train_users")}),
+         ("history", by_rep, {"name": F.col("representation"), "n": F.col("count")})])
+    ingest_rows = [{c: r[c] for c in ("name", "low", "high", "n", "tagged")} for r in rows if r["kind"] == "ingest"]
     t = next(r for r in rows if r["kind"] == "totals")
-    totals_row = {"rows": t["a"], "users": t["b"], "train_users": t["c"]}
-    return ingest_rows, totals_row, {r["name"]: int(r["a"]) for r in rows if r["kind"] == "history"}
+    totals_row = {"rows": t["rows"], "users": t["users"], "train_users": t["train_users"]}
+    return ingest_rows, totals_row, {r["name"]: int(r["n"]) for r in rows if r["kind"] == "history"}
 
 
 def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:

@@ -64,6 +64,7 @@ from udfs.representations import ALS
 
 from . import tables
 from .config import POPULARITY, ConfigError
+from .facts import collect_facts
 from .job_run import JobParser, JobRun, NothingUsable, add_plan_arguments, run_job
 from .plan import TOPK_FIELDS, ExperimentPlan, plan_for_run
 
@@ -153,27 +154,21 @@ def prepare_facts(users_seen: DataFrame, profiles: DataFrame, embeddings: DataFr
     users_with_train, seen_pairs_excluded of ``per_user``'s frame), ``profiles`` (representation
     -> profiles under the run id), ``embedded`` ((representation, item_id) with a vector, as
     pandas) and ``als_encoders`` (the encoders of the ``als`` item factors)."""
-    none_s, none_l = F.lit(None).cast("string"), F.lit(None).cast("long")
-
-    def shaped(frame: DataFrame, kind: str, rep=none_s, item=none_s, a=none_l, b=none_l, c=none_l) -> DataFrame:
-        return frame.select(F.lit(kind).alias("kind"), rep.cast("string").alias("representation"),
-                            item.cast("string").alias("item_id"),
-                            *[col.cast("long").alias(n) for n, col in zip("abc", (a, b, c))])
-
     reps = list(settings.representations)
-    union = shaped(users_seen.agg(F.count(F.lit(1)).alias("users"), F.sum("has_train").alias("with_train"),
-                                  F.sum(F.size("seen")).alias("seen")),
-                   "users", a=F.col("users"), b=F.col("with_train"), c=F.col("seen"))
+    parts = [("users", users_seen.agg(F.count(F.lit(1)).alias("users"), F.sum("has_train").alias("with_train"),
+                                      F.sum(F.size("seen")).alias("seen")),
+              {"a": F.col("users"), "b": F.col("with_train"), "c": F.col("seen")})]
     if reps:
-        union = union.unionByName(shaped(profiles.groupBy("representation").count(), "profiles",
-                                         rep=F.col("representation"), a=F.col("count")))
-        union = union.unionByName(shaped(
-            embeddings.filter(F.col("representation").isin(reps)).select("representation", "item_id").distinct(),
-            "embedded", rep=F.col("representation"), item=F.col("item_id")))
+        parts.append(("profiles", profiles.groupBy("representation").count(),
+                      {"representation": F.col("representation"), "a": F.col("count")}))
+        parts.append(("embedded", embeddings.filter(F.col("representation").isin(reps))
+                      .select("representation", "item_id").distinct(),
+                      {"representation": F.col("representation"), "item_id": F.col("item_id")}))
     if ALS in reps:
-        union = union.unionByName(shaped(embeddings.filter(F.col("representation") == ALS).select("encoder")
-                                         .distinct(), "als", item=F.col("encoder")))
-    rows = union.collect()
+        parts.append(("als", embeddings.filter(F.col("representation") == ALS).select("encoder").distinct(),
+                      {"item_id": F.col("encoder")}))
+    rows = collect_facts({"representation": "string", "item_id": "string", "a": "long", "b": "long", "c": "long"},
+                         parts)
     users = next(r for r in rows if r["kind"] == "users")
     return {
         "users": {"users": int(users["a"] or 0), "users_with_train": int(users["b"] or 0),
