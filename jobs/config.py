@@ -54,12 +54,19 @@ class SparkConf:
     app_name: str = "vlm4rec"
     driver_memory: str = "4g"
     shuffle_partitions: int = 8
+    # Partitions of Delta's log replay; 0: 1 on a local master, shuffle_partitions on a cluster.
+    snapshot_partitions: int = 0
     # Folder of resolved connector JARs (``vlm4rec setup``); empty means ~/.cache/vlm4rec/jars.
     jars_dir: str = ""
     # Any other Spark setting, passed through as-is (a cluster config sets executors here).
     extra: dict[str, str] = field(default_factory=dict)
     # Environment of the Python workers (spark.executorEnv.*); the defaults are MALLOC_WORKER_ENV.
     worker_env: dict[str, str] = field(default_factory=lambda: dict(MALLOC_WORKER_ENV))
+
+    def problems(self) -> dict[str, str | None]:
+        return {name: f"must be >= {low}, got {value}" if value < low else None
+                for name, value, low in (("shuffle_partitions", self.shuffle_partitions, 1),
+                                         ("snapshot_partitions", self.snapshot_partitions, 0))}
 
 
 @dataclass

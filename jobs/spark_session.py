@@ -188,8 +188,6 @@ def build_spark(config: Config, app_name: str | None = None):
         .config("spark.sql.shuffle.partitions", str(sc.shuffle_partitions))
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.sql.session.timeZone", "UTC")
-        # Delta's log replay defaults to 50 partitions: pure overhead on small tables.
-        .config("spark.databricks.delta.snapshotPartitions", str(max(1, sc.shuffle_partitions)))
         .config("spark.databricks.delta.schema.autoMerge.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
     )
@@ -201,6 +199,11 @@ def build_spark(config: Config, app_name: str | None = None):
         log.info("spark.master %r in the config ignored: spark-submit chose %r", sc.master, launched)
     if master.startswith("local"):
         builder = builder.config("spark.ui.enabled", "false")
+    # Delta replays a table's log into this many partitions at every read and after every
+    # commit (its default is 50). One process's tables hold thousands of files at most: one
+    # partition saves 0.3-0.5 s per commit over eight on two cores (docs/BENCHMARKS.md).
+    snapshots = sc.snapshot_partitions or (1 if master.startswith("local") else max(1, sc.shuffle_partitions))
+    builder = builder.config("spark.databricks.delta.snapshotPartitions", str(snapshots))
     # Every master: the executors' Python workers run this interpreter. PySpark reads
     # PYSPARK_PYTHON from the driver's environment when the context starts and sends it with
     # every Python function (spark.pyspark.python is read only by spark-submit).
