@@ -18,7 +18,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from jobs import embed, ingest, profiles, tables, topk
-from jobs.abandoned_runs import Driver, is_gone
+from jobs.abandoned_runs import Driver, is_gone, running_rows
 
 pytestmark = [pytest.mark.spark, pytest.mark.faults]
 
@@ -233,6 +233,23 @@ def test_a_killed_job_is_marked_abandoned_by_the_next_one(spark, warehouse, synt
     assert f"pid {proc.pid} " in killed[0].error and "no longer runs" in killed[0].error
     assert f"marked abandoned: {killed[0].run_id}" in out
     assert [r.status for r in runs.values() if r.pid != proc.pid] == ["succeeded"]
+
+
+def test_running_rows_read_without_spark_equal_spark_s(spark, tmp_path):
+    # The abandoned-runs check reads the running rows with delta-rs: the same rows, and the
+    # same naive UTC datetimes, as Spark reads.
+    wh = str(tmp_path / "wh")
+    here = Driver.current()
+    at = dt.datetime(2026, 11, 30, 12, 0, 0, 123000)
+    rows = [(f"job-{i}", "job", "{}", "v", at, None, status, {}, None, here.host, 4000 + i, "t", at)
+            for i, status in enumerate(["running", "succeeded", "running"])]
+    tables.append(spark, wh, "runs", spark.createDataFrame(rows, tables.SCHEMAS["runs"]))
+    fast = sorted(running_rows(spark, wh), key=lambda r: r["run_id"])
+    slow = [r.asDict() for r in tables.read(spark, wh, "runs").filter(F.col("status") == "running")
+            .select(*fast[0]).orderBy("run_id").collect()]
+    assert fast == slow and [r["run_id"] for r in fast] == ["job-0", "job-2"]
+    assert fast[0]["started_at"] == at and fast[0]["heartbeat_at"].tzinfo is None
+    assert running_rows(spark, str(tmp_path / "empty")) == []
 
 
 def test_liveness_rules():
