@@ -200,8 +200,8 @@ def build_spark(config: Config, app_name: str | None = None):
     if master.startswith("local"):
         builder = builder.config("spark.ui.enabled", "false")
     # Delta replays a table's log into this many partitions at every read and after every
-    # commit (its default is 50). One process's tables hold thousands of files at most: one
-    # partition saves 0.3-0.5 s per commit over eight on two cores (docs/BENCHMARKS.md).
+    # commit (its default is 50). A local master's logs are small, and one partition saves
+    # 0.3-0.5 s per commit over eight on two cores; a cluster's logs may hold millions of files.
     snapshots = sc.snapshot_partitions or (1 if master.startswith("local") else max(1, sc.shuffle_partitions))
     builder = builder.config("spark.databricks.delta.snapshotPartitions", str(snapshots))
     # Every master: the executors' Python workers run this interpreter. PySpark reads
