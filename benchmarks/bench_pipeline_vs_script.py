@@ -37,8 +37,9 @@ N = 10), written into the temporary folder before either side starts, in the sam
 (``scale_data``): copy k of item i is item ``i + k * 1682`` (the largest item id) with
 ``" [copy k]"`` after its title, ``" (copy k)"`` after its overview and its own poster (the
 original decoded, a corner of pixels set from k, re-encoded: distinct bytes, so nothing is a
-cache hit), and user ``u + k * 943`` (the largest user id) rates it as u rates i (N = 10: 16,820 items, 9,430 users, 1,000,000 ratings). With
-``--n-users`` / ``--n-items`` the subset is taken first, then scaled. ``--pipeline-set`` passes a ``--set`` to the pipeline (e.g.
+cache hit), and user ``u + k * 943`` (the largest user id) rates it as u rates i (N = 10:
+16,820 items, 9,430 users, 1,000,000 ratings). With ``--n-users`` / ``--n-items`` the subset is
+taken first, then scaled. ``--pipeline-set`` passes a ``--set`` to the pipeline (e.g.
 ``spark.worker_env={}`` to measure it without the malloc tunables). The script starts with
 glibc's malloc defaults, as a plain script would; ``--script-worker-env`` starts it with the
 workers' tunables (``jobs.config.MALLOC_WORKER_ENV``), which leaves the allocator out of the ratio.

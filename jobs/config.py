@@ -40,7 +40,7 @@ class ConfigError(ValueError):
 # environment the worker is spawned with; an empty value leaves the variable unset.
 # MALLOC_ARENA_MAX=1: the first two govern the main arena only, and Ray Data calls an actor from
 # threads of its own, whose arenas trimmed as before (8.3 M page faults for ml100k's posters):
-# with one arena the caption stage's describe step fell from 26.9 to 18.8 s.
+# with one arena the caption stage's describe step fell from 26.9 to 18.6 s (docs/BENCHMARKS.md).
 MALLOC_WORKER_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_ARENA_MAX": "1"}
 
 
