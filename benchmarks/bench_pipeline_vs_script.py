@@ -542,16 +542,18 @@ def scale_data(source: Path, target: Path, factor: int) -> Path:
     return target
 
 
-def run_pipeline(root: Path, work: Path, master: str, extra_sets: list[str]) -> dict:
+def run_pipeline(root: Path, work: Path, master: str, extra_sets: list[str], tree: Path = REPO) -> dict:
+    """The pipeline of the checkout ``tree`` (this one by default; another commit's worktree to
+    compare two commits, e.g. the issue's reference d20bdfa) on a fresh warehouse."""
     warehouse = work / "warehouse"
     sets = [f"warehouse={warehouse}", f"dataset.paths.root={root}", f"spark.master={master}", without_als(),
             *extra_sets]
     command = [sys.executable, "-m", "jobs.cli", "pipeline", "--conf", CONF,
                *[a for s in sets for a in ("--set", s)]]
-    # PYTHONPATH: the Spark and Ray workers import this tree too, not whichever one is installed.
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    # PYTHONPATH: the Spark and Ray workers import that tree too, not whichever one is installed.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(tree))
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     (work / "pipeline.log").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
     match = next((STAGE_LINE.search(line) for line in reversed(done.stdout.splitlines()) if STAGE_LINE.search(line)),
@@ -599,6 +601,9 @@ def main() -> None:
                         help="run both sides on ml100k N times over (scale_data: N copies of every item, user "
                              "and rating, each copy's posters re-encoded with their own bytes; after --n-users/"
                              "--n-items; default 1, the files as they are)")
+    parser.add_argument("--pipeline-tree", type=Path, default=REPO, metavar="DIR",
+                        help="run the pipeline of another checkout (e.g. `git worktree add /tmp/ref d20bdfa`: "
+                             "the issue's reference commit), in this venv; default: this one")
     parser.add_argument("--pipeline-set", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra --set for the pipeline (repeatable)")
     parser.add_argument("--script-worker-env", action="store_true",
@@ -639,7 +644,8 @@ def main() -> None:
     try:
         for side in sides:
             if side == "pipeline" and not args.skip_pipeline:
-                runs["pipeline"] = run_pipeline(root, work, args.master, args.pipeline_set)
+                runs["pipeline"] = run_pipeline(root, work, args.master, args.pipeline_set,
+                                                args.pipeline_tree.resolve())
             if side == "script" and not args.skip_script:
                 runs["script"] = run_script(root, work, args.script_worker_env)
             print(f"{side} done: {runs[side]['wall_s']:.1f} s" if side in runs else f"{side} skipped", flush=True)
@@ -655,7 +661,8 @@ def main() -> None:
                     "load_average_after": [round(x, 2) for x in load_after]},
         "config": CONF, "order": args.order, "n_users": args.n_users, "n_items": args.n_items,
         "scale": args.scale, "scale_setup_s": setup_s, "data": {"items": n_items, "ratings": n_ratings},
-        "pipeline_sets": args.pipeline_set, "script_worker_env": args.script_worker_env,
+        "pipeline_sets": args.pipeline_set, "pipeline_tree": str(args.pipeline_tree),
+        "script_worker_env": args.script_worker_env,
     }
     pipe, script = runs.get("pipeline"), runs.get("script")
     print(f"\nml100k x{args.scale}\n{'stage':<16}{'pipeline s':>12}{'script s':>12}{'pipeline/script':>17}")
