@@ -448,6 +448,14 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
     if not config.dataset.name:
         raise ConfigError("no dataset configured: pass --conf datasets/NAME.yaml (or --set dataset.name=...)")
     spec = caption_spec(config.experiment.caption)
+    if getattr(args, "run_id", None):
+        # Only for a run (the pipeline's): a bare caption job, a cache fill, reads no plan
+        # (a Spark job it does not need) and never stores one.
+        from .plan import check_caption_agrees, stored_plan
+
+        run_plan = stored_plan(run.spark, run.warehouse, args.run_id)
+        if run_plan is not None:
+            check_caption_agrees(run_plan, config.dataset.name, spec.representation, args.run_id)
     check_engine_installed(spec.engine)
     log.info("caption %s with %s (prompt %s) for dataset %s%s", spec.engine, spec.model, spec.prompt_id,
              config.dataset.name, " (forced)" if spec.force else "")
@@ -543,8 +551,13 @@ def _salvage(run: JobRun, folder: str) -> None:
 
 
 def add_arguments(parser: JobParser) -> None:
+    from .job_run import run_id_argument
+
     parser.add_setting("--force", "experiment.caption.force", type=bool,
                        help="describe every image again, ignoring cached descriptions")
+    parser.add_argument("--run-id", default=None, type=run_id_argument,
+                        help="check the caption settings against the plan stored under this run id (the "
+                             "pipeline's); default: read no plan")
 
 
 def unavailable_engine(argv: list[str] | None) -> str | None:

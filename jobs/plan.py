@@ -8,10 +8,14 @@ seeds. It serialises to canonical JSON (sorted keys) whose sha256 is the plan's 
 config gives the same hash, any changed setting another.
 
 The ``plans`` table (run_id, plan, plan_hash, created_at) keeps one plan per run id.
-``pipeline`` stores it before its first stage; ``profiles``, ``topk`` and ``evaluate`` read the
-plan stored under their ``--run-id`` (``plan_for_run``), or resolve, store and use their own
-when the run has none yet. A job whose own config disagrees with the stored plan on a setting
-that matters to it is refused (``ConfigError``: exit 2) with the setting and both values.
+``pipeline`` stores it before its first stage and passes its run id to every later stage;
+``embed``, ``fuse``, ``profiles``, ``topk`` and ``evaluate`` read the plan stored under their
+``--run-id`` (``plan_for_run``; without one, their own run id), or resolve, store and use their
+own when the run has none yet. A job whose own config disagrees with the stored plan on a
+setting that matters to it (its ``*_FIELDS``) is refused (``ConfigError``: exit 2) with the
+setting and both values. ``caption`` reads the plan only when given ``--run-id``
+(``check_caption_agrees``: its engine's representation must be one the plan ranks) and never
+stores one: it is a cache over images, and a bare ``vlm4rec caption`` touches no plan.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from typing import Any
 from udfs.representations import (
     ALS,
     ALL_FUSIONS,
+    LVLM,
     RepresentationError,
     lvlm_name,
     parse_representation,
@@ -217,20 +222,66 @@ class ExperimentPlan:
                     "use another --run-id for a run with other settings")
 
 
+def check_caption_agrees(stored: ExperimentPlan, dataset: str, representation: str, run_id: str) -> None:
+    """Raise ``ConfigError`` when the caption job's dataset is not the run's, or when the run's
+    plan ranks LVLM representations and the caption engine's (``representation``) is not one of
+    them: its descriptions would be ones no stage of the run reads."""
+    where = f"the plan stored for run id '{run_id}' (plan {stored.plan_hash[:12]})"
+    if dataset != stored.dataset:
+        raise ConfigError(f"caption: {SETTING_KEYS['dataset']} is {json.dumps(dataset)} here but "
+                          f"{json.dumps(stored.dataset)} in {where}: pass the run's dataset, or use another --run-id")
+    planned = [n for n in stored.base if parse_representation(n).kind == LVLM]
+    if planned and representation not in planned:
+        raise ConfigError(
+            f"caption: experiment.caption gives representation {json.dumps(representation)} here but {where} "
+            f"ranks {json.dumps(planned)}: set experiment.caption (engine, model, prompt and the engine's "
+            "options) to the run's, or use another --run-id for a run with other settings")
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     return value
 
 
-def stored_plan(spark, warehouse: str, run_id: str) -> ExperimentPlan | None:
-    """The plan kept under ``run_id`` in the ``plans`` table, or None."""
+def plan_texts_without_spark(warehouse: str, run_id: str) -> list[str]:
+    """The plan JSON stored under ``run_id``, read with delta-rs (``TableMissing`` when delta-rs
+    finds no ``plans`` table)."""
+    from udfs.warehouse_reader import read_table
+
+    return read_table(warehouse, "plans", equal={"run_id": run_id}, columns=["plan"]).column("plan").to_pylist()
+
+
+def plan_texts_with_spark(spark, warehouse: str, run_id: str) -> list[str]:
+    """The same as ``plan_texts_without_spark``, through Spark (a job and a log replay)."""
     from pyspark.sql import functions as F
 
     from . import tables
 
-    rows = tables.read(spark, warehouse, "plans").filter(F.col("run_id") == run_id).select("plan").collect()
-    return ExperimentPlan.from_json(rows[0]["plan"]) if rows else None
+    return [row["plan"] for row in tables.read(spark, warehouse, "plans")
+            .filter(F.col("run_id") == run_id).select("plan").collect()]
+
+
+def stored_plan(spark, warehouse: str, run_id: str) -> ExperimentPlan | None:
+    """The plan kept under ``run_id`` in the ``plans`` table, or None.
+
+    Every job reads it at its start, so it is read with delta-rs (tens of ms; through Spark it
+    was a job and a log replay), as ``jobs.abandoned_runs.running_rows`` reads ``runs``. Any
+    failure of that path (a store whose credentials only Hadoop's s3a has, say) falls back to
+    Spark; so does a table delta-rs cannot see, since a wrongly missing plan would let the job
+    store its own over the run's."""
+    from udfs.warehouse_reader import TableMissing
+
+    from . import tables
+
+    try:
+        texts = plan_texts_without_spark(warehouse, run_id)
+    except TableMissing:
+        texts = plan_texts_with_spark(spark, warehouse, run_id) if tables.exists(spark, warehouse, "plans") else []
+    except Exception as exc:  # noqa: BLE001 - any failure of the fast path falls back to Spark
+        log.debug("plans read through delta-rs failed (%s); reading it with Spark", exc)
+        texts = plan_texts_with_spark(spark, warehouse, run_id)
+    return ExperimentPlan.from_json(texts[0]) if texts else None
 
 
 def store_plan(spark, warehouse: str, run_id: str, plan: ExperimentPlan) -> None:
