@@ -39,11 +39,11 @@ import math
 import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 from udfs import fusion_udfs, storage
 from udfs.fusion_inputs import FUSE_SPLITS, aligned_parts, indexed_interactions, inputs_digest, library_versions
 from udfs.representations import Representation, parse_representation
+from udfs.spark.schemas import APPLIED_SCHEMA
 
 from . import tables
 from .config import ConfigError, FuseConf
@@ -52,11 +52,6 @@ from .plan import FUSE_FIELDS, plan_for_run
 
 log = logging.getLogger(__name__)
 
-APPLIED_SCHEMA = T.StructType([
-    T.StructField("item_id", T.StringType(), False),
-    T.StructField("vector", tables.VECTOR),
-    T.StructField("status", T.StringType(), False),
-])
 MODEL_FILE = "model.pt"
 # Beside the warehouse's tables, not inside the fusion_models table's folder (a VACUUM there would
 # delete files Delta does not know).

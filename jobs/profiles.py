@@ -49,10 +49,10 @@ import math
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 from udfs import embedding_udfs
 from udfs.spark.als import AlsSettings, train_als
+from udfs.spark.schemas import FUSED_PROFILE_SCHEMA, PROFILE_SCHEMA
 from udfs.representations import ALS, Representation, parse_representation
 
 from . import tables
@@ -63,18 +63,6 @@ from .plan import PROFILES_FIELDS, plan_for_run
 
 log = logging.getLogger(__name__)
 
-PROFILE_SCHEMA = T.StructType([
-    T.StructField("representation", T.StringType(), False),
-    T.StructField("user_id", T.StringType(), False),
-    T.StructField("vector", tables.VECTOR),
-    T.StructField("n_history", T.IntegerType()),
-])
-FUSED_PROFILE_SCHEMA = T.StructType([
-    T.StructField("user_id", T.StringType(), False),
-    T.StructField("vector", tables.VECTOR),
-    T.StructField("status", T.StringType(), False),
-    T.StructField("n_history", T.IntegerType()),
-])
 # History rows per applyInPandas group: a group is one pandas frame in one Python worker.
 ROWS_PER_GROUP = 200_000
 

@@ -1,4 +1,7 @@
-"""The Delta table contract between jobs: schemas, keys, and the two idempotent writes.
+"""The Delta table contract between jobs: keys, partitions, and the two idempotent writes.
+
+The tables' schemas are in ``udfs.spark.schemas`` (every Spark output schema is there);
+``SCHEMAS`` and ``VECTOR`` are re-exported here under their old names.
 
 - ``merge`` upserts on the table's key (``MERGE``): the incremental ``descriptions`` cache,
   which many runs and datasets add to.
@@ -17,161 +20,10 @@ import time
 from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import types as T
+
+from udfs.spark.schemas import SCHEMAS, VECTOR  # noqa: F401 - VECTOR: re-exported for callers of tables
 
 log = logging.getLogger(__name__)
-
-VECTOR = T.ArrayType(T.FloatType(), containsNull=False)
-
-SCHEMAS: dict[str, T.StructType] = {
-    "items": T.StructType([
-        T.StructField("dataset", T.StringType(), False),
-        T.StructField("item_id", T.StringType(), False),
-        T.StructField("title", T.StringType()),
-        T.StructField("text", T.StringType()),
-        T.StructField("image_uri", T.StringType()),
-        T.StructField("image_sha256", T.StringType()),
-        T.StructField("attrs", T.MapType(T.StringType(), T.StringType())),
-        # The run id of the ingest that wrote the row: see ``check_same_ingest``.
-        T.StructField("ingest_id", T.StringType()),
-    ]),
-    "interactions": T.StructType([
-        T.StructField("dataset", T.StringType(), False),
-        T.StructField("user_id", T.StringType(), False),
-        T.StructField("item_id", T.StringType(), False),
-        T.StructField("ts", T.LongType(), False),
-        T.StructField("rating", T.DoubleType()),
-        T.StructField("split", T.StringType(), False),
-        T.StructField("ingest_id", T.StringType()),
-    ]),
-    "rejects": T.StructType([
-        T.StructField("dataset", T.StringType(), False),
-        T.StructField("source", T.StringType(), False),
-        T.StructField("row", T.StringType(), False),
-        T.StructField("reason", T.StringType(), False),
-        T.StructField("content", T.StringType()),
-    ]),
-    "descriptions": T.StructType([
-        T.StructField("image_sha256", T.StringType(), False),
-        T.StructField("engine", T.StringType(), False),
-        T.StructField("model", T.StringType(), False),
-        T.StructField("prompt_id", T.StringType(), False),
-        T.StructField("item_id", T.StringType()),
-        T.StructField("prompt", T.StringType()),
-        T.StructField("text", T.StringType()),
-        T.StructField("n_tokens", T.IntegerType()),
-        T.StructField("latency_ms", T.DoubleType()),
-        T.StructField("status", T.StringType()),
-        T.StructField("error", T.StringType()),
-        T.StructField("created_at", T.TimestampType()),
-    ]),
-    "item_embeddings": T.StructType([
-        T.StructField("dataset", T.StringType(), False),
-        T.StructField("item_id", T.StringType(), False),
-        T.StructField("representation", T.StringType(), False),
-        T.StructField("encoder", T.StringType()),
-        T.StructField("dim", T.IntegerType()),
-        T.StructField("vector", VECTOR),
-        # sha256 of the encoder's input (the text, or the image's bytes); null for fusions
-        T.StructField("source_sha256", T.StringType()),
-    ]),
-    "user_profiles": T.StructType([
-        T.StructField("run_id", T.StringType(), False),
-        T.StructField("user_id", T.StringType(), False),
-        T.StructField("representation", T.StringType(), False),
-        T.StructField("vector", VECTOR),
-        T.StructField("n_history", T.IntegerType()),
-    ]),
-    "recommendations": T.StructType([
-        T.StructField("run_id", T.StringType(), False),
-        T.StructField("user_id", T.StringType(), False),
-        T.StructField("representation", T.StringType(), False),
-        T.StructField("rank", T.IntegerType(), False),
-        T.StructField("item_id", T.StringType()),
-        T.StructField("score", T.FloatType()),
-        T.StructField("topk_id", T.StringType()),
-    ]),
-    "user_metrics": T.StructType([
-        T.StructField("run_id", T.StringType(), False),
-        T.StructField("user_id", T.StringType(), False),
-        T.StructField("representation", T.StringType(), False),
-        T.StructField("metric", T.StringType(), False),
-        T.StructField("k", T.IntegerType(), False),
-        T.StructField("value", T.DoubleType()),
-    ]),
-    "metrics": T.StructType([
-        T.StructField("run_id", T.StringType(), False),
-        T.StructField("representation", T.StringType(), False),
-        T.StructField("metric", T.StringType(), False),
-        T.StructField("k", T.IntegerType(), False),
-        T.StructField("value", T.DoubleType()),
-        T.StructField("n_users", T.LongType()),
-        T.StructField("ci_low", T.DoubleType()),
-        T.StructField("ci_high", T.DoubleType()),
-    ]),
-    "comparisons": T.StructType([
-        T.StructField("run_id", T.StringType(), False),
-        T.StructField("representation_a", T.StringType(), False),
-        T.StructField("representation_b", T.StringType(), False),
-        T.StructField("metric", T.StringType(), False),
-        T.StructField("k", T.IntegerType(), False),
-        T.StructField("mean_diff", T.DoubleType()),
-        T.StructField("ci_low", T.DoubleType()),
-        T.StructField("ci_high", T.DoubleType()),
-        T.StructField("p_value", T.DoubleType()),
-        T.StructField("p_holm", T.DoubleType()),
-    ]),
-    # The resolved experiment plan every job of a run reads (``jobs.plan.ExperimentPlan``).
-    "plans": T.StructType([
-        T.StructField("run_id", T.StringType(), False),
-        T.StructField("plan", T.StringType(), False),
-        T.StructField("plan_hash", T.StringType(), False),
-        T.StructField("created_at", T.TimestampType()),
-    ]),
-    # The items ``topk`` ranked over, per representation: ``evaluate`` measures over these.
-    "candidates": T.StructType([
-        T.StructField("run_id", T.StringType(), False),
-        T.StructField("representation", T.StringType(), False),
-        T.StructField("item_id", T.StringType(), False),
-        # The topk job run that wrote the row; recommendations carry it too (see evaluate).
-        T.StructField("topk_id", T.StringType()),
-    ]),
-    # One trained fusion model per run and representation (``jobs.fuse``); the weights, the
-    # settings, the training curve and the library versions lie under ``path``.
-    "fusion_models": T.StructType([
-        T.StructField("run_id", T.StringType(), False),
-        T.StructField("representation", T.StringType(), False),
-        T.StructField("parts", T.ArrayType(T.StringType())),
-        T.StructField("objective", T.StringType()),
-        T.StructField("params", T.StringType()),  # json: architecture and training settings
-        T.StructField("epochs", T.IntegerType()),  # epochs run
-        T.StructField("best_epoch", T.IntegerType()),
-        T.StructField("valid_recall", T.DoubleType()),  # at params.eval_k, of the kept epoch
-        T.StructField("train_seconds", T.DoubleType()),
-        T.StructField("path", T.StringType()),
-        T.StructField("sha256", T.StringType()),  # of the model file
-        # sha256 of the training inputs, settings and library versions: equal means reusable
-        T.StructField("inputs_sha256", T.StringType()),
-        T.StructField("reused", T.BooleanType()),
-        T.StructField("created_at", T.TimestampType()),
-    ]),
-    "runs": T.StructType([
-        T.StructField("run_id", T.StringType(), False),
-        T.StructField("job", T.StringType()),
-        T.StructField("config", T.StringType()),
-        T.StructField("code_version", T.StringType()),
-        T.StructField("started_at", T.TimestampType()),
-        T.StructField("finished_at", T.TimestampType()),
-        T.StructField("status", T.StringType()),
-        T.StructField("counts", T.MapType(T.StringType(), T.LongType())),
-        T.StructField("error", T.StringType()),
-        # Who runs it, so that the next job can tell a killed run from a running one.
-        T.StructField("host", T.StringType()),
-        T.StructField("pid", T.LongType()),
-        T.StructField("driver_token", T.StringType()),
-        T.StructField("heartbeat_at", T.TimestampType()),
-    ]),
-}
 
 KEYS: dict[str, list[str]] = {
     "items": ["dataset", "item_id"],

@@ -54,7 +54,8 @@ def imports_pyspark(path: Path) -> bool:
 def test_walker_sees_pyspark_where_it_is():
     # Guards the checks below against passing vacuously: the Spark wrappers do import pyspark.
     assert imports_pyspark(ROOT / "udfs" / "spark" / "splits.py")
-    assert imports_pyspark(ROOT / "udfs" / "spark" / "image_hashing.py")  # inside a function
+    assert imports_pyspark(ROOT / "udfs" / "spark" / "schemas.py")
+    # An import inside a function is seen too: test_imported_modules_resolves_relative_and_nested_imports.
 
 
 def test_udfs_outside_spark_wrappers_import_no_pyspark():
@@ -106,3 +107,34 @@ def test_jobs_import_graph_has_no_cycle():
 ])
 def test_imported_modules_resolves_relative_and_nested_imports(source, expected):
     assert imported_modules(ROOT / "jobs" / "probe.py", source) == expected
+
+
+SCHEMAS_MODULE = "udfs/spark/schemas.py"
+# Schemas that parse input files, built from the file's own header: they stay with their reader.
+INPUT_PARSING_SCHEMAS = {"jobs/adapters/base.py", "jobs/adapters/amazon.py"}
+
+
+def struct_type_sites(path: Path) -> list[int]:
+    """Lines where ``path`` constructs a ``StructType`` (``T.StructType(...)`` or ``StructType(...)``)."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if name == "StructType":
+                lines.append(node.lineno)
+    return lines
+
+
+def test_walker_sees_struct_types_where_they_are():
+    # Guards the check below against passing vacuously.
+    assert len(struct_type_sites(ROOT / SCHEMAS_MODULE)) > 10
+    for allowed in INPUT_PARSING_SCHEMAS:
+        assert struct_type_sites(ROOT / allowed), f"{allowed} no longer builds a schema: drop it from the allow-list"
+
+
+def test_every_spark_output_schema_is_in_the_schemas_module():
+    sites = [f"{p.relative_to(ROOT)}:{line}" for folder in ("jobs", "udfs", "benchmarks") for p in python_files(folder)
+             if str(p.relative_to(ROOT)) not in INPUT_PARSING_SCHEMAS | {SCHEMAS_MODULE}
+             for line in struct_type_sites(p)]
+    assert sites == [], f"define these schemas in {SCHEMAS_MODULE} and import them"

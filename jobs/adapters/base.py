@@ -24,12 +24,11 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from .. import tables
+from udfs.spark.schemas import REJECT_SCHEMA  # noqa: F401 - what an adapter emits as rejects
+
 from ..config import ConfigError, DatasetConf
 from ..job_run import NothingUsable
 
-# What an adapter emits: the rejects table's columns but ``dataset``, which ingest adds.
-REJECT_SCHEMA = T.StructType([f for f in tables.SCHEMAS["rejects"].fields if f.name != "dataset"])
 CONTENT_CHARS = 500
 # The CSV reader decodes bytes that are not valid in the file's charset to U+FFFD.
 REPLACEMENT_CHAR = "\ufffd"

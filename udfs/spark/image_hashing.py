@@ -43,11 +43,10 @@ def with_image_hashes(items, images_root: str | None = None, limits: ReadLimits 
     ``images_root``: the folder every local image path must resolve into (the adapter's
     ``AdapterOutput.images_root``); ``None`` with ``allow_outside_root=False`` rejects every
     local path, since there is nothing to confine it to."""
-    from pyspark.sql import types as T
+    from udfs.spark.schemas import with_image_check
 
     base = items.drop("image_sha256") if "image_sha256" in items.columns else items
-    schema = T.StructType(base.schema.fields + [T.StructField("image_sha256", T.StringType()),
-                                                T.StructField("_image_error", T.StringType())])
+    schema = with_image_check(base.schema)
     check = functools.partial(_check_batches, images_root=images_root, limits=limits or ReadLimits(),
                               allow_outside_root=allow_outside_root)
     return base.mapInPandas(check, schema)
