@@ -1,7 +1,7 @@
 """``embed``: titles, texts, LVLM descriptions and images -> the ``item_embeddings`` Delta table.
 
-For the configured dataset, one L2-normalised float32 vector per item and representation in
-``experiment.representations`` (and every part of a fusion):
+For the run's dataset, one L2-normalised float32 vector per item and base representation of
+the run's plan (``jobs.plan``: ``plan.base``, every part of a fusion included):
 
 - ``title``, ``text``: the item's catalog title / text, through the sentence encoder
   ``experiment.text_encoder``;
@@ -33,6 +33,11 @@ A stored vector is reused, not encoded again, when it came from the same encoder
 text, or the image bytes' hash taken at ingest): a rerun encodes only the items whose input
 changed, and counts the others as ``reused_<rep>``. Fusions are always rebuilt from their parts.
 
+The plan is the one stored under ``--run-id`` (the pipeline passes its own), else this
+config's, resolved and stored under this job's run id. A config that disagrees with the stored
+plan on the dataset, ``experiment.representations`` or ``experiment.embed.concat_weights`` is
+refused (exit 2, naming the setting and both values): the vectors would not be the run's.
+
 Settings (``experiment.embed``): ``text_batch_size`` (64), ``image_batch_size`` (32),
 ``concat_weights`` (part representation -> weight for ``concat`` fusions; default 1 each),
 ``rows_per_task`` (20000: rows of one Spark task, at least one task per core),
@@ -54,32 +59,17 @@ from importlib import metadata
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 from udfs import embedding_udfs
-from udfs.representations import (
-    LVLM, TEXT, TITLE, VISUAL, Representation, RepresentationError, parse_representation,
-    required_base_representations, validate_representations,
-)
+from udfs.representations import LVLM, TEXT, TITLE, VISUAL, Representation, parse_representation
+from udfs.spark.schemas import ENCODED_SCHEMA, FUSED_SCHEMA
 
 from . import tables
 from .config import ConfigError
-from .job_run import JobRun, NothingUsable, run_job
+from .job_run import JobRun, NothingUsable, run_id_argument, run_job
+from .plan import ExperimentPlan, plan_for_run
 
 log = logging.getLogger(__name__)
-
-ENCODED_SCHEMA = T.StructType([
-    T.StructField("representation", T.StringType(), False),
-    T.StructField("item_id", T.StringType(), False),
-    T.StructField("vector", tables.VECTOR),
-    T.StructField("status", T.StringType(), False),
-    T.StructField("source_sha256", T.StringType()),
-])
-FUSED_SCHEMA = T.StructType([
-    T.StructField("item_id", T.StringType(), False),
-    T.StructField("vector", tables.VECTOR),
-    T.StructField("status", T.StringType(), False),
-])
 
 # Vectors per file of item_embeddings (up to ~6.6 KB each: a 1,664-d fusion).
 ROWS_PER_FILE = 50_000
@@ -93,16 +83,15 @@ _LVLM_REASONS = {
 }
 
 
-def planned_representations(names: Sequence[str]) -> tuple[list[Representation], list[Representation]]:
-    """(base representations to encode, fusions to build) for the configured names."""
-    try:
-        canonical = validate_representations(list(names))
-    except RepresentationError as err:
-        raise ConfigError(str(err)) from None
-    base = [parse_representation(n) for n in required_base_representations(canonical)]
-    # Trained fusions are the ``fuse`` job's: embed encodes their parts only.
-    fusions = [p for p in (parse_representation(n) for n in canonical) if p.is_fusion and not p.is_trained]
-    return base, fusions
+# The plan fields embed's vectors depend on; a stored plan that differs on one is refused.
+EMBED_FIELDS = ("dataset", "representations", "concat_weights")
+
+
+def planned_representations(plan: ExperimentPlan) -> tuple[list[Representation], list[Representation]]:
+    """(base representations to encode, fusions to build) of the run's plan. Trained fusions
+    are the ``fuse`` job's: embed encodes their parts only."""
+    return ([parse_representation(n) for n in plan.base],
+            [parse_representation(n) for n in plan.parameter_free])
 
 
 def text_encoder_record(name: str) -> tuple[int, str]:
@@ -269,12 +258,8 @@ def fuse_items(encoded: DataFrame, rep: Representation, weights: dict[str, float
         embedding_udfs.fused_vector_batches(rep.kind, rep.parts, weights), FUSED_SCHEMA)
 
 
-def fusion_weights(run: JobRun, rep: Representation) -> dict[str, float] | None:
-    if rep.kind != "concat":
-        return None
-    weights = run.config.experiment.embed.concat_weights
-    chosen = {part: float(w) for part, w in weights.items() if part in rep.parts}
-    return chosen or None
+def fusion_weights(plan: ExperimentPlan, rep: Representation) -> dict[str, float] | None:
+    return plan.fusion_weights(rep.parts) if rep.kind == "concat" else None
 
 
 def skip_key(rep: Representation, status: str) -> str:
@@ -300,10 +285,11 @@ def stale_rows(spark: SparkSession, warehouse: str, name: str, written: DataFram
 
 def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
     spark, wh, experiment = run.spark, run.warehouse, run.config.experiment
-    dataset = run.config.dataset.name
-    if not dataset:
-        raise ConfigError("no dataset configured: pass --conf datasets/NAME.yaml (or --set dataset.name=...)")
-    base, fusions = planned_representations(experiment.representations)
+    # The run's plan (stored by the pipeline, or by the first job of the run id): which
+    # representations to encode and fuse, and the concat weights.
+    plan = plan_for_run(run, getattr(args, "run_id", None) or run.run_id, EMBED_FIELDS)
+    dataset = plan.dataset
+    base, fusions = planned_representations(plan)
     text_reps = [r for r in base if r.is_text]
     image_reps = [r for r in base if r.kind == VISUAL]
     settings = experiment.embed
@@ -379,7 +365,7 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
     fused_frames = []
     with run.stage("fuse"):
         for rep in fusions:
-            fused = fuse_items(encoded, rep, fusion_weights(run, rep)).persist(StorageLevel.MEMORY_AND_DISK)
+            fused = fuse_items(encoded, rep, fusion_weights(plan, rep)).persist(StorageLevel.MEMORY_AND_DISK)
             fused_statuses = dict(fused.groupBy("status").count().collect())
             written[rep.name] = fused_statuses.get(embedding_udfs.OK, 0)
             missing = n_items - sum(fused_statuses.values())
@@ -431,8 +417,13 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
     log.info("embed %s: wrote %d vectors over %s", dataset, total, list(written))
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-id", default=None, type=run_id_argument,
+                        help="read the plan stored under this run id (the pipeline's); default: this job's run id")
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_job("embed", __doc__.splitlines()[0], embed, argv)
+    return run_job("embed", __doc__.splitlines()[0], embed, argv, add_arguments)
 
 
 if __name__ == "__main__":

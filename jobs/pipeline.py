@@ -4,11 +4,12 @@ topk, evaluate, report) on one Spark session, then print what each table holds a
 The experiment plan (``jobs.plan``) is resolved once and stored in ``plans`` under the
 pipeline's run id before the first stage. Every stage is the job itself (``jobs.<stage>.main``)
 with the pipeline's ``--conf``/``--set`` arguments, so each records its own row in ``runs``;
-``profiles``, ``topk`` and ``evaluate`` share the pipeline's run id, which keys the stored plan,
-``user_profiles``, ``recommendations``, ``candidates`` and the metric tables, so all three
-read one plan (``fuse`` too: its ``fusion_models`` rows carry the run id; it runs only when the
-plan has a trained fusion). The pipeline stops at the first stage that fails and exits with its code. ``caption``
-runs only when a representation needs descriptions (``lvlm`` ...). Stage wall times are logged
+every stage after ``ingest`` gets the pipeline's run id (``--run-id``), which keys the stored
+plan, so all of them read one plan: ``caption`` checks its engine against it, ``embed`` builds
+the plan's representations, and the run id keys ``fusion_models`` (``fuse`` runs only when the
+plan has a trained fusion), ``user_profiles``, ``recommendations``, ``candidates`` and the
+metric tables. The pipeline stops at the first stage that fails and exits with its code.
+``caption`` runs only when a representation needs descriptions (``lvlm`` ...). Stage wall times are logged
 and kept in the pipeline's ``runs`` row as ``ms_<stage>``. ``report`` runs last, with the run
 id, and writes ``<warehouse>/reports/<run_id>/report.html`` (printed at the end).
 """
@@ -30,7 +31,7 @@ from .job_run import JobRun, run_job
 from .plan import ExperimentPlan, store_plan
 
 STAGES = ("ingest", "caption", "embed", "fuse", "profiles", "topk", "evaluate", "report")
-SHARED_RUN_ID = {"fuse", "profiles", "topk", "evaluate", "report"}
+SHARED_RUN_ID = {"caption", "embed", "fuse", "profiles", "topk", "evaluate", "report"}
 
 
 class StageFailed(RuntimeError):
@@ -51,7 +52,7 @@ def pipeline(run: JobRun, args: argparse.Namespace) -> None:
     common = [a for path in args.conf for a in ("--conf", path)]
     common += [a for text in args.overrides for a in ("--set", text)]
     skip = set(args.skip or [])
-    # Resolved once, before any stage: profiles, topk and evaluate read it under this run id.
+    # Resolved once, before any stage: every later stage reads it under this run id.
     plan = ExperimentPlan.resolve(run.config)
     store_plan(run.spark, run.warehouse, run.run_id, plan)
     run.count("plan_stored")

@@ -361,17 +361,67 @@ def test_encoders_and_library_versions_are_recorded(catalog):
         "naive[title=all-MiniLM-L6-v2,visual=efficientnet-lite0]"}
 
 
+def plan_of(*overrides: str):
+    from jobs.config import load_config
+    from jobs.plan import ExperimentPlan
+
+    return ExperimentPlan.resolve(load_config(["datasets/synthetic.yaml"], list(overrides)))
+
+
 def test_an_unknown_representation_is_a_config_error_naming_the_entry():
     from jobs.config import ConfigError
-    from jobs.embed import planned_representations
 
-    with pytest.raises(ConfigError, match=r"experiment.representations\[1\]: .*'clip'"):
-        planned_representations(["title", "clip"])
+    with pytest.raises(ConfigError, match=r"experiment.representations.*'clip'"):
+        plan_of("experiment.representations=[title, clip]")
 
 
 def test_a_fusion_brings_its_parts_into_the_plan():
     from jobs.embed import planned_representations
 
-    base, fusions = planned_representations(["concat:text+visual", "naive"])
+    base, fusions = planned_representations(plan_of("experiment.representations=[concat:text+visual, naive]"))
     assert [r.name for r in base] == ["text", "visual", "title"]
     assert [r.name for r in fusions] == ["concat:text+visual", "naive"]
+
+
+# A plan with a weighted concat, a trained fusion (the fuse job's, not embed's) and a baseline.
+PLANNED = ["--set", "experiment.representations=[title, concat:text+visual, gating:text+visual, popularity]",
+           "--set", "experiment.embed.concat_weights={text: 2}"]
+
+
+def test_embed_builds_exactly_the_plan_stored_under_its_run_id_and_refuses_another(spark, catalog, tmp_path, capsys):
+    import shutil
+
+    from jobs import embed, tables
+    from jobs.plan import store_plan
+    from udfs.fusion import fuse
+
+    warehouse = tmp_path / "warehouse"
+    shutil.copytree(catalog.warehouse, warehouse)
+    argv = catalog.argv + ["--set", f"warehouse={warehouse}", *PLANNED]
+    plan = plan_of(*argv[3::2])  # the same --set overrides as the job gets
+    assert plan.trained == ("gating:text+visual",) and "popularity" in plan.baselines
+    store_plan(spark, str(warehouse), "run-embed", plan)
+    plans_before = sorted(r.run_id for r in tables.read(spark, warehouse, "plans").collect())
+    assert "run-embed" in plans_before
+
+    assert embed.main(argv + ["--run-id", "run-embed"]) == 0
+    counts = last_run_counts(spark, warehouse, "embed")
+    assert sorted(k[len("written_"):] for k in counts if k.startswith("written_")) == sorted(
+        ["title", "text", "visual", "concat:text+visual"])
+    # It read the run's plan and stored none of its own.
+    assert sorted(r.run_id for r in tables.read(spark, warehouse, "plans").collect()) == plans_before
+    after = embeddings(spark, warehouse)
+    assert not {"gating:text+visual", "popularity"} & set(after["representation"])
+    concat = synthetic(after, "concat:text+visual")
+    parts = {p: stacked(synthetic(after, p).loc[concat.index]) for p in ("text", "visual")}
+    np.testing.assert_allclose(stacked(concat), fuse("concat", parts, {"text": 2.0}), atol=1e-5)
+
+    capsys.readouterr()
+    assert embed.main(argv + ["--run-id", "run-embed", "--set", "experiment.embed.concat_weights={text: 3}"]) == 2
+    message = capsys.readouterr().err
+    assert "experiment.embed.concat_weights" in message and "'run-embed'" in message
+    assert '[["text", 3.0]]' in message and '[["text", 2.0]]' in message
+    assert embed.main(argv + ["--run-id", "run-embed", "--set", "experiment.representations=[title, text]"]) == 2
+    message = capsys.readouterr().err
+    assert "experiment.representations" in message and '["title", "text"]' in message
+    assert '["title", "concat:text+visual", "gating:text+visual"]' in message
