@@ -145,3 +145,71 @@ def test_the_evaluate_job_with_an_lvlm_tags_config_imports_no_torch(tmp_path):
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT")]
     assert lines, out.stdout[-2000:] + out.stderr[-3000:]
     assert lines[-1] == "RESULT 1 -", out.stderr[-3000:]
+
+
+@pytest.mark.spark
+def test_the_stored_plan_reads_the_same_without_spark_as_with_it(spark, warehouse, monkeypatch):
+    """Every job reads the plan at its start: with delta-rs, Spark only when that fails."""
+    from jobs import plan as plan_module
+    from jobs.plan import plan_texts_with_spark, plan_texts_without_spark, store_plan, stored_plan
+
+    wh = str(warehouse)
+    assert stored_plan(spark, wh, "r1") is None  # no plans table yet
+    first, second = plan_of(), plan_of("experiment.topk.k=12", "experiment.evaluate.ks=[12]")
+    store_plan(spark, wh, "r1", first)
+    store_plan(spark, wh, "r2", second)
+    for run_id, expected in (("r1", first), ("r2", second)):
+        fast, slow = plan_texts_without_spark(wh, run_id), plan_texts_with_spark(spark, wh, run_id)
+        assert fast == slow == [expected.to_json()]
+        assert stored_plan(spark, wh, run_id) == expected
+    assert plan_texts_without_spark(wh, "r3") == plan_texts_with_spark(spark, wh, "r3") == []
+    assert stored_plan(spark, wh, "r3") is None
+
+    def unreadable(*args, **kwargs):  # delta-rs refused by the store (credentials only s3a has)
+        raise OSError("access denied")
+
+    monkeypatch.setattr("udfs.warehouse_reader.read_table", unreadable)
+    with pytest.raises(OSError):
+        plan_module.plan_texts_without_spark(wh, "r2")
+    assert stored_plan(spark, wh, "r2") == second
+
+
+@pytest.mark.spark
+def test_caption_with_a_run_id_checks_the_runs_plan_and_without_one_reads_none(spark, synthetic_run, tmp_path,
+                                                                               capsys):
+    import shutil
+
+    from jobs import caption, tables
+    from jobs.plan import caption_representation, stored_plan
+
+    warehouse = tmp_path / "warehouse"
+    shutil.copytree(synthetic_run.warehouse, warehouse)
+    argv = list(synthetic_run.argv)
+    argv[argv.index(f"warehouse={synthetic_run.warehouse}")] = f"warehouse={warehouse}"
+    run_id = synthetic_run.run_id
+    planned = [n for n in stored_plan(spark, str(warehouse), run_id).base if n.startswith("lvlm:")]
+    assert len(planned) == 1
+
+    # The run's own caption settings: every image is cached, the job succeeds.
+    assert caption.main(argv + ["--run-id", run_id]) == 0
+    capsys.readouterr()
+    other = ["--set", "experiment.caption.tags.top_k=2"]
+    assert caption.main(argv + other + ["--run-id", run_id]) == 2
+    message = capsys.readouterr().err
+    mine = caption_representation(load_config(argv[1::2][:1], argv[3::2] + other[1:]).experiment.caption)
+    assert mine != planned[0]
+    assert f'"{mine}"' in message and json.dumps(planned) in message and f"'{run_id}'" in message
+    assert "experiment.caption" in message and "--run-id" in message
+
+    # A run id with no plan: nothing is checked, and caption stores none (it is a cache over images).
+    assert caption.main(argv + ["--run-id", "no-plan-yet"]) == 0
+    assert "no-plan-yet" not in {r.run_id for r in tables.read(spark, warehouse, "plans").collect()}
+
+    # Without --run-id no plan is read at all: an unreadable plans table does not matter...
+    log = warehouse / "plans" / "_delta_log"
+    for commit in log.glob("*.json"):
+        commit.write_text("not a delta commit\n")
+    assert caption.main(argv) == 0
+    # ... while a caption with a run id reads it (and fails on it).
+    with pytest.raises(Exception, match="plans/_delta_log"):
+        caption.main(argv + ["--run-id", run_id])
