@@ -268,8 +268,9 @@ def run_job(job: str, description: str, body: JobBody, argv: list[str] | None,
     args.overrides = [*args.overrides, *flags]
     try:
         config = load_config(args.conf, args.overrides, flags)
-        # The jobs that read representation names from the config (embed, caption) get them
-        # spelt out; profiles, topk and evaluate read them from the run's plan.
+        # Every job takes its representations from the run's plan (jobs.plan), which spells
+        # them out itself; this early expansion makes a caption section that cannot name its
+        # representation fail before Spark starts, and the runs table record the full names.
         config.experiment.representations = expand_lvlm(config.experiment.representations,
                                                         config.experiment.caption)
     except ConfigError as exc:
