@@ -107,6 +107,39 @@ def is_permanent_error(error: str | None) -> bool:
     return error_kind(error) in PERMANENT_ERROR_KINDS
 
 
+def is_final(status: str | None, error: str | None) -> bool:
+    """Whether a ``descriptions`` row settles its image for good: ``ok``, or a permanent error.
+    Anything else (no row, a transient error) is described by the next run."""
+    return status == OK or (status == ERROR and is_permanent_error(error))
+
+
+def caption_todo(items: pa.Table, cache: pa.Table, force: bool = False) -> tuple[pa.Table, dict[str, int]]:
+    """The caption job's plan, without Spark: ``items`` (item_id, image_uri, image_sha256: one
+    dataset's rows) and ``cache`` (image_sha256, status, error: the engine's ``descriptions``
+    rows) -> (the images to describe: image_sha256, item_id, image_uri sorted by hash; facts).
+
+    One item per image: the smallest (item_id, image_uri), so reruns pick the same one. Facts:
+    ``n`` items, ``with_image``, ``images`` (distinct hashes), ``ok``, ``final_errors`` (cached
+    permanent errors), ``retry`` (cached rows described again). ``jobs.caption.spark_plan``
+    is the same plan as one Spark job, for catalogs too large to read on the driver."""
+    frame = items.select(["item_id", "image_uri", "image_sha256"]).to_pandas()
+    facts = {"n": len(frame), "with_image": int(frame["image_sha256"].notna().sum())}
+    images = (frame[frame["image_sha256"].notna()]
+              .sort_values(["image_sha256", "item_id", "image_uri"], na_position="first", kind="stable")
+              .drop_duplicates("image_sha256", keep="first"))
+    rows = cache.select(["image_sha256", "status", "error"]).to_pandas().drop_duplicates("image_sha256")
+    marked = images.merge(rows, on="image_sha256", how="left")
+    cached = marked["status"].notna()
+    final = pd.Series([is_final(s if isinstance(s, str) else None, e if isinstance(e, str) else None)
+                       for s, e in zip(marked["status"], marked["error"])], index=marked.index, dtype=bool)
+    facts.update(images=len(marked), ok=int((marked["status"] == OK).sum()),
+                 final_errors=int((final & cached & (marked["status"] != OK)).sum()),
+                 retry=int((cached & ~final).sum()))
+    todo = marked if force else marked[~final]
+    table = pa.Table.from_pandas(todo[["image_sha256", "item_id", "image_uri"]], preserve_index=False)
+    return table.cast(pa.schema([(c, pa.string()) for c in table.column_names])), facts
+
+
 def read_checked(uri: str, expected_sha256: str, limits: Any = None) -> tuple[bytes | None, str | None]:
     """``(bytes, None)`` of one item's image file, read within ``limits`` (a
     ``udfs.images.ReadLimits``) and still hashing to ``expected_sha256``, or ``(None, error text)``."""

@@ -27,6 +27,11 @@ class TableMissing(LookupError):
     """A table the caller needs was never written in this warehouse."""
 
 
+class TooLarge(RuntimeError):
+    """The rows asked for lie in more Parquet bytes than the caller's ``max_bytes``: a job
+    that reads small tables on the driver reads this one with Spark."""
+
+
 def table_uri(warehouse: str | Path, name: str) -> str:
     local = storage.local_path_of(str(warehouse))
     if local is None:
@@ -43,10 +48,11 @@ def has_table(warehouse: str | Path, name: str) -> bool:
 
 def read_table(warehouse: str | Path, name: str, equal: Mapping[str, object] | None = None,
                within: Mapping[str, Sequence[object]] | None = None,
-               columns: Sequence[str] | None = None) -> pa.Table:
+               columns: Sequence[str] | None = None, max_bytes: int | None = None) -> pa.Table:
     """Rows of table ``name`` whose columns equal ``equal``'s values and lie in ``within``'s
     lists (all conditions AND-ed), with ``columns`` (default: all). ``TableMissing`` names the
-    job that writes the table when it does not exist."""
+    job that writes the table when it does not exist; ``TooLarge`` when the files to read
+    (after partition pruning) hold more than ``max_bytes``, before any is read."""
     from deltalake import DeltaTable
 
     uri = table_uri(warehouse, name)
@@ -57,6 +63,10 @@ def read_table(warehouse: str | Path, name: str, equal: Mapping[str, object] | N
     table = DeltaTable(location, storage_options=options or None)
     schema = pa.schema(table.schema().to_arrow())
     conditions = {c: [v] for c, v in (equal or {}).items()} | {c: list(v) for c, v in (within or {}).items()}
+    if max_bytes is not None:
+        size = _pruned_bytes(table, conditions)
+        if size > max_bytes:
+            raise TooLarge(f"table '{name}' in {warehouse}: {size} bytes to read, more than {max_bytes}")
     wanted = list(columns) if columns is not None else schema.names
     if table.protocol().min_reader_version > 1:
         # Reader features (deletion vectors...) go through delta-rs's own scan; it can abort
@@ -70,6 +80,19 @@ def read_table(warehouse: str | Path, name: str, equal: Mapping[str, object] | N
         if column not in result.column_names:
             result = result.append_column(column, pa.nulls(result.num_rows))
     return result.select(wanted)
+
+
+def _pruned_bytes(table, conditions: Mapping[str, list]) -> int:
+    """Bytes of the snapshot's files that the partition values in ``conditions`` keep."""
+    partitions = list(table.metadata().partition_columns)
+    actions = pa.table(table.get_add_actions(flatten=True))
+    keep = None
+    for column in partitions:
+        if column in conditions:
+            term = pc.is_in(actions.column(f"partition.{column}"), value_set=pa.array(conditions[column]))
+            keep = term if keep is None else pc.and_(keep, term)
+    sizes = actions.column("size_bytes") if keep is None else actions.filter(keep).column("size_bytes")
+    return int(pc.sum(sizes).as_py() or 0)
 
 
 def _expression(conditions: Mapping[str, list]):

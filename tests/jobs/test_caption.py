@@ -309,3 +309,35 @@ def test_only_folders_of_dead_runs_are_claimed_and_each_by_one_run(tmp_path):
     assert [Path(p).name for p in claimed] == ["dead-run.adopted-by-me"]
     assert caption.claim_dead_folders(root, "other") == []  # the claimer (this process) is alive
     assert sorted(p.name for p in root.iterdir()) == ["dead-run.adopted-by-me", "live-run"]
+
+
+def test_the_driver_plan_is_the_spark_plan(spark, catalog):
+    """The plan read on the driver (delta-rs, small tables) and the one Spark job (large ones)
+    give the same images to describe and the same counts, over a cache slice with every kind of
+    row: ok, a permanent error, a transient error, and images never described."""
+    import dataclasses
+    import datetime as dt
+
+    from jobs.config import CaptionConf
+
+    wh, _ = catalog
+    spec = dataclasses.replace(caption.caption_spec(CaptionConf()), model="plan-equivalence")
+    shas = sorted(set(item_shas(spark, wh).values()))
+    now = dt.datetime(2026, 1, 1)
+    rows = [(shas[0], spec.engine, spec.model, spec.prompt_id, None, spec.prompt, "a hat", 2, 1.0, "ok", None, now),
+            (shas[1], spec.engine, spec.model, spec.prompt_id, None, spec.prompt, None, None, None, "error",
+             "truncated: cut short", now),
+            (shas[2], spec.engine, spec.model, spec.prompt_id, None, spec.prompt, None, None, None, "error",
+             "changed: the file changed since ingest", now)]
+    tables.merge(spark, wh, "descriptions", spark.createDataFrame(rows, tables.SCHEMAS["descriptions"]))
+    for force in (False, True):
+        forced = dataclasses.replace(spec, conf=dataclasses.replace(spec.conf, force=force))
+        on_driver = caption.driver_plan(str(wh), "synthetic", forced)
+        assert on_driver is not None
+        table, facts = caption.spark_plan(spark, str(wh), "synthetic", forced)
+        assert on_driver[0].to_pylist() == table.to_pylist()
+        assert on_driver[1] == facts
+        assert facts["ok"] == 1 and facts["final_errors"] == 1 and facts["retry"] == 1
+        assert table.num_rows == (N_IMAGES if force else N_IMAGES - 2)
+    # Over the byte limit the driver declines and the job plans with Spark.
+    assert caption.driver_plan(str(wh), "synthetic", spec, max_bytes=100) is None

@@ -76,3 +76,31 @@ def test_vllm_bytes_are_the_bytes_that_were_checked(tmp_path):
     out = cu.load_image_bytes(pd.DataFrame({"image_uri": [str(path)], "image_sha256": [sha256_bytes(data)]}),
                               ReadLimits(max_bytes=len(data) - 1))
     assert out["image_bytes"].iat[0] is None and cu.error_kind(out["error"].iat[0]) == "too_big"
+
+
+def _plan_inputs():
+    import pyarrow as pa
+
+    items = pa.table({
+        "item_id": ["b", "a", "c", "d", "e", "f", "g"],
+        "image_uri": ["u/b.png", "u/a.png", "u/c.png", "u/d.png", None, "u/f.png", "u/g.png"],
+        # a and b share an image; e has none; f was described, g failed for good, d transiently.
+        "image_sha256": ["s1", "s1", "s2", "s3", None, "s4", "s5"],
+    })
+    cache = pa.table({"image_sha256": ["s3", "s4", "s5", "s9"],
+                      "status": ["error", "ok", "error", "ok"],
+                      "error": ["changed: the file changed since ingest", None, "truncated: cut short", None]})
+    return items, cache
+
+
+def test_caption_plan_describes_each_image_once_and_skips_what_is_settled():
+    items, cache = _plan_inputs()
+    todo, facts = cu.caption_todo(items, cache)
+    # One item per image (the smallest id), sorted by hash; ok rows and permanent errors settled.
+    assert todo.to_pylist() == [{"image_sha256": "s1", "item_id": "a", "image_uri": "u/a.png"},
+                                {"image_sha256": "s2", "item_id": "c", "image_uri": "u/c.png"},
+                                {"image_sha256": "s3", "item_id": "d", "image_uri": "u/d.png"}]
+    assert facts == {"n": 7, "with_image": 6, "images": 5, "ok": 1, "final_errors": 1, "retry": 1}
+    forced, forced_facts = cu.caption_todo(items, cache, force=True)
+    assert forced.column("image_sha256").to_pylist() == ["s1", "s2", "s3", "s4", "s5"]
+    assert forced_facts == facts
