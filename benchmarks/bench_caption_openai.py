@@ -162,8 +162,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-openai-"))
     server = LlamaServer(work / "server", threads=args.server_threads).start()
     started = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), object_store_memory=300 * 1024 * 1024, include_dashboard=False,
-             configure_logging=False, log_to_driver=False)
+    from jobs.config import RayConf
+    from jobs.ray_session import init_kwargs
+
+    # The job's own Ray settings (its workers' malloc tunables included), so that the Ray side
+    # runs as the caption job runs it.
+    ray.init(**init_kwargs(RayConf(num_cpus=os.cpu_count() or 1, object_store_memory_mb=300)), log_to_driver=False)
     ray_init_s = time.perf_counter() - started
     result: dict = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count()}, "n": args.n,
                     "max_new_tokens": args.max_new_tokens, "server_threads": args.server_threads,
