@@ -43,6 +43,7 @@ from pyspark.sql import functions as F
 from udfs import evaluate_udfs, protocol
 from udfs.metrics import METRICS
 from udfs.results_table import results_table
+from udfs.spark import schemas
 
 from . import tables
 from .config import ConfigError
@@ -203,7 +204,7 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
                   .select("representation", "user_id", "relevant", "recommended")
                   .withColumn("_group", F.pmod(F.xxhash64("user_id"), F.lit(n_groups))))
         values = (scored.groupBy("_group").applyInPandas(evaluate_udfs.user_metric_groups(ks),
-                                                         evaluate_udfs.USER_METRICS_DDL)
+                                                         schemas.USER_METRICS_DDL)
                   .persist(StorageLevel.MEMORY_AND_DISK))
         # Each table's slice of this run is replaced in one atomic commit (replaceWhere): a
         # representation dropped from the run loses its old rows, and readers see no mix.
@@ -217,7 +218,7 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
     with run.stage("summary"):
         n_samples, seed = plan.bootstrap_samples, plan.evaluate_seed
         summary = (values.groupBy("representation", "metric", "k")
-                   .applyInPandas(evaluate_udfs.metric_summary(n_samples, seed), evaluate_udfs.METRICS_DDL)
+                   .applyInPandas(evaluate_udfs.metric_summary(n_samples, seed), schemas.METRICS_DDL)
                    .persist(StorageLevel.MEMORY_AND_DISK))
         summary_rows = [r.asDict() for r in summary.collect()]
         tables.replace_slice(spark, wh, "metrics", summary.withColumn("run_id", F.lit(run_id)), where)
@@ -226,7 +227,7 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
     with run.stage("comparisons"):
         comparisons = (values.select("representation", "user_id", "metric", "k", "value").groupBy("metric", "k")
                        .applyInPandas(evaluate_udfs.comparison_groups(order, n_samples, seed),
-                                      evaluate_udfs.COMPARISONS_DDL)
+                                      schemas.COMPARISONS_DDL)
                        .persist(StorageLevel.MEMORY_AND_DISK))
         # Collected first (it fills the cache the write then reads): the rows are printed below.
         comparison_rows = [r.asDict() for r in comparisons.collect()]

@@ -61,6 +61,7 @@ from pyspark.sql import functions as F
 
 from udfs import protocol, scorers, topk_udfs
 from udfs.representations import ALS
+from udfs.spark import schemas
 
 from . import tables
 from .config import POPULARITY, ConfigError
@@ -211,7 +212,7 @@ def pack(frame: DataFrame, n_rows: int, block: int, with_seen: bool, min_blocks:
     """Block rows of ``frame`` (id, vector[, seen]), persisted on disk (they are read once per
     block pair). One hash partition per block, so the cross join's tasks hold one pair each."""
     n_parts = max(1, min(n_rows, max(math.ceil(n_rows / block), min_blocks)))
-    ddl = topk_udfs.USER_BLOCK_DDL if with_seen else topk_udfs.BLOCK_DDL
+    ddl = schemas.USER_BLOCK_DDL if with_seen else schemas.BLOCK_DDL
     packed = (frame.repartition(n_parts, frame.columns[0])
               .mapInArrow(topk_udfs.pack_blocks(block, with_seen), ddl)
               .persist(StorageLevel.DISK_ONLY))
@@ -228,7 +229,7 @@ def block_pairs(users: DataFrame, items: DataFrame, settings: TopkSettings, scor
     joined = left.hint("shuffle_replicate_nl").crossJoin(right)
     return joined.mapInArrow(
         topk_udfs.pair_topk_batches(settings.k, scorer, settings.seed, settings.score_rows, threads),
-        topk_udfs.PAIR_DDL)
+        schemas.PAIR_DDL)
 
 
 def rank_representation(run: JobRun, name: str, users: DataFrame, items: DataFrame, n_users: int, n_items: int,
@@ -359,7 +360,7 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
         tables.replace_slice(spark, wh, "candidates", candidates.withColumn("run_id", F.lit(settings.run_id))
                              .withColumn("topk_id", F.lit(run.run_id)), {"run_id": settings.run_id})
         ranks = (pairs.groupBy("representation", "user_block")
-                 .applyInArrow(topk_udfs.merge_block_results(settings.k), topk_udfs.RANKS_DDL)
+                 .applyInArrow(topk_udfs.merge_block_results(settings.k), schemas.RANKS_DDL)
                  .observe(written, *per_name))
         # One atomic overwrite of this run's slice: rows of a representation no longer ranked
         # go with it, and readers never see a half-replaced run.

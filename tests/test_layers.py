@@ -126,6 +126,15 @@ def struct_type_sites(path: Path) -> list[int]:
     return lines
 
 
+def schema_constant_sites(path: Path, endings: tuple[str, ...] = ("_DDL",)) -> list[int]:
+    """Lines where ``path`` names a Spark type at module level: a ``X_DDL`` string (``X_SCHEMA``
+    names Arrow schemas too, e.g. the caption staging files', which are not Spark's)."""
+    return [node.lineno for node in ast.parse(path.read_text(), str(path)).body
+            if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+            if isinstance(target, ast.Name) and target.id.endswith(endings)]
+
+
 def test_walker_sees_struct_types_where_they_are():
     # Guards the check below against passing vacuously.
     assert len(struct_type_sites(ROOT / SCHEMAS_MODULE)) > 10
@@ -138,3 +147,8 @@ def test_every_spark_output_schema_is_in_the_schemas_module():
              if str(p.relative_to(ROOT)) not in INPUT_PARSING_SCHEMAS | {SCHEMAS_MODULE}
              for line in struct_type_sites(p)]
     assert sites == [], f"define these schemas in {SCHEMAS_MODULE} and import them"
+    constants = [f"{p.relative_to(ROOT)}:{line}" for folder in ("jobs", "udfs", "benchmarks")
+                 for p in python_files(folder) if str(p.relative_to(ROOT)) != SCHEMAS_MODULE
+                 for line in schema_constant_sites(p)]
+    assert constants == [], f"declare these output types (DDL or StructType) in {SCHEMAS_MODULE}"
+    assert len(schema_constant_sites(ROOT / SCHEMAS_MODULE)) >= 7  # the walker sees them where they are

@@ -26,12 +26,8 @@ from udfs import significance
 
 log = logging.getLogger(__name__)
 
-USER_METRICS_DDL = "representation string, user_id string, metric string, k int, value double"
-METRICS_DDL = ("representation string, metric string, k int, value double, n_users long, "
-               "ci_low double, ci_high double")
-COMPARISONS_DDL = ("representation_a string, representation_b string, metric string, k int, "
-                   "mean_diff double, ci_low double, ci_high double, p_value double, p_holm double, "
-                   "n_users long")
+# What the functions below emit (``USER_METRICS_DDL``, ``METRICS_DDL``, ``COMPARISONS_DDL``) is
+# declared with every other Spark output schema in ``udfs.spark.schemas``.
 
 # Pads a list shorter than max(ks): never an item id, so it never counts as a hit.
 MISSING_ITEM = ""

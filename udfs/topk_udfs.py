@@ -42,11 +42,8 @@ POPULARITY = scorers.PopularityScorer.name
 RANDOM = scorers.RandomScorer.name
 SCORERS = tuple(scorers.SCORERS)
 
-# What the wrappers emit, as Spark DDL (kept here so the job and the tests use one definition).
-BLOCK_DDL = "block_id string, n int, dim int, ids array<string>, vectors binary"
-USER_BLOCK_DDL = BLOCK_DDL + ", seen_counts array<int>, seen_ids array<string>"
-PAIR_DDL = "user_block string, user_ids array<string>, width int, scores binary, item_ids array<string>"
-RANKS_DDL = "representation string, user_id string, rank int, item_id string, score float"
+# What the wrappers emit (``BLOCK_DDL``, ``USER_BLOCK_DDL``, ``PAIR_DDL``, ``RANKS_DDL``) is
+# declared with every other Spark output schema in ``udfs.spark.schemas``.
 
 _BLOCK_FIELDS = [pa.field("block_id", pa.string()), pa.field("n", pa.int32()), pa.field("dim", pa.int32()),
                  pa.field("ids", pa.list_(pa.string())), pa.field("vectors", pa.binary())]

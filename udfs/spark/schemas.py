@@ -8,9 +8,9 @@ create for a table).
 the adapters' permissive CSV/JSON readers build a string column per header field plus
 ``_corrupt_record`` from the file itself (``jobs/adapters/base.py`` ``read_table_file``,
 ``jobs/adapters/amazon.py`` ``_parse``); ``tests/test_layers.py`` allows those two sites and no
-other ``StructType`` outside this module. Some frames are still typed by DDL strings beside
-their pure functions (``udfs.topk_udfs`` ``*_DDL``, ``udfs.evaluate_udfs`` ``*_DDL``), because
-those modules must not import pyspark.
+other ``StructType`` outside this module. The outputs of the top-k and evaluate functions are
+Spark DDL strings (``*_DDL``, below): the Arrow/pandas functions in ``udfs.topk_udfs`` and
+``udfs.evaluate_udfs`` emit them, and DDL is what ``applyInArrow``/``applyInPandas`` take.
 """
 from __future__ import annotations
 
@@ -216,3 +216,18 @@ def with_image_check(schema: T.StructType) -> T.StructType:
     ``udfs.spark.image_hashing.with_image_hashes`` adds: ``image_sha256`` and ``_image_error``."""
     return T.StructType(schema.fields + [T.StructField("image_sha256", T.StringType()),
                                          T.StructField("_image_error", T.StringType())])
+
+
+# --- the top-k and evaluate functions' outputs (udfs.topk_udfs, udfs.evaluate_udfs) -----------
+
+BLOCK_DDL = "block_id string, n int, dim int, ids array<string>, vectors binary"
+USER_BLOCK_DDL = BLOCK_DDL + ", seen_counts array<int>, seen_ids array<string>"
+PAIR_DDL = "user_block string, user_ids array<string>, width int, scores binary, item_ids array<string>"
+RANKS_DDL = "representation string, user_id string, rank int, item_id string, score float"
+
+USER_METRICS_DDL = "representation string, user_id string, metric string, k int, value double"
+METRICS_DDL = ("representation string, metric string, k int, value double, n_users long, "
+               "ci_low double, ci_high double")
+COMPARISONS_DDL = ("representation_a string, representation_b string, metric string, k int, "
+                   "mean_diff double, ci_low double, ci_high double, p_value double, p_holm double, "
+                   "n_users long")
