@@ -10,8 +10,11 @@ of a cached rerun.
    same number of requests in flight in total (one actor x ``max_concurrency``). Ratio = Ray
    images/s / bare images/s (target >= 0.9). The Ray side includes its fixed start (the Ray
    Data executor and the actor's process, about 1-3 s) and the Parquet write; ``ray.init`` is
-   printed apart (the job pays it too, once). ``--repeats`` runs of each side alternate and
-   the best of each is kept, after one warm-up run that loads the workers' imports.
+   printed apart (the job pays it too, once). A third side measures this machine's floor for
+   any client inside Ray Data: the bare client itself, run in a Ray Data actor over one block
+   of the same bodies (``BareClientActor``); "floor ratio" = bare / that, and "engine/floor" =
+   that / the engine's Ray side. ``--repeats`` runs of each side alternate and the best of each
+   is kept, after one warm-up run that loads the workers' imports.
 2. Cache: ``--cache-n`` posters (1,500) ingested, the whole ``caption`` job run against the
    server through a counting proxy (``tests/fault_proxy.py``), then again: the rerun's requests
    at the proxy (target 0) and its time / the first run's (target < 0.1).
@@ -79,6 +82,40 @@ def ray_run(ray, todo, spec, folder: Path) -> tuple[float, int]:
     if ok != todo.num_rows:
         raise SystemExit(f"Ray run described {ok} of {todo.num_rows} images")
     return seconds, ok
+
+
+class BareClientActor:
+    """The bare client inside a Ray Data actor: the same prebuilt bodies fired by ``bare_client``
+    over one block holding every image. What this costs above the bare client is Ray Data's own
+    (the executor and the actor's process start, the Ray processes sharing the cores with the
+    server): the floor of any client that runs through Ray Data on this machine."""
+
+    def __init__(self, base_url: str, bodies: list, concurrency: int):
+        import ray
+
+        self.base_url, self.concurrency = base_url, concurrency
+        self.bodies = ray.get(bodies[0])  # sha256 -> body, put in the object store once
+
+    def __call__(self, batch):
+        asyncio.run(bare_client(self.base_url, [self.bodies[s] for s in batch["image_sha256"]], self.concurrency))
+        return batch[["image_sha256"]]
+
+
+def ray_floor_run(ray, todo, bodies_ref, base_url: str, concurrency: int) -> float:
+    """Seconds for ``BareClientActor`` to send every body through Ray Data."""
+    import ray.data
+
+    start = time.perf_counter()
+    rows = (ray.data.from_arrow([todo])
+            .map_batches(BareClientActor, fn_constructor_kwargs=dict(base_url=base_url, bodies=[bodies_ref],
+                                                                     concurrency=concurrency),
+                         compute=ray.data.ActorPoolStrategy(size=1), batch_size=None, batch_format="pandas",
+                         num_cpus=0.25)
+            .take_all())
+    seconds = time.perf_counter() - start
+    if len(rows) != todo.num_rows:
+        raise SystemExit(f"Ray floor run answered {len(rows)} of {todo.num_rows} images")
+    return seconds
 
 
 def request_bodies(paths: list[Path], max_new_tokens: int) -> list[str]:
@@ -181,19 +218,25 @@ def main() -> None:
         # Warm Ray's workers (imports) so that the first concurrency level does not pay for it.
         ray_run(ray, todo.slice(0, 8), spec_for(server.base_url, 2, args.max_new_tokens, args.batch_size),
                 work / "staging-warm")
+        bodies_ref = ray.put(dict(zip(todo.column("image_sha256").to_pylist(), bodies)))
+        ray_floor_run(ray, todo.slice(0, 8), bodies_ref, server.base_url, 2)  # warm its worker too
         for c in args.concurrency:
             spec = spec_for(server.base_url, c, args.max_new_tokens, args.batch_size)
-            ray_times, bare_times = [], []
-            for r in range(args.repeats):  # alternating, so that a load spike hits both sides alike
+            ray_times, bare_times, floor_times = [], [], []
+            for r in range(args.repeats):  # alternating, so that a load spike hits every side alike
                 ray_times.append(ray_run(ray, todo, spec, work / f"staging-{c}-{r}")[0])
+                floor_times.append(ray_floor_run(ray, todo, bodies_ref, server.base_url, c))
                 bare_times.append(asyncio.run(bare_client(server.base_url, bodies, c)))
-            ray_s, bare_s = min(ray_times), min(bare_times)
+            ray_s, bare_s, floor_s = min(ray_times), min(bare_times), min(floor_times)
             row = {"max_concurrency": c, "ray_images_per_s": args.n / ray_s, "bare_images_per_s": args.n / bare_s,
                    "ratio": bare_s / ray_s, "ray_s": ray_s, "bare_s": bare_s,
-                   "ray_s_all": ray_times, "bare_s_all": bare_times}
+                   "floor_images_per_s": args.n / floor_s, "floor_ratio": bare_s / floor_s,
+                   "engine_vs_floor": floor_s / ray_s, "floor_s": floor_s,
+                   "ray_s_all": ray_times, "bare_s_all": bare_times, "floor_s_all": floor_times}
             result["throughput"].append(row)
-            print(f"c={c}: ray {row['ray_images_per_s']:.2f}/s, bare {row['bare_images_per_s']:.2f}/s, "
-                  f"ratio {row['ratio']:.2f}", flush=True)
+            print(f"c={c}: ray {row['ray_images_per_s']:.2f}/s, Ray Data floor {row['floor_images_per_s']:.2f}/s, "
+                  f"bare {row['bare_images_per_s']:.2f}/s, ratio {row['ratio']:.2f} (floor {row['floor_ratio']:.2f})",
+                  flush=True)
 
         if args.cache_n:
             from jobs import caption, ingest
@@ -230,10 +273,12 @@ def main() -> None:
     print(f"\nmachine: {result['machine']['cpu']}, {result['machine']['cores']} cores; server: llama.cpp, "
           f"{args.server_threads} thread(s), tiny random LLaVA, {args.max_new_tokens} new tokens; "
           f"{args.n} images, best of {args.repeats} per side; ray.init {ray_init_s:.1f} s (not in the Ray times)")
-    print(f"{'max_concurrency':>15} {'Ray images/s':>13} {'bare images/s':>14} {'ratio':>6}")
+    print(f"{'max_concurrency':>15} {'Ray images/s':>13} {'floor images/s':>15} {'bare images/s':>14} {'ratio':>6} "
+          f"{'floor ratio':>12} {'engine/floor':>13}")
     for row in result["throughput"]:
-        print(f"{row['max_concurrency']:>15} {row['ray_images_per_s']:>13.2f} {row['bare_images_per_s']:>14.2f} "
-              f"{row['ratio']:>6.2f}")
+        print(f"{row['max_concurrency']:>15} {row['ray_images_per_s']:>13.2f} {row['floor_images_per_s']:>15.2f} "
+              f"{row['bare_images_per_s']:>14.2f} {row['ratio']:>6.2f} {row['floor_ratio']:>12.2f} "
+              f"{row['engine_vs_floor']:>13.2f}")
     if "cache" in result:
         c = result["cache"]
         print(f"cache, {c['images']} images: first run {c['first_s']:.1f} s ({c['described']} described), "

@@ -434,14 +434,17 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: str,
                                        options=spec.engine_options,
                                        torch_threads=spec.conf.torch_threads if threads else 0,
                                        max_torch_threads=threads, expected_prompt_id=spec.prompt_id,
-                                       # The openai actor reads its own files: see CaptionActor.
-                                       load=load if spec.engine == "openai" else None),
+                                       # The openai actor reads its own files and writes its
+                                       # own staged files: see CaptionActor.
+                                       load=load if spec.engine == "openai" else None,
+                                       staging=write_kwargs if spec.engine == "openai" else None),
             compute=actor_pool(ray, spec),
             # openai: the whole block in one call, streamed (see CaptionActor._send_as_read).
             batch_size=None if spec.engine == "openai" else spec.batch_size,
             batch_format="pandas", num_cpus=actor_cpus, num_gpus=actor_gpus)
-    ds = ds.map_batches(cu.write_staging, fn_kwargs=write_kwargs, batch_size=per_file,
-                        batch_format="pandas", num_cpus=0.25)
+    if spec.engine != "openai":
+        ds = ds.map_batches(cu.write_staging, fn_kwargs=write_kwargs, batch_size=per_file,
+                            batch_format="pandas", num_cpus=0.25)
     return ds.take_all()
 
 

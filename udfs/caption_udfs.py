@@ -236,13 +236,17 @@ class CaptionActor:
     def __init__(self, engine: str, model: str, prompt: str, batch_size: int, max_new_tokens: int,
                  options: Mapping[str, Any] | None = None, torch_threads: int = 0,
                  expected_prompt_id: str | None = None, max_torch_threads: int = 0,
-                 load: Mapping[str, Any] | None = None):
+                 load: Mapping[str, Any] | None = None, staging: Mapping[str, Any] | None = None):
         self.spec = dict(name=engine, model=model, prompt=prompt, batch_size=batch_size,
                          max_new_tokens=max_new_tokens, options=dict(options or {}))
         # ``load_image_urls``'s keyword arguments when this actor reads its own files (the
         # openai engine: a millisecond per image, not worth a stage, a process hop and an
         # object-store copy of its own).
         self.load = dict(load) if load is not None else None
+        # ``write_staging``'s keyword arguments when this actor writes its own staged file per
+        # batch (the openai engine): no writer stage, so no task process competing for the
+        # cores with a server that may share the machine; the call returns the summary row.
+        self.staging = dict(staging) if staging is not None else None
         # Explicit, or this node's own cores up to the driver's share (``max_torch_threads``):
         # on a cluster the nodes differ, and the driver sees only the cluster's total.
         self.torch_threads = torch_threads or (min(max_torch_threads, node_cpus()) if max_torch_threads else 0)
@@ -308,9 +312,10 @@ class CaptionActor:
                     texts[i], tokens[i], latency[i] = result.text, result.n_tokens, per_image_ms
                     prompt_tokens[i], retries[i] = result.prompt_tokens, ",".join(result.retries)
         out = batch.drop(columns=[c for c in ("pixels", "width", "height", "error") if c in batch])
-        return out.assign(text=texts, n_tokens=tokens, latency_ms=latency, error=errors,
-                          status=[OK if e is None else ERROR for e in errors],
-                          prompt_tokens=pd.array(prompt_tokens, dtype="Int64"), retries=retries)
+        out = out.assign(text=texts, n_tokens=tokens, latency_ms=latency, error=errors,
+                         status=[OK if e is None else ERROR for e in errors],
+                         prompt_tokens=pd.array(prompt_tokens, dtype="Int64"), retries=retries)
+        return out if self.staging is None else write_staging(out, **self.staging)
 
 
     def _send_as_read(self, batch: pd.DataFrame) -> tuple[list[int], list[Any], list[str | None]]:
