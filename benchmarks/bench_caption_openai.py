@@ -4,7 +4,7 @@ of a cached rerun.
 
 1. Throughput, for each ``max_concurrency`` in ``--concurrency`` (1, 2, 4, 8): the caption job's
    Ray Data stages (``jobs.caption.describe_with_ray``: one engine actor that reads, checks and
-   sends each poster as it goes, then the staging writer; no Spark) over N real MovieLens
+   sends each poster as it goes and writes the staged files; no Spark) over N real MovieLens
    posters, against a bare ``aiohttp`` client firing the very same request bodies (the files'
    own bytes, built beforehand: no file reading in the baseline) at the same server with the
    same number of requests in flight in total (one actor x ``max_concurrency``). Ratio = Ray

@@ -21,8 +21,9 @@ For the configured dataset and ``experiment.caption`` (engine, model, prompt):
    ``{warehouse}/_staging/descriptions/{run_id}/``, under a temporary name renamed into place.
    The ``vllm`` engine runs Ray's own vLLM integration instead of the actor pool. The ``openai``
    engine's actors read the files themselves (no loading tasks: the request carries the file's
-   own bytes when the server can take them) and send HTTP requests to the servers of
-   ``experiment.caption.openai``, checked
+   own bytes when the server can take them), send HTTP requests to the servers of
+   ``experiment.caption.openai`` and write their own staged files (no writer tasks, whose
+   processes would take cores from a server on the same machine); the servers are checked
    before Ray starts: when none answers the job exits 4 (``EXIT_SERVER_DOWN``), naming the URLs
    (docs/CAPTION_SERVERS.md).
 4. Spark merges the staged files into ``descriptions`` (``MERGE`` on the key; an error row
@@ -86,7 +87,8 @@ from udfs.representations import RepresentationError, lvlm_name
 
 from . import tables
 from .config import CaptionConf, ConfigError, load_config
-from .job_run import EXIT_INSTALL, JobParser, JobRun, NothingUsable, base_parser, run_job
+from .job_run import EXIT_INSTALL, JobParser, JobRun, NothingUsable, base_parser, run_id_argument, run_job
+from .plan import check_caption_agrees, stored_plan
 from .ray_session import ray_session
 
 log = logging.getLogger(__name__)
@@ -493,9 +495,7 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
     spec = caption_spec(config.experiment.caption)
     if getattr(args, "run_id", None):
         # Only for a run (the pipeline's): a bare caption job, a cache fill, reads no plan
-        # (a Spark job it does not need) and never stores one.
-        from .plan import check_caption_agrees, stored_plan
-
+        # and never stores one.
         run_plan = stored_plan(run.spark, run.warehouse, args.run_id)
         if run_plan is not None:
             check_caption_agrees(run_plan, config.dataset.name, spec.representation, args.run_id)
@@ -594,8 +594,6 @@ def _salvage(run: JobRun, folder: str) -> None:
 
 
 def add_arguments(parser: JobParser) -> None:
-    from .job_run import run_id_argument
-
     parser.add_setting("--force", "experiment.caption.force", type=bool,
                        help="describe every image again, ignoring cached descriptions")
     parser.add_argument("--run-id", default=None, type=run_id_argument,

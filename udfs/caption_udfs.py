@@ -10,8 +10,8 @@ Three Ray Data stages over batches of unique images (pandas frames with ``image_
 2. ``CaptionActor`` (an actor pool): one engine per actor, built on the first batch that has an
    image to describe; ``udfs.caption.describe_isolated`` makes one bad image fail alone. The
    ``openai`` engine has no stage 1: its actor reads and checks the files itself
-   (``load_image_urls``: the request's ``data:`` URL, usually the file's own bytes) and does
-   nothing else but HTTP.
+   (``load_image_urls``: the request's ``data:`` URL, usually the file's own bytes), and no
+   stage 3 either: it calls ``write_staging`` itself at the end of each batch.
 3. ``write_staging`` (I/O tasks): each batch becomes one Parquet file in the run's staging
    folder, written under a temporary name and renamed into place, so a file that exists under
    its final name is complete. The job's Spark step merges those files into ``descriptions``.
