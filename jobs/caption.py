@@ -3,8 +3,9 @@
 For the configured dataset and ``experiment.caption`` (engine, model, prompt):
 
 1. The plan reads ``items`` (item_id, image_uri, image_sha256): on the driver with delta-rs
-   while the dataset's items and the engine's cache rows hold under 64 MiB of Parquet
-   (``udfs.caption_udfs.caption_todo``), else as one Spark job (``spark_plan``; the same rules).
+   while the dataset's ``items`` files and the whole ``descriptions`` table (it is not
+   partitioned) each hold under 64 MiB of Parquet (``udfs.caption_udfs.caption_todo``), else as
+   one Spark job (``spark_plan``; the same rules).
    Items without an image hash (no
    image, or one that ``ingest`` rejected) are counted ``skipped_no_image``. Items are grouped
    by hash: an image shared by several items is described once (``shared_image_items``).
@@ -49,7 +50,7 @@ The job's settings in ``experiment.caption`` (``jobs.config.CaptionConf``): ``ac
 ``torch_threads`` (per actor; default: the cluster's cores divided by the actors, at most the
 cores of the node the actor runs on), ``rows_per_file``
 (rows per staged file, default 256: a killed run loses at most this many captions per actor
-in flight), ``load_num_cpus`` (CPUs reserved per image-loading task, default 0: see below),
+call in flight; an ``openai`` actor has two), ``load_num_cpus`` (CPUs reserved per image-loading task, default 0: see below),
 ``accelerator_type`` (``vllm``). The engine gets its own section as its options:
 ``experiment.caption.tags``, ``.hf`` or ``.vllm`` (``tensor_parallel_size`` is there).
 
@@ -240,9 +241,10 @@ def claim_dead_folders(root: str, run_id: str) -> list[str]:
 
 # --- Spark: plan and merge -------------------------------------------------------------------
 
-# Below this many Parquet bytes (the dataset's items and the engine's cache rows), the plan is
-# read on the driver with delta-rs: a Spark job costs more than the reading there (0.9 s against
-# tens of ms for 1,500 images), and a cached rerun is nearly all plan.
+# While the dataset's items files and the descriptions table (unpartitioned: every engine's rows
+# count) each stay under this many Parquet bytes, the plan is read on the driver with delta-rs: a
+# Spark job costs more than the reading there (0.9 s against tens of ms for 1,500 images), and a
+# cached rerun is nearly all plan.
 DRIVER_PLAN_MAX_BYTES = 64 << 20
 
 
@@ -281,8 +283,8 @@ def spark_plan(spark, warehouse: str, dataset: str, spec: CaptionSpec) -> tuple[
 
 def driver_plan(warehouse: str, dataset: str, spec: CaptionSpec,
                 max_bytes: int = DRIVER_PLAN_MAX_BYTES) -> tuple[Any, dict[str, int]] | None:
-    """The same plan read on the driver (delta-rs + pandas), or None when the tables are larger
-    than ``max_bytes`` or delta-rs cannot read them (the caller then plans with Spark)."""
+    """The same plan read on the driver (delta-rs + pandas), or None when either table's files
+    to read exceed ``max_bytes`` or delta-rs cannot read them (the caller then plans with Spark)."""
     from udfs.warehouse_reader import TableMissing, TooLarge, read_table
 
     try:
@@ -291,14 +293,14 @@ def driver_plan(warehouse: str, dataset: str, spec: CaptionSpec,
         try:
             cache = read_table(warehouse, "descriptions", columns=["image_sha256", "status", "error"],
                                equal={"engine": spec.engine, "model": spec.model, "prompt_id": spec.prompt_id},
-                               max_bytes=max_bytes - items.nbytes)
+                               max_bytes=max_bytes)
         except TableMissing:  # no image was ever described here
             cache = None
     except TooLarge as exc:
         log.info("caption plan with Spark: %s", exc)
         return None
     except Exception as exc:  # noqa: BLE001 - any failure of the fast path falls back to Spark
-        log.debug("caption plan through delta-rs failed (%s); planning with Spark", exc)
+        log.info("caption plan with Spark: delta-rs could not read the tables (%s: %s)", type(exc).__name__, exc)
         return None
     if cache is None:
         import pyarrow as pa

@@ -127,11 +127,14 @@ def caption_todo(items: pa.Table, cache: pa.Table, force: bool = False) -> tuple
     images = (frame[frame["image_sha256"].notna()]
               .sort_values(["image_sha256", "item_id", "image_uri"], na_position="first", kind="stable")
               .drop_duplicates("image_sha256", keep="first"))
-    rows = cache.select(["image_sha256", "status", "error"]).to_pandas().drop_duplicates("image_sha256")
+    rows = cache.select(["image_sha256", "status", "error"]).to_pandas()
+    rows["_final"] = [is_final(s if isinstance(s, str) else None, e if isinstance(e, str) else None)
+                      for s, e in zip(rows["status"], rows["error"])]
+    # The table's MERGE keeps one row per key; should two ever meet, the settled one counts.
+    rows = rows.sort_values("_final", ascending=False, kind="stable").drop_duplicates("image_sha256")
     marked = images.merge(rows, on="image_sha256", how="left")
     cached = marked["status"].notna()
-    final = pd.Series([is_final(s if isinstance(s, str) else None, e if isinstance(e, str) else None)
-                       for s, e in zip(marked["status"], marked["error"])], index=marked.index, dtype=bool)
+    final = marked["_final"].eq(True)  # no cache row: not settled
     facts.update(images=len(marked), ok=int((marked["status"] == OK).sum()),
                  final_errors=int((final & cached & (marked["status"] != OK)).sum()),
                  retry=int((cached & ~final).sum()))
@@ -388,7 +391,8 @@ def write_atomically(table: pa.Table, folder: str | Path) -> str:
 
 def write_staging(batch: pd.DataFrame, staging_dir: str, engine: str, model: str, prompt_id: str,
                   prompt: str) -> pd.DataFrame:
-    """Ray stage 3: the batch's ``descriptions`` rows -> one staged file; returns one summary row
+    """Ray stage 3 (for ``openai``, called by ``CaptionActor`` itself): the batch's
+    ``descriptions`` rows -> one staged file; returns one summary row
     (file, ok, error, error_kinds as JSON ``{kind: n}``, and the cost: prompt_tokens,
     completion_tokens, described_after_retry, retries as JSON ``{fault kind: n}``) for the
     driver's counts."""

@@ -336,6 +336,8 @@ def test_the_driver_plan_is_the_spark_plan(spark, catalog):
         assert on_driver is not None
         table, facts = caption.spark_plan(spark, str(wh), "synthetic", forced)
         assert on_driver[0].to_pylist() == table.to_pylist()
+        assert on_driver[0].schema.names == table.schema.names
+        assert [str(t) for t in on_driver[0].schema.types] == ["string"] * 3
         assert on_driver[1] == facts
         assert facts["ok"] == 1 and facts["final_errors"] == 1 and facts["retry"] == 1
         assert table.num_rows == (N_IMAGES if force else N_IMAGES - 2)

@@ -104,3 +104,14 @@ def test_caption_plan_describes_each_image_once_and_skips_what_is_settled():
     forced, forced_facts = cu.caption_todo(items, cache, force=True)
     assert forced.column("image_sha256").to_pylist() == ["s1", "s2", "s3", "s4", "s5"]
     assert forced_facts == facts
+
+
+def test_caption_plan_counts_a_doubled_cache_row_once_and_as_settled():
+    import pyarrow as pa
+
+    items, cache = _plan_inputs()
+    # s3 has a transient error row and, after it in file order, an ok row.
+    ok_again = pa.table({"image_sha256": ["s3"], "status": ["ok"], "error": [None]}, schema=cache.schema)
+    todo, facts = cu.caption_todo(items, pa.concat_tables([cache, ok_again]))
+    assert todo.column("image_sha256").to_pylist() == ["s1", "s2"]
+    assert facts == {"n": 7, "with_image": 6, "images": 5, "ok": 2, "final_errors": 1, "retry": 0}

@@ -9,7 +9,7 @@ from pyarrow import fs as pafs
 
 from jobs import tables
 from udfs import storage
-from udfs.warehouse_reader import TableMissing, has_table, read_frame, read_table
+from udfs.warehouse_reader import TableMissing, TooLarge, has_table, read_frame, read_table, table_uri
 
 pytestmark = pytest.mark.spark
 
@@ -36,6 +36,21 @@ def test_reads_the_live_rows_of_partitioned_rewritten_tables(spark, warehouse):
                       )["no_such"].isna().all()
     with pytest.raises(TableMissing, match="no 'metrics' table"):
         read_frame(warehouse, "metrics")
+
+    # max_bytes counts the live files the partition filter keeps, not the whole table.
+    from deltalake import DeltaTable
+
+    actions = pa.table(DeltaTable(table_uri(warehouse, "items")).get_add_actions(flatten=True))
+    sizes: dict[str, int] = {}
+    for dataset, size in zip(actions.column("partition.dataset").to_pylist(), actions.column("size_bytes").to_pylist()):
+        sizes[dataset] = sizes.get(dataset, 0) + size
+    assert read_table(warehouse, "items", equal={"dataset": "plain"}, max_bytes=sizes["plain"]).num_rows == 1
+    with pytest.raises(TooLarge, match="'items'"):
+        read_table(warehouse, "items", equal={"dataset": "plain"}, max_bytes=sizes["plain"] - 1)
+    assert read_table(warehouse, "items", max_bytes=sum(sizes.values())).num_rows == 3
+    with pytest.raises(TooLarge):
+        read_table(warehouse, "items", within={"dataset": ["plain", "data set/2 %"]},
+                   max_bytes=sizes["plain"] + sizes["data set/2 %"] - 1)
 
 
 def test_a_table_delta_spark_wrote_reads_back_from_an_object_store(spark, warehouse, s3):
