@@ -97,25 +97,19 @@ _LIVENESS = ("run_id", "host", "pid", "driver_token", "heartbeat_at", "started_a
 
 
 def running_rows(spark, warehouse: str) -> list[dict]:
-    """The liveness columns of every ``running`` row. Read with delta-rs (tens of ms; through
-    Spark it was a job and a log replay, half a second at the start of every job), or with Spark
-    where delta-rs cannot open the store (credentials given only to Hadoop's s3a, say)."""
+    """The liveness columns of every ``running`` row, read with delta-rs, or with Spark where
+    that fails (``jobs.tables.small_read``)."""
     from pyspark.sql import functions as F
 
-    from udfs.warehouse_reader import TableMissing, read_table
+    from udfs.warehouse_reader import read_table
 
     from . import tables
 
-    try:
-        rows = read_table(warehouse, "runs", equal={"status": RUNNING}, columns=_LIVENESS).to_pylist()
-    except TableMissing:
-        return []
-    except Exception as exc:  # noqa: BLE001 - any failure of the fast path falls back to Spark
-        log.debug("runs read through delta-rs failed (%s); reading it with Spark", exc)
-        if not tables.exists(spark, warehouse, "runs"):
-            return []
-        rows = [row.asDict() for row in tables.read(spark, warehouse, "runs")
-                .filter(F.col("status") == RUNNING).select(*_LIVENESS).collect()]
+    rows = tables.small_read(
+        spark, warehouse, "runs",
+        lambda: read_table(warehouse, "runs", equal={"status": RUNNING}, columns=_LIVENESS).to_pylist(),
+        lambda: [row.asDict() for row in tables.read(spark, warehouse, "runs")
+                 .filter(F.col("status") == RUNNING).select(*_LIVENESS).collect()])
     for row in rows:
         for column in ("heartbeat_at", "started_at"):
             # Spark's naive UTC datetimes, whichever reader: delta-rs gives them tz-aware.

@@ -265,22 +265,13 @@ def plan_texts_with_spark(spark, warehouse: str, run_id: str) -> list[str]:
 def stored_plan(spark, warehouse: str, run_id: str) -> ExperimentPlan | None:
     """The plan kept under ``run_id`` in the ``plans`` table, or None.
 
-    Every job reads it at its start, so it is read with delta-rs (tens of ms; through Spark it
-    was a job and a log replay), as ``jobs.abandoned_runs.running_rows`` reads ``runs``. Any
-    failure of that path (a store whose credentials only Hadoop's s3a has, say) falls back to
-    Spark; so does a table delta-rs cannot see, since a wrongly missing plan would let the job
-    store its own over the run's."""
-    from udfs.warehouse_reader import TableMissing
-
+    Every job reads it at its start, so it is read with delta-rs, falling back to Spark
+    (``jobs.tables.small_read``: a wrongly missing plan would let the job store its own over the
+    run's)."""
     from . import tables
 
-    try:
-        texts = plan_texts_without_spark(warehouse, run_id)
-    except TableMissing:
-        texts = plan_texts_with_spark(spark, warehouse, run_id) if tables.exists(spark, warehouse, "plans") else []
-    except Exception as exc:  # noqa: BLE001 - any failure of the fast path falls back to Spark
-        log.debug("plans read through delta-rs failed (%s); reading it with Spark", exc)
-        texts = plan_texts_with_spark(spark, warehouse, run_id)
+    texts = tables.small_read(spark, warehouse, "plans", lambda: plan_texts_without_spark(warehouse, run_id),
+                              lambda: plan_texts_with_spark(spark, warehouse, run_id))
     return ExperimentPlan.from_json(texts[0]) if texts else None
 
 

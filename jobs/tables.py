@@ -70,6 +70,22 @@ def exists(spark: SparkSession, warehouse: str | Path, name: str) -> bool:
     return DeltaTable.isDeltaTable(spark, table_path(warehouse, name))
 
 
+def small_read(spark: SparkSession, warehouse: str | Path, name: str, without_spark, with_spark) -> list:
+    """What ``without_spark()`` reads from table ``name`` with delta-rs (tens of ms; through Spark a
+    job and a log replay, 0.3-0.5 s at every job's start), else what ``with_spark()`` reads: when
+    delta-rs cannot open the store (credentials given only to Hadoop's s3a, say) or sees no table
+    (a table wrongly read as missing could be written over). ``[]`` when Spark sees none either."""
+    from udfs.warehouse_reader import TableMissing
+
+    try:
+        return without_spark()
+    except TableMissing:
+        pass
+    except Exception as exc:  # noqa: BLE001 - any failure of the fast path falls back to Spark
+        log.debug("%s read through delta-rs failed (%s); reading it with Spark", name, exc)
+    return with_spark() if exists(spark, warehouse, name) else []
+
+
 def read(spark: SparkSession, warehouse: str | Path, name: str) -> DataFrame:
     """The table, or an empty frame with its schema when it was never written. A contract
     column that a table written by an older version lacks reads as null (``ensure`` adds it
