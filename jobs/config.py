@@ -59,6 +59,10 @@ class SparkConf:
     shuffle_partitions: int = 8
     # Partitions of Delta's log replay; 0: 1 on a local master, shuffle_partitions on a cluster.
     snapshot_partitions: int = 0
+    # profiles, topk and evaluate compute on the driver (delta-rs reads, the same kernels as
+    # their Spark tasks, Spark writes) while each table they read holds at most this many MiB of
+    # Parquet after partition pruning (jobs/driver_inputs.py); 0: always the distributed path.
+    driver_compute_mb: int = 64
     # Folder of resolved connector JARs (``vlm4rec setup``); empty means ~/.cache/vlm4rec/jars.
     jars_dir: str = ""
     # Any other Spark setting, passed through as-is (a cluster config sets executors here).
@@ -69,7 +73,8 @@ class SparkConf:
     def problems(self) -> dict[str, str | None]:
         return {name: f"must be >= {low}, got {value}" if value < low else None
                 for name, value, low in (("shuffle_partitions", self.shuffle_partitions, 1),
-                                         ("snapshot_partitions", self.snapshot_partitions, 0))}
+                                         ("snapshot_partitions", self.snapshot_partitions, 0),
+                                         ("driver_compute_mb", self.driver_compute_mb, 0))}
 
 
 @dataclass
