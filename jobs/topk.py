@@ -54,7 +54,9 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
@@ -63,7 +65,7 @@ from udfs import protocol, scorers, topk_udfs
 from udfs.representations import ALS
 from udfs.spark import schemas
 
-from . import tables
+from . import driver_inputs, tables
 from .config import POPULARITY, ConfigError
 from .facts import collect_facts
 from .job_run import JobParser, JobRun, NothingUsable, add_plan_arguments, run_job
@@ -263,9 +265,166 @@ def check_als_factors(found: list[str], run_id: str) -> None:
             f"of run id {run_id}: run `vlm4rec profiles --run-id {run_id}` again (it retrains them), then topk")
 
 
-def topk(run: JobRun, args: argparse.Namespace) -> None:
+def record_users(run: JobRun, settings: TopkSettings, counts: dict[str, int]) -> int:
+    """Count the users; the users with train interactions, or NothingUsable when there are none."""
+    for key, value in counts.items():
+        run.count(key, value)
+    n_train_users = counts["users_with_train"]
+    run.count("users_without_train", counts["users"] - n_train_users)
+    if n_train_users == 0:
+        raise NothingUsable(f"dataset '{settings.dataset}' has no train interactions in {run.warehouse}/interactions: "
+                            "run `vlm4rec ingest` first")
+    return n_train_users
+
+
+def record_candidates(run: JobRun, settings: TopkSettings, chosen: pd.DataFrame) -> dict[str, int]:
+    """Count each representation's candidates; NothingUsable when no representation has one."""
+    n_candidates = chosen.groupby("representation").size().to_dict()
+    for name in settings.all_representations:
+        run.count(f"candidates_{name}", n_candidates.get(name, 0))
+    if not any(n_candidates.values()):
+        raise NothingUsable(
+            f"no candidate item for {list(settings.all_representations)} ({settings.candidates}): with "
+            "'common', no item has a vector in every representation; run `vlm4rec embed` for them first")
+    return n_candidates
+
+
+def record_profiles(run: JobRun, settings: TopkSettings, name: str, n_users: int, n_train_users: int) -> None:
+    run.count(f"users_without_profile_{name}", max(0, n_train_users - n_users))
+    if n_users == 0:
+        log.warning("representation %s: no profile under run id %s; run `vlm4rec profiles "
+                    "--run-id %s` with this representation first", name, settings.run_id, settings.run_id)
+
+
+def record_written(run: JobRun, settings: TopkSettings, counted: dict[str, tuple[int, int, int]]) -> None:
+    """Per representation (rows, users with a list, users with a full list) as written."""
+    for name in settings.all_representations:
+        rows, users, full = counted.get(name, (0, 0, 0))
+        short = users - full
+        run.count(f"recommended_users_{name}", users)
+        run.count(f"short_lists_{name}", short)
+        run.count("rows_written", rows)
+        if short:
+            log.info("representation %s: %d users have fewer than %d unseen candidates", name, short, settings.k)
+
+
+def driver_slices(settings: TopkSettings) -> dict[str, driver_inputs.Slice]:
+    """What the driver path reads: the dataset's interactions, the run's profiles and the
+    dataset's item vectors of the representations, and the catalog when a rule needs it."""
+    plan, reps = settings.plan, list(settings.representations)
+    slices = {"interactions": driver_inputs.Slice("interactions", {"dataset": plan.dataset},
+                                                  columns=("user_id", "item_id", "split"))}
+    if reps:
+        slices["profiles"] = driver_inputs.Slice("user_profiles", {"run_id": settings.run_id},
+                                                 {"representation": reps},
+                                                 ("representation", "user_id", "vector"))
+        slices["embeddings"] = driver_inputs.Slice("item_embeddings", {"dataset": plan.dataset},
+                                                   {"representation": reps},
+                                                   ("representation", "item_id", "vector", "encoder"))
+    if bool(plan.baselines) if plan.candidates == protocol.ALL else not plan.representations:
+        slices["items"] = driver_inputs.Slice("items", {"dataset": plan.dataset}, columns=("item_id",))
+    return slices
+
+
+def topk_on_driver(run: JobRun, settings: TopkSettings, read: dict[str, pa.Table]) -> None:
+    """The job on the driver (``jobs.driver_inputs``): the same rules, counts, kernels
+    (``udfs.topk_udfs.rank_in_process``) and commits as the blockwise path below."""
     spark, wh = run.spark, run.warehouse
+    reps = list(settings.representations)
+    with run.stage("prepare"):
+        interactions = read["interactions"].to_pandas()
+        seen = protocol.seen_items(interactions, settings.exclude)
+        users = interactions["user_id"].unique()
+        train = interactions[interactions["split"] == protocol.TRAIN_SPLIT]
+        train_users = train["user_id"].unique()
+        n_train_users = record_users(run, settings, {
+            "users": len(users), "users_with_train": len(train_users),
+            "seen_pairs_excluded": sum(len(s) for s in seen.values())})
+        profiles = read["profiles"].to_pandas() if reps else pd.DataFrame(columns=["representation", "user_id",
+                                                                                   "vector"])
+        embeddings = (read["embeddings"].to_pandas() if reps
+                      else pd.DataFrame(columns=["representation", "item_id", "vector", "encoder"]))
+        catalog: list[str] = []
+        if "items" in read:
+            catalog = read["items"].column("item_id").to_pylist()
+            if not catalog:  # as catalog_items: the items interacted with
+                catalog = list(interactions["item_id"])
+            catalog = sorted(set(catalog))
+        chosen = protocol.candidate_items(embeddings[["representation", "item_id"]], reps, settings.baselines,
+                                          catalog, settings.candidates)
+        n_candidates = record_candidates(run, settings, chosen)
+        n_profiles = profiles.groupby("representation").size().to_dict()
+        if ALS in settings.representations:
+            check_als_factors(sorted(set(embeddings.loc[embeddings["representation"] == ALS, "encoder"].fillna(""))),
+                              settings.run_id)
+    with run.stage("score_merge_and_write"):
+        parts = []
+        train_ids = np.asarray(sorted(train_users), dtype=object)
+        for name in settings.all_representations:
+            these = chosen.loc[chosen["representation"] == name, "item_id"]
+            if name in settings.representations:
+                mine = profiles[profiles["representation"] == name]
+                record_profiles(run, settings, name, n_profiles.get(name, 0), n_train_users)
+                user_table = pa.table({"user_id": pa.array(mine["user_id"], pa.string()),
+                                       "vector": pa.array(mine["vector"], pa.list_(pa.float32())),
+                                       "seen": pa.array([sorted(seen.get(u, ())) for u in mine["user_id"]],
+                                                        pa.list_(pa.string()))})
+                vectors = embeddings[(embeddings["representation"] == name) & embeddings["item_id"].isin(these)]
+                item_table = pa.table({"item_id": pa.array(vectors["item_id"], pa.string()),
+                                       "vector": pa.array(vectors["vector"], pa.list_(pa.float32()))})
+                scorer = scorers.vector_scorer(name)
+            else:
+                user_table = pa.table({"user_id": pa.array(train_ids, pa.string()),
+                                       "vector": pa.array([[1.0]] * len(train_ids), pa.list_(pa.float32())),
+                                       "seen": pa.array([sorted(seen.get(u, ())) for u in train_ids],
+                                                        pa.list_(pa.string()))})
+                item_ids = list(these)
+                if name == POPULARITY:
+                    by_item = train.groupby("item_id").size()
+                    values = [[float(by_item.get(i, 0))] for i in item_ids]
+                    scorer = topk_udfs.POPULARITY
+                else:
+                    values = [[0.0]] * len(item_ids)
+                    scorer = topk_udfs.RANDOM
+                item_table = pa.table({"item_id": pa.array(item_ids, pa.string()),
+                                       "vector": pa.array(values, pa.list_(pa.float32()))})
+            if user_table.num_rows == 0 or item_table.num_rows == 0:
+                log.warning("representation %s: %d users and %d candidate items: nothing to rank", name,
+                            user_table.num_rows, item_table.num_rows)
+                continue
+            parts.append(topk_udfs.rank_in_process(name, user_table, item_table, settings.k, scorer,
+                                                   settings.seed, settings.score_rows))
+        if not parts:
+            raise NothingUsable(f"run id {settings.run_id}: no representation had both users and candidate "
+                                "items; run `vlm4rec profiles` (and `embed`) first")
+        ranks = pa.concat_tables(parts)
+        tables.replace_slice(spark, wh, "candidates",
+                             spark.createDataFrame(chosen, "representation string, item_id string")
+                             .withColumn("run_id", F.lit(settings.run_id)).withColumn("topk_id", F.lit(run.run_id)),
+                             {"run_id": settings.run_id})
+        tables.replace_slice(spark, wh, "recommendations",
+                             driver_inputs.to_spark(spark, ranks, schemas.RANKS_DDL)
+                             .withColumn("run_id", F.lit(settings.run_id)).withColumn("topk_id", F.lit(run.run_id)),
+                             {"run_id": settings.run_id, "representation": list(settings.all_representations)})
+    frame = ranks.select(["representation", "rank"]).to_pandas()
+    counted = {name: (int(len(g)), int((g["rank"] == 1).sum()), int((g["rank"] == settings.k).sum()))
+               for name, g in frame.groupby("representation")}
+    record_written(run, settings, counted)
+    log.info("topk run_id=%s: top-%d over %s (on the driver)", settings.run_id, settings.k,
+             list(settings.all_representations))
+
+
+def topk(run: JobRun, args: argparse.Namespace) -> None:
     settings = resolve_settings(run, args)
+    read = driver_inputs.read_on_driver(run, driver_slices(settings))
+    if read is not None:
+        topk_on_driver(run, settings, read)
+    else:
+        topk_with_spark(run, settings)
+
+
+def topk_with_spark(run: JobRun, settings: TopkSettings) -> None:
+    spark, wh = run.spark, run.warehouse
     interactions = (tables.read(spark, wh, "interactions").filter(F.col("dataset") == settings.dataset)
                     .select("user_id", "item_id", "split"))
     with run.stage("prepare"):
@@ -275,29 +434,16 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
                             & F.col("representation").isin(list(settings.representations))))
         embeddings = tables.read(spark, wh, "item_embeddings").filter(F.col("dataset") == settings.dataset)
         facts = prepare_facts(users_seen, profiles, embeddings, settings)
-        counts = facts["users"]
-        for key, value in counts.items():
-            run.count(key, value)
-        n_train_users = counts["users_with_train"]
-        run.count("users_without_train", counts["users"] - n_train_users)
-        if n_train_users == 0:
+        try:
+            n_train_users = record_users(run, settings, facts["users"])
+            seen = users_seen.select("user_id", "seen")
+            chosen = candidate_items(spark, wh, settings, facts["embedded"])
+            n_candidates = record_candidates(run, settings, chosen)
+        except NothingUsable:
             users_seen.unpersist()
-            raise NothingUsable(f"dataset '{settings.dataset}' has no train interactions in {wh}/interactions: "
-                                "run `vlm4rec ingest` first")
-
-        seen = users_seen.select("user_id", "seen")
-        chosen = candidate_items(spark, wh, settings, facts["embedded"])
-        n_candidates = chosen.groupby("representation").size().to_dict()
+            raise
         candidates = (spark.createDataFrame(chosen, "representation string, item_id string")
                       .persist(StorageLevel.MEMORY_AND_DISK))
-        for name in settings.all_representations:
-            run.count(f"candidates_{name}", n_candidates.get(name, 0))
-        if not any(n_candidates.values()):
-            candidates.unpersist()
-            users_seen.unpersist()
-            raise NothingUsable(
-                f"no candidate item for {list(settings.all_representations)} ({settings.candidates}): with "
-                "'common', no item has a vector in every representation; run `vlm4rec embed` for them first")
         train = interactions.filter(F.col("split") == protocol.TRAIN_SPLIT)
         n_profiles = facts["profiles"]
         if ALS in settings.representations:
@@ -313,10 +459,7 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
                      .join(these, "item_id", "left_semi"))
             scorer = scorers.vector_scorer(name)
             n_users = n_profiles.get(name, 0)
-            run.count(f"users_without_profile_{name}", max(0, n_train_users - n_users))
-            if n_users == 0:
-                log.warning("representation %s: no profile under run id %s; run `vlm4rec profiles "
-                            "--run-id %s` with this representation first", name, settings.run_id, settings.run_id)
+            record_profiles(run, settings, name, n_users, n_train_users)
         else:
             one = F.array(F.lit(1.0).cast("float"))
             users = users_seen.filter(F.col("has_train") == 1).select("user_id", one.alias("vector"), "seen")
@@ -369,14 +512,9 @@ def topk(run: JobRun, args: argparse.Namespace) -> None:
         tables.replace_slice(spark, wh, "recommendations", ranks.withColumn("run_id", F.lit(settings.run_id))
                              .withColumn("topk_id", F.lit(run.run_id)),
                              {"run_id": settings.run_id, "representation": names})
-    counted = written.get
-    for i, name in enumerate(names):
-        users, short = counted[f"users_{i}"], counted[f"users_{i}"] - counted[f"full_{i}"]
-        run.count(f"recommended_users_{name}", users)
-        run.count(f"short_lists_{name}", short)
-        run.count("rows_written", counted[f"rows_{i}"])
-        if short:
-            log.info("representation %s: %d users have fewer than %d unseen candidates", name, short, settings.k)
+    got = written.get
+    record_written(run, settings, {name: (got[f"rows_{i}"], got[f"users_{i}"], got[f"full_{i}"])
+                                   for i, name in enumerate(names)})
     for frame in cached:
         frame.unpersist()
     log.info("topk run_id=%s: top-%d over %s", settings.run_id, settings.k, list(settings.all_representations))

@@ -232,15 +232,37 @@ def merge_block_results(k: int) -> Callable[[tuple, pa.Table], pa.Table]:
             scores = np.frombuffer(table.column("scores")[position].as_py(), dtype=np.float32).reshape(n_users, width)
             ids = np.asarray(table.column("item_ids")[position].as_py(), dtype=object).reshape(n_users, width)
             blocks.append((scores, ids))
-        merged_scores, merged_ids = topk_kernels.merge_topk(blocks, k, None)
-        keep = ~np.isneginf(merged_scores)
-        rows, cols = np.nonzero(keep)
-        return pa.table({
-            "representation": pa.array([representation] * len(rows), pa.string()),
-            "user_id": pa.array(user_ids[rows], pa.string()),
-            "rank": pa.array(cols + 1, pa.int32()),
-            "item_id": pa.array(merged_ids[rows, cols], pa.string()),
-            "score": pa.array(merged_scores[rows, cols], pa.float32()),
-        })
+        return _rank_rows(representation, user_ids, blocks, k)
 
     return run
+
+
+def _rank_rows(representation: str, user_ids: np.ndarray, blocks: list[tuple[np.ndarray, np.ndarray]],
+               k: int) -> pa.Table:
+    """``RANKS_DDL`` rows of one user block from its per-item-block (scores, ids) lists."""
+    merged_scores, merged_ids = topk_kernels.merge_topk(blocks, k, None)
+    keep = ~np.isneginf(merged_scores)
+    rows, cols = np.nonzero(keep)
+    return pa.table({
+        "representation": pa.array([representation] * len(rows), pa.string()),
+        "user_id": pa.array(np.asarray(user_ids, dtype=object)[rows], pa.string()),
+        "rank": pa.array(cols + 1, pa.int32()),
+        "item_id": pa.array(merged_ids[rows, cols], pa.string()),
+        "score": pa.array(merged_scores[rows, cols], pa.float32()),
+    })
+
+
+def rank_in_process(representation: str, users: pa.Table, items: pa.Table, k: int, scorer: str = COSINE,
+                    seed: int = 0, score_rows: int = 1024) -> pa.Table:
+    """``RANKS_DDL`` rows of one representation without Spark (the ``topk`` job's driver path):
+    ``users`` (user_id, vector, seen list<string>) as one user block against ``items``
+    (item_id, vector) as one item block, through the same block-pair kernel and merge as the
+    blockwise path; lists, scores and ties equal that path's whatever its block layout."""
+    user_ids = np.asarray(users.column("user_id").to_pylist(), dtype=str)
+    item_ids = np.asarray(items.column("item_id").to_pylist(), dtype=str)
+    user_vectors = _vectors_of(users.column("vector"), user_ids, "user")
+    item_vectors = _vectors_of(items.column("vector"), item_ids, "item")
+    seen = [s or [] for s in users.column("seen").to_pylist()]
+    mask = seen_mask([len(s) for s in seen], [i for s in seen for i in s], item_ids)
+    scores, ids = pair_topk(user_ids, user_vectors, mask, item_ids, item_vectors, k, scorer, seed, score_rows)
+    return _rank_rows(representation, user_ids, [(scores, ids)], k)

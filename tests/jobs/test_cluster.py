@@ -76,7 +76,11 @@ def cluster_conf(cluster: lc.LocalCluster, path: Path, events: Path) -> Path:
     events.mkdir(exist_ok=True)
     path.write_text(json.dumps({  # JSON is YAML
         "warehouse": f"s3a://{cluster.bucket}/warehouse",
+        # driver_compute_mb 0: profiles, topk and evaluate take their distributed paths here, on
+        # the cluster's executors, however small the catalog (their driver paths are proven equal
+        # to those paths in the jobs' own tests).
         "spark": {"master": cluster.spark_master, "driver_memory": "1g", "shuffle_partitions": 2,
+                  "driver_compute_mb": 0,
                   "extra": {"spark.executor.memory": "1g", "spark.cores.max": "2",
                             # Where each task ran, for the assertions (the UI ends with the app).
                             "spark.eventLog.enabled": "true", "spark.eventLog.dir": f"file://{events}",

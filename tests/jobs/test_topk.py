@@ -130,9 +130,10 @@ def recommendation_lists(spark, warehouse, run_id: str) -> dict[str, dict[str, l
 
 
 CASES = {
-    # user block, item block, K, excluded splits
-    "small-blocks-train+valid": ("16", "9", 5, ("train", "valid")),
-    "one-item-block-train-only": ("25", "64", 12, ("train",)),
+    # user block, item block, K, excluded splits, on the driver (jobs.driver_inputs) or blockwise in Spark
+    "small-blocks-train+valid": ("16", "9", 5, ("train", "valid"), False),
+    "one-item-block-train-only": ("25", "64", 12, ("train",), False),
+    "driver-train+valid": ("16", "9", 5, ("train", "valid"), True),
 }
 
 
@@ -140,15 +141,20 @@ CASES = {
 @pytest.mark.parametrize("case", [
     pytest.param("small-blocks-train+valid"),
     pytest.param("one-item-block-train-only", marks=pytest.mark.slow),
+    pytest.param("driver-train+valid"),
 ])
 def test_blockwise_spark_topk_equals_brute_force(spark, tmp_path, capsys, case):
-    user_block, item_block, k, exclude = CASES[case]
-    data = make_dataset(seed=len(case))
+    """Both paths, the blockwise Spark join (whatever the block layout) and the driver's for
+    small inputs, give the brute-force lists, scores, ties and counts."""
+    user_block, item_block, k, exclude, on_driver = CASES[case]
+    data = make_dataset(seed=len(case) if not on_driver else len("small-blocks-train+valid"))
     warehouse = tmp_path / "warehouse"
     write_dataset(spark, warehouse, data, "run-a")
     argv = ["--run-id", "run-a", "--k", str(k), "--set", f"experiment.evaluate.ks=[{k}]", "--user-block", user_block,
             "--item-block", item_block, "--exclude", ",".join(exclude)]
+    argv += [] if on_driver else ["--set", "spark.driver_compute_mb=0"]
     counts = run_topk(spark, warehouse, argv, capsys)
+    assert counts.get("computed_on_driver", 0) == int(on_driver)
     got = recommendation_lists(spark, warehouse, "run-a")
     candidates = data.common(["title", "visual"])
     assert set(got) == {"title", "visual", "popularity", "random"}
