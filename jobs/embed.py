@@ -95,12 +95,13 @@ def planned_representations(plan: ExperimentPlan) -> tuple[list[Representation],
 
 
 def text_encoder_record(name: str) -> tuple[int, str]:
-    """(dimension, a one-line record of encoder + library versions); loads the encoder here,
-    on the driver, so that a wrong name fails before any task starts."""
-    from udfs.text_encoder import TextEncoderError, encoder_info, load_text_encoder
+    """(dimension, a one-line record of encoder + library versions), from the model folder's
+    files when they state them (``described_info``), else by loading the encoder here, on the
+    driver, so that a wrong name fails before any task starts."""
+    from udfs.text_encoder import TextEncoderError, described_info, encoder_info, load_text_encoder
 
     try:
-        info = encoder_info(load_text_encoder(name))
+        info = described_info(name) or encoder_info(load_text_encoder(name))
     except TextEncoderError as err:
         raise ConfigError(f"experiment.text_encoder: {err}") from None
     log.info("text encoder: %s", json.dumps(info, sort_keys=True))

