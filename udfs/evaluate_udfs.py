@@ -11,6 +11,11 @@ The numbers come from ``udfs.metrics`` (per-user ranking metrics) and ``udfs.sig
 - ``comparison_groups``: one (metric, k) group of every representation's per-user values ->
   one row per pair of representations, paired over the users both have (the intersection),
   with Holm's correction over all the pairs of that metric@k.
+
+The job's driver path (inputs under ``spark.driver_compute_mb``) computes on pandas frames what
+its Spark path computes with joins and aggregates: ``user_lists`` (each user's relevant items
+and ranked list), ``evaluation_facts`` (the checks' and counts' numbers) and ``apply_by_group``
+(``groupBy(...).applyInPandas`` of the same functions above over the same groups).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from udfs import metrics as ranking
-from udfs import significance
+from udfs import protocol, significance
 
 log = logging.getLogger(__name__)
 
@@ -128,3 +133,89 @@ def comparison_groups(order: Sequence[str], n_samples: int, seed: int) -> Callab
                       "p_value", "p_holm", "n_users"]]
 
     return run
+
+
+# The driver path of ``evaluate``: the Spark path's joins and aggregates on pandas frames.
+
+USER_KEY = ["representation", "user_id"]
+USER_LIST_COLUMNS = [*USER_KEY, "relevant", "n_rows", "n_excluded", "recommended"]
+
+
+def ranked_lists(recommendations: pd.DataFrame) -> pd.Series:
+    """(representation, user_id) -> the user's item ids by rank (rank, then item id: Spark's
+    ``array_sort`` of (rank, item_id) structs); ``recommendations``: representation, user_id,
+    rank, item_id."""
+    ordered = recommendations.sort_values([*USER_KEY, "rank", "item_id"], kind="stable")
+    return ordered.groupby(USER_KEY, sort=False)["item_id"].agg(list).rename("recommended")
+
+
+def user_lists(relevant: pd.DataFrame, recommendations: pd.DataFrame) -> pd.DataFrame:
+    """One row per representation and user with a test row among its candidates (``relevant``:
+    ``udfs.protocol.relevant_rows``): ``relevant`` (the ids not excluded, maybe none),
+    ``n_rows`` / ``n_excluded`` (the candidate test rows / of those the excluded ones) and
+    ``recommended`` (the ranked list, None for a user without one)."""
+    if relevant.empty:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in USER_LIST_COLUMNS})
+    grouped = relevant.groupby(USER_KEY, sort=True)
+    per_user = grouped.agg(n_rows=("item_id", "size"), n_excluded=("excluded", "sum"))
+    kept = relevant.loc[~relevant["excluded"]].groupby(USER_KEY, sort=False)["item_id"].agg(list)
+    per_user = per_user.join(kept.rename("relevant")).join(ranked_lists(recommendations))
+    per_user["relevant"] = [r if isinstance(r, list) else [] for r in per_user["relevant"]]
+    per_user["recommended"] = [r if isinstance(r, list) else None for r in per_user["recommended"]]
+    return per_user.reset_index()[USER_LIST_COLUMNS]
+
+
+def scored_users(lists: pd.DataFrame, order: Sequence[str]) -> pd.DataFrame:
+    """The rows of ``user_lists`` that are measured: a representation of ``order``, a relevant
+    item and a list; the input of ``user_metric_groups``."""
+    keep = (lists["representation"].isin(list(order)) & (lists["relevant"].map(len) > 0)
+            & lists["recommended"].notna())
+    return lists.loc[keep, ["representation", "user_id", "relevant", "recommended"]].reset_index(drop=True)
+
+
+def _id_range(values: pd.Series) -> tuple[str | None, str | None]:
+    """(smallest, largest) of the non-null ids, as Spark's min/max: (None, None) without one."""
+    known = [v for v in values if isinstance(v, str)]
+    return (min(known), max(known)) if known else (None, None)
+
+
+def _fact(representation=None, a=None, b=None, c=None, d=None, lo=None, hi=None) -> dict:
+    return {"representation": representation, "a": a, "b": b, "c": c, "d": d, "lo": lo, "hi": hi}
+
+
+def evaluation_facts(recommendations: pd.DataFrame, candidates: pd.DataFrame, interactions: pd.DataFrame,
+                     lists: pd.DataFrame) -> dict[str, dict]:
+    """kind -> representation -> row, the numbers ``jobs.evaluate.prepare_facts`` asks Spark for:
+    ``ranked`` (lo/hi: the recommendations' topk ids), ``stored`` (a: candidate rows, lo/hi:
+    their topk ids), ``tests`` (under None: a = distinct test rows, b = test users, c = of those
+    without a train row) and ``status`` (from ``user_lists``: a = candidate test rows, b = of
+    those excluded, c = users with a relevant item, d = of those without a list)."""
+    facts: dict[str, dict] = {"ranked": {}, "stored": {}, "tests": {}, "status": {}}
+    for rep, ids in recommendations.groupby("representation", sort=True)["topk_id"]:
+        lo, hi = _id_range(ids)
+        facts["ranked"][rep] = _fact(rep, lo=lo, hi=hi)
+    for rep, ids in candidates.groupby("representation", sort=True)["topk_id"]:
+        lo, hi = _id_range(ids)
+        facts["stored"][rep] = _fact(rep, a=len(ids), lo=lo, hi=hi)
+    split = interactions["split"]
+    tests = interactions.loc[split == protocol.RELEVANT_SPLIT, ["user_id", "item_id"]]
+    tests = tests.dropna(subset=["item_id"]).drop_duplicates()
+    users = tests["user_id"].drop_duplicates()
+    with_train = set(interactions.loc[split == protocol.TRAIN_SPLIT, "user_id"])
+    facts["tests"][None] = _fact(a=len(tests), b=len(users), c=int((~users.isin(with_train)).sum()))
+    for rep, group in lists.groupby("representation", sort=True):
+        has_relevant = group["relevant"].map(len) > 0
+        facts["status"][rep] = _fact(rep, a=int(group["n_rows"].sum()), b=int(group["n_excluded"].sum()),
+                                     c=int(has_relevant.sum()),
+                                     d=int((has_relevant & group["recommended"].isna()).sum()))
+    return facts
+
+
+def apply_by_group(frame: pd.DataFrame, keys: Sequence[str], function: Callable[[tuple, pd.DataFrame], pd.DataFrame],
+                   columns: Sequence[str]) -> pd.DataFrame:
+    """What ``frame.groupBy(*keys).applyInPandas(function, ...)`` returns: ``function(key,
+    group)`` for each group, concatenated (an empty frame with ``columns`` without a group)."""
+    parts = [function(key, group) for key, group in frame.groupby(list(keys), sort=True)]
+    if not parts:
+        return pd.DataFrame({c: [] for c in columns})
+    return pd.concat(parts, ignore_index=True)[list(columns)]

@@ -12,7 +12,9 @@
 ``topk`` computes the candidates with ``candidate_items`` and stores them; ``topk`` and
 ``evaluate`` apply the seen and relevance rules through ``seen_splits`` / ``RELEVANT_SPLIT`` (in
 Spark, over the whole interactions table); the functions here are the rules' reference
-definitions, which the tests hold the jobs to.
+definitions, which the tests hold the jobs to. ``relevant_rows`` is the relevance rule in the
+row form ``evaluate`` measures from, what its Spark path's ``relevant_lists`` computes: its
+driver path (small inputs) calls it instead.
 """
 from __future__ import annotations
 
@@ -91,3 +93,22 @@ def relevant_items(interactions: pd.DataFrame, candidates: Iterable[str],
         if relevant:
             out[user] = relevant
     return out
+
+
+RELEVANT_COLUMNS = ["representation", "user_id", "item_id", "excluded"]
+
+
+def relevant_rows(interactions: pd.DataFrame, candidates: pd.DataFrame, exclude: Iterable[str]) -> pd.DataFrame:
+    """(representation, user_id, item_id, excluded): each user's distinct test items that are
+    candidates of a representation (``candidates``: representation, item_id), ``excluded`` when
+    one of the excluded splits also holds the item. The SQL join's semantics: a null key
+    matches nothing, a candidate listed twice gives two rows. Rows in no particular order."""
+    splits = list(seen_splits(exclude))
+    keys = ["user_id", "item_id"]
+    known = interactions.dropna(subset=keys)
+    test = known.loc[known["split"] == RELEVANT_SPLIT, keys].drop_duplicates()
+    seen = known.loc[known["split"].isin(splits), keys].drop_duplicates()
+    rows = test.merge(candidates.dropna(subset=["item_id"])[["representation", "item_id"]], on="item_id")
+    rows = rows.merge(seen, on=keys, how="left", indicator="excluded")
+    rows["excluded"] = rows["excluded"].eq("both")
+    return rows[RELEVANT_COLUMNS].reset_index(drop=True)

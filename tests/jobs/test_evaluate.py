@@ -1,14 +1,18 @@
 """The evaluate job on real Spark + Delta: per-user metrics equal ``udfs.metrics`` computed in numpy
 on the same lists, means and CIs agree with the per-user rows, Holm never lowers a p-value, and a
-popularity ranking beats the seeded random one on skewed data."""
+popularity ranking beats the seeded random one on skewed data. Its two paths, the Spark one
+(``spark.driver_compute_mb=0``) and the driver one (the default on small inputs), write the same
+rows and count, warn, print and fail alike on the same warehouse."""
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import logging
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 from pyspark.sql import functions as F
 
@@ -31,22 +35,83 @@ def run_quietly(main, argv: list[str], spark) -> str:
     return buffer.getvalue()
 
 
+# The Spark path, which the default takes only above 64 MiB of inputs.
+SPARK_PATH = ["--set", "spark.driver_compute_mb=0"]
+OUTPUTS = {"user_metrics": ["representation", "user_id", "metric", "k"],
+           "metrics": ["representation", "metric", "k"],
+           "comparisons": ["representation_a", "representation_b", "metric", "k"]}
+
+
+class KeptWarnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list[tuple[str, str]] = []
+
+    def emit(self, record):
+        self.records.append((record.levelname, record.getMessage()))
+
+
+def run_evaluate(spark, argv: list[str]) -> SimpleNamespace:
+    """evaluate's exit code, printed lines (the results), counts (from its summary line, stage
+    times left out), warnings and error lines."""
+    out, err, kept = io.StringIO(), io.StringIO(), KeptWarnings()
+    logger = logging.getLogger(evaluate.__name__)
+    logger.addHandler(kept)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = evaluate.main(argv, spark=spark)
+    finally:
+        logger.removeHandler(kept)
+    lines = out.getvalue().strip().splitlines()
+    summary = next(i for i, line in enumerate(lines) if line.startswith("evaluate evaluate-"))
+    counts = dict(pair.split("=") for pair in lines[summary].split(": ", 1)[1].split())
+    return SimpleNamespace(code=code, stdout=out.getvalue(), printed=lines[:summary], warnings=kept.records,
+                           counts={k: int(v) for k, v in counts.items() if not k.startswith("ms_")},
+                           errors=[line for line in err.getvalue().splitlines() if line.startswith("vlm4rec evaluate:")])
+
+
+def with_edge_cases(data):
+    """Adds to the dataset (rows and splits alike): u000 holds item 12 as a train and a test item
+    (an excluded test row beside relevant ones); u001 holds its test items and item 10 in its
+    train split too (candidate test rows, none relevant); u900's one test item, item 0, has no
+    visual vector (no candidate)."""
+    by_user = {user: items for user, items in data.splits["test"].items()}
+    extra = [("u000", data.items[12], "train"), ("u000", data.items[12], "test"),
+             *[("u001", item, "train") for item in sorted(by_user["u001"])],
+             ("u001", data.items[10], "train"), ("u001", data.items[10], "test"),
+             ("u900", data.items[6], "train"), ("u900", data.items[0], "test")]
+    for t, (user, item, split) in enumerate(extra):
+        data.interactions.append((data.name, user, item, 900_000 + t, 1.0, split))
+        data.splits[split].setdefault(user, set()).add(item)
+    return data
+
+
+def output_slices(spark, warehouse) -> dict[str, pd.DataFrame]:
+    return {name: tables.read(spark, warehouse, name).filter("run_id = 'run-e'").drop("run_id").toPandas()
+            .sort_values(key, ignore_index=True) for name, key in OUTPUTS.items()}
+
+
 @pytest.fixture(scope="module")
 def evaluated(spark, tmp_path_factory):
-    data = make_dataset(seed=11, n_users=150, n_items=40, per_user=9)
+    data = with_edge_cases(make_dataset(seed=11, n_users=150, n_items=40, per_user=9))
     warehouse = tmp_path_factory.mktemp("evaluate") / "warehouse"
     write_dataset(spark, warehouse, data, "run-e")
     common = ["--set", f"warehouse={warehouse}", "--set", "dataset.name=rand", "--set", "log_level=WARNING",
               "--set", "experiment.representations=[title,visual]", "--set", f"experiment.evaluate.ks={KS}",
               "--set", "experiment.evaluate.bootstrap_samples=300", "--run-id", "run-e"]
     run_quietly(topk.main, common + ["--user-block", "32", "--item-block", "16"], spark)
-    printed = run_quietly(evaluate.main, common, spark)
+    on_spark = run_evaluate(spark, common + SPARK_PATH)
+    spark_outputs = output_slices(spark, warehouse)
+    on_driver = run_evaluate(spark, common)
+    assert on_driver.code == 0, on_driver.errors
+    printed = on_driver.stdout
     counts = json.loads(printed.strip().splitlines()[-1])["counts"]
 
     def frame(name):
         return tables.read(spark, warehouse, name).filter("run_id = 'run-e'").toPandas()
 
     return SimpleNamespace(data=data, counts=counts, printed=printed, warehouse=warehouse, argv=common,
+                           on_spark=on_spark, on_driver=on_driver, spark_outputs=spark_outputs,
                            recommendations=frame("recommendations"),
                            user_metrics=frame("user_metrics"), metrics=frame("metrics"),
                            comparisons=frame("comparisons"))
@@ -206,3 +271,50 @@ def test_candidates_and_lists_of_two_topk_runs_are_refused(evaluated, spark, cap
         assert ranked_by in message and "topk-later-000000" in message and "vlm4rec topk --run-id run-e" in message
     finally:
         tables.replace_slice(spark, wh, "candidates", stored, {"run_id": "run-e"})
+
+
+def test_spark_and_driver_paths_write_the_same_rows(evaluated, spark):
+    on_driver = output_slices(spark, evaluated.warehouse)
+    for name in OUTPUTS:
+        assert len(evaluated.spark_outputs[name]) > 0, name
+        # The same rows of each group reach the same kernels in the same order: equal to the bit.
+        pd.testing.assert_frame_equal(evaluated.spark_outputs[name], on_driver[name], check_exact=True, obj=name)
+
+
+def test_spark_and_driver_paths_count_warn_and_print_alike(evaluated):
+    on_spark, on_driver = evaluated.on_spark, evaluated.on_driver
+    assert on_spark.code == on_driver.code == 0
+    assert "computed_on_driver" not in on_spark.counts and on_driver.counts["computed_on_driver"] == 1
+    assert on_spark.counts == {k: v for k, v in on_driver.counts.items() if k != "computed_on_driver"}
+    # The edge cases reached their counts: u000's and u001's excluded rows, item 0 no candidate.
+    assert on_spark.counts["test_rows_excluded_title"] >= 2
+    assert on_spark.warnings == on_driver.warnings and len(on_spark.warnings) == 4  # users without a list
+    assert on_spark.printed == on_driver.printed and any("recall@10" in line for line in on_spark.printed)
+    measured = set(evaluated.user_metrics.user_id)
+    assert "u000" in measured and not {"u001", "u900"} & measured
+
+
+@pytest.mark.parametrize("case", ["two topk runs", "no stored candidates", "random not ranked"])
+def test_spark_and_driver_paths_fail_or_leave_out_alike(evaluated, spark, case):
+    """What a topk stopped between its commits leaves, a run from before the candidates table,
+    and a representation of the plan without recommendations (left out with a warning)."""
+    wh = evaluated.warehouse
+    table = "recommendations" if case == "random not ranked" else "candidates"
+    stored = tables.read(spark, wh, table).filter("run_id = 'run-e'").localCheckpoint()
+    broken = {"two topk runs": lambda: stored.withColumn("topk_id", F.lit("topk-later-000000")),
+              "no stored candidates": lambda: stored.filter("representation != 'title'"),
+              "random not ranked": lambda: stored.filter("representation != 'random'")}[case]()
+    try:
+        tables.replace_slice(spark, wh, table, broken, {"run_id": "run-e"})
+        on_spark = run_evaluate(spark, evaluated.argv + SPARK_PATH)
+        on_driver = run_evaluate(spark, evaluated.argv)
+    finally:
+        tables.replace_slice(spark, wh, table, stored, {"run_id": "run-e"})
+    assert on_spark.code == on_driver.code == (0 if case == "random not ranked" else 1)
+    assert on_driver.counts.pop("computed_on_driver") == 1
+    assert on_spark.counts == on_driver.counts
+    assert on_spark.errors == on_driver.errors and on_spark.warnings == on_driver.warnings
+    assert on_spark.printed == on_driver.printed
+    expected = {"two topk runs": "different topk runs", "no stored candidates": "no stored candidate set for ['title']",
+                "random not ranked": "random has no recommendations"}[case]
+    assert expected in " ".join(on_spark.errors + [m for _, m in on_spark.warnings])
