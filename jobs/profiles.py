@@ -35,6 +35,12 @@ interaction), ``users_without_profile_<rep>`` (users with train interactions but
 with a vector in <rep>, or whose vectors cancel out), ``history_rows_without_vector_<rep>``.
 Rerunning with the same run id gives the same rows: the run's slice for these representations
 is replaced in one atomic commit (``replaceWhere``).
+
+Two paths compute the same rows, counts, warnings and errors (``jobs.driver_inputs``): while the
+dataset's ``items``, ``interactions`` and ``item_embeddings`` slices are small
+(``spark.driver_compute_mb``), they are read with delta-rs and the profiles are built on the
+driver with the table rules of ``udfs.profile_inputs`` and the kernels the Spark tasks run;
+otherwise, and whenever ``als`` is planned (Spark ML trains it), Spark computes them.
 """
 from __future__ import annotations
 
@@ -46,17 +52,19 @@ import json
 import logging
 import math
 
+import pandas as pd
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
 
-from udfs import embedding_udfs
+from udfs import embedding_udfs, profile_inputs
 from udfs.spark.als import AlsSettings, train_als
 from udfs.spark.schemas import FUSED_PROFILE_SCHEMA, PROFILE_SCHEMA
 from udfs.representations import ALS, Representation, parse_representation
 
 from . import tables
 from .config import ConfigError
+from .driver_inputs import Slice, read_on_driver
 from .facts import collect_facts
 from .job_run import JobRun, NothingUsable, run_id_argument, run_job
 from .plan import PROFILES_FIELDS, plan_for_run
@@ -142,6 +150,139 @@ def first_facts(spark, wh: str, dataset: str, interactions: DataFrame, history: 
     return ingest_rows, totals_row, {r["name"]: int(r["n"]) for r in rows if r["kind"] == "history"}
 
 
+def driver_slices(dataset: str, base_names: list[str]) -> dict[str, Slice]:
+    """What the driver path reads: the ingest ids of both tables (the ingest check), the
+    dataset's interactions and its item vectors of the base representations."""
+    return {
+        "items": Slice("items", equal={"dataset": dataset}, columns=["ingest_id"]),
+        "interactions": Slice("interactions", equal={"dataset": dataset},
+                              columns=["user_id", "item_id", "ts", "split", "ingest_id"]),
+        "vectors": Slice("item_embeddings", equal={"dataset": dataset}, within={"representation": base_names},
+                         columns=["representation", "item_id", "vector"]),
+    }
+
+
+class SparkProfiles:
+    """The distributed path: the inputs stay Spark frames, profiles are built in Spark tasks."""
+
+    def __init__(self, run: JobRun, dataset: str, base_names: list[str], cached: list[DataFrame]):
+        spark, wh = run.spark, run.warehouse
+        self.spark, self.cached = spark, cached
+        interactions = tables.read(spark, wh, "interactions").filter(F.col("dataset") == dataset)
+        self.train = (interactions.filter(F.col("split") == "train").select("user_id", "item_id", "ts")
+                      .persist(StorageLevel.MEMORY_AND_DISK))
+        cached.append(self.train)
+        vectors = (tables.read(spark, wh, "item_embeddings")
+                   .filter((F.col("dataset") == dataset) & F.col("representation").isin(base_names))
+                   .select("representation", "item_id", "vector"))
+        self.history = self.train.join(vectors, "item_id").select("representation", "user_id", "vector", "ts")
+        # One Spark job answers the ingest check, the three totals and the history rows per
+        # representation (a job per question cost more than the questions on small data).
+        self.facts = first_facts(spark, wh, dataset, interactions, self.history)
+
+    def profiles(self, plan, half_life_days, fusions: list[Representation]) -> tuple[dict[str, int], DataFrame]:
+        """(profiles written per representation, the rows: user_id, representation, vector, n_history)."""
+        rows_by_rep = self.facts[2]
+        n_buckets = max(self.spark.sparkContext.defaultParallelism,
+                        math.ceil(max(rows_by_rep.values(), default=0) / ROWS_PER_GROUP))
+        made = base_profiles(self.history, half_life_days, n_buckets).persist(StorageLevel.MEMORY_AND_DISK)
+        self.cached.append(made)
+        out = made.select("user_id", "representation", "vector", "n_history")
+        # Profiles per representation, base and fused, counted in one Spark job (which also fills
+        # the caches the write then reads).
+        counted = made.groupBy("representation").agg(F.count(F.lit(1)).alias("n"))
+        for rep in fusions:
+            weights = plan.fusion_weights(rep.parts) if rep.kind == "concat" else None
+            fused = fuse_profiles(made, rep, weights).persist(StorageLevel.MEMORY_AND_DISK)
+            self.cached.append(fused)
+            counted = counted.unionByName(fused.agg(F.count_if(F.col("status") == embedding_udfs.OK).alias("n"))
+                                          .select(F.lit(rep.name).alias("representation"), "n"))
+            out = out.unionByName(fused.filter(F.col("status") == embedding_udfs.OK)
+                                  .select("user_id", F.lit(rep.name).alias("representation"), "vector", "n_history"))
+        return {row["representation"]: int(row["n"]) for row in counted.collect()}, out
+
+    def keyed(self, out: DataFrame, run_id: str) -> DataFrame:
+        return out.withColumn("run_id", F.lit(run_id))
+
+
+class DriverProfiles:
+    """The driver path (``jobs.driver_inputs``): the inputs read with delta-rs, the same rules in
+    pandas (``udfs.profile_inputs``) and the same kernels the Spark tasks call."""
+
+    def __init__(self, run: JobRun, dataset: str, inputs: dict):
+        self.spark = run.spark
+        interactions = inputs["interactions"].to_pandas()
+        ingest_rows = [profile_inputs.ingest_summary("items", inputs["items"].column("ingest_id").to_pandas()),
+                       profile_inputs.ingest_summary("interactions", interactions["ingest_id"])]
+        self.history = profile_inputs.history_rows(interactions, inputs["vectors"].to_pandas())
+        rows_by_rep = {str(k): int(v) for k, v in self.history.groupby("representation").size().items()}
+        self.facts = (ingest_rows, profile_inputs.train_totals(interactions), rows_by_rep)
+
+    def profiles(self, plan, half_life_days, fusions: list[Representation]) -> tuple[dict[str, int], pd.DataFrame]:
+        made = profile_inputs.base_profiles(self.history, half_life_days)
+        written = {str(k): int(v) for k, v in made.groupby("representation").size().items()}
+        frames = [made]
+        for rep in fusions:
+            weights = plan.fusion_weights(rep.parts) if rep.kind == "concat" else None
+            fused = profile_inputs.fused_profiles(made, rep.kind, rep.parts, weights)
+            written[rep.name] = int((fused["status"] == embedding_udfs.OK).sum())
+            frames.append(profile_inputs.usable(fused, rep.name))
+        return written, pd.concat(frames, ignore_index=True)
+
+    def keyed(self, out: pd.DataFrame, run_id: str) -> DataFrame:
+        # The contract's StructType, not ``driver_inputs.to_spark``'s DDL: DDL cannot say that a
+        # vector holds no null element, and the write's cast to the contract refuses the widening.
+        return self.spark.createDataFrame(profile_inputs.profile_table(out, run_id),
+                                          schema=tables.SCHEMAS["user_profiles"])
+
+
+def check_inputs(run: JobRun, dataset: str, facts, base_names: list[str]) -> int:
+    """Count what the inputs hold and refuse what no profile can come from; the users with
+    train interactions."""
+    ingest_rows, totals, rows_by_rep = facts
+    try:
+        # Profiles are where interactions first meet what was built from items: a mix of two
+        # ingests would pair one snapshot's histories with another's catalog.
+        ingest_id = tables.same_ingest(ingest_rows, dataset)
+    except tables.MixedIngest as exc:
+        raise NothingUsable(str(exc)) from None
+    if ingest_id:
+        log.info("profiles %s: ingest %s", dataset, ingest_id)
+    n_train, n_users, n_train_users = (int(totals[k] or 0) for k in ("rows", "users", "train_users"))
+    run.count("train_rows_read", n_train)
+    run.count("users", n_users)
+    run.count("users_with_train", n_train_users)
+    run.count("users_without_train", n_users - n_train_users)
+    if n_train == 0:
+        raise NothingUsable(f"dataset '{dataset}' has no train interactions in {run.warehouse}/interactions: "
+                            "run `vlm4rec ingest` first (and check the split settings)")
+    for name in base_names:
+        run.count(f"history_rows_{name}", rows_by_rep.get(name, 0))
+        run.count(f"history_rows_without_vector_{name}", n_train - rows_by_rep.get(name, 0))
+        if rows_by_rep.get(name, 0) == 0:
+            log.warning("representation %s: no train item of dataset %s has a vector in item_embeddings; "
+                        "run `vlm4rec embed` with this representation first", name, dataset)
+    return n_train_users
+
+
+def count_profiles(run: JobRun, dataset: str, names: list[str], written: dict[str, int], n_train_users: int) -> int:
+    """Count the profiles per representation (and the users left without one); refuse a run
+    that made none. The rows to write."""
+    for name in names:
+        n = written.get(name, 0)
+        run.count(f"profiles_{name}", n)
+        run.count(f"users_without_profile_{name}", n_train_users - n)
+        if n_train_users - n:
+            log.warning("representation %s: %d of %d users with train interactions have no profile "
+                        "(no train item with a vector)", name, n_train_users - n, n_train_users)
+    total = sum(written.get(name, 0) for name in names)
+    run.count("rows_written", total)
+    if total == 0:
+        raise NothingUsable(f"dataset '{dataset}': no user has a profile in any of {names}; "
+                            "run `vlm4rec embed` for these representations first")
+    return total
+
+
 def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
     spark, wh = run.spark, run.warehouse
     dataset = run.config.dataset.name
@@ -154,90 +295,30 @@ def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
     # Trained fusions (``fuse``) have item vectors of their own: profiled like base ones.
     base = [parse_representation(n) for n in plan.base + plan.trained]
     fusions = [parse_representation(n) for n in plan.parameter_free]
-    half_life_days = plan.half_life_days
-
-    interactions = tables.read(spark, wh, "interactions").filter(F.col("dataset") == dataset)
-    train = (interactions.filter(F.col("split") == "train").select("user_id", "item_id", "ts")
-             .persist(StorageLevel.MEMORY_AND_DISK))
     base_names = [r.name for r in base]
-    vectors = (tables.read(spark, wh, "item_embeddings")
-               .filter((F.col("dataset") == dataset) & F.col("representation").isin(base_names))
-               .select("representation", "item_id", "vector"))
-    history = train.join(vectors, "item_id").select("representation", "user_id", "vector", "ts")
-    # One Spark job answers the ingest check, the three totals and the history rows per
-    # representation (a job per question cost more than the questions on small data).
-    ingest_rows, totals, rows_by_rep = first_facts(spark, wh, dataset, interactions, history)
+
+    # ``als`` is Spark ML: it trains in Spark on a Spark frame of the train split, so a plan
+    # with it runs the whole job on Spark; otherwise small inputs are computed on the driver.
+    inputs = None if ALS in plan.representations else read_on_driver(run, driver_slices(dataset, base_names))
+    cached: list[DataFrame] = []
     try:
-        # Profiles are where interactions first meet what was built from items: a mix of two
-        # ingests would pair one snapshot's histories with another's catalog.
-        ingest_id = tables.same_ingest(ingest_rows, dataset)
-    except tables.MixedIngest as exc:
-        train.unpersist()
-        raise NothingUsable(str(exc)) from None
-    if ingest_id:
-        log.info("profiles %s: ingest %s", dataset, ingest_id)
-    n_train, n_users, n_train_users = (int(totals[k] or 0) for k in ("rows", "users", "train_users"))
-    run.count("train_rows_read", n_train)
-    run.count("users", n_users)
-    run.count("users_with_train", n_train_users)
-    run.count("users_without_train", n_users - n_train_users)
-    if n_train == 0:
-        train.unpersist()
-        raise NothingUsable(f"dataset '{dataset}' has no train interactions in {wh}/interactions: "
-                            "run `vlm4rec ingest` first (and check the split settings)")
-
-    for name in base_names:
-        run.count(f"history_rows_{name}", rows_by_rep.get(name, 0))
-        run.count(f"history_rows_without_vector_{name}", n_train - rows_by_rep.get(name, 0))
-        if rows_by_rep.get(name, 0) == 0:
-            log.warning("representation %s: no train item of dataset %s has a vector in item_embeddings; "
-                        "run `vlm4rec embed` with this representation first", name, dataset)
-
-    n_buckets = max(spark.sparkContext.defaultParallelism,
-                    math.ceil(max(rows_by_rep.values(), default=0) / ROWS_PER_GROUP))
-    made = base_profiles(history, half_life_days, n_buckets).persist(StorageLevel.MEMORY_AND_DISK)
-    out = made.select("user_id", "representation", "vector", "n_history")
-
-    fused_frames = []
-    # Profiles per representation, base and fused, counted in one Spark job (which also fills
-    # the caches the write then reads).
-    counted = made.groupBy("representation").agg(F.count(F.lit(1)).alias("n"))
-    for rep in fusions:
-        weights = plan.fusion_weights(rep.parts) if rep.kind == "concat" else None
-        fused = fuse_profiles(made, rep, weights).persist(StorageLevel.MEMORY_AND_DISK)
-        fused_frames.append(fused)
-        counted = counted.unionByName(fused.agg(F.count_if(F.col("status") == embedding_udfs.OK).alias("n"))
-                                      .select(F.lit(rep.name).alias("representation"), "n"))
-        out = out.unionByName(fused.filter(F.col("status") == embedding_udfs.OK)
-                              .select("user_id", F.lit(rep.name).alias("representation"), "vector", "n_history"))
-    written = {row["representation"]: int(row["n"]) for row in counted.collect()}
-
-    names = base_names + [r.name for r in fusions]
-    if ALS in plan.representations:
-        factors = als_profiles(run, dataset, train, plan.als, run_id)
-        written[ALS] = factors.count()
-        out = out.unionByName(factors)
-        names.append(ALS)
-    for name in names:
-        n = written.get(name, 0)
-        run.count(f"profiles_{name}", n)
-        run.count(f"users_without_profile_{name}", n_train_users - n)
-        if n_train_users - n:
-            log.warning("representation %s: %d of %d users with train interactions have no profile "
-                        "(no train item with a vector)", name, n_train_users - n, n_train_users)
-    total = sum(written.get(name, 0) for name in names)
-    run.count("rows_written", total)
-    if total == 0:
-        for frame in [made, train, *fused_frames]:
+        path = SparkProfiles(run, dataset, base_names, cached) if inputs is None \
+            else DriverProfiles(run, dataset, inputs)
+        n_train_users = check_inputs(run, dataset, path.facts, base_names)
+        written, out = path.profiles(plan, plan.half_life_days, fusions)
+        names = base_names + [r.name for r in fusions]
+        if ALS in plan.representations:
+            factors = als_profiles(run, dataset, path.train, plan.als, run_id)
+            written[ALS] = factors.count()
+            out = out.unionByName(factors)
+            names.append(ALS)
+        total = count_profiles(run, dataset, names, written, n_train_users)
+        # One atomic commit replaces the run's profiles of these representations (stale users go).
+        tables.replace_slice(spark, wh, "user_profiles", path.keyed(out, run_id),
+                             {"run_id": run_id, "representation": names})
+    finally:
+        for frame in cached:
             frame.unpersist()
-        raise NothingUsable(f"dataset '{dataset}': no user has a profile in any of {names}; "
-                            "run `vlm4rec embed` for these representations first")
-
-    out = out.withColumn("run_id", F.lit(run_id))
-    # One atomic commit replaces the run's profiles of these representations (stale users go).
-    tables.replace_slice(spark, wh, "user_profiles", out, {"run_id": run_id, "representation": names})
-    for frame in [made, train, *fused_frames]:
-        frame.unpersist()
     log.info("profiles %s: run_id=%s, %d profiles over %s", dataset, run_id, total, names)
 
 

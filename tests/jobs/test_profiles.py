@@ -2,6 +2,8 @@
 profiles are checked against numpy computations on the tables read back."""
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,3 +135,114 @@ def test_fused_profiles_are_the_fusion_of_the_per_modality_profiles(profiled, me
     of_fused_items = expected_profiles(profiled, method)
     gaps = [np.abs(np.asarray(fused.loc[u, "vector"]) - of_fused_items[u][0]).max() for u in users]
     assert max(gaps) > 1e-3
+
+
+# --- the driver path against the Spark path ---------------------------------------------------
+# The catalog is small, so the default settings compute on the driver (jobs.driver_inputs);
+# ``spark.driver_compute_mb=0`` forces the distributed path. Both must agree on everything.
+
+SPARK_PATH = ["--set", "spark.driver_compute_mb=0"]
+# A recency-weighted run (timestamps read by delta-rs), two fusions, and a trained fusion that
+# ``fuse`` never wrote: a representation without any row.
+EQUIVALENCE = ["--set", f"experiment.profiles.half_life_days={HALF_LIFE_DAYS}",
+               "--set", f"experiment.representations=[title,visual,{LVLM},naive,concat:title+{LVLM},attention]"]
+
+
+def printed_results(out: str, run_id: str) -> list[str]:
+    """The job's printed lines with its own run id and the path's marker taken out."""
+    lines = []
+    for line in out.replace(run_id, "<run>").splitlines():
+        if line.startswith("{"):
+            printed = json.loads(line)
+            printed["counts"].pop("computed_on_driver", None)
+            line = json.dumps(printed, sort_keys=True)
+        lines.append(re.sub(r" ?computed_on_driver=1\b", "", line).rstrip())
+    return lines
+
+
+def run_both(spark, capsys, caplog, argv: list[str], label: str = "paths") -> dict[str, tuple]:
+    """Per path: (exit code, the run's counts, printed lines, the job's warnings and errors); the
+    profiles are keyed by run id ``<label>-<path>``."""
+    from jobs import tables
+
+    results = {}
+    for path, extra in (("spark", SPARK_PATH), ("driver", [])):
+        capsys.readouterr()
+        caplog.clear()
+        code = profiles_main(argv + extra + ["--run-id", f"{label}-{path}"])
+        captured = capsys.readouterr()
+        warned = [r.getMessage() for r in caplog.records if r.name == "jobs.profiles" and r.levelname == "WARNING"]
+        runs = tables.read(spark, warehouse_of(argv), "runs").filter("job = 'profiles'").orderBy("started_at")
+        last = runs.toPandas().iloc[-1]
+        results[path] = (code, dict(last["counts"]), printed_results(captured.out, last["run_id"]),
+                         warned + printed_results(captured.err, last["run_id"]))
+    return results
+
+
+def profiles_main(argv):
+    from jobs import profiles
+
+    return profiles.main(argv)
+
+
+def warehouse_of(argv: list[str]) -> str:
+    return [a.split("=", 1)[1] for a in argv if a.startswith("warehouse=")][-1]
+
+
+def test_the_driver_path_writes_what_the_spark_path_writes(spark, capsys, caplog, tmp_path_factory):
+    from jobs import tables
+
+    catalog = embedded_catalog(spark, tmp_path_factory)
+    results = run_both(spark, capsys, caplog, catalog.argv + EQUIVALENCE)
+    (spark_code, spark_counts, spark_out, spark_warnings) = results["spark"]
+    (driver_code, driver_counts, driver_out, driver_warnings) = results["driver"]
+    assert spark_code == driver_code == 0
+    assert "computed_on_driver" not in spark_counts and driver_counts.pop("computed_on_driver") == 1
+    assert driver_counts == spark_counts
+    assert spark_counts["profiles_attention"] == 0 and spark_counts["users_without_train"] >= 1
+    assert driver_out == spark_out and driver_warnings == spark_warnings
+    assert any("attention" in w for w in spark_warnings)
+
+    stored = tables.read(spark, catalog.warehouse, "user_profiles").toPandas()
+    by_path = {path: stored[stored["run_id"] == f"paths-{path}"].drop(columns="run_id")
+               .sort_values(["representation", "user_id"]).reset_index(drop=True) for path in ("spark", "driver")}
+    assert len(by_path["spark"]) == spark_counts["rows_written"] > 0
+    pd.testing.assert_frame_equal(by_path["driver"].drop(columns="vector"), by_path["spark"].drop(columns="vector"))
+    np.testing.assert_allclose(stacked_rows(by_path["driver"]), stacked_rows(by_path["spark"]), atol=1e-6, rtol=0)
+    assert set(by_path["driver"]["representation"]) == {"title", "visual", LVLM, "naive", f"concat:{LVLM}+title"}
+
+
+def stacked_rows(frame: pd.DataFrame) -> np.ndarray:
+    return np.concatenate([np.asarray(v, dtype=np.float64) for v in frame["vector"]])
+
+
+def mixed_ingest_copy(spark, catalog, root) -> list[str]:
+    """A copy of the catalog's warehouse whose interactions another ingest wrote (what an ingest
+    killed between its two commits leaves)."""
+    import shutil
+
+    from pyspark.sql import functions as F
+
+    from jobs import tables
+
+    wh = root / "warehouse"
+    shutil.copytree(catalog.warehouse, wh)
+    interactions = tables.read(spark, wh, "interactions").filter(F.col("dataset") == "synthetic")
+    tables.replace_slice(spark, wh, "interactions", interactions.withColumn("ingest_id", F.lit("ingest-later-000000")),
+                         {"dataset": "synthetic"})
+    return ["--set", f"warehouse={wh}"]
+
+
+@pytest.mark.parametrize("case", ["mixed_ingest", "no_train"])
+def test_both_paths_refuse_the_same_inputs_with_the_same_error(spark, capsys, caplog, tmp_path, tmp_path_factory, case):
+    catalog = embedded_catalog(spark, tmp_path_factory)
+    # Another dataset of the same warehouse: no interaction at all (one stale item vector).
+    extra = mixed_ingest_copy(spark, catalog, tmp_path) if case == "mixed_ingest" else ["--set", "dataset.name=other"]
+    results = run_both(spark, capsys, caplog, catalog.argv + extra, label=case.replace("_", "-"))
+    (spark_code, spark_counts, spark_out, spark_err) = results["spark"]
+    (driver_code, driver_counts, driver_out, driver_err) = results["driver"]
+    assert spark_code == driver_code == 1
+    assert driver_counts.pop("computed_on_driver") == 1 and driver_counts == spark_counts
+    assert driver_out == spark_out and driver_err == spark_err
+    expected = "ingest-later-000000" if case == "mixed_ingest" else "has no train interactions"
+    assert any(expected in line and "nothing usable" in line for line in spark_err)
