@@ -43,6 +43,14 @@ taken first, then scaled. ``--pipeline-set`` passes a ``--set`` to the pipeline 
 ``spark.worker_env={}`` to measure it without the malloc tunables). The script starts with
 glibc's malloc defaults, as a plain script would; ``--script-worker-env`` starts it with the
 workers' tunables (``jobs.config.MALLOC_WORKER_ENV``), which leaves the allocator out of the ratio.
+
+``--floor`` adds a third side after the pipeline: its fixed costs with none of its work
+(``floor``): in a fresh process, Spark started, Ray started with one block through one Ray Data
+actor, and the pipeline's own commits replayed in its order (its rows, read beforehand from its
+warehouse and not timed; the plan; every stage's two ``runs`` commits through the real job
+wrapper). It reads no table and runs no model, so it is a lower bound of what this design (Spark
+jobs writing Delta tables, captions through Ray Data) costs on this machine beyond the work
+itself; ``script / (script + floor)`` is the best pipeline/script ratio the machine allows.
 """
 from __future__ import annotations
 
@@ -572,6 +580,108 @@ def run_pipeline(root: Path, work: Path, master: str, extra_sets: list[str], tre
             "comparisons": comparisons.drop(columns=["run_id"]).to_dict(orient="records")}
 
 
+# The tables the pipeline writes, stage by stage, in its order, with the keys of each commit's
+# slice (``None``: the caption job's MERGE into the cache). ``run_id`` slices are the floor's own run.
+FLOOR_WRITES = {
+    "ingest": [("interactions", ("dataset",)), ("rejects", ("dataset",)), ("items", ("dataset",))],
+    "caption": [("descriptions", None)],
+    "embed": [("item_embeddings", ("dataset", "representation"))],
+    "profiles": [("user_profiles", ("run_id", "representation"))],
+    "topk": [("candidates", ("run_id",)), ("recommendations", ("run_id", "representation"))],
+    "evaluate": [("user_metrics", ("run_id", "representation")), ("metrics", ("run_id", "representation")),
+                 ("comparisons", ("run_id", "representation_a"))],
+    "report": [],
+}
+
+
+class _FloorActor:
+    """A Ray Data actor that passes its batch through: the caption stage's Ray, with no work."""
+
+    def __call__(self, batch):
+        return batch
+
+
+def floor(source: Path, root: Path, master: str, out: Path) -> None:
+    """The pipeline's fixed costs with none of its work, in one fresh process as the pipeline:
+    start Spark (the Delta connector) and Ray (the caption job's settings, one block through one
+    Ray Data actor), then every commit the pipeline makes, in its order, each of the pipeline's
+    own rows (read first from ``source``, its finished warehouse: not timed), inside the real
+    job wrapper (``jobs.job_run.execute``: each stage's two ``runs`` commits) and the stored plan.
+    No read of a table, no Spark job besides the writes, no model: a lower bound of what any
+    pipeline of this design pays on this machine beyond the script's own work."""
+    start = time.perf_counter()
+    from udfs.warehouse_reader import read_table
+
+    rows = {name: read_table(source, name) for stage in FLOOR_WRITES.values() for name, _ in stage}
+    preload_s = time.perf_counter() - start
+    start = time.perf_counter()
+    from types import SimpleNamespace
+
+    from jobs import tables
+    from jobs.config import load_config
+    from jobs.job_run import execute
+    from jobs.plan import ExperimentPlan, store_plan
+    from jobs.ray_session import ray_session
+    from jobs.spark_session import build_spark
+    from pyspark.sql import functions as F
+
+    warehouse = out.parent / "floor-warehouse"
+    config = load_config([CONF], [f"warehouse={warehouse}", f"dataset.paths.root={root}", f"spark.master={master}",
+                                  without_als(), "log_level=WARNING"])
+    spark = build_spark(config, app_name="vlm4rec-floor")
+    spark_s = time.perf_counter() - start
+    seconds: dict[str, float] = {}
+
+    def commits(stage: str, run_id: str):
+        def body(run, _args):
+            if stage == "caption":
+                import pyarrow as pa
+
+                with ray_session(config.ray) as ray:
+                    ray.data.from_arrow([pa.table({"x": [1]})]).map_batches(
+                        _FloorActor, compute=ray.data.ActorPoolStrategy(size=1), batch_format="pandas").take_all()
+            for name, keys in FLOOR_WRITES[stage]:
+                frame = spark.createDataFrame(rows[name], schema=tables.SCHEMAS[name])
+                if keys is None:
+                    tables.merge(spark, warehouse, name, frame)
+                    continue
+                if "run_id" in keys:
+                    frame = frame.withColumn("run_id", F.lit(run_id))
+                values = rows[name].to_pandas()
+                where = {k: (run_id if k == "run_id" else sorted(values[k].unique()) if k != "dataset"
+                             else config.dataset.name) for k in keys}
+                tables.replace_slice(spark, warehouse, name, frame, where)
+        return body
+
+    def pipeline(run, _args):
+        store_plan(spark, warehouse, run.run_id, ExperimentPlan.resolve(config))
+        for stage in FLOOR_WRITES:
+            begun = time.perf_counter()
+            assert execute(stage, config, spark, commits(stage, run.run_id), SimpleNamespace(run_id=None)) == 0
+            seconds[stage] = time.perf_counter() - begun
+
+    assert execute("pipeline", config, spark, pipeline, SimpleNamespace()) == 0
+    spark.stop()
+    out.write_text(json.dumps({"preload_s": preload_s, "spark_start_s": spark_s, "stage_s": seconds,
+                               "inside_s": time.perf_counter() - start}))
+
+
+def run_floor(source: Path, root: Path, work: Path, master: str) -> dict:
+    out = work / "floor.json"
+    command = [sys.executable, str(Path(__file__).resolve()), "--floor-run", str(source), "--ml100k", str(root),
+               "--master", master, "--floor-out", str(out)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    (work / "floor.log").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
+    if done.returncode:
+        raise SystemExit(f"floor exited {done.returncode}; log: {work / 'floor.log'}\n{done.stderr[-3000:]}")
+    result = json.loads(out.read_text())
+    # The process as the pipeline's is timed (interpreter, imports, JVM), less the untimed preload.
+    return {"wall_s": wall - result["preload_s"], **result}
+
+
 def run_script(root: Path, work: Path, worker_env: bool) -> dict:
     out = work / "script.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--reference", "--ml100k", str(root),
@@ -609,16 +719,27 @@ def main() -> None:
     parser.add_argument("--script-worker-env", action="store_true",
                         help="start the script with the workers' malloc tunables (jobs.config.MALLOC_WORKER_ENV) "
                              "instead of glibc's defaults, so that the ratio leaves the allocator out")
+    parser.add_argument("--floor", action="store_true",
+                        help="after the pipeline, measure its fixed costs with none of its work (floor(): Spark "
+                             "and Ray started, the pipeline's own commits replayed in a fresh process) and print "
+                             "the best ratio to the script they leave")
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--skip-script", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (warehouse, logs)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--floor-run", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--floor-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--reference-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.scale < 1:
         parser.error(f"--scale must be a whole number >= 1 (1 = ml100k as it is), got {args.scale}")
+    if args.floor and args.skip_pipeline:
+        parser.error("--floor replays the pipeline's commits: it needs the pipeline side")
     root = args.ml100k.resolve()
+    if args.floor_run:
+        floor(args.floor_run, root, args.master, args.floor_out)
+        return
     if args.reference:
         result = reference(root, [f"dataset.paths.root={root}", without_als()])
         args.reference_out.write_text(json.dumps(result, default=str))
@@ -646,6 +767,9 @@ def main() -> None:
             if side == "pipeline" and not args.skip_pipeline:
                 runs["pipeline"] = run_pipeline(root, work, args.master, args.pipeline_set,
                                                 args.pipeline_tree.resolve())
+                if args.floor:
+                    runs["floor"] = run_floor(work / "warehouse", root, work, args.master)
+                    print(f"floor done: {runs['floor']['wall_s']:.1f} s", flush=True)
             if side == "script" and not args.skip_script:
                 runs["script"] = run_script(root, work, args.script_worker_env)
             print(f"{side} done: {runs[side]['wall_s']:.1f} s" if side in runs else f"{side} skipped", flush=True)
@@ -681,6 +805,14 @@ def main() -> None:
     if p and s:
         print(f"the pipeline runs at {s / p:.2f}x the speed of the plain script (issue 9's targets: >= 0.6x on ml100k, "
               ">= 0.9x at --scale 10)")
+    fl = runs.get("floor")
+    if fl:
+        print(f"floor (Spark + Ray started, the pipeline's {sum(len(w) for w in FLOOR_WRITES.values())} table commits, "
+              f"its plan and runs commits, no work): {fl['wall_s']:.1f} s; by stage: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in fl["stage_s"].items()) + f"; Spark start {fl['spark_start_s']:.1f}")
+        if s:
+            print(f"best reachable: the script plus the floor, {s / (s + fl['wall_s']):.2f}x the script")
+            result["best_reachable_ratio"] = s / (s + fl["wall_s"])
     result["stages"] = table
     if pipe and script:
         result["agreement"] = {
