@@ -80,6 +80,22 @@ def test_pipeline_on_synthetic_with_captions(spark, synthetic_run):
     # The session's shared run (tests/conftest.py): lvlm, title, visual, naive:lvlm+visual.
     warehouse, argv, counts = synthetic_run.warehouse, synthetic_run.argv, synthetic_run.counts
     assert counts["rows_descriptions"] == 30 and counts["rows_metrics"] > 0
+    # The closing counts (read with delta-rs) are what Spark counts in each table's slice of the run.
+    from jobs import tables
+    from jobs.config import load_config
+
+    dataset = load_config([argv[1]], [argv[i + 1] for i in range(2, len(argv), 2)]).dataset.name
+    for name in tables.SCHEMAS:
+        if not tables.exists(spark, warehouse, name):
+            assert f"rows_{name}" not in counts, name
+            continue
+        frame = spark.read.format("delta").load(f"{warehouse}/{name}")
+        columns = tables.SCHEMAS[name].fieldNames()
+        if "run_id" in columns and name != "runs":
+            frame = frame.filter(F.col("run_id") == synthetic_run.run_id)
+        elif "dataset" in columns:
+            frame = frame.filter(F.col("dataset") == dataset)
+        assert counts[f"rows_{name}"] == frame.count(), name
     reps = {r.representation for r in spark.read.format("delta").load(f"{warehouse}/item_embeddings")
             .select("representation").distinct().collect()}
     assert any(r.startswith("lvlm:tags:") for r in reps) and "visual" in reps
