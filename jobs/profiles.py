@@ -219,7 +219,7 @@ class DriverProfiles:
         self.facts = (ingest_rows, profile_inputs.train_totals(interactions), rows_by_rep)
 
     def profiles(self, plan, half_life_days, fusions: list[Representation]) -> tuple[dict[str, int], pd.DataFrame]:
-        made = profile_inputs.base_profiles(self.history, half_life_days)
+        made = profile_inputs.base_profiles(self.history, half_life_days, ROWS_PER_GROUP)
         written = {str(k): int(v) for k, v in made.groupby("representation").size().items()}
         frames = [made]
         for rep in fusions:

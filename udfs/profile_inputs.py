@@ -8,6 +8,7 @@ and fusions from ``udfs.embedding_udfs.fused_vector_batches``, the functions the
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,22 +39,28 @@ def train_totals(interactions: pd.DataFrame) -> dict:
 
 
 def history_rows(interactions: pd.DataFrame, vectors: pd.DataFrame) -> pd.DataFrame:
-    """(representation, user_id, vector, ts): each train interaction joined with every vector
-    of its item (``vectors``: representation, item_id, vector); an item without a vector in a
-    representation gives no row there."""
+    """(representation, user_id, item_id, vector, ts): each train interaction joined with every
+    vector of its item (``vectors``: representation, item_id, vector, one row per item and
+    representation); an item without a vector in a representation gives no row there. The
+    ``item_id`` lets the profile kernel normalise each item once (``udfs.profiles.profiles_frame``)."""
     train = interactions.loc[interactions["split"] == "train", ["user_id", "item_id", "ts"]]
     # An inner join on item_id, as Spark's; a null key joins nothing there (pandas would match nulls).
     vectors = vectors[vectors["item_id"].notna()]
     history = train.merge(vectors[["representation", "item_id", "vector"]], on="item_id", how="inner")
-    return history[["representation", "user_id", "vector", "ts"]]
+    return history[["representation", "user_id", "item_id", "vector", "ts"]]
 
 
-def base_profiles(history: pd.DataFrame, half_life_days: float | None) -> pd.DataFrame:
+def base_profiles(history: pd.DataFrame, half_life_days: float | None, rows_per_group: int) -> pd.DataFrame:
     """``PROFILE_COLUMNS`` rows: every representation's profiles from its history rows, with
-    the function Spark applies per group (a group here is a whole representation)."""
+    the function Spark applies per group. As there, a group holds whole users and about
+    ``rows_per_group`` rows: the kernel's float64 copies of a group's vectors bound the memory."""
     profile = profile_groups(half_life_days)
-    frames = [profile((name,), rows.reset_index(drop=True))
-              for name, rows in history.groupby("representation", sort=True)]
+    frames = []
+    for name, rows in history.groupby("representation", sort=True):
+        n_groups = max(1, math.ceil(len(rows) / rows_per_group))
+        group_of = pd.factorize(rows["user_id"])[0] % n_groups
+        for group in range(n_groups):
+            frames.append(profile((name, group), rows[group_of == group].reset_index(drop=True)))
     frames = [f for f in frames if len(f)]
     if not frames:
         return pd.DataFrame({"user_id": pd.Series([], dtype=object), "representation": pd.Series([], dtype=object),

@@ -65,13 +65,16 @@ def user_profiles(
     ts: np.ndarray | None = None,
     n_users: int | None = None,
     half_life_days: float | None = None,
+    item_index: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Profiles of users ``0..n_users-1`` from ``m`` (user, item vector[, ts]) history rows.
 
     ``user_index`` (m,) ints in ``[0, n_users)``; ``item_vectors`` (m, d), one row per history
     row (re-normalised here, so any positive scaling of a row is harmless); ``ts`` (m,)
     seconds, needed only with ``half_life_days``. ``n_users`` defaults to
-    ``max(user_index) + 1``.
+    ``max(user_index) + 1``. With ``item_index`` (m,) ints, ``item_vectors`` is (k, d), one row
+    per item, and history row r is item ``item_index[r]``: each item is normalised once instead
+    of once per row (the same numbers: normalisation is per row).
 
     Returns ``(profiles, n_history)``: ``profiles`` (n_users, d) float32, L2-normalised;
     ``n_history`` (n_users,) int64 history rows per user. A user with no rows has
@@ -88,12 +91,25 @@ def user_profiles(
             f"user_index must hold integers, got dtype {user_index.dtype}: "
             "map string ids to 0..n_users-1 first (pandas.factorize)"
         )
-    if item_vectors.ndim != 2 or item_vectors.shape[0] != user_index.shape[0]:
+    if item_index is not None:
+        item_index = np.asarray(item_index)
+        if item_index.shape != user_index.shape or (item_index.size and not np.issubdtype(item_index.dtype, np.integer)):
+            raise ValueError(
+                f"item_index must hold one integer per history row ({user_index.shape[0]}), got "
+                f"shape {item_index.shape} and dtype {item_index.dtype}"
+            )
+        if item_vectors.ndim != 2 or (item_index.size and not 0 <= item_index.min() <= item_index.max()
+                                      < item_vectors.shape[0]):
+            raise ValueError(
+                f"item_vectors must have shape (k, d) with a row for every item_index value, got "
+                f"{item_vectors.shape} for indices up to {int(item_index.max()) if item_index.size else None}"
+            )
+    elif item_vectors.ndim != 2 or item_vectors.shape[0] != user_index.shape[0]:
         raise ValueError(
             f"item_vectors must have shape (m, d) with m = len(user_index) = "
             f"{user_index.shape[0]}, got {item_vectors.shape}: pass one vector per history row"
         )
-    m, d = item_vectors.shape
+    m, d = user_index.shape[0], item_vectors.shape[1]
     if n_users is None:
         n_users = int(user_index.max()) + 1 if m else 0
     if m and (user_index.min() < 0 or user_index.max() >= n_users):
@@ -107,11 +123,16 @@ def user_profiles(
     if m == 0:
         return profiles, n_history
 
-    x, bad_rows = l2_normalise(item_vectors, dtype=np.float64)
+    if item_index is None:
+        x, bad_rows = l2_normalise(item_vectors, dtype=np.float64)
+    else:
+        units, bad_items = l2_normalise(item_vectors, dtype=np.float64)
+        x, bad_rows = units[item_index], bad_items[item_index]
     if bad_rows.any():
         row = int(np.flatnonzero(bad_rows)[0])
+        which = row if item_index is None else int(item_index[row])
         raise ValueError(
-            f"item_vectors row {row} (user index {int(user_index[row])}) is zero or not finite: "
+            f"item_vectors row {which} (user index {int(user_index[row])}) is zero or not finite: "
             "drop history rows whose item has no vector before building profiles"
         )
     if half_life_days is not None:
@@ -136,10 +157,12 @@ def user_profiles(
 
 
 def profiles_frame(df: pd.DataFrame, half_life_days: float | None = None) -> pd.DataFrame:
-    """Profiles of the users in ``df`` (columns ``user_id``, ``vector``[, ``ts``]).
+    """Profiles of the users in ``df`` (columns ``user_id``, ``vector``[, ``ts``][, ``item_id``]).
 
     For ``groupBy("user_id").applyInPandas(profiles_frame, schema)``: each call must hold all
-    of a user's history rows (any number of users). ``vector`` holds one array per row.
+    of a user's history rows (any number of users). ``vector`` holds one array per row. With
+    an ``item_id`` column, the rows of one item must carry its one vector (rows joined with a
+    table keyed by item): its first row's vector is normalised once for all of them.
 
     Returns columns ``user_id``, ``vector`` (one float32 numpy array per row, which Arrow writes
     as ``array<float>``) and ``n_history`` (int32). Users without a usable profile (no rows, or
@@ -163,9 +186,17 @@ def profiles_frame(df: pd.DataFrame, half_life_days: float | None = None) -> pd.
     if (codes < 0).any():
         row = int(np.flatnonzero(codes < 0)[0])
         raise ValueError(f"row {row} of the history has a null user_id: drop it upstream")
-    vectors = _stack_vectors(df["vector"])
     ts = df["ts"].to_numpy(dtype=np.float64) if half_life_days is not None else None
-    profiles, n_history = user_profiles(codes, vectors, ts, len(uniques), half_life_days)
+    if "item_id" in df.columns:
+        item_codes, _ = pd.factorize(df["item_id"], sort=False)
+        if (item_codes < 0).any():
+            row = int(np.flatnonzero(item_codes < 0)[0])
+            raise ValueError(f"row {row} of the history has a null item_id: drop it upstream")
+        _, first_rows = np.unique(item_codes, return_index=True)
+        vectors = _stack_vectors(df["vector"].iloc[first_rows])
+        profiles, n_history = user_profiles(codes, vectors, ts, len(uniques), half_life_days, item_codes)
+    else:
+        profiles, n_history = user_profiles(codes, _stack_vectors(df["vector"]), ts, len(uniques), half_life_days)
     keep = np.linalg.norm(profiles, axis=1) > 0
     if not keep.any():
         return empty

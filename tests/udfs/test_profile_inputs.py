@@ -43,7 +43,7 @@ def test_train_totals_count_users_with_and_without_train():
 
 def test_history_joins_train_rows_with_every_vector_of_their_item():
     history = profile_inputs.history_rows(INTERACTIONS, VECTORS)
-    assert list(history.columns) == ["representation", "user_id", "vector", "ts"]
+    assert list(history.columns) == ["representation", "user_id", "item_id", "vector", "ts"]
     got = sorted(zip(history["representation"], history["user_id"], history["ts"]))
     # a's test row (i3) and b's valid row are not history; c's i9 has no vector anywhere.
     assert got == [("t", "a", 10), ("t", "a", 20), ("t", "c", 5), ("v", "a", 20), ("v", "c", 5)]
@@ -51,12 +51,24 @@ def test_history_joins_train_rows_with_every_vector_of_their_item():
 
 def test_base_profiles_are_the_kernels_per_representation():
     history = profile_inputs.history_rows(INTERACTIONS, VECTORS)
-    made = profile_inputs.base_profiles(history, None).set_index(["representation", "user_id"])
+    made = profile_inputs.base_profiles(history, None, 1000).set_index(["representation", "user_id"])
     assert sorted(made.index) == [("t", "a"), ("t", "c"), ("v", "a"), ("v", "c")]
     np.testing.assert_allclose(made.loc[("t", "a"), "vector"], unit(1, 1), atol=1e-6)
     assert made.loc[("t", "a"), "n_history"] == 2 and made["n_history"].dtype == np.int32
-    empty = profile_inputs.base_profiles(history.iloc[:0], None)
+    empty = profile_inputs.base_profiles(history.iloc[:0], None, 1000)
     assert list(empty.columns) == profile_inputs.PROFILE_COLUMNS and empty.empty
+
+
+def test_groups_of_whole_users_give_the_profiles_of_one_group():
+    rng = np.random.default_rng(0)
+    n = 200
+    history = pd.DataFrame({"representation": rng.choice(["t", "v"], n), "user_id": rng.choice(list("abcdefgh"), n),
+                            "vector": list(rng.normal(size=(n, 4)).astype(np.float32)), "ts": rng.integers(0, 10**7, n)})
+    one = profile_inputs.base_profiles(history, 30.0, 10**6).set_index(["representation", "user_id"]).sort_index()
+    many = profile_inputs.base_profiles(history, 30.0, 7).set_index(["representation", "user_id"]).sort_index()
+    assert list(many.index) == list(one.index) and len(one) == 16
+    assert (many["n_history"] == one["n_history"]).all()
+    np.testing.assert_array_equal(np.stack(many["vector"]), np.stack(one["vector"]))
 
 
 def test_fused_profiles_keep_users_with_every_part_and_the_smallest_history():

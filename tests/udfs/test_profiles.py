@@ -177,3 +177,46 @@ def test_profiles_frame_empty_and_bad_frames():
     nulls.at[2, "vector"] = None
     with pytest.raises(ValueError, match="row 2 is null"):
         profiles_frame(nulls)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_items=st.integers(1, 10),
+    m=st.integers(0, 60),
+    half_life=st.one_of(st.none(), st.floats(0.5, 500.0)),
+)
+def test_item_indexed_history_gives_the_same_numbers_as_one_vector_per_row(seed, n_items, m, half_life):
+    rng = np.random.default_rng(seed)
+    items = rng.normal(size=(n_items, 5)) * rng.uniform(0.1, 3.0, size=(n_items, 1))
+    item_index = rng.integers(0, n_items, size=m)
+    users, ts = rng.integers(0, 6, size=m), rng.integers(0, 400 * 86_400, size=m)
+    per_row = user_profiles(users, items[item_index], ts, 6, half_life)
+    per_item = user_profiles(users, items, ts, 6, half_life, item_index=item_index)
+    np.testing.assert_array_equal(per_item[0], per_row[0])
+    np.testing.assert_array_equal(per_item[1], per_row[1])
+
+
+def test_profiles_frame_with_item_ids_normalises_each_item_once_to_the_same_numbers():
+    rng = np.random.default_rng(3)
+    items = {f"i{k}": rng.normal(size=7).astype(np.float32) for k in range(9)}
+    ids = rng.choice(sorted(items), size=120)
+    df = pd.DataFrame({"user_id": rng.choice([f"u{u}" for u in range(10)], size=120), "item_id": ids,
+                       "vector": [items[i] for i in ids], "ts": rng.integers(0, 10**8, size=120)})
+    for half_life in (None, 30.0):
+        with_ids = profiles_frame(df, half_life)
+        without = profiles_frame(df.drop(columns="item_id"), half_life)
+        assert list(with_ids["user_id"]) == list(without["user_id"])
+        assert list(with_ids["n_history"]) == list(without["n_history"])
+        np.testing.assert_array_equal(np.stack(with_ids["vector"]), np.stack(without["vector"]))
+    with pytest.raises(ValueError, match="null item_id"):
+        profiles_frame(df.assign(item_id=[None] + list(ids[1:])))
+
+
+@pytest.mark.parametrize("item_index, message", [
+    (np.array([0]), "one integer per history row"),
+    (np.array([0, 2]), "a row for every item_index value"),
+])
+def test_bad_item_index_is_an_error_that_says_what_to_fix(item_index, message):
+    with pytest.raises(ValueError, match=message):
+        user_profiles(np.array([0, 1]), np.eye(2), item_index=item_index)
