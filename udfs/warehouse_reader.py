@@ -82,17 +82,52 @@ def read_table(warehouse: str | Path, name: str, equal: Mapping[str, object] | N
     return result.select(wanted)
 
 
-def _pruned_bytes(table, conditions: Mapping[str, list]) -> int:
-    """Bytes of the snapshot's files that the partition values in ``conditions`` keep."""
+# Delta's writers keep at most this many leading characters of a string in a file's min/max
+# statistics; a max that long may have been cut below the real one, so it bounds nothing.
+_STATS_PREFIX = 32
+
+
+def _may_hold(actions: pa.Table, column: str, values: list) -> list[bool]:
+    """Per file: whether its statistics leave room for a row whose ``column`` is one of
+    ``values`` (True wherever they say nothing: no statistics, nulls, a cut-off maximum)."""
+    lows = actions.column(f"min.{column}").to_pylist() if f"min.{column}" in actions.column_names else None
+    highs = actions.column(f"max.{column}").to_pylist() if f"max.{column}" in actions.column_names else None
+    if lows is None or highs is None:
+        return [True] * actions.num_rows
+    wanted = [v for v in values if v is not None]
+    keep = []
+    for low, high in zip(lows, highs):
+        if low is None or high is None or not wanted:
+            keep.append(True)
+            continue
+        try:
+            bounded = not (isinstance(high, str) and len(high) >= _STATS_PREFIX)
+            keep.append(any(low <= v and (not bounded or v <= high) for v in wanted))
+        except TypeError:  # statistics of another type than the values: they prove nothing
+            keep.append(True)
+    return keep
+
+
+def _kept_files(table, conditions: Mapping[str, list]) -> pa.Table:
+    """The snapshot's add actions of the files that may hold rows matching ``conditions``:
+    partition values must match; other columns are checked against each file's min/max
+    statistics (Delta writes them per file, so a table keyed by run id but not partitioned by
+    it, such as ``recommendations``, is read and sized by one run's files, not every run's)."""
     partitions = list(table.metadata().partition_columns)
     actions = pa.table(table.get_add_actions(flatten=True))
     keep = None
-    for column in partitions:
-        if column in conditions:
-            term = pc.is_in(actions.column(f"partition.{column}"), value_set=pa.array(conditions[column]))
-            keep = term if keep is None else pc.and_(keep, term)
-    sizes = actions.column("size_bytes") if keep is None else actions.filter(keep).column("size_bytes")
-    return int(pc.sum(sizes).as_py() or 0)
+    for column, values in conditions.items():
+        if column in partitions:
+            term = pc.is_in(actions.column(f"partition.{column}"), value_set=pa.array(values))
+        else:
+            term = pa.array(_may_hold(actions, column, list(values)), pa.bool_())
+        keep = term if keep is None else pc.and_(keep, term)
+    return actions if keep is None else actions.filter(keep)
+
+
+def _pruned_bytes(table, conditions: Mapping[str, list]) -> int:
+    """Bytes of the snapshot's files that ``conditions`` keep (``_kept_files``)."""
+    return int(pc.sum(_kept_files(table, conditions).column("size_bytes")).as_py() or 0)
 
 
 def _expression(conditions: Mapping[str, list]):
@@ -125,14 +160,14 @@ def _file_locator(uri: str):
 
 def _read_files(uri: str, table, schema: pa.Schema, conditions: Mapping[str, list], wanted: list[str]) -> pa.Table:
     """The snapshot's Parquet files read with pyarrow: delta-rs lists the live files (its log
-    replay) and their partition values; partitions are pruned on those values and the other
-    conditions are pushed into the Parquet scan. (delta-rs's own pyarrow dataset leaves Rust
+    replay) with their partition values and statistics; files are pruned on those
+    (``_kept_files``) and the other conditions are pushed into the Parquet scan. (delta-rs's own pyarrow dataset leaves Rust
     I/O threads behind that abort the interpreter at exit: "terminate called without an
     active exception", delta-io/delta-rs#2184.) Local files are read from the local file
     system, an object store's through ``udfs.storage.filesystem``."""
     store, locate = _file_locator(uri)
     partitions = list(table.metadata().partition_columns)
-    actions = pa.table(table.get_add_actions(flatten=True))
+    actions = _kept_files(table, conditions)
     paths = actions.column("path").to_pylist()
     values = {p: actions.column(f"partition.{p}").to_pylist() for p in partitions}
     data_conditions = {c: v for c, v in conditions.items() if c not in partitions}

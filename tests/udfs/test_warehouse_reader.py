@@ -97,3 +97,33 @@ def test_partitions_are_pruned_before_any_object_is_read(s3):
     assert read_table(remote, "metrics", equal={"run_id": "r2"}, columns=["value"]).to_pylist() == [{"value": 0.3}]
     with pytest.raises(OSError, match="run_id=r1"):
         read_table(remote, "metrics", equal={"run_id": "r1"})
+
+
+def test_files_of_other_runs_are_skipped_by_their_statistics(spark, warehouse):
+    """``candidates`` is keyed by run id but not partitioned by it: a run's read and its
+    ``max_bytes`` check count that run's files only (their min/max statistics), so a warehouse
+    of many runs does not push a small run's job off the driver; a string statistic Delta cut
+    short (32 characters) still finds its rows."""
+    from deltalake import DeltaTable
+
+    long_id = "run-" + "b" * 40
+    for run_id, n in (("run-a", 3), (long_id, 5), ("run-z", 40)):
+        frame = spark.createDataFrame([(run_id, "title", f"i{k}", "topk-1") for k in range(n)],
+                                      tables.SCHEMAS["candidates"])
+        tables.replace_slice(spark, warehouse, "candidates", frame, {"run_id": run_id})
+    actions = pa.table(DeltaTable(table_uri(warehouse, "candidates")).get_add_actions(flatten=True))
+    sizes: dict[str, int] = {}
+    for low, size in zip(actions.column("min.run_id").to_pylist(), actions.column("size_bytes").to_pylist()):
+        key = "run-a" if low == "run-a" else "run-z" if low == "run-z" else long_id
+        sizes[key] = sizes.get(key, 0) + size
+    assert sizes["run-a"] < sum(sizes.values())
+    got = read_table(warehouse, "candidates", equal={"run_id": "run-a"}, max_bytes=sizes["run-a"])
+    assert sorted(got.column("item_id").to_pylist()) == ["i0", "i1", "i2"]
+    with pytest.raises(TooLarge):
+        read_table(warehouse, "candidates", equal={"run_id": "run-a"}, max_bytes=sizes["run-a"] - 1)
+    # The long id's maximum is cut short: its files are kept (and so are those of any id after
+    # it whose maximum is not cut, as run-z's would be if it were), and its rows are all there.
+    assert read_table(warehouse, "candidates", equal={"run_id": long_id}).num_rows == 5
+    assert read_table(warehouse, "candidates", equal={"run_id": long_id}, max_bytes=sizes[long_id]).num_rows == 5
+    assert read_table(warehouse, "candidates", equal={"run_id": "run-0"}, max_bytes=0).num_rows == 0
+    assert read_table(warehouse, "candidates", within={"run_id": ["run-a", "run-z"]}).num_rows == 43
