@@ -69,10 +69,12 @@ def read_on_driver(run: JobRun, slices: Mapping[str, Slice]) -> dict[str, pa.Tab
     return read
 
 
-def to_spark(spark: SparkSession, table: pa.Table, schema: str) -> DataFrame:
-    """A frame of ``table`` (Arrow, no row-by-row conversion) typed as the DDL ``schema``."""
+def to_spark(spark: SparkSession, table: pa.Table, schema) -> DataFrame:
+    """A frame of ``table`` (Arrow, no row-by-row conversion) typed as ``schema``: a DDL string,
+    or a contract ``StructType`` (``jobs.tables.SCHEMAS``), which keeps what DDL cannot say
+    (``containsNull = false`` of a vector's elements, which the table's own cast requires)."""
     from pyspark.sql.types import StructType
 
-    struct = StructType.fromDDL(schema)
+    struct = StructType.fromDDL(schema) if isinstance(schema, str) else schema
     table = table.select(struct.fieldNames())
     return spark.createDataFrame(table, schema=struct)

@@ -50,6 +50,7 @@ if not __package__:  # run as a file (`spark-submit jobs/<job>.py`): see jobs/_a
     from _as_package import PACKAGE as __package__
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -365,9 +366,18 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
 
     fused_frames = []
     with run.stage("fuse"):
-        for rep in fusions:
-            fused = fuse_items(encoded, rep, fusion_weights(plan, rep)).persist(StorageLevel.MEMORY_AND_DISK)
-            fused_statuses = dict(fused.groupBy("status").count().collect())
+        made = [fuse_items(encoded, rep, fusion_weights(plan, rep)).persist(StorageLevel.MEMORY_AND_DISK)
+                for rep in fusions]
+        # Every fusion's statuses from ONE Spark job (which also fills their caches): a job per
+        # fusion cost more than the fusions on small catalogs.
+        by_status: dict[str, dict[str, int]] = {rep.name: {} for rep in fusions}
+        if made:
+            counted = [fused.groupBy("status").count().select(F.lit(rep.name).alias("representation"), "status",
+                                                                "count") for rep, fused in zip(fusions, made)]
+            for row in functools.reduce(DataFrame.unionByName, counted).collect():
+                by_status[row["representation"]][row["status"]] = row["count"]
+        for rep, fused in zip(fusions, made):
+            fused_statuses = by_status[rep.name]
             written[rep.name] = fused_statuses.get(embedding_udfs.OK, 0)
             missing = n_items - sum(fused_statuses.values())
             run.count(f"skipped_{rep.name}_missing_part", missing)
