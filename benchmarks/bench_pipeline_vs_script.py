@@ -661,7 +661,7 @@ def floor(source: Path, root: Path, master: str, out: Path) -> None:
             seconds[stage] = time.perf_counter() - begun
 
     assert execute("pipeline", config, spark, pipeline, SimpleNamespace()) == 0
-    spark.stop()
+    # No spark.stop(): the pipeline's process ends without one too.
     out.write_text(json.dumps({"preload_s": preload_s, "spark_start_s": spark_s, "stage_s": seconds,
                                "inside_s": time.perf_counter() - start}))
 
