@@ -58,21 +58,30 @@ def s3_packages() -> list[str]:
     return [f"org.apache.hadoop:hadoop-aws:{hadoop_version()}"]
 
 
+# Run in a child process: a JVM resolves ``spark.jars.packages`` only when it starts, so a
+# second resolution in the process that made the first would reuse the first's JVM, resolve
+# nothing and look for the first's JARs in its deleted Ivy folder.
+_RESOLVE_IN_CHILD = """
+import sys
+from pyspark.sql import SparkSession
+spark = (SparkSession.builder.master("local[1]").appName("vlm4rec-setup")
+         .config("spark.jars.packages", sys.argv[1]).config("spark.jars.ivy", sys.argv[2])
+         .config("spark.ui.enabled", "false").getOrCreate())
+spark.stop()
+"""
+
+
 def _resolve(packages: list[str], target: Path) -> list[Path]:
     """Download ``packages`` and their dependencies (Ivy, Maven Central) into ``target``."""
-    from pyspark.sql import SparkSession
+    import subprocess
 
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="vlm4rec-ivy-") as ivy:
-        spark = (
-            SparkSession.builder.master("local[1]")
-            .appName("vlm4rec-setup")
-            .config("spark.jars.packages", ",".join(packages))
-            .config("spark.jars.ivy", ivy)
-            .config("spark.ui.enabled", "false")
-            .getOrCreate()
-        )
-        spark.stop()
+        done = subprocess.run([sys.executable, "-c", _RESOLVE_IN_CHILD, ",".join(packages), ivy],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if done.returncode != 0:
+            lines = [line for line in done.stdout.splitlines() if not line.startswith(("\tat ", "        at "))]
+            raise ConnectorMissing(f"Ivy could not resolve {packages}:\n" + "\n".join(lines[-15:]))
         copied = []
         for jar in (Path(ivy) / "jars").glob("*.jar"):
             shutil.copy2(jar, target / jar.name)
