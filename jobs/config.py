@@ -61,7 +61,8 @@ class SparkConf:
     snapshot_partitions: int = 0
     # profiles, topk and evaluate compute on the driver (delta-rs reads, the same kernels as
     # their Spark tasks, Spark writes) while each table they read holds at most this many MiB of
-    # Parquet after partition pruning (jobs/driver_inputs.py); 0: always the distributed path.
+    # Parquet, and 5M rows, after skipping files by partition values and statistics
+    # (jobs/driver_inputs.py); 0: always the distributed path.
     driver_compute_mb: int = 64
     # Folder of resolved connector JARs (``vlm4rec setup``); empty means ~/.cache/vlm4rec/jars.
     jars_dir: str = ""

@@ -22,7 +22,7 @@ from udfs.spark.kcore import kcore
 from udfs.spark.splits import assign_split, label_column
 from udfs.splits import SplitError, SplitSpec
 
-from . import tables
+from . import driver_inputs, tables
 from .adapters import read_dataset
 from .adapters.base import AdapterOutput
 from .config import ConfigError
@@ -202,7 +202,8 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
     def with_delta_rs() -> list[dict]:
         from udfs.warehouse_reader import read_frame
 
-        rows = read_frame(wh, "interactions", equal={"dataset": dataset.name}, columns=["split", "user_id"])
+        rows = read_frame(wh, "interactions", equal={"dataset": dataset.name}, columns=["split", "user_id"],
+                          max_rows=driver_inputs.MAX_ROWS)
         per_split = rows.groupby("split")["user_id"].agg(["size", "nunique"])
         return [{"split": split, "n": int(r["size"]), "users": int(r["nunique"])} for split, r in per_split.iterrows()]
 
@@ -212,7 +213,8 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
                 .collect())
 
     # What the commit holds, read back: with delta-rs, two columns (a Spark job and a log replay
-    # cost more than the counting on small data), else with Spark.
+    # cost more than the counting on small data), else (too many rows to hold, or delta-rs
+    # cannot read the warehouse) with Spark.
     written = tables.small_read(spark, wh, "interactions", with_delta_rs, with_spark)
     total = 0
     for row in written:

@@ -26,7 +26,7 @@ from pyspark.sql import functions as F
 
 from udfs.representations import parse_representation
 
-from . import tables
+from . import driver_inputs, tables
 from .facts import collect_facts
 from .job_run import JobRun, run_job
 from .plan import ExperimentPlan, store_plan
@@ -64,7 +64,8 @@ def _slice_of(run: JobRun, name: str) -> tuple[str, str] | None:
 def table_rows(run: JobRun) -> list[tuple[str, int]]:
     """(table, rows of this run) for every table that exists, in contract order: read with
     delta-rs, one column each (well under a second; through Spark a log replay per table and a
-    job, seconds), else, when delta-rs cannot read the warehouse, with one Spark job."""
+    job, seconds), else, when delta-rs cannot read the warehouse or a slice has more rows than
+    the driver should hold (``driver_inputs.MAX_ROWS``), with one Spark job."""
     from udfs.warehouse_reader import TableMissing, read_table
 
     try:
@@ -73,7 +74,8 @@ def table_rows(run: JobRun) -> list[tuple[str, int]]:
             where = _slice_of(run, name)
             try:
                 table = read_table(run.warehouse, name, equal=dict([where]) if where else None,
-                                   columns=[where[0]] if where else [tables.SCHEMAS[name].fieldNames()[0]])
+                                   columns=[where[0]] if where else [tables.SCHEMAS[name].fieldNames()[0]],
+                                   max_rows=driver_inputs.MAX_ROWS)
             except TableMissing:
                 continue
             found.append((name, table.num_rows))

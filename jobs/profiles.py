@@ -64,7 +64,7 @@ from udfs.representations import ALS, Representation, parse_representation
 
 from . import tables
 from .config import ConfigError
-from .driver_inputs import Slice, read_on_driver
+from .driver_inputs import Slice, read_on_driver, to_spark
 from .facts import collect_facts
 from .job_run import JobRun, NothingUsable, run_id_argument, run_job
 from .plan import PROFILES_FIELDS, plan_for_run
@@ -230,10 +230,9 @@ class DriverProfiles:
         return written, pd.concat(frames, ignore_index=True)
 
     def keyed(self, out: pd.DataFrame, run_id: str) -> DataFrame:
-        # The contract's StructType, not ``driver_inputs.to_spark``'s DDL: DDL cannot say that a
-        # vector holds no null element, and the write's cast to the contract refuses the widening.
-        return self.spark.createDataFrame(profile_inputs.profile_table(out, run_id),
-                                          schema=tables.SCHEMAS["user_profiles"])
+        # The contract's StructType, not a DDL string: DDL cannot say that a vector holds no null
+        # element, and the write's cast to the contract refuses the widening.
+        return to_spark(self.spark, profile_inputs.profile_table(out, run_id), tables.SCHEMAS["user_profiles"])
 
 
 def check_inputs(run: JobRun, dataset: str, facts, base_names: list[str]) -> int:

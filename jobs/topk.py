@@ -388,12 +388,12 @@ def topk_on_driver(run: JobRun, settings: TopkSettings, read: dict[str, pa.Table
                     scorer = topk_udfs.RANDOM
                 item_table = pa.table({"item_id": pa.array(item_ids, pa.string()),
                                        "vector": pa.array(values, pa.list_(pa.float32()))})
-            if user_table.num_rows == 0 or item_table.num_rows == 0:
+            if user_table.num_rows == 0 or n_candidates.get(name, 0) == 0:
                 log.warning("representation %s: %d users and %d candidate items: nothing to rank", name,
-                            user_table.num_rows, item_table.num_rows)
+                            user_table.num_rows, n_candidates.get(name, 0))
                 continue
             parts.append(topk_udfs.rank_in_process(name, user_table, item_table, settings.k, scorer,
-                                                   settings.seed, settings.score_rows))
+                                                   settings.seed, settings.score_rows, settings.item_block))
         if not parts:
             raise NothingUsable(f"run id {settings.run_id}: no representation had both users and candidate "
                                 "items; run `vlm4rec profiles` (and `embed`) first")

@@ -200,14 +200,20 @@ def _pooled_dim(config: dict[str, Any]) -> int | None:
 def described_info(name: str) -> dict[str, Any] | None:
     """``encoder_info`` of ``name`` read from its local folder's own files (``modules.json``,
     the pooling and dense configs), without importing torch or loading weights: seconds saved on
-    a driver that encodes nothing. None when ``name`` is no local folder, or its modules are not
-    a Transformer, Pooling, Dense and Normalize stack whose files state the output dimension;
-    then load it (``encoder_info(name)``), which also tells what is wrong with it."""
+    a driver that encodes nothing. None when ``name`` is no local folder, its settings truncate
+    the vectors, or its modules are not a Transformer, Pooling, Dense and Normalize stack whose
+    files state the output dimension; then load it (``encoder_info(name)``), which also tells what is wrong with it."""
     import json
 
+    if not isinstance(name, str) or not name.strip():
+        return None
     canonical = DEFAULT_TEXT_ENCODER if name in BUNDLED_NAMES else name
     try:
         folder = Path(resolve_model_source(name))
+        settings = folder / "config_sentence_transformers.json"
+        # A saved truncate_dim cuts the vectors below what the modules' files say.
+        if settings.is_file() and json.loads(settings.read_text()).get("truncate_dim") is not None:
+            return None
         modules = json.loads((folder / "modules.json").read_text())
         dim = None
         for module in sorted(modules, key=lambda m: m["idx"]):

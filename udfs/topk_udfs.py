@@ -253,16 +253,22 @@ def _rank_rows(representation: str, user_ids: np.ndarray, blocks: list[tuple[np.
 
 
 def rank_in_process(representation: str, users: pa.Table, items: pa.Table, k: int, scorer: str = COSINE,
-                    seed: int = 0, score_rows: int = 1024) -> pa.Table:
+                    seed: int = 0, score_rows: int = 1024, item_block: int = 32768) -> pa.Table:
     """``RANKS_DDL`` rows of one representation without Spark (the ``topk`` job's driver path):
     ``users`` (user_id, vector, seen list<string>) as one user block against ``items``
-    (item_id, vector) as one item block, through the same block-pair kernel and merge as the
-    blockwise path; lists, scores and ties equal that path's whatever its block layout."""
+    (item_id, vector) in blocks of ``item_block`` items, through the same block-pair kernel and
+    merge as the blockwise path, so a score matrix never exceeds ``score_rows`` x ``item_block``;
+    lists, scores and ties equal that path's whatever its block layout."""
     user_ids = np.asarray(users.column("user_id").to_pylist(), dtype=str)
     item_ids = np.asarray(items.column("item_id").to_pylist(), dtype=str)
-    user_vectors = _vectors_of(users.column("vector"), user_ids, "user")
-    item_vectors = _vectors_of(items.column("vector"), item_ids, "item")
+    user_vectors = _vectors_of(users.column("vector"), user_ids, "id")
+    item_vectors = _vectors_of(items.column("vector"), item_ids, "id")
     seen = [s or [] for s in users.column("seen").to_pylist()]
-    mask = seen_mask([len(s) for s in seen], [i for s in seen for i in s], item_ids)
-    scores, ids = pair_topk(user_ids, user_vectors, mask, item_ids, item_vectors, k, scorer, seed, score_rows)
-    return _rank_rows(representation, user_ids, [(scores, ids)], k)
+    counts, flat = [len(s) for s in seen], [i for s in seen for i in s]
+    blocks = []
+    for start in range(0, len(item_ids), max(1, item_block)):
+        ids = item_ids[start:start + max(1, item_block)]
+        mask = seen_mask(counts, flat, ids)
+        blocks.append(pair_topk(user_ids, user_vectors, mask, ids, item_vectors[start:start + len(ids)], k, scorer,
+                                seed, score_rows))
+    return _rank_rows(representation, user_ids, blocks, k)

@@ -12,6 +12,8 @@ credentials) and the Parquet files are read through ``udfs.storage``'s pyarrow f
 """
 from __future__ import annotations
 
+import datetime
+
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import unquote
@@ -46,13 +48,9 @@ def has_table(warehouse: str | Path, name: str) -> bool:
     return DeltaTable.is_deltatable(location, storage_options=options or None)
 
 
-def read_table(warehouse: str | Path, name: str, equal: Mapping[str, object] | None = None,
-               within: Mapping[str, Sequence[object]] | None = None,
-               columns: Sequence[str] | None = None, max_bytes: int | None = None) -> pa.Table:
-    """Rows of table ``name`` whose columns equal ``equal``'s values and lie in ``within``'s
-    lists (all conditions AND-ed), with ``columns`` (default: all). ``TableMissing`` names the
-    job that writes the table when it does not exist; ``TooLarge`` when the files to read
-    (after partition pruning) hold more than ``max_bytes``, before any is read."""
+def _open(warehouse: str | Path, name: str, equal: Mapping[str, object] | None,
+          within: Mapping[str, Sequence[object]] | None):
+    """(uri, the table's snapshot, conditions as column -> values), or ``TableMissing``."""
     from deltalake import DeltaTable
 
     uri = table_uri(warehouse, name)
@@ -61,12 +59,44 @@ def read_table(warehouse: str | Path, name: str, equal: Mapping[str, object] | N
         raise TableMissing(f"no '{name}' table in warehouse {warehouse}: run the job that writes it "
                            f"(`vlm4rec pipeline`) or pass the warehouse that holds the run")
     table = DeltaTable(location, storage_options=options or None)
-    schema = pa.schema(table.schema().to_arrow())
     conditions = {c: [v] for c, v in (equal or {}).items()} | {c: list(v) for c, v in (within or {}).items()}
-    if max_bytes is not None:
-        size = _pruned_bytes(table, conditions)
-        if size > max_bytes:
-            raise TooLarge(f"table '{name}' in {warehouse}: {size} bytes to read, more than {max_bytes}")
+    return uri, table, conditions
+
+
+def _check_size(warehouse, name: str, table, conditions: Mapping[str, list], max_bytes: int | None,
+                max_rows: int | None) -> None:
+    if max_bytes is None and max_rows is None:
+        return
+    kept = _kept_files(table, conditions)
+    size = int(pc.sum(kept.column("size_bytes")).as_py() or 0)
+    if max_bytes is not None and size > max_bytes:
+        raise TooLarge(f"table '{name}' in {warehouse}: {size} bytes to read, more than {max_bytes}")
+    rows = int(pc.sum(kept.column("num_records")).as_py() or 0) if "num_records" in kept.column_names else 0
+    if max_rows is not None and rows > max_rows:
+        raise TooLarge(f"table '{name}' in {warehouse}: {rows} rows to read, more than {max_rows}")
+
+
+def check_size(warehouse: str | Path, name: str, equal: Mapping[str, object] | None = None,
+               within: Mapping[str, Sequence[object]] | None = None, max_bytes: int | None = None,
+               max_rows: int | None = None) -> None:
+    """``read_table``'s checks alone, from the Delta log (no data file is opened):
+    ``TableMissing``, or ``TooLarge`` over ``max_bytes`` / ``max_rows``."""
+    _, table, conditions = _open(warehouse, name, equal, within)
+    _check_size(warehouse, name, table, conditions, max_bytes, max_rows)
+
+
+def read_table(warehouse: str | Path, name: str, equal: Mapping[str, object] | None = None,
+               within: Mapping[str, Sequence[object]] | None = None,
+               columns: Sequence[str] | None = None, max_bytes: int | None = None,
+               max_rows: int | None = None) -> pa.Table:
+    """Rows of table ``name`` whose columns equal ``equal``'s values and lie in ``within``'s
+    lists (all conditions AND-ed), with ``columns`` (default: all). ``TableMissing`` names the
+    job that writes the table when it does not exist; ``TooLarge`` when the files to read
+    (after skipping by partition values and file statistics) hold more than ``max_bytes``, or
+    more than ``max_rows`` rows, before any is read."""
+    uri, table, conditions = _open(warehouse, name, equal, within)
+    schema = pa.schema(table.schema().to_arrow())
+    _check_size(warehouse, name, table, conditions, max_bytes, max_rows)
     wanted = list(columns) if columns is not None else schema.names
     if table.protocol().min_reader_version > 1:
         # Reader features (deletion vectors...) go through delta-rs's own scan; it can abort
@@ -83,8 +113,12 @@ def read_table(warehouse: str | Path, name: str, equal: Mapping[str, object] | N
 
 
 # Delta's writers keep at most this many leading characters of a string in a file's min/max
-# statistics; a max that long may have been cut below the real one, so it bounds nothing.
+# statistics. delta-spark 4 pads a cut maximum so that it still bounds the column, but a writer
+# that does not would leave it below the real one: a maximum that long is not relied on.
 _STATS_PREFIX = 32
+# Statistics trusted for skipping: exact for these types. A float maximum is NaN when the file
+# holds one, and a timestamp's is kept to the millisecond (below a microsecond value).
+_EXACT_STATS = (str, int, bool, datetime.date)
 
 
 def _may_hold(actions: pa.Table, column: str, values: list) -> list[bool]:
@@ -97,7 +131,8 @@ def _may_hold(actions: pa.Table, column: str, values: list) -> list[bool]:
     wanted = [v for v in values if v is not None]
     keep = []
     for low, high in zip(lows, highs):
-        if low is None or high is None or not wanted:
+        exact = all(type(x) in _EXACT_STATS for x in (low, high, *wanted))
+        if low is None or high is None or not wanted or not exact:
             keep.append(True)
             continue
         try:
@@ -123,11 +158,6 @@ def _kept_files(table, conditions: Mapping[str, list]) -> pa.Table:
             term = pa.array(_may_hold(actions, column, list(values)), pa.bool_())
         keep = term if keep is None else pc.and_(keep, term)
     return actions if keep is None else actions.filter(keep)
-
-
-def _pruned_bytes(table, conditions: Mapping[str, list]) -> int:
-    """Bytes of the snapshot's files that ``conditions`` keep (``_kept_files``)."""
-    return int(pc.sum(_kept_files(table, conditions).column("size_bytes")).as_py() or 0)
 
 
 def _expression(conditions: Mapping[str, list]):
@@ -175,9 +205,8 @@ def _read_files(uri: str, table, schema: pa.Schema, conditions: Mapping[str, lis
     scan_columns = list(dict.fromkeys(data_columns + list(data_conditions)))
     groups: dict[tuple, list[str]] = {}
     for i, path in enumerate(paths):
-        key = tuple(values[p][i] for p in partitions)
-        if all(key[partitions.index(c)] in set(v) for c, v in conditions.items() if c in partitions):
-            groups.setdefault(key, []).append(locate(path))  # relative, or absolute (a cloned table)
+        key = tuple(values[p][i] for p in partitions)  # _kept_files matched the partition values
+        groups.setdefault(key, []).append(locate(path))  # relative, or absolute (a cloned table)
     pieces = []
     file_schema = pa.schema([schema.field(c) for c in schema.names if c not in partitions])
     for key, files in groups.items():

@@ -85,12 +85,20 @@ def test_described_info_is_the_loaded_models_info(model, tmp_path):
     loaded = encoder_info(load_text_encoder(str(folder), device="cpu"))
     recorded = ("name", "dim", "sentence_transformers", "transformers", "torch")  # what embed stores
     assert {k: described[k] for k in recorded} == {k: loaded[k] for k in recorded}
+    # Settings that cut the vectors below the modules' dimension: the caller loads the model.
+    settings = folder / "config_sentence_transformers.json"
+    saved = json.loads(settings.read_text()) if settings.is_file() else {}
+    settings.write_text(json.dumps(saved | {"truncate_dim": 16}))
+    assert described_info(str(folder)) is None
+    settings.write_text(json.dumps(saved))
+    assert described_info(str(folder))["dim"] == 48
     # A module whose output it cannot read from the files: the caller loads the model instead.
     modules = json.loads((folder / "modules.json").read_text())
     modules[1]["type"] = "my_package.MyPooling"
     (folder / "modules.json").write_text(json.dumps(modules))
     assert described_info(str(folder)) is None
     assert described_info(str(tmp_path / "no-model-here")) is None
+    assert described_info("  ") is None
 
 
 def test_missing_local_folder_is_a_clear_error(tmp_path):

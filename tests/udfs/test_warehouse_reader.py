@@ -9,7 +9,8 @@ from pyarrow import fs as pafs
 
 from jobs import tables
 from udfs import storage
-from udfs.warehouse_reader import TableMissing, TooLarge, has_table, read_frame, read_table, table_uri
+from udfs.warehouse_reader import (TableMissing, TooLarge, check_size, has_table, read_frame, read_table,
+                                   table_uri)
 
 pytestmark = pytest.mark.spark
 
@@ -51,6 +52,13 @@ def test_reads_the_live_rows_of_partitioned_rewritten_tables(spark, warehouse):
     with pytest.raises(TooLarge):
         read_table(warehouse, "items", within={"dataset": ["plain", "data set/2 %"]},
                    max_bytes=sizes["plain"] + sizes["data set/2 %"] - 1)
+    # max_rows counts the kept files' rows from the log's statistics, before a data file is read.
+    assert read_table(warehouse, "items", equal={"dataset": "plain"}, max_rows=1).num_rows == 1
+    check_size(warehouse, "items", equal={"dataset": "plain"}, max_bytes=sizes["plain"], max_rows=1)
+    with pytest.raises(TooLarge, match="'items'.*2 rows to read, more than 1"):
+        check_size(warehouse, "items", within={"dataset": ["plain", "data set/2 %"]}, max_rows=1)
+    with pytest.raises(TableMissing, match="no 'metrics' table"):
+        check_size(warehouse, "metrics", max_rows=1)
 
 
 def test_a_table_delta_spark_wrote_reads_back_from_an_object_store(spark, warehouse, s3):
