@@ -1,11 +1,13 @@
-"""Small inputs computed on the driver: the fast path of ``profiles``, ``topk`` and ``evaluate``.
+"""Small inputs computed on the driver: the fast path of ``profiles``, ``topk``, ``evaluate``
+and, on a local master, ``embed``.
 
 On a catalog of a few thousand items each of these jobs moves a few MB, yet its Spark path pays
 for every action (scheduling, a Python worker round trip per stage, a Delta log replay per
 table read): 10-20 s a job at ml100k against well under a second of arithmetic. So while each
-table a job reads holds at most ``spark.driver_compute_mb`` MiB of Parquet after partition
-pruning (64 by default), the job reads its slices with delta-rs and runs, on the driver, the same
-pure kernels its Spark tasks run (``udfs.profiles``, ``udfs.topk_udfs``, ``udfs.evaluate_udfs``);
+table a job reads holds at most ``spark.driver_compute_mb`` MiB of Parquet (64 by default) and
+``MAX_ROWS`` rows, after skipping files by partition values and statistics, the job reads its
+slices with delta-rs and runs, on the driver, the same pure kernels its Spark tasks run
+(``udfs.profiles``, ``udfs.topk_udfs``, ``udfs.evaluate_udfs``, ``udfs.embedding_udfs``);
 it still writes through Spark and Delta, with the same ``replaceWhere`` commits, rows and
 counts. The decision is by size alone, as Spark's own broadcast threshold is, so a cluster runs
 the same code: a full catalog takes the distributed path there and here. ``0`` turns this off.
@@ -36,29 +38,49 @@ class Slice:
     equal: Mapping[str, object] = field(default_factory=dict)
     within: Mapping[str, Sequence[object]] = field(default_factory=dict)
     columns: Sequence[str] | None = None
+    # A table that may not exist yet (a first run): read as None instead of leaving the driver path.
+    optional: bool = False
+
+
+# Rows of one table the driver path holds: pandas keeps string columns as Python objects (about
+# 60 bytes a value), so a few million rows of ids are already a GB, whatever their Parquet size.
+MAX_ROWS = 5_000_000
 
 
 def limit_bytes(run: JobRun) -> int:
     return int(run.config.spark.driver_compute_mb) << 20
 
 
-def read_on_driver(run: JobRun, slices: Mapping[str, Slice]) -> dict[str, pa.Table] | None:
+def read_on_driver(run: JobRun, slices: Mapping[str, Slice]) -> dict[str, pa.Table | None] | None:
     """Every slice as an Arrow table (keyed as ``slices``), or None when the job must take its
     Spark path: ``spark.driver_compute_mb`` is 0, a table's files to read exceed it (checked
-    before any byte is read), a table is missing, or delta-rs fails."""
-    from udfs.warehouse_reader import TableMissing, TooLarge, read_table
+    before any byte is read), a table is missing (an ``optional`` slice's reads as None), or
+    delta-rs fails."""
+    from udfs.warehouse_reader import TableMissing, TooLarge, check_size, read_table
 
     limit = limit_bytes(run)
     if limit <= 0:
         return None
     read: dict[str, pa.Table] = {}
+
     try:
+        # Every slice's size first, from the Delta logs, so that no table is read whole before a
+        # later one turns out too large.
+        absent = set()
         for key, part in slices.items():
-            read[key] = read_table(run.warehouse, part.table, equal=dict(part.equal), within=dict(part.within),
-                                   columns=list(part.columns) if part.columns is not None else None,
-                                   max_bytes=limit)
+            try:
+                check_size(run.warehouse, part.table, dict(part.equal), dict(part.within), limit, MAX_ROWS)
+            except TableMissing:
+                if not part.optional:
+                    raise
+                absent.add(key)
+        for key, part in slices.items():
+            read[key] = None if key in absent else read_table(
+                run.warehouse, part.table, equal=dict(part.equal), within=dict(part.within),
+                columns=list(part.columns) if part.columns is not None else None)
     except TooLarge as exc:
-        log.info("%s: %s; computing with Spark", run.job, exc)
+        log.info("%s: %s (spark.driver_compute_mb = %d, at most %d rows a table); computing with Spark",
+                 run.job, exc, run.config.spark.driver_compute_mb, MAX_ROWS)
         return None
     except TableMissing:
         return None

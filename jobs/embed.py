@@ -12,7 +12,12 @@ the run's plan (``jobs.plan``: ``plan.base``, every part of a fusion included):
 - ``naive``, ``concat`` (and ``naive:a+b``...): ``udfs.fusion.fuse`` of the parts' vectors,
   for items that have every part.
 
-Encoding runs on the executors (``mapInPandas``; one model per Python worker). Nothing is
+Encoding runs on the executors (``mapInPandas``; one model per Python worker); on a local
+master, while the items, descriptions and stored vectors are small (``jobs.driver_inputs``),
+in the driver's process instead, with the same batch functions and table rules
+(``udfs.embed_inputs``) and the same commit and counts: the executors of a local master are
+this machine's cores anyway, and two Python workers each importing torch and loading both
+encoders cost seconds that the driver pays once. Nothing is
 silently dropped: the counts say, per representation, how many items were written
 (``written_<rep>``) and skipped (``skipped_<rep>``), and why: ``skipped_title_empty``,
 ``skipped_text_empty``, ``lvlm_no_image`` (no image hash: no image, or a remote image the
@@ -54,19 +59,24 @@ import functools
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from udfs import embedding_udfs
+from udfs import embed_inputs, embedding_udfs
 from udfs.representations import LVLM, TEXT, TITLE, VISUAL, Representation, parse_representation
 from udfs.spark.schemas import ENCODED_SCHEMA, FUSED_SCHEMA
 
-from . import tables
+from . import driver_inputs, tables
 from .config import ConfigError
+from .driver_inputs import Slice
 from .job_run import JobRun, NothingUsable, run_id_argument, run_job
 from .plan import ExperimentPlan, plan_for_run
 
@@ -285,6 +295,194 @@ def stale_rows(spark: SparkSession, warehouse: str, name: str, written: DataFram
             .join(source, keys, "left_anti").count())
 
 
+def record_encoded(run: JobRun, base: list[Representation],
+                   groups: Sequence[tuple[str, str, bool, int]]) -> dict[str, int]:
+    """Count (representation, status, reused, rows) groups of the encoded vectors: reused, and
+    skipped by reason; the ``ok`` rows of each base representation."""
+    statuses: dict[tuple[str, str], int] = {}
+    for name, status, reused, n in groups:
+        statuses[(name, status)] = statuses.get((name, status), 0) + int(n)
+        if reused:
+            run.count(f"reused_{name}", int(n))
+    written: dict[str, int] = {}
+    for rep in base:
+        written[rep.name] = statuses.get((rep.name, embedding_udfs.OK), 0)
+        for (name, status), n in statuses.items():
+            if name == rep.name and status != embedding_udfs.OK:
+                run.count(skip_key(rep, status), n)
+                run.count(f"skipped_{rep.name}", n)
+    return written
+
+
+def record_fusion(run: JobRun, rep: Representation, statuses: dict[str, int], n_items: int) -> int:
+    """Count one fusion's statuses (status -> rows) against the catalog; its ``ok`` rows."""
+    ok = statuses.get(embedding_udfs.OK, 0)
+    run.count(f"skipped_{rep.name}_missing_part", n_items - sum(statuses.values()))
+    run.count(f"skipped_{rep.name}", n_items - ok)
+    for status, n in statuses.items():
+        if status != embedding_udfs.OK:
+            run.count(f"skipped_{rep.name}_{status}", n)
+    return ok
+
+
+def fusion_encoder(rep: Representation, encoders: dict[str, str]) -> str:
+    return f"{rep.kind}[" + ",".join(f"{p}={encoders[p]}" for p in rep.parts) + "]"
+
+
+def record_written(run: JobRun, written: dict[str, int], n_items: int) -> int:
+    """Count the rows written per representation and in all; the total."""
+    for name, n in written.items():
+        run.count(f"written_{name}", n)
+        if n == 0:
+            log.warning("representation %s: no item got a vector (see the skipped_* counts)", name)
+    total = sum(written.values())
+    run.count("rows_written", total)
+    run.count("rows_skipped", n_items * len(written) - total)
+    return total
+
+
+def nothing_written(dataset: str, written: dict[str, int]) -> NothingUsable:
+    return NothingUsable(f"dataset '{dataset}': no item got a vector in any of {list(written)}; "
+                         "see the skipped_* counts for the reasons")
+
+
+def no_items(dataset: str, warehouse: str) -> NothingUsable:
+    return NothingUsable(f"dataset '{dataset}' has no items in {warehouse}/items: run `vlm4rec ingest` first")
+
+
+# Columns the driver path reads.
+ITEM_COLUMNS = ["item_id", "title", "text", "image_uri", "image_sha256"]
+DESCRIPTION_COLUMNS = ["image_sha256", "engine", "model", "prompt_id", "status", "text"]
+
+
+def driver_slices(dataset: str, base: list[Representation], fusions: list[Representation],
+                  reuse: bool) -> dict[str, Slice]:
+    """What the driver path reads: the dataset's items, the LVLM engines' descriptions (if any)
+    and the stored vectors of the slice this run replaces (if any: a first run has none)."""
+    slices = {"items": Slice("items", {"dataset": dataset}, columns=ITEM_COLUMNS)}
+    engines = sorted({r.engine for r in base if r.kind == LVLM})
+    if engines:
+        slices["descriptions"] = Slice("descriptions", within={"engine": engines}, columns=DESCRIPTION_COLUMNS,
+                                       optional=True)
+    stored = ["representation", "item_id", "source_sha256", "encoder"] + (["vector"] if reuse else [])
+    slices["stored"] = Slice("item_embeddings", {"dataset": dataset},
+                             {"representation": [r.name for r in base + fusions]}, columns=stored, optional=True)
+    return slices
+
+
+def encode_in_process(rows: pd.DataFrame, previous: pd.DataFrame | None, encoder: str,
+                      batches: Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]) -> list[pd.DataFrame]:
+    """``encoded_or_reused`` on the driver: the reusable stored vectors, and ``batches`` (the
+    batch function the Spark tasks run) over the rest."""
+    todo, reused = embed_inputs.split_reusable(rows, previous, encoder)
+    frames = [pd.concat(list(batches(iter([todo]))), ignore_index=True).assign(_reused=False)] if len(todo) else []
+    if reused is not None:
+        frames.append(reused.assign(_reused=True))
+    return [frame.assign(encoder=encoder) for frame in frames]
+
+
+def vector_column(vectors: Sequence[np.ndarray]) -> pa.Array:
+    """float32 vectors (equal or not in length) as one Arrow list column, without a per-value copy."""
+    lengths = np.fromiter((len(v) for v in vectors), dtype=np.int32, count=len(vectors))
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
+    values = (np.concatenate([np.asarray(v, dtype=np.float32) for v in vectors]) if len(vectors)
+              else np.zeros(0, dtype=np.float32))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float32()))
+
+
+def embed_on_driver(run: JobRun, plan: ExperimentPlan, base: list[Representation], fusions: list[Representation],
+                    inputs: dict) -> None:
+    """The Spark path's rows, counts and commit, computed in this process: the same rules
+    (``udfs.embed_inputs``) and the same batch functions, on the local master's cores."""
+    spark, wh, experiment = run.spark, run.warehouse, run.config.experiment
+    settings, dataset = experiment.embed, plan.dataset
+    items = inputs["items"].to_pandas()
+    n_items = len(items)
+    run.count("items_read", n_items)
+    if n_items == 0:
+        raise no_items(dataset, wh)
+    stored = inputs["stored"].to_pandas() if inputs["stored"] is not None else None
+    previous = None
+    if settings.reuse_vectors and stored is not None:
+        previous = stored[stored["source_sha256"].notna() & stored["representation"].isin([r.name for r in base])]
+        previous = None if previous.empty else previous
+    threads = max(1, spark.sparkContext.defaultParallelism)
+    text_reps = [r for r in base if r.is_text]
+    image_reps = [r for r in base if r.kind == VISUAL]
+
+    encoders: dict[str, str] = {}
+    parts: list[pd.DataFrame] = []
+    with run.stage("encode"):
+        if text_reps:
+            dim, record = text_encoder_record(experiment.text_encoder)
+            run.count(record, dim)
+            lvlm = [r for r in text_reps if r.kind == LVLM]
+            described = inputs.get("descriptions")
+            if lvlm and described is None:
+                log.warning("no descriptions table in %s: every item counts as lvlm_missing_description "
+                            "for %s; run `vlm4rec caption` first", wh, [r.name for r in lvlm])
+            descriptions = described.to_pandas() if described is not None else None
+            rows = pd.concat([embed_inputs.description_rows(items, descriptions, r.name, r.engine, r.model, r.prompt_id)
+                              if r.kind == LVLM else embed_inputs.catalog_text_rows(items, r.name, r.kind)
+                              for r in text_reps], ignore_index=True)
+            parts += encode_in_process(embed_inputs.with_text_hash(rows), previous, experiment.text_encoder,
+                                       embedding_udfs.text_vector_batches(experiment.text_encoder,
+                                                                          settings.text_batch_size, threads))
+            encoders.update({r.name: experiment.text_encoder for r in text_reps})
+        if image_reps:
+            dim, record = image_encoder_record(experiment.image_encoder)
+            run.count(record, dim)
+            parts += encode_in_process(embed_inputs.image_rows(items, image_reps[0].name), previous,
+                                       experiment.image_encoder,
+                                       embedding_udfs.image_vector_batches(experiment.image_encoder,
+                                                                           settings.image_batch_size, threads))
+            encoders[VISUAL] = experiment.image_encoder
+    columns = ["representation", "item_id", "vector", "status", "encoder", "source_sha256"]
+    encoded = pd.concat(parts, ignore_index=True)
+    groups = encoded.groupby(["representation", "status", "_reused"]).size()
+    written = record_encoded(run, base, [(name, status, reused, n) for (name, status, reused), n in groups.items()])
+
+    pieces = [encoded[columns]]
+    with run.stage("fuse"):
+        for rep in fusions:
+            joined = embed_inputs.fusion_parts(encoded, list(rep.parts))
+            made = list(embedding_udfs.fused_vector_batches(rep.kind, rep.parts, fusion_weights(plan, rep))(
+                iter([joined])))
+            fused = (pd.concat(made, ignore_index=True) if made
+                     else pd.DataFrame({"item_id": [], "vector": [], "status": []}))
+            written[rep.name] = record_fusion(run, rep, fused["status"].value_counts().to_dict(), n_items)
+            pieces.append(fused.assign(representation=rep.name, encoder=fusion_encoder(rep, encoders),
+                                       source_sha256=None)[columns])
+
+    total = record_written(run, written, n_items)
+    if total == 0:
+        raise nothing_written(dataset, written)
+    vectors = pd.concat(pieces, ignore_index=True)
+    vectors = vectors[vectors["status"] == embedding_udfs.OK].reset_index(drop=True)
+    column = vector_column(list(vectors["vector"]))
+    table = pa.table({
+        "dataset": pa.array([dataset] * len(vectors), pa.string()),
+        "item_id": pa.array(vectors["item_id"].tolist(), pa.string()),
+        "representation": pa.array(vectors["representation"].tolist(), pa.string()),
+        "encoder": pa.array(vectors["encoder"].tolist(), pa.string()),
+        "dim": pc.list_value_length(column).cast(pa.int32()),
+        "vector": column,
+        "source_sha256": pa.array([None if pd.isna(h) else h for h in vectors["source_sha256"]], pa.string()),
+    })
+    where = {"dataset": dataset, "representation": list(written)}
+    with run.stage("write"):
+        stale = 0
+        if stored is not None:
+            keys = stored[stored["representation"].isin(list(written))][["representation", "item_id"]]
+            kept = keys.merge(vectors[["representation", "item_id"]].drop_duplicates(), how="left", indicator=True)
+            stale = int((kept["_merge"] == "left_only").sum())
+        run.count("stale_rows_removed", stale)
+        files = max(spark.sparkContext.defaultParallelism, math.ceil(total / ROWS_PER_FILE))
+        out = driver_inputs.to_spark(spark, table, tables.SCHEMAS["item_embeddings"]).coalesce(files)
+        tables.replace_slice(spark, wh, "item_embeddings", out, where)
+    log.info("embed %s: wrote %d vectors over %s (on the driver)", dataset, total, list(written))
+
+
 def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
     spark, wh, experiment = run.spark, run.warehouse, run.config.experiment
     # The run's plan (stored by the pipeline, or by the first job of the run id): which
@@ -299,6 +497,14 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
     rows_per_task = settings.rows_per_task
     threads = task_threads(spark)
 
+    # The driver path (jobs.driver_inputs) only on a local master, whose executors are this
+    # machine's cores anyway: on a cluster the executors (their GPUs, their cores) encode.
+    if spark.sparkContext.master.startswith("local"):
+        inputs = driver_inputs.read_on_driver(run, driver_slices(dataset, base, fusions, settings.reuse_vectors))
+        if inputs is not None:
+            embed_on_driver(run, plan, base, fusions, inputs)
+            return
+
     items = (tables.read(spark, wh, "items").filter(F.col("dataset") == dataset)
              .select("item_id", "title", "text", "image_uri", "image_sha256")
              .persist(StorageLevel.MEMORY_AND_DISK))
@@ -306,7 +512,7 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
     run.count("items_read", n_items)
     if n_items == 0:
         items.unpersist()
-        raise NothingUsable(f"dataset '{dataset}' has no items in {wh}/items: run `vlm4rec ingest` first")
+        raise no_items(dataset, wh)
 
     # Vectors whose input (text or image bytes) and encoder are unchanged since they were stored
     # are reused, not encoded again: a rerun encodes only what changed.
@@ -350,19 +556,7 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
     encoded = encoded.persist(StorageLevel.MEMORY_AND_DISK)
     with run.stage("encode"):  # the first action on the vectors: what is not reused is encoded here
         groups = encoded.groupBy("representation", "status", "_reused").count().collect()
-    statuses: dict[tuple[str, str], int] = {}
-    for row in groups:
-        key = (row["representation"], row["status"])
-        statuses[key] = statuses.get(key, 0) + row["count"]
-        if row["_reused"]:
-            run.count(f"reused_{row['representation']}", row["count"])
-    written: dict[str, int] = {}
-    for rep in base:
-        written[rep.name] = statuses.get((rep.name, embedding_udfs.OK), 0)
-        for (name, status), n in statuses.items():
-            if name == rep.name and status != embedding_udfs.OK:
-                run.count(skip_key(rep, status), n)
-                run.count(f"skipped_{rep.name}", n)
+    written = record_encoded(run, base, [(r["representation"], r["status"], r["_reused"], r["count"]) for r in groups])
 
     fused_frames = []
     with run.stage("fuse"):
@@ -377,30 +571,15 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
             for row in functools.reduce(DataFrame.unionByName, counted).collect():
                 by_status[row["representation"]][row["status"]] = row["count"]
         for rep, fused in zip(fusions, made):
-            fused_statuses = by_status[rep.name]
-            written[rep.name] = fused_statuses.get(embedding_udfs.OK, 0)
-            missing = n_items - sum(fused_statuses.values())
-            run.count(f"skipped_{rep.name}_missing_part", missing)
-            run.count(f"skipped_{rep.name}", n_items - written[rep.name])
-            for status, n in fused_statuses.items():
-                if status != embedding_udfs.OK:
-                    run.count(f"skipped_{rep.name}_{status}", n)
-            encoder = f"{rep.kind}[" + ",".join(f"{p}={encoders[p]}" for p in rep.parts) + "]"
+            written[rep.name] = record_fusion(run, rep, by_status[rep.name], n_items)
             fused_frames.append(fused.withColumn("representation", F.lit(rep.name))
-                                .withColumn("encoder", F.lit(encoder))
+                                .withColumn("encoder", F.lit(fusion_encoder(rep, encoders)))
                                 .withColumn("source_sha256", F.lit(None).cast("string")))
 
-    for name, n in written.items():
-        run.count(f"written_{name}", n)
-        if n == 0:
-            log.warning("representation %s: no item got a vector (see the skipped_* counts)", name)
-    total = sum(written.values())
-    run.count("rows_written", total)
-    run.count("rows_skipped", n_items * len(written) - total)
+    total = record_written(run, written, n_items)
     if total == 0:
         spark.catalog.clearCache()
-        raise NothingUsable(f"dataset '{dataset}': no item got a vector in any of {list(written)}; "
-                            "see the skipped_* counts for the reasons")
+        raise nothing_written(dataset, written)
 
     columns = ["representation", "item_id", "vector", "status", "encoder", "source_sha256"]
     vectors = encoded.select(*columns)

@@ -425,3 +425,35 @@ def test_embed_builds_exactly_the_plan_stored_under_its_run_id_and_refuses_anoth
     message = capsys.readouterr().err
     assert "experiment.representations" in message and '["title", "text"]' in message
     assert '["title", "concat:text+visual", "gating:text+visual"]' in message
+
+
+def test_the_spark_path_writes_the_rows_and_counts_of_the_driver_path(spark, catalog, tmp_path):
+    """The shared catalog's runs A, B and C took the driver path (a local master, small tables:
+    ``jobs.driver_inputs``); the same runs through the executors (``spark.driver_compute_mb=0``)
+    write the same rows and count the same things, reuse and stale rows included."""
+    from jobs import embed, ingest
+
+    warehouse = tmp_path / "warehouse"
+    argv = catalog.argv + ["--set", f"warehouse={warehouse}", "--set", "spark.driver_compute_mb=0"]
+    assert ingest.main(argv) == 0
+    assert embed.main(argv + ["--set", f"experiment.representations=[title,{LVLM}]"]) == 0
+    counts, snapshots = {"A": last_run_counts(spark, warehouse, "embed")}, {"A": embeddings(spark, warehouse)}
+    write_descriptions(spark, warehouse)
+    stale_rows(spark, warehouse)
+    for label in ("B", "C"):
+        assert embed.main(argv) == 0
+        counts[label], snapshots[label] = last_run_counts(spark, warehouse, "embed"), embeddings(spark, warehouse)
+
+    key = ["dataset", "representation", "item_id", "encoder", "dim", "source_sha256"]
+    for label in "ABC":
+        on_driver, in_spark = catalog.counts[label], counts[label]
+        assert on_driver.get("computed_on_driver") == 1 and "computed_on_driver" not in in_spark
+        drop = {"computed_on_driver"}
+        assert ({k: v for k, v in on_driver.items() if not k.startswith("ms_") and k not in drop}
+                == {k: v for k, v in in_spark.items() if not k.startswith("ms_") and k not in drop}), label
+        driver_rows, spark_rows = catalog.snapshots[label], snapshots[label]
+        assert driver_rows[key].fillna("").equals(spark_rows[key].fillna("")), label
+        for representation in set(driver_rows["representation"]):
+            np.testing.assert_allclose(stacked(driver_rows[driver_rows["representation"] == representation]),
+                                       stacked(spark_rows[spark_rows["representation"] == representation]),
+                                       atol=1e-5, err_msg=f"{label} {representation}")
