@@ -70,7 +70,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from udfs import embed_inputs, embedding_udfs
+from udfs import embed_inputs, embedding_udfs, malloc_tuning
 from udfs.representations import LVLM, TEXT, TITLE, VISUAL, Representation, parse_representation
 from udfs.spark.schemas import ENCODED_SCHEMA, FUSED_SCHEMA
 
@@ -407,6 +407,11 @@ def embed_on_driver(run: JobRun, plan: ExperimentPlan, base: list[Representation
         previous = stored[stored["source_sha256"].notna() & stored["representation"].isin([r.name for r in base])]
         previous = None if previous.empty else previous
     threads = max(1, spark.sparkContext.defaultParallelism)
+    # This process encodes in place of the Python workers: it gets their malloc tunables
+    # (spark.worker_env), without which torch's buffers page-fault in and out every batch.
+    tuned = malloc_tuning.apply(run.config.spark.worker_env)
+    if tuned:
+        log.info("malloc tunables of the workers set in the driver: %s", tuned)
     text_reps = [r for r in base if r.is_text]
     image_reps = [r for r in base if r.kind == VISUAL]
 
