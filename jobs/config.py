@@ -59,10 +59,10 @@ class SparkConf:
     shuffle_partitions: int = 8
     # Partitions of Delta's log replay; 0: 1 on a local master, shuffle_partitions on a cluster.
     snapshot_partitions: int = 0
-    # profiles, topk and evaluate compute on the driver (delta-rs reads, the same kernels as
-    # their Spark tasks, Spark writes) while each table they read holds at most this many MiB of
-    # Parquet, and 5M rows, after skipping files by partition values and statistics
-    # (jobs/driver_inputs.py); 0: always the distributed path.
+    # profiles, topk, evaluate (and embed, on a local master) compute on the driver (delta-rs
+    # reads, the same kernels as their Spark tasks, Spark writes) while each table they read
+    # holds at most this many MiB of Parquet, and 5M rows, after skipping files by partition
+    # values and statistics (jobs/driver_inputs.py); 0: always the distributed path.
     driver_compute_mb: int = 64
     # Folder of resolved connector JARs (``vlm4rec setup``); empty means ~/.cache/vlm4rec/jars.
     jars_dir: str = ""

@@ -19,7 +19,7 @@ first) or delta-rs cannot read one (logged), so this path never changes what fai
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -51,11 +51,13 @@ def limit_bytes(run: JobRun) -> int:
     return int(run.config.spark.driver_compute_mb) << 20
 
 
-def read_on_driver(run: JobRun, slices: Mapping[str, Slice]) -> dict[str, pa.Table | None] | None:
+def read_on_driver(run: JobRun, slices: Mapping[str, Slice],
+                   declines: Callable[[dict], str | None] | None = None) -> dict[str, pa.Table | None] | None:
     """Every slice as an Arrow table (keyed as ``slices``), or None when the job must take its
     Spark path: ``spark.driver_compute_mb`` is 0, a table's files to read exceed it (checked
-    before any byte is read), a table is missing (an ``optional`` slice's reads as None), or
-    delta-rs fails."""
+    before any byte is read), a table is missing (an ``optional`` slice's reads as None),
+    delta-rs fails, or ``declines(what was read)`` gives a reason (what the job would build from
+    the inputs is too large to hold)."""
     from udfs.warehouse_reader import TableMissing, TooLarge, check_size, read_table
 
     limit = limit_bytes(run)
@@ -86,6 +88,11 @@ def read_on_driver(run: JobRun, slices: Mapping[str, Slice]) -> dict[str, pa.Tab
         return None
     except Exception as exc:  # noqa: BLE001 - any failure of the fast path leaves the Spark path
         log.info("%s: reading its inputs with delta-rs failed (%s); computing with Spark", run.job, exc)
+        return None
+    reason = declines(read) if declines is not None else None
+    if reason:
+        log.info("%s: %s (spark.driver_compute_mb = %d); computing with Spark", run.job, reason,
+                 run.config.spark.driver_compute_mb)
         return None
     run.count("computed_on_driver")
     return read

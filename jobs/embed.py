@@ -370,6 +370,18 @@ def driver_slices(dataset: str, base: list[Representation], fusions: list[Repres
     return slices
 
 
+def output_floats(experiment, base: list[Representation], fusions: list[Representation]) -> int:
+    """Floats of one item's vectors over every representation to write (a fusion's: its parts');
+    the encoders' dimensions as their records state them (no model is loaded for a stated one)."""
+    dims: dict[str, int] = {}
+    for rep in base:
+        if rep.is_text:
+            dims[rep.name] = text_encoder_record(experiment.text_encoder)[0]
+        elif rep.kind == VISUAL:
+            dims[rep.name] = image_encoder_record(experiment.image_encoder)[0]
+    return sum(dims.values()) + sum(sum(dims.get(p, 0) for p in rep.parts) for rep in fusions)
+
+
 def encode_in_process(rows: pd.DataFrame, previous: pd.DataFrame | None, encoder: str,
                       batches: Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]) -> list[pd.DataFrame]:
     """``encoded_or_reused`` on the driver: the reusable stored vectors, and ``batches`` (the
@@ -384,7 +396,10 @@ def encode_in_process(rows: pd.DataFrame, previous: pd.DataFrame | None, encoder
 def vector_column(vectors: Sequence[np.ndarray]) -> pa.Array:
     """float32 vectors (equal or not in length) as one Arrow list column, without a per-value copy."""
     lengths = np.fromiter((len(v) for v in vectors), dtype=np.int32, count=len(vectors))
-    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    if offsets[-1] >= 2**31:  # the driver path's size check keeps far below this
+        raise ValueError(f"{offsets[-1]} floats are more than one Arrow list column holds")
+    offsets = offsets.astype(np.int32)
     values = (np.concatenate([np.asarray(v, dtype=np.float32) for v in vectors]) if len(vectors)
               else np.zeros(0, dtype=np.float32))
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float32()))
@@ -495,6 +510,10 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
     plan = plan_for_run(run, getattr(args, "run_id", None) or run.run_id, EMBED_FIELDS)
     dataset = plan.dataset
     base, fusions = planned_representations(plan)
+    if not base:  # only baselines or als: no item vector to build, and nothing to replace
+        log.warning("the plan's representations %s need no item vectors: embed has nothing to do",
+                    list(plan.representations))
+        return
     text_reps = [r for r in base if r.is_text]
     image_reps = [r for r in base if r.kind == VISUAL]
     settings = experiment.embed
@@ -505,7 +524,14 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
     # The driver path (jobs.driver_inputs) only on a local master, whose executors are this
     # machine's cores anyway: on a cluster the executors (their GPUs, their cores) encode.
     if spark.sparkContext.master.startswith("local"):
-        inputs = driver_inputs.read_on_driver(run, driver_slices(dataset, base, fusions, settings.reuse_vectors))
+        def declines(read: dict) -> str | None:
+            vector_bytes = read["items"].num_rows * output_floats(experiment, base, fusions) * 4
+            if vector_bytes > driver_inputs.limit_bytes(run):
+                return f"the vectors to write would hold {vector_bytes} bytes"
+            return None
+
+        inputs = driver_inputs.read_on_driver(run, driver_slices(dataset, base, fusions, settings.reuse_vectors),
+                                              declines)
         if inputs is not None:
             embed_on_driver(run, plan, base, fusions, inputs)
             return

@@ -6,7 +6,9 @@ The Spark and Ray workers that run torch are spawned with ``MALLOC_MMAP_MAX_``,
 OS after every batch and takes them again, millions of page faults a catalog. A process that is
 already running (the driver, when a job encodes on its driver path) cannot be given an
 environment; ``mallopt`` sets the same parameters in it. Arenas already created keep their own
-limits; that is why the workers' environment stays the primary place.
+limits; that is why the workers' environment stays the primary place. The settings last for the
+rest of the process (glibc has no way back to its dynamic thresholds): a pipeline's later
+stages run with them too, which costs memory kept, not speed.
 """
 from __future__ import annotations
 
@@ -30,9 +32,11 @@ PARAMETERS = {
 
 def _mallopt():
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to set
         return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
 
 
 def apply(env: Mapping[str, str]) -> dict[str, int]:
@@ -49,6 +53,10 @@ def apply(env: Mapping[str, str]) -> dict[str, int]:
             number = int(str(value).strip())
         except ValueError:
             log.warning("%s=%r is not a number: left unset in this process", name, value)
+            continue
+        if not -2**31 <= number < 2**31:
+            # glibc reads a larger value from a new process's environment; mallopt takes a C int.
+            log.warning("%s=%d does not fit mallopt's int: left unset in this process", name, number)
             continue
         if mallopt(PARAMETERS[name], number) == 1:
             applied[name] = number

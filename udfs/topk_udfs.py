@@ -261,12 +261,12 @@ def rank_in_process(representation: str, users: pa.Table, items: pa.Table, k: in
     lists, scores and ties equal that path's whatever its block layout."""
     user_ids = np.asarray(users.column("user_id").to_pylist(), dtype=str)
     item_ids = np.asarray(items.column("item_id").to_pylist(), dtype=str)
-    user_vectors = _vectors_of(users.column("vector"), user_ids, "id")
-    item_vectors = _vectors_of(items.column("vector"), item_ids, "id")
+    user_vectors = _vectors_of(users.column("vector"), user_ids, "user")
+    item_vectors = _vectors_of(items.column("vector"), item_ids, "item")
     seen = [s or [] for s in users.column("seen").to_pylist()]
     counts, flat = [len(s) for s in seen], [i for s in seen for i in s]
     blocks = []
-    for start in range(0, len(item_ids), max(1, item_block)):
+    for start in range(0, max(1, len(item_ids)), max(1, item_block)):  # no item: one empty block
         ids = item_ids[start:start + max(1, item_block)]
         mask = seen_mask(counts, flat, ids)
         blocks.append(pair_topk(user_ids, user_vectors, mask, ids, item_vectors[start:start + len(ids)], k, scorer,

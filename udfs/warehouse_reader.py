@@ -71,8 +71,14 @@ def _check_size(warehouse, name: str, table, conditions: Mapping[str, list], max
     size = int(pc.sum(kept.column("size_bytes")).as_py() or 0)
     if max_bytes is not None and size > max_bytes:
         raise TooLarge(f"table '{name}' in {warehouse}: {size} bytes to read, more than {max_bytes}")
-    rows = int(pc.sum(kept.column("num_records")).as_py() or 0) if "num_records" in kept.column_names else 0
-    if max_rows is not None and rows > max_rows:
+    if max_rows is None:
+        return
+    counted = kept.column("num_records") if "num_records" in kept.column_names else None
+    if kept.num_rows and (counted is None or counted.null_count):
+        # A writer that kept no statistics: the rows are unknown, so the cap cannot be promised.
+        raise TooLarge(f"table '{name}' in {warehouse}: files without a row count in the Delta log")
+    rows = int(pc.sum(counted).as_py() or 0) if counted is not None else 0
+    if rows > max_rows:
         raise TooLarge(f"table '{name}' in {warehouse}: {rows} rows to read, more than {max_rows}")
 
 

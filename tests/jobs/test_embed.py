@@ -457,3 +457,21 @@ def test_the_spark_path_writes_the_rows_and_counts_of_the_driver_path(spark, cat
             np.testing.assert_allclose(stacked(driver_rows[driver_rows["representation"] == representation]),
                                        stacked(spark_rows[spark_rows["representation"] == representation]),
                                        atol=1e-5, err_msg=f"{label} {representation}")
+
+
+def test_vectors_too_large_to_hold_take_the_spark_path(spark, catalog, tmp_path, caplog):
+    """The inputs fit ``spark.driver_compute_mb`` (60 items) but the vectors to write would not
+    (60 x 5,760 floats: 1.4 MB over 1 MiB): the executors encode them."""
+    import logging
+
+    from jobs import embed, ingest
+
+    warehouse = tmp_path / "warehouse"
+    argv = catalog.argv + ["--set", f"warehouse={warehouse}", "--set", "spark.driver_compute_mb=1"]
+    assert ingest.main(argv) == 0
+    with caplog.at_level(logging.INFO, logger="jobs.driver_inputs"):
+        assert embed.main(argv) == 0
+    counts = last_run_counts(spark, warehouse, "embed")
+    assert "computed_on_driver" not in counts
+    assert "the vectors to write would hold 1382400 bytes" in caplog.text
+    assert counts["written_concat"] == catalog.counts["C"]["written_concat"]

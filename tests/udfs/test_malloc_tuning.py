@@ -54,6 +54,8 @@ def test_the_workers_tunables_take_effect_in_a_running_process():
 def test_other_variables_empty_and_malformed_values_are_left_alone(caplog):
     from udfs import malloc_tuning
 
-    applied = malloc_tuning.apply({"PATH": "/bin", "MALLOC_ARENA_MAX": "", "MALLOC_TOP_PAD_": "lots"})
+    applied = malloc_tuning.apply({"PATH": "/bin", "MALLOC_ARENA_MAX": "", "MALLOC_TOP_PAD_": "lots",
+                                   "MALLOC_TRIM_THRESHOLD_": str(1 << 32)})
     assert applied == {}
     assert "MALLOC_TOP_PAD_='lots' is not a number" in caplog.text
+    assert "MALLOC_TRIM_THRESHOLD_=4294967296 does not fit" in caplog.text
