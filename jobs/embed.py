@@ -370,15 +370,9 @@ def driver_slices(dataset: str, base: list[Representation], fusions: list[Repres
     return slices
 
 
-def output_floats(experiment, base: list[Representation], fusions: list[Representation]) -> int:
-    """Floats of one item's vectors over every representation to write (a fusion's: its parts');
-    the encoders' dimensions as their records state them (no model is loaded for a stated one)."""
-    dims: dict[str, int] = {}
-    for rep in base:
-        if rep.is_text:
-            dims[rep.name] = text_encoder_record(experiment.text_encoder)[0]
-        elif rep.kind == VISUAL:
-            dims[rep.name] = image_encoder_record(experiment.image_encoder)[0]
+def output_floats(base: list[Representation], fusions: list[Representation], text_dim: int, image_dim: int) -> int:
+    """Floats of one item's vectors over every representation to write (a fusion's: its parts')."""
+    dims = {rep.name: text_dim if rep.is_text else image_dim for rep in base}
     return sum(dims.values()) + sum(sum(dims.get(p, 0) for p in rep.parts) for rep in fusions)
 
 
@@ -391,18 +385,6 @@ def encode_in_process(rows: pd.DataFrame, previous: pd.DataFrame | None, encoder
     if reused is not None:
         frames.append(reused.assign(_reused=True))
     return [frame.assign(encoder=encoder) for frame in frames]
-
-
-def vector_column(vectors: Sequence[np.ndarray]) -> pa.Array:
-    """float32 vectors (equal or not in length) as one Arrow list column, without a per-value copy."""
-    lengths = np.fromiter((len(v) for v in vectors), dtype=np.int32, count=len(vectors))
-    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    if offsets[-1] >= 2**31:  # the driver path's size check keeps far below this
-        raise ValueError(f"{offsets[-1]} floats are more than one Arrow list column holds")
-    offsets = offsets.astype(np.int32)
-    values = (np.concatenate([np.asarray(v, dtype=np.float32) for v in vectors]) if len(vectors)
-              else np.zeros(0, dtype=np.float32))
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float32()))
 
 
 def embed_on_driver(run: JobRun, plan: ExperimentPlan, base: list[Representation], fusions: list[Representation],
@@ -479,7 +461,7 @@ def embed_on_driver(run: JobRun, plan: ExperimentPlan, base: list[Representation
         raise nothing_written(dataset, written)
     vectors = pd.concat(pieces, ignore_index=True)
     vectors = vectors[vectors["status"] == embedding_udfs.OK].reset_index(drop=True)
-    column = vector_column(list(vectors["vector"]))
+    column = pa.array([np.asarray(v, dtype=np.float32) for v in vectors["vector"]], pa.list_(pa.float32()))
     table = pa.table({
         "dataset": pa.array([dataset] * len(vectors), pa.string()),
         "item_id": pa.array(vectors["item_id"].tolist(), pa.string()),
@@ -525,7 +507,9 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
     # machine's cores anyway: on a cluster the executors (their GPUs, their cores) encode.
     if spark.sparkContext.master.startswith("local"):
         def declines(read: dict) -> str | None:
-            vector_bytes = read["items"].num_rows * output_floats(experiment, base, fusions) * 4
+            text_dim = text_encoder_record(experiment.text_encoder)[0] if text_reps else 0
+            image_dim = image_encoder_record(experiment.image_encoder)[0] if image_reps else 0
+            vector_bytes = read["items"].num_rows * output_floats(base, fusions, text_dim, image_dim) * 4
             if vector_bytes > driver_inputs.limit_bytes(run):
                 return f"the vectors to write would hold {vector_bytes} bytes"
             return None
@@ -537,7 +521,7 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
             return
 
     items = (tables.read(spark, wh, "items").filter(F.col("dataset") == dataset)
-             .select("item_id", "title", "text", "image_uri", "image_sha256")
+             .select(*ITEM_COLUMNS)
              .persist(StorageLevel.MEMORY_AND_DISK))
     n_items = items.count()
     run.count("items_read", n_items)
