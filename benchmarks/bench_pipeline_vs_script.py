@@ -46,9 +46,10 @@ workers' tunables (``jobs.config.MALLOC_WORKER_ENV``), which leaves the allocato
 
 ``--floor`` adds a third side after the pipeline: its fixed costs with none of its work
 (``floor``): in a fresh process, Spark started, Ray started with one block through one Ray Data
-actor, and the pipeline's own commits replayed in its order (its rows, read beforehand from its
-warehouse and not timed; the plan; every stage's two ``runs`` commits through the real job
-wrapper). It reads no table and runs no model, so it is a lower bound of what this design (Spark
+actor, and the pipeline's own commits replayed in its order, each as the pipeline makes it (its
+rows, read beforehand from its warehouse and not timed: Spark frames for ingest and caption,
+Arrow rows held by the driver for the later stages, which a local master commits with delta-rs;
+the plan; every stage's two ``runs`` commits through the real job wrapper). It reads no table and runs no model, so it is a lower bound of what this design (Spark
 jobs writing Delta tables, captions through Ray Data) costs on this machine beyond the work
 itself; ``script / (script + floor)`` is the best pipeline/script ratio the machine allows.
 """
@@ -594,6 +595,11 @@ FLOOR_WRITES = {
 }
 
 
+# Stages whose rows the pipeline computes on the driver at ml100k (``jobs.driver_inputs``) and
+# commits as Arrow; ingest's and caption's are Spark frames.
+DRIVER_COMMITS = {"embed", "profiles", "topk", "evaluate"}
+
+
 class _FloorActor:
     """A Ray Data actor that passes its batch through: the caption stage's Ray, with no work."""
 
@@ -617,6 +623,7 @@ def floor(source: Path, root: Path, master: str, out: Path) -> None:
     start = time.perf_counter()
     from types import SimpleNamespace
 
+    import pyarrow as pa
     from jobs import tables
     from jobs.config import load_config
     from jobs.job_run import execute
@@ -635,17 +642,23 @@ def floor(source: Path, root: Path, master: str, out: Path) -> None:
     def commits(stage: str, run_id: str):
         def body(run, _args):
             if stage == "caption":
-                import pyarrow as pa
-
                 with ray_session(config.ray) as ray:
                     ray.data.from_arrow([pa.table({"x": [1]})]).map_batches(
                         _FloorActor, compute=ray.data.ActorPoolStrategy(size=1), batch_format="pandas").take_all()
             for name, keys in FLOOR_WRITES[stage]:
-                frame = spark.createDataFrame(rows[name], schema=tables.SCHEMAS[name])
+                if stage in DRIVER_COMMITS:
+                    # Rows the pipeline holds on the driver: committed as it commits them (Arrow,
+                    # through delta-rs on a local master).
+                    frame = rows[name]
+                    if "run_id" in keys:
+                        frame = frame.set_column(frame.schema.get_field_index("run_id"), "run_id",
+                                                 pa.array([run_id] * frame.num_rows, pa.string()))
+                else:
+                    frame = spark.createDataFrame(rows[name], schema=tables.SCHEMAS[name])
                 if keys is None:
                     tables.merge(spark, warehouse, name, frame)
                     continue
-                if "run_id" in keys:
+                if "run_id" in keys and stage not in DRIVER_COMMITS:
                     frame = frame.withColumn("run_id", F.lit(run_id))
                 values = rows[name].to_pandas()
                 where = {k: (run_id if k == "run_id" else sorted(values[k].unique()) if k != "dataset"

@@ -347,6 +347,9 @@ def merge_staged(run: JobRun, files: list[str]) -> int:
     """
     if not files:
         return 0
+    n = merge_on_driver(run, files)
+    if n is not None:
+        return n
     spark = run.spark
     schema = tables.SCHEMAS["descriptions"]
     keys = tables.KEYS["descriptions"]
@@ -368,6 +371,46 @@ def merge_staged(run: JobRun, files: list[str]) -> int:
     finally:
         winners.unpersist()
     return n
+
+
+def merge_on_driver(run: JobRun, files: list[str]) -> int | None:
+    """``merge_staged`` on the driver (the same winners, ``cu.staged_winners``; the same MERGE,
+    committed by delta-rs on a local master, ``jobs.tables``) while the staged files and the
+    table's rows of their images are small (``spark.driver_compute_mb``, ``MAX_ROWS``); None:
+    the Spark path merges them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from udfs.warehouse_reader import TableMissing, TooLarge, check_size, read_table
+
+    from .driver_inputs import MAX_ROWS, limit_bytes
+
+    limit = limit_bytes(run)
+    local = [storage.local_path_of(f) for f in files]
+    if limit <= 0 or not run.spark.sparkContext.master.startswith("local") or None in local \
+            or sum(os.path.getsize(f) for f in local) > limit:
+        return None
+    keys, schema = tables.KEYS["descriptions"], tables.arrow_schema("descriptions")
+    try:
+        staged = pa.concat_tables([pq.read_table(f, schema=schema) for f in local])
+        hashes = sorted(set(staged.column("image_sha256").to_pylist()))
+        try:
+            check_size(run.warehouse, "descriptions", within={"image_sha256": hashes}, max_bytes=limit,
+                       max_rows=MAX_ROWS)
+            current = read_table(run.warehouse, "descriptions", within={"image_sha256": hashes},
+                                 columns=[*keys, "status", "created_at"])
+        except TableMissing:
+            current = None
+    except TooLarge as exc:
+        log.info("caption merge with Spark: %s", exc)
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure of the fast path leaves the Spark path
+        log.info("caption merge with Spark: the driver could not read its inputs (%s: %s)", type(exc).__name__, exc)
+        return None
+    winners = cu.staged_winners(staged, current, keys)
+    if winners.num_rows:
+        tables.merge(run.spark, run.warehouse, "descriptions", winners)
+    return winners.num_rows
 
 
 def adopt_dead_runs(run: JobRun) -> None:

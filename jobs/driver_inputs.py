@@ -8,8 +8,8 @@ table a job reads holds at most ``spark.driver_compute_mb`` MiB of Parquet (64 b
 ``MAX_ROWS`` rows, after skipping files by partition values and statistics, the job reads its
 slices with delta-rs and runs, on the driver, the same pure kernels its Spark tasks run
 (``udfs.profiles``, ``udfs.topk_udfs``, ``udfs.evaluate_udfs``, ``udfs.embedding_udfs``);
-it still writes through Spark and Delta, with the same ``replaceWhere`` commits, rows and
-counts. The decision is by size alone, as Spark's own broadcast threshold is, so a cluster runs
+it commits the same rows and counts to the same slices (as Arrow: on a local master
+delta-rs commits them, elsewhere Spark does, ``jobs.tables``). The decision is by size alone, as Spark's own broadcast threshold is, so a cluster runs
 the same code: a full catalog takes the distributed path there and here. ``0`` turns this off.
 The job's ``runs`` row says which path ran (``computed_on_driver``).
 
@@ -107,3 +107,31 @@ def to_spark(spark: SparkSession, table: pa.Table, schema) -> DataFrame:
     struct = StructType.fromDDL(schema) if isinstance(schema, str) else schema
     table = table.select(struct.fieldNames())
     return spark.createDataFrame(table, schema=struct)
+
+
+def held_on_driver(run: JobRun, frame: DataFrame) -> DataFrame | pa.Table:
+    """``frame``'s rows as Arrow when a local master may commit them from the driver (then
+    delta-rs commits them, ``jobs.tables``), else ``frame`` itself.
+
+    For a frame derived row by row from its input files (an ingest's), the decision is the size
+    of those files against ``spark.driver_compute_mb``; rows built from pandas are in the
+    driver's memory already. A file Python cannot size (an object store) keeps the frame."""
+    import os
+    from urllib.parse import unquote
+
+    from udfs import storage
+
+    limit = limit_bytes(run)
+    if limit <= 0 or not run.spark.sparkContext.master.startswith("local"):
+        return frame
+    total = 0
+    for name in frame.inputFiles():
+        local = storage.local_path_of(name)
+        if local is None or not os.path.exists(unquote(local)):
+            return frame
+        total += os.path.getsize(unquote(local))
+    if total > limit:
+        log.info("%s: %d MiB of input files (spark.driver_compute_mb = %d): Spark commits the rows",
+                 run.job, total >> 20, run.config.spark.driver_compute_mb)
+        return frame
+    return frame.toArrow()

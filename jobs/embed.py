@@ -479,9 +479,7 @@ def embed_on_driver(run: JobRun, plan: ExperimentPlan, base: list[Representation
             kept = keys.merge(vectors[["representation", "item_id"]].drop_duplicates(), how="left", indicator=True)
             stale = int((kept["_merge"] == "left_only").sum())
         run.count("stale_rows_removed", stale)
-        files = max(spark.sparkContext.defaultParallelism, math.ceil(total / ROWS_PER_FILE))
-        out = driver_inputs.to_spark(spark, table, tables.SCHEMAS["item_embeddings"]).coalesce(files)
-        tables.replace_slice(spark, wh, "item_embeddings", out, where)
+        tables.replace_slice(spark, wh, "item_embeddings", table, where)
     log.info("embed %s: wrote %d vectors over %s (on the driver)", dataset, total, list(written))
 
 

@@ -50,14 +50,14 @@ from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
-from udfs import evaluate_udfs, protocol
+from udfs import evaluate_udfs, protocol, warehouse_writer
 from udfs.metrics import METRICS
 from udfs.results_table import results_table
 from udfs.spark import schemas
 
 from . import tables
 from .config import ConfigError
-from .driver_inputs import Slice, read_on_driver, to_spark
+from .driver_inputs import Slice, read_on_driver
 from .facts import collect_facts
 from .job_run import JobRun, NothingUsable, add_plan_arguments, run_job
 from .plan import EVALUATE_FIELDS, ExperimentPlan, plan_for_run
@@ -208,20 +208,21 @@ class DriverPath:
         self.lists = evaluate_udfs.user_lists(relevant, recommendations)
         self.facts = evaluate_udfs.evaluation_facts(recommendations, stored, interactions, self.lists)
 
-    def _write(self, name: str, frame: pd.DataFrame, ddl: str, where: dict) -> None:
-        out = to_spark(self.spark, pa.Table.from_pandas(frame, preserve_index=False), ddl)
-        tables.replace_slice(self.spark, self.warehouse, name, out.withColumn("run_id", F.lit(self.run_id)), where)
+    def _write(self, name: str, frame: pd.DataFrame, where: dict) -> None:
+        rows = warehouse_writer.with_constants(pa.Table.from_pandas(frame, preserve_index=False),
+                                               {"run_id": self.run_id})
+        tables.replace_slice(self.spark, self.warehouse, name, rows, where)
 
     def user_metrics(self, order: list[str], ks: list[int], n_groups: int, where: dict) -> int:
         self.values = evaluate_udfs.user_metric_groups(ks)(evaluate_udfs.scored_users(self.lists, order))
-        self._write("user_metrics", self.values, schemas.USER_METRICS_DDL, where)
+        self._write("user_metrics", self.values, where)
         return len(self.values)
 
     def summary(self, n_samples: int, seed: int, where: dict) -> list[dict]:
         summary = evaluate_udfs.apply_by_group(self.values, ["representation", "metric", "k"],
                                                evaluate_udfs.metric_summary(n_samples, seed),
                                                _columns(schemas.METRICS_DDL))
-        self._write("metrics", summary, schemas.METRICS_DDL, where)
+        self._write("metrics", summary, where)
         return summary.to_dict("records")
 
     def comparisons(self, order: list[str], n_samples: int, seed: int, where: dict) -> list[dict]:
@@ -229,7 +230,7 @@ class DriverPath:
                                                    ["metric", "k"],
                                                    evaluate_udfs.comparison_groups(order, n_samples, seed),
                                                    _columns(schemas.COMPARISONS_DDL))
-        self._write("comparisons", comparisons, schemas.COMPARISONS_DDL, where)
+        self._write("comparisons", comparisons, where)
         return comparisons.to_dict("records")
 
     def release(self) -> None:

@@ -182,7 +182,8 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
 
     interactions = split.withColumn("dataset", F.lit(dataset.name)).withColumn("ingest_id", F.lit(run.run_id))
     with run.stage("classify_split_and_write_interactions"):
-        tables.replace_slice(spark, wh, "interactions", interactions, {"dataset": dataset.name})
+        tables.replace_slice(spark, wh, "interactions", driver_inputs.held_on_driver(run, interactions),
+                             {"dataset": dataset.name})
     with run.stage("write_rejects"):
         rejects = out.rejects.unionByName(item_rejects).unionByName(
             interaction_rejects(classified, int(classify_counts.get["bad"])))
@@ -195,7 +196,8 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
         _write_rejects(run, rejects)
     with run.stage("write_items"):
         items_out = items.withColumn("dataset", F.lit(dataset.name)).withColumn("ingest_id", F.lit(run.run_id))
-        tables.replace_slice(spark, wh, "items", items_out, {"dataset": dataset.name})
+        tables.replace_slice(spark, wh, "items", driver_inputs.held_on_driver(run, items_out),
+                             {"dataset": dataset.name})
     # Every frame this job cached (parsed files, classified rows) is done with.
     spark.catalog.clearCache()
 
@@ -255,7 +257,8 @@ def _write_rejects(run: JobRun, rejects: DataFrame) -> DataFrame:
     written = Observation("rejects")
     frame = (rejects.withColumn("dataset", F.lit(name)).withColumn("row", F.coalesce("row", F.lit("?")))
              .observe(written, F.count(F.lit(1)).alias("n")))
-    tables.replace_slice(run.spark, run.warehouse, "rejects", frame, {"dataset": name})
+    held = driver_inputs.held_on_driver(run, frame)
+    tables.replace_slice(run.spark, run.warehouse, "rejects", held, {"dataset": name})
     if int(written.get["n"]) == 0:  # the usual case: no read-back of the slice to count by reason
         run.counts["rejected"] = 0
         return rejects

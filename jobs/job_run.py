@@ -108,10 +108,14 @@ class JobRun:
         from . import tables
 
         driver = self.driver
-        row = [(self.run_id, self.job, self.config.to_json(), code_version(), self.started_at,
-                now() if finished else None, status, {k: int(v) for k, v in list(self.counts.items())},
-                error, driver.host, driver.pid, driver.token, now())]
-        frame = self.spark.createDataFrame(row, tables.SCHEMAS["runs"])
+        import pyarrow as pa
+
+        # Arrow rows: on a local master delta-rs commits them (``tables``), in ms, not seconds.
+        row = {"run_id": self.run_id, "job": self.job, "config": self.config.to_json(), "code_version": code_version(),
+               "started_at": self.started_at, "finished_at": now() if finished else None, "status": status,
+               "counts": [(k, int(v)) for k, v in list(self.counts.items())], "error": error,
+               "host": driver.host, "pid": driver.pid, "driver_token": driver.token, "heartbeat_at": now()}
+        frame = pa.Table.from_pylist([row], schema=tables.arrow_schema("runs"))
         if self.row_written:
             # One commit swaps the row for the new one: cheaper than a MERGE, which joins the
             # whole runs table first.

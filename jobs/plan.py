@@ -280,7 +280,10 @@ def store_plan(spark, warehouse: str, run_id: str, plan: ExperimentPlan) -> None
     from . import tables
 
     created_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-    frame = spark.createDataFrame([(run_id, plan.to_json(), plan.plan_hash, created_at)], tables.SCHEMAS["plans"])
+    import pyarrow as pa
+
+    frame = pa.Table.from_pylist([{"run_id": run_id, "plan": plan.to_json(), "plan_hash": plan.plan_hash,
+                                   "created_at": created_at}], schema=tables.arrow_schema("plans"))
     tables.replace_slice(spark, warehouse, "plans", frame, {"run_id": run_id})
 
 

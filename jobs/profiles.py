@@ -53,6 +53,7 @@ import logging
 import math
 
 import pandas as pd
+import pyarrow as pa
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
@@ -64,7 +65,7 @@ from udfs.representations import ALS, Representation, parse_representation
 
 from . import tables
 from .config import ConfigError
-from .driver_inputs import Slice, read_on_driver, to_spark
+from .driver_inputs import Slice, read_on_driver
 from .facts import collect_facts
 from .job_run import JobRun, NothingUsable, run_id_argument, run_job
 from .plan import PROFILES_FIELDS, plan_for_run
@@ -229,10 +230,8 @@ class DriverProfiles:
             frames.append(profile_inputs.usable(fused, rep.name))
         return written, pd.concat(frames, ignore_index=True)
 
-    def keyed(self, out: pd.DataFrame, run_id: str) -> DataFrame:
-        # The contract's StructType, not a DDL string: DDL cannot say that a vector holds no null
-        # element, and the write's cast to the contract refuses the widening.
-        return to_spark(self.spark, profile_inputs.profile_table(out, run_id), tables.SCHEMAS["user_profiles"])
+    def keyed(self, out: pd.DataFrame, run_id: str) -> pa.Table:
+        return profile_inputs.profile_table(out, run_id)
 
 
 def check_inputs(run: JobRun, dataset: str, facts, base_names: list[str]) -> int:

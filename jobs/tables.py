@@ -8,17 +8,26 @@ The tables' schemas are in ``udfs.spark.schemas`` (every Spark output schema is 
 - ``replace_slice`` atomically replaces one slice of a table (``replaceWhere``), e.g. one
   dataset's ``items``: a snapshot writer that runs twice leaves the same table as once, and a
   killed run leaves the previous version, never a half-written one.
+- ``append`` adds rows with new keys (a fresh run's ``runs`` row).
+
+``replace_slice`` and ``append`` take a Spark frame or an Arrow table (rows a job computed on
+the driver). On a local master with a local warehouse, Arrow rows are committed by delta-rs
+(``udfs.warehouse_writer``): the same commit, in tens of ms instead of seconds of Spark job and
+log replay. Anywhere else (a cluster, an object store), a table whose columns are not the
+contract's, or a slice value that is not plain text, Spark commits them as before.
 
 Tables live at ``{warehouse}/{name}``; analysts query them with
 ``SELECT ... FROM delta.`{warehouse}/items``` or through ``register_views``.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
 from pathlib import Path
 
+import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 
 from udfs.spark.schemas import SCHEMAS, VECTOR  # noqa: F401 - VECTOR: re-exported for callers of tables
@@ -52,7 +61,9 @@ PARTITIONS: dict[str, list[str]] = {
 # Delta raises these when another writer committed a conflicting change first.
 _CONFLICTS = ("ConcurrentAppendException", "ConcurrentDeleteReadException",
               "ConcurrentDeleteDeleteException", "ConcurrentTransactionException",
-              "MetadataChangedException", "ProtocolChangedException", "DELTA_CONCURRENT")
+              "MetadataChangedException", "ProtocolChangedException", "DELTA_CONCURRENT",
+              # delta-rs: the next log version was taken by another writer.
+              "CommitFailedError")
 
 
 def table_path(warehouse: str | Path, name: str) -> str:
@@ -177,10 +188,15 @@ def retry_on_conflict(action, name: str, attempts: int = 5):
             time.sleep(0.5 * attempt)
 
 
-def merge(spark: SparkSession, warehouse: str | Path, name: str, df: DataFrame) -> None:
-    """Upsert ``df`` into the table on its key; rows with an existing key are replaced."""
+def merge(spark: SparkSession, warehouse: str | Path, name: str, df: DataFrame | pa.Table) -> None:
+    """Upsert ``df`` (a Spark frame, or Arrow rows held by the driver, one a key) into the table
+    on its key; rows with an existing key are replaced."""
     from delta.tables import DeltaTable
 
+    if isinstance(df, pa.Table):
+        if _merge_on_driver(spark, warehouse, name, df):
+            return
+        df = _spark_frame(spark, name, df)
     ensure(spark, warehouse, name)
     source = conform(df, name).dropDuplicates(KEYS[name])
     condition = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in KEYS[name])
@@ -193,8 +209,80 @@ def merge(spark: SparkSession, warehouse: str | Path, name: str, df: DataFrame) 
     retry_on_conflict(run, name)
 
 
-def append(spark: SparkSession, warehouse: str | Path, name: str, df: DataFrame) -> None:
+@functools.lru_cache(maxsize=None)
+def arrow_schema(name: str) -> pa.Schema:
+    """The table's contract schema in Arrow (a vector's elements and key columns NOT NULL)."""
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    return to_arrow_schema(SCHEMAS[name])
+
+
+def _commit_on_driver(spark: SparkSession, warehouse: str | Path, name: str, data: pa.Table,
+                      where: dict[str, object] | None) -> bool:
+    """Commit ``data`` with delta-rs when this process may (see the module's notes); False when
+    Spark must write it instead."""
+    from udfs import warehouse_writer
+
+    if not spark.sparkContext.master.startswith("local"):
+        return False
+    path = warehouse_writer.local_table(warehouse, name)
+    if path is None:
+        return False
+    condition = None if where is None else warehouse_writer.predicate(where)
+    if where is not None and condition is None:
+        return False
+    schema = arrow_schema(name)
+    have = warehouse_writer.table_columns(path)
+    if have is not None and sorted(have) != sorted(schema.names):
+        # A table of an older contract: Spark's path adds the missing columns first (``ensure``).
+        return False
+    rows = warehouse_writer.conform(data, schema, name)
+    if have is not None:
+        rows = rows.select(have)
+    partitions = PARTITIONS.get(name) if have is None else None
+    retry_on_conflict(lambda: warehouse_writer.write(path, rows, partition_by=partitions,
+                                                     slice_predicate=condition), name)
+    return True
+
+
+def _merge_on_driver(spark: SparkSession, warehouse: str | Path, name: str, data: pa.Table) -> bool:
+    """``merge`` with delta-rs when ``_commit_on_driver`` would commit."""
+    from udfs import warehouse_writer
+
+    path = warehouse_writer.local_table(warehouse, name)
+    if not spark.sparkContext.master.startswith("local") or path is None:
+        return False
+    schema = arrow_schema(name)
+    if any(schema.field(k).nullable for k in KEYS[name]):
+        return False  # ``=`` would not match null keys as Spark's ``<=>`` does
+    have = warehouse_writer.table_columns(path)
+    if have is None:
+        # Created empty first (a no-op when a concurrent job just did), then merged into: two
+        # first runs each appending would leave a key twice.
+        retry_on_conflict(lambda: warehouse_writer.create(path, schema, PARTITIONS.get(name)), name)
+        have = warehouse_writer.table_columns(path)
+    if sorted(have) != sorted(schema.names):
+        return False
+    rows = warehouse_writer.conform(data, schema, name).select(have)
+    retry_on_conflict(lambda: warehouse_writer.merge(path, rows, KEYS[name]), name)
+    return True
+
+
+def _spark_frame(spark: SparkSession, name: str, data: DataFrame | pa.Table) -> DataFrame:
+    if isinstance(data, DataFrame):
+        return data
+    from udfs import warehouse_writer
+
+    # The contract's StructType, not a DDL string: DDL cannot say that a vector holds no null
+    # element, and the write's cast to the contract refuses the widening.
+    return spark.createDataFrame(warehouse_writer.conform(data, arrow_schema(name), name), schema=SCHEMAS[name])
+
+
+def append(spark: SparkSession, warehouse: str | Path, name: str, df: DataFrame | pa.Table) -> None:
     """Append rows whose keys are new to the table (the caller guarantees it, e.g. a fresh run id)."""
+    if isinstance(df, pa.Table) and _commit_on_driver(spark, warehouse, name, df, None):
+        return
+    df = _spark_frame(spark, name, df)
     ensure(spark, warehouse, name)
     data = conform(df, name)
     retry_on_conflict(lambda: data.write.format("delta").mode("append").save(table_path(warehouse, name)), name)
@@ -248,11 +336,15 @@ def slice_filter(where: dict[str, object]):
     return functools.reduce(operator.and_, terms) if terms else F.lit(True)
 
 
-def replace_slice(spark: SparkSession, warehouse: str | Path, name: str, df: DataFrame,
+def replace_slice(spark: SparkSession, warehouse: str | Path, name: str, df: DataFrame | pa.Table,
                   where: dict[str, object]) -> None:
     """Atomically replace the rows matching ``where`` (column -> value or list of values) with
-    ``df``: one Delta commit, so a reader sees the old slice or the new one, never a mix, and
-    a run killed before the commit leaves the old slice in place."""
+    ``df`` (a Spark frame, or Arrow rows held by the driver): one Delta commit, so a reader sees
+    the old slice or the new one, never a mix, and a run killed before the commit leaves the
+    old slice in place."""
+    if isinstance(df, pa.Table) and _commit_on_driver(spark, warehouse, name, df, where):
+        return
+    df = _spark_frame(spark, name, df)
     ensure(spark, warehouse, name)
     condition = slice_condition(where)
     # Delta checks at write time that every row falls inside the slice; a violation aborts

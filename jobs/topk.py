@@ -61,7 +61,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
-from udfs import protocol, scorers, topk_udfs
+from udfs import protocol, scorers, topk_udfs, warehouse_writer
 from udfs.representations import ALS
 from udfs.spark import schemas
 
@@ -398,13 +398,11 @@ def topk_on_driver(run: JobRun, settings: TopkSettings, read: dict[str, pa.Table
             raise NothingUsable(f"run id {settings.run_id}: no representation had both users and candidate "
                                 "items; run `vlm4rec profiles` (and `embed`) first")
         ranks = pa.concat_tables(parts)
-        tables.replace_slice(spark, wh, "candidates",
-                             spark.createDataFrame(chosen, "representation string, item_id string")
-                             .withColumn("run_id", F.lit(settings.run_id)).withColumn("topk_id", F.lit(run.run_id)),
+        keys = {"run_id": settings.run_id, "topk_id": run.run_id}
+        chosen_table = pa.Table.from_pandas(chosen[["representation", "item_id"]], preserve_index=False)
+        tables.replace_slice(spark, wh, "candidates", warehouse_writer.with_constants(chosen_table, keys),
                              {"run_id": settings.run_id})
-        tables.replace_slice(spark, wh, "recommendations",
-                             driver_inputs.to_spark(spark, ranks, schemas.RANKS_DDL)
-                             .withColumn("run_id", F.lit(settings.run_id)).withColumn("topk_id", F.lit(run.run_id)),
+        tables.replace_slice(spark, wh, "recommendations", warehouse_writer.with_constants(ranks, keys),
                              {"run_id": settings.run_id, "representation": list(settings.all_representations)})
     frame = ranks.select(["representation", "rank"]).to_pandas()
     counted = {name: (int(len(g)), int((g["rank"] == 1).sum()), int((g["rank"] == settings.k).sum()))

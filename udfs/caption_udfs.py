@@ -453,3 +453,25 @@ def vllm_rows(batch: pd.DataFrame) -> pd.DataFrame:
                          "text": batch["text"], "n_tokens": batch["n_tokens"],
                          "latency_ms": [None] * len(batch), "error": errors,
                          "status": [OK if e is None else ERROR for e in errors]})
+
+
+def staged_winners(staged: pa.Table, current: pa.Table | None, keys: list[str]) -> pa.Table:
+    """The staged rows a merge writes (the rule of ``jobs.caption.merge_staged``'s Spark path):
+    one row a key, an ok row before an error row and then the newest; it is written when the
+    table has no row of its key, or it is ok and the table's is not (or is older), or both are
+    errors and it is newer. ``current`` holds the table's keys, ``status`` and ``created_at``."""
+    frame = staged.select([*keys, "status", "created_at"]).to_pandas()
+    frame["_row"] = range(len(frame))
+    frame["_ok"] = frame["status"] == OK
+    best = frame.sort_values(["_ok", "created_at"], ascending=[False, False], kind="stable").drop_duplicates(keys)
+    if current is not None and current.num_rows:
+        table = current.select([*keys, "status", "created_at"]).to_pandas().drop_duplicates(keys)
+        best = best.merge(table.rename(columns={"status": "_t_status", "created_at": "_t_created"}), on=keys,
+                          how="left")
+    else:
+        best = best.assign(_t_status=None, _t_created=pd.NaT)
+    newer = best["_t_created"].isna() | (best["created_at"] > best["_t_created"])
+    wins = (best["_t_status"].isna()
+            | ((best["status"] == OK) & ((best["_t_status"] != OK) | newer))
+            | ((best["status"] == ERROR) & (best["_t_status"] == ERROR) & newer))
+    return staged.take(pa.array(sorted(best.loc[wins, "_row"].tolist()), pa.int64()))

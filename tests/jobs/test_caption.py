@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from deltalake import DeltaTable
 from pyspark.sql import functions as F
 
 from jobs import caption, ingest, tables
@@ -343,3 +344,47 @@ def test_the_driver_plan_is_the_spark_plan(spark, catalog):
         assert table.num_rows == (N_IMAGES if force else N_IMAGES - 2)
     # Over the byte limit the driver declines and the job plans with Spark.
     assert caption.driver_plan(str(wh), "synthetic", spec, max_bytes=100) is None
+
+
+def test_the_driver_merge_is_the_spark_merge(spark, tmp_path):
+    """Staged rows merged on the driver (delta-rs) and by Spark leave the same table, over every
+    case of the rule: a new key, ok over an older error, an error that loses to ok, an older ok
+    that loses to a newer one, a newer error over an older one, and two staged rows of one key."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.config import load_config
+    from jobs.job_run import JobRun
+    from udfs.caption_udfs import STAGING_SCHEMA
+
+    def row(sha, status, day, text=None):
+        return {"image_sha256": sha, "engine": "tags", "model": "m", "prompt_id": "p", "item_id": f"i-{sha}",
+                "prompt": "describe", "text": text, "n_tokens": 2 if text else None,
+                "latency_ms": 1.5 if text else None, "status": status,
+                "error": None if status == "ok" else f"failed on day {day}",
+                "created_at": dt.datetime(2026, 1, day, tzinfo=dt.timezone.utc)}
+
+    table = [row("b", "error", 1), row("c", "ok", 1, "kept"), row("d", "ok", 5, "newer kept"), row("e", "error", 1),
+             row("g", "ok", 1, "untouched")]
+    staged = [[row("a", "ok", 2, "new"), row("b", "ok", 2, "fixed"), row("c", "error", 3)],
+              [row("d", "ok", 2, "older"), row("e", "error", 2), row("f", "error", 4), row("f", "ok", 3, "ok wins")]]
+    results = {}
+    for name, mb in (("driver", 64), ("spark", 0)):
+        wh = tmp_path / name
+        config = load_config([], [f"warehouse={wh}", f"spark.driver_compute_mb={mb}"])
+        tables.merge(spark, wh, "descriptions", spark.createDataFrame(
+            pa.Table.from_pylist(table, schema=STAGING_SCHEMA), schema=tables.SCHEMAS["descriptions"]))
+        files = []
+        for n, rows in enumerate(staged):
+            files.append(str(tmp_path / f"{name}-{n}.parquet"))
+            pq.write_table(pa.Table.from_pylist(rows, schema=STAGING_SCHEMA), files[-1])
+        assert caption.merge_staged(JobRun("caption", config, spark), files) == 4  # a, b, e, f
+        results[name] = sorted((r.image_sha256, r.status, r.text, r.created_at.day)
+                               for r in tables.read(spark, wh, "descriptions").collect())
+        engine = DeltaTable(str(wh / "descriptions")).history(1)[0]["engineInfo"]
+        assert engine.startswith("delta-rs") == (name == "driver")
+    assert results["driver"] == results["spark"] == [
+        ("a", "ok", "new", 2), ("b", "ok", "fixed", 2), ("c", "ok", "kept", 1), ("d", "ok", "newer kept", 5),
+        ("e", "error", None, 2), ("f", "ok", "ok wins", 3), ("g", "ok", "untouched", 1)]

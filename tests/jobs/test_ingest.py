@@ -199,3 +199,35 @@ def test_image_settings_are_checked_by_the_config(spark, warehouse, tmp_path, ca
     assert "dataset.images.max_bytes" in capsys.readouterr().err
     assert _ingest(tmp_path, warehouse, "bad_limits", root, "--set", "dataset.images.max_byte=5") == 2
     assert "did you mean 'max_bytes'" in capsys.readouterr().err
+
+
+def test_rows_committed_from_the_driver_are_the_rows_spark_commits(spark, tmp_path, synthetic_data, capsys):
+    """A small export's rows are collected and committed by delta-rs on a local master; with the
+    driver paths off (``spark.driver_compute_mb=0``) Spark commits them: the same tables, rejects
+    included, and the same counts."""
+    import shutil
+
+    from deltalake import DeltaTable
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_data, root)
+    first = (root / "items.csv").read_text().splitlines()[1]
+    with open(root / "items.csv", "a") as f:
+        f.write(first + "\n")  # a duplicate item id
+    with open(root / "interactions.csv", "a") as f:
+        f.write("u-x,no-such-item,5,1000\nu-y,i00001,5\n")  # an unknown item, a short record
+    results = {}
+    for name, mb in (("driver", 64), ("spark", 0)):
+        wh = tmp_path / name
+        assert ingest.main(["--conf", "datasets/synthetic.yaml", "--set", f"warehouse={wh}",
+                            "--set", f"dataset.paths.root={root}", "--set", f"spark.driver_compute_mb={mb}"]) == 0
+        counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["counts"]
+        results[name] = ({k: v for k, v in counts.items() if not k.startswith("ms_")},
+                         snapshot(spark, wh, "items", ["item_id"]),
+                         snapshot(spark, wh, "interactions", ["user_id", "item_id", "ts"]),
+                         snapshot(spark, wh, "rejects", ["source", "row"]))
+        for table_name in ("items", "interactions", "rejects"):
+            engine = DeltaTable(str(wh / table_name)).history(1)[0]["engineInfo"]
+            assert engine.startswith("delta-rs") == (name == "driver"), (table_name, engine)
+    assert results["driver"] == results["spark"]
+    assert results["driver"][0]["rejected"] == 3 and len(results["driver"][3]) == 3
