@@ -109,29 +109,25 @@ def to_spark(spark: SparkSession, table: pa.Table, schema) -> DataFrame:
     return spark.createDataFrame(table, schema=struct)
 
 
-def held_on_driver(run: JobRun, frame: DataFrame) -> DataFrame | pa.Table:
-    """``frame``'s rows as Arrow when a local master may commit them from the driver (then
-    delta-rs commits them, ``jobs.tables``), else ``frame`` itself.
-
-    For a frame derived row by row from its input files (an ingest's), the decision is the size
-    of those files against ``spark.driver_compute_mb``; rows built from pandas are in the
-    driver's memory already. A file Python cannot size (an object store) keeps the frame."""
-    import os
-    from urllib.parse import unquote
-
-    from udfs import storage
-
+def fits_on_driver(run: JobRun, *sources: DataFrame) -> bool:
+    """Whether rows derived from ``sources`` (each output row from at most one input row, as an
+    ingest's are) may be collected on a local master and committed from the driver (delta-rs,
+    ``jobs.tables``). The decision is Spark's own estimate of the sources' size, the statistic
+    its broadcast threshold reads, against ``spark.driver_compute_mb``: taken on the sources,
+    before any window or cache, where it follows the files' sizes; a source Spark cannot size
+    (a Python one, say) estimates as unbounded and keeps the Spark writes."""
     limit = limit_bytes(run)
     if limit <= 0 or not run.spark.sparkContext.master.startswith("local"):
-        return frame
+        return False
     total = 0
-    for name in frame.inputFiles():
-        local = storage.local_path_of(name)
-        if local is None or not os.path.exists(unquote(local)):
-            return frame
-        total += os.path.getsize(unquote(local))
+    for frame in sources:
+        try:
+            total += int(str(frame._jdf.queryExecution().optimizedPlan().stats().sizeInBytes()))
+        except Exception as exc:  # noqa: BLE001 - no estimate: Spark writes the rows
+            log.debug("%s: no size estimate for an input (%s)", run.job, exc)
+            return False
     if total > limit:
-        log.info("%s: %d MiB of input files (spark.driver_compute_mb = %d): Spark commits the rows",
-                 run.job, total >> 20, run.config.spark.driver_compute_mb)
-        return frame
-    return frame.toArrow()
+        log.info("%s: Spark estimates its inputs at %d MiB (spark.driver_compute_mb = %d): Spark commits "
+                 "the rows", run.job, total >> 20, run.config.spark.driver_compute_mb)
+        return False
+    return True

@@ -131,6 +131,8 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
         raise ConfigError(f"dataset.split: {exc}") from exc
     with run.stage("read_items"):
         out = read_dataset(spark, dataset)
+        # Small exports: every output row is collected and committed from the driver.
+        hold = driver_inputs.fits_on_driver(run, out.items, out.interactions, out.rejects)
         for key, value in out.counts.items():
             run.count(key, value)
         items, item_rejects = clean_items(run, out.items, out.images_root)
@@ -140,7 +142,7 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
         run.count("items", n_items)
         run.count("items_without_image", summary["no_image"])
     if n_items == 0:
-        _write_rejects(run, out.rejects.unionByName(item_rejects))
+        _write_rejects(run, out.rejects.unionByName(item_rejects), hold)
         raise NothingUsable(f"dataset '{dataset.name}': no item row survived; see the rejects table")
 
     classified = classify_interactions(out, items.select("item_id"))
@@ -167,7 +169,7 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
     if not _has_usable_interaction(out, items, spec, good if filtered else None):
         # Checked before any slice is replaced: the last good snapshot of this dataset stays.
         _write_rejects(run, out.rejects.unionByName(item_rejects).unionByName(
-            interaction_rejects(classified, _count_bad(classified))))
+            interaction_rejects(classified, _count_bad(classified))), hold)
         raise NothingUsable(f"dataset '{dataset.name}': no interaction row survived; see the rejects "
                             "table for the reasons (a wrong separator or column mapping rejects every "
                             "row). The tables keep this dataset's previous snapshot.")
@@ -182,8 +184,7 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
 
     interactions = split.withColumn("dataset", F.lit(dataset.name)).withColumn("ingest_id", F.lit(run.run_id))
     with run.stage("classify_split_and_write_interactions"):
-        tables.replace_slice(spark, wh, "interactions", driver_inputs.held_on_driver(run, interactions),
-                             {"dataset": dataset.name})
+        tables.replace_slice(spark, wh, "interactions", _rows(interactions, hold), {"dataset": dataset.name})
     with run.stage("write_rejects"):
         rejects = out.rejects.unionByName(item_rejects).unionByName(
             interaction_rejects(classified, int(classify_counts.get["bad"])))
@@ -193,11 +194,10 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
                 unlabeled.withColumn("_source", F.lit("interactions")).drop("split"),
                 F.format_string("label '%s' is not train/valid/test or 0/1/2", F.col("label")), _row_key()))
             run.count("rejected_bad_label", bad_labels)
-        _write_rejects(run, rejects)
+        _write_rejects(run, rejects, hold)
     with run.stage("write_items"):
         items_out = items.withColumn("dataset", F.lit(dataset.name)).withColumn("ingest_id", F.lit(run.run_id))
-        tables.replace_slice(spark, wh, "items", driver_inputs.held_on_driver(run, items_out),
-                             {"dataset": dataset.name})
+        tables.replace_slice(spark, wh, "items", _rows(items_out, hold), {"dataset": dataset.name})
     # Every frame this job cached (parsed files, classified rows) is done with.
     spark.catalog.clearCache()
 
@@ -248,17 +248,22 @@ def _has_usable_interaction(out: AdapterOutput, items: DataFrame, spec: SplitSpe
     return bool(rows.select("user_id").limit(1).collect())
 
 
+def _rows(frame: DataFrame, hold: bool):
+    """What a commit gets: ``frame``'s rows as Arrow when the export is small (``hold``:
+    ``driver_inputs.fits_on_driver``), else the frame, which Spark writes."""
+    return frame.toArrow() if hold else frame
+
+
 def _count_bad(classified: DataFrame) -> int:
     return classified.filter(F.col("_reason").isNotNull()).count()
 
 
-def _write_rejects(run: JobRun, rejects: DataFrame) -> DataFrame:
+def _write_rejects(run: JobRun, rejects: DataFrame, hold: bool) -> DataFrame:
     name = run.config.dataset.name
     written = Observation("rejects")
     frame = (rejects.withColumn("dataset", F.lit(name)).withColumn("row", F.coalesce("row", F.lit("?")))
              .observe(written, F.count(F.lit(1)).alias("n")))
-    held = driver_inputs.held_on_driver(run, frame)
-    tables.replace_slice(run.spark, run.warehouse, "rejects", held, {"dataset": name})
+    tables.replace_slice(run.spark, run.warehouse, "rejects", _rows(frame, hold), {"dataset": name})
     if int(written.get["n"]) == 0:  # the usual case: no read-back of the slice to count by reason
         run.counts["rejected"] = 0
         return rejects

@@ -232,17 +232,27 @@ def _commit_on_driver(spark: SparkSession, warehouse: str | Path, name: str, dat
     if where is not None and condition is None:
         return False
     schema = arrow_schema(name)
-    have = warehouse_writer.table_columns(path)
-    if have is not None and sorted(have) != sorted(schema.names):
+    have = _driver_table(path, name, schema)
+    if sorted(have) != sorted(schema.names):
         # A table of an older contract: Spark's path adds the missing columns first (``ensure``).
         return False
-    rows = warehouse_writer.conform(data, schema, name)
-    if have is not None:
-        rows = rows.select(have)
-    partitions = PARTITIONS.get(name) if have is None else None
-    retry_on_conflict(lambda: warehouse_writer.write(path, rows, partition_by=partitions,
-                                                     slice_predicate=condition), name)
+    rows = warehouse_writer.conform(data, schema, name).select(have)
+    retry_on_conflict(lambda: warehouse_writer.write(path, rows, slice_predicate=condition), name)
     return True
+
+
+def _driver_table(path: str, name: str, schema: pa.Schema) -> list[str]:
+    """The columns of the table at ``path``, created empty first when there is none. A first
+    write that created the table itself could race another first write and land as a second
+    version 0-like commit beside it (delta-rs then commits a new table over the other's rows
+    without removing them); a created table makes the writes conflict and retry as usual."""
+    from udfs import warehouse_writer
+
+    have = warehouse_writer.table_columns(path)
+    if have is None:
+        retry_on_conflict(lambda: warehouse_writer.create(path, schema, PARTITIONS.get(name)), name)
+        have = warehouse_writer.table_columns(path)
+    return have
 
 
 def _merge_on_driver(spark: SparkSession, warehouse: str | Path, name: str, data: pa.Table) -> bool:
@@ -255,12 +265,7 @@ def _merge_on_driver(spark: SparkSession, warehouse: str | Path, name: str, data
     schema = arrow_schema(name)
     if any(schema.field(k).nullable for k in KEYS[name]):
         return False  # ``=`` would not match null keys as Spark's ``<=>`` does
-    have = warehouse_writer.table_columns(path)
-    if have is None:
-        # Created empty first (a no-op when a concurrent job just did), then merged into: two
-        # first runs each appending would leave a key twice.
-        retry_on_conflict(lambda: warehouse_writer.create(path, schema, PARTITIONS.get(name)), name)
-        have = warehouse_writer.table_columns(path)
+    have = _driver_table(path, name, schema)
     if sorted(have) != sorted(schema.names):
         return False
     rows = warehouse_writer.conform(data, schema, name).select(have)

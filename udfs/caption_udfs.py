@@ -462,14 +462,13 @@ def staged_winners(staged: pa.Table, current: pa.Table | None, keys: list[str]) 
     errors and it is newer. ``current`` holds the table's keys, ``status`` and ``created_at``."""
     frame = staged.select([*keys, "status", "created_at"]).to_pandas()
     frame["_row"] = range(len(frame))
-    frame["_ok"] = frame["status"] == OK
-    best = frame.sort_values(["_ok", "created_at"], ascending=[False, False], kind="stable").drop_duplicates(keys)
-    if current is not None and current.num_rows:
-        table = current.select([*keys, "status", "created_at"]).to_pandas().drop_duplicates(keys)
-        best = best.merge(table.rename(columns={"status": "_t_status", "created_at": "_t_created"}), on=keys,
-                          how="left")
-    else:
-        best = best.assign(_t_status=None, _t_created=pd.NaT)
+    # Spark's ``(status == ok) DESC`` puts ok first, then error, then a null status (nulls last).
+    frame["_rank"] = frame["status"].map({OK: 2, ERROR: 1}).fillna(0)
+    best = frame.sort_values(["_rank", "created_at"], ascending=[False, False], kind="stable").drop_duplicates(keys)
+    if current is None or current.num_rows == 0:
+        return staged.take(pa.array(sorted(best["_row"].tolist()), pa.int64()))
+    table = current.select([*keys, "status", "created_at"]).to_pandas().drop_duplicates(keys)
+    best = best.merge(table.rename(columns={"status": "_t_status", "created_at": "_t_created"}), on=keys, how="left")
     newer = best["_t_created"].isna() | (best["created_at"] > best["_t_created"])
     wins = (best["_t_status"].isna()
             | ((best["status"] == OK) & ((best["_t_status"] != OK) | newer))

@@ -77,17 +77,15 @@ def table_columns(path: str) -> list[str] | None:
     return [field.name for field in DeltaTable(path).schema().fields]
 
 
-def write(path: str, table: pa.Table, *, partition_by: Sequence[str] | None = None,
-          slice_predicate: str | None = None) -> None:
-    """One commit: ``table`` replaces the rows matching ``slice_predicate`` (None: appended).
-    A missing table is created with ``table``'s schema and ``partition_by``."""
+def write(path: str, table: pa.Table, *, slice_predicate: str | None = None) -> None:
+    """One commit to the table at ``path`` (``create`` it first): ``table`` replaces the rows
+    matching ``slice_predicate`` (None: it is appended)."""
     from deltalake import write_deltalake
 
     if slice_predicate is None:
-        write_deltalake(path, table, mode="append", partition_by=list(partition_by or []) or None)
+        write_deltalake(path, table, mode="append")
     else:
-        write_deltalake(path, table, mode="overwrite", predicate=slice_predicate,
-                        partition_by=list(partition_by or []) or None)
+        write_deltalake(path, table, mode="overwrite", predicate=slice_predicate)
 
 
 def create(path: str, schema: pa.Schema, partition_by: Sequence[str] | None = None) -> None:

@@ -231,3 +231,16 @@ def test_rows_committed_from_the_driver_are_the_rows_spark_commits(spark, tmp_pa
             assert engine.startswith("delta-rs") == (name == "driver"), (table_name, engine)
     assert results["driver"] == results["spark"]
     assert results["driver"][0]["rejected"] == 3 and len(results["driver"][3]) == 3
+
+
+def test_only_inputs_spark_sizes_within_the_limit_are_collected(spark, tmp_path):
+    from jobs.config import load_config
+    from jobs.driver_inputs import fits_on_driver
+    from jobs.job_run import JobRun
+
+    run = JobRun("ingest", load_config([], [f"warehouse={tmp_path}"]), spark)  # 64 MiB
+    small, large = spark.range(1000), spark.range(20_000_000)  # Spark estimates 8 kB and 160 MB
+    assert fits_on_driver(run, small, small)
+    assert not fits_on_driver(run, small, large)
+    assert not fits_on_driver(JobRun("ingest", load_config([], [f"warehouse={tmp_path}", "spark.driver_compute_mb=0"]),
+                                     spark), small)

@@ -133,3 +133,24 @@ def test_concurrent_driver_commits_all_land(spark, warehouse):
     assert sorted((r[0], r[1], r[4]) for r in got) == sorted(
         [("first", "u0", 1)] + [(f"r{n}", u, 2) for n in range(4) for u in ("u1", "u2")])
     assert len(tables.read(spark, warehouse, "runs").collect()) == 12
+
+
+@pytest.mark.spark
+def test_first_driver_commits_racing_to_create_a_table_leave_one_slice(spark, tmp_path):
+    for trial in range(3):
+        wh = tmp_path / f"trial-{trial}"
+        errors = []
+
+        def commit(n):
+            try:
+                tables.replace_slice(spark, wh, "user_profiles", _profiles("r", [f"u{n}"]), {"run_id": "r"})
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=commit, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert len(_sorted(spark, wh, "user_profiles")) == 1  # the last writer's slice, alone

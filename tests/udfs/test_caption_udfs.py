@@ -7,6 +7,7 @@ import os
 import threading
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -115,3 +116,21 @@ def test_caption_plan_counts_a_doubled_cache_row_once_and_as_settled():
     todo, facts = cu.caption_todo(items, pa.concat_tables([cache, ok_again]))
     assert todo.column("image_sha256").to_pylist() == ["s1", "s2"]
     assert facts == {"n": 7, "with_image": 6, "images": 5, "ok": 2, "final_errors": 1, "retry": 0}
+
+
+def test_staged_winners_rank_ok_then_error_then_no_status_and_keep_new_keys():
+    import datetime as dt
+
+    from udfs.caption_udfs import ERROR, OK, STAGING_SCHEMA, staged_winners
+
+    def row(sha, status, day):
+        return {"image_sha256": sha, "engine": "e", "model": "m", "prompt_id": "p", "status": status,
+                "created_at": dt.datetime(2026, 1, day, tzinfo=dt.timezone.utc)}
+
+    staged = pa.Table.from_pylist([row("a", ERROR, 1), row("a", None, 2), row("b", OK, 1), row("b", ERROR, 3),
+                                   row("c", ERROR, 1), row("c", ERROR, 2)], schema=STAGING_SCHEMA)
+    keys = ["image_sha256", "engine", "model", "prompt_id"]
+    for current in (None, STAGING_SCHEMA.empty_table()):  # no table yet, or no row of these images
+        won = sorted((r["image_sha256"], r["status"], r["created_at"].day)
+                     for r in staged_winners(staged, current, keys).to_pylist())
+        assert won == [("a", ERROR, 1), ("b", OK, 1), ("c", ERROR, 2)]

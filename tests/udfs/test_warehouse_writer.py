@@ -15,6 +15,13 @@ def rows(run_id: str, users: list[str], value: float = 1.0) -> pa.Table:
     return pa.Table.from_pylist([{"run_id": run_id, "user_id": u, "value": value} for u in users], schema=SCHEMA)
 
 
+def fresh(tmp_path) -> str:
+    path = str(tmp_path / "t")
+    warehouse_writer.create(path, SCHEMA)
+    warehouse_writer.create(path, SCHEMA)  # a second create leaves the table as it is
+    return path
+
+
 def read(path: str) -> list[tuple]:
     return sorted(tuple(r.values()) for r in DeltaTable(path).to_pyarrow_table().to_pylist())
 
@@ -34,7 +41,7 @@ def test_anything_else_is_left_to_spark(where):
 
 
 def test_a_commit_replaces_its_slice_and_nothing_else(tmp_path):
-    path = str(tmp_path / "t")
+    path = fresh(tmp_path)
     warehouse_writer.write(path, rows("a", ["u1", "u2"]), slice_predicate="run_id = 'a'")
     warehouse_writer.write(path, rows("b", ["u1"]), slice_predicate="run_id = 'b'")
     warehouse_writer.write(path, rows("a", ["u3"], 2.0), slice_predicate="run_id = 'a'")
@@ -44,7 +51,7 @@ def test_a_commit_replaces_its_slice_and_nothing_else(tmp_path):
 
 
 def test_a_row_outside_the_slice_aborts_the_commit(tmp_path):
-    path = str(tmp_path / "t")
+    path = fresh(tmp_path)
     warehouse_writer.write(path, rows("a", ["u1"]), slice_predicate="run_id = 'a'")
     version = DeltaTable(path).version()
     with pytest.raises(Exception, match="failed validation"):
@@ -54,7 +61,7 @@ def test_a_row_outside_the_slice_aborts_the_commit(tmp_path):
 
 
 def test_a_null_key_aborts_the_commit(tmp_path):
-    path = str(tmp_path / "t")
+    path = fresh(tmp_path)
     warehouse_writer.write(path, rows("a", ["u1"]), slice_predicate="run_id = 'a'")
     loose = pa.schema([pa.field("run_id", pa.string()), pa.field("user_id", pa.string()), pa.field("value", pa.float64())])
     with pytest.raises(Exception):
