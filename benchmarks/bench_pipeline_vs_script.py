@@ -47,8 +47,8 @@ workers' tunables (``jobs.config.MALLOC_WORKER_ENV``), which leaves the allocato
 ``--floor`` adds a third side after the pipeline: its fixed costs with none of its work
 (``floor``): in a fresh process, Spark started, Ray started with one block through one Ray Data
 actor, and the pipeline's own commits replayed in its order, each as the pipeline makes it (its
-rows, read beforehand from its warehouse and not timed: Spark frames for ingest and caption,
-Arrow rows held by the driver for the later stages, which a local master commits with delta-rs;
+rows, read beforehand from its warehouse and not timed, as Arrow rows held by the driver,
+which a local master commits with delta-rs, as the pipeline does at this size;
 the plan; every stage's two ``runs`` commits through the real job wrapper). It reads no table and runs no model, so it is a lower bound of what this design (Spark
 jobs writing Delta tables, captions through Ray Data) costs on this machine beyond the work
 itself; ``script / (script + floor)`` is the best pipeline/script ratio the machine allows.
@@ -595,9 +595,11 @@ FLOOR_WRITES = {
 }
 
 
-# Stages whose rows the pipeline computes on the driver at ml100k (``jobs.driver_inputs``) and
-# commits as Arrow; ingest's and caption's are Spark frames.
-DRIVER_COMMITS = {"embed", "profiles", "topk", "evaluate"}
+# Stages whose rows the pipeline holds on the driver at ml100k and commits as Arrow (delta-rs on
+# a local master): a small ingest's collected tables (``driver_inputs.fits_on_driver``), caption's
+# merge of its staged files, and the driver paths of the later stages. (At --scale 10 Spark
+# commits ingest's tables: the floor stays a lower bound.)
+DRIVER_COMMITS = {"ingest", "caption", "embed", "profiles", "topk", "evaluate"}
 
 
 class _FloorActor:
@@ -650,7 +652,7 @@ def floor(source: Path, root: Path, master: str, out: Path) -> None:
                     # Rows the pipeline holds on the driver: committed as it commits them (Arrow,
                     # through delta-rs on a local master).
                     frame = rows[name]
-                    if "run_id" in keys:
+                    if keys is not None and "run_id" in keys:
                         frame = frame.set_column(frame.schema.get_field_index("run_id"), "run_id",
                                                  pa.array([run_id] * frame.num_rows, pa.string()))
                 else:
