@@ -154,3 +154,21 @@ def test_first_driver_commits_racing_to_create_a_table_leave_one_slice(spark, tm
             t.join()
         assert not errors
         assert len(_sorted(spark, wh, "user_profiles")) == 1  # the last writer's slice, alone
+
+
+@pytest.mark.spark
+def test_arrow_rows_that_spark_must_write_keep_their_values(spark, tmp_path):
+    """Where delta-rs may not commit (a cluster, an object store, a value that is not plain
+    text), Arrow rows become a Spark frame of the contract: maps, timestamps and vectors intact."""
+    import datetime as dt
+
+    at = dt.datetime(2026, 12, 1, 10, 0, 0, 123000)
+    run = pa.Table.from_pylist([{"run_id": "r'1", "job": "embed", "started_at": at, "counts": [("rows", 3), ("ms", 7)],
+                                 "pid": 12}], schema=tables.arrow_schema("runs"))
+    tables.append(spark, tmp_path, "runs", tables._spark_frame(spark, "runs", run))
+    row = tables.read(spark, tmp_path, "runs").first()
+    assert (row.run_id, row.started_at, row.counts, row.pid) == ("r'1", at, {"rows": 3, "ms": 7}, 12)
+    assert not _engine(tmp_path, "runs").startswith("delta-rs")
+    profiles = tables._spark_frame(spark, "user_profiles", _profiles("a", ["u1"], 4))
+    assert profiles.schema == tables.SCHEMAS["user_profiles"]
+    assert [tuple(r) for r in profiles.collect()] == [("a", "u1", "text", [4.0], 4)]
