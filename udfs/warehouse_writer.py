@@ -65,7 +65,15 @@ def conform(table: pa.Table, schema: pa.Schema, name: str) -> pa.Table:
     missing = [f.name for f in schema if f.name not in table.column_names]
     if missing:
         raise ValueError(f"frame written to '{name}' lacks columns {missing}; it has {table.column_names}")
-    return table.select(schema.names).cast(schema)
+    table = table.select(schema.names).cast(schema)
+    # Map columns rebuilt from their values: delta-rs 1.6 panics ("range start index ... out of
+    # range for slice of length 0") overwriting a partition with the map arrays Spark's
+    # ``toArrow()`` gives for ``create_map()`` (zero-length child buffers); pyarrow's rebuild of
+    # the same values writes. Maps are small here (an item's attributes, a run's counts).
+    for i, field in enumerate(schema):
+        if pa.types.is_map(field.type):
+            table = table.set_column(i, field, pa.array(table.column(i).to_pylist(), field.type))
+    return table.combine_chunks()
 
 
 def table_columns(path: str) -> list[str] | None:

@@ -86,3 +86,25 @@ def test_with_constants_adds_one_value_per_row():
 def test_only_a_local_warehouse_has_a_local_table(tmp_path):
     assert warehouse_writer.local_table(tmp_path, "items") == str(tmp_path.resolve() / "items")
     assert warehouse_writer.local_table("s3a://bucket/w", "items") is None
+
+
+def test_map_columns_from_spark_arrow_write_with_their_values(spark, tmp_path):
+    # delta-rs 1.6 panicked ("range start index ... out of range") overwriting a partition with
+    # the map arrays Spark's toArrow() gives for create_map() (the adapters' empty attrs): conform
+    # rebuilds them, and the values written are the values Spark held.
+    from pyspark.sql import functions as F
+
+    schema = pa.schema([pa.field("dataset", pa.string(), nullable=False),
+                        pa.field("item_id", pa.string(), nullable=False),
+                        pa.field("attrs", pa.map_(pa.string(), pa.string()))])
+    empty = F.create_map().cast("map<string,string>")
+    frame = (spark.createDataFrame([("pq", "e"), ("pq", "f")], "dataset string, item_id string")
+             .select("dataset", "item_id", empty.alias("attrs"))
+             .unionByName(spark.createDataFrame([("pq", "g", {"genre": "Drama"})],
+                                                "dataset string, item_id string, attrs map<string,string>")))
+    path = str(tmp_path / "items")
+    warehouse_writer.create(path, schema, ["dataset"])
+    warehouse_writer.write(path, warehouse_writer.conform(frame.toArrow(), schema, "items"),
+                           slice_predicate="dataset = 'pq'")
+    got = {r["item_id"]: dict(r["attrs"]) for r in DeltaTable(path).to_pyarrow_table().to_pylist()}
+    assert got == {"e": {}, "f": {}, "g": {"genre": "Drama"}}
