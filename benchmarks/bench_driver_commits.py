@@ -17,14 +17,11 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from machine import cpu_model  # benchmarks/machine.py (the scripts run from their folder)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:

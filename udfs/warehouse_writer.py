@@ -73,7 +73,7 @@ def conform(table: pa.Table, schema: pa.Schema, name: str) -> pa.Table:
     for i, field in enumerate(schema):
         if pa.types.is_map(field.type):
             table = table.set_column(i, field, pa.array(table.column(i).to_pylist(), field.type))
-    return table.combine_chunks()
+    return table
 
 
 def table_columns(path: str) -> list[str] | None:
