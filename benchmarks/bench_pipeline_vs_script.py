@@ -28,7 +28,9 @@ difference of the rest: tied scores among identical descriptions may order diffe
 The pipeline's ``metrics`` and ``comparisons`` rows are read from its Delta tables' Parquet
 files through the Delta log (no Spark, no deltalake package). Records the CPU model, cores and
 load average before and after; the machine must be otherwise idle for the figures to mean much.
-Writes JSON (``--out``, default ``benchmarks/results/pipeline_vs_script.json``).
+Writes JSON (``--out``, default ``benchmarks/results/pipeline_vs_script.json``), with the path
+each pipeline stage took (``paths``: computed on the driver or not, and which engine committed
+each of its tables) and the largest resident set of its processes (``peak_rss_mb``).
 
 ``--n-users`` / ``--n-items`` run both sides on a subset (the first users / items by id, the
 files rewritten into a temporary folder, posters linked) for quick checks; the default is the
@@ -577,8 +579,50 @@ def run_pipeline(root: Path, work: Path, master: str, extra_sets: list[str], tre
     metrics = read_delta(warehouse / "metrics")
     comparisons = read_delta(warehouse / "comparisons")
     return {"wall_s": wall, "stage_s": stages, "stages_total_s": float(match.group(2)),
+            "paths": stage_paths(warehouse), "peak_rss_mb": peak_rss_mb(),
             "metrics": metrics.drop(columns=["run_id"]).to_dict(orient="records"),
             "comparisons": comparisons.drop(columns=["run_id"]).to_dict(orient="records")}
+
+
+def last_committer(table: Path) -> str:
+    """``delta-rs`` or ``spark``: the engine of ``table``'s latest commit (its commitInfo);
+    ``absent`` for a table the run never wrote."""
+    commits = sorted((table / "_delta_log").glob("*.json"))
+    if not commits:
+        return "absent"
+    for line in commits[-1].read_text().splitlines():
+        info = json.loads(line).get("commitInfo")
+        if info is not None:
+            engine = str(info.get("engineInfo") or info.get("clientVersion") or "")
+            return "delta-rs" if "delta-rs" in engine else "spark" if engine else "unknown"
+    return "unknown"
+
+
+# Stages with a driver path of their computation (``jobs.driver_inputs.read_on_driver``).
+DRIVER_PATHS = {"embed", "profiles", "topk", "evaluate"}
+
+
+def stage_paths(warehouse: Path) -> dict[str, dict]:
+    """Which path each stage took: ``on_driver`` from its ``runs`` row (``computed_on_driver``:
+    its inputs within ``spark.driver_compute_mb``), and the engine that committed each of its
+    tables last. Ratios at different sizes differ mostly by these, so the result says them."""
+    runs = read_delta(warehouse / "runs")
+    out = {}
+    for stage, writes in FLOOR_WRITES.items():
+        row = runs[runs["job"] == stage].sort_values("started_at") if "job" in runs else runs.iloc[0:0]
+        counts = dict(row["counts"].iloc[-1]) if len(row) and row["counts"].iloc[-1] is not None else {}
+        # ingest computes with Spark and caption with Ray at every size: only commits can move.
+        out[stage] = {"on_driver": bool(counts.get("computed_on_driver")) if stage in DRIVER_PATHS else None,
+                      "committed_by": {table: last_committer(warehouse / table) for table, _ in writes}}
+    return out
+
+
+def peak_rss_mb() -> float:
+    """The largest resident set of any finished child process (Linux ru_maxrss, KiB): the
+    pipeline's driver, its Spark JVM or a Ray worker, whichever peaked highest."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 # The tables the pipeline writes, stage by stage, in its order, with the keys of each commit's
@@ -597,8 +641,9 @@ FLOOR_WRITES = {
 
 # Stages whose rows the pipeline holds on the driver at ml100k and commits as Arrow (delta-rs on
 # a local master): a small ingest's collected tables (``driver_inputs.fits_on_driver``), caption's
-# merge of its staged files, and the driver paths of the later stages. (At --scale 10 Spark
-# commits ingest's tables: the floor stays a lower bound.)
+# merge of its staged files, and the driver paths of the later stages. (Where a stage's inputs
+# exceed ``spark.driver_compute_mb`` Spark commits its tables: the floor stays a lower bound;
+# the pipeline's ``paths`` in the JSON say which stages did.)
 DRIVER_COMMITS = {"ingest", "caption", "embed", "profiles", "topk", "evaluate"}
 
 
@@ -820,6 +865,13 @@ def main() -> None:
     if p and s:
         print(f"the pipeline runs at {s / p:.2f}x the speed of the plain script (issue 9's targets: >= 0.6x on ml100k, "
               ">= 0.9x at --scale 10)")
+    if pipe and pipe.get("paths"):
+        print("pipeline paths: " + "; ".join(
+            f"{stage} {'' if path['on_driver'] is None else 'on the driver, ' if path['on_driver'] else 'on Spark, '}"
+            "committed by "
+            + ",".join(sorted(set(path["committed_by"].values())))
+            for stage, path in pipe["paths"].items() if path["committed_by"])
+            + f"; peak RSS of one process {pipe['peak_rss_mb']:.0f} MB")
     fl = runs.get("floor")
     if fl:
         print(f"floor (Spark + Ray started, the pipeline's {sum(len(w) for w in FLOOR_WRITES.values())} table commits, "

@@ -62,8 +62,11 @@ class SparkConf:
     # profiles, topk, evaluate (and embed, on a local master) compute on the driver (delta-rs
     # reads, the same kernels as their Spark tasks, Spark writes) while each table they read
     # holds at most this many MiB of Parquet, and 5M rows, after skipping files by partition
-    # values and statistics (jobs/driver_inputs.py); 0: always the distributed path.
-    driver_compute_mb: int = 64
+    # values and statistics (jobs/driver_inputs.py); 0: always the distributed path. 1 GiB is
+    # Spark's own default cap on what one action may bring to the driver (spark.driver.maxResultSize);
+    # 64 kept ten times ml100k (158 MiB of files to ingest, 410 MB of vectors) on Spark paths that
+    # ran 2-3x slower than the driver's (docs/BENCHMARKS.md, tenth session).
+    driver_compute_mb: int = 1024
     # Folder of resolved connector JARs (``vlm4rec setup``); empty means ~/.cache/vlm4rec/jars.
     jars_dir: str = ""
     # Any other Spark setting, passed through as-is (a cluster config sets executors here).

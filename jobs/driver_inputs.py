@@ -4,7 +4,7 @@ and, on a local master, ``embed``.
 On a catalog of a few thousand items each of these jobs moves a few MB, yet its Spark path pays
 for every action (scheduling, a Python worker round trip per stage, a Delta log replay per
 table read): 10-20 s a job at ml100k against well under a second of arithmetic. So while each
-table a job reads holds at most ``spark.driver_compute_mb`` MiB of Parquet (64 by default) and
+table a job reads holds at most ``spark.driver_compute_mb`` MiB of Parquet (1024 by default) and
 ``MAX_ROWS`` rows, after skipping files by partition values and statistics, the job reads its
 slices with delta-rs and runs, on the driver, the same pure kernels its Spark tasks run
 (``udfs.profiles``, ``udfs.topk_udfs``, ``udfs.evaluate_udfs``, ``udfs.embedding_udfs``);

@@ -35,7 +35,7 @@ def run_quietly(main, argv: list[str], spark) -> str:
     return buffer.getvalue()
 
 
-# The Spark path, which the default takes only above 64 MiB of inputs.
+# The Spark path, which the default takes only above 1 GiB of inputs.
 SPARK_PATH = ["--set", "spark.driver_compute_mb=0"]
 OUTPUTS = {"user_metrics": ["representation", "user_id", "metric", "k"],
            "metrics": ["representation", "metric", "k"],

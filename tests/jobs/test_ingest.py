@@ -238,7 +238,7 @@ def test_only_inputs_spark_sizes_within_the_limit_are_collected(spark, tmp_path)
     from jobs.driver_inputs import fits_on_driver
     from jobs.job_run import JobRun
 
-    run = JobRun("ingest", load_config([], [f"warehouse={tmp_path}"]), spark)  # 64 MiB
+    run = JobRun("ingest", load_config([], [f"warehouse={tmp_path}", "spark.driver_compute_mb=64"]), spark)
     small, large = spark.range(1000), spark.range(20_000_000)  # Spark estimates 8 kB and 160 MB
     assert fits_on_driver(run, small, small)
     assert not fits_on_driver(run, small, large)
