@@ -619,7 +619,8 @@ def stage_paths(warehouse: Path) -> dict[str, dict]:
 
 def peak_rss_mb() -> float:
     """The largest resident set of any finished child process (Linux ru_maxrss, KiB): the
-    pipeline's driver, its Spark JVM or a Ray worker, whichever peaked highest."""
+    pipeline's driver, its Spark JVM or a Ray worker, whichever peaked highest (with ``--order
+    script-first`` the script's process too: the maximum cannot be taken apart)."""
     import resource
 
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
