@@ -439,7 +439,8 @@ def _actor_resources(ray: Any, spec: CaptionSpec) -> tuple[float, float, int]:
     if spec.conf.actor_num_cpus is not None:
         actor_cpus = spec.conf.actor_num_cpus
     else:
-        # Actors holding every core starve the loading tasks: leave one core to them.
+        # Actors holding every core starve the loading tasks (a GPU actor's) and Ray's own
+        # processes: leave one core to them.
         actor_cpus = max(0.25, min(1.0, (cpus - 1) / spec.num_workers)) if cpus > 1 else 0.5
     # The actor caps this share by its own node's cores (``CaptionActor``).
     threads = spec.conf.torch_threads or max(1, int(cpus // spec.num_workers))
@@ -462,15 +463,22 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: str,
     ds = ray.data.from_arrow(blocks)
     write_kwargs = dict(staging_dir=str(folder), engine=spec.engine, model=spec.model,
                         prompt_id=spec.prompt_id, prompt=spec.prompt)
+    write = dict(fn_kwargs=write_kwargs, batch_size=per_file, batch_format="pandas", num_cpus=0.25)
     if spec.engine == "vllm":
-        ds = describe_with_vllm(ds, spec, limits)
+        ds = describe_with_vllm(ds, spec, limits).map_batches(cu.write_staging, **write)
     else:
         actor_cpus, actor_gpus, threads = _actor_resources(ray, spec)
         log.info("caption engine %s: %d actor(s), %.2f CPU + %.0f GPU each, %d torch thread(s)",
                  spec.engine, spec.num_workers, actor_cpus, actor_gpus, threads)
         cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         load = {"max_side": cu.ENGINE_MAX_SIDE[spec.engine], "limits": limits}
-        if spec.engine != "openai":
+        # Only a GPU actor gets loading tasks of its own, so that decoding overlaps its model.
+        # A CPU actor reads its own files (a millisecond an image against tens for the model)
+        # and writes its own staged files: the loading and writing tasks would take those very
+        # cores from its torch threads, and decoded pixels would pile up in the object store
+        # (measured in docs/BENCHMARKS.md, "Eleventh session").
+        own_io = actor_gpus == 0
+        if not own_io:
             ds = ds.map_batches(cu.load_images, fn_kwargs=load, batch_size=spec.batch_size, batch_format="pandas",
                                 num_cpus=spec.conf.load_num_cpus,
                                 compute=ray.data.TaskPoolStrategy(size=cluster_cpus))
@@ -481,17 +489,16 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: str,
                                        options=spec.engine_options,
                                        torch_threads=spec.conf.torch_threads if threads else 0,
                                        max_torch_threads=threads, expected_prompt_id=spec.prompt_id,
-                                       # The openai actor reads its own files and writes its
-                                       # own staged files: see CaptionActor.
-                                       load=load if spec.engine == "openai" else None,
-                                       staging=write_kwargs if spec.engine == "openai" else None),
+                                       load=load if own_io else None,
+                                       staging=write_kwargs if own_io else None),
             compute=actor_pool(ray, spec),
-            # openai: the whole block in one call, streamed (see CaptionActor._send_as_read).
-            batch_size=None if spec.engine == "openai" else spec.batch_size,
+            # An actor doing its own I/O takes a whole block (a staged file's rows) per call;
+            # openai streams it (CaptionActor._send_as_read), the others describe it an engine
+            # batch at a time (CaptionActor._read_and_describe).
+            batch_size=None if own_io else spec.batch_size,
             batch_format="pandas", num_cpus=actor_cpus, num_gpus=actor_gpus)
-    if spec.engine != "openai":
-        ds = ds.map_batches(cu.write_staging, fn_kwargs=write_kwargs, batch_size=per_file,
-                            batch_format="pandas", num_cpus=0.25)
+        if not own_io:
+            ds = ds.map_batches(cu.write_staging, **write)
     return ds.take_all()
 
 

@@ -186,14 +186,19 @@ def load_one(uri: str, expected_sha256: str, max_side: int | None,
         return None, error_text(exc.kind, exc.reason)
 
 
+def _load_isolated(uri: str, sha: str, max_side: int | None, limits: Any = None) -> tuple[Any, str | None]:
+    """``load_one``, with any other exception turned into this image's error."""
+    try:
+        return load_one(uri, sha, max_side, limits)
+    except Exception as exc:  # noqa: BLE001 - one image never fails its batch
+        return None, error_text("unreadable", f"image '{uri}' failed to load ({type(exc).__name__}: {exc})")
+
+
 def load_images(batch: pd.DataFrame, max_side: int | None, limits: Any = None) -> pd.DataFrame:
     """Ray stage 1: adds ``pixels`` (raw RGB bytes), ``width``, ``height`` and ``error``."""
     pixels, widths, heights, errors = [], [], [], []
     for uri, sha in zip(batch["image_uri"], batch["image_sha256"]):
-        try:
-            img, error = load_one(uri, sha, max_side, limits)
-        except Exception as exc:  # noqa: BLE001 - one image never fails its batch
-            img, error = None, error_text("unreadable", f"image '{uri}' failed to load ({type(exc).__name__}: {exc})")
+        img, error = _load_isolated(uri, sha, max_side, limits)
         pixels.append(None if img is None else img.tobytes())
         widths.append(0 if img is None else img.width)
         heights.append(0 if img is None else img.height)
@@ -292,9 +297,12 @@ class CaptionActor:
         prompt_tokens: list[int | None] = [None] * n
         retries: list[str] = [""] * n
         latency: list[float | None] = [None] * n
+        per_image_ms: list[float] = []
         started = time.perf_counter()
-        if self.load is not None:
+        if self.load is not None and self.spec["name"] == "openai":
             todo, results, errors = self._send_as_read(batch)
+        elif self.load is not None:
+            todo, results, errors, per_image_ms = self._read_and_describe(batch)
         else:
             errors = [_text_or_none(e) for e in batch["error"]]
             todo = [i for i in range(n) if errors[i] is None]
@@ -304,15 +312,16 @@ class CaptionActor:
                                           batch["pixels"].iat[i]) for i in todo]
                 results = describe_isolated(self.engine, images)
         if todo:
-            per_image_ms = (time.perf_counter() - started) * 1000.0 / len(todo)
-            for i, result in zip(todo, results):
+            if not per_image_ms:
+                per_image_ms = [(time.perf_counter() - started) * 1000.0 / len(todo)] * len(todo)
+            for i, result, ms in zip(todo, results, per_image_ms):
                 if isinstance(result, Exception):
                     kind = getattr(result, "kind", None)
                     errors[i] = (error_text(kind, str(result)) if kind
                                  else error_text(ENGINE, f"{type(result).__name__}: {result}"))
                     retries[i] = ",".join(getattr(result, "retries", ()))
                 else:
-                    texts[i], tokens[i], latency[i] = result.text, result.n_tokens, per_image_ms
+                    texts[i], tokens[i], latency[i] = result.text, result.n_tokens, ms
                     prompt_tokens[i], retries[i] = result.prompt_tokens, ",".join(result.retries)
         out = batch.drop(columns=[c for c in ("pixels", "width", "height", "error") if c in batch])
         out = out.assign(text=texts, n_tokens=tokens, latency_ms=latency, error=errors,
@@ -320,6 +329,32 @@ class CaptionActor:
                          prompt_tokens=pd.array(prompt_tokens, dtype="Int64"), retries=retries)
         return out if self.staging is None else write_staging(out, **self.staging)
 
+
+    def _read_and_describe(self, batch: pd.DataFrame) -> tuple[list[int], list[Any], list[str | None], list[float]]:
+        """A CPU engine's path: the actor reads, checks and decodes its own files (``load_one``),
+        one engine batch at a time, each described as soon as it is read. Returns (rows
+        described, their results, every row's error, each described row's milliseconds)."""
+        from udfs.caption import describe_isolated
+
+        errors: list[str | None] = [None] * len(batch)
+        todo: list[int] = []
+        results: list[Any] = []
+        per_image_ms: list[float] = []
+        step = max(1, int(self.spec["batch_size"]))
+        rows = list(zip(batch["image_uri"], batch["image_sha256"]))
+        for start in range(0, len(rows), step):
+            started = time.perf_counter()
+            chunk, images = [], []
+            for i in range(start, min(start + step, len(rows))):
+                img, errors[i] = _load_isolated(*rows[i], **self.load)
+                if img is not None:
+                    chunk.append(i)
+                    images.append(img)
+            if chunk:
+                results.extend(describe_isolated(self.engine, images))
+                todo.extend(chunk)
+                per_image_ms.extend([(time.perf_counter() - started) * 1000.0 / len(chunk)] * len(chunk))
+        return todo, results, errors, per_image_ms
 
     def _send_as_read(self, batch: pd.DataFrame) -> tuple[list[int], list[Any], list[str | None]]:
         """The ``openai`` engine's streaming path: each image is read, checked and handed to

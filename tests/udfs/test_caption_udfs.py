@@ -134,3 +134,36 @@ def test_staged_winners_rank_ok_then_error_then_no_status_and_keep_new_keys():
         won = sorted((r["image_sha256"], r["status"], r["created_at"].day)
                      for r in staged_winners(staged, current, keys).to_pylist())
         assert won == [("a", ERROR, 1), ("b", OK, 1), ("c", ERROR, 2)]
+
+
+def test_a_cpu_actor_reading_its_own_files_describes_as_the_loading_stage_does(tmp_path, ml100k):
+    """The two shapes of the caption pipeline (a CPU actor reads and writes its own files; a GPU
+    actor takes the loading stage's pixels and a writer stage stages them) give the same rows,
+    bad files included, and one engine batch (here 2 images) is described at a time."""
+    import pyarrow.parquet as pq
+
+    from udfs.images import ReadLimits
+
+    posters = [ml100k / "posters" / f"{i}.jpg" for i in (1, 2, 50)]
+    rows = [(str(p), sha256_bytes(p.read_bytes())) for p in posters]
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(posters[0].read_bytes()[:300])
+    rows += [(str(corrupt), sha256_bytes(corrupt.read_bytes())), (str(tmp_path / "gone.jpg"), "0" * 64)]
+    rows.insert(1, rows.pop())  # a failure between two good images of one engine batch
+    batch = pd.DataFrame({"image_sha256": [s for _, s in rows], "item_id": [str(i) for i in range(len(rows))],
+                          "image_uri": [u for u, _ in rows]})
+    load = {"max_side": cu.ENGINE_MAX_SIDE["tags"], "limits": ReadLimits()}
+    spec = dict(engine="tags", model="efficientnet-lite0", prompt="", batch_size=2, max_new_tokens=16)
+    write = dict(staging_dir=str(tmp_path / "own"), engine="tags", model="efficientnet-lite0",
+                 prompt_id="p", prompt="recipe")
+
+    summary = cu.CaptionActor(**spec, load=load, staging=write)(batch)
+    staged = pq.read_table(summary["file"].iat[0]).to_pandas().set_index("image_sha256").loc[batch["image_sha256"]]
+    loaded = cu.CaptionActor(**spec)(cu.load_images(batch, **load)).set_index("image_sha256")
+
+    assert summary[["ok", "error"]].iloc[0].tolist() == [3, 2]
+    assert staged["status"].tolist() == loaded["status"].tolist() == ["ok", "error", "ok", "ok", "error"]
+    assert staged["text"].tolist() == loaded["text"].tolist()
+    assert [cu.error_kind(e) for e in staged["error"]] == [None, "missing", None, None, "truncated"]
+    assert staged["error"].fillna("").tolist() == loaded["error"].fillna("").tolist()
+    assert (staged["latency_ms"].dropna() > 0).all() and staged["latency_ms"].notna().sum() == 3
