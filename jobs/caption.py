@@ -15,12 +15,14 @@ For the configured dataset and ``experiment.caption`` (engine, model, prompt):
    image, truncated, too large: the same hash fails the same way every time). Other errors (a
    file changed or missing since ingest, an engine exception) are retried (``retried``).
    ``--force`` (``experiment.caption.force``) describes every image again.
-3. Ray Data (``udfs.caption_udfs``): CPU tasks read, verify (the bytes must still hash to
-   ``image_sha256``) and decode each image and shrink it to what the engine needs; an actor
-   pool of ``caption.num_workers`` engines describes them (``describe_isolated``: a failing
-   image fails alone); I/O tasks write each batch to one Parquet file in
-   ``{warehouse}/_staging/descriptions/{run_id}/``, under a temporary name renamed into place.
-   The ``vllm`` engine runs Ray's own vLLM integration instead of the actor pool. The ``openai``
+3. Ray Data (``udfs.caption_udfs``): an actor pool of ``caption.num_workers`` engines reads,
+   verifies (the bytes must still hash to ``image_sha256``) and decodes each image, shrinks it
+   to what the engine needs and describes it (``describe_isolated``: a failing image fails
+   alone), one engine batch at a time, and writes each block of ``rows_per_file`` rows to one
+   Parquet file in ``{warehouse}/_staging/descriptions/{run_id}/``, under a temporary name
+   renamed into place. An actor on a GPU (``hf``) has CPU loading tasks before it, so that
+   decoding overlaps the model, and I/O tasks after it that write the staged files; on CPU
+   those tasks would only take cores from the actor's torch threads. The ``vllm`` engine runs Ray's own vLLM integration instead of the actor pool. The ``openai``
    engine's actors read the files themselves (no loading tasks: the request carries the file's
    own bytes when the server can take them), send HTTP requests to the servers of
    ``experiment.caption.openai`` and write their own staged files (no writer tasks, whose
@@ -46,11 +48,12 @@ with the ``openai`` engine also ``prompt_tokens``, ``completion_tokens`` (the se
 The job prints the representation name the ``embed`` job uses for these descriptions.
 
 The job's settings in ``experiment.caption`` (``jobs.config.CaptionConf``): ``actor_num_cpus``
-(CPUs reserved per engine actor; default: up to 1, leaving one core to image loading),
+(CPUs reserved per engine actor; default: up to 1, leaving one core to a GPU actor's image
+loading and to Ray's own processes),
 ``torch_threads`` (per actor; default: the cluster's cores divided by the actors, at most the
 cores of the node the actor runs on), ``rows_per_file``
 (rows per staged file, default 256: a killed run loses at most this many captions per actor
-call in flight; an ``openai`` actor has two), ``load_num_cpus`` (CPUs reserved per image-loading task, default 0: see below),
+call in flight; an ``openai`` actor has two), ``load_num_cpus`` (CPUs reserved per image-loading task of a GPU actor, default 0: see below),
 ``accelerator_type`` (``vllm``). The engine gets its own section as its options:
 ``experiment.caption.tags``, ``.hf`` or ``.vllm`` (``tensor_parallel_size`` is there).
 
@@ -455,9 +458,16 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: str,
 
     per_file = spec.conf.rows_per_file
     per_block = per_file
-    if spec.engine == "openai":
-        # An openai actor streams a whole block (CaptionActor._send_as_read): blocks small
-        # enough that every actor gets two, so none idles while another works through the rest.
+    actor_cpus, actor_gpus, threads = _actor_resources(ray, spec) if spec.engine != "vllm" else (0.0, 0.0, 0)
+    # Only a GPU actor gets loading tasks of its own, so that decoding overlaps its model.
+    # A CPU actor reads its own files (a millisecond an image against tens for the model)
+    # and writes its own staged files: the loading and writing tasks would take those very
+    # cores from its torch threads, and decoded pixels would pile up in the object store
+    # (measured in docs/BENCHMARKS.md, "Eleventh session").
+    own_io = spec.engine != "vllm" and actor_gpus == 0
+    if own_io:
+        # Such an actor takes a whole block per call: blocks small enough that every actor
+        # gets two, so none idles while another works through the rest.
         per_block = max(1, min(per_file, -(-todo.num_rows // (2 * spec.num_workers))))
     blocks = [todo.slice(start, per_block) for start in range(0, todo.num_rows, per_block)]
     ds = ray.data.from_arrow(blocks)
@@ -467,17 +477,10 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: str,
     if spec.engine == "vllm":
         ds = describe_with_vllm(ds, spec, limits).map_batches(cu.write_staging, **write)
     else:
-        actor_cpus, actor_gpus, threads = _actor_resources(ray, spec)
         log.info("caption engine %s: %d actor(s), %.2f CPU + %.0f GPU each, %d torch thread(s)",
                  spec.engine, spec.num_workers, actor_cpus, actor_gpus, threads)
         cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         load = {"max_side": cu.ENGINE_MAX_SIDE[spec.engine], "limits": limits}
-        # Only a GPU actor gets loading tasks of its own, so that decoding overlaps its model.
-        # A CPU actor reads its own files (a millisecond an image against tens for the model)
-        # and writes its own staged files: the loading and writing tasks would take those very
-        # cores from its torch threads, and decoded pixels would pile up in the object store
-        # (measured in docs/BENCHMARKS.md, "Eleventh session").
-        own_io = actor_gpus == 0
         if not own_io:
             ds = ds.map_batches(cu.load_images, fn_kwargs=load, batch_size=spec.batch_size, batch_format="pandas",
                                 num_cpus=spec.conf.load_num_cpus,
@@ -492,9 +495,9 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: str,
                                        load=load if own_io else None,
                                        staging=write_kwargs if own_io else None),
             compute=actor_pool(ray, spec),
-            # An actor doing its own I/O takes a whole block (a staged file's rows) per call;
-            # openai streams it (CaptionActor._send_as_read), the others describe it an engine
-            # batch at a time (CaptionActor._read_and_describe).
+            # A whole block per call for an actor doing its own I/O: openai streams it
+            # (CaptionActor._send_as_read), the others describe it an engine batch at a time
+            # (CaptionActor._read_and_describe).
             batch_size=None if own_io else spec.batch_size,
             batch_format="pandas", num_cpus=actor_cpus, num_gpus=actor_gpus)
         if not own_io:

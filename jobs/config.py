@@ -242,7 +242,7 @@ class CaptionConf:
     actor_num_cpus: float | None = None
     torch_threads: int = 0
     rows_per_file: int = 256
-    load_num_cpus: float = 0.0
+    load_num_cpus: float = 0.0  # per loading task; only a GPU actor has them
     accelerator_type: str | None = None  # vllm: pin the engine replicas to one GPU type ("H100")
     # Each engine's options; the configured engine receives its section as a plain dict.
     tags: TagsEngineConf = field(default_factory=TagsEngineConf)

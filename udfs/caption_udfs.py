@@ -1,20 +1,25 @@
 """What the ``caption`` job ships to Ray workers: image loading, the engine actor, the staging writer.
 
-Three Ray Data stages over batches of unique images (pandas frames with ``image_sha256``,
+Up to three Ray Data stages over batches of unique images (pandas frames with ``image_sha256``,
 ``item_id``, ``image_uri``):
 
-1. ``load_images`` (CPU tasks): read the file's bytes, check that they still hash to the
-   ``image_sha256`` that ``ingest`` recorded, decode with ``udfs.images.load_image`` and shrink
-   to what the engine needs, so that the engine never waits on I/O or a JPEG decoder. Pixels
-   travel as raw RGB bytes with their width and height (no tensor extension types).
+1. ``load_images`` (CPU tasks; only before an actor on a GPU): read the file's bytes, check
+   that they still hash to the ``image_sha256`` that ``ingest`` recorded, decode with
+   ``udfs.images.load_image`` and shrink to what the engine needs, so that the engine never
+   waits on I/O or a JPEG decoder. Pixels travel as raw RGB bytes with their width and height
+   (no tensor extension types).
 2. ``CaptionActor`` (an actor pool): one engine per actor, built on the first batch that has an
-   image to describe; ``udfs.caption.describe_isolated`` makes one bad image fail alone. The
-   ``openai`` engine has no stage 1: its actor reads and checks the files itself
-   (``load_image_urls``: the request's ``data:`` URL, usually the file's own bytes), and no
-   stage 3 either: it calls ``write_staging`` itself at the end of each batch.
-3. ``write_staging`` (I/O tasks): each batch becomes one Parquet file in the run's staging
-   folder, written under a temporary name and renamed into place, so a file that exists under
-   its final name is complete. The job's Spark step merges those files into ``descriptions``.
+   image to describe; ``udfs.caption.describe_isolated`` makes one bad image fail alone. An
+   actor on CPU has no stage 1 and no stage 3: it takes a whole block (one staged file's rows),
+   reads and decodes each engine batch with ``load_one`` just before describing it (a
+   millisecond an image against tens for the model), and calls ``write_staging`` itself at the
+   end; loading and writing tasks would only take its own cores from its torch threads. The
+   ``openai`` engine's actor does the same with ``image_url_of`` (the request's ``data:`` URL,
+   usually the file's own bytes) and streams the block's requests.
+3. ``write_staging`` (I/O tasks; only after an actor on a GPU): each batch becomes one Parquet
+   file in the run's staging folder, written under a temporary name and renamed into place, so
+   a file that exists under its final name is complete. The job's Spark step merges those files
+   into ``descriptions``.
 
 Every input row leaves as one ``descriptions`` row with ``status`` ``ok`` or ``error``; an
 error's text is ``"<kind>: <reason>"``, where kind is one of ``udfs.images.ImageError.kind``
@@ -247,13 +252,14 @@ class CaptionActor:
                  load: Mapping[str, Any] | None = None, staging: Mapping[str, Any] | None = None):
         self.spec = dict(name=engine, model=model, prompt=prompt, batch_size=batch_size,
                          max_new_tokens=max_new_tokens, options=dict(options or {}))
-        # ``load_image_urls``'s keyword arguments when this actor reads its own files (the
-        # openai engine: a millisecond per image, not worth a stage, a process hop and an
-        # object-store copy of its own).
+        # ``load_one``'s (``image_url_of``'s for openai) keyword arguments when this actor
+        # reads its own files (an actor on CPU: a millisecond per image, not worth a stage, a
+        # process hop and an object-store copy of its own).
         self.load = dict(load) if load is not None else None
         # ``write_staging``'s keyword arguments when this actor writes its own staged file per
-        # batch (the openai engine): no writer stage, so no task process competing for the
-        # cores with a server that may share the machine; the call returns the summary row.
+        # block (an actor on CPU): no writer stage, so no task process competing for the cores
+        # with the engine or with a server that may share the machine; the call returns the
+        # summary row.
         self.staging = dict(staging) if staging is not None else None
         # Explicit, or this node's own cores up to the driver's share (``max_torch_threads``):
         # on a cluster the nodes differ, and the driver sees only the cluster's total.
