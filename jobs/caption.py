@@ -18,17 +18,16 @@ For the configured dataset and ``experiment.caption`` (engine, model, prompt):
 3. Ray Data (``udfs.caption_udfs``): an actor pool of ``caption.num_workers`` engines reads,
    verifies (the bytes must still hash to ``image_sha256``) and decodes each image, shrinks it
    to what the engine needs and describes it (``describe_isolated``: a failing image fails
-   alone), one engine batch at a time, and writes each block of ``rows_per_file`` rows to one
-   Parquet file in ``{warehouse}/_staging/descriptions/{run_id}/``, under a temporary name
-   renamed into place. An actor on a GPU (``hf``) has CPU loading tasks before it, so that
+   alone), one engine batch at a time, and writes each block of at most ``rows_per_file`` rows
+   to one Parquet file in ``{warehouse}/_staging/descriptions/{run_id}/``, under a temporary
+   name renamed into place. An actor on a GPU (``hf``) has CPU loading tasks before it, so that
    decoding overlaps the model, and I/O tasks after it that write the staged files; on CPU
-   those tasks would only take cores from the actor's torch threads. The ``vllm`` engine runs Ray's own vLLM integration instead of the actor pool. The ``openai``
-   engine's actors read the files themselves (no loading tasks: the request carries the file's
-   own bytes when the server can take them), send HTTP requests to the servers of
-   ``experiment.caption.openai`` and write their own staged files (no writer tasks, whose
-   processes would take cores from a server on the same machine); the servers are checked
-   before Ray starts: when none answers the job exits 4 (``EXIT_SERVER_DOWN``), naming the URLs
-   (docs/CAPTION_SERVERS.md).
+   those tasks would only take cores from the actor's torch threads. The ``openai`` engine's
+   actors read the files the same way (the request carries the file's own bytes when the
+   server can take them) and send HTTP requests to the servers of
+   ``experiment.caption.openai``; the servers are checked before Ray starts: when none answers
+   the job exits 4 (``EXIT_SERVER_DOWN``), naming the URLs (docs/CAPTION_SERVERS.md). The
+   ``vllm`` engine runs Ray's own vLLM integration instead of the actor pool.
 4. Spark merges the staged files into ``descriptions`` (``MERGE`` on the key; an error row
    never replaces an ok row, an older row never replaces a newer one), then removes the folder.
 
@@ -52,13 +51,14 @@ The job's settings in ``experiment.caption`` (``jobs.config.CaptionConf``): ``ac
 loading and to Ray's own processes),
 ``torch_threads`` (per actor; default: the cluster's cores divided by the actors, at most the
 cores of the node the actor runs on), ``rows_per_file``
-(rows per staged file, default 256: a killed run loses at most this many captions per actor
-call in flight; an ``openai`` actor has two), ``load_num_cpus`` (CPUs reserved per image-loading task of a GPU actor, default 0: see below),
+(rows per staged file at most, default 256: a killed run loses at most this many captions
+per actor call in flight; an ``openai`` actor has two; an actor that reads its own files gets
+smaller blocks when that gives each actor two), ``load_num_cpus`` (CPUs reserved per image-loading task of a GPU actor, default 0: see below),
 ``accelerator_type`` (``vllm``). The engine gets its own section as its options:
 ``experiment.caption.tags``, ``.hf`` or ``.vllm`` (``tensor_parallel_size`` is there).
 
-Image loading reserves no CPU by default, and at most as many loading tasks as the cluster has
-CPUs run at once. Loading tasks that reserved CPUs could wait forever when engine actors hold
+A GPU actor's image loading reserves no CPU by default, and at most as many loading tasks as
+the cluster has CPUs run at once. Loading tasks that reserved CPUs could wait forever when engine actors hold
 every CPU: two caption runs sharing a small cluster each got their actor and neither could
 load an image (the concurrency test hung this way).
 """

@@ -191,12 +191,17 @@ def load_one(uri: str, expected_sha256: str, max_side: int | None,
         return None, error_text(exc.kind, exc.reason)
 
 
+def _unreadable(uri: str, exc: Exception) -> str:
+    """The error text of an image whose loading raised what no reader rule expected."""
+    return error_text("unreadable", f"image '{uri}' failed to load ({type(exc).__name__}: {exc})")
+
+
 def _load_isolated(uri: str, sha: str, max_side: int | None, limits: Any = None) -> tuple[Any, str | None]:
     """``load_one``, with any other exception turned into this image's error."""
     try:
         return load_one(uri, sha, max_side, limits)
     except Exception as exc:  # noqa: BLE001 - one image never fails its batch
-        return None, error_text("unreadable", f"image '{uri}' failed to load ({type(exc).__name__}: {exc})")
+        return None, _unreadable(uri, exc)
 
 
 def load_images(batch: pd.DataFrame, max_side: int | None, limits: Any = None) -> pd.DataFrame:
@@ -229,7 +234,7 @@ def image_url_of(uri: str, sha: str, max_side: int | None, limits: Any = None) -
     except ImageError as exc:
         return None, error_text(exc.kind, exc.reason)
     except Exception as exc:  # noqa: BLE001 - one image never fails its batch
-        return None, error_text("unreadable", f"image '{uri}' failed to load ({type(exc).__name__}: {exc})")
+        return None, _unreadable(uri, exc)
 
 
 def load_image_urls(batch: pd.DataFrame, max_side: int | None, limits: Any = None) -> pd.DataFrame:
@@ -335,11 +340,11 @@ class CaptionActor:
                          prompt_tokens=pd.array(prompt_tokens, dtype="Int64"), retries=retries)
         return out if self.staging is None else write_staging(out, **self.staging)
 
-
     def _read_and_describe(self, batch: pd.DataFrame) -> tuple[list[int], list[Any], list[str | None], list[float]]:
         """A CPU engine's path: the actor reads, checks and decodes its own files (``load_one``),
         one engine batch at a time, each described as soon as it is read. Returns (rows
-        described, their results, every row's error, each described row's milliseconds)."""
+        described, their results, every row's error, each described row's milliseconds in the
+        engine: reading is not counted, as it is not where a loading stage does it)."""
         from udfs.caption import describe_isolated
 
         errors: list[str | None] = [None] * len(batch)
@@ -349,7 +354,6 @@ class CaptionActor:
         step = max(1, int(self.spec["batch_size"]))
         rows = list(zip(batch["image_uri"], batch["image_sha256"]))
         for start in range(0, len(rows), step):
-            started = time.perf_counter()
             chunk, images = [], []
             for i in range(start, min(start + step, len(rows))):
                 img, errors[i] = _load_isolated(*rows[i], **self.load)
@@ -357,6 +361,7 @@ class CaptionActor:
                     chunk.append(i)
                     images.append(img)
             if chunk:
+                started = time.perf_counter()
                 results.extend(describe_isolated(self.engine, images))
                 todo.extend(chunk)
                 per_image_ms.extend([(time.perf_counter() - started) * 1000.0 / len(chunk)] * len(chunk))
@@ -432,7 +437,7 @@ def write_atomically(table: pa.Table, folder: str | Path) -> str:
 
 def write_staging(batch: pd.DataFrame, staging_dir: str, engine: str, model: str, prompt_id: str,
                   prompt: str) -> pd.DataFrame:
-    """Ray stage 3 (for ``openai``, called by ``CaptionActor`` itself): the batch's
+    """Ray stage 3 (an actor on CPU, ``openai``'s included, calls it itself): the batch's
     ``descriptions`` rows -> one staged file; returns one summary row
     (file, ok, error, error_kinds as JSON ``{kind: n}``, and the cost: prompt_tokens,
     completion_tokens, described_after_retry, retries as JSON ``{fault kind: n}``) for the

@@ -136,34 +136,59 @@ def test_staged_winners_rank_ok_then_error_then_no_status_and_keep_new_keys():
         assert won == [("a", ERROR, 1), ("b", OK, 1), ("c", ERROR, 2)]
 
 
-def test_a_cpu_actor_reading_its_own_files_describes_as_the_loading_stage_does(tmp_path, ml100k):
+def test_a_cpu_actor_reading_its_own_files_describes_as_the_loading_stage_does(tmp_path, ml100k, monkeypatch):
     """The two shapes of the caption pipeline (a CPU actor reads and writes its own files; a GPU
     actor takes the loading stage's pixels and a writer stage stages them) give the same rows,
-    bad files included, and one engine batch (here 2 images) is described at a time."""
+    bad files included; the CPU actor describes one engine batch (here 2 images) at a time, and
+    never builds its engine for a block whose every file is bad."""
     import pyarrow.parquet as pq
 
-    from udfs.images import ReadLimits
+    import udfs.caption as caption
 
-    posters = [ml100k / "posters" / f"{i}.jpg" for i in (1, 2, 50)]
+    posters = [ml100k / "posters" / f"{i}.jpg" for i in (1, 2, 50, 98)]
     rows = [(str(p), sha256_bytes(p.read_bytes())) for p in posters]
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(posters[0].read_bytes()[:300])
     rows += [(str(corrupt), sha256_bytes(corrupt.read_bytes())), (str(tmp_path / "gone.jpg"), "0" * 64)]
     rows.insert(1, rows.pop())  # a failure between two good images of one engine batch
-    batch = pd.DataFrame({"image_sha256": [s for _, s in rows], "item_id": [str(i) for i in range(len(rows))],
-                          "image_uri": [u for u, _ in rows]})
+    # good, missing, good, good, raises, truncated: engine batches of 1, 2 and no image.
+    real_load_one, raising = cu.load_one, rows[4][0]
+    monkeypatch.setattr(cu, "load_one", lambda uri, *a: (_ for _ in ()).throw(OSError("disk gone"))
+                        if uri == raising else real_load_one(uri, *a))
+    engine_batches = []
+    real_describe = caption.describe_isolated
+    monkeypatch.setattr(caption, "describe_isolated",
+                        lambda engine, images: engine_batches.append(len(images)) or real_describe(engine, images))
+
+    def frame(picked):
+        return pd.DataFrame({"image_sha256": [s for _, s in picked], "item_id": [str(i) for i in range(len(picked))],
+                             "image_uri": [u for u, _ in picked]})
+
+    batch = frame(rows)
     load = {"max_side": cu.ENGINE_MAX_SIDE["tags"], "limits": ReadLimits()}
     spec = dict(engine="tags", model="efficientnet-lite0", prompt="", batch_size=2, max_new_tokens=16)
-    write = dict(staging_dir=str(tmp_path / "own"), engine="tags", model="efficientnet-lite0",
-                 prompt_id="p", prompt="recipe")
+    own = tmp_path / "own"
+    write = dict(staging_dir=str(own), engine="tags", model="efficientnet-lite0", prompt_id="p", prompt="recipe")
 
     summary = cu.CaptionActor(**spec, load=load, staging=write)(batch)
-    staged = pq.read_table(summary["file"].iat[0]).to_pandas().set_index("image_sha256").loc[batch["image_sha256"]]
-    loaded = cu.CaptionActor(**spec)(cu.load_images(batch, **load)).set_index("image_sha256")
+    assert engine_batches == [1, 2]
+    assert [p.name.startswith(cu.STAGED_FILE_PREFIX) for p in own.iterdir()] == [True]
+    staged = pq.read_table(summary["file"].iat[0]).to_pandas()
+    assert staged["image_sha256"].tolist() == batch["image_sha256"].tolist()
+    loaded = cu.CaptionActor(**spec)(cu.load_images(batch, **load))
 
-    assert summary[["ok", "error"]].iloc[0].tolist() == [3, 2]
-    assert staged["status"].tolist() == loaded["status"].tolist() == ["ok", "error", "ok", "ok", "error"]
+    assert summary[["ok", "error"]].iloc[0].tolist() == [3, 3]
+    assert staged["status"].tolist() == loaded["status"].tolist() == ["ok", "error", "ok", "ok", "error", "error"]
     assert staged["text"].tolist() == loaded["text"].tolist()
-    assert [cu.error_kind(e) for e in staged["error"]] == [None, "missing", None, None, "truncated"]
+    assert [cu.error_kind(e) for e in staged["error"]] == [None, "missing", None, None, "unreadable", "truncated"]
+    assert "disk gone" in staged["error"].iat[4]
     assert staged["error"].fillna("").tolist() == loaded["error"].fillna("").tolist()
     assert (staged["latency_ms"].dropna() > 0).all() and staged["latency_ms"].notna().sum() == 3
+
+    def no_engine(**_):
+        raise AssertionError("an engine was built for a block without a readable image")
+
+    monkeypatch.setattr(caption, "make_engine", no_engine)
+    bad = frame([rows[1], rows[4], rows[5]])
+    summary = cu.CaptionActor(**spec, load=load, staging=dict(write, staging_dir=str(tmp_path / "bad")))(bad)
+    assert summary[["ok", "error"]].iloc[0].tolist() == [0, 3]

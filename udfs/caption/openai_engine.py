@@ -440,8 +440,8 @@ class OpenAIEngine(CaptionEngine):
 
     def describe_urls(self, image_urls: Sequence[str | Exception]) -> list[Caption | Exception]:
         """``describe_each`` for images already in request form (``file_data_url``: what the
-        caption job's loading tasks hand over, so that the actor does only HTTP); an exception
-        in the list is that image's result as it is."""
+        caption job's actors build as they read each file, so that the engine does only HTTP);
+        an exception in the list is that image's result as it is."""
         return [outcome(f) for f in [self.submit_url(url) for url in image_urls]]
 
     def describe(self, images: Sequence[Image.Image]) -> list[Caption]:
