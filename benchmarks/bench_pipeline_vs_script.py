@@ -15,7 +15,7 @@ each in its own fresh process, one after the other, on the same machine:
   kernels called in-process, in one Python process: the adapter's reading rules (u.data,
   u.item, the TMDB overviews, the suspect-content rule), the image checks and hashes, the
   ``temporal_ratio`` split, the ``tags`` descriptions of the unique posters (decoded as the
-  caption job's loading stage decodes them), MiniLM vectors of titles, overviews and
+  caption job decodes them, with ``load_one``), MiniLM vectors of titles, overviews and
   descriptions, EfficientNet-Lite0 vectors, the fusions, mean-of-history profiles (fusions of
   the parts' profiles, as the profiles job does), exact top-K with seen items masked over the
   common candidate set plus the popularity and random baselines, the six metrics at each K
