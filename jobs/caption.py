@@ -53,14 +53,14 @@ loading and to Ray's own processes),
 cores of the node the actor runs on), ``rows_per_file``
 (rows per staged file at most, default 256: a killed run loses at most this many captions
 per actor call in flight; an ``openai`` actor has two; an actor that reads its own files gets
-smaller blocks when that gives each actor two), ``load_num_cpus`` (CPUs reserved per image-loading task of a GPU actor, default 0: see below),
-``accelerator_type`` (``vllm``). The engine gets its own section as its options:
+smaller blocks when that gives each actor two), ``load_num_cpus`` (CPUs reserved per
+image-loading task of a GPU actor, default 0: see below), ``accelerator_type`` (``vllm``). The engine gets its own section as its options:
 ``experiment.caption.tags``, ``.hf`` or ``.vllm`` (``tensor_parallel_size`` is there).
 
 A GPU actor's image loading reserves no CPU by default, and at most as many loading tasks as
-the cluster has CPUs run at once. Loading tasks that reserved CPUs could wait forever when engine actors hold
-every CPU: two caption runs sharing a small cluster each got their actor and neither could
-load an image (the concurrency test hung this way).
+the cluster has CPUs run at once. Loading tasks that reserved CPUs could wait forever when
+engine actors hold every CPU: two caption runs sharing a small cluster each got their actor and
+neither could load an image (the concurrency test hung this way).
 """
 from __future__ import annotations
 

@@ -153,8 +153,14 @@ def test_a_cpu_actor_reading_its_own_files_describes_as_the_loading_stage_does(t
     rows.insert(1, rows.pop())  # a failure between two good images of one engine batch
     # good, missing, good, good, raises, truncated: engine batches of 1, 2 and no image.
     real_load_one, raising = cu.load_one, rows[4][0]
-    monkeypatch.setattr(cu, "load_one", lambda uri, *a: (_ for _ in ()).throw(OSError("disk gone"))
-                        if uri == raising else real_load_one(uri, *a))
+
+    def load_one_or_a_disk_fault(uri, *args):
+        # A fault no reader rule expects, which no file on a healthy disk produces.
+        if uri == raising:
+            raise OSError("disk gone")
+        return real_load_one(uri, *args)
+
+    monkeypatch.setattr(cu, "load_one", load_one_or_a_disk_fault)
     engine_batches = []
     real_describe = caption.describe_isolated
     monkeypatch.setattr(caption, "describe_isolated",
