@@ -4,11 +4,12 @@ differences against the text-grounded representation (``lvlm``).
 Row order (``paper_order``), rows that the run has only:
 
 1. ``lvlm:...`` (text-only from the descriptions; several caption engines in the run's order),
-2. ``title`` (title only), 3. ``visual`` (vision only),
+2. ``title`` (title only), then ``text`` (the item's own text: a text-only baseline like the
+   title, so beside it), 3. ``visual`` (vision only),
 4. title + vision with each fusion method in ``FUSION_METHODS`` order, then lvlm + vision the
    same way (for each lvlm representation),
 5. ``als``, ``popularity``, ``random`` (the references),
-6. every other representation (``text``, fusions of other parts...), sorted by name.
+6. every other representation (fusions of other parts...), sorted by name.
 
 The formatting takes plain rows (dicts or Spark ``Row``s) of the ``metrics`` and ``comparisons``
 tables, so ``evaluate`` and anyone reading the tables print the same thing.
@@ -19,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from udfs.metrics import METRICS
 from udfs.protocol import BASELINES
-from udfs.representations import ALS, LVLM, TITLE, VISUAL, RepresentationError, parse_representation
+from udfs.representations import ALS, LVLM, TEXT, TITLE, VISUAL, RepresentationError, parse_representation
 
 # The paper's fusion columns, in its table's order.
 FUSION_METHODS = ("naive", "concat", "attention", "gating", "crossmodal", "smore")
@@ -38,7 +39,7 @@ def paper_order(names: Iterable[str]) -> list[str]:
     names = list(dict.fromkeys(names))
     parsed = {n: _parsed(n) for n in names}
     lvlms = [n for n in names if parsed[n] is not None and parsed[n].kind == LVLM]
-    order = lvlms + [n for n in (TITLE, VISUAL) if n in parsed]
+    order = lvlms + [n for n in (TITLE, TEXT, VISUAL) if n in parsed]
     for text in [TITLE, *lvlms]:
         for method in FUSION_METHODS:
             order += [n for n in names if parsed[n] is not None and parsed[n].kind == method
@@ -117,11 +118,17 @@ def comparisons_block(rows: Iterable[Mapping], order: Sequence[str], ks: Sequenc
 
 
 def results_table(metric_rows: Iterable[Mapping], comparison_rows: Iterable[Mapping], names: Iterable[str],
-                  ks: Sequence[int]) -> str:
+                  ks: Sequence[int], notes: Mapping[str, str] | None = None) -> str:
     """The metrics of ``names`` in the paper's order, then their paired differences against the
-    first ``lvlm`` representation (when the run has one)."""
+    first ``lvlm`` representation (when the run has one). ``notes``: representation -> a warning
+    printed under the metrics, its rows marked (``udfs.description_stats``)."""
     order = paper_order(names)
     lines = metrics_block(list(metric_rows), order, ks)
+    if notes:
+        width = max([len(r) for r in order] + [len("representation")])
+        marked = {f"{rep:<{width}}  " for rep in notes}
+        lines = [f"{line}  (!) see the warning below" if line[:width + 2] in marked else line for line in lines]
+        lines += [f"WARNING {rep}: {note}" for rep, note in notes.items()] + [""]
     reference = next((n for n in order if n.startswith(f"{LVLM}:")), None)
     if reference is None:
         lines.append("no lvlm representation in this run: no paired differences against it")

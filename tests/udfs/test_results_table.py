@@ -10,11 +10,11 @@ def test_paper_order_puts_the_papers_rows_first_and_the_others_after_sorted():
     names = ["random", "text", "naive:text+visual", "popularity", f"naive:{LVLM}+visual", "concat", "visual",
              "smore", "title", "als", LVLM, f"attention:{LVLM}+visual", "naive", "gating"]
     assert paper_order(names) == [
-        LVLM, "title", "visual",
+        LVLM, "title", "text", "visual",  # text-only baselines beside each other
         "naive", "concat", "gating", "smore",  # title + vision, in the paper's fusion order
         f"naive:{LVLM}+visual", f"attention:{LVLM}+visual",  # lvlm + vision
         "als", "popularity", "random",
-        "naive:text+visual", "text",  # not in the paper: after, by name
+        "naive:text+visual",  # not in the paper: after, by name
     ]
     assert paper_order(reversed(names)) == paper_order(names)
 
@@ -46,3 +46,14 @@ def test_results_table_prints_metrics_in_paper_order_then_differences_against_lv
     als_row = next(line for line in lines[block:] if line.startswith("als"))
     assert "-0.2500 [-0.3750,-0.1250] n/a" in als_row
     assert "no lvlm representation" in results_table(metrics[:1], [], ["random"], [10])
+
+
+def test_results_table_marks_a_representation_with_a_note_and_prints_the_note_under_the_metrics():
+    names = ["title", LVLM]
+    metrics = [dict(representation=n, metric="ndcg", k=10, value=0.1, n_users=7, ci_low=0.0, ci_high=1.0)
+               for n in names]
+    text = results_table(metrics, [], names, [10], notes={LVLM: "no signal in its descriptions"})
+    lines = text.splitlines()
+    assert [line for line in lines if line.endswith("(!) see the warning below")][0].startswith(f"{LVLM} ")
+    assert not any(line.startswith("title ") and "(!)" in line for line in lines)
+    assert f"WARNING {LVLM}: no signal in its descriptions" in lines
