@@ -7,13 +7,31 @@ and the samples of many columns over the same users are one matrix product. The 
 chunks of at most `_MAX_DRAWS_PER_CHUNK` indices, so memory stays bounded (about 128 MiB while
 drawing, plus one kept chunk of counts) whatever the number of users and samples, and a fixed
 seed gives the same interval.
+
+Three paired tests of "the mean difference is 0" give a comparison's p-value (``TESTS``,
+``paired_p_values``): the paired t-test, a sign-flip randomisation test and Wilcoxon's
+signed-rank test. Per-user differences of ranking metrics are zero-heavy and skewed, and
+Wilcoxon tests symmetry about 0, not a zero mean: on this project's own differences it rejects
+a true zero mean far more often than its nominal rate (docs/BENCHMARKS.md, twelfth session),
+where the t-test and the randomisation test hold it (Ihemelandu & Ekstrand, SIGIR 2023). The
+randomisation test draws its sign flips the way the bootstrap draws users: one matrix of
+random signs times the difference columns, in bounded chunks, from a seed.
 """
 from __future__ import annotations
 
 import numpy as np
-import scipy.stats
+
+# scipy.stats is imported where a p-value needs it: the config imports ``TESTS`` from here, and
+# every job (``recommend``'s cold start too) imports the config.
 
 _MAX_DRAWS_PER_CHUNK = 1 << 23
+# Sign flips per chunk of the randomisation test (float64 signs: 32 MiB).
+_MAX_FLIPS_PER_CHUNK = 1 << 22
+
+TESTS = ("t", "randomization", "wilcoxon")
+# Enough draws for the smallest p-value, 1 / (1 + draws) = 5e-5, to stay below 0.05 after Holm
+# over several hundred comparisons (45 pairs of a metric@K need 20 * 45 = 900 at least).
+RANDOMIZATION_DRAWS = 20_000
 
 
 def bootstrap_mean_ci(
@@ -95,8 +113,112 @@ def wilcoxon_p(a: np.ndarray, b: np.ndarray, zero_method: str = "wilcox") -> flo
     a, b = _as_pair(a, b)
     if not np.any(a != b):
         return 1.0
+    import scipy.stats
+
     result = scipy.stats.wilcoxon(a, b, zero_method=zero_method, alternative="two-sided")
     return float(result.pvalue)
+
+
+def paired_t_ps(differences: np.ndarray) -> np.ndarray:
+    """Two-sided paired t-test p-value of each column of ``differences`` (users x columns, a - b
+    per user): the t-test of a mean of 0, as ``scipy.stats.ttest_rel(a, b)``. A column whose
+    differences are all zero gets 1.0 (no evidence of a difference; scipy gives NaN), one whose
+    differences are all equal and not zero gets 0.0 (no spread: the difference is certain), and
+    a column of fewer than two users gets 1.0 (nothing to test with)."""
+    d = _as_columns(differences)
+    n = d.shape[0]
+    out = np.ones(d.shape[1], dtype=np.float64)
+    if n < 2:
+        return out
+    mean = d.mean(axis=0)
+    sd = d.std(axis=0, ddof=1)
+    # A spread that is rounding noise of equal differences counts as none.
+    spread = sd > 1e-12 * np.maximum(np.abs(d).max(axis=0), 1e-300)
+    t = np.divide(mean, sd / np.sqrt(n), out=np.zeros_like(mean), where=spread)
+    import scipy.stats
+
+    out[spread] = 2 * scipy.stats.t.sf(np.abs(t[spread]), df=n - 1)
+    out[~spread & (mean != 0)] = 0.0
+    return out
+
+
+def paired_t_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided paired t-test p-value of a vs b (``paired_t_ps`` of a - b)."""
+    a, b = _as_pair(a, b)
+    return float(paired_t_ps((a - b).reshape(-1, 1))[0])
+
+
+def sign_flip_ps(differences: np.ndarray, n_draws: int = RANDOMIZATION_DRAWS, seed: int = 0) -> np.ndarray:
+    """Two-sided paired randomisation p-value of each column of ``differences`` (users x
+    columns): under "a and b are exchangeable for each user" every difference's sign is a fair
+    coin, so each draw flips each user's sign at random (the same draw for every column: one
+    matrix product serves all pairs over the same users) and
+    p = (1 + #draws with |mean*| >= |mean|) / (1 + n_draws), never 0. Signs are drawn in chunks
+    of at most ``_MAX_FLIPS_PER_CHUNK`` (memory stays bounded); a fixed seed gives the same p."""
+    d = _as_columns(differences)
+    if isinstance(n_draws, bool) or not isinstance(n_draws, (int, np.integer)) or n_draws < 1:
+        raise ValueError(f"n_draws must be a positive integer, got {n_draws!r}")
+    n = d.shape[0]
+    observed = np.abs(d.sum(axis=0))
+    # A flipped sum equal to the observed one up to rounding counts as "as extreme" (exact ties
+    # are common: many users share the same few metric values).
+    threshold = observed - 1e-9 * np.maximum(np.abs(d).sum(axis=0), 1e-300)
+    extreme = np.zeros(d.shape[1], dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    rows_per_chunk = max(1, _MAX_FLIPS_PER_CHUNK // max(n, 1))
+    for start in range(0, n_draws, rows_per_chunk):
+        rows = min(rows_per_chunk, n_draws - start)
+        # Each draw takes whole 64-bit words (one bit a user), so the chunk size never changes the draws.
+        words = rng.integers(0, np.iinfo(np.uint64).max, size=(rows, -(-n // 64)), dtype=np.uint64, endpoint=True)
+        bits = np.unpackbits(words.view(np.uint8), axis=1, count=n)
+        signs = 1.0 - 2.0 * bits
+        extreme += (np.abs(signs @ d) >= threshold).sum(axis=0)
+    return (1.0 + extreme) / (1.0 + n_draws)
+
+
+def paired_randomization_p(a: np.ndarray, b: np.ndarray, n_draws: int = RANDOMIZATION_DRAWS,
+                           seed: int = 0) -> float:
+    """Two-sided sign-flip randomisation p-value of a vs b (``sign_flip_ps`` of a - b)."""
+    a, b = _as_pair(a, b)
+    return float(sign_flip_ps((a - b).reshape(-1, 1), n_draws, seed)[0])
+
+
+def effect_sizes(differences: np.ndarray) -> np.ndarray:
+    """Cohen's d_z of each column of ``differences`` (users x columns): the mean difference over
+    the standard deviation of the differences (ddof 1), a size that does not grow with the
+    number of users as a p-value does. 0 where every difference is 0; +-inf where all are equal
+    and not 0; NaN for fewer than two users."""
+    d = _as_columns(differences)
+    mean = d.mean(axis=0)
+    if d.shape[0] < 2:
+        return np.full(d.shape[1], np.nan)
+    sd = d.std(axis=0, ddof=1)
+    spread = sd > 1e-12 * np.maximum(np.abs(d).max(axis=0), 1e-300)
+    out = np.where(mean > 0, np.inf, -np.inf)
+    out[mean == 0] = 0.0
+    np.divide(mean, sd, out=out, where=spread)
+    return out
+
+
+def paired_effect_size(a: np.ndarray, b: np.ndarray) -> float:
+    """Cohen's d_z of a - b (``effect_sizes``)."""
+    a, b = _as_pair(a, b)
+    return float(effect_sizes((a - b).reshape(-1, 1))[0])
+
+
+def paired_p_values(test: str, differences: np.ndarray, seed: int = 0,
+                    n_draws: int = RANDOMIZATION_DRAWS) -> np.ndarray:
+    """The two-sided p-value of ``test`` (one of ``TESTS``) for each column of ``differences``
+    (users x columns, a - b per user); ``seed`` and ``n_draws`` serve the randomisation test."""
+    d = _as_columns(differences)
+    if test == "t":
+        return paired_t_ps(d)
+    if test == "randomization":
+        return sign_flip_ps(d, n_draws, seed)
+    if test == "wilcoxon":
+        zeros = np.zeros(d.shape[0])
+        return np.array([wilcoxon_p(d[:, j], zeros) for j in range(d.shape[1])], dtype=np.float64)
+    raise ValueError(f"test must be one of {list(TESTS)}, got {test!r}")
 
 
 def holm(pvalues: np.ndarray) -> np.ndarray:
@@ -125,6 +247,14 @@ def _as_sample(values: np.ndarray, name: str) -> np.ndarray:
             "per-user metrics must be finite (exclude users without relevant items upstream)"
         )
     return array
+
+
+def _as_columns(differences: np.ndarray) -> np.ndarray:
+    d = np.asarray(differences, dtype=np.float64)
+    if d.ndim != 2:
+        raise ValueError(f"differences must be a users x columns matrix, got shape {d.shape}")
+    _as_sample(d, "differences")
+    return d
 
 
 def _as_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,10 +1,14 @@
-"""Bootstrap intervals, Wilcoxon p-values and the Holm correction."""
+"""Bootstrap intervals, the paired tests (t, sign-flip randomisation, Wilcoxon), the effect size and
+the Holm correction, each against an independent answer."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
+import scipy.stats
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import udfs.significance as significance
 from udfs.significance import bootstrap_mean_ci, holm, paired_bootstrap_ci, wilcoxon_p
@@ -163,3 +167,107 @@ def test_wilcoxon_drops_tied_users_by_default():
 def test_bad_inputs_raise_errors_that_say_what_to_fix(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# The paired t-test, the sign-flip randomisation test and the effect size.
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_paired_t_matches_scipy_ttest_rel(seed):
+    rng = np.random.default_rng(seed)
+    a = rng.exponential(size=57)
+    b = a + rng.normal(0.1 * seed, 0.5, 57)
+    expected = scipy.stats.ttest_rel(a, b).pvalue
+    assert significance.paired_t_p(a, b) == pytest.approx(expected, rel=1e-10)
+
+
+def test_paired_t_of_columns_equals_each_column_alone():
+    d = np.random.default_rng(3).normal(0.05, 1, size=(40, 5))
+    together = significance.paired_t_ps(d)
+    for j in range(5):
+        assert together[j] == pytest.approx(scipy.stats.ttest_1samp(d[:, j], 0).pvalue, rel=1e-10)
+
+
+def test_paired_t_without_spread():
+    # All zero: no evidence (scipy says NaN); all equal and not zero: certain; one user: nothing to test.
+    assert significance.paired_t_p(np.ones(9), np.ones(9)) == 1.0
+    assert significance.paired_t_p(np.full(9, 0.3), np.full(9, 0.1)) == 0.0
+    assert significance.paired_t_p(np.array([0.5]), np.array([0.1])) == 1.0
+
+
+def _exact_sign_flip_p(d: np.ndarray) -> float:
+    """Every one of the 2^n sign patterns: the share whose |sum| reaches the observed |sum|."""
+    n = d.shape[0]
+    patterns = ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1) * -2 + 1
+    sums = np.abs(patterns @ d)
+    return float(np.mean(sums >= abs(d.sum()) - 1e-12))
+
+
+@pytest.mark.parametrize("values", [
+    [0.5, 0.2, 0.1, 0.0, 0.3, -0.1, 0.25, 0.0, 0.4, 0.15],
+    [1.0, -1.0, 1.0, 1.0, 0.0, 1.0, 1.0, -1.0, 1.0, 1.0, 1.0],  # many ties, as per-user hits are
+    [0.1, 0.2, -0.15, 0.05, -0.3, 0.02, 0.3, -0.2],
+])
+def test_sign_flip_p_matches_the_enumeration_of_all_sign_patterns(values):
+    d = np.array(values)
+    exact = _exact_sign_flip_p(d)
+    draws = 40_000
+    got = significance.paired_randomization_p(d, np.zeros_like(d), n_draws=draws, seed=1)
+    # The Monte Carlo estimate lies within 5 standard errors of the exact p (plus the +1's bias).
+    assert abs(got - exact) <= 5 * math.sqrt(exact * (1 - exact) / draws) + 2 / draws
+
+
+def test_sign_flip_p_is_seeded_never_zero_and_one_without_differences():
+    d = np.random.default_rng(4).normal(1.0, 0.2, size=(30, 1))
+    p = significance.sign_flip_ps(d, 1000, seed=3)
+    assert p[0] == pytest.approx(1 / 1001)  # no flip reaches an all-positive sum
+    assert (significance.sign_flip_ps(d, 1000, seed=3) == p).all()
+    assert significance.paired_randomization_p(np.ones(7), np.ones(7), 500) == 1.0
+
+
+def test_sign_flip_columns_share_draws_and_chunking_changes_nothing(monkeypatch):
+    d = np.random.default_rng(5).normal(0.1, 1, size=(50, 3))
+    together = significance.sign_flip_ps(d, 3000, seed=9)
+    for j in range(3):
+        assert significance.sign_flip_ps(d[:, [j]], 3000, seed=9)[0] == together[j]
+    monkeypatch.setattr(significance, "_MAX_FLIPS_PER_CHUNK", 50 * 7)
+    assert (significance.sign_flip_ps(d, 3000, seed=9) == together).all()
+
+
+def test_the_default_draws_let_the_smallest_p_survive_holm_over_many_pairs():
+    smallest = significance.paired_randomization_p(np.full(40, 1.0), np.zeros(40), seed=0)
+    assert smallest == pytest.approx(1 / (1 + significance.RANDOMIZATION_DRAWS))
+    assert holm(np.full(45, smallest)).max() < 0.05
+
+
+def test_effect_size_by_hand():
+    # differences 1, 2, 3, 6: mean 3, sample variance (4 + 1 + 0 + 9) / 3 = 14 / 3.
+    a = np.array([1.0, 2.0, 3.0, 6.0])
+    assert significance.paired_effect_size(a, np.zeros(4)) == pytest.approx(3 / math.sqrt(14 / 3))
+    assert significance.paired_effect_size(np.zeros(4), a) == pytest.approx(-3 / math.sqrt(14 / 3))
+    assert significance.paired_effect_size(np.ones(5), np.ones(5)) == 0.0
+    assert significance.paired_effect_size(np.full(3, 2.0), np.ones(3)) == math.inf
+
+
+@given(st.lists(st.floats(-1, 1, allow_nan=False), min_size=2, max_size=30),
+       st.floats(0.1, 10), st.floats(-0.5, 0.5))
+@settings(max_examples=60, deadline=None)
+def test_effect_size_and_t_do_not_depend_on_the_unit(values, scale, shift):
+    d = np.array(values) + shift
+    d = d.reshape(-1, 1)
+    assume(d.std() > 1e-6)
+    assert significance.effect_sizes(d * scale)[0] == pytest.approx(significance.effect_sizes(d)[0], rel=1e-9)
+    assert significance.paired_t_ps(d * scale)[0] == pytest.approx(significance.paired_t_ps(d)[0], rel=1e-7, abs=1e-12)
+
+
+@pytest.mark.parametrize("test", significance.TESTS)
+def test_every_test_finds_a_clear_shift_and_not_noise(test):
+    rng = np.random.default_rng(10)
+    shifted = (0.05 + rng.normal(0, 0.05, 200)).reshape(-1, 1)
+    noise = rng.normal(0, 0.05, (200, 1))
+    p = significance.paired_p_values(test, np.hstack([shifted, noise]), seed=1)
+    assert p[0] < 1e-4 and p[1] > 0.01
+
+
+def test_an_unknown_test_is_refused():
+    with pytest.raises(ValueError, match="test must be one of"):
+        significance.paired_p_values("welch", np.zeros((3, 1)))
