@@ -377,7 +377,7 @@ def reference(root: Path, overrides: list[str]) -> dict:
         summarise = evaluate_udfs.metric_summary(n_samples, seed)
         metrics = pd.concat([summarise(key, group) for key, group in values.groupby(["representation", "metric", "k"])],
                             ignore_index=True)
-        compare = evaluate_udfs.comparison_groups(order, n_samples, seed)
+        compare = evaluate_udfs.comparison_groups(order, n_samples, seed, experiment.evaluate.test)
         comparisons = pd.concat([compare(key, group[["representation", "user_id", "value"]])
                                  for key, group in values.groupby(["metric", "k"])], ignore_index=True)
     return {"stage_s": watch.seconds, "counts": counts,

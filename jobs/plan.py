@@ -54,6 +54,7 @@ SETTING_KEYS: dict[str, str] = {
     "ks": "experiment.evaluate.ks",
     "bootstrap_samples": "experiment.evaluate.bootstrap_samples",
     "evaluate_seed": "experiment.evaluate.seed",
+    "significance_test": "experiment.evaluate.test",
     "half_life_days": "experiment.profiles.half_life_days",
     "concat_weights": "experiment.embed.concat_weights",
     "fuse": "experiment.fuse",
@@ -65,7 +66,7 @@ PROFILES_FIELDS = ("dataset", "representations", "half_life_days", "concat_weigh
 FUSE_FIELDS = ("dataset", "representations", "fuse")
 TOPK_FIELDS = ("dataset", "representations", "baselines", "candidates", "exclude", "k", "topk_seed")
 EVALUATE_FIELDS = ("dataset", "representations", "baselines", "candidates", "exclude", "ks", "bootstrap_samples",
-                   "evaluate_seed")
+                   "evaluate_seed", "significance_test")
 
 
 def caption_representation(conf: CaptionConf) -> str:
@@ -127,6 +128,7 @@ class ExperimentPlan:
     bootstrap_samples: int
     evaluate_seed: int
     half_life_days: float | None
+    significance_test: str  # the paired test of the comparisons (udfs.significance.TESTS)
     concat_weights: tuple[tuple[str, float], ...]  # sorted (part, weight) pairs
     # experiment.fuse as canonical JSON when a trained fusion is planned, else "": the trained
     # vectors (and so profiles, rankings and metrics) depend on every one of its settings.
@@ -159,6 +161,7 @@ class ExperimentPlan:
             k=int(topk.k or max(ks)), ks=tuple(ks), topk_seed=int(topk.seed),
             bootstrap_samples=int(experiment.evaluate.bootstrap_samples), evaluate_seed=int(experiment.evaluate.seed),
             half_life_days=(None if experiment.profiles.half_life_days is None
+            significance_test=str(experiment.evaluate.test),
                             else float(experiment.profiles.half_life_days)),
             concat_weights=tuple(sorted((str(p), float(w)) for p, w in experiment.embed.concat_weights.items())),
             fuse=(json.dumps(dataclasses.asdict(experiment.fuse), sort_keys=True, separators=(",", ":"))
@@ -204,6 +207,7 @@ class ExperimentPlan:
         data.setdefault("fuse", "")  # plans stored before trained fusions existed
         data.setdefault("als", "")  # ... and before the ALS reference
         known = {f.name for f in dataclasses.fields(cls)}
+        data.setdefault("significance_test", "wilcoxon")  # ... and before the test was a setting
         if set(data) != known:
             raise ConfigError(f"stored plan has fields {sorted(data)}, this version expects {sorted(known)}: "
                               "use a new --run-id (the plan was stored by another version of vlm4rec)")

@@ -1,7 +1,7 @@
 """pandas wrappers that Spark ships to executors for the ``evaluate`` job.
 
 The numbers come from ``udfs.metrics`` (per-user ranking metrics) and ``udfs.significance``
-(bootstrap intervals, Wilcoxon, Holm); these functions only shape frames for
+(bootstrap intervals, the paired tests, effect sizes, Holm); these functions only shape frames for
 ``groupBy(...).applyInPandas`` and run without a Spark session.
 
 - ``user_metric_groups``: (representation, user_id, relevant list, recommended list ordered by
@@ -9,8 +9,9 @@ The numbers come from ``udfs.metrics`` (per-user ranking metrics) and ``udfs.sig
 - ``metric_summary``: one (representation, metric, k) group of per-user values -> its mean,
   bootstrap CI and number of users.
 - ``comparison_groups``: one (metric, k) group of every representation's per-user values ->
-  one row per pair of representations, paired over the users both have (the intersection),
-  with Holm's correction over all the pairs of that metric@k.
+  one row per pair of representations, paired over the users both have (the intersection):
+  the mean difference with its CI, the effect size, the chosen test's p-value and Holm's
+  correction over all the pairs of that metric@k.
 
 The job's driver path (inputs under ``spark.driver_compute_mb``) computes on pandas frames what
 its Spark path computes with joins and aggregates: ``user_lists`` (each user's relevant items
@@ -89,13 +90,24 @@ def metric_summary(n_samples: int, seed: int) -> Callable[[tuple, pd.DataFrame],
     return run
 
 
-def paired_comparisons(values: pd.DataFrame, order: Sequence[str], n_samples: int, seed: int) -> pd.DataFrame:
+COMPARISON_COLUMNS = ["representation_a", "representation_b", "metric", "k", "mean_diff", "ci_low", "ci_high",
+                      "effect_size", "test", "p_value", "p_holm", "n_users"]
+
+
+def paired_comparisons(values: pd.DataFrame, order: Sequence[str], n_samples: int, seed: int,
+                       test: str) -> pd.DataFrame:
     """All pairs (a, b), a before b in ``order``, of one metric@k: ``values`` has representation,
-    user_id, value. Pairs without a common user are left out (the caller counts them)."""
+    user_id, value. Per pair, over the users both have: the mean of a - b with its paired
+    bootstrap CI, Cohen's d_z (``effect_size``), the p-value of ``test`` (one of
+    ``significance.TESTS``) and its Holm correction over every pair of the metric@k (the family
+    does not depend on which representation a report later picks as its reference). Pairs
+    without a common user are left out (the caller counts them)."""
+    if test not in significance.TESTS:
+        raise ValueError(f"test must be one of {list(significance.TESTS)}, got {test!r}")
     wide = values.pivot(index="user_id", columns="representation", values="value")
     present = [r for r in order if r in wide.columns]
-    # Pairs over the same users (usually all of them) share one bootstrap: the same draws of
-    # users, one matrix product for all their differences.
+    # Pairs over the same users (usually all of them) share one bootstrap and one set of sign
+    # flips: the same draws of users, one matrix product for all their differences.
     by_users: dict[bytes, list[tuple[str, str]]] = {}
     has = wide.notna().to_numpy()
     column = {r: i for i, r in enumerate(wide.columns)}
@@ -109,28 +121,31 @@ def paired_comparisons(values: pd.DataFrame, order: Sequence[str], n_samples: in
         mask = has[:, column[a0]] & has[:, column[b0]]
         x = wide[[a for a, _ in pairs]].to_numpy(np.float64)[mask]
         y = wide[[b for _, b in pairs]].to_numpy(np.float64)[mask]
-        cis = significance.bootstrap_mean_cis(x - y, n_samples, seed=seed)
+        differences = x - y
+        cis = significance.bootstrap_mean_cis(differences, n_samples, seed=seed)
+        p_values = significance.paired_p_values(test, differences, seed=seed)
+        effects = significance.effect_sizes(differences)
         for j, ((a, b), (diff, lo, hi)) in enumerate(zip(pairs, cis)):
             rows[(a, b)] = {"representation_a": a, "representation_b": b, "mean_diff": diff, "ci_low": lo,
-                            "ci_high": hi, "p_value": significance.wilcoxon_p(x[:, j], y[:, j]),
-                            "n_users": int(mask.sum())}
+                            "ci_high": hi, "effect_size": float(effects[j]), "test": test,
+                            "p_value": float(p_values[j]), "n_users": int(mask.sum())}
     frame = pd.DataFrame([rows[p] for p in itertools.combinations(present, 2) if p in rows],
                          columns=["representation_a", "representation_b", "mean_diff", "ci_low",
-                                  "ci_high", "p_value", "n_users"])
+                                  "ci_high", "effect_size", "test", "p_value", "n_users"])
     frame["p_holm"] = significance.holm(frame["p_value"].to_numpy()) if len(frame) else []
     return frame
 
 
-def comparison_groups(order: Sequence[str], n_samples: int, seed: int) -> Callable[[tuple, pd.DataFrame], pd.DataFrame]:
+def comparison_groups(order: Sequence[str], n_samples: int, seed: int,
+                      test: str) -> Callable[[tuple, pd.DataFrame], pd.DataFrame]:
     """``groupBy(metric, k).applyInPandas`` function -> ``COMPARISONS_DDL``."""
 
     def run(key: tuple, group: pd.DataFrame) -> pd.DataFrame:
         metric, k = key
-        frame = paired_comparisons(group, order, n_samples, seed)
+        frame = paired_comparisons(group, order, n_samples, seed, test)
         frame.insert(2, "metric", metric)
         frame.insert(3, "k", int(k))
-        return frame[["representation_a", "representation_b", "metric", "k", "mean_diff", "ci_low", "ci_high",
-                      "p_value", "p_holm", "n_users"]]
+        return frame[COMPARISON_COLUMNS]
 
     return run
 

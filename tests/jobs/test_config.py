@@ -246,6 +246,7 @@ def test_each_engine_section_is_that_engines_options():
     ("experiment.topk.k=5", r"'experiment\.topk\.k'.*below max\(experiment\.evaluate\.ks\) = 20"),
     ("experiment.evaluate.ks=[]", r"'experiment\.evaluate\.ks'.*non-empty"),
     ("experiment.evaluate.bootstrap_samples=0", r"'experiment\.evaluate\.bootstrap_samples'.*>= 1"),
+    ("experiment.evaluate.test=ttest", r"'experiment\.evaluate\.test'.*one of \['t', 'randomization', 'wilcoxon'\]"),
     ("experiment.profiles.half_life_days=-3", r"'experiment\.profiles\.half_life_days'.*positive number of days"),
     ("experiment.profiles.half_life_days=.inf", r"'experiment\.profiles\.half_life_days'.*positive number of days"),
     ("experiment.embed.text_batch_size=0", r"'experiment\.embed\.text_batch_size'.*>= 1"),

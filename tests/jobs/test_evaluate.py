@@ -188,7 +188,18 @@ def test_comparisons_are_paired_and_holm_corrected_per_metric_at_k(evaluated):
     wide = user_metrics[(user_metrics.metric == "recall") & (user_metrics.k == 10)].pivot(
         index="user_id", columns="representation", values="value")[["visual", "random"]].dropna()
     assert row.mean_diff == pytest.approx((wide.visual - wide.random).mean(), abs=1e-12)
-    assert row.p_value == pytest.approx(significance.wilcoxon_p(wide.visual.to_numpy(), wide.random.to_numpy()))
+    # The default test, stored by name beside its p-value and the effect size.
+    assert set(comparisons.test) == {"t"}
+    assert row.p_value == pytest.approx(significance.paired_t_p(wide.visual.to_numpy(), wide.random.to_numpy()),
+                                        rel=1e-12)
+    assert row.effect_size == pytest.approx(
+        significance.paired_effect_size(wide.visual.to_numpy(), wide.random.to_numpy()), rel=1e-12)
+
+
+def test_the_test_is_part_of_the_runs_plan(evaluated, spark, capsys):
+    assert evaluate.main(evaluated.argv + ["--set", "experiment.evaluate.test=wilcoxon"], spark=spark) == 2
+    message = capsys.readouterr().err
+    assert "experiment.evaluate.test" in message and '"wilcoxon"' in message and '"t"' in message, message
 
 
 def test_popularity_beats_random_on_skewed_data(evaluated):

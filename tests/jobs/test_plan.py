@@ -37,9 +37,17 @@ def test_same_config_same_hash_and_every_changed_setting_another():
     hashes = {first.plan_hash}
     for override in ("experiment.topk.candidates=all", "experiment.topk.exclude=[train]", "experiment.topk.k=12",
                      "experiment.evaluate.ks=[5,20]", "experiment.evaluate.seed=1", "experiment.topk.seed=3",
-                     "experiment.caption.tags.top_k=2", "experiment.profiles.half_life_days=30"):
+                     "experiment.caption.tags.top_k=2", "experiment.profiles.half_life_days=30",
+                     "experiment.evaluate.test=randomization"):
         hashes.add(plan_of(override).plan_hash)
-    assert len(hashes) == 9
+    assert len(hashes) == 10
+
+
+def test_a_plan_stored_before_the_test_was_a_setting_reads_as_wilcoxons():
+    stored = json.loads(plan_of().to_json())
+    del stored["significance_test"]
+    assert ExperimentPlan.from_json(json.dumps(stored)).significance_test == "wilcoxon"
+    assert plan_of().significance_test == "t" and "significance_test" in EVALUATE_FIELDS
 
 
 def test_resolve_spells_out_lvlm_splits_fusions_and_fixes_k():

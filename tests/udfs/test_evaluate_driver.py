@@ -111,10 +111,10 @@ def test_bootstrap_wrappers_do_not_depend_on_row_order():
     values = per_user_values(3)
     shuffled = values.sample(frac=1.0, random_state=7).reset_index(drop=True)
     summary = evaluate_udfs.metric_summary(200, 42)
-    comparisons = evaluate_udfs.comparison_groups(["title", "visual", "random"], 200, 42)
+    # The randomisation test: its sign flips, like the bootstrap's draws, follow the users' order.
+    comparisons = evaluate_udfs.comparison_groups(["title", "visual", "random"], 200, 42, "randomization")
     columns = ["representation", "metric", "k", "value", "n_users", "ci_low", "ci_high"]
-    pairs = ["representation_a", "representation_b", "metric", "k", "mean_diff", "ci_low", "ci_high",
-             "p_value", "p_holm", "n_users"]
+    pairs = evaluate_udfs.COMPARISON_COLUMNS
     ordered_summary, shuffled_summary = (
         evaluate_udfs.apply_by_group(frame, ["representation", "metric", "k"], summary, columns)
         for frame in (values, shuffled))

@@ -115,6 +115,10 @@ SCHEMAS: dict[str, T.StructType] = {
         T.StructField("mean_diff", T.DoubleType()),
         T.StructField("ci_low", T.DoubleType()),
         T.StructField("ci_high", T.DoubleType()),
+        # Cohen's d_z of the per-user differences; the test that gave p_value (t, randomization,
+        # wilcoxon: null in rows written before the test was a setting, which were Wilcoxon's).
+        T.StructField("effect_size", T.DoubleType()),
+        T.StructField("test", T.StringType()),
         T.StructField("p_value", T.DoubleType()),
         T.StructField("p_holm", T.DoubleType()),
     ]),
@@ -229,5 +233,5 @@ USER_METRICS_DDL = "representation string, user_id string, metric string, k int,
 METRICS_DDL = ("representation string, metric string, k int, value double, n_users long, "
                "ci_low double, ci_high double")
 COMPARISONS_DDL = ("representation_a string, representation_b string, metric string, k int, "
-                   "mean_diff double, ci_low double, ci_high double, p_value double, p_holm double, "
-                   "n_users long")
+                   "mean_diff double, ci_low double, ci_high double, effect_size double, test string, "
+                   "p_value double, p_holm double, n_users long")
