@@ -23,25 +23,27 @@ Candidate selection uses `torch.topk` rather than `np.argpartition(s, -k)`: on a
 float32 score matrix on the 2-core machine it took 0.05-0.14 s against 0.8-1.1 s, and the whole
 kernel ran 1.6x the numpy matmul + argpartition baseline (`benchmarks/bench_topk_kernels.py`).
 Either leaves ties at the boundary score arbitrary; those are resolved by item id afterwards, so
-the choice changes speed only.
+the choice changes speed only. ``ItemBlock(..., use_torch=False)`` does both with numpy for a
+caller that scores a handful of profiles and must not pay torch's import (``recommend``'s cold
+start: about a second of its two); the selection rule, hence the ids, are the same.
 """
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-import scipy.sparse
-import torch
 
 from udfs.vectors import l2_normalise
 
 logger = logging.getLogger(__name__)
 
 # Seen items: one array of item indices (into the block's items) per user, or a (u, n) sparse
-# matrix whose stored non-zero entries mark seen items, or None.
-SeenItems = Sequence[np.ndarray] | scipy.sparse.spmatrix | scipy.sparse.sparray | None
+# matrix whose stored non-zero entries mark seen items, or None. (A string: scipy and torch are
+# imported where they are used, so that ``recommend`` starts without them.)
+SeenItems = "Sequence[np.ndarray] | scipy.sparse.spmatrix | scipy.sparse.sparray | None"
 
 DEFAULT_USER_BLOCK = 1024
 DEFAULT_ITEM_BLOCK = 32768
@@ -68,7 +70,7 @@ class ItemBlock:
     one item block ``score_rows`` profiles at a time, and redoing this per chunk cost a copy of
     the block and a sort of its ids each time."""
 
-    def __init__(self, items: np.ndarray, item_ids: np.ndarray):
+    def __init__(self, items: np.ndarray, item_ids: np.ndarray, use_torch: bool = True):
         self.items = _as_matrix(items, "items")
         self.item_ids = np.asarray(item_ids)
         if self.item_ids.shape != (self.items.shape[0],):
@@ -77,7 +79,11 @@ class ItemBlock:
                 "pass one id per item row"
             )
         self.id_rank = _id_rank(self.item_ids, "item_ids")
-        self._items_t = torch.from_numpy(self.items)
+        self.use_torch = use_torch
+        if use_torch:
+            import torch
+
+            self._items_t = torch.from_numpy(self.items)
 
     def __len__(self) -> int:
         return self.items.shape[0]
@@ -95,7 +101,12 @@ class ItemBlock:
         width = min(k, n_items)
         if width == 0:
             return np.empty((n_users, 0), np.float32), np.empty((n_users, 0), np.int64)
-        scores = (torch.from_numpy(profiles) @ self._items_t.T).numpy()
+        if self.use_torch:
+            import torch
+
+            scores = (torch.from_numpy(profiles) @ self._items_t.T).numpy()
+        else:
+            scores = profiles @ self.items.T
         rows, cols = _seen_coordinates(seen, n_users, n_items)
         scores[rows, cols] = -np.inf
         return self.select(scores, width)
@@ -105,7 +116,7 @@ class ItemBlock:
         matrix, by score descending then item id ascending; -inf slots get index -1. Any scorer
         (the seeded random baseline too) selects through this one rule, so block results merge
         into the order of one full sort."""
-        indices = _select_topk(scores, self.id_rank, width)
+        indices = _select_topk(scores, self.id_rank, width, self.use_torch)
         top_scores = np.take_along_axis(scores, indices, axis=1)
         indices[np.isneginf(top_scores)] = -1
         return top_scores, indices
@@ -237,16 +248,24 @@ def blockwise_topk(
     return out_scores, out_ids
 
 
-def _select_topk(scores: np.ndarray, id_rank: np.ndarray, width: int) -> np.ndarray:
+def _select_topk(scores: np.ndarray, id_rank: np.ndarray, width: int, use_torch: bool = True) -> np.ndarray:
     """Indices of the `width` best columns per row, by score descending then id rank ascending."""
     n_items = scores.shape[1]
     if width < n_items:
         # topk leaves ties at the boundary score arbitrary. The (width + 1)-th best score shows
         # them without another pass over the matrix: a row whose next score equals its lowest
         # selected one is redone below by id.
-        values, picked = torch.topk(torch.from_numpy(scores), width + 1, dim=1, sorted=True)
-        values = values.numpy()
-        indices = picked.numpy()[:, :width].astype(np.int64)
+        if use_torch:
+            import torch
+
+            values, picked = torch.topk(torch.from_numpy(scores), width + 1, dim=1, sorted=True)
+            values, picked = values.numpy(), picked.numpy()
+        else:
+            picked = np.argpartition(scores, n_items - width - 1, axis=1)[:, n_items - width - 1:]
+            values = np.take_along_axis(scores, picked, axis=1)
+            order = np.argsort(-values, axis=1, kind="stable")
+            values, picked = np.take_along_axis(values, order, axis=1), np.take_along_axis(picked, order, axis=1)
+        indices = picked[:, :width].astype(np.int64)
         threshold = values[:, width - 1]
         for row in np.flatnonzero((values[:, width] == threshold) & np.isfinite(threshold)):
             candidates = np.flatnonzero(scores[row] >= threshold[row])
@@ -316,7 +335,9 @@ def _ids_holding(ids: np.ndarray, fill: object, shape: tuple[int, ...]) -> np.nd
     return ids.astype(dtype, copy=False).reshape(shape)
 
 
-def _seen_matrix(seen: SeenItems, n_users: int, n_items: int) -> scipy.sparse.csr_matrix:
+def _seen_matrix(seen: SeenItems, n_users: int, n_items: int) -> "scipy.sparse.csr_matrix":
+    import scipy.sparse
+
     rows, cols = _seen_coordinates(seen, n_users, n_items)
     data = np.ones(rows.shape[0], dtype=np.bool_)
     return scipy.sparse.csr_matrix((data, (rows, cols)), shape=(n_users, n_items))
@@ -326,13 +347,16 @@ def _seen_coordinates(seen: SeenItems, n_users: int, n_items: int) -> tuple[np.n
     """(user rows, item columns) of the seen pairs, validated against the block's shape."""
     if seen is None:
         return np.empty(0, np.int64), np.empty(0, np.int64)
-    if scipy.sparse.issparse(seen):
+    # A sparse mask exists only once scipy.sparse is loaded: asking the module only then keeps
+    # scipy out of a process that never made one.
+    sparse = sys.modules.get("scipy.sparse")
+    if sparse is not None and sparse.issparse(seen):
         if seen.shape != (n_users, n_items):
             raise ValueError(
                 f"seen mask has shape {seen.shape} but the block is {n_users} users x {n_items} items: "
                 "slice the mask to the same user and item block"
             )
-        coo = scipy.sparse.coo_matrix(seen)
+        coo = sparse.coo_matrix(seen)
         stored = coo.data != 0
         return coo.row[stored].astype(np.int64), coo.col[stored].astype(np.int64)
     if len(seen) != n_users:

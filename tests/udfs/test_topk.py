@@ -9,7 +9,7 @@ import scipy.sparse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from udfs.topk import block_item_ids, blockwise_topk, l2_normalize, merge_topk, topk_block
+from udfs.topk import ItemBlock, block_item_ids, blockwise_topk, l2_normalize, merge_topk, topk_block
 
 
 def full_sort_topk(profiles, items, item_ids, k, seen_lists):
@@ -90,6 +90,18 @@ def test_topk_block_indices_match_full_sort(problem):
         assert item_ids[indices[user, valid]].tolist() == [i for i, _ in want]
         assert np.isneginf(scores[user, ~valid]).all()
         assert not set(indices[user, valid].tolist()) & set(seen[user].tolist())
+
+
+@settings(max_examples=100, deadline=None)
+@given(ranking_problems())
+def test_the_numpy_kernel_ranks_as_the_torch_one(problem):
+    # recommend scores with numpy (it must start without torch); the topk job with torch.
+    profiles, items, item_ids, k, seen, _, _, as_sparse = problem
+    mask = sparse_mask(seen, items.shape[0]) if as_sparse else seen
+    with_torch = ItemBlock(items, item_ids).topk(profiles, k, mask)
+    with_numpy = ItemBlock(items, item_ids, use_torch=False).topk(profiles, k, mask)
+    for ours, theirs in zip(with_numpy, with_torch):
+        np.testing.assert_array_equal(ours, theirs)
 
 
 def test_ties_are_broken_by_item_id_ascending_whatever_the_row_order():
