@@ -8,7 +8,12 @@ run's user profiles (``user_profiles``) and the dataset's interactions (seen ite
 histories). ``recommend(users=[...])`` or ``recommend(histories=[[...], ...])`` then costs one
 matrix product and one top-k selection per batch, by the same kernel the ``topk`` job uses
 (``udfs.topk.ItemBlock``: score descending, ties by item id ascending, seen items -inf), so a
-known user's list equals the run's ``recommendations``.
+known user's list equals the run's ``recommendations``. ``load(..., users=[...])`` reads only
+those users' profiles and interactions (the command line's case: a cold process answering one
+user pays for one user's rows, not the run's); ``users=[]`` for ad-hoc histories only. The
+kernel runs on numpy by default (``use_torch=True`` for torch's faster top-k on large batches,
+at the cost of importing torch). ``latest_pipeline_run`` finds the run to serve when none is
+named: the latest ``pipeline`` row of ``runs`` with status ``succeeded``.
 
 Rules, the same as ``topk``'s:
 - candidates: the run's stored candidate set for the representation (never recomputed);
@@ -17,7 +22,9 @@ Rules, the same as ``topk``'s:
 - an ad-hoc history (a user the tables have never seen: a list of item ids) is profiled like
   a train history (``udfs.profiles``: the plain mean; it carries no timestamps, so a run's
   half-life does not apply), fusions ``naive``/``concat`` from per-part profiles
-  (``udfs.fusion``); its own items are removed.
+  (``udfs.fusion``); its own items are removed. Its items without a vector in the
+  representation are left out of the profile and reported (``Recommendations.unknown``); a
+  history with no known item at all is an error.
 
 Explanations (``explain=True``): for each recommended item, the history items with the largest
 share of its score. For a base representation or a trained fusion (profiles are the mean of
@@ -27,9 +34,11 @@ parameter-free fusion (``naive``/``concat``, fused from per-part profiles) and f
 orders them but does not decompose the score (``exact`` is false, no share). ``als`` serves
 known users only. For an LVLM representation (or a fusion with an LVLM part) each
 explanation also lists the description phrases the item shares with those history items.
+Recommended and history items carry their ``items`` title where the catalog has one.
 """
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import json
 import logging
@@ -51,6 +60,8 @@ from udfs.warehouse_reader import read_table
 log = logging.getLogger(__name__)
 
 DESCRIPTION_OK = "ok"
+# The ``runs`` row of a finished pipeline (``jobs.job_run``: job name and final status).
+PIPELINE_JOB, SUCCEEDED = "pipeline", "succeeded"
 
 
 class RecommendError(ValueError):
@@ -84,6 +95,9 @@ class Recommendations:
     scores: np.ndarray
     explanations: list[list[Explanation]] | None = None
     titles: dict[str, str] = field(default_factory=dict)
+    # Per ad-hoc history: its item ids without a vector in the representation, left out of its
+    # profile (None for known users).
+    unknown: list[list[str]] | None = None
 
     def records(self) -> list[dict]:
         """One JSON-ready dict per query: user, run, representation, and its ranked items."""
@@ -98,15 +112,18 @@ class Recommendations:
                     entry["title"] = self.titles[item]
                 if self.explanations is not None:
                     why = self.explanations[q][r]
-                    entry["because"] = [{"item_id": c.item_id,
+                    entry["because"] = [{"item_id": c.item_id, "title": self.titles.get(c.item_id),
                                          "share": None if c.share is None else round(c.share, 6),
                                          "similarity": round(c.similarity, 6)} for c in why.contributors]
                     entry["shares_exact"] = why.exact
                     if why.shared_phrases:
                         entry["shared_phrases"] = list(why.shared_phrases)
                 items.append(entry)
-            out.append({"user_id": query, "run_id": self.run_id, "representation": self.representation,
-                        "items": items})
+            record = {"user_id": query, "run_id": self.run_id, "representation": self.representation,
+                      "items": items}
+            if self.unknown is not None:
+                record["unknown_items"] = list(self.unknown[q])
+            out.append(record)
         return out
 
 
@@ -131,7 +148,8 @@ class Recommender:
     """See the module doc. Build with ``load``; ``recommend`` is batch-first."""
 
     def __init__(self, warehouse: str, run_id: str, representation: str, plan: dict, vectors: _Vectors,
-                 candidates: np.ndarray, profiles: dict[str, np.ndarray], interactions: pd.DataFrame):
+                 candidates: np.ndarray, profiles: dict[str, np.ndarray], interactions: pd.DataFrame,
+                 loaded_users: Sequence[str] | None = None, use_torch: bool = False):
         self.warehouse, self.run_id, self.representation, self.plan = warehouse, run_id, representation, plan
         self.dataset: str = plan["dataset"]
         self.vectors = vectors
@@ -142,9 +160,11 @@ class Recommender:
         self.mean_profile = self.parsed.kind not in FUSIONS and self.parsed.kind != ALS
         rows = np.fromiter((vectors.row[i] for i in candidates), dtype=np.int64, count=len(candidates))
         self.candidate_ids = np.asarray(candidates, dtype=object)
-        self.block = ItemBlock(vectors.matrix[rows], self.candidate_ids)
+        self.block = ItemBlock(vectors.matrix[rows], self.candidate_ids, use_torch=use_torch)
         self.candidate_index = {item: i for i, item in enumerate(self.candidate_ids)}
         self.profiles = profiles
+        # None: every user of the run was loaded; else only these (``load(users=...)``).
+        self.loaded_users = None if loaded_users is None else frozenset(loaded_users)
         # The protocol's seen-item rule (the one topk applies), mapped onto candidate positions.
         self.seen = {u: np.unique(np.fromiter((self.candidate_index.get(i, -1) for i in items), np.int64))
                      for u, items in seen_items(interactions, plan["exclude"]).items()}
@@ -157,8 +177,10 @@ class Recommender:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, warehouse: str | Path, run_id: str, representation: str) -> "Recommender":
-        """Read the run's tables once (errors name the run, the representation and the fix)."""
+    def load(cls, warehouse: str | Path, run_id: str, representation: str, users: Sequence[str] | None = None,
+             use_torch: bool = False) -> "Recommender":
+        """Read the run's tables once (errors name the run, the representation and the fix):
+        every user's profile and interactions, or only ``users``' (``[]``: ad-hoc histories only)."""
         warehouse = str(warehouse)
         plans = read_table(warehouse, "plans", equal={"run_id": run_id}, columns=["plan"])
         if plans.num_rows == 0:
@@ -182,15 +204,21 @@ class Recommender:
                 f"{len(missing)} candidate items of run '{run_id}' have no '{name}' vector in item_embeddings now "
                 f"(e.g. {missing[:3]}): the catalog was re-embedded without them; rerun `vlm4rec pipeline` for a "
                 "run over the current catalog")
-        profiles_table = read_table(warehouse, "user_profiles", equal={"run_id": run_id, "representation": name},
-                                    columns=["user_id", "vector"])
-        profile_vectors = _Vectors.from_table(profiles_table.rename_columns(["item_id", "vector"]))
-        profiles = {u: profile_vectors.matrix[i] for u, i in profile_vectors.row.items()}
-        interactions = read_table(warehouse, "interactions", equal={"dataset": plan["dataset"]},
-                                  columns=["user_id", "item_id", "ts", "split"]).to_pandas()
+        within = None if users is None else {"user_id": [str(u) for u in users]}
+        columns = ["user_id", "item_id", "ts", "split"]
+        if within is not None and not within["user_id"]:
+            profiles, interactions = {}, pd.DataFrame({c: [] for c in columns})
+        else:
+            profiles_table = read_table(warehouse, "user_profiles", equal={"run_id": run_id, "representation": name},
+                                        within=within, columns=["user_id", "vector"])
+            profile_vectors = _Vectors.from_table(profiles_table.rename_columns(["item_id", "vector"]))
+            profiles = {u: profile_vectors.matrix[i] for u, i in profile_vectors.row.items()}
+            interactions = read_table(warehouse, "interactions", equal={"dataset": plan["dataset"]}, within=within,
+                                      columns=columns).to_pandas()
         log.info("recommender %s/%s: %d candidates, %d profiles", run_id, name, len(candidates), len(profiles))
         return cls(warehouse, run_id, name, plan, vectors, np.asarray(sorted(candidates), dtype=object),
-                   profiles, interactions)
+                   profiles, interactions, loaded_users=None if within is None else within["user_id"],
+                   use_torch=use_torch)
 
     # ------------------------------------------------------------------ ranking
     def recommend(self, users: Sequence[str] | None = None, histories: Sequence[Sequence[str]] | None = None,
@@ -201,23 +229,29 @@ class Recommender:
             raise RecommendError("pass either users (known user ids) or histories (lists of item ids), not both")
         if isinstance(users, str) or isinstance(histories, str):
             raise RecommendError("users / histories are batches: pass a list, e.g. users=['42']")
-        if not isinstance(k, (int, np.integer)) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise RecommendError(f"k must be a positive integer, got {k!r}")
+        if explain and (isinstance(n_contributors, bool) or not isinstance(n_contributors, (int, np.integer))
+                        or n_contributors < 1):
+            raise RecommendError(f"n_contributors must be a positive integer, got {n_contributors!r} "
+                                 "(explain=False leaves the explanations out)")
         if users is not None:
             users = [str(u) for u in users]
             profiles = self._known_profiles(users)
             seen = [self.seen.get(u, np.empty(0, np.int64)) for u in users]
             history_items = [self.train.get(u, ([], None))[0] for u in users]
             queries: list[str | None] = list(users)
+            unknown = None
         else:
-            history_items = [self._checked_history(h, q) for q, h in enumerate(histories)]
+            checked = [self._checked_history(h, q) for q, h in enumerate(histories)]
+            history_items, unknown = [known for known, _ in checked], [missing for _, missing in checked]
             profiles = self._history_profiles(history_items)
             seen = [np.unique([self.candidate_index[i] for i in h if i in self.candidate_index]).astype(np.int64)
                     for h in history_items]
             queries = [None] * len(history_items)
         if len(queries) == 0:
             return Recommendations(self.run_id, self.representation, [], np.empty((0, k), object),
-                                   np.empty((0, k), np.float32))
+                                   np.empty((0, k), np.float32), unknown=unknown)
         scores, indices = self.block.topk(profiles, int(k), seen)
         ids = np.full(indices.shape, None, dtype=object)
         ok = indices >= 0
@@ -226,18 +260,25 @@ class Recommender:
             pad = k - indices.shape[1]
             ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=None)
             scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-        result = Recommendations(self.run_id, self.representation, queries, ids, scores)
+        result = Recommendations(self.run_id, self.representation, queries, ids, scores, unknown=unknown)
         if explain:
             result.explanations = [self._explain(users[q] if users is not None else None, history_items[q],
-                                                 ids[q], n_contributors) for q in range(len(queries))]
-            result.titles = self.titles([i for row in ids for i in row if i is not None])
+                                                 ids[q], int(n_contributors)) for q in range(len(queries))]
+            named = [i for row in ids for i in row if i is not None]
+            named += [c.item_id for per_query in result.explanations for why in per_query for c in why.contributors]
+            result.titles = self.titles(named)
         return result
 
     def _known_profiles(self, users: list[str]) -> np.ndarray:
         unknown = [u for u in users if u not in self.profiles]
         if unknown:
-            sample = sorted(self.profiles)[:5]
-            hint = difflib.get_close_matches(unknown[0], list(self.profiles), n=3)
+            everyone = self._profile_users()
+            not_loaded = [u for u in unknown if u in everyone]
+            if not_loaded:
+                raise RecommendError(f"user '{not_loaded[0]}' is in run '{self.run_id}' but was not loaded: "
+                                     "pass every user to Recommender.load(..., users=[...]), or users=None")
+            sample = sorted(everyone)[:5]
+            hint = difflib.get_close_matches(unknown[0], everyone, n=3)
             raise RecommendError(
                 f"user '{unknown[0]}' ({len(unknown)} unknown in all) has no '{self.representation}' profile in run "
                 f"'{self.run_id}'" + (f" (did you mean {hint}?)" if hint else f" (its users look like {sample})")
@@ -245,21 +286,35 @@ class Recommender:
                 "(--history ITEM,ITEM)")
         return np.stack([self.profiles[u] for u in users]).astype(np.float32)
 
-    def _checked_history(self, history: Sequence[str], q: int) -> list[str]:
+    def _profile_users(self) -> list[str]:
+        """Every user with a profile of this representation in the run (read only for an error)."""
+        if self.loaded_users is None:
+            return list(self.profiles)
+        return read_table(self.warehouse, "user_profiles", equal={"run_id": self.run_id,
+                                                                  "representation": self.representation},
+                          columns=["user_id"]).column("user_id").to_pylist()
+
+    def _checked_history(self, history: Sequence[str], q: int) -> tuple[list[str], list[str]]:
+        """(the items with a vector, in order, the others): an item the representation has no
+        vector for is left out of the profile and reported; a history of such items only is an error."""
         if isinstance(history, str):
             raise RecommendError(f"history {q} is a string: pass a list of item ids, e.g. ['12', '40']")
         items = [str(i) for i in history]
         if not items:
             raise RecommendError(f"history {q} is empty: a user needs at least one item to be profiled "
                                  "(for a user without history use the popularity baseline)")
-        unknown = [i for i in items if i not in self.vectors.row]
-        if unknown:
+        known = [i for i in items if i in self.vectors.row]
+        unknown = list(dict.fromkeys(i for i in items if i not in self.vectors.row))
+        if not known:
             hint = difflib.get_close_matches(unknown[0], list(self.vectors.row), n=3)
             raise RecommendError(
-                f"history {q}: item '{unknown[0]}' has no '{self.representation}' vector in dataset "
-                f"'{self.dataset}'" + (f" (did you mean {hint}?)" if hint else "")
+                f"history {q}: none of its {len(unknown)} items has a '{self.representation}' vector in dataset "
+                f"'{self.dataset}'; item '{unknown[0]}' has none" + (f" (did you mean {hint}?)" if hint else "")
                 + ": use item ids of the items table; a new item needs `vlm4rec ingest` and `vlm4rec pipeline` first")
-        return items
+        if unknown:
+            log.warning("history %d: %d of its items have no '%s' vector and are left out of its profile: %s",
+                        q, len(unknown), self.representation, unknown[:10])
+        return known, unknown
 
     def _history_profiles(self, histories: list[list[str]]) -> np.ndarray:
         rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
@@ -351,6 +406,37 @@ class Recommender:
                                columns=["item_id", "title"]).to_pandas()
             self._titles = {i: t for i, t in zip(items["item_id"], items["title"]) if t}
         return {i: self._titles[i] for i in item_ids if i in self._titles}
+
+
+@dataclass(frozen=True)
+class ServedRun:
+    """The run ``latest_pipeline_run`` chose: its id, dataset and when it finished."""
+
+    run_id: str
+    dataset: str
+    finished_at: dt.datetime | None
+
+
+def latest_pipeline_run(warehouse: str | Path, dataset: str | None = None) -> ServedRun:
+    """The latest (by ``finished_at``) ``pipeline`` run with status ``succeeded`` of ``dataset``
+    (its config's ``dataset.name``). Without a dataset, that of the only dataset with one; more
+    than one is an error that lists them (which to serve is the caller's choice, not the clock's)."""
+    runs = read_table(warehouse, "runs", equal={"job": PIPELINE_JOB, "status": SUCCEEDED},
+                      columns=["run_id", "config", "finished_at"]).to_pylist()
+    found = [ServedRun(row["run_id"], (json.loads(row["config"] or "{}").get("dataset") or {}).get("name") or "",
+                       row["finished_at"]) for row in runs]
+    datasets = sorted({run.dataset for run in found})
+    if dataset is None and len(datasets) > 1:
+        raise RecommendError(f"warehouse {warehouse} holds completed pipeline runs of {len(datasets)} datasets "
+                             f"{datasets}: pass --dataset NAME (or --run-id RUN) to say which to serve")
+    chosen = [run for run in found if dataset is None or run.dataset == dataset]
+    if not chosen:
+        of = f" of dataset '{dataset}'" if dataset is not None else ""
+        others = f" (it holds completed runs of {datasets})" if datasets else ""
+        raise RecommendError(f"no completed pipeline run{of} in warehouse {warehouse}{others}: run `vlm4rec pipeline "
+                             "--conf ...` for it to finish first, or pass --run-id RUN of a run that has")
+    oldest = dt.datetime.min
+    return max(chosen, key=lambda run: (run.finished_at or oldest, run.run_id))
 
 
 def _parse(name: str):

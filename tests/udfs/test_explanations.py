@@ -45,3 +45,22 @@ def test_shared_phrases_keep_the_longest():
     assert "leather" not in got and "red" not in got  # inside the longer shared phrase
     assert explanations.shared_phrases(item, ["green cotton scarf"]) == []
     assert explanations.shared_phrases(None, history) == []
+
+
+def test_records_name_recommended_and_history_items_by_title():
+    from udfs.recommender import Contribution, Explanation, Recommendations
+
+    why = Explanation((Contribution("h1", 0.25, 0.5), Contribution("h2", -0.1, -0.2)), exact=True)
+    result = Recommendations("run", "title", [None, "u1"], np.array([["a", None], ["b", None]], dtype=object),
+                             np.array([[0.15, -np.inf], [0.3, -np.inf]], np.float32),
+                             explanations=[[why], [why]], titles={"a": "Alpha", "h1": "History one"},
+                             unknown=[["x9"], []])
+    first, second = result.records()
+    assert first["unknown_items"] == ["x9"] and second["unknown_items"] == []
+    assert first["items"] == [{"rank": 1, "item_id": "a", "title": "Alpha", "score": pytest.approx(0.15),
+                               "shares_exact": True,
+                               "because": [{"item_id": "h1", "title": "History one", "share": 0.25, "similarity": 0.5},
+                                           {"item_id": "h2", "title": None, "share": -0.1, "similarity": -0.2}]}]
+    assert "title" not in second["items"][0]  # an item the catalog has no title for
+    known = Recommendations("run", "title", ["u1"], np.array([["a"]], dtype=object), np.array([[0.1]], np.float32))
+    assert "unknown_items" not in known.records()[0]  # known users: no history of theirs to report on
