@@ -63,12 +63,13 @@ def todo_table(paths: list[Path]):
 
 def spec_for(base_url: str, concurrency: int, max_new_tokens: int, batch_size: int):
     from jobs.caption import caption_spec
-    from jobs.config import CaptionConf, OpenaiEngineConf
+    from jobs.config import CaptionConf
+    from udfs.caption.kinds import OpenaiOptions
     from tests.llama_server import MODEL_NAME
 
     return caption_spec(CaptionConf(engine="openai", model=MODEL_NAME, prompt=PROMPT, batch_size=batch_size,
                                     max_new_tokens=max_new_tokens, num_workers=1,
-                                    openai=OpenaiEngineConf(base_url=base_url, max_concurrency=concurrency)))
+                                    openai=OpenaiOptions(base_url=base_url, max_concurrency=concurrency)))
 
 
 def ray_run(ray, todo, spec, folder: Path) -> tuple[float, int]:
@@ -123,9 +124,9 @@ def request_bodies(paths: list[Path], max_new_tokens: int) -> list[str]:
     (``file_data_url``: the posters are small JPEGs, so their own bytes)."""
     from tests.llama_server import MODEL_NAME
     from udfs.caption.openai_engine import file_data_url, request_body
-    from udfs.caption_udfs import ENGINE_MAX_SIDE
+    from udfs.caption.kinds import KINDS
 
-    return [json.dumps(request_body(MODEL_NAME, PROMPT, file_data_url(p.read_bytes(), str(p), ENGINE_MAX_SIDE["openai"])[0],
+    return [json.dumps(request_body(MODEL_NAME, PROMPT, file_data_url(p.read_bytes(), str(p), KINDS["openai"].max_side)[0],
                                     max_new_tokens, 0.0)) for p in paths]
 
 

@@ -75,14 +75,14 @@ def baselines(paths: list[str], batch_size: int, threads: int) -> dict[str, floa
     import torch
 
     from udfs.caption import make_engine
-    from udfs.caption_udfs import ENGINE_MAX_SIDE
+    from udfs.caption.kinds import KINDS
     from udfs.image_encoder import lite0_pixels, load_efficientnet_lite0
     from udfs.images import load_image
 
     torch.set_num_threads(threads)
     engine = make_engine("tags", batch_size=batch_size)
     model = load_efficientnet_lite0()
-    side = ENGINE_MAX_SIDE["tags"]
+    side = KINDS["tags"].max_side
 
     def engine_pass():
         for start in range(0, len(paths), batch_size):

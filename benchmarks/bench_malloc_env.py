@@ -54,7 +54,7 @@ def child(n: int, batch_size: int, threads: int) -> dict:
     import torch
 
     from udfs.caption import make_engine
-    from udfs.caption_udfs import ENGINE_MAX_SIDE
+    from udfs.caption.kinds import KINDS
     from udfs.embedding_udfs import IMAGE_MAX_SIDE
     from udfs.image_encoder import encode_images
     from udfs.images import load_image
@@ -78,7 +78,7 @@ def child(n: int, batch_size: int, threads: int) -> dict:
 
     captions = timed("caption_tags", lambda: [
         c.text for s in range(0, len(paths), batch_size)
-        for c in engine.describe([load_image(p, max_side=ENGINE_MAX_SIDE["tags"]) for p in paths[s:s + batch_size]])])
+        for c in engine.describe([load_image(p, max_side=KINDS["tags"].max_side) for p in paths[s:s + batch_size]])])
     timed("visual_lite0", lambda: encode_images([load_image(p, max_side=IMAGE_MAX_SIDE) for p in paths], batch_size))
     timed("text_minilm", lambda: encode_texts(captions, "all-MiniLM-L6-v2", 64))
     return {"phases": phases, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}

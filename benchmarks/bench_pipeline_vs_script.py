@@ -228,7 +228,8 @@ def reference(root: Path, overrides: list[str]) -> dict:
 
     with watch("caption"):
         from udfs.caption import describe_isolated, make_engine
-        from udfs.caption_udfs import ENGINE_MAX_SIDE, load_one
+        from udfs.caption.kinds import KINDS
+        from udfs.caption_udfs import load_one
         from udfs.images import ReadLimits
         from udfs.representations import lvlm_name
 
@@ -241,7 +242,7 @@ def reference(root: Path, overrides: list[str]) -> dict:
         descriptions: dict[str, str] = {}
         rows = list(zip(unique["image_uri"], unique["image_sha256"]))
         for start in range(0, len(rows), cap.batch_size):
-            loaded = [(sha, load_one(uri, sha, ENGINE_MAX_SIDE[engine.name], limits)) for uri, sha in
+            loaded = [(sha, load_one(uri, sha, KINDS[engine.name].max_side, limits)) for uri, sha in
                       rows[start:start + cap.batch_size]]
             ok = [(sha, img) for sha, (img, error) in loaded if error is None]
             for (sha, _), result in zip(ok, describe_isolated(engine, [img for _, img in ok])):

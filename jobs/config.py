@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from udfs.caption.kinds import KINDS, HfOptions, OpenaiOptions, TagsOptions, VllmOptions
 from udfs.caption.prompts import PAPER_PROMPT
 from udfs.significance import TESTS as SIGNIFICANCE_TESTS
 
@@ -142,7 +143,8 @@ class DatasetConf:
     images: ImagesConf = field(default_factory=ImagesConf)
 
 
-CAPTION_ENGINES = ("tags", "hf", "vllm", "openai")
+# Each engine owns its options (``udfs.caption.kinds``): the config types its section with them.
+CAPTION_ENGINES = tuple(KINDS)
 # The evaluation protocol's names live once, in udfs.protocol; the typed config checks against them.
 from udfs.protocol import (  # noqa: E402,F401
     ALL, BASELINES, CANDIDATE_POLICIES, COMMON, EXCLUDABLE_SPLITS, POPULARITY, RANDOM)
@@ -153,81 +155,6 @@ def _below(value: float | None, low: float) -> str | None:
     if value is not None and value < low:
         return f"must be >= {low}, got {value!r}"
     return None
-
-
-@dataclass
-class TagsEngineConf:
-    """``experiment.caption.tags``: the ``tags`` engine's options (``udfs.caption.tags_engine.OPTIONS``,
-    whose own checks cover their ranges)."""
-
-    top_k: int = 3
-    min_prob: float = 0.15
-    colours: int = 3
-    min_colour_share: float = 0.15
-    device: str = "cpu"
-
-
-@dataclass
-class HfEngineConf:
-    """``experiment.caption.hf``: the ``hf`` engine's options (``udfs.caption.hf_engine.OPTIONS``)."""
-
-    device: str = "auto"
-    dtype: str = "auto"
-    min_new_tokens: int | None = None
-    static_cache: bool = False
-    do_sample: bool = False
-    temperature: float | None = None
-    top_p: float | None = None
-    local_files_only: bool | None = None
-    attn_implementation: str | None = None
-    trust_remote_code: bool = False
-
-
-@dataclass
-class VllmEngineConf:
-    """``experiment.caption.vllm``: the ``vllm`` engine's options (``udfs.caption.vllm_engine.OPTIONS``)."""
-
-    tensor_parallel_size: int = 1  # GPUs per model replica
-    max_model_len: int | None = None
-    gpu_memory_utilization: float | None = None
-    min_new_tokens: int | None = None
-    # vLLM's own engine arguments, passed as they are (its keys, not ours).
-    engine_kwargs: dict[str, Any] | None = None
-
-    def problems(self) -> dict[str, str | None]:
-        return {"tensor_parallel_size": _below(self.tensor_parallel_size, 1)}
-
-
-@dataclass
-class OpenaiEngineConf:
-    """``experiment.caption.openai``: the ``openai`` engine's options (``udfs.caption.openai_engine.OPTIONS``).
-    The model is ``experiment.caption.model`` (the served name) and ``max_tokens`` is
-    ``experiment.caption.max_new_tokens``; ``max_concurrency`` and ``qps`` hold per engine actor
-    (``experiment.caption.num_workers`` of them)."""
-
-    base_url: str = "http://127.0.0.1:8000"  # an address (/v1 is added) or an API root with its path
-    base_urls: list[str] = field(default_factory=list)  # several servers, balanced (replaces base_url)
-    api_key_env: str | None = None  # the NAME of the environment variable holding the key
-    temperature: float = 0.0  # 0: reproducible descriptions, as the cache assumes
-    timeout_s: float = 120.0  # per request
-    max_concurrency: int = 8  # requests in flight per actor
-    qps: float | None = None  # request starts per second per actor (None: no limit)
-    max_retries: int = 6  # per image, on connection errors, timeouts, 408, 429 and 5xx
-    backoff_s: float = 0.5  # first backoff; doubles per retry, full jitter
-    backoff_max_s: float = 30.0
-
-    def problems(self) -> dict[str, str | None]:
-        bad_urls = [u for u in [self.base_url, *self.base_urls] if not u.startswith(("http://", "https://"))]
-        return {
-            "base_url": f"must start with http:// or https://, got {bad_urls}" if bad_urls else None,
-            "timeout_s": None if self.timeout_s > 0 else f"must be > 0, got {self.timeout_s!r}",
-            "max_concurrency": _below(self.max_concurrency, 1),
-            "qps": None if self.qps is None or self.qps > 0 else f"must be > 0 (or null: no limit), got {self.qps!r}",
-            "max_retries": _below(self.max_retries, 0),
-            "backoff_s": _below(self.backoff_s, 0),
-            "backoff_max_s": _below(self.backoff_max_s, 0),
-            "temperature": _below(self.temperature, 0),
-        }
 
 
 @dataclass
@@ -246,10 +173,10 @@ class CaptionConf:
     load_num_cpus: float = 0.0  # per loading task; only a GPU actor has them
     accelerator_type: str | None = None  # vllm: pin the engine replicas to one GPU type ("H100")
     # Each engine's options; the configured engine receives its section as a plain dict.
-    tags: TagsEngineConf = field(default_factory=TagsEngineConf)
-    hf: HfEngineConf = field(default_factory=HfEngineConf)
-    vllm: VllmEngineConf = field(default_factory=VllmEngineConf)
-    openai: OpenaiEngineConf = field(default_factory=OpenaiEngineConf)
+    tags: TagsOptions = field(default_factory=TagsOptions)
+    hf: HfOptions = field(default_factory=HfOptions)
+    vllm: VllmOptions = field(default_factory=VllmOptions)
+    openai: OpenaiOptions = field(default_factory=OpenaiOptions)
 
     def engine_options(self) -> dict[str, Any]:
         """The configured engine's section, as the engine's ``options`` mapping."""

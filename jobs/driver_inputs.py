@@ -13,17 +13,24 @@ delta-rs commits them, elsewhere Spark does, ``jobs.tables``). The decision is b
 the same code: a full catalog takes the distributed path there and here. ``0`` turns this off.
 The job's ``runs`` row says which path ran (``computed_on_driver``).
 
-The distributed path runs instead when a table is missing (its messages name the job to run
-first) or delta-rs cannot read one (logged), so this path never changes what fails and how.
+The distributed path runs instead for a named reason only, counted in the ``runs`` row as
+``driver_fallback_<reason>`` and logged: the path is off, the inputs are too large, a table is
+missing (its messages name the job to run first), delta-rs cannot open the object store, or
+(for a commit from the driver) the master is a cluster or Spark cannot size the inputs. Any
+other error fails the job, as it would on the Spark path: a broken fast path is never hidden
+behind a slower one.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame
 
 from .job_run import JobRun
 
@@ -51,20 +58,29 @@ def limit_bytes(run: JobRun) -> int:
     return int(run.config.spark.driver_compute_mb) << 20
 
 
+def fallback(run: JobRun, reason: str, why: str) -> None:
+    """Count (``driver_fallback_<reason>``) and log one named reason for taking the Spark path."""
+    run.count(f"driver_fallback_{reason}")
+    log.info("%s: %s (spark.driver_compute_mb = %d, at most %d rows a table); computing with Spark",
+             run.job, why, run.config.spark.driver_compute_mb, MAX_ROWS)
+
+
 def read_on_driver(run: JobRun, slices: Mapping[str, Slice],
                    declines: Callable[[dict], str | None] | None = None) -> dict[str, pa.Table | None] | None:
     """Every slice as an Arrow table (keyed as ``slices``), or None when the job must take its
-    Spark path: ``spark.driver_compute_mb`` is 0, a table's files to read exceed it (checked
-    before any byte is read), a table is missing (an ``optional`` slice's reads as None),
-    delta-rs fails, or ``declines(what was read)`` gives a reason (what the job would build from
-    the inputs is too large to hold)."""
-    from udfs.warehouse_reader import TableMissing, TooLarge, check_size, read_table
+    Spark path, for one of these named reasons, each counted as ``driver_fallback_<reason>``:
+    ``disabled`` (``spark.driver_compute_mb`` is 0), ``too_large`` (a table's files to read exceed
+    it, checked before any byte is read, or ``declines(what was read)`` says what the job would
+    build is too large to hold), ``no_table`` (a table is missing; an ``optional`` slice's reads
+    as None) and ``store_unreadable`` (delta-rs cannot open the object store). Any other error
+    is the job's: it fails, it does not turn into a slower path."""
+    from udfs.warehouse_reader import FALLBACK_REASONS, TableMissing, check_size, read_table
 
     limit = limit_bytes(run)
     if limit <= 0:
+        fallback(run, "disabled", "the driver path is off")
         return None
     read: dict[str, pa.Table] = {}
-
     try:
         # Every slice's size first, from the Delta logs, so that no table is read whole before a
         # later one turns out too large.
@@ -80,54 +96,56 @@ def read_on_driver(run: JobRun, slices: Mapping[str, Slice],
             read[key] = None if key in absent else read_table(
                 run.warehouse, part.table, equal=dict(part.equal), within=dict(part.within),
                 columns=list(part.columns) if part.columns is not None else None)
-    except TooLarge as exc:
-        log.info("%s: %s (spark.driver_compute_mb = %d, at most %d rows a table); computing with Spark",
-                 run.job, exc, run.config.spark.driver_compute_mb, MAX_ROWS)
-        return None
-    except TableMissing:
-        return None
-    except Exception as exc:  # noqa: BLE001 - any failure of the fast path leaves the Spark path
-        log.info("%s: reading its inputs with delta-rs failed (%s); computing with Spark", run.job, exc)
+    except tuple(FALLBACK_REASONS) as exc:
+        fallback(run, FALLBACK_REASONS[type(exc)], str(exc))
         return None
     reason = declines(read) if declines is not None else None
     if reason:
-        log.info("%s: %s (spark.driver_compute_mb = %d); computing with Spark", run.job, reason,
-                 run.config.spark.driver_compute_mb)
+        fallback(run, "too_large", reason)
         return None
     run.count("computed_on_driver")
     return read
 
 
-def to_spark(spark: SparkSession, table: pa.Table, schema) -> DataFrame:
-    """A frame of ``table`` (Arrow, no row-by-row conversion) typed as ``schema``: a DDL string,
-    or a contract ``StructType`` (``jobs.tables.SCHEMAS``), which keeps what DDL cannot say
-    (``containsNull = false`` of a vector's elements, which the table's own cast requires)."""
-    from pyspark.sql.types import StructType
+# Spark's own rendering of a size (``Utils.bytesToString``): "12.3 MiB", "8.0 EiB" (unknown),
+# "1.2E+20 B" past the largest unit.
+_SIZE = re.compile(r"sizeInBytes=([0-9.]+(?:E[+-]?[0-9]+)?)\s*(B|KiB|MiB|GiB|TiB|PiB|EiB)\b")
+_UNITS = {"B": 0, "KiB": 10, "MiB": 20, "GiB": 30, "TiB": 40, "PiB": 50, "EiB": 60}
 
-    struct = StructType.fromDDL(schema) if isinstance(schema, str) else schema
-    table = table.select(struct.fieldNames())
-    return spark.createDataFrame(table, schema=struct)
+
+def estimated_bytes(frame: DataFrame) -> int | None:
+    """Spark's estimate of ``frame``'s size, the statistic its broadcast threshold reads: the
+    root of the optimized plan as ``explain(mode="cost")`` prints it (public API; the JVM
+    objects behind it are not). None when the plan carries no size."""
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        frame.explain(mode="cost")
+    _, _, optimized = text.getvalue().partition("== Optimized Logical Plan ==")
+    found = _SIZE.search(optimized)
+    if found is None:
+        return None
+    return int(float(found.group(1)) * (1 << _UNITS[found.group(2)]))
 
 
 def fits_on_driver(run: JobRun, *sources: DataFrame) -> bool:
     """Whether rows derived from ``sources`` (each output row from at most one input row, as an
     ingest's are) may be collected on a local master and committed from the driver (delta-rs,
-    ``jobs.tables``). The decision is Spark's own estimate of the sources' size, the statistic
-    its broadcast threshold reads, against ``spark.driver_compute_mb``: taken on the sources,
-    before any window or cache, where it follows the files' sizes; a source Spark cannot size
-    (a Python one, say) estimates as unbounded and keeps the Spark writes."""
+    ``jobs.tables``). The decision is Spark's own estimate of the sources' size
+    (``estimated_bytes``) against ``spark.driver_compute_mb``: taken on the sources, before any
+    window or cache, where it follows the files' sizes; a source Spark cannot size (a Python
+    one, say) estimates as unbounded and keeps the Spark writes."""
     limit = limit_bytes(run)
-    if limit <= 0 or not run.spark.sparkContext.master.startswith("local"):
+    if limit <= 0:
+        fallback(run, "disabled", "the driver path is off")
         return False
-    total = 0
-    for frame in sources:
-        try:
-            total += int(str(frame._jdf.queryExecution().optimizedPlan().stats().sizeInBytes()))
-        except Exception as exc:  # noqa: BLE001 - no estimate: Spark writes the rows
-            log.debug("%s: no size estimate for an input (%s)", run.job, exc)
-            return False
-    if total > limit:
-        log.info("%s: Spark estimates its inputs at %d MiB (spark.driver_compute_mb = %d): Spark commits "
-                 "the rows", run.job, total >> 20, run.config.spark.driver_compute_mb)
+    if not run.spark.sparkContext.master.startswith("local"):
+        fallback(run, "cluster", "a cluster's executors write the rows")
+        return False
+    sizes = [estimated_bytes(frame) for frame in sources]
+    if None in sizes:
+        fallback(run, "no_estimate", "Spark gives no size estimate for an input")
+        return False
+    if sum(sizes) > limit:
+        fallback(run, "too_large", f"Spark estimates its inputs at {sum(sizes) >> 20} MiB")
         return False
     return True

@@ -179,7 +179,7 @@ def fuse(run: JobRun, args: argparse.Namespace | None = None) -> None:
     if not trained:
         log.info("fuse %s: the plan has no trained fusion; nothing to do", dataset)
         return
-    settings = FuseConf(**json.loads(plan.fuse)) if plan.fuse else run.config.experiment.fuse
+    settings = FuseConf(**json.loads(plan.fuse))
     n_items = tables.read(spark, wh, "items").filter(F.col("dataset") == dataset).count()
     run.count("items", n_items)
     frames = read_parts(spark, wh, dataset, sorted({p for r in trained for p in r.parts}))

@@ -64,9 +64,10 @@ def _slice_of(run: JobRun, name: str) -> tuple[str, str] | None:
 def table_rows(run: JobRun) -> list[tuple[str, int]]:
     """(table, rows of this run) for every table that exists, in contract order: read with
     delta-rs, one column each (well under a second; through Spark a log replay per table and a
-    job, seconds), else, when delta-rs cannot read the warehouse or a slice has more rows than
-    the driver should hold (``driver_inputs.MAX_ROWS``), with one Spark job."""
-    from udfs.warehouse_reader import TableMissing, read_table
+    job, seconds), else, for a named reason (``udfs.warehouse_reader.FALLBACK_REASONS``:
+    delta-rs cannot open the store, or a slice has more rows than the driver should hold,
+    ``driver_inputs.MAX_ROWS``), with one Spark job."""
+    from udfs.warehouse_reader import FALLBACK_REASONS, TableMissing, read_table
 
     try:
         found = []
@@ -80,8 +81,8 @@ def table_rows(run: JobRun) -> list[tuple[str, int]]:
                 continue
             found.append((name, table.num_rows))
         return found
-    except Exception as exc:  # noqa: BLE001 - any failure of the fast path asks Spark instead
-        log.info("counting the tables with delta-rs failed (%s); counting them with Spark", exc)
+    except tuple(FALLBACK_REASONS) as exc:
+        driver_inputs.fallback(run, FALLBACK_REASONS[type(exc)], f"counting the tables: {exc}")
     counts = []
     for name in tables.SCHEMAS:
         if not tables.exists(run.spark, run.warehouse, name):

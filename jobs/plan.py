@@ -73,9 +73,10 @@ def caption_representation(conf: CaptionConf) -> str:
     """``lvlm:<engine>:<model>:<prompt_id>`` of ``experiment.caption``, from the engine's pure
     identity (``udfs.caption.engine.engine_identity``): no model is loaded, no torch imported
     for ``tags``."""
-    from udfs.caption.engine import DEFAULT_MODELS, engine_identity
+    from udfs.caption.engine import engine_identity
+    from udfs.caption.kinds import engine_kind
 
-    model = conf.model or DEFAULT_MODELS[conf.engine]
+    model = conf.model or engine_kind(conf.engine).default_model
     try:
         _, pid = engine_identity(conf.engine, model, conf.prompt, conf.engine_options())
     except ValueError as exc:

@@ -110,7 +110,10 @@ def ray_session(conf: RayConf) -> Iterator[Any]:
     where = f"the cluster at {conf.address}" if conf.address else "this machine"
     try:
         ray.init(**kwargs)
-    except Exception as exc:  # noqa: BLE001 - every failure is re-raised with its real cause
+    # What ray.init raises for a cluster it cannot join: ConnectionError (an OSError) or a
+    # RuntimeError from the GCS client, ValueError for an address or a token it refuses. Each is
+    # re-raised with the address and the fix; anything else keeps its own traceback.
+    except (OSError, RuntimeError, ValueError) as exc:
         if not conf.address:
             raise
         raise ConnectionError(connection_failure(conf.address, exc)) from exc

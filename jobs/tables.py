@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+from deltalake.exceptions import CommitFailedError
+from py4j.protocol import Py4JJavaError
+from pyspark.errors import PySparkException
 from pyspark.sql import DataFrame, SparkSession
 
 from udfs.spark.schemas import SCHEMAS, VECTOR  # noqa: F401 - VECTOR: re-exported for callers of tables
@@ -58,6 +61,10 @@ PARTITIONS: dict[str, list[str]] = {
     "rejects": ["dataset"],
 }
 
+# What a Delta operation through Spark raises: a JVM exception PySpark converts (an
+# ``AnalysisException``...) or one it passes on as it is (Delta's concurrency exceptions).
+SPARK_ERRORS = (PySparkException, Py4JJavaError)
+
 # Delta raises these when another writer committed a conflicting change first.
 _CONFLICTS = ("ConcurrentAppendException", "ConcurrentDeleteReadException",
               "ConcurrentDeleteDeleteException", "ConcurrentTransactionException",
@@ -83,17 +90,17 @@ def exists(spark: SparkSession, warehouse: str | Path, name: str) -> bool:
 
 def small_read(spark: SparkSession, warehouse: str | Path, name: str, without_spark, with_spark) -> list:
     """What ``without_spark()`` reads from table ``name`` with delta-rs (tens of ms; through Spark a
-    job and a log replay, 0.3-0.5 s at every job's start), else what ``with_spark()`` reads: when
-    delta-rs cannot open the store (credentials given only to Hadoop's s3a, say) or sees no table
-    (a table wrongly read as missing could be written over). ``[]`` when Spark sees none either."""
-    from udfs.warehouse_reader import TableMissing
+    job and a log replay, 0.3-0.5 s at every job's start), else what ``with_spark()`` reads, for
+    the named reasons only (``udfs.warehouse_reader.FALLBACK_REASONS``): delta-rs cannot open the
+    store (credentials given only to Hadoop's s3a, say), the rows are more than the driver holds,
+    or it sees no table (a table wrongly read as missing could be written over, so Spark is
+    asked too). ``[]`` when Spark sees none either. Any other error is the caller's."""
+    from udfs.warehouse_reader import FALLBACK_REASONS
 
     try:
         return without_spark()
-    except TableMissing:
-        pass
-    except Exception as exc:  # noqa: BLE001 - any failure of the fast path falls back to Spark
-        log.debug("%s read through delta-rs failed (%s); reading it with Spark", name, exc)
+    except tuple(FALLBACK_REASONS) as exc:
+        log.info("%s read with Spark: %s", name, exc)
     return with_spark() if exists(spark, warehouse, name) else []
 
 
@@ -140,7 +147,7 @@ def ensure(spark: SparkSession, warehouse: str | Path, name: str) -> None:
     def create():
         try:
             builder.execute()
-        except Exception as exc:  # noqa: BLE001 - Delta's errors reach Python as generic Py4J ones
+        except SPARK_ERRORS as exc:
             # Two jobs starting on a fresh warehouse race to create the same table; the loser
             # finds the location taken (DELTA_CREATE_TABLE_WITH_NON_EMPTY_LOCATION), possibly
             # before the winner's first commit has landed.
@@ -153,7 +160,7 @@ def ensure(spark: SparkSession, warehouse: str | Path, name: str) -> None:
                 # answering from the empty log this failed create just cached.
                 try:
                     spark.read.format("delta").load(path).columns
-                except Exception:  # noqa: BLE001 - not a table yet: the winner has not committed
+                except SPARK_ERRORS:  # not a table yet: the winner has not committed
                     time.sleep(0.25)
                     continue
                 log.info("table %s was created by a concurrent job", name)
@@ -179,7 +186,7 @@ def retry_on_conflict(action, name: str, attempts: int = 5):
     for attempt in range(1, attempts + 1):
         try:
             return action()
-        except Exception as exc:  # noqa: BLE001 - Delta conflicts surface as generic Py4J errors
+        except (*SPARK_ERRORS, CommitFailedError) as exc:
             text = f"{type(exc).__name__}: {exc}"
             if attempt == attempts or not any(c in text for c in _CONFLICTS):
                 raise

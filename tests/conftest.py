@@ -17,7 +17,6 @@ ML100K = (REPO.parent / "shared" / "data" / "ml100k").resolve()
 def pytest_configure(config):
     for marker, text in (("slow", "takes more than a few seconds"),
                          ("realdata", "reads ../shared/data/ml100k"),
-                         ("gpu", "needs a CUDA GPU"),
                          ("spark", "starts the shared Spark session"),
                          ("ray", "starts Ray"),
                          ("faults", "kills jobs, runs them at once, or feeds them crafted input"),

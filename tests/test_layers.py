@@ -1,6 +1,7 @@
 """The layers DESIGN.md promises, read from the source with ``ast``: ``udfs`` computes without
 Spark (only ``udfs/spark/`` imports pyspark), jobs do not import jobs (``pipeline`` runs them),
-and the import graph of ``jobs`` has no loop.
+the import graph of ``jobs`` and ``udfs`` has no loop, and no job catches every exception
+(a broken fast path must fail, not turn into a slower path).
 
 Imports inside functions count: a lazy import is still a dependency, and it is where such
 leaks hide."""
@@ -64,8 +65,8 @@ def test_udfs_outside_spark_wrappers_import_no_pyspark():
     assert leaks == [], f"move the Spark code of {leaks} into udfs/spark/"
 
 
-def jobs_graph() -> dict[str, set[str]]:
-    modules = {module_name(p): p for p in python_files("jobs")}
+def import_graph(*folders: str) -> dict[str, set[str]]:
+    modules = {module_name(p): p for folder in folders for p in python_files(folder)}
     graph = {}
     for name, path in modules.items():
         # A package's import also runs its __init__, so edges go to every module named.
@@ -74,14 +75,13 @@ def jobs_graph() -> dict[str, set[str]]:
 
 
 def test_no_job_imports_another_job():
-    offenders = sorted((name, dep) for name, deps in jobs_graph().items() for dep in deps
+    offenders = sorted((name, dep) for name, deps in import_graph("jobs").items() for dep in deps
                        if name != "jobs.pipeline" and dep.rpartition(".")[2] in JOB_MODULES
                        and dep.count(".") == 1)
     assert offenders == [], "jobs import the plan, the tables and udfs, not each other"
 
 
-def test_jobs_import_graph_has_no_cycle():
-    graph = jobs_graph()
+def cycles_of(graph: dict[str, set[str]]) -> list[list[str]]:
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     cycles = []
 
@@ -97,7 +97,38 @@ def test_jobs_import_graph_has_no_cycle():
     for node in sorted(graph):
         if node not in state:
             visit(node, [node])
-    assert cycles == []
+    return cycles
+
+
+def test_the_import_graph_of_jobs_and_udfs_has_no_cycle():
+    assert cycles_of({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]  # it sees one
+    assert cycles_of(import_graph("jobs", "udfs")) == []
+
+
+# The job runner records any failure as a failed run and re-raises it; doctor and setup report
+# every failure of what they check with its fix.
+BROAD_CATCH_ALLOWED = {"jobs/job_run.py", "jobs/doctor.py", "jobs/setup_jars.py"}
+
+
+def broad_handlers(path: Path, source: str | None = None) -> list[int]:
+    """Lines of ``except:``, ``except Exception`` and ``except BaseException`` (alone or in a tuple)."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text() if source is None else source, str(path))):
+        if isinstance(node, ast.ExceptHandler):
+            caught = node.type.elts if isinstance(node.type, ast.Tuple) else [node.type]
+            if node.type is None or any(isinstance(t, ast.Name) and t.id in ("Exception", "BaseException")
+                                        for t in caught):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_jobs_catch_only_the_errors_they_name():
+    assert broad_handlers(ROOT / "probe.py", "try:\n    f()\nexcept (OSError, Exception):\n    pass\n") == [3]
+    for allowed in BROAD_CATCH_ALLOWED:
+        assert broad_handlers(ROOT / allowed), f"{allowed} catches no broad exception: drop it from the allow-list"
+    sites = [f"{p.relative_to(ROOT)}:{line}" for p in python_files("jobs")
+             if str(p.relative_to(ROOT)) not in BROAD_CATCH_ALLOWED for line in broad_handlers(p)]
+    assert sites == [], "catch the exceptions that choose a path or that you can name, and let others fail the job"
 
 
 @pytest.mark.parametrize("source, expected", [

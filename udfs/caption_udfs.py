@@ -59,6 +59,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from udfs.caption.kinds import engine_kind
+
 log = logging.getLogger(__name__)
 
 OK, ERROR = "ok", "error"
@@ -71,10 +73,6 @@ REMOTE = "remote_uri"
 # (a state of the file system or the config, not of the hashed bytes); timeout is slow storage.
 # All three may succeed on the next run and are retried.
 PERMANENT_ERROR_KINDS = frozenset({"empty", "not_image", "truncated", "too_large"})
-
-# Longest side the engine needs. ``tags`` sees 224 px (and a 64 px colour thumbnail); LLaVA-NeXT
-# tiles at most 672 x 672 or 336 x 1344; ``None`` keeps the full image.
-ENGINE_MAX_SIDE: dict[str, int | None] = {"tags": 448, "hf": 1344, "vllm": None, "openai": 1344}
 
 # The staging files' schema: the ``descriptions`` contract in Arrow types.
 STAGING_SCHEMA = pa.schema([
@@ -92,7 +90,6 @@ STAGING_SCHEMA = pa.schema([
     pa.field("created_at", pa.timestamp("us", tz="UTC")),
 ])
 STAGED_FILE_PREFIX = "part-"
-TEMP_FILE_PREFIX = ".tmp-"
 
 
 def error_text(kind: str, reason: str) -> str:
@@ -257,6 +254,8 @@ class CaptionActor:
                  load: Mapping[str, Any] | None = None, staging: Mapping[str, Any] | None = None):
         self.spec = dict(name=engine, model=model, prompt=prompt, batch_size=batch_size,
                          max_new_tokens=max_new_tokens, options=dict(options or {}))
+        # Each image a request of its own, sent as its file is read (``EngineKind.streams_requests``).
+        self.streams = engine_kind(engine).streams_requests
         # ``load_one``'s (``image_url_of``'s for openai) keyword arguments when this actor
         # reads its own files (an actor on CPU: a millisecond per image, not worth a stage, a
         # process hop and an object-store copy of its own).
@@ -310,7 +309,7 @@ class CaptionActor:
         latency: list[float | None] = [None] * n
         per_image_ms: list[float] = []
         started = time.perf_counter()
-        if self.load is not None and self.spec["name"] == "openai":
+        if self.load is not None and self.streams:
             todo, results, errors = self._send_as_read(batch)
         elif self.load is not None:
             todo, results, errors, per_image_ms = self._read_and_describe(batch)

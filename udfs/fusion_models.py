@@ -278,7 +278,3 @@ def graph_batch(graphs, targets: np.ndarray) -> tuple[np.ndarray, GraphBatch]:
         rows.append(torch.sparse_coo_tensor(index, torch.from_numpy(w.astype(np.float32)),
                                             (len(targets), len(sources))).coalesce())
     return sources, GraphBatch(rows)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return int(sum(p.numel() for p in model.parameters()))

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from udfs.fusion_models import FusionSpec, SmoreFusion, build_model, graph_batch, item_graphs
+from udfs.fusion_models import FusionSpec, build_model, graph_batch, item_graphs
 from udfs.metrics import hit_matrix, ranking_metrics
 
 log = logging.getLogger(__name__)
@@ -339,7 +339,3 @@ def load_model(blob: bytes) -> tuple[torch.nn.Module, FusionSpec]:
     model.load_state_dict(saved["state"])
     model.eval()
     return model, spec
-
-
-def is_smore(model) -> bool:
-    return isinstance(model, SmoreFusion)

@@ -34,6 +34,19 @@ class TooLarge(RuntimeError):
     that reads small tables on the driver reads this one with Spark."""
 
 
+class StoreUnreadable(OSError):
+    """delta-rs cannot open the object store the warehouse lives in (its credentials given only
+    to Hadoop's s3a, say, or a scheme delta-rs has no client for): a job that reads small
+    tables on the driver reads them with Spark. A local warehouse never raises this: an error
+    there is the job's error."""
+
+
+# Why a job that reads small tables on the driver reads with Spark instead: the named
+# conditions, and the reason each is counted under (``driver_fallback_<reason>``).
+FALLBACK_REASONS: dict[type, str] = {TooLarge: "too_large", TableMissing: "no_table",
+                                     StoreUnreadable: "store_unreadable"}
+
+
 def table_uri(warehouse: str | Path, name: str) -> str:
     local = storage.local_path_of(str(warehouse))
     if local is None:
@@ -50,15 +63,23 @@ def has_table(warehouse: str | Path, name: str) -> bool:
 
 def _open(warehouse: str | Path, name: str, equal: Mapping[str, object] | None,
           within: Mapping[str, Sequence[object]] | None):
-    """(uri, the table's snapshot, conditions as column -> values), or ``TableMissing``."""
+    """(uri, the table's snapshot, conditions as column -> values), or ``TableMissing``, or
+    ``StoreUnreadable``."""
     from deltalake import DeltaTable
+    from deltalake.exceptions import DeltaError
 
     uri = table_uri(warehouse, name)
     location, options = storage.delta_location(uri)
-    if not DeltaTable.is_deltatable(location, storage_options=options or None):
+    try:
+        found = DeltaTable.is_deltatable(location, storage_options=options or None)
+        table = DeltaTable(location, storage_options=options or None) if found else None
+    except (OSError, DeltaError) as exc:
+        if not storage.is_object_store(uri):
+            raise
+        raise StoreUnreadable(f"delta-rs cannot open table '{name}' at {uri} ({type(exc).__name__}: {exc})") from exc
+    if table is None:
         raise TableMissing(f"no '{name}' table in warehouse {warehouse}: run the job that writes it "
                            f"(`vlm4rec pipeline`) or pass the warehouse that holds the run")
-    table = DeltaTable(location, storage_options=options or None)
     conditions = {c: [v] for c, v in (equal or {}).items()} | {c: list(v) for c, v in (within or {}).items()}
     return uri, table, conditions
 

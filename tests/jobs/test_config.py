@@ -224,16 +224,16 @@ def test_typed_sections_have_todays_defaults():
             caption.accelerator_type) == (None, 0, 256, 0.0, None)
 
 
-def test_each_engine_section_is_that_engines_options():
-    """The engine gets its section as its options: same keys, same defaults as the engine's own."""
-    from udfs.caption import hf_engine, openai_engine, tags_engine, vllm_engine
-    from udfs.caption.engine import ENGINES
+def test_each_engine_section_is_typed_by_the_engines_own_options():
+    """Each engine owns its options (``udfs.caption.kinds``): the config's section is that type, and
+    the engine gets it as its options mapping."""
+    from udfs.caption import hf_engine
+    from udfs.caption.kinds import KINDS
 
     caption = load_config().experiment.caption
-    assert set(ENGINES) == {"tags", "hf", "vllm", "openai"}
-    for name, module in (("tags", tags_engine), ("hf", hf_engine), ("vllm", vllm_engine),
-                         ("openai", openai_engine)):
-        assert dataclasses.asdict(getattr(caption, name)) == module.OPTIONS, name
+    assert set(KINDS) == {"tags", "hf", "vllm", "openai"}
+    for name, kind in KINDS.items():
+        assert type(getattr(caption, name)) is kind.options, name
     tuned = load_config(None, ["experiment.caption.engine=hf", "experiment.caption.hf.device=cpu"])
     assert tuned.experiment.caption.engine_options() == {**hf_engine.OPTIONS, "device": "cpu"}
 

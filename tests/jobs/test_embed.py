@@ -472,6 +472,6 @@ def test_vectors_too_large_to_hold_take_the_spark_path(spark, catalog, tmp_path,
     with caplog.at_level(logging.INFO, logger="jobs.driver_inputs"):
         assert embed.main(argv) == 0
     counts = last_run_counts(spark, warehouse, "embed")
-    assert "computed_on_driver" not in counts
+    assert "computed_on_driver" not in counts and counts["driver_fallback_too_large"] == 1
     assert "the vectors to write would hold 1382400 bytes" in caplog.text
     assert counts["written_concat"] == catalog.counts["C"]["written_concat"]

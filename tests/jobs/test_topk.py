@@ -155,6 +155,7 @@ def test_blockwise_spark_topk_equals_brute_force(spark, tmp_path, capsys, case):
     argv += [] if on_driver else ["--set", "spark.driver_compute_mb=0"]
     counts = run_topk(spark, warehouse, argv, capsys)
     assert counts.get("computed_on_driver", 0) == int(on_driver)
+    assert counts.get("driver_fallback_disabled", 0) == int(not on_driver)
     got = recommendation_lists(spark, warehouse, "run-a")
     candidates = data.common(["title", "visual"])
     assert set(got) == {"title", "visual", "popularity", "random"}

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from udfs import caption_udfs as cu
+from udfs.caption.kinds import KINDS
 from udfs.images import ReadLimits, sha256_bytes
 
 
@@ -171,7 +172,7 @@ def test_a_cpu_actor_reading_its_own_files_describes_as_the_loading_stage_does(t
                              "image_uri": [u for u, _ in picked]})
 
     batch = frame(rows)
-    load = {"max_side": cu.ENGINE_MAX_SIDE["tags"], "limits": ReadLimits()}
+    load = {"max_side": KINDS["tags"].max_side, "limits": ReadLimits()}
     spec = dict(engine="tags", model="efficientnet-lite0", prompt="", batch_size=2, max_new_tokens=16)
     own = tmp_path / "own"
     write = dict(staging_dir=str(own), engine="tags", model="efficientnet-lite0", prompt_id="p", prompt="recipe")

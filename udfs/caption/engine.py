@@ -29,24 +29,14 @@ from typing import Any
 
 from PIL import Image
 
+from udfs.caption.kinds import KINDS, engine_kind
 from udfs.caption.prompts import DEFAULT_PROMPT, prompt_id
 
 log = logging.getLogger(__name__)
 
-# name -> "module:Class"; imported lazily by make_engine.
-ENGINES: dict[str, str] = {
-    "tags": "udfs.caption.tags_engine:TagsEngine",
-    "hf": "udfs.caption.hf_engine:HFEngine",
-    "vllm": "udfs.caption.vllm_engine:VLLMEngine",
-    "openai": "udfs.caption.openai_engine:OpenAIEngine",
-}
-DEFAULT_MODELS: dict[str, str] = {
-    "tags": "efficientnet-lite0",
-    "hf": "llava-hf/llava-v1.6-mistral-7b-hf",
-    "vllm": "llava-hf/llava-v1.6-mistral-7b-hf",
-    # The name `vllm serve llava-hf/llava-v1.6-mistral-7b-hf` serves it under.
-    "openai": "llava-hf/llava-v1.6-mistral-7b-hf",
-}
+# name -> "module:Class"; imported lazily by make_engine. Both maps are the kinds' (``udfs.caption.kinds``).
+ENGINES: dict[str, str] = {name: kind.implementation for name, kind in KINDS.items()}
+DEFAULT_MODELS: dict[str, str] = {name: kind.default_model for name, kind in KINDS.items()}
 
 
 @dataclass(frozen=True)
@@ -102,32 +92,13 @@ class CaptionEngine(abc.ABC):
         return f"{type(self).__name__}(model={self.model!r}, prompt_id={self.prompt_id!r}, batch_size={self.batch_size})"
 
 
-def check_options(engine: str, options: Mapping[str, Any] | None, known: Mapping[str, Any]) -> dict[str, Any]:
-    """``known`` (option -> default) updated with ``options``; an unknown key is an error naming it."""
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ValueError(
-            f"caption engine {engine!r}: unknown option(s) {unknown}; known options are {sorted(known)}"
-        )
-    return {**known, **options}
-
-
 def engine_identity(name: str, model: str | None, prompt: str,
                     options: Mapping[str, Any] | None = None) -> tuple[str, str]:
     """``(prompt, prompt_id)`` that engine ``name`` records for these settings, without building
-    it: ``tags`` renders its recipe from its options (``tags_engine.tags_identity``, the function
-    the engine itself uses); the VLM engines record the configured prompt. Options the engine
-    would refuse raise ``ValueError`` naming them."""
-    if name not in ENGINES:
-        raise ValueError(f"unknown caption engine {name!r}: choose one of {sorted(ENGINES)}")
-    if name == "tags":
-        from udfs.caption.tags_engine import tags_identity
-
-        return tags_identity(model or DEFAULT_MODELS[name], options)
-    module = importlib.import_module(ENGINES[name].split(":")[0])
-    check_options(name, options, module.OPTIONS)
-    return prompt, prompt_id(prompt)
+    it (``udfs.caption.kinds``: ``tags`` renders its recipe from its options; the VLM engines
+    record the configured prompt). Options the engine would refuse raise ``ValueError``."""
+    kind = engine_kind(name)
+    return kind.identity(model or kind.default_model, prompt, options)
 
 
 def make_engine(
@@ -139,13 +110,12 @@ def make_engine(
     options: Mapping[str, Any] | None = None,
 ) -> CaptionEngine:
     """Build the engine registered as ``name`` ("tags", "hf", "vllm", "openai"); ``model=None`` takes the
-    engine's default model; ``options`` are engine-specific (see each engine's ``OPTIONS``)."""
-    if name not in ENGINES:
-        raise ValueError(f"unknown caption engine {name!r}: choose one of {sorted(ENGINES)}")
-    module_name, class_name = ENGINES[name].split(":")
+    engine's default model; ``options`` are engine-specific (each kind's ``options`` dataclass)."""
+    kind = engine_kind(name)
+    module_name, class_name = kind.implementation.split(":")
     engine_cls = getattr(importlib.import_module(module_name), class_name)
     return engine_cls(
-        model=model or DEFAULT_MODELS[name],
+        model=model or kind.default_model,
         prompt=prompt,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,

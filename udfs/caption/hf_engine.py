@@ -34,24 +34,15 @@ from typing import Any
 import torch
 from PIL import Image
 
-from udfs.caption.engine import Caption, CaptionEngine, check_options
+from udfs.caption.engine import Caption, CaptionEngine
+from udfs.caption.kinds import KINDS
 from udfs.caption.prompts import DEFAULT_PROMPT
 from udfs.images import to_rgb
 
 log = logging.getLogger(__name__)
 
-OPTIONS: dict[str, Any] = {
-    "device": "auto",
-    "dtype": "auto",
-    "min_new_tokens": None,
-    "static_cache": False,
-    "do_sample": False,
-    "temperature": None,
-    "top_p": None,
-    "local_files_only": None,
-    "attn_implementation": None,
-    "trust_remote_code": False,
-}
+KIND = KINDS["hf"]
+OPTIONS: dict[str, Any] = KIND.defaults()
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # LLaVA-1.5's conversation format, for a processor saved without a chat template.
 FALLBACK_TEMPLATE = "USER: {image}\n{prompt} ASSISTANT:"
@@ -160,7 +151,7 @@ class HFEngine(CaptionEngine):
         return engine
 
     def _configure(self, options: Mapping[str, Any] | None) -> None:
-        self.options = check_options(self.name, options, OPTIONS)
+        self.options = KIND.checked_options(options)
         o = self.options
         if o["min_new_tokens"] is not None and not 0 <= int(o["min_new_tokens"]) <= self.max_new_tokens:
             raise ValueError(

@@ -55,31 +55,21 @@ from typing import Any
 
 from PIL import Image
 
-from udfs.caption.engine import DEFAULT_MODELS, Caption, CaptionEngine, check_options
+from udfs.caption.engine import Caption, CaptionEngine
+from udfs.caption.kinds import KINDS
 from udfs.caption.prompts import DEFAULT_PROMPT
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = DEFAULT_MODELS["openai"]
+DEFAULT_MODEL = KINDS["openai"].default_model
 CHAT_PATH = "/chat/completions"
 MODELS_PATH = "/models"
-# The options and their defaults: ``jobs.config.OpenaiEngineConf`` field for field.
-OPTIONS: dict[str, Any] = {
-    "base_url": "http://127.0.0.1:8000",
-    "base_urls": [],
-    "api_key_env": None,
-    "temperature": 0.0,
-    "timeout_s": 120.0,
-    "max_concurrency": 8,
-    "qps": None,
-    "max_retries": 6,
-    "backoff_s": 0.5,
-    "backoff_max_s": 30.0,
-}
+# The options and their defaults: ``udfs.caption.kinds.OpenaiOptions``.
+KIND = KINDS["openai"]
+OPTIONS: dict[str, Any] = KIND.defaults()
 # Error kinds (the ``descriptions.error`` prefix); the first four are retried within a run.
 CONNECTION, TIMEOUT, RATE_LIMITED, SERVER_ERROR = "connection", "timeout", "rate_limited", "server_error"
 REJECTED, BAD_RESPONSE = "rejected", "bad_response"
-RETRIED_KINDS = (CONNECTION, TIMEOUT, RATE_LIMITED, SERVER_ERROR)
 # A Retry-After beyond this is a server asking us to stop for the day: cap it, the budget decides.
 MAX_RETRY_AFTER_S = 300.0
 
@@ -114,7 +104,7 @@ class ClientSettings:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> ClientSettings:
-        o = check_options("openai", options, OPTIONS)
+        o = KIND.checked_options(options)
         urls = tuple(api_root(str(u)) for u in (o["base_urls"] or [o["base_url"]]))
         problems = [
             *(f"base URL {u!r} must start with http:// or https://" for u in urls
@@ -408,7 +398,7 @@ class OpenAIEngine(CaptionEngine):
         options: Mapping[str, Any] | None = None,
     ):
         super().__init__(model=model, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens)
-        self.options = check_options(self.name, options, OPTIONS)
+        self.options = KIND.checked_options(options)
         self.settings = ClientSettings.from_options(self.options)
         self._client: _Client | None = None
         self._client_lock = threading.Lock()  # the caption actor calls from several threads

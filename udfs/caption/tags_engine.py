@@ -28,22 +28,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from udfs.caption.engine import DEFAULT_MODELS, Caption, CaptionEngine, check_options
-from udfs.caption.prompts import DEFAULT_PROMPT, prompt_id
+from udfs.caption.engine import Caption, CaptionEngine
+from udfs.caption.kinds import EFFICIENTNET_LITE0, KINDS, N_IMAGENET_CLASSES
+from udfs.caption.prompts import DEFAULT_PROMPT
 from udfs.images import to_rgb
 
 log = logging.getLogger(__name__)
 
-N_IMAGENET_CLASSES = 1000
-MODEL = DEFAULT_MODELS["tags"]  # udfs.image_encoder.EFFICIENTNET_LITE0, named without importing torch
+MODEL = EFFICIENTNET_LITE0
 COLOUR_THUMBNAIL_SIDE = 64
-OPTIONS: dict[str, Any] = {
-    "top_k": 3,
-    "min_prob": 0.15,
-    "colours": 3,
-    "min_colour_share": 0.15,
-    "device": "cpu",
-}
+KIND = KINDS["tags"]
+OPTIONS: dict[str, Any] = KIND.defaults()
 
 
 def _resource_lines(name: str) -> list[str]:
@@ -121,22 +116,9 @@ def render_sentence(labels: Sequence[str], colours: Sequence[str]) -> str:
 
 
 def tags_identity(model: str = MODEL, options: Mapping[str, Any] | None = None) -> tuple[str, str]:
-    """``(prompt, prompt_id)`` the engine records for ``options``: its recipe and the recipe's id.
-
-    Pure (no torch, no weights); raises ``ValueError`` naming the option for a value the engine
-    would refuse. ``TagsEngine`` takes its prompt from here, so the two cannot disagree."""
-    if model != MODEL:
-        raise ValueError(f"caption engine 'tags' runs only {MODEL!r}, got model={model!r}")
-    o = check_options(TagsEngine.name, options, OPTIONS)
-    if not 1 <= int(o["top_k"]) <= N_IMAGENET_CLASSES:
-        raise ValueError(f"caption engine 'tags': top_k must be in 1..1000, got {o['top_k']}")
-    if int(o["colours"]) < 0:
-        raise ValueError(f"caption engine 'tags': colours must be >= 0, got {o['colours']}")
-    recipe = (
-        f"tags v1: imagenet top_k={o['top_k']} min_prob={o['min_prob']}; "
-        f"colours max={o['colours']} min_share={o['min_colour_share']}"
-    )
-    return recipe, prompt_id(recipe)
+    """``(prompt, prompt_id)`` the engine records for ``options``: its recipe and the recipe's id
+    (``udfs.caption.kinds.TagsKind.identity``: pure, no torch, no weights)."""
+    return KIND.identity(model, "", options)
 
 
 class TagsEngine(CaptionEngine):
@@ -156,7 +138,7 @@ class TagsEngine(CaptionEngine):
         from udfs.image_encoder import load_efficientnet_lite0
 
         recipe, _ = tags_identity(model, options)
-        self.options = check_options(self.name, options, OPTIONS)
+        self.options = KIND.checked_options(options)
         super().__init__(model=model, prompt=recipe, batch_size=batch_size, max_new_tokens=max_new_tokens)
         self.device = str(self.options["device"])
         self._model = load_efficientnet_lite0(self.device)

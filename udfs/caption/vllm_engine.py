@@ -47,22 +47,18 @@ from typing import Any
 
 from PIL import Image
 
-from udfs.caption.engine import DEFAULT_MODELS, Caption, CaptionEngine, check_options
+from udfs.caption.engine import Caption, CaptionEngine
+from udfs.caption.kinds import KINDS
 from udfs.caption.prompts import DEFAULT_PROMPT
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = DEFAULT_MODELS["vllm"]
+DEFAULT_MODEL = KINDS["vllm"].default_model
 INSTALL_HINT = "pip install 'vlm4rec[gpu]'"
 # ray[llm]==2.60.0 requires vllm[audio]==0.29.0; vlm4rec[gpu] pins both (setup.py).
 RAY_VERSION, VLLM_VERSION = "2.60.0", "0.29.0"
-OPTIONS: dict[str, Any] = {
-    "tensor_parallel_size": 1,
-    "max_model_len": None,
-    "gpu_memory_utilization": None,
-    "min_new_tokens": None,
-    "engine_kwargs": None,
-}
+KIND = KINDS["vllm"]
+OPTIONS: dict[str, Any] = KIND.defaults()
 # A data URL keeps each request self-contained: no shared filesystem, no vLLM media-path allowlist.
 _MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
 
@@ -73,6 +69,16 @@ def require_vllm() -> None:
     if importlib.util.find_spec("vllm") is None:
         raise ImportError(f"caption engine 'vllm' needs vLLM, which is not installed: {INSTALL_HINT} on every GPU node")
     check_versions(installed_version("ray"), installed_version("vllm"))
+
+
+def missing_install() -> str | None:
+    """What to install when the engine cannot run here (``udfs.caption.kinds.VllmKind``)."""
+    try:
+        require_vllm()
+        ray_data_llm()
+    except ImportError as exc:
+        return str(exc)
+    return None
 
 
 def installed_version(package: str) -> str | None:
@@ -252,7 +258,7 @@ class VLLMEngine(CaptionEngine):
         options: Mapping[str, Any] | None = None,
     ):
         super().__init__(model=model, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens)
-        self.options = check_options(self.name, options, OPTIONS)
+        self.options = KIND.checked_options(options)
         require_vllm()
         from vllm import LLM, SamplingParams
 
