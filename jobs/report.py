@@ -5,9 +5,11 @@ Written under ``<warehouse>/reports/<run_id>/`` (``report.html``, ``metrics.png`
 prefix (``s3a://bucket/w/reports/<run_id>/``) through ``udfs.storage``.
 
 Contents: each metric@K per representation with its bootstrap CI, in the paper's row order;
-a forest plot of the paired differences against the reference representation (``--reference``,
-default ``lvlm``: the run's LVLM representation, else its first representation) with Holm
-p-values, at K = 10 (or the largest K evaluated when 10 is not); per-user NDCG@K by train
+a forest plot of the paired differences ``representation - reference`` (the printed results
+table's sign) against the reference representation (``--reference``, default ``lvlm``: the
+run's LVLM representation, else its first representation) with Holm p-values (grey: not
+significant after Holm; the bootstrap CIs are not adjusted), at K = 10 (or the largest K
+evaluated when 10 is not); per-user NDCG@K by train
 history length; catalog coverage, mean popularity percentile and Gini of exposure of each
 representation's lists (``udfs.exposure``, over the run's stored candidates); a gallery of item
 images beside the descriptions the caption engine wrote, and a few users' history next to
@@ -186,22 +188,28 @@ def metric_rows(metrics: pd.DataFrame, order: list[str], ks: list[int]) -> tuple
 
 
 def forest_rows(comparisons: pd.DataFrame, reference: str, k: int, order: list[str]) -> list[dict]:
+    """The forest plot's rows as a table, in its sign (``representation - reference``) and with
+    its rule: a verdict of better or worse only where Holm's p is below ``SIGNIFICANCE``."""
     rows = []
     for metric in FOREST_METRICS:
         diffs = report_figures.reference_differences(comparisons, reference, metric, k)
         for _, r in diffs.set_index("other").reindex([o for o in order if o != reference]).dropna(
                 subset=["mean_diff"]).iterrows():
-            better = "reference better" if r["mean_diff"] > 0 else "reference worse"
-            if r["ci_low"] <= 0 <= r["ci_high"]:
-                verdict = "no clear difference (CI crosses zero)"
-            elif r["p_holm"] >= SIGNIFICANCE:
-                verdict = f"{better} in the CI, not significant after Holm's correction"
+            crosses = r["ci_low"] <= 0 <= r["ci_high"]
+            if r["p_holm"] >= SIGNIFICANCE:
+                verdict = "no clear difference: not significant after Holm's correction" + (
+                    "" if crosses else " (the unadjusted CI misses zero)")
             else:
-                verdict = f"{better} (Holm p < {SIGNIFICANCE})"
+                verdict = (f"{'better' if r['mean_diff'] > 0 else 'worse'} than the reference "
+                           f"(Holm p < {SIGNIFICANCE})")
+            effect = r["effect_size"]
             rows.append({"metric": f"{report_figures.METRIC_LABELS[metric]}@{k}",
                          "other": report_figures.short_label(r.name, order), "diff": f"{r['mean_diff']:+.4f}",
-                         "ci": f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]", "p": f"{r['p_value']:.3g}",
-                         "p_holm": f"{r['p_holm']:.3g}", "verdict": verdict})
+                         "ci": f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]",
+                         "effect": "-" if effect is None or pd.isna(effect) else f"{effect:+.2f}",
+                         # Rows written before the test was stored were Wilcoxon's.
+                         "test": r["test"] if isinstance(r["test"], str) else "wilcoxon",
+                         "p": f"{r['p_value']:.3g}", "p_holm": f"{r['p_holm']:.3g}", "verdict": verdict})
     return rows
 
 

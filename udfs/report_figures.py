@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from udfs.exposure import BEYOND_ACCURACY
 from udfs.metrics import METRICS
+from udfs.results_table import against_reference
 
 METRIC_LABELS = {"recall": "Recall", "ndcg": "NDCG", "precision": "Precision", "map": "MAP",
                  "hit_rate": "HitRate", "hitrate": "HitRate", "mrr": "MRR"}
@@ -78,50 +79,69 @@ def metrics_figure(metrics: pd.DataFrame, order: Sequence[str]) -> bytes:
     return png(figure)
 
 
-def forest_figure(comparisons: pd.DataFrame, reference: str, metrics: Sequence[str], k: int,
-                  order: Sequence[str]) -> bytes:
-    """Paired differences ``reference - other`` with their bootstrap CI and Holm p-values, one
-    panel per metric at K. A difference whose CI crosses zero is drawn hollow and grey.
-    ``comparisons``: representation_a, representation_b, metric, k, mean_diff, ci_low, ci_high, p_holm."""
+SIGNIFICANCE = 0.05
+
+
+def forest_plot(comparisons: pd.DataFrame, reference: str, metrics: Sequence[str], k: int,
+                order: Sequence[str]) -> Figure:
+    """Paired differences ``representation - reference`` (the printed results table's sign:
+    right of zero, the representation scores higher), one panel per metric at K: each pair's
+    mean difference with its (unadjusted) 95% bootstrap CI, and its Holm-adjusted p-value as a
+    right-hand tick label, so labels and p-values get separate margins and never overlap. Grey
+    and hollow: not significant after Holm (p_holm >= ``SIGNIFICANCE``), the same rule as the
+    report's verdicts; a CI that misses zero can still be grey, because the CI is not adjusted.
+    The mean of each pair is a point with ``gid`` ``mean:<representation>``, its CI a line with
+    ``gid`` ``ci:<representation>`` (what the tests read back). ``comparisons``:
+    representation_a, representation_b, metric, k, mean_diff, ci_low, ci_high, p_holm."""
     others = [r for r in order if r != reference]
-    figure = Figure(figsize=(5.2 * len(metrics), 0.45 * len(others) + 1.6))
+    ref_label = short_label(reference, order)
+    figure = Figure(figsize=(6.4 * len(metrics), 0.45 * len(others) + 1.8), layout="constrained")
     for n, metric in enumerate(metrics):
         ax = figure.add_subplot(1, len(metrics), n + 1)
         rows = reference_differences(comparisons, reference, metric, k).set_index("other").reindex(others)
         y = np.arange(len(others))[::-1]
+        p_labels = []
         for yi, (other, row) in zip(y, rows.iterrows()):
             if pd.isna(row["mean_diff"]):
                 ax.text(0, yi, "no common users", ha="center", va="center", fontsize=7, color="#888888")
+                p_labels.append("")
                 continue
-            crosses = row["ci_low"] <= 0 <= row["ci_high"]
-            color = "#9e9e9e" if crosses else ("#1b7837" if row["mean_diff"] > 0 else "#b2182b")
-            ax.plot([row["ci_low"], row["ci_high"]], [yi, yi], color=color, lw=2)
-            ax.plot([row["mean_diff"]], [yi], "o", color=color, mfc="white" if crosses else color, ms=7)
-            ax.annotate(f"p_holm={row['p_holm']:.2g}", (row["ci_high"], yi), xytext=(4, 0),
-                        textcoords="offset points", va="center", fontsize=7)
+            significant = row["p_holm"] < SIGNIFICANCE
+            color = ("#1b7837" if row["mean_diff"] > 0 else "#b2182b") if significant else "#9e9e9e"
+            ax.plot([row["ci_low"], row["ci_high"]], [yi, yi], color=color, lw=2, gid=f"ci:{other}")
+            ax.plot([row["mean_diff"]], [yi], "o", color=color, mfc=color if significant else "white", ms=7,
+                    gid=f"mean:{other}")
+            p_labels.append(f"p_holm={row['p_holm']:.2g}")
         ax.axvline(0, color="black", lw=0.8)
         ax.set_yticks(y, [short_label(o, order) for o in others], fontsize=8)
-        ax.set_title(f"{short_label(reference, order)} - other, {_metric_label(metric, k)}", fontsize=9)
-        ax.margins(x=0.25)
+        ax.set_ylim(-0.7, len(others) - 0.3)
+        right = ax.secondary_yaxis("right")
+        right.set_yticks(y, p_labels, fontsize=7)
+        right.tick_params(length=0)
+        ax.set_title(f"representation - {ref_label}, {_metric_label(metric, k)}", fontsize=9)
+        ax.margins(x=0.08)
         ax.grid(axis="x", alpha=0.3)
-    figure.suptitle("Paired differences against the reference (95% bootstrap CI; grey: CI crosses zero)",
-                    fontsize=10)
-    return png(figure)
+    figure.suptitle(f"Paired differences: each representation minus {ref_label} (right of 0: better than "
+                    f"{ref_label}; 95% bootstrap CI, unadjusted; grey: not significant after Holm, p_holm >= "
+                    f"{SIGNIFICANCE})", fontsize=9)
+    return figure
+
+
+def forest_figure(comparisons: pd.DataFrame, reference: str, metrics: Sequence[str], k: int,
+                  order: Sequence[str]) -> bytes:
+    """``forest_plot`` as PNG bytes."""
+    return png(forest_plot(comparisons, reference, metrics, k, order))
 
 
 def reference_differences(comparisons: pd.DataFrame, reference: str, metric: str, k: int) -> pd.DataFrame:
-    """(other, mean_diff, ci_low, ci_high, p_value, p_holm) of ``reference - other``: a pair
-    stored as ``other - reference`` is turned round (the CI's ends swap and change sign)."""
+    """(other, mean_diff, ci_low, ci_high, effect_size, test, p_value, p_holm) of ``other -
+    reference`` (``udfs.results_table.against_reference``: the printed table's sign) at metric@k."""
     part = comparisons[(comparisons["metric"] == metric) & (comparisons["k"] == k)]
-    out = []
-    for _, row in part.iterrows():
-        if row["representation_a"] == reference:
-            out.append((row["representation_b"], row["mean_diff"], row["ci_low"], row["ci_high"],
-                        row["p_value"], row["p_holm"]))
-        elif row["representation_b"] == reference:
-            out.append((row["representation_a"], -row["mean_diff"], -row["ci_high"], -row["ci_low"],
-                        row["p_value"], row["p_holm"]))
-    return pd.DataFrame(out, columns=["other", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm"])
+    found = [against_reference(row, reference) for _, row in part.iterrows()]
+    return pd.DataFrame([f for f in found if f is not None], columns=list(DIFFERENCE_COLUMNS))
+
+
+DIFFERENCE_COLUMNS = ("other", "mean_diff", "ci_low", "ci_high", "effect_size", "test", "p_value", "p_holm")
 
 
 def history_bucket(n_history: np.ndarray) -> np.ndarray:

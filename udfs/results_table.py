@@ -75,18 +75,43 @@ def metrics_block(rows: Iterable[Mapping], order: Sequence[str], ks: Sequence[in
     return lines
 
 
+def against_reference(row: Mapping, reference: str) -> dict | None:
+    """A ``comparisons`` row as ``representation - reference``, the one sign of every printed
+    and plotted difference (right of zero: the representation scores higher): ``other``,
+    ``mean_diff``, ``ci_low``, ``ci_high``, ``effect_size``, ``test``, ``p_value``, ``p_holm``.
+    A row stored as ``reference - other`` is turned round (the difference and the effect size
+    change sign, the CI's ends swap and change sign); None for a pair without the reference.
+    ``effect_size`` and ``test`` are None in rows written before they were stored."""
+    a, b = _get(row, "representation_a"), _get(row, "representation_b")
+    if reference not in (a, b) or a == b:
+        return None
+    effect, test = _optional(row, "effect_size"), _optional(row, "test")
+    effect = None if effect is None or effect != effect else float(effect)
+    out = {"other": a, "mean_diff": _get(row, "mean_diff"), "ci_low": _get(row, "ci_low"),
+           "ci_high": _get(row, "ci_high"), "effect_size": effect, "test": test if isinstance(test, str) else None,
+           "p_value": _get(row, "p_value"), "p_holm": _get(row, "p_holm")}
+    if a == reference:
+        out.update(other=b, mean_diff=-out["mean_diff"], ci_low=-out["ci_high"], ci_high=-out["ci_low"],
+                   effect_size=None if effect is None else -effect)
+    return out
+
+
+def _optional(row, key):
+    try:
+        return row[key]
+    except (KeyError, ValueError, IndexError):  # a dict, a Spark Row or a pandas row without it
+        return None
+
+
 def differences_against(rows: Iterable[Mapping], reference: str) -> dict[tuple[str, str, int], tuple]:
     """(representation, metric, k) -> (mean_diff, ci_low, ci_high, p_holm) of representation
-    minus ``reference``, from ``comparisons`` rows stored in either orientation."""
+    minus ``reference`` (``against_reference``), from ``comparisons`` rows of either orientation."""
     out = {}
     for row in rows:
-        a, b = _get(row, "representation_a"), _get(row, "representation_b")
-        key_metric, k = _get(row, "metric"), int(_get(row, "k"))
-        diff, low, high, p = (_get(row, c) for c in ("mean_diff", "ci_low", "ci_high", "p_holm"))
-        if b == reference:
-            out[(a, key_metric, k)] = (diff, low, high, p)
-        elif a == reference:
-            out[(b, key_metric, k)] = (-diff, -high, -low, p)
+        found = against_reference(row, reference)
+        if found is not None:
+            out[(found["other"], _get(row, "metric"), int(_get(row, "k")))] = tuple(
+                found[c] for c in ("mean_diff", "ci_low", "ci_high", "p_holm"))
     return out
 
 
@@ -98,11 +123,16 @@ def _p(value) -> str:
 def comparisons_block(rows: Iterable[Mapping], order: Sequence[str], ks: Sequence[int],
                       reference: str) -> list[str]:
     """Per K, each representation minus ``reference``, paired over the users both were
-    evaluated on: ``mean [ci_low,ci_high] p`` per metric (p: Wilcoxon, Holm-corrected)."""
+    evaluated on: ``mean [ci_low,ci_high] p`` per metric (p: the run's test, Holm-corrected
+    over all the pairs of the metric@K)."""
+    rows = list(rows)
     diffs = differences_against(rows, reference)
+    tests = sorted({t for t in (_optional(r, "test") for r in rows) if isinstance(t, str)})
+    test = "/".join(tests) or "wilcoxon"  # rows written before the test was stored were Wilcoxon's
     others = [r for r in order if r != reference]
     width = max([len(r) for r in others] + [len("representation")])
-    lines = [f"paired differences against {reference} (representation - {reference}; mean [95% CI] Holm p):"]
+    lines = [f"paired differences against {reference} (representation - {reference}; mean [95% CI] "
+             f"Holm-corrected {test} p):"]
     for k in ks:
         header = f"{'representation':<{width}}  " + "  ".join(f"{f'{m}@{k}':^33}" for m in METRICS)
         lines += [header, "-" * len(header)]

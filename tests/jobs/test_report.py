@@ -137,3 +137,33 @@ def test_report_on_an_object_store_warehouse(synthetic_run):
         with open(storage.local_path_of(image), "rb") as f:
             storage.write_bytes(f"s3a://{BUCKET}/images/one", f.read())
         assert report_html.thumbnail(f"s3a://{BUCKET}/images/one") == report_html.thumbnail(image) is not None
+
+
+def test_forest_plot_draws_the_runs_comparisons_in_the_tables_sign(synthetic_run):
+    """The values the forest plot draws, read back from its artists, are the run's
+    ``comparisons`` rows as ``representation - lvlm``: the printed table's sign, in its title."""
+    from udfs import report_figures
+    from udfs.results_table import paper_order
+
+    data = report.read_run(str(synthetic_run.warehouse), synthetic_run.run_id)
+    comparisons = data["comparisons"]
+    order = paper_order([*data["plan"]["representations"], *data["plan"]["baselines"]])
+    reference = next(r for r in order if r.startswith("lvlm:"))
+    figure = report_figures.forest_plot(comparisons, reference, report.FOREST_METRICS, 10, order)
+    seen = 0
+    for ax in figure.axes:
+        metric = "recall" if "Recall@10" in ax.get_title() else "ndcg"
+        assert ax.get_title().startswith("representation - lvlm")
+        for line in ax.get_lines():
+            kind, _, other = (line.get_gid() or "").partition(":")
+            if kind != "mean":
+                continue
+            stored = comparisons[(comparisons.metric == metric) & (comparisons.k == 10)
+                                 & (comparisons.representation_a.isin([reference, other]))
+                                 & (comparisons.representation_b.isin([reference, other]))].iloc[0]
+            sign = 1 if stored.representation_b == reference else -1
+            assert line.get_xdata()[0] == pytest.approx(sign * stored.mean_diff, abs=1e-15), other
+            assert (line.get_color() == "#9e9e9e") == (stored.p_holm >= report.SIGNIFICANCE), other
+            seen += 1
+    assert seen == 2 * (len(order) - 1)
+    assert set(comparisons.test) == {"t"}

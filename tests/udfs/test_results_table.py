@@ -1,7 +1,7 @@
 """The printed results table: the paper's row order and the paired differences against lvlm."""
 from __future__ import annotations
 
-from udfs.results_table import differences_against, paper_order, results_table
+from udfs.results_table import against_reference, differences_against, paper_order, results_table
 
 LVLM = "lvlm:tags:efficientnet-lite0:abc"
 
@@ -57,3 +57,23 @@ def test_results_table_marks_a_representation_with_a_note_and_prints_the_note_un
     assert [line for line in lines if line.endswith("(!) see the warning below")][0].startswith(f"{LVLM} ")
     assert not any(line.startswith("title ") and "(!)" in line for line in lines)
     assert f"WARNING {LVLM}: no signal in its descriptions" in lines
+
+
+def test_against_reference_turns_the_row_round_with_its_effect_size_and_keeps_the_test():
+    stored = dict(representation_a=LVLM, representation_b="title", metric="ndcg", k=10, mean_diff=0.02,
+                  ci_low=0.01, ci_high=0.03, effect_size=0.4, test="t", p_value=0.01, p_holm=0.02)
+    assert against_reference(stored, LVLM) == {
+        "other": "title", "mean_diff": -0.02, "ci_low": -0.03, "ci_high": -0.01, "effect_size": -0.4,
+        "test": "t", "p_value": 0.01, "p_holm": 0.02}
+    older = {k: v for k, v in stored.items() if k not in ("effect_size", "test")}
+    assert against_reference(older, "title")["effect_size"] is None and against_reference(older, "title")["test"] is None
+    assert against_reference(stored, "random") is None
+
+
+def test_the_printed_differences_name_the_runs_test():
+    names = ["title", LVLM]
+    row = dict(representation_a=LVLM, representation_b="title", metric="ndcg", k=10, mean_diff=0.02,
+               ci_low=0.01, ci_high=0.03, p_value=0.01, p_holm=0.02)
+    assert "Holm-corrected randomization p" in results_table([], [{**row, "test": "randomization"}], names, [10])
+    # Rows written before the test was stored were Wilcoxon's.
+    assert "Holm-corrected wilcoxon p" in results_table([], [row], names, [10])
