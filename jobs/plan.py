@@ -128,8 +128,8 @@ class ExperimentPlan:
     topk_seed: int
     bootstrap_samples: int
     evaluate_seed: int
-    half_life_days: float | None
     significance_test: str  # the paired test of the comparisons (udfs.significance.TESTS)
+    half_life_days: float | None
     concat_weights: tuple[tuple[str, float], ...]  # sorted (part, weight) pairs
     # experiment.fuse as canonical JSON when a trained fusion is planned, else "": the trained
     # vectors (and so profiles, rankings and metrics) depend on every one of its settings.
@@ -161,8 +161,8 @@ class ExperimentPlan:
             baselines=tuple(baselines), candidates=topk.candidates, exclude=tuple(topk.exclude),
             k=int(topk.k or max(ks)), ks=tuple(ks), topk_seed=int(topk.seed),
             bootstrap_samples=int(experiment.evaluate.bootstrap_samples), evaluate_seed=int(experiment.evaluate.seed),
-            half_life_days=(None if experiment.profiles.half_life_days is None
             significance_test=str(experiment.evaluate.test),
+            half_life_days=(None if experiment.profiles.half_life_days is None
                             else float(experiment.profiles.half_life_days)),
             concat_weights=tuple(sorted((str(p), float(w)) for p, w in experiment.embed.concat_weights.items())),
             fuse=(json.dumps(dataclasses.asdict(experiment.fuse), sort_keys=True, separators=(",", ":"))
@@ -207,8 +207,8 @@ class ExperimentPlan:
         data = json.loads(text)
         data.setdefault("fuse", "")  # plans stored before trained fusions existed
         data.setdefault("als", "")  # ... and before the ALS reference
-        known = {f.name for f in dataclasses.fields(cls)}
         data.setdefault("significance_test", "wilcoxon")  # ... and before the test was a setting
+        known = {f.name for f in dataclasses.fields(cls)}
         if set(data) != known:
             raise ConfigError(f"stored plan has fields {sorted(data)}, this version expects {sorted(known)}: "
                               "use a new --run-id (the plan was stored by another version of vlm4rec)")
