@@ -24,7 +24,7 @@ model's own score), with ``encoder = 'spark-ml-als:<run id>'`` so that ``topk`` 
 item factors that another run's ALS wrote. Every catalog item gets a row: an item without a
 train interaction has no factor and gets the zero vector (score 0, the model's prediction for
 an item it has no evidence about), counted as ``items_without_factor_als``, so ``als`` never
-shrinks the common candidate set. ``ms_train_als`` is the training time.
+shrinks the common candidate set. ``ms_train_als`` is the fit's time.
 
 Rows are keyed by ``run_id``: the pipeline's (``--run-id``), else this job's own run id. The
 representations, fusions, half-life and concat weights come from the run's plan (``jobs.plan``:
@@ -40,7 +40,10 @@ Two paths compute the same rows, counts, warnings and errors (``jobs.driver_inpu
 dataset's ``items``, ``interactions`` and ``item_embeddings`` slices are small
 (``spark.driver_compute_mb``), they are read with delta-rs and the profiles are built on the
 driver with the table rules of ``udfs.profile_inputs`` and the kernels the Spark tasks run;
-otherwise, and whenever ``als`` is planned (Spark ML trains it), Spark computes them.
+otherwise Spark computes them. ``als`` does not choose the path: on either one its fit is a
+Spark ML call on the train split read from the Delta table as a Spark frame (the same frame on
+both paths, so the same factors to the bit); on the driver path the factors then come back to
+the driver, which writes the item factors and the profiles as it writes the others.
 """
 from __future__ import annotations
 
@@ -67,7 +70,7 @@ from . import tables
 from .config import ConfigError
 from .driver_inputs import Slice, read_on_driver
 from .facts import collect_facts
-from .job_run import JobRun, NothingUsable, run_id_argument, run_job
+from .job_run import Job, JobRun, NothingUsable, run_id_argument
 from .plan import PROFILES_FIELDS, plan_for_run
 
 log = logging.getLogger(__name__)
@@ -99,34 +102,48 @@ def fuse_profiles(profiles: DataFrame, rep: Representation, weights: dict[str, f
         FUSED_PROFILE_SCHEMA)
 
 
-def als_profiles(run: JobRun, dataset: str, train: DataFrame, settings_json: str, run_id: str) -> DataFrame:
+def train_frame(spark, wh: str, dataset: str) -> DataFrame:
+    """The dataset's train rows (user_id, item_id, ts) as a Spark frame read from the Delta table:
+    what the ALS fit reads on both paths. Spark ML's ALS is deterministic for one seed and one
+    input partitioning, so the driver path hands it the same frame the Spark path does (one read
+    of a few MB) rather than a frame of the rows it holds, whose partitions would differ."""
+    interactions = tables.read(spark, wh, "interactions").filter(F.col("dataset") == dataset)
+    return interactions.filter(F.col("split") == "train").select("user_id", "item_id", "ts")
+
+
+def als_encoder(run_id: str) -> str:
+    return f"spark-ml-als:{run_id}"
+
+
+def fit_als(run: JobRun, dataset: str, train: DataFrame, settings: AlsSettings) -> tuple[DataFrame, DataFrame]:
+    """The ``als`` fit (``ms_train_als``): (user factors, item factors), cached by Spark ML."""
+    with run.stage("train_als"):
+        user_factors, item_factors = train_als(train, settings)
+    log.info("als %s: fitted with rank %d", dataset, settings.rank)
+    return user_factors, item_factors
+
+
+def als_profiles(run: JobRun, dataset: str, train: DataFrame, settings: AlsSettings, run_id: str) -> DataFrame:
     """Train the ``als`` reference on ``train``, write its item factors to ``item_embeddings``
     (every catalog item; zeros without a factor) and return its user factors as
     (user_id, representation, vector, n_history) rows."""
     spark, wh = run.spark, run.warehouse
-    settings = AlsSettings(**json.loads(settings_json))
-    with run.stage("train_als"):
-        user_factors, item_factors = train_als(train, settings)
-        # fit() trains eagerly and Spark ML keeps the factors cached (finalStorageLevel).
-        item_factors = item_factors.persist(StorageLevel.MEMORY_AND_DISK)
-        n_factors = item_factors.count()
+    user_factors, item_factors = fit_als(run, dataset, train, settings)
     catalog = tables.read(spark, wh, "items").filter(F.col("dataset") == dataset).select("item_id")
     # Items interacted with but missing from ``items`` (an older ingest) still get their factor.
     catalog = catalog.unionByName(item_factors.select("item_id")).distinct()
     zeros = F.array_repeat(F.lit(0.0).cast("float"), settings.rank)
-    items = (catalog.join(item_factors, "item_id", "left")
+    items = (catalog.join(item_factors.withColumn("_factor", F.lit(1)), "item_id", "left")
              .select(F.lit(dataset).alias("dataset"), "item_id", F.lit(ALS).alias("representation"),
-                     F.lit(f"spark-ml-als:{run_id}").alias("encoder"), F.lit(settings.rank).alias("dim"),
+                     F.lit(als_encoder(run_id)).alias("encoder"), F.lit(settings.rank).alias("dim"),
                      F.coalesce("vector", zeros).alias("vector"),
-                     F.lit(None).cast("string").alias("source_sha256")))
+                     F.lit(None).cast("string").alias("source_sha256"), "_factor"))
     # Counted while written (no pass of its own).
     written = Observation("als_items")
-    items = items.observe(written, F.count(F.lit(1)).alias("n"))
+    items = items.observe(written, F.count(F.lit(1)).alias("n"), F.count("_factor").alias("factors")).drop("_factor")
     tables.replace_slice(spark, wh, "item_embeddings", items, {"dataset": dataset, "representation": [ALS]})
-    run.count("items_without_factor_als", int(written.get["n"]) - n_factors)
-    item_factors.unpersist()
+    run.count("items_without_factor_als", int(written.get["n"]) - int(written.get["factors"]))
     n_history = train.groupBy("user_id").agg(F.count(F.lit(1)).cast("int").alias("n_history"))
-    log.info("als %s: %d item factors of rank %d", dataset, n_factors, settings.rank)
     return (user_factors.join(n_history, "user_id")
             .select("user_id", F.lit(ALS).alias("representation"), "vector", "n_history"))
 
@@ -153,9 +170,10 @@ def first_facts(spark, wh: str, dataset: str, interactions: DataFrame, history: 
 
 def driver_slices(dataset: str, base_names: list[str]) -> dict[str, Slice]:
     """What the driver path reads: the ingest ids of both tables (the ingest check), the
-    dataset's interactions and its item vectors of the base representations."""
+    catalog's item ids (the ``als`` item rows), the dataset's interactions and its item vectors
+    of the base representations."""
     return {
-        "items": Slice("items", equal={"dataset": dataset}, columns=["ingest_id"]),
+        "items": Slice("items", equal={"dataset": dataset}, columns=["item_id", "ingest_id"]),
         "interactions": Slice("interactions", equal={"dataset": dataset},
                               columns=["user_id", "item_id", "ts", "split", "ingest_id"]),
         "vectors": Slice("item_embeddings", equal={"dataset": dataset}, within={"representation": base_names},
@@ -170,8 +188,7 @@ class SparkProfiles:
         spark, wh = run.spark, run.warehouse
         self.spark, self.cached = spark, cached
         interactions = tables.read(spark, wh, "interactions").filter(F.col("dataset") == dataset)
-        self.train = (interactions.filter(F.col("split") == "train").select("user_id", "item_id", "ts")
-                      .persist(StorageLevel.MEMORY_AND_DISK))
+        self.train = train_frame(spark, wh, dataset).persist(StorageLevel.MEMORY_AND_DISK)
         cached.append(self.train)
         vectors = (tables.read(spark, wh, "item_embeddings")
                    .filter((F.col("dataset") == dataset) & F.col("representation").isin(base_names))
@@ -202,6 +219,13 @@ class SparkProfiles:
                                   .select("user_id", F.lit(rep.name).alias("representation"), "vector", "n_history"))
         return {row["representation"]: int(row["n"]) for row in counted.collect()}, out
 
+    def with_als(self, run: JobRun, dataset: str, settings: AlsSettings, run_id: str,
+                 out: DataFrame) -> tuple[int, DataFrame]:
+        """(users with an ``als`` profile, ``out`` with their rows)."""
+        factors = als_profiles(run, dataset, self.train, settings, run_id).persist(StorageLevel.MEMORY_AND_DISK)
+        self.cached.append(factors)
+        return factors.count(), out.unionByName(factors)
+
     def keyed(self, out: DataFrame, run_id: str) -> DataFrame:
         return out.withColumn("run_id", F.lit(run_id))
 
@@ -213,6 +237,7 @@ class DriverProfiles:
     def __init__(self, run: JobRun, dataset: str, inputs: dict):
         self.spark = run.spark
         interactions = inputs["interactions"].to_pandas()
+        self.interactions, self.catalog = interactions, inputs["items"].column("item_id").to_pylist()
         ingest_rows = [profile_inputs.ingest_summary("items", inputs["items"].column("ingest_id").to_pandas()),
                        profile_inputs.ingest_summary("interactions", interactions["ingest_id"])]
         self.history = profile_inputs.history_rows(interactions, inputs["vectors"].to_pandas())
@@ -229,6 +254,19 @@ class DriverProfiles:
             written[rep.name] = int((fused["status"] == embedding_udfs.OK).sum())
             frames.append(profile_inputs.usable(fused, rep.name))
         return written, pd.concat(frames, ignore_index=True)
+
+    def with_als(self, run: JobRun, dataset: str, settings: AlsSettings, run_id: str,
+                 out: pd.DataFrame) -> tuple[int, pd.DataFrame]:
+        """Only the fit is Spark's; its factors (a few MB on a catalog this path takes) come back
+        to the driver, which writes the item factors and adds the user factors' rows to ``out``."""
+        spark, wh = run.spark, run.warehouse
+        user_factors, item_factors = fit_als(run, dataset, train_frame(spark, wh, dataset), settings)
+        users, items = user_factors.toPandas(), item_factors.toPandas()
+        rows = profile_inputs.als_item_rows(dataset, self.catalog, items, settings.rank, ALS, als_encoder(run_id))
+        tables.replace_slice(spark, wh, "item_embeddings", rows, {"dataset": dataset, "representation": [ALS]})
+        run.count("items_without_factor_als", rows.num_rows - len(items))
+        made = profile_inputs.als_user_rows(users, profile_inputs.train_rows_per_user(self.interactions), ALS)
+        return len(made), pd.concat([out, made], ignore_index=True)
 
     def keyed(self, out: pd.DataFrame, run_id: str) -> pa.Table:
         return profile_inputs.profile_table(out, run_id)
@@ -295,9 +333,8 @@ def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
     fusions = [parse_representation(n) for n in plan.parameter_free]
     base_names = [r.name for r in base]
 
-    # ``als`` is Spark ML: it trains in Spark on a Spark frame of the train split, so a plan
-    # with it runs the whole job on Spark; otherwise small inputs are computed on the driver.
-    inputs = None if ALS in plan.representations else read_on_driver(run, driver_slices(dataset, base_names))
+    # Small inputs are computed on the driver; ``als`` adds one Spark ML fit on either path.
+    inputs = read_on_driver(run, driver_slices(dataset, base_names))
     cached: list[DataFrame] = []
     try:
         path = SparkProfiles(run, dataset, base_names, cached) if inputs is None \
@@ -306,9 +343,7 @@ def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
         written, out = path.profiles(plan, plan.half_life_days, fusions)
         names = base_names + [r.name for r in fusions]
         if ALS in plan.representations:
-            factors = als_profiles(run, dataset, path.train, plan.als, run_id)
-            written[ALS] = factors.count()
-            out = out.unionByName(factors)
+            written[ALS], out = path.with_als(run, dataset, AlsSettings(**json.loads(plan.als)), run_id, out)
             names.append(ALS)
         total = count_profiles(run, dataset, names, written, n_train_users)
         # One atomic commit replaces the run's profiles of these representations (stale users go).
@@ -325,8 +360,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="key the profiles by this run id (the pipeline's); default: this job's run id")
 
 
+JOB = Job("profiles", __doc__.splitlines()[0], profiles, add_arguments)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_job("profiles", __doc__.splitlines()[0], profiles, argv, add_arguments)
+    return JOB.main(argv)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,42 @@ def usable(fused: pd.DataFrame, representation: str) -> pd.DataFrame:
     return rows.assign(representation=representation)[PROFILE_COLUMNS]
 
 
+def train_rows_per_user(interactions: pd.DataFrame) -> pd.DataFrame:
+    """(user_id, n_history): each user's train rows, for the users with any."""
+    train = interactions.loc[interactions["split"] == "train", "user_id"]
+    counts = train.groupby(train, sort=True).size()
+    return pd.DataFrame({"user_id": counts.index.to_numpy(dtype=object),
+                         "n_history": counts.to_numpy(dtype=np.int32)})
+
+
+def als_user_rows(user_factors: pd.DataFrame, n_history: pd.DataFrame, representation: str) -> pd.DataFrame:
+    """``PROFILE_COLUMNS`` rows of the ALS user factors (user_id, vector): ``n_history`` is the
+    user's train rows (``train_rows_per_user``); as the Spark path's inner join, a factor of a
+    user without train rows gives no row (there is none: the fit sees only train rows)."""
+    rows = user_factors[["user_id", "vector"]].merge(n_history, on="user_id", how="inner")
+    return rows.assign(representation=representation)[PROFILE_COLUMNS]
+
+
+def als_item_rows(dataset: str, catalog: Sequence[str], item_factors: pd.DataFrame, rank: int,
+                  representation: str, encoder: str) -> pa.Table:
+    """``item_embeddings`` rows of the ALS item factors (item_id, vector) for every item of
+    ``catalog`` and every item with a factor (an item interacted with but missing from ``items``,
+    an older ingest, keeps its factor); an item without a factor gets the zero vector."""
+    factors = dict(zip(item_factors["item_id"], item_factors["vector"]))
+    ids = sorted({*(i for i in catalog if i is not None), *factors})
+    zeros = np.zeros(rank, dtype=np.float32)
+    return pa.table({
+        "dataset": pa.array([dataset] * len(ids), pa.string()),
+        "item_id": pa.array(ids, pa.string()),
+        "representation": pa.array([representation] * len(ids), pa.string()),
+        "encoder": pa.array([encoder] * len(ids), pa.string()),
+        "dim": pa.array([rank] * len(ids), pa.int32()),
+        "vector": pa.array([np.asarray(factors[i], dtype=np.float32) if i in factors else zeros for i in ids],
+                           pa.list_(pa.float32())),
+        "source_sha256": pa.array([None] * len(ids), pa.string()),
+    })
+
+
 def profile_table(profiles: pd.DataFrame, run_id: str) -> pa.Table:
     """``PROFILE_COLUMNS`` rows keyed by ``run_id``, typed as the ``user_profiles`` columns."""
     return pa.table({

@@ -246,3 +246,50 @@ def test_both_paths_refuse_the_same_inputs_with_the_same_error(spark, capsys, ca
     assert driver_out == spark_out and driver_err == spark_err
     expected = "ingest-later-000000" if case == "mixed_ingest" else "has no train interactions"
     assert any(expected in line and "nothing usable" in line for line in spark_err)
+
+
+# A plan with ``als`` keeps the driver path: only the fit is Spark ML's (on the same Spark frame
+# of the train split on both paths, so the same factors to the bit).
+WITH_ALS = ["--set", f"experiment.representations=[title,{LVLM},naive,als]",
+            "--set", "experiment.profiles.als.rank=4", "--set", "experiment.profiles.als.max_iter=3"]
+
+
+def test_a_plan_with_als_computes_on_the_driver_and_writes_what_the_spark_path_writes(
+        spark, capsys, tmp_path, tmp_path_factory):
+    import shutil
+
+    from jobs import tables
+
+    catalog = embedded_catalog(spark, tmp_path_factory)
+    # A copy: the als item factors must not reach the session's shared warehouse.
+    wh = tmp_path / "warehouse"
+    shutil.copytree(catalog.warehouse, wh)
+    argv = catalog.argv + ["--set", f"warehouse={wh}", *WITH_ALS]
+    counts, factors = {}, {}
+    for path, extra in (("spark", SPARK_PATH), ("driver", [])):
+        assert profiles_main(argv + extra + ["--run-id", f"als-{path}"]) == 0
+        capsys.readouterr()
+        runs = tables.read(spark, wh, "runs").filter("job = 'profiles'").orderBy("started_at").toPandas()
+        counts[path] = {k: v for k, v in runs.iloc[-1]["counts"].items()
+                        if not k.startswith(("ms_", "driver_fallback_"))}
+        items = tables.read(spark, wh, "item_embeddings").filter("representation = 'als'").toPandas()
+        assert set(items["encoder"]) == {f"spark-ml-als:als-{path}"}
+        factors[path] = items.drop(columns="encoder").sort_values("item_id").reset_index(drop=True)
+
+    assert "computed_on_driver" not in counts["spark"] and counts["driver"].pop("computed_on_driver") == 1
+    assert counts["driver"] == counts["spark"]
+    assert counts["spark"]["profiles_als"] == counts["spark"]["users_with_train"] > 0
+    catalog_items = tables.read(spark, wh, "items").filter("dataset = 'synthetic'").select("item_id").distinct()
+    assert len(factors["spark"]) >= catalog_items.count()  # every catalog item has a row
+    pd.testing.assert_frame_equal(factors["driver"].drop(columns="vector"), factors["spark"].drop(columns="vector"))
+    assert all(np.array_equal(a, b) for a, b in zip(factors["driver"]["vector"], factors["spark"]["vector"]))
+
+    stored = tables.read(spark, wh, "user_profiles").toPandas()
+    by_path = {path: stored[stored["run_id"] == f"als-{path}"].drop(columns="run_id")
+               .sort_values(["representation", "user_id"]).reset_index(drop=True) for path in ("spark", "driver")}
+    assert set(by_path["driver"]["representation"]) == {"title", "visual", LVLM, "naive", "als"}
+    pd.testing.assert_frame_equal(by_path["driver"].drop(columns="vector"), by_path["spark"].drop(columns="vector"))
+    als = by_path["driver"]["representation"] == "als"
+    np.testing.assert_allclose(stacked_rows(by_path["driver"][~als]), stacked_rows(by_path["spark"][~als]),
+                               atol=1e-6, rtol=0)
+    assert all(np.array_equal(a, b) for a, b in zip(by_path["driver"][als]["vector"], by_path["spark"][als]["vector"]))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pyspark import StorageLevel
 from pyspark.ml.feature import StringIndexer
 from pyspark.ml.recommendation import ALS
 from pyspark.sql import DataFrame
@@ -38,17 +39,24 @@ class AlsSettings:
 def train_als(train: DataFrame, settings: AlsSettings) -> tuple[DataFrame, DataFrame]:
     """(user factors (user_id, vector array<float>), item factors (item_id, vector)) of an
     implicit ALS fitted on ``train`` (user_id, item_id, ...); every user and item of ``train``
-    gets a factor. Deterministic for one ``settings.seed`` and one Spark parallelism."""
-    pairs = train.groupBy("user_id", "item_id").agg(F.count(F.lit(1)).cast("float").alias("strength"))
-    users = StringIndexer(inputCol="user_id", outputCol="_user", stringOrderType="alphabetAsc").fit(pairs)
-    items = StringIndexer(inputCol="item_id", outputCol="_item", stringOrderType="alphabetAsc").fit(pairs)
-    indexed = items.transform(users.transform(pairs)).select(
-        F.col("_user").cast("int").alias("_user"), F.col("_item").cast("int").alias("_item"), "strength")
-    model = ALS(rank=settings.rank, maxIter=settings.max_iter, regParam=settings.reg_param, alpha=settings.alpha,
-                implicitPrefs=True, seed=settings.seed, userCol="_user", itemCol="_item", ratingCol="strength",
-                nonnegative=False).fit(indexed)
-    return (_by_label(model.userFactors, users.labelsArray[0], "user_id"),
-            _by_label(model.itemFactors, items.labelsArray[0], "item_id"))
+    gets a factor. Deterministic for one ``settings.seed`` and one partitioning of ``train``."""
+    pairs = (train.groupBy("user_id", "item_id").agg(F.count(F.lit(1)).cast("float").alias("strength"))
+             .persist(StorageLevel.MEMORY_AND_DISK))
+    try:
+        # Both columns' labels in one pass (sorted per column, as two fits would sort them); the
+        # aggregate is cached because the fit reads it again.
+        ids = StringIndexer(inputCols=["user_id", "item_id"], outputCols=["_user", "_item"],
+                            stringOrderType="alphabetAsc").fit(pairs)
+        indexed = ids.transform(pairs).select(
+            F.col("_user").cast("int").alias("_user"), F.col("_item").cast("int").alias("_item"), "strength")
+        model = ALS(rank=settings.rank, maxIter=settings.max_iter, regParam=settings.reg_param,
+                    alpha=settings.alpha, implicitPrefs=True, seed=settings.seed, userCol="_user",
+                    itemCol="_item", ratingCol="strength", nonnegative=False).fit(indexed)
+    finally:
+        pairs.unpersist()
+    user_labels, item_labels = ids.labelsArray
+    return (_by_label(model.userFactors, user_labels, "user_id"),
+            _by_label(model.itemFactors, item_labels, "item_id"))
 
 
 def _by_label(factors: DataFrame, labels: list[str], column: str) -> DataFrame:
