@@ -329,3 +329,29 @@ def test_spark_and_driver_paths_fail_or_leave_out_alike(evaluated, spark, case):
     expected = {"two topk runs": "different topk runs", "no stored candidates": "no stored candidate set for ['title']",
                 "random not ranked": "random has no recommendations"}[case]
     assert expected in " ".join(on_spark.errors + [m for _, m in on_spark.warnings])
+
+
+def test_a_comparisons_table_written_before_the_test_was_stored_still_works(spark, tmp_path):
+    """A warehouse of the older contract (no effect_size, no test): the next write adds the two
+    columns (null in the old rows), and the old rows print as the Wilcoxon rows they were."""
+    import pyarrow as pa
+    from delta.tables import DeltaTable
+    from pyspark.sql.types import StructType
+
+    from udfs.results_table import results_table
+
+    warehouse = tmp_path / "warehouse"
+    old = StructType([f for f in tables.SCHEMAS["comparisons"].fields if f.name not in ("effect_size", "test")])
+    DeltaTable.createIfNotExists(spark).location(str(warehouse / "comparisons")).addColumns(old).execute()
+    row = {"representation_a": "title", "representation_b": "random", "metric": "ndcg", "k": 10, "mean_diff": 0.1,
+           "ci_low": 0.05, "ci_high": 0.15, "p_value": 0.001, "p_holm": 0.002}
+    spark.createDataFrame([{"run_id": "old", **row}], old).write.format("delta").mode("append").save(
+        str(warehouse / "comparisons"))
+    new = pa.Table.from_pylist([{"run_id": "new", **row, "effect_size": 0.8, "test": "t"}],
+                               schema=tables.arrow_schema("comparisons"))
+    tables.replace_slice(spark, warehouse, "comparisons", new, {"run_id": "new"})
+    got = {r.run_id: r for r in tables.read(spark, warehouse, "comparisons").collect()}
+    assert (got["old"].test, got["old"].effect_size) == (None, None)
+    assert (got["new"].test, got["new"].effect_size) == ("t", 0.8)
+    assert "Holm-corrected wilcoxon p" in results_table([], [{**got["old"].asDict(), "representation_b": "lvlm:x:y:z"}],
+                                                        ["title", "lvlm:x:y:z"], [10])
