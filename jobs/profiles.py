@@ -172,13 +172,15 @@ def driver_slices(dataset: str, base_names: list[str]) -> dict[str, Slice]:
     """What the driver path reads: the ingest ids of both tables (the ingest check), the
     catalog's item ids (the ``als`` item rows), the dataset's interactions and its item vectors
     of the base representations."""
-    return {
+    slices = {
         "items": Slice("items", equal={"dataset": dataset}, columns=["item_id", "ingest_id"]),
         "interactions": Slice("interactions", equal={"dataset": dataset},
                               columns=["user_id", "item_id", "ts", "split", "ingest_id"]),
-        "vectors": Slice("item_embeddings", equal={"dataset": dataset}, within={"representation": base_names},
-                         columns=["representation", "item_id", "vector"]),
     }
+    if base_names:  # a plan of ``als`` alone profiles no item vectors
+        slices["vectors"] = Slice("item_embeddings", equal={"dataset": dataset}, within={"representation": base_names},
+                                  columns=["representation", "item_id", "vector"])
+    return slices
 
 
 class SparkProfiles:
@@ -240,7 +242,9 @@ class DriverProfiles:
         self.interactions, self.catalog = interactions, inputs["items"].column("item_id").to_pylist()
         ingest_rows = [profile_inputs.ingest_summary("items", inputs["items"].column("ingest_id").to_pandas()),
                        profile_inputs.ingest_summary("interactions", interactions["ingest_id"])]
-        self.history = profile_inputs.history_rows(interactions, inputs["vectors"].to_pandas())
+        vectors = inputs["vectors"].to_pandas() if "vectors" in inputs else \
+            pd.DataFrame({c: pd.Series([], dtype=object) for c in ("representation", "item_id", "vector")})
+        self.history = profile_inputs.history_rows(interactions, vectors)
         rows_by_rep = {str(k): int(v) for k, v in self.history.groupby("representation").size().items()}
         self.facts = (ingest_rows, profile_inputs.train_totals(interactions), rows_by_rep)
 
