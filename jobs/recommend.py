@@ -21,6 +21,8 @@ names the fix), 3 the ``deltalake`` package is missing.
 A cold start is most of a one-user answer (docs/BENCHMARKS.md): this module imports only the
 config loader at the top, and the recommender (numpy, pandas, pyarrow, delta-rs; never pyspark,
 torch or Ray) once the request is known to be well formed; it reads only the asked users' rows.
+``--torch-kernel`` imports torch to rank with the ``topk`` job's own arithmetic
+(``udfs.recommender``: the numpy default may swap near-tied items).
 """
 from __future__ import annotations
 
@@ -63,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-explain", action="store_true", help="leave out the explanations")
     parser.add_argument("--contributors", type=positive_int, default=3,
                         help="history items per explanation (default 3; --no-explain for none)")
+    parser.add_argument("--torch-kernel", action="store_true",
+                        help="score with the topk job's torch arithmetic: known users' lists equal the run's "
+                             "stored ones bit for bit (default numpy: near-ties within ~1e-6 may swap), "
+                             "at about a second more of start-up")
 
 
 def warehouse_of(config) -> str:
@@ -125,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             finished = f", finished {served.finished_at:%Y-%m-%d %H:%M:%S} UTC" if served.finished_at else ""
             print(f"vlm4rec recommend: serving run {run_id}, the latest completed pipeline run of dataset "
                   f"'{served.dataset}'{finished} (--run-id RUN serves another)", file=sys.stderr)
-        recommender = Recommender.load(warehouse, run_id, args.representation, users=users)
+        recommender = Recommender.load(warehouse, run_id, args.representation, users=users,
+                                       use_torch=args.torch_kernel)
         if args.dataset and recommender.dataset != args.dataset:
             raise RecommendError(f"run '{run_id}' is of dataset '{recommender.dataset}', not '{args.dataset}': "
                                  "pass a run of that dataset, or leave out --run-id to serve its latest")
