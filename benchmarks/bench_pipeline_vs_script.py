@@ -675,7 +675,7 @@ def floor(source: Path, root: Path, master: str, out: Path) -> None:
     import pyarrow as pa
     from jobs import tables
     from jobs.config import load_config
-    from jobs.job_run import execute
+    from jobs.job_run import Job, execute
     from jobs.plan import ExperimentPlan, store_plan
     from jobs.ray_session import ray_session
     from jobs.spark_session import build_spark
@@ -719,10 +719,10 @@ def floor(source: Path, root: Path, master: str, out: Path) -> None:
         store_plan(spark, warehouse, run.run_id, ExperimentPlan.resolve(config))
         for stage in FLOOR_WRITES:
             begun = time.perf_counter()
-            assert execute(stage, config, spark, commits(stage, run.run_id), SimpleNamespace(run_id=None)) == 0
+            assert execute(Job(stage, "", commits(stage, run.run_id)), config, spark, SimpleNamespace(run_id=None)) == 0
             seconds[stage] = time.perf_counter() - begun
 
-    assert execute("pipeline", config, spark, pipeline, SimpleNamespace()) == 0
+    assert execute(Job("pipeline", "", pipeline), config, spark, SimpleNamespace()) == 0
     # No spark.stop(): the pipeline's process ends without one too.
     out.write_text(json.dumps({"preload_s": preload_s, "spark_start_s": spark_s, "stage_s": seconds,
                                "inside_s": time.perf_counter() - start}))

@@ -47,7 +47,7 @@ from udfs.spark.schemas import APPLIED_SCHEMA
 
 from . import tables
 from .config import ConfigError, FuseConf
-from .job_run import JobRun, NothingUsable, run_id_argument, run_job
+from .job_run import Job, JobRun, NothingUsable, run_id_argument
 from .plan import FUSE_FIELDS, plan_for_run
 
 log = logging.getLogger(__name__)
@@ -285,8 +285,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="key the fusion_models rows by this run id (the pipeline's); default: this job's")
 
 
+JOB = Job("fuse", __doc__.splitlines()[0], fuse, add_arguments)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_job("fuse", __doc__.splitlines()[0], fuse, argv, add_arguments)
+    return JOB.main(argv)
 
 
 if __name__ == "__main__":

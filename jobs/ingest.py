@@ -27,7 +27,7 @@ from .adapters import read_dataset
 from .adapters.base import AdapterOutput
 from .config import ConfigError
 from udfs.images import ReadLimits
-from .job_run import JobRun, NothingUsable, run_job
+from .job_run import Job, JobRun, NothingUsable
 
 log = logging.getLogger(__name__)
 
@@ -280,8 +280,11 @@ def _write_rejects(run: JobRun, rejects: DataFrame, hold: bool) -> DataFrame:
     return rejects
 
 
+JOB = Job("ingest", __doc__.splitlines()[0], ingest)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_job("ingest", __doc__.splitlines()[0], ingest, argv)
+    return JOB.main(argv)
 
 
 if __name__ == "__main__":

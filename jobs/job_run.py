@@ -80,6 +80,9 @@ class JobRun:
     abandoned: list[str] = field(default_factory=list)
     # Whether this run's row is in ``runs`` yet: the final row then replaces it, else appends.
     row_written: bool = False
+    # (run id, plan) a pipeline resolved and stored before its stages: a stage of that run id
+    # reads it from here (``jobs.plan.plan_for_run``), not from the table, and resolves nothing.
+    pinned_plan: tuple[str, Any] | None = None
 
     def __post_init__(self):
         if not self.run_id:
@@ -259,13 +262,40 @@ def setup_logging(level: str = "INFO") -> None:
 JobBody = Callable[[JobRun, argparse.Namespace], None]
 
 
-def run_job(job: str, description: str, body: JobBody, argv: list[str] | None,
-            add_arguments: Callable[[JobParser], None] | None = None,
-            spark=None) -> int:
+@dataclass(frozen=True)
+class Job:
+    """A job as the command line, ``spark-submit`` and the pipeline run it: the body (the work,
+    given a recorded run and the job's arguments), the job's own arguments, and the exceptions it
+    reports as one line with an exit code of its own (``caption``'s missing engine, exit 3)."""
+
+    name: str
+    description: str
+    body: JobBody
+    add_arguments: Callable[[JobParser], None] | None = None
+    exit_codes: tuple[tuple[type, int], ...] = ()
+
+    def parser(self) -> JobParser:
+        parser = base_parser(self.name, self.description)
+        if self.add_arguments:
+            self.add_arguments(parser)
+        return parser
+
+    def main(self, argv: list[str] | None = None, spark=None) -> int:
+        return run_job(self, argv, spark=spark)
+
+    def stage(self, config: Config, spark, run_id: str, plan: Any) -> int:
+        """Run as a stage of a pipeline: its config (parsed once) and its resolved plan, under its
+        run id; the job's other arguments keep their defaults (its flags are ``--set`` aliases,
+        already in the config)."""
+        parser = self.parser()
+        takes_run_id = any("--run-id" in action.option_strings for action in parser._actions)
+        args = parser.parse_args(["--run-id", run_id] if takes_run_id else [])
+        return execute(self, config, spark, args, pinned_plan=(run_id, plan))
+
+
+def run_job(job: Job, argv: list[str] | None, spark=None) -> int:
     """Parse the command line, start Spark, run ``body`` inside a recorded run, print a summary."""
-    parser = base_parser(job, description)
-    if add_arguments:
-        add_arguments(parser)
+    parser = job.parser()
     args = parser.parse_args(argv)
     flags = parser.setting_overrides(args)
     # After the --set overrides: a flag is the more specific of the two.
@@ -278,7 +308,7 @@ def run_job(job: str, description: str, body: JobBody, argv: list[str] | None,
         config.experiment.representations = expand_lvlm(config.experiment.representations,
                                                         config.experiment.caption)
     except ConfigError as exc:
-        print(f"vlm4rec {job}: config error: {exc}", file=sys.stderr)
+        print(f"vlm4rec {job.name}: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(config.log_level)
     from udfs.storage import StorageError, check_reachable
@@ -288,30 +318,35 @@ def run_job(job: str, description: str, body: JobBody, argv: list[str] | None,
         # otherwise surface as a JVM stack trace from the first table read.
         check_reachable(config.warehouse_uri())
     except StorageError as exc:
-        print(f"vlm4rec {job}: warehouse {exc}", file=sys.stderr)
+        print(f"vlm4rec {job.name}: warehouse {exc}", file=sys.stderr)
         return EXIT_CONFIG
     from .spark_session import ConnectorMissing, build_spark
 
     try:
-        spark = spark or build_spark(config, app_name=f"vlm4rec-{job}")
+        spark = spark or build_spark(config, app_name=f"vlm4rec-{job.name}")
     except ConnectorMissing as exc:
-        print(f"vlm4rec {job}: {exc}", file=sys.stderr)
+        print(f"vlm4rec {job.name}: {exc}", file=sys.stderr)
         return EXIT_INSTALL
-    return execute(job, config, spark, body, args)
+    return execute(job, config, spark, args)
 
 
-def execute(job: str, config: Config, spark, body: JobBody, args: argparse.Namespace) -> int:
-    run = JobRun(job, config, spark)
+def execute(job: Job, config: Config, spark, args: argparse.Namespace,
+            pinned_plan: tuple[str, Any] | None = None) -> int:
+    run = JobRun(job.name, config, spark, pinned_plan=pinned_plan)
+    named = tuple(kind for kind, _ in job.exit_codes)
     try:
         with run:
-            body(run, args)
+            job.body(run, args)
     except ConfigError as exc:
-        print(f"vlm4rec {job}: config error: {exc}", file=sys.stderr)
+        print(f"vlm4rec {job.name}: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except NothingUsable as exc:
-        print(f"vlm4rec {job}: nothing usable: {exc}", file=sys.stderr)
+        print(f"vlm4rec {job.name}: nothing usable: {exc}", file=sys.stderr)
         print(run.summary())
         return EXIT_NOTHING_USABLE
+    except named as exc:
+        print(f"vlm4rec {job.name}: {exc}", file=sys.stderr)
+        return next(code for kind, code in job.exit_codes if isinstance(exc, kind))
     print(run.summary())
-    print(json.dumps({"run_id": run.run_id, "job": job, "counts": dict(run.counts)}, sort_keys=True))
+    print(json.dumps({"run_id": run.run_id, "job": job.name, "counts": dict(run.counts)}, sort_keys=True))
     return EXIT_OK

@@ -1,11 +1,11 @@
 """``pipeline``: run an experiment config end to end (ingest, caption, embed, fuse, profiles,
 topk, evaluate, report) on one Spark session, then print what each table holds and the results table.
 
-The experiment plan (``jobs.plan``) is resolved once and stored in ``plans`` under the
-pipeline's run id before the first stage. Every stage is the job itself (``jobs.<stage>.main``)
-with the pipeline's ``--conf``/``--set`` arguments, so each records its own row in ``runs``;
-every stage after ``ingest`` gets the pipeline's run id (``--run-id``), which keys the stored
-plan, so all of them read one plan: ``caption`` checks its engine against it, ``embed`` builds
+The config is parsed once and the experiment plan (``jobs.plan``) resolved once and stored in
+``plans`` under the pipeline's run id before the first stage. Every stage is the job itself
+(``jobs.<stage>.JOB``), run in this process with that config and plan (``Job.stage``), so each
+records its own row in ``runs``; every stage after ``ingest`` gets the pipeline's run id
+(``--run-id``), which keys the stored plan, so all of them read one plan: ``caption`` checks its engine against it, ``embed`` builds
 the plan's representations, and the run id keys ``fusion_models`` (``fuse`` runs only when the
 plan has a trained fusion), ``user_profiles``, ``recommendations``, ``candidates`` and the
 metric tables. The pipeline stops at the first stage that fails and exits with its code.
@@ -28,7 +28,7 @@ from udfs.representations import parse_representation
 
 from . import driver_inputs, tables
 from .facts import collect_facts
-from .job_run import JobRun, run_job
+from .job_run import Job, JobRun
 from .plan import ExperimentPlan, store_plan
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,6 @@ def table_rows(run: JobRun) -> list[tuple[str, int]]:
 
 
 def pipeline(run: JobRun, args: argparse.Namespace) -> None:
-    common = [a for path in args.conf for a in ("--conf", path)]
-    common += [a for text in args.overrides for a in ("--set", text)]
     skip = set(args.skip or [])
     # Resolved once, before any stage: every later stage reads it under this run id.
     plan = ExperimentPlan.resolve(run.config)
@@ -108,12 +106,13 @@ def pipeline(run: JobRun, args: argparse.Namespace) -> None:
                 or (stage == "fuse" and not plan.trained):
             run.count(f"skipped_stage_{stage}")
             continue
-        argv = list(common) + (["--run-id", run.run_id] if stage in SHARED_RUN_ID else [])
         if stage == "report":
             # The report shows this run's stage times: its row gets them now, as a heartbeat would.
             run.record_progress()
         with run.stage(stage):
-            code = int(import_module(f"jobs.{stage}").main(argv) or 0)
+            # The job itself, in this process, with this config and plan: parsed and resolved once.
+            job = import_module(f"jobs.{stage}").JOB
+            code = job.stage(run.config, run.spark, run.run_id if stage in SHARED_RUN_ID else "", plan)
         if code != 0:
             raise StageFailed(stage, code)
     print(f"\npipeline {run.run_id}: tables in {run.warehouse}")
@@ -132,9 +131,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip a stage whose tables are already up to date (repeatable)")
 
 
+JOB = Job("pipeline", __doc__.splitlines()[0], pipeline, add_arguments)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        return run_job("pipeline", __doc__.splitlines()[0], pipeline, argv, add_arguments)
+        return JOB.main(argv)
     except StageFailed as exc:
         print(f"vlm4rec pipeline: {exc}")
         return exc.code

@@ -267,6 +267,14 @@ def plan_texts_with_spark(spark, warehouse: str, run_id: str) -> list[str]:
             .filter(F.col("run_id") == run_id).select("plan").collect()]
 
 
+def run_plan(run, run_id: str) -> ExperimentPlan | None:
+    """The plan stored under ``run_id`` (the pipeline's own when ``run`` is its stage), or None."""
+    pinned = getattr(run, "pinned_plan", None)
+    if pinned is not None and pinned[0] == run_id:
+        return pinned[1]
+    return stored_plan(run.spark, run.warehouse, run_id)
+
+
 def stored_plan(spark, warehouse: str, run_id: str) -> ExperimentPlan | None:
     """The plan kept under ``run_id`` in the ``plans`` table, or None.
 
@@ -294,7 +302,12 @@ def store_plan(spark, warehouse: str, run_id: str, plan: ExperimentPlan) -> None
 
 def plan_for_run(run, run_id: str, fields: tuple[str, ...]) -> ExperimentPlan:
     """The plan every job of ``run_id`` reads: the stored one, after checking that ``run``'s own
-    config agrees with it on ``fields``; when the run has none yet, ``run``'s own, stored."""
+    config agrees with it on ``fields``; when the run has none yet, ``run``'s own, stored. A stage
+    of a pipeline gets the plan the pipeline resolved from this very config (``run.pinned_plan``):
+    nothing to resolve, read or check again."""
+    pinned = getattr(run, "pinned_plan", None)
+    if pinned is not None and pinned[0] == run_id:
+        return pinned[1]
     own = ExperimentPlan.resolve(run.config)
     stored = stored_plan(run.spark, run.warehouse, run_id)
     if stored is None:

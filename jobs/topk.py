@@ -68,7 +68,7 @@ from udfs.spark import schemas
 from . import driver_inputs, tables
 from .config import POPULARITY, ConfigError
 from .facts import collect_facts
-from .job_run import JobParser, JobRun, NothingUsable, add_plan_arguments, run_job
+from .job_run import Job, JobParser, JobRun, NothingUsable, add_plan_arguments
 from .plan import TOPK_FIELDS, ExperimentPlan, plan_for_run
 
 log = logging.getLogger(__name__)
@@ -525,8 +525,11 @@ def add_arguments(parser: JobParser) -> None:
     parser.add_setting("--item-block", "experiment.topk.item_block", type=int, help="items per block (default 32768)")
 
 
+JOB = Job("topk", __doc__.splitlines()[0], topk, add_arguments)
+
+
 def main(argv: list[str] | None = None, spark=None) -> int:
-    return run_job("topk", __doc__.splitlines()[0], topk, argv, add_arguments, spark=spark)
+    return JOB.main(argv, spark=spark)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,24 @@ def synthetic_run(spark, tmp_path_factory):
             "--set", "spark.shuffle_partitions=2", "--set", "experiment.evaluate.bootstrap_samples=100",
             # No heartbeat on a slow machine either: a test counts the run's commits of ``runs``.
             "--set", "heartbeat_s=3600"]
-    assert pipeline.main(argv) == 0
+    from jobs import job_run
+    from jobs.plan import ExperimentPlan
+
+    # How often the run parses its config and resolves its plan (once each: one process).
+    calls = {"config_loads": 0, "plan_resolutions": 0}
+    load, resolve = job_run.load_config, ExperimentPlan.resolve
+
+    def counted(key, function):
+        def call(*args, **kwargs):
+            calls[key] += 1
+            return function(*args, **kwargs)
+        return call
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(job_run, "load_config", counted("config_loads", load))
+        patch.setattr(ExperimentPlan, "resolve", staticmethod(counted("plan_resolutions", resolve)))
+        assert pipeline.main(argv) == 0
     row = (spark.read.format("delta").load(f"{warehouse}/runs")
            .filter((F.col("job") == "pipeline") & (F.col("status") == "succeeded")).first())
-    return SimpleNamespace(warehouse=warehouse, data=data, argv=argv, run_id=row.run_id, counts=dict(row.counts))
+    return SimpleNamespace(warehouse=warehouse, data=data, argv=argv, run_id=row.run_id, counts=dict(row.counts),
+                           **calls)

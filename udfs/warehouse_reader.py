@@ -237,8 +237,14 @@ def _read_files(uri: str, table, schema: pa.Schema, conditions: Mapping[str, lis
     pieces = []
     file_schema = pa.schema([schema.field(c) for c in schema.names if c not in partitions])
     for key, files in groups.items():
+        # Filtered after the scan, not in it: delta-rs 1.6 writes a MERGE's files with string_view
+        # columns, and pyarrow prunes row groups by comparing their string_view statistics with
+        # the filter's string values, which it cannot ("no kernel matching input types (string,
+        # string_view)"). The scan casts every file's columns to the table's schema first.
         piece = pads.dataset(files, schema=file_schema, format="parquet", filesystem=store).to_table(
-            filter=_expression(data_conditions), columns=scan_columns)
+            columns=scan_columns)
+        if data_conditions:
+            piece = piece.filter(_expression(data_conditions))
         for p, value in zip(partitions, key):
             if p in wanted:
                 piece = piece.append_column(schema.field(p).with_nullable(True),

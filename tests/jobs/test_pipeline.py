@@ -117,6 +117,11 @@ def test_pipeline_on_synthetic_with_captions(spark, synthetic_run):
     assert (warehouse / "reports" / synthetic_run.run_id / "report.html").is_file()
 
 
+def test_a_pipeline_parses_its_config_and_resolves_its_plan_once(synthetic_run):
+    # Every stage runs in the pipeline's process with its config and plan (jobs.job_run.Job.stage).
+    assert (synthetic_run.config_loads, synthetic_run.plan_resolutions) == (1, 1)
+
+
 def test_each_stage_of_a_pipeline_costs_one_commit_of_the_runs_table(spark, synthetic_run):
     from delta.tables import DeltaTable
 

