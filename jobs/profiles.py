@@ -70,7 +70,7 @@ from . import tables
 from .config import ConfigError
 from .driver_inputs import Slice, read_on_driver
 from .facts import collect_facts
-from .job_run import JobRun, NothingUsable, run_id_argument, run_job
+from .job_run import Job, JobRun, NothingUsable, run_id_argument
 from .plan import PROFILES_FIELDS, plan_for_run
 
 log = logging.getLogger(__name__)
@@ -364,10 +364,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="key the profiles by this run id (the pipeline's); default: this job's run id")
 
 
+JOB = Job("profiles", __doc__.splitlines()[0], profiles, add_arguments)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job("profiles", __doc__.splitlines()[0], profiles, argv, add_arguments)
+    return JOB.main(argv)
 
 
 if __name__ == "__main__":
