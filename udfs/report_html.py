@@ -56,3 +56,28 @@ def thumbnail(image_uri: str | None, side: int = THUMB_SIDE) -> str | None:
     buffer = io.BytesIO()
     img.save(buffer, format="JPEG", quality=82)
     return b64(buffer.getvalue())
+
+
+def description_rows(figures: dict[str, float]) -> list[tuple[str, str]]:
+    """(name, value) rows of the description figures (``udfs.description_stats``) that were
+    measured; the vectors' rows set the descriptions beside the titles."""
+    def num(name: str, fmt: str) -> str | None:
+        value = figures.get(name)
+        return None if value is None or value != value else format(value, fmt)
+
+    rows: list[tuple[str, str | None]] = []
+    if figures.get("texts"):
+        rows += [("images described", num("texts", ",.0f")),
+                 ("distinct texts", f"{figures['distinct']:,.0f} ({figures['distinct_ratio']:.1%})"),
+                 ("share of the most common text", num("top_text_share", ".1%")),
+                 ("words per text: mean (p10 / p50 / p90)",
+                  f"{figures['words_mean']:.1f} ({figures['words_p10']:.0f} / {figures['words_p50']:.0f} / "
+                  f"{figures['words_p90']:.0f})"),
+                 ("vocabulary (distinct words)", num("vocabulary", ",.0f"))]
+    for label, name in (("mean cosine of two random items", "cosine"),
+                        ("mean cosine of two items one user consumed (train)", "co_consumed_cosine"),
+                        ("co-consumption lift (the difference to two random interactions' items)", "lift")):
+        lvlm, title = num(f"lvlm_{name}", "+.3f"), num(f"title_{name}", "+.3f")
+        if lvlm is not None:
+            rows.append((f"{label}: descriptions / titles", f"{lvlm} / {title or '-'}"))
+    return [(name, value) for name, value in rows if value is not None]

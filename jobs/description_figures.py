@@ -1,0 +1,113 @@
+"""The inputs of ``udfs.description_stats`` read from the tables (delta-rs, on the driver): an
+engine's texts for a dataset's images, the dataset's item vectors of a few representations,
+its train interactions. ``caption``, ``embed``, ``evaluate`` and ``report`` call these, so that
+each job computes the figures from the same rows by the same rule."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from udfs import description_stats
+from udfs.protocol import TRAIN_SPLIT
+from udfs.representations import LVLM, TITLE, Representation, parse_representation
+from udfs.warehouse_reader import TableMissing, read_frame
+
+log = logging.getLogger(__name__)
+
+
+def lvlm_representations(names: Sequence[str]) -> list[Representation]:
+    return [r for r in (parse_representation(n) for n in names if n.startswith(f"{LVLM}:")) if r.kind == LVLM]
+
+
+def count_prefix(rep: Representation, reps: Sequence[Representation]) -> str:
+    """``descriptions_`` for a run's only LVLM representation, else one per representation."""
+    return description_stats.COUNT_PREFIX if len(reps) <= 1 else f"descriptions[{rep.name}]_"
+
+
+def description_texts(warehouse: str, dataset: str, engine: str, model: str, prompt_id: str) -> list[str]:
+    """The ``ok`` description of each distinct image of the dataset's items, for one engine."""
+    items = read_frame(warehouse, "items", equal={"dataset": dataset}, columns=["image_sha256"])
+    try:
+        rows = read_frame(warehouse, "descriptions", equal={"engine": engine, "model": model, "prompt_id": prompt_id},
+                          columns=["image_sha256", "text", "status"])
+    except TableMissing:
+        return []
+    rows = rows[(rows["status"] == "ok") & rows["image_sha256"].isin(set(items["image_sha256"].dropna()))]
+    return rows.drop_duplicates("image_sha256")["text"].tolist()
+
+
+def item_vectors(warehouse: str, dataset: str, names: dict[str, str]) -> dict[str, tuple[list[str], np.ndarray]]:
+    """``figure name -> (item ids, vectors)`` for ``figure name -> representation``; a
+    representation without vectors is left out."""
+    try:
+        rows = read_frame(warehouse, "item_embeddings", equal={"dataset": dataset},
+                          within={"representation": sorted(set(names.values()))},
+                          columns=["item_id", "representation", "vector"])
+    except TableMissing:
+        return {}
+    out = {}
+    for figure, rep in names.items():
+        mine = rows[rows["representation"] == rep]
+        if len(mine):
+            out[figure] = (mine["item_id"].tolist(), np.stack([np.asarray(v, dtype=np.float32) for v in mine["vector"]]))
+    return out
+
+
+def train_interactions(warehouse: str, dataset: str) -> pd.DataFrame:
+    rows = read_frame(warehouse, "interactions", equal={"dataset": dataset, "split": TRAIN_SPLIT},
+                      columns=["user_id", "item_id"])
+    return rows
+
+
+def figures_for(warehouse: str, dataset: str, rep: Representation, texts: bool = True,
+                vectors: bool = True) -> dict[str, float]:
+    """``text_figures`` of ``rep``'s descriptions and ``vector_figures`` of its vectors (``lvlm_*``)
+    and the titles' (``title_*``) over the train split."""
+    out: dict[str, float] = {}
+    if texts:
+        out.update(description_stats.text_figures(
+            description_texts(warehouse, dataset, rep.engine, rep.model, rep.prompt_id)))
+    if vectors:
+        found = item_vectors(warehouse, dataset, {"lvlm": rep.name, TITLE: TITLE})
+        if "lvlm" in found:
+            out.update(description_stats.vector_figures(found, train_interactions(warehouse, dataset)))
+    return out
+
+
+def check_descriptions(run, dataset: str, representations: Sequence[str]) -> dict[str, str]:
+    """Measure every LVLM representation of ``representations``: its figures go to the run's
+    counts, and the ``description_warning`` of each one whose descriptions carry no signal is
+    logged and returned (representation -> warning)."""
+    reps = lvlm_representations(representations)
+    warnings = {}
+    for rep in reps:
+        figures = figures_for(run.warehouse, dataset, rep)
+        for key, value in description_stats.as_counts(figures, count_prefix(rep, reps)).items():
+            run.count(key, value)
+        warning = description_stats.description_warning(figures, rep.name)
+        if warning:
+            run.count("descriptions_without_signal")
+            log.warning("%s", warning)
+            warnings[rep.name] = warning
+    return warnings
+
+
+def count_text_figures(run, dataset: str, rep: Representation) -> None:
+    """``caption``'s counts: the ``text_figures`` of the engine's texts for the dataset's images."""
+    figures = description_stats.text_figures(description_texts(run.warehouse, dataset, rep.engine, rep.model,
+                                                               rep.prompt_id))
+    for key, value in description_stats.as_counts(figures).items():
+        run.count(key, value)
+
+
+def count_vector_figures(run, dataset: str, representations: Sequence[str]) -> None:
+    """``embed``'s counts: the ``vector_figures`` of each LVLM representation's vectors and the
+    titles' (mean pairwise cosine, co-consumption lift over the train split)."""
+    reps = lvlm_representations(representations)
+    for rep in reps:
+        figures = figures_for(run.warehouse, dataset, rep, texts=False)
+        for key, value in description_stats.as_counts(figures, count_prefix(rep, reps)).items():
+            run.count(key, value)
