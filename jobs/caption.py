@@ -43,7 +43,11 @@ Counts: ``items``, ``skipped_no_image``, ``images`` (distinct hashes), ``shared_
 ``failed`` (and ``failed_<kind>``), ``adopted_rows`` (from killed runs), ``staged_files``;
 with the ``openai`` engine also ``prompt_tokens``, ``completion_tokens`` (the servers' usage),
 ``described_after_retry``, ``retries`` and ``retries_<kind>``; stage times ``ms_adopt``,
-``ms_plan``, ``ms_check_servers``, ``ms_ray_start``, ``ms_describe``, ``ms_ray_stop``, ``ms_merge``.
+``ms_plan``, ``ms_check_servers``, ``ms_ray_start``, ``ms_describe``, ``ms_ray_stop``, ``ms_merge``,
+``ms_text_figures``. The engine's texts for the dataset's images (``udfs.description_stats``):
+``descriptions_texts``, ``descriptions_distinct``, ``descriptions_vocabulary`` and, in thousandths,
+``descriptions_distinct_ratio_x1000``, ``descriptions_top_text_share_x1000``,
+``descriptions_words_mean_x1000`` and ``descriptions_words_p10/p50/p90_x1000``.
 The job prints the representation name the ``embed`` job uses for these descriptions.
 
 The job's settings in ``experiment.caption`` (``jobs.config.CaptionConf``): ``actor_num_cpus``
@@ -87,9 +91,9 @@ from udfs import caption_udfs as cu
 from udfs import storage
 from udfs.caption.engine import DEFAULT_MODELS, engine_identity
 from udfs.images import ReadLimits
-from udfs.representations import RepresentationError, lvlm_name
+from udfs.representations import RepresentationError, lvlm_name, parse_representation
 
-from . import tables
+from . import description_figures, tables
 from .config import CaptionConf, ConfigError, load_config
 from .job_run import EXIT_INSTALL, JobParser, JobRun, NothingUsable, base_parser, run_id_argument, run_job
 from .plan import check_caption_agrees, stored_plan
@@ -102,6 +106,17 @@ OWNER_FILE = "_OWNER.json"
 ADOPTED_MARK = ".adopted-by-"
 # A staging folder of another host whose owner is silent this long belongs to a dead run.
 FOREIGN_STALE_SECONDS = 24 * 3600
+# Said once per run, just before Ray's own error-level line, which reads as a failure and is
+# not one. Its cause is inside Ray Data, not in our arguments (they are a few small settings):
+# every actor of a ``map_batches`` pool gets Ray Data's own DataContext and the batch function
+# as object references (``ray.put`` whatever their size; ray-project/ray#57733), and the pool
+# keeps restarts on. Turning the restarts off is the only way to silence it, and we keep them.
+RAY_ACTOR_ARGS_NOTE = (
+    "Ray logs an error-level line 'Actor with class name: MapWorker(MapBatches(CaptionActor)) ... has "
+    "constructor arguments in the object store and max_restarts > 0' for each engine actor: it is not a "
+    "failure. Ray Data passes every pool actor its own context and batch function through the object "
+    "store, and Ray warns that a restart needs them there; they stay there while this job runs "
+    "(ray-project/ray#57733)")
 # The ``openai`` engine's server does not answer (the job's other exit codes: jobs.job_run).
 EXIT_SERVER_DOWN = 4
 
@@ -479,6 +494,7 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: str,
     else:
         log.info("caption engine %s: %d actor(s), %.2f CPU + %.0f GPU each, %d torch thread(s)",
                  spec.engine, spec.num_workers, actor_cpus, actor_gpus, threads)
+        log.info(RAY_ACTOR_ARGS_NOTE)
         cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         load = {"max_side": cu.ENGINE_MAX_SIDE[spec.engine], "limits": limits}
         if not own_io:
@@ -602,6 +618,10 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
     else:
         run.count("described", 0)
         run.count("failed", 0)
+    with run.stage("text_figures"):
+        # Over every description of the dataset's images, cached ones included: how distinct
+        # and how rich the texts are (udfs.description_stats; evaluate judges their signal).
+        description_figures.count_text_figures(run, config.dataset.name, parse_representation(spec.representation))
     usable = run.counts["cached_ok"] + run.counts["described"]
     print(f"caption: representation for the embed job: {spec.representation} "
           f"({usable} images with a description)")

@@ -26,6 +26,11 @@ caption job has not fetched), ``lvlm_missing_description``, ``lvlm_failed_captio
 ``truncated``, ``remote_uri``...), ``skipped_<fusion>_missing_part``. The encoders and
 library versions are logged and recorded as ``text_encoder:...``/``image_encoder:...`` count
 keys (``text_encoder:all-MiniLM-L6-v2,sentence-transformers:6.2.0,...``; value: the dimension).
+For each LVLM representation, beside the titles (``udfs.description_stats``, in thousandths):
+``descriptions_lvlm_cosine_x1000`` / ``descriptions_title_cosine_x1000`` (the mean cosine of two
+random items' vectors) and ``descriptions_lvlm_lift_x1000`` / ``descriptions_title_lift_x1000``
+(two items one user consumed against two of independent interactions, train split only; with
+their two means ``..._co_consumed_cosine_x1000`` and ``..._random_cosine_x1000``).
 
 Writes are idempotent: the (dataset, representation) slice of the representations this run
 encodes is replaced in one Delta commit (``replaceWhere``), so the rows this run did not
@@ -74,7 +79,7 @@ from udfs import embed_inputs, embedding_udfs, malloc_tuning
 from udfs.representations import LVLM, TEXT, TITLE, VISUAL, Representation, parse_representation
 from udfs.spark.schemas import ENCODED_SCHEMA, FUSED_SCHEMA
 
-from . import driver_inputs, tables
+from . import description_figures, driver_inputs, tables
 from .config import ConfigError
 from .driver_inputs import Slice
 from .job_run import JobRun, NothingUsable, run_id_argument, run_job
@@ -516,6 +521,7 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
                                               declines)
         if inputs is not None:
             embed_on_driver(run, plan, base, fusions, inputs)
+            count_vector_figures(run, plan)
             return
 
     items = (tables.read(spark, wh, "items").filter(F.col("dataset") == dataset)
@@ -618,6 +624,14 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
     encoded.unpersist()
     items.unpersist()
     log.info("embed %s: wrote %d vectors over %s", dataset, total, list(written))
+    count_vector_figures(run, plan)
+
+
+def count_vector_figures(run: JobRun, plan: ExperimentPlan) -> None:
+    """The descriptions' vectors against the titles' (``udfs.description_stats``), from the
+    table just written: what ``evaluate``'s warning judges, recorded where the vectors are made."""
+    with run.stage("vector_figures"):
+        description_figures.count_vector_figures(run, plan.dataset, plan.base)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,6 +30,13 @@ block per K with each metric's mean and 95% CI, then each representation's paire
 against the run's ``lvlm`` representation (mean, bootstrap CI, Holm-corrected p).
 Rewrites of the same run id replace the run's rows for these representations.
 
+Whether the descriptions carry any signal (``udfs.description_stats``): for each LVLM
+representation the job measures its texts and vectors as ``caption`` and ``embed`` do (counts
+``descriptions_*``) and, when two items one user consumed (train split) have descriptions no
+more alike than two random ones, prints a warning under the table that names the figures and
+the fix (another engine, model or prompt), marks the ``lvlm`` row, and counts
+``descriptions_without_signal``.
+
 Two paths, chosen by size alone (``jobs.driver_inputs``): while the run's recommendations and
 candidates and the dataset's interactions are under ``spark.driver_compute_mb``, ``DriverPath``
 reads them with delta-rs and calls the same ``udfs`` functions on pandas frames (the joins as
@@ -57,7 +64,7 @@ from udfs.metrics import METRICS
 from udfs.results_table import results_table
 from udfs.spark import schemas
 
-from . import tables
+from . import description_figures, tables
 from .config import ConfigError
 from .driver_inputs import Slice, read_on_driver
 from .facts import collect_facts
@@ -345,7 +352,11 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
             path.release()
     print(f"evaluation of run {run_id} on {plan.dataset} ({plan.candidates} candidates, "
           f"excluding {'+'.join(plan.exclude) or 'nothing'}):")
-    print(results_table(summary_rows, comparison_rows, order, ks))
+    with run.stage("descriptions"):
+        # Whether the descriptions carry any signal: metrics of lvlm near random otherwise
+        # read as the method's failure (udfs.description_stats).
+        warnings = description_figures.check_descriptions(run, plan.dataset, order)
+    print(results_table(summary_rows, comparison_rows, order, ks, notes=warnings))
 
 
 def main(argv: list[str] | None = None, spark=None) -> int:

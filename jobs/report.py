@@ -12,8 +12,10 @@ significant after Holm; the bootstrap CIs are not adjusted), at K = 10 (or the l
 evaluated when 10 is not); per-user NDCG@K by train
 history length; catalog coverage, mean popularity percentile and Gini of exposure of each
 representation's lists (``udfs.exposure``, over the run's stored candidates); a gallery of item
-images beside the descriptions the caption engine wrote, and a few users' history next to
-their top-5 per representation; the data counts (items without image, rejects by reason,
+images beside the descriptions the caption engine wrote, with the descriptions' figures
+(``udfs.description_stats``: how distinct, how long, how alike for items one user consumed) and,
+when they carry no signal, the warning ``evaluate`` prints, also next to the ``lvlm`` row of the
+metrics; a few users' history next to their top-5 per representation; the data counts (items without image, rejects by reason,
 users without train history), the run's plan and config and its stage wall times.
 
 Tables are read with delta-rs (``udfs.warehouse_reader``), not Spark: a run's slices are small
@@ -35,13 +37,14 @@ import logging
 import numpy as np
 import pandas as pd
 
-from udfs import exposure, report_figures, report_html, storage
+from udfs import description_stats, exposure, report_figures, report_html, storage
 from udfs.metrics import METRICS
 from udfs.protocol import BASELINES, TRAIN_SPLIT
 from udfs.recommender import RecommendError, resolve_representation
 from udfs.results_table import paper_order
 from udfs.warehouse_reader import TableMissing, read_frame
 
+from . import description_figures
 from .config import ConfigError
 from .job_run import JobRun, NothingUsable, run_id_argument, run_job
 
@@ -287,8 +290,13 @@ def build(warehouse: str, run_id: str, reference: str, run) -> tuple[str, dict[s
         descriptions = {i: ok[s] for i, s in zip(data["items"]["item_id"], data["items"]["image_sha256"])
                         if isinstance(s, str) and s in ok.index}
         cards, users = gallery(data, descriptions, run)
+    with run.stage("descriptions"):
+        described = description_blocks(warehouse, plan["dataset"], order)
     counts, rejects = data_counts(data)
     metric_columns, rows = metric_rows(metrics, order, ks)
+    warned = {block["label"]: block["warning"] for block in described if block["warning"]}
+    for row in rows:
+        row["warning"] = warned.get(row["label"])
     runs = data["runs"]
     beyond_rows = [{"label": report_figures.short_label(r.representation, order), "coverage": _fmt(r.coverage, 3),
                     "popularity_percentile": _fmt(r.popularity_percentile, 3),
@@ -308,6 +316,7 @@ def build(warehouse: str, run_id: str, reference: str, run) -> tuple[str, dict[s
         "metric_columns": metric_columns, "metric_rows": rows,
         "reference_label": report_figures.short_label(reference, order),
         "forest_rows": forest_rows(comparisons, reference, k, order) if has_pairs else [],
+        "description_figures": described, "description_warnings": list(warned.items()),
         "beyond_rows": beyond_rows, "gallery": cards, "users": users, "top_n": TOP_N,
         "stage_times": stage_times(runs), "plan_hash": data["plan_hash"],
         "plan_json": json.dumps(plan, indent=2, sort_keys=True),
@@ -315,6 +324,18 @@ def build(warehouse: str, run_id: str, reference: str, run) -> tuple[str, dict[s
                         if len(runs) and runs["config"].iloc[0] else "(no runs row for this run id)"),
     }
     return report_html.render(context), figures
+
+
+def description_blocks(warehouse: str, dataset: str, order: list[str]) -> list[dict]:
+    """Per LVLM representation: its description figures and warning (``udfs.description_stats``),
+    measured here from the tables as ``evaluate`` measures them."""
+    blocks = []
+    for rep in description_figures.lvlm_representations(order):
+        figures = description_figures.figures_for(warehouse, dataset, rep)
+        blocks.append({"label": report_figures.short_label(rep.name, order),
+                       "rows": report_html.description_rows(figures),
+                       "warning": description_stats.description_warning(figures, rep.name)})
+    return blocks
 
 
 def n_history_counts(interactions: pd.DataFrame) -> dict[str, int]:

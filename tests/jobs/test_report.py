@@ -70,6 +70,10 @@ def test_pipeline_report_is_self_contained_with_real_figures(synthetic_run):
         assert f"<td>{label}</td>" in text, label
     for stage in ("ingest", "caption", "embed", "profiles", "topk", "evaluate"):
         assert f"<th>{stage}</th>" in text, stage
+    # The descriptions' figures beside the gallery; the synthetic catalog's carry signal: no warning.
+    for row in ("distinct texts", "co-consumption lift", "mean cosine of two random items"):
+        assert row in text, row
+    assert 'class="warning"' not in text and "(!) see the warning below" not in text
 
 
 def test_popularity_lists_have_the_highest_popularity_percentile(synthetic_run):
