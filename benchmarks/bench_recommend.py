@@ -14,7 +14,19 @@ unit vectors, every user with ``--seen`` train items. ``Recommender.load`` reads
 Floor and ours alternate in rounds of 100 calls so that a busy spell on a shared machine hits
 both. Prints a table and writes JSON (machine, versions, ratios).
 
+Cold start (``--cold-warehouse W``, a warehouse holding a completed pipeline run): the console
+script answering one user from a fresh process, ``vlm4rec recommend --set warehouse=W --user U``
+(no ``--run-id``: the latest completed run is found, as a person would call it), ``--cold-runs``
+times; wall time, and CPU time (user + system) from ``resource.getrusage(RUSAGE_CHILDREN)``
+deltas. Its floor, alternated with it: a fresh interpreter importing only what recommend must
+read with (numpy, pandas, pyarrow's dataset, deltalake). ``--cold-before-tree DIR`` (a copy of an
+older commit, ``git archive REV | tar -x -C DIR``) adds that code's answer to the same request in
+the same rounds, ``python -m jobs.cli recommend`` with ``PYTHONPATH=DIR`` and the run's id (older
+code needs ``--run-id``). Medians and spreads.
+
     python benchmarks/bench_recommend.py --items 100000 --dim 384 --calls 1000 --batch 256
+    python benchmarks/bench_recommend.py --cold-only --cold-warehouse /tmp/rec-ml100k --cold-runs 5 \
+        --cold-before-tree /tmp/rec-base
 """
 from __future__ import annotations
 
@@ -22,6 +34,10 @@ import argparse
 import json
 import os
 import platform
+import resource
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -74,6 +90,73 @@ def floor(profiles: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(picked, order, axis=1)
 
 
+FLOOR_IMPORTS = "import numpy, pandas, pyarrow.dataset, deltalake"
+
+
+def timed_child(argv: list[str], cwd: Path | None = None) -> tuple[float, float]:
+    """(wall s, CPU s of user + system) of one child process run to its end."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=cwd)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} exited {done.returncode}:\n{done.stderr[-2000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def cold_start(warehouse: Path, runs: int, user: str | None, k: int, before_tree: Path | None = None) -> dict:
+    """The console script answering one user from a cold process, against its floor (module doc)."""
+    script = shutil.which("vlm4rec", path=str(Path(sys.executable).parent)) or shutil.which("vlm4rec")
+    if script is None:
+        raise SystemExit("the vlm4rec console script is not installed next to this Python: pip install -e .")
+    from udfs.recommender import latest_pipeline_run
+    from udfs.warehouse_reader import read_table
+
+    run_id = latest_pipeline_run(warehouse).run_id
+    if user is None:
+        user = min(read_table(warehouse, "user_profiles", equal={"run_id": run_id},
+                              columns=["user_id"]).column("user_id").to_pylist())
+    ours_argv = [script, "recommend", "--set", f"warehouse={warehouse}", "--set", "log_level=WARNING",
+                 "--user", user, "--k", str(k)]
+    floor_argv = [sys.executable, "-c", FLOOR_IMPORTS]
+    before_argv = None if before_tree is None else [
+        "env", f"PYTHONPATH={before_tree}", sys.executable, "-m", "jobs.cli", "recommend", "--set",
+        f"warehouse={warehouse}", "--set", "log_level=WARNING", "--run-id", run_id, "--user", user, "--k", str(k)]
+    ours, floor_, before = [], [], []
+    for _ in range(runs):
+        floor_.append(timed_child(floor_argv))
+        ours.append(timed_child(ours_argv))
+        if before_argv is not None:
+            # From its own folder: `-m` puts the working directory first on the path.
+            before.append(timed_child(before_argv, cwd=before_tree))
+
+    def summary(pairs: list[tuple[float, float]]) -> dict:
+        wall, cpu = [w for w, _ in pairs], [c for _, c in pairs]
+        return {"wall_median_s": float(np.median(wall)), "wall_min_s": min(wall), "wall_max_s": max(wall),
+                "cpu_median_s": float(np.median(cpu)), "cpu_min_s": min(cpu), "cpu_max_s": max(cpu),
+                "wall_s": wall, "cpu_s": cpu}
+
+    return {"command": " ".join(ours_argv), "floor_command": f"python -c '{FLOOR_IMPORTS}'", "runs": runs,
+            "user": user, "ours": summary(ours), "floor": summary(floor_),
+            "before": summary(before) if before else None,
+            "before_command": None if before_argv is None else " ".join(before_argv),
+            "load_average_1min_at_end": os.getloadavg()[0]}
+
+
+def print_cold(cold: dict) -> None:
+    print(f"cold start, {cold['runs']} runs each: {cold['command']}")
+    print(f"{'':<10}{'wall p50':>10}{'wall min-max':>16}{'CPU p50':>10}{'CPU min-max':>16}")
+    for name in ("ours", "floor", "before"):
+        row = cold[name]
+        if row is None:
+            continue
+        print(f"{name:<10}{row['wall_median_s']:>10.2f}{row['wall_min_s']:>8.2f}-{row['wall_max_s']:<7.2f}"
+              f"{row['cpu_median_s']:>10.2f}{row['cpu_min_s']:>8.2f}-{row['cpu_max_s']:<7.2f}")
+    print(f"ours / floor (wall p50): {cold['ours']['wall_median_s'] / cold['floor']['wall_median_s']:.2f}; "
+          f"1-minute load average at the end: {cold['load_average_1min_at_end']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=100_000)
@@ -85,7 +168,28 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/recommend.json"))
+    parser.add_argument("--cold-warehouse", type=Path, default=None,
+                        help="measure the console script's cold start against this warehouse's latest completed run")
+    parser.add_argument("--cold-runs", type=int, default=5)
+    parser.add_argument("--cold-user", default=None, help="the user to ask for (default: the run's first)")
+    parser.add_argument("--cold-only", action="store_true", help="only the cold start (needs --cold-warehouse)")
+    parser.add_argument("--cold-before-tree", type=Path, default=None,
+                        help="a copy of older code: its answer to the same request, in the same rounds")
     args = parser.parse_args()
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+               "numpy": np.__version__}
+    cold = None
+    if args.cold_warehouse is not None:
+        cold = cold_start(args.cold_warehouse.resolve(), args.cold_runs, args.cold_user, args.k,
+                          args.cold_before_tree)
+        print_cold(cold)
+    if args.cold_only:
+        if cold is None:
+            parser.error("--cold-only needs --cold-warehouse")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"machine": machine, "cold_start": cold}, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return
 
     from udfs.recommender import Recommender
 
@@ -129,8 +233,7 @@ def main() -> None:
     p = lambda values, q: float(np.percentile(values, q))  # noqa: E731
     ours_tput, floor_tput = args.batch / np.median(ours_batch_s), args.batch / np.median(floor_batch_s)
     result = {
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "numpy": np.__version__},
+        "machine": machine, "cold_start": cold,
         "shape": {"items": args.items, "dim": args.dim, "users": args.users, "seen": args.seen, "k": args.k},
         "write_tables_s": round(write_s, 2), "load_s": round(load_s, 2),
         "one_user": {"calls": args.calls, "ours_p50_ms": p(ours_ms, 50), "ours_p99_ms": p(ours_ms, 99),
