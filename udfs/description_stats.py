@@ -161,7 +161,7 @@ def description_warning(figures: Mapping[str, float], representation: str = "lvl
     if lift is None or not np.isfinite(lift) or lift >= thresholds.min_lift:
         return None
     title_lift = figures.get("title_lift")
-    titles = (f"; the titles' is {title_lift:+.3f}" if title_lift is not None and np.isfinite(title_lift) else "")
+    titles = (f"; the titles' is {title_lift:+.4f}" if title_lift is not None and np.isfinite(title_lift) else "")
     texts = ""
     if figures.get("texts"):
         texts = (f" The texts: {int(figures['distinct']):,} distinct of {int(figures['texts']):,} images "
@@ -174,7 +174,7 @@ def description_warning(figures: Mapping[str, float], representation: str = "lvl
                   f"(titles: {figures['title_cosine']:.3f}).")
     return (f"the descriptions of {representation} carry almost no signal about what users like: two items "
             f"one user consumed have descriptions no more alike than two random ones (co-consumption lift "
-            f"{lift:+.3f} on the train split, under {thresholds.min_lift:.3f}{titles}).{texts}{cosine} "
+            f"{lift:+.4f} on the train split, under {thresholds.min_lift:.4f}{titles}).{texts}{cosine} "
             f"Its metrics measure the caption engine, not the method: describe the images with another engine "
             f"or model (experiment.caption.engine / .model) or another prompt (experiment.caption.prompt).")
 

@@ -77,7 +77,8 @@ def description_rows(figures: dict[str, float]) -> list[tuple[str, str]]:
     for label, name in (("mean cosine of two random items", "cosine"),
                         ("mean cosine of two items one user consumed (train)", "co_consumed_cosine"),
                         ("co-consumption lift (the difference to two random interactions' items)", "lift")):
-        lvlm, title = num(f"lvlm_{name}", "+.3f"), num(f"title_{name}", "+.3f")
+        digits = "+.4f" if name == "lift" else "+.3f"  # the threshold is 0.003: a fourth digit
+        lvlm, title = num(f"lvlm_{name}", digits), num(f"title_{name}", digits)
         if lvlm is not None:
             rows.append((f"{label}: descriptions / titles", f"{lvlm} / {title or '-'}"))
     return [(name, value) for name, value in rows if value is not None]

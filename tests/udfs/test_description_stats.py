@@ -83,7 +83,7 @@ def test_identical_descriptions_are_warned_about():
     assert figures["lvlm_lift"] == pytest.approx(0.0, abs=1e-9)
     warning = description_warning(figures, "lvlm:tags:m:p")
     assert warning is not None
-    for fact in ("lvlm:tags:m:p", "co-consumption lift +0.000", "1 distinct of 200", "experiment.caption.engine",
+    for fact in ("lvlm:tags:m:p", "co-consumption lift +0.0000", "1 distinct of 200", "experiment.caption.engine",
                  "prompt"):
         assert fact in warning
 
@@ -106,7 +106,7 @@ def test_random_descriptions_are_warned_about_and_the_titles_lift_is_named():
     figures = vector_figures({"lvlm": (ids, noise), "title": (ids, _vectors(taste))}, train)
     assert abs(figures["lvlm_lift"]) < Thresholds().min_lift
     warning = description_warning(figures)
-    assert warning is not None and f"the titles' is {figures['title_lift']:+.3f}" in warning
+    assert warning is not None and f"the titles' is {figures['title_lift']:+.4f}" in warning
     alone = {k: v for k, v in figures.items() if not k.startswith("title_")}
     assert "titles" not in description_warning(alone)
 
