@@ -43,7 +43,7 @@ Counts: ``items``, ``skipped_no_image``, ``images`` (distinct hashes), ``shared_
 ``failed`` (and ``failed_<kind>``), ``adopted_rows`` (from killed runs), ``staged_files``;
 with the ``openai`` engine also ``prompt_tokens``, ``completion_tokens`` (the servers' usage),
 ``described_after_retry``, ``retries`` and ``retries_<kind>``; stage times ``ms_adopt``,
-``ms_plan``, ``ms_check_servers``, ``ms_ray_start``, ``ms_describe``, ``ms_ray_stop``, ``ms_merge``,
+``ms_plan``, ``ms_prepare_engine`` (the ``openai`` servers' check), ``ms_ray_start``, ``ms_describe``, ``ms_ray_stop``, ``ms_merge``,
 ``ms_text_figures``. The engine's texts for the dataset's images (``udfs.description_stats``):
 ``descriptions_texts``, ``descriptions_distinct``, ``descriptions_vocabulary`` and, in thousandths,
 ``descriptions_distinct_ratio_x1000``, ``descriptions_top_text_share_x1000``,
@@ -84,19 +84,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyspark.sql import DataFrame, Observation, Window
+from pyspark.sql import Observation, Window
 from pyspark.sql import functions as F
 
 from udfs import caption_udfs as cu
 from udfs import storage
-from udfs.caption.engine import DEFAULT_MODELS, engine_identity
+from udfs.caption.engine import engine_identity
+from udfs.caption.kinds import EngineKind, engine_kind
+from udfs.caption.openai_engine import ServerUnavailable
 from udfs.images import ReadLimits
 from udfs.representations import RepresentationError, lvlm_name, parse_representation
 
 from . import description_figures, tables
 from .config import CaptionConf, ConfigError, load_config
-from .job_run import EXIT_INSTALL, JobParser, JobRun, NothingUsable, base_parser, run_id_argument, run_job
-from .plan import check_caption_agrees, stored_plan
+from .job_run import EXIT_INSTALL, Job, JobParser, JobRun, NothingUsable, base_parser, run_id_argument
+from .plan import check_caption_agrees, run_plan
 from .ray_session import ray_session
 
 log = logging.getLogger(__name__)
@@ -157,12 +159,16 @@ class CaptionSpec:
     def representation(self) -> str:
         return lvlm_name(self.engine, self.model, self.prompt_id)
 
+    @property
+    def kind(self) -> EngineKind:
+        return engine_kind(self.engine)
+
 
 def caption_spec(conf: CaptionConf) -> CaptionSpec:
     """The engine's identity for ``experiment.caption`` (whose ranges the config checked); raises
     ``ConfigError`` naming the section when the engine refuses its options or model."""
     engine_options = conf.engine_options()
-    model = conf.model or DEFAULT_MODELS[conf.engine]
+    model = conf.model or engine_kind(conf.engine).default_model
     try:
         # The same pure identity the plan uses (no model loaded): the two cannot disagree.
         prompt, pid = engine_identity(conf.engine, model, conf.prompt, engine_options)
@@ -178,22 +184,9 @@ def caption_spec(conf: CaptionConf) -> CaptionSpec:
 
 def check_engine_installed(engine: str) -> None:
     """Raise ``EngineUnavailable`` with the install command when the engine cannot run here."""
-    if engine == "openai":
-        import importlib.util
-
-        if importlib.util.find_spec("aiohttp") is None:
-            raise EngineUnavailable("caption engine 'openai' needs aiohttp, which is not installed: "
-                                    "pip install aiohttp (a dependency of vlm4rec: reinstall it)")
-        return
-    if engine != "vllm":
-        return
-    from udfs.caption.vllm_engine import ray_data_llm, require_vllm
-
-    try:
-        require_vllm()
-        ray_data_llm()
-    except ImportError as exc:
-        raise EngineUnavailable(str(exc)) from exc
+    missing = engine_kind(engine).missing_install()
+    if missing:
+        raise EngineUnavailable(missing)
 
 
 # --- staging folders ------------------------------------------------------------------------
@@ -302,8 +295,9 @@ def spark_plan(spark, warehouse: str, dataset: str, spec: CaptionSpec) -> tuple[
 def driver_plan(warehouse: str, dataset: str, spec: CaptionSpec,
                 max_bytes: int = DRIVER_PLAN_MAX_BYTES) -> tuple[Any, dict[str, int]] | None:
     """The same plan read on the driver (delta-rs + pandas), or None when either table's files
-    to read exceed ``max_bytes`` or delta-rs cannot read them (the caller then plans with Spark)."""
-    from udfs.warehouse_reader import TableMissing, TooLarge, read_table
+    to read exceed ``max_bytes`` or delta-rs cannot open the store (the caller then plans with
+    Spark); any other error is the job's."""
+    from udfs.warehouse_reader import StoreUnreadable, TableMissing, TooLarge, read_table
 
     try:
         items = read_table(warehouse, "items", equal={"dataset": dataset},
@@ -314,11 +308,8 @@ def driver_plan(warehouse: str, dataset: str, spec: CaptionSpec,
                                max_bytes=max_bytes)
         except TableMissing:  # no image was ever described here
             cache = None
-    except TooLarge as exc:
+    except (TooLarge, StoreUnreadable) as exc:
         log.info("caption plan with Spark: %s", exc)
-        return None
-    except Exception as exc:  # noqa: BLE001 - any failure of the fast path falls back to Spark
-        log.info("caption plan with Spark: delta-rs could not read the tables (%s: %s)", type(exc).__name__, exc)
         return None
     if cache is None:
         import pyarrow as pa
@@ -399,7 +390,7 @@ def merge_on_driver(run: JobRun, files: list[str]) -> int | None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from udfs.warehouse_reader import TableMissing, TooLarge, check_size, read_table
+    from udfs.warehouse_reader import StoreUnreadable, TableMissing, TooLarge, check_size, read_table
 
     from .driver_inputs import MAX_ROWS, limit_bytes
 
@@ -419,11 +410,8 @@ def merge_on_driver(run: JobRun, files: list[str]) -> int | None:
                                  columns=[*keys, "status", "created_at"])
         except TableMissing:
             current = None
-    except TooLarge as exc:
+    except (TooLarge, StoreUnreadable) as exc:
         log.info("caption merge with Spark: %s", exc)
-        return None
-    except Exception as exc:  # noqa: BLE001 - any failure of the fast path leaves the Spark path
-        log.info("caption merge with Spark: the driver could not read its inputs (%s: %s)", type(exc).__name__, exc)
         return None
     winners = cu.staged_winners(staged, current, keys)
     if winners.num_rows:
@@ -445,26 +433,6 @@ def adopt_dead_runs(run: JobRun) -> None:
 
 # --- Ray: describe ---------------------------------------------------------------------------
 
-def _actor_resources(ray: Any, spec: CaptionSpec) -> tuple[float, float, int]:
-    """(num_cpus, num_gpus, torch threads) per engine actor."""
-    resources = ray.cluster_resources()
-    cpus, gpus = float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
-    if spec.engine == "openai":
-        # Waiting on HTTP: a quarter core per actor (JPEG encoding), no torch at all.
-        return (spec.conf.actor_num_cpus or 0.25), 0.0, 0
-    device = str(spec.engine_options.get("device", "auto"))
-    use_gpu = spec.engine == "hf" and gpus >= 1 and device != "cpu"
-    if spec.conf.actor_num_cpus is not None:
-        actor_cpus = spec.conf.actor_num_cpus
-    else:
-        # Actors holding every core starve the loading tasks (a GPU actor's) and Ray's own
-        # processes: leave one core to them.
-        actor_cpus = max(0.25, min(1.0, (cpus - 1) / spec.num_workers)) if cpus > 1 else 0.5
-    # The actor caps this share by its own node's cores (``CaptionActor``).
-    threads = spec.conf.torch_threads or max(1, int(cpus // spec.num_workers))
-    return actor_cpus, (1.0 if use_gpu else 0.0), threads
-
-
 def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: str,
                       limits: ReadLimits | None = None) -> list[dict[str, Any]]:
     """Run the Ray Data pipeline over ``todo``; returns one summary row per staged file.
@@ -473,13 +441,15 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: str,
 
     per_file = spec.conf.rows_per_file
     per_block = per_file
-    actor_cpus, actor_gpus, threads = _actor_resources(ray, spec) if spec.engine != "vllm" else (0.0, 0.0, 0)
+    kind, conf = spec.kind, spec.conf
+    cluster = ray.cluster_resources()
+    cpus, gpus = float(cluster.get("CPU", 1)), float(cluster.get("GPU", 0))
     # Only a GPU actor gets loading tasks of its own, so that decoding overlaps its model.
     # A CPU actor reads its own files (a millisecond an image against tens for the model)
     # and writes its own staged files: the loading and writing tasks would take those very
     # cores from its torch threads (docs/BENCHMARKS.md, "Eleventh session": the slowest
     # twentieth of its batches went from 69 to 35 ms an image).
-    own_io = spec.engine != "vllm" and actor_gpus == 0
+    own_io = kind.reads_own_files(spec.engine_options, gpus)
     if own_io:
         # Such an actor takes a whole block per call: blocks small enough that every actor
         # gets two, so none idles while another works through the rest.
@@ -489,14 +459,17 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: str,
     write_kwargs = dict(staging_dir=str(folder), engine=spec.engine, model=spec.model,
                         prompt_id=spec.prompt_id, prompt=spec.prompt)
     write = dict(fn_kwargs=write_kwargs, batch_size=per_file, batch_format="pandas", num_cpus=0.25)
-    if spec.engine == "vllm":
+    if kind.runs_own_pipeline:
         ds = describe_with_vllm(ds, spec, limits).map_batches(cu.write_staging, **write)
     else:
+        actor = kind.actor_resources(spec.engine_options, spec.num_workers, conf.actor_num_cpus, conf.torch_threads,
+                                     cpus, gpus)
+        actor_cpus, actor_gpus, threads = actor.num_cpus, actor.num_gpus, actor.torch_threads
         log.info("caption engine %s: %d actor(s), %.2f CPU + %.0f GPU each, %d torch thread(s)",
                  spec.engine, spec.num_workers, actor_cpus, actor_gpus, threads)
         log.info(RAY_ACTOR_ARGS_NOTE)
         cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        load = {"max_side": cu.ENGINE_MAX_SIDE[spec.engine], "limits": limits}
+        load = {"max_side": kind.max_side, "limits": limits}
         if not own_io:
             ds = ds.map_batches(cu.load_images, fn_kwargs=load, batch_size=spec.batch_size, batch_format="pandas",
                                 num_cpus=spec.conf.load_num_cpus,
@@ -510,7 +483,7 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: str,
                                        max_torch_threads=threads, expected_prompt_id=spec.prompt_id,
                                        load=load if own_io else None,
                                        staging=write_kwargs if own_io else None),
-            compute=actor_pool(ray, spec),
+            compute=kind.actor_pool(ray, spec.num_workers),
             # A whole block per call for an actor doing its own I/O: openai streams it
             # (CaptionActor._send_as_read), the others describe it an engine batch at a time
             # (CaptionActor._read_and_describe).
@@ -519,16 +492,6 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: str,
         if not own_io:
             ds = ds.map_batches(cu.write_staging, **write)
     return ds.take_all()
-
-
-def actor_pool(ray: Any, spec: CaptionSpec) -> Any:
-    """The engine actors. An ``openai`` actor takes a second block while the first one's last
-    requests are in flight (two calls on two threads sharing the engine's event loop and its
-    ``max_concurrency``), so that its servers never wait for Ray to hand over the next block."""
-    if spec.engine == "openai":
-        return ray.data.ActorPoolStrategy(size=spec.num_workers, max_concurrent_calls_per_actor=2,
-                                          enable_true_multi_threading=True)
-    return ray.data.ActorPoolStrategy(size=spec.num_workers)
 
 
 def describe_with_vllm(ds: Any, spec: CaptionSpec, limits: ReadLimits | None = None) -> Any:
@@ -567,9 +530,9 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
     if getattr(args, "run_id", None):
         # Only for a run (the pipeline's): a bare caption job, a cache fill, reads no plan
         # and never stores one.
-        run_plan = stored_plan(run.spark, run.warehouse, args.run_id)
-        if run_plan is not None:
-            check_caption_agrees(run_plan, config.dataset.name, spec.representation, args.run_id)
+        planned = run_plan(run, args.run_id)
+        if planned is not None:
+            check_caption_agrees(planned, config.dataset.name, spec.representation, args.run_id)
     check_engine_installed(spec.engine)
     log.info("caption %s with %s (prompt %s) for dataset %s%s", spec.engine, spec.model, spec.prompt_id,
              config.dataset.name, " (forced)" if spec.force else "")
@@ -579,13 +542,14 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
         adopt_dead_runs(run)
     with run.stage("plan"):
         todo = plan(run, spec)
-    if todo.num_rows and spec.engine == "openai":
-        with run.stage("check_servers"):
-            spec = with_live_servers(spec)
+    if todo.num_rows:
+        with run.stage("prepare_engine"):
+            spec = prepared(spec)
     if todo.num_rows:
         folder = storage.join(staging_root(run.warehouse), run.run_id)
         write_owner(folder, run.run_id)
         started = time.perf_counter()
+        described = False
         try:
             with contextlib.ExitStack() as stack:
                 with run.stage("ray_start"):
@@ -596,9 +560,10 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
                 session = stack.pop_all()
             with run.stage("ray_stop"):
                 session.close()
-        except BaseException:
-            _salvage(run, folder)
-            raise
+            described = True
+        finally:
+            if not described:  # whatever stopped Ray (an interrupt too): keep what it finished
+                _salvage(run, folder)
         seconds = time.perf_counter() - started
         with run.stage("merge"):
             files = staged_files(folder)
@@ -611,7 +576,7 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
         for summary in summaries:
             for kind, n in json.loads(summary["error_kinds"]).items():
                 run.count(f"failed_{kind}", n)
-        if spec.engine == "openai":
+        if spec.kind.reports_usage:
             count_requests(run, summaries)
         log.info("described %d images in %.1f s (%.2f images/s)", todo.num_rows, seconds,
                  todo.num_rows / max(seconds, 1e-9))
@@ -630,20 +595,19 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
                             f"are in the descriptions table (status = 'error')")
 
 
-def with_live_servers(spec: CaptionSpec) -> CaptionSpec:
-    """The spec with the ``openai`` servers that answer now (raises ``ServerUnavailable``, exit
-    4, when none does): a server that is down fails the job before any image is sent."""
-    from udfs.caption.openai_engine import check_servers
-
+def prepared(spec: CaptionSpec) -> CaptionSpec:
+    """The spec with the options the engine describes with once there are images to describe
+    (``EngineKind.prepared_options``: the ``openai`` servers that answer now, or
+    ``ServerUnavailable``, exit 4, when none does, before any image is sent)."""
     try:
-        live = check_servers(spec.engine_options, spec.model)
+        options = spec.kind.prepared_options(spec.engine_options, spec.model)
     except ValueError as exc:
-        raise ConfigError(f"experiment.caption.openai: {exc}") from exc
-    return dataclasses.replace(spec, engine_options={**spec.engine_options, "base_urls": live})
+        raise ConfigError(f"experiment.caption.{spec.engine}: {exc}") from exc
+    return dataclasses.replace(spec, engine_options=options)
 
 
 def count_requests(run: JobRun, summaries: list[dict[str, Any]]) -> None:
-    """The ``openai`` engine's cost and fault counts: tokens as the server reported them, images
+    """The cost and fault counts of an engine whose servers report them (``openai``): tokens as the server reported them, images
     described after a retry, and retries per fault kind (``retries_rate_limited``, ...)."""
     for key in ("prompt_tokens", "completion_tokens", "described_after_retry"):
         run.count(key, sum(int(s.get(key) or 0) for s in summaries))
@@ -657,13 +621,10 @@ def count_requests(run: JobRun, summaries: list[dict[str, Any]]) -> None:
 
 
 def _salvage(run: JobRun, folder: str) -> None:
-    """After a failed Ray stage, keep what was described: merge the staged files (best effort;
-    if that fails too, the folder stays for the next run to adopt)."""
-    try:
-        n = merge_staged(run, staged_files(folder))
-    except Exception:  # noqa: BLE001 - the Ray error is the one to report
-        log.exception("could not merge the staged descriptions in %s; the next run adopts them", folder)
-        return
+    """After a failed Ray stage, keep what was described: merge the staged files. If that fails
+    too, its error is raised with the Ray stage's as its context (Python shows both), and the
+    folder stays for the next run to adopt."""
+    n = merge_staged(run, staged_files(folder))
     log.warning("the caption run failed; %d descriptions it had finished were merged", n)
     storage.delete_dir(folder)
 
@@ -692,19 +653,17 @@ def unavailable_engine(argv: list[str] | None) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    from udfs.caption.openai_engine import ServerUnavailable
+JOB = Job("caption", __doc__.splitlines()[0], caption, add_arguments,
+          exit_codes=((EngineUnavailable, EXIT_INSTALL), (ServerUnavailable, EXIT_SERVER_DOWN)))
 
+
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     missing = unavailable_engine(argv)
     if missing:
         print(f"vlm4rec caption: {missing}", file=sys.stderr)
         return EXIT_INSTALL
-    try:
-        return run_job("caption", __doc__.splitlines()[0], caption, argv, add_arguments=add_arguments)
-    except ServerUnavailable as exc:
-        print(f"vlm4rec caption: {exc}", file=sys.stderr)
-        return EXIT_SERVER_DOWN
+    return JOB.main(argv)
 
 
 if __name__ == "__main__":

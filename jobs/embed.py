@@ -82,7 +82,7 @@ from udfs.spark.schemas import ENCODED_SCHEMA, FUSED_SCHEMA
 from . import description_figures, driver_inputs, tables
 from .config import ConfigError
 from .driver_inputs import Slice
-from .job_run import JobRun, NothingUsable, run_id_argument, run_job
+from .job_run import Job, JobRun, NothingUsable, run_id_argument
 from .plan import ExperimentPlan, plan_for_run
 
 log = logging.getLogger(__name__)
@@ -639,8 +639,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="read the plan stored under this run id (the pipeline's); default: this job's run id")
 
 
+JOB = Job("embed", __doc__.splitlines()[0], embed, add_arguments)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_job("embed", __doc__.splitlines()[0], embed, argv, add_arguments)
+    return JOB.main(argv)
 
 
 if __name__ == "__main__":

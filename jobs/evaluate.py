@@ -68,7 +68,7 @@ from . import description_figures, tables
 from .config import ConfigError
 from .driver_inputs import Slice, read_on_driver
 from .facts import collect_facts
-from .job_run import JobRun, NothingUsable, add_plan_arguments, run_job
+from .job_run import Job, JobRun, NothingUsable, add_plan_arguments
 from .plan import EVALUATE_FIELDS, ExperimentPlan, plan_for_run
 
 log = logging.getLogger(__name__)
@@ -359,8 +359,11 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
     print(results_table(summary_rows, comparison_rows, order, ks, notes=warnings))
 
 
+JOB = Job("evaluate", __doc__.splitlines()[0], evaluate, add_plan_arguments)
+
+
 def main(argv: list[str] | None = None, spark=None) -> int:
-    return run_job("evaluate", __doc__.splitlines()[0], evaluate, argv, add_plan_arguments, spark=spark)
+    return JOB.main(argv, spark=spark)
 
 
 if __name__ == "__main__":

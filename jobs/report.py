@@ -46,7 +46,7 @@ from udfs.warehouse_reader import TableMissing, read_frame
 
 from . import description_figures
 from .config import ConfigError
-from .job_run import JobRun, NothingUsable, run_id_argument, run_job
+from .job_run import Job, JobRun, NothingUsable, run_id_argument
 
 log = logging.getLogger(__name__)
 
@@ -361,8 +361,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the representation the others are compared against (default lvlm)")
 
 
+JOB = Job("report", __doc__.splitlines()[0], report, add_arguments)
+
+
 def main(argv: list[str] | None = None, spark=None) -> int:
-    return run_job("report", __doc__.splitlines()[0], report, argv, add_arguments, spark=spark)
+    return JOB.main(argv, spark=spark)
 
 
 if __name__ == "__main__":
