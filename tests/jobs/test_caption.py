@@ -100,6 +100,8 @@ def test_one_description_per_image_errors_kept_and_reruns_hit_the_cache(spark, c
     assert counts["skipped_no_image"] == 0 and counts["to_describe"] == N_IMAGES
     assert counts["described"] == N_IMAGES - 2 and counts["failed"] == 2
     assert counts["failed_changed"] == 1 and counts["failed_truncated"] == 1
+    # The texts' figures (udfs.description_stats) are over the ok descriptions of the images.
+    assert counts["descriptions_texts"] == N_IMAGES - 2 and 0 < counts["descriptions_distinct"] <= N_IMAGES - 2
 
     shas = item_shas(spark, wh)
     rows = descriptions(spark, wh, engine="tags")
@@ -129,6 +131,7 @@ def test_one_description_per_image_errors_kept_and_reruns_hit_the_cache(spark, c
     counts = run_caption(capsys, *argv(wh, root))
     assert counts["to_describe"] == 0 and counts["described"] == 0 and counts["cached"] == N_IMAGES
     assert "describe_ms" not in counts
+    assert counts["descriptions_texts"] == N_IMAGES - 1  # cached descriptions count too
     assert descriptions(spark, wh, engine="tags") == after
 
     # --force describes every image again and replaces the ok rows with newer ones.
