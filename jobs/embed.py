@@ -29,8 +29,9 @@ keys (``text_encoder:all-MiniLM-L6-v2,sentence-transformers:6.2.0,...``; value: 
 For each LVLM representation, beside the titles (``udfs.description_stats``, in thousandths):
 ``descriptions_lvlm_cosine_x1000`` / ``descriptions_title_cosine_x1000`` (the mean cosine of two
 random items' vectors) and ``descriptions_lvlm_lift_x1000`` / ``descriptions_title_lift_x1000``
-(two items one user consumed against two of independent interactions, train split only; with
-their two means ``..._co_consumed_cosine_x1000`` and ``..._random_cosine_x1000``).
+(an item and another of its user's against the item and that of an independently drawn
+interaction, train split only; with the two means ``..._co_consumed_cosine_x1000`` and
+``..._random_cosine_x1000``).
 
 Writes are idempotent: the (dataset, representation) slice of the representations this run
 encodes is replaced in one Delta commit (``replaceWhere``), so the rows this run did not
