@@ -134,7 +134,9 @@ def vector_figures(vectors: Mapping[str, tuple[Sequence[str], np.ndarray]], inte
     ``<name>_lift`` (``co_consumption`` over the train ``interactions``)."""
     out: dict[str, float] = {}
     for name, (ids, matrix) in vectors.items():
-        out[f"{name}_cosine"] = mean_pairwise_cosine(matrix, min(n_pairs, COSINE_PAIRS), seed)
+        # Rows by item id: the pairs drawn must not depend on the order a table was read in.
+        by_id = np.argsort(np.asarray(ids, dtype=str), kind="stable")
+        out[f"{name}_cosine"] = mean_pairwise_cosine(np.asarray(matrix)[by_id], min(n_pairs, COSINE_PAIRS), seed)
         out.update({f"{name}_{k}": v for k, v in co_consumption(ids, matrix, interactions, n_pairs, seed).items()})
     return out
 

@@ -161,3 +161,11 @@ def test_the_warning_fires_on_ml100k_tags_descriptions(ml100k, ml100k_train):
     warning = description_warning(figures, "lvlm:tags")
     assert warning is not None, figures
     assert figures["title_lift"] > Thresholds().min_lift  # the titles do carry some
+
+
+def test_vector_figures_do_not_depend_on_the_row_order():
+    ids, taste, train = _catalog()
+    vectors = _vectors(taste, seed=2)
+    turned = np.arange(len(ids))[::-1]
+    assert vector_figures({"lvlm": (ids, vectors)}, train) == vector_figures(
+        {"lvlm": ([ids[i] for i in turned], vectors[turned])}, train.sample(frac=1.0, random_state=3))
