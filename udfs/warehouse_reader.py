@@ -41,6 +41,11 @@ class StoreUnreadable(OSError):
     there is the job's error."""
 
 
+class UnreadableTable(OSError):
+    """A local table whose Delta log delta-rs cannot read (a corrupt or unreadable commit file):
+    the job's error, with the table, its log's path and the fix."""
+
+
 # Why a job that reads small tables on the driver reads with Spark instead: the named
 # conditions, and the reason each is counted under (``driver_fallback_<reason>``).
 FALLBACK_REASONS: dict[type, str] = {TooLarge: "too_large", TableMissing: "no_table",
@@ -74,9 +79,13 @@ def _open(warehouse: str | Path, name: str, equal: Mapping[str, object] | None,
         found = DeltaTable.is_deltatable(location, storage_options=options or None)
         table = DeltaTable(location, storage_options=options or None) if found else None
     except (OSError, DeltaError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if not storage.is_object_store(uri):
-            raise
-        raise StoreUnreadable(f"delta-rs cannot open table '{name}' at {uri} ({type(exc).__name__}: {exc})") from exc
+            raise UnreadableTable(
+                f"table '{name}': its Delta log {storage.join(uri, '_delta_log')} cannot be read ({first}): "
+                f"restore the table to a readable version (RESTORE TABLE delta.`{uri}` TO VERSION AS OF n) "
+                f"or rerun the job that writes it") from exc
+        raise StoreUnreadable(f"delta-rs cannot open table '{name}' at {uri} ({type(exc).__name__}: {first})") from exc
     if table is None:
         raise TableMissing(f"no '{name}' table in warehouse {warehouse}: run the job that writes it "
                            f"(`vlm4rec pipeline`) or pass the warehouse that holds the run")

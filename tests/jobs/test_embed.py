@@ -448,7 +448,8 @@ def test_the_spark_path_writes_the_rows_and_counts_of_the_driver_path(spark, cat
     for label in "ABC":
         on_driver, in_spark = catalog.counts[label], counts[label]
         assert on_driver.get("computed_on_driver") == 1 and "computed_on_driver" not in in_spark
-        drop = {"computed_on_driver"}
+        assert in_spark.get("driver_fallback_disabled") == 1 and "driver_fallback_disabled" not in on_driver
+        drop = {"computed_on_driver", "driver_fallback_disabled"}
         assert ({k: v for k, v in on_driver.items() if not k.startswith("ms_") and k not in drop}
                 == {k: v for k, v in in_spark.items() if not k.startswith("ms_") and k not in drop}), label
         driver_rows, spark_rows = catalog.snapshots[label], snapshots[label]

@@ -296,6 +296,8 @@ def test_spark_and_driver_paths_count_warn_and_print_alike(evaluated):
     on_spark, on_driver = evaluated.on_spark, evaluated.on_driver
     assert on_spark.code == on_driver.code == 0
     assert "computed_on_driver" not in on_spark.counts and on_driver.counts["computed_on_driver"] == 1
+    # The path each took and why, then the same counts.
+    assert on_spark.counts.pop("driver_fallback_disabled") == 1
     assert on_spark.counts == {k: v for k, v in on_driver.counts.items() if k != "computed_on_driver"}
     # The edge cases reached their counts: u000's and u001's excluded rows, item 0 no candidate.
     assert on_spark.counts["test_rows_excluded_title"] >= 2
@@ -322,7 +324,7 @@ def test_spark_and_driver_paths_fail_or_leave_out_alike(evaluated, spark, case):
     finally:
         tables.replace_slice(spark, wh, table, stored, {"run_id": "run-e"})
     assert on_spark.code == on_driver.code == (0 if case == "random not ranked" else 1)
-    assert on_driver.counts.pop("computed_on_driver") == 1
+    assert on_driver.counts.pop("computed_on_driver") == 1 and on_spark.counts.pop("driver_fallback_disabled") == 1
     assert on_spark.counts == on_driver.counts
     assert on_spark.errors == on_driver.errors and on_spark.warnings == on_driver.warnings
     assert on_spark.printed == on_driver.printed
