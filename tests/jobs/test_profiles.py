@@ -149,14 +149,15 @@ EQUIVALENCE = ["--set", f"experiment.profiles.half_life_days={HALF_LIFE_DAYS}",
 
 
 def printed_results(out: str, run_id: str) -> list[str]:
-    """The job's printed lines with its own run id and the path's marker taken out."""
+    """The job's printed lines with its own run id and the path's markers taken out."""
     lines = []
     for line in out.replace(run_id, "<run>").splitlines():
         if line.startswith("{"):
             printed = json.loads(line)
             printed["counts"].pop("computed_on_driver", None)
+            printed["counts"].pop("driver_fallback_disabled", None)
             line = json.dumps(printed, sort_keys=True)
-        lines.append(re.sub(r" ?computed_on_driver=1\b", "", line).rstrip())
+        lines.append(re.sub(r" ?(computed_on_driver|driver_fallback_disabled)=1\b", "", line).rstrip())
     return lines
 
 
@@ -198,6 +199,7 @@ def test_the_driver_path_writes_what_the_spark_path_writes(spark, capsys, caplog
     (driver_code, driver_counts, driver_out, driver_warnings) = results["driver"]
     assert spark_code == driver_code == 0
     assert "computed_on_driver" not in spark_counts and driver_counts.pop("computed_on_driver") == 1
+    assert spark_counts.pop("driver_fallback_disabled") == 1  # the Spark path, chosen by the setting
     assert driver_counts == spark_counts
     assert spark_counts["profiles_attention"] == 0 and spark_counts["users_without_train"] >= 1
     assert driver_out == spark_out and driver_warnings == spark_warnings
@@ -242,7 +244,8 @@ def test_both_paths_refuse_the_same_inputs_with_the_same_error(spark, capsys, ca
     (spark_code, spark_counts, spark_out, spark_err) = results["spark"]
     (driver_code, driver_counts, driver_out, driver_err) = results["driver"]
     assert spark_code == driver_code == 1
-    assert driver_counts.pop("computed_on_driver") == 1 and driver_counts == spark_counts
+    assert driver_counts.pop("computed_on_driver") == 1 and spark_counts.pop("driver_fallback_disabled") == 1
+    assert driver_counts == spark_counts
     assert driver_out == spark_out and driver_err == spark_err
     expected = "ingest-later-000000" if case == "mixed_ingest" else "has no train interactions"
     assert any(expected in line and "nothing usable" in line for line in spark_err)
