@@ -621,10 +621,14 @@ def count_requests(run: JobRun, summaries: list[dict[str, Any]]) -> None:
 
 
 def _salvage(run: JobRun, folder: str) -> None:
-    """After a failed Ray stage, keep what was described: merge the staged files. If that fails
-    too, its error is raised with the Ray stage's as its context (Python shows both), and the
-    folder stays for the next run to adopt."""
-    n = merge_staged(run, staged_files(folder))
+    """After a failed Ray stage, keep what was described: merge the staged files. When the store
+    or Delta refuses that too, the folder stays for the next run to adopt, and the Ray stage's
+    error is the one the job reports (any other error of the merge is raised, with it as context)."""
+    try:
+        n = merge_staged(run, staged_files(folder))
+    except (*tables.SPARK_ERRORS, OSError) as exc:
+        log.error("could not merge the staged descriptions in %s (%s); the next run adopts them", folder, exc)
+        return
     log.warning("the caption run failed; %d descriptions it had finished were merged", n)
     storage.delete_dir(folder)
 

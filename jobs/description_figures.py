@@ -1,7 +1,11 @@
 """The inputs of ``udfs.description_stats`` read from the tables (delta-rs, on the driver): an
 engine's texts for a dataset's images, the dataset's item vectors of a few representations,
 its train interactions. ``caption``, ``embed``, ``evaluate`` and ``report`` call these, so that
-each job computes the figures from the same rows by the same rule."""
+each job computes the figures from the same rows by the same rule.
+
+The reads are bounded whatever the catalog (``MAX_BYTES`` of Parquet and ``driver_inputs.MAX_ROWS``
+rows a table): the figures are a diagnostic, so a table too large for that, or a store delta-rs
+cannot open, skips them with a count (``description_figures_skipped_<reason>``) and the job goes on."""
 from __future__ import annotations
 
 import logging
@@ -13,9 +17,15 @@ import pandas as pd
 from udfs import description_stats
 from udfs.protocol import TRAIN_SPLIT
 from udfs.representations import LVLM, TITLE, Representation, parse_representation
-from udfs.warehouse_reader import TableMissing, read_frame
+from udfs.warehouse_reader import FALLBACK_REASONS, TableMissing, read_frame
+
+from .driver_inputs import MAX_ROWS, fallback_reason
 
 log = logging.getLogger(__name__)
+
+# Parquet bytes of one table the figures read at most: ml100k's item_embeddings is 42 MB.
+MAX_BYTES = 1 << 30
+BOUNDS = {"max_bytes": MAX_BYTES, "max_rows": MAX_ROWS}
 
 
 def lvlm_representations(names: Sequence[str]) -> list[Representation]:
@@ -29,10 +39,10 @@ def count_prefix(rep: Representation, reps: Sequence[Representation]) -> str:
 
 def description_texts(warehouse: str, dataset: str, engine: str, model: str, prompt_id: str) -> list[str]:
     """The ``ok`` description of each distinct image of the dataset's items, for one engine."""
-    items = read_frame(warehouse, "items", equal={"dataset": dataset}, columns=["image_sha256"])
+    items = read_frame(warehouse, "items", equal={"dataset": dataset}, columns=["image_sha256"], **BOUNDS)
     try:
         rows = read_frame(warehouse, "descriptions", equal={"engine": engine, "model": model, "prompt_id": prompt_id},
-                          columns=["image_sha256", "text", "status"])
+                          columns=["image_sha256", "text", "status"], **BOUNDS)
     except TableMissing:
         return []
     rows = rows[(rows["status"] == "ok") & rows["image_sha256"].isin(set(items["image_sha256"].dropna()))]
@@ -45,7 +55,7 @@ def item_vectors(warehouse: str, dataset: str, names: dict[str, str]) -> dict[st
     try:
         rows = read_frame(warehouse, "item_embeddings", equal={"dataset": dataset},
                           within={"representation": sorted(set(names.values()))},
-                          columns=["item_id", "representation", "vector"])
+                          columns=["item_id", "representation", "vector"], **BOUNDS)
     except TableMissing:
         return {}
     out = {}
@@ -58,7 +68,7 @@ def item_vectors(warehouse: str, dataset: str, names: dict[str, str]) -> dict[st
 
 def train_interactions(warehouse: str, dataset: str) -> pd.DataFrame:
     rows = read_frame(warehouse, "interactions", equal={"dataset": dataset, "split": TRAIN_SPLIT},
-                      columns=["user_id", "item_id"])
+                      columns=["user_id", "item_id"], **BOUNDS)
     return rows
 
 
@@ -77,6 +87,12 @@ def figures_for(warehouse: str, dataset: str, rep: Representation, texts: bool =
     return out
 
 
+def _skipped(run, exc: Exception) -> None:
+    reason = fallback_reason(exc)
+    run.count(f"description_figures_skipped_{reason}")
+    log.info("%s: the descriptions' figures are skipped: %s", run.job, exc)
+
+
 def check_descriptions(run, dataset: str, representations: Sequence[str]) -> dict[str, str]:
     """Measure every LVLM representation of ``representations``: its figures go to the run's
     counts, and the ``description_warning`` of each one whose descriptions carry no signal is
@@ -84,7 +100,11 @@ def check_descriptions(run, dataset: str, representations: Sequence[str]) -> dic
     reps = lvlm_representations(representations)
     warnings = {}
     for rep in reps:
-        figures = figures_for(run.warehouse, dataset, rep)
+        try:
+            figures = figures_for(run.warehouse, dataset, rep)
+        except tuple(FALLBACK_REASONS) as exc:
+            _skipped(run, exc)
+            continue
         for key, value in description_stats.as_counts(figures, count_prefix(rep, reps)).items():
             run.count(key, value)
         warning = description_stats.description_warning(figures, rep.name)
@@ -97,8 +117,12 @@ def check_descriptions(run, dataset: str, representations: Sequence[str]) -> dic
 
 def count_text_figures(run, dataset: str, rep: Representation) -> None:
     """``caption``'s counts: the ``text_figures`` of the engine's texts for the dataset's images."""
-    figures = description_stats.text_figures(description_texts(run.warehouse, dataset, rep.engine, rep.model,
-                                                               rep.prompt_id))
+    try:
+        texts = description_texts(run.warehouse, dataset, rep.engine, rep.model, rep.prompt_id)
+    except tuple(FALLBACK_REASONS) as exc:
+        _skipped(run, exc)
+        return
+    figures = description_stats.text_figures(texts)
     for key, value in description_stats.as_counts(figures).items():
         run.count(key, value)
 
@@ -108,6 +132,10 @@ def count_vector_figures(run, dataset: str, representations: Sequence[str]) -> N
     titles' (mean pairwise cosine, co-consumption lift over the train split)."""
     reps = lvlm_representations(representations)
     for rep in reps:
-        figures = figures_for(run.warehouse, dataset, rep, texts=False)
+        try:
+            figures = figures_for(run.warehouse, dataset, rep, texts=False)
+        except tuple(FALLBACK_REASONS) as exc:
+            _skipped(run, exc)
+            continue
         for key, value in description_stats.as_counts(figures, count_prefix(rep, reps)).items():
             run.count(key, value)

@@ -58,6 +58,13 @@ def limit_bytes(run: JobRun) -> int:
     return int(run.config.spark.driver_compute_mb) << 20
 
 
+def fallback_reason(exc: Exception) -> str:
+    """The reason ``exc`` (one of ``FALLBACK_REASONS``' exceptions, or a subclass) is counted under."""
+    from udfs.warehouse_reader import FALLBACK_REASONS
+
+    return next(reason for kind, reason in FALLBACK_REASONS.items() if isinstance(exc, kind))
+
+
 def fallback(run: JobRun, reason: str, why: str) -> None:
     """Count (``driver_fallback_<reason>``) and log one named reason for taking the Spark path."""
     run.count(f"driver_fallback_{reason}")
@@ -97,7 +104,7 @@ def read_on_driver(run: JobRun, slices: Mapping[str, Slice],
                 run.warehouse, part.table, equal=dict(part.equal), within=dict(part.within),
                 columns=list(part.columns) if part.columns is not None else None)
     except tuple(FALLBACK_REASONS) as exc:
-        fallback(run, FALLBACK_REASONS[type(exc)], str(exc))
+        fallback(run, fallback_reason(exc), str(exc))
         return None
     reason = declines(read) if declines is not None else None
     if reason:

@@ -288,8 +288,8 @@ class Job:
         run id; the job's other arguments keep their defaults (its flags are ``--set`` aliases,
         already in the config)."""
         parser = self.parser()
-        takes_run_id = any("--run-id" in action.option_strings for action in parser._actions)
-        args = parser.parse_args(["--run-id", run_id] if takes_run_id else [])
+        takes_run_id = "run_id" in vars(parser.parse_args([]))
+        args = parser.parse_args(["--run-id", run_id] if takes_run_id and run_id else [])
         return execute(self, config, spark, args, pinned_plan=(run_id, plan))
 
 

@@ -82,7 +82,7 @@ def table_rows(run: JobRun) -> list[tuple[str, int]]:
             found.append((name, table.num_rows))
         return found
     except tuple(FALLBACK_REASONS) as exc:
-        driver_inputs.fallback(run, FALLBACK_REASONS[type(exc)], f"counting the tables: {exc}")
+        driver_inputs.fallback(run, driver_inputs.fallback_reason(exc), f"counting the tables: {exc}")
     counts = []
     for name in tables.SCHEMAS:
         if not tables.exists(run.spark, run.warehouse, name):

@@ -227,7 +227,8 @@ def _file_locator(uri: str):
 def _read_files(uri: str, table, schema: pa.Schema, conditions: Mapping[str, list], wanted: list[str]) -> pa.Table:
     """The snapshot's Parquet files read with pyarrow: delta-rs lists the live files (its log
     replay) with their partition values and statistics; files are pruned on those
-    (``_kept_files``) and the other conditions are pushed into the Parquet scan. (delta-rs's own pyarrow dataset leaves Rust
+    (``_kept_files``) and the other conditions filter the rows each scan returns (not pushed
+    into it: see below). (delta-rs's own pyarrow dataset leaves Rust
     I/O threads behind that abort the interpreter at exit: "terminate called without an
     active exception", delta-io/delta-rs#2184.) Local files are read from the local file
     system, an object store's through ``udfs.storage.filesystem``."""
@@ -250,8 +251,13 @@ def _read_files(uri: str, table, schema: pa.Schema, conditions: Mapping[str, lis
         # columns, and pyarrow prunes row groups by comparing their string_view statistics with
         # the filter's string values, which it cannot ("no kernel matching input types (string,
         # string_view)"). The scan casts every file's columns to the table's schema first.
-        piece = pads.dataset(files, schema=file_schema, format="parquet", filesystem=store).to_table(
-            columns=scan_columns)
+        try:
+            piece = pads.dataset(files, schema=file_schema, format="parquet", filesystem=store).to_table(
+                columns=scan_columns)
+        except OSError as exc:
+            if store is None:  # a local file: the job's error
+                raise
+            raise StoreUnreadable(f"table at {uri}: its files cannot be read from the store ({exc})") from exc
         if data_conditions:
             piece = piece.filter(_expression(data_conditions))
         for p, value in zip(partitions, key):
