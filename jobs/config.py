@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from udfs.caption.kinds import KINDS, HfOptions, OpenaiOptions, TagsOptions, VllmOptions
+from udfs.caption.kinds import below as _below
 from udfs.caption.prompts import PAPER_PROMPT
 from udfs.significance import TESTS as SIGNIFICANCE_TESTS
 
@@ -148,13 +149,6 @@ CAPTION_ENGINES = tuple(KINDS)
 # The evaluation protocol's names live once, in udfs.protocol; the typed config checks against them.
 from udfs.protocol import (  # noqa: E402,F401
     ALL, BASELINES, CANDIDATE_POLICIES, COMMON, EXCLUDABLE_SPLITS, POPULARITY, RANDOM)
-
-
-def _below(value: float | None, low: float) -> str | None:
-    """'must be >= low, got value' when ``value`` is below ``low`` (None passes)."""
-    if value is not None and value < low:
-        return f"must be >= {low}, got {value!r}"
-    return None
 
 
 @dataclass

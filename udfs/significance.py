@@ -131,9 +131,7 @@ def paired_t_ps(differences: np.ndarray) -> np.ndarray:
     if n < 2:
         return out
     mean = d.mean(axis=0)
-    sd = d.std(axis=0, ddof=1)
-    # A spread that is rounding noise of equal differences counts as none.
-    spread = sd > 1e-12 * np.maximum(np.abs(d).max(axis=0), 1e-300)
+    sd, spread = _spread(d)
     t = np.divide(mean, sd / np.sqrt(n), out=np.zeros_like(mean), where=spread)
     import scipy.stats
 
@@ -192,8 +190,7 @@ def effect_sizes(differences: np.ndarray) -> np.ndarray:
     mean = d.mean(axis=0)
     if d.shape[0] < 2:
         return np.full(d.shape[1], np.nan)
-    sd = d.std(axis=0, ddof=1)
-    spread = sd > 1e-12 * np.maximum(np.abs(d).max(axis=0), 1e-300)
+    sd, spread = _spread(d)
     out = np.where(mean > 0, np.inf, -np.inf)
     out[mean == 0] = 0.0
     np.divide(mean, sd, out=out, where=spread)
@@ -247,6 +244,13 @@ def _as_sample(values: np.ndarray, name: str) -> np.ndarray:
             "per-user metrics must be finite (exclude users without relevant items upstream)"
         )
     return array
+
+
+def _spread(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(standard deviation (ddof 1), whether it is a spread) of each column: a spread that is
+    rounding noise of equal differences counts as none."""
+    sd = d.std(axis=0, ddof=1)
+    return sd, sd > 1e-12 * np.maximum(np.abs(d).max(axis=0), 1e-300)
 
 
 def _as_columns(differences: np.ndarray) -> np.ndarray:

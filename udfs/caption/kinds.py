@@ -32,7 +32,9 @@ EFFICIENTNET_LITE0 = "efficientnet-lite0"
 N_IMAGENET_CLASSES = 1000
 
 
-def _below(value: float | None, low: float) -> str | None:
+def below(value: float | None, low: float) -> str | None:
+    """'must be >= low, got value' when ``value`` is below ``low`` (None passes): a config
+    check's message, shared with ``jobs.config``."""
     if value is not None and value < low:
         return f"must be >= {low}, got {value!r}"
     return None
@@ -77,7 +79,7 @@ class VllmOptions:
     engine_kwargs: dict[str, Any] | None = None
 
     def problems(self) -> dict[str, str | None]:
-        return {"tensor_parallel_size": _below(self.tensor_parallel_size, 1)}
+        return {"tensor_parallel_size": below(self.tensor_parallel_size, 1)}
 
 
 @dataclass
@@ -102,12 +104,12 @@ class OpenaiOptions:
         return {
             "base_url": f"must start with http:// or https://, got {bad_urls}" if bad_urls else None,
             "timeout_s": None if self.timeout_s > 0 else f"must be > 0, got {self.timeout_s!r}",
-            "max_concurrency": _below(self.max_concurrency, 1),
+            "max_concurrency": below(self.max_concurrency, 1),
             "qps": None if self.qps is None or self.qps > 0 else f"must be > 0 (or null: no limit), got {self.qps!r}",
-            "max_retries": _below(self.max_retries, 0),
-            "backoff_s": _below(self.backoff_s, 0),
-            "backoff_max_s": _below(self.backoff_max_s, 0),
-            "temperature": _below(self.temperature, 0),
+            "max_retries": below(self.max_retries, 0),
+            "backoff_s": below(self.backoff_s, 0),
+            "backoff_max_s": below(self.backoff_max_s, 0),
+            "temperature": below(self.temperature, 0),
         }
 
 
