@@ -122,7 +122,7 @@ def caption_todo(items: pa.Table, cache: pa.Table, force: bool = False) -> tuple
 
     One item per image: the smallest (item_id, image_uri), so reruns pick the same one. Facts:
     ``n`` items, ``with_image``, ``images`` (distinct hashes), ``ok``, ``final_errors`` (cached
-    permanent errors), ``retry`` (cached rows described again). ``jobs.caption.spark_plan``
+    permanent errors), ``retry`` (cached rows described again). ``jobs.caption_plan.spark_plan``
     is the same plan as one Spark job, for catalogs too large to read on the driver."""
     frame = items.select(["item_id", "image_uri", "image_sha256"]).to_pandas()
     facts = {"n": len(frame), "with_image": int(frame["image_sha256"].notna().sum())}
@@ -501,7 +501,7 @@ def vllm_rows(batch: pd.DataFrame) -> pd.DataFrame:
 
 
 def staged_winners(staged: pa.Table, current: pa.Table | None, keys: list[str]) -> pa.Table:
-    """The staged rows a merge writes (the rule of ``jobs.caption.merge_staged``'s Spark path):
+    """The staged rows a merge writes (the rule of ``jobs.caption_merge.merge_staged``'s Spark path):
     one row a key, an ok row before an error row and then the newest; it is written when the
     table has no row of its key, or it is ok and the table's is not (or is older), or both are
     errors and it is newer. ``current`` holds the table's keys, ``status`` and ``created_at``."""

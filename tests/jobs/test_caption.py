@@ -22,7 +22,7 @@ import pytest
 from deltalake import DeltaTable
 from pyspark.sql import functions as F
 
-from jobs import caption, ingest, tables
+from jobs import caption, caption_merge, caption_plan, ingest, tables
 from udfs.images import sha256_bytes
 
 pytestmark = [pytest.mark.spark, pytest.mark.ray]
@@ -305,13 +305,13 @@ def test_only_folders_of_dead_runs_are_claimed_and_each_by_one_run(tmp_path):
     root = tmp_path / "staging"
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(finished.stdout)
-    caption.write_owner(root / "dead-run", "dead-run")
-    owner = json.loads((root / "dead-run" / caption.OWNER_FILE).read_text())
-    (root / "dead-run" / caption.OWNER_FILE).write_text(json.dumps({**owner, "pid": dead_pid}))
-    caption.write_owner(root / "live-run", "live-run")  # this process: alive
-    claimed = caption.claim_dead_folders(root, "me")
+    caption_merge.write_owner(root / "dead-run", "dead-run")
+    owner = json.loads((root / "dead-run" / caption_merge.OWNER_FILE).read_text())
+    (root / "dead-run" / caption_merge.OWNER_FILE).write_text(json.dumps({**owner, "pid": dead_pid}))
+    caption_merge.write_owner(root / "live-run", "live-run")  # this process: alive
+    claimed = caption_merge.claim_dead_folders(root, "me")
     assert [Path(p).name for p in claimed] == ["dead-run.adopted-by-me"]
-    assert caption.claim_dead_folders(root, "other") == []  # the claimer (this process) is alive
+    assert caption_merge.claim_dead_folders(root, "other") == []  # the claimer (this process) is alive
     assert sorted(p.name for p in root.iterdir()) == ["dead-run.adopted-by-me", "live-run"]
 
 
@@ -325,7 +325,7 @@ def test_the_driver_plan_is_the_spark_plan(spark, catalog):
     from jobs.config import CaptionConf
 
     wh, _ = catalog
-    spec = dataclasses.replace(caption.caption_spec(CaptionConf()), model="plan-equivalence")
+    spec = dataclasses.replace(caption_plan.caption_spec(CaptionConf()), model="plan-equivalence")
     shas = sorted(set(item_shas(spark, wh).values()))
     now = dt.datetime(2026, 1, 1)
     rows = [(shas[0], spec.engine, spec.model, spec.prompt_id, None, spec.prompt, "a hat", 2, 1.0, "ok", None, now),
@@ -336,9 +336,9 @@ def test_the_driver_plan_is_the_spark_plan(spark, catalog):
     tables.merge(spark, wh, "descriptions", spark.createDataFrame(rows, tables.SCHEMAS["descriptions"]))
     for force in (False, True):
         forced = dataclasses.replace(spec, conf=dataclasses.replace(spec.conf, force=force))
-        on_driver = caption.driver_plan(str(wh), "synthetic", forced)
+        on_driver = caption_plan.driver_plan(str(wh), "synthetic", forced)
         assert on_driver is not None
-        table, facts = caption.spark_plan(spark, str(wh), "synthetic", forced)
+        table, facts = caption_plan.spark_plan(spark, str(wh), "synthetic", forced)
         assert on_driver[0].to_pylist() == table.to_pylist()
         assert on_driver[0].schema.names == table.schema.names
         assert [str(t) for t in on_driver[0].schema.types] == ["string"] * 3
@@ -346,7 +346,7 @@ def test_the_driver_plan_is_the_spark_plan(spark, catalog):
         assert facts["ok"] == 1 and facts["final_errors"] == 1 and facts["retry"] == 1
         assert table.num_rows == (N_IMAGES if force else N_IMAGES - 2)
     # Over the byte limit the driver declines and the job plans with Spark.
-    assert caption.driver_plan(str(wh), "synthetic", spec, max_bytes=100) is None
+    assert caption_plan.driver_plan(str(wh), "synthetic", spec, max_bytes=100) is None
 
 
 def test_the_driver_merge_is_the_spark_merge(spark, tmp_path):
@@ -383,7 +383,7 @@ def test_the_driver_merge_is_the_spark_merge(spark, tmp_path):
         for n, rows in enumerate(staged):
             files.append(str(tmp_path / f"{name}-{n}.parquet"))
             pq.write_table(pa.Table.from_pylist(rows, schema=STAGING_SCHEMA), files[-1])
-        assert caption.merge_staged(JobRun("caption", config, spark), files) == 4  # a, b, e, f
+        assert caption_merge.merge_staged(JobRun("caption", config, spark), files) == 4  # a, b, e, f
         results[name] = sorted((r.image_sha256, r.status, r.text, r.created_at.day)
                                for r in tables.read(spark, wh, "descriptions").collect())
         engine = DeltaTable(str(wh / "descriptions")).history(1)[0]["engineInfo"]
