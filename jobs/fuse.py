@@ -35,6 +35,8 @@ import hashlib
 import json
 import logging
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 from pyspark.sql import DataFrame
@@ -165,9 +167,6 @@ def apply_in_spark(spark, wh: str, dataset: str, rep: Representation, blob: byte
 
 
 def fuse(run: JobRun, args: argparse.Namespace | None = None) -> None:
-    from udfs.fusion_models import FusionSpec, item_graphs
-    from udfs.fusion_training import TrainData, TrainSettings, apply_fusion, load_model, model_bytes, train_fusion
-
     spark, wh = run.spark, run.warehouse
     dataset = run.config.dataset.name
     if not dataset:
@@ -187,97 +186,126 @@ def fuse(run: JobRun, args: argparse.Namespace | None = None) -> None:
     run.count("interactions_read", len(interactions))
     if not len(interactions):
         raise NothingUsable(f"dataset '{dataset}' has no train or valid interactions: run `vlm4rec ingest` first")
-
-    outputs: list[DataFrame] = []
-    applied_frames: list[DataFrame] = []
-    model_rows = []
-    written = {}
-    for rep in trained:
-        try:
-            item_ids, matrices = aligned_parts(frames, rep)
-        except ValueError as exc:
-            raise NothingUsable(f"'{rep.name}': {exc}") from exc
-        run.count(f"skipped_{rep.name}_missing_part", n_items - len(item_ids))
-        if len(item_ids) < 2:
-            raise NothingUsable(f"'{rep.name}': {len(item_ids)} items have a vector in every part {list(rep.parts)}; "
-                                "run `vlm4rec embed` with these representations first")
-        indexed, unknown = indexed_interactions(interactions, item_ids)
-        run.count(f"interactions_without_item_{rep.name}", unknown)
-        spec = FusionSpec(rep.kind, tuple(m.shape[1] for m in matrices), hidden=settings.hidden,
-                          out_dim=settings.out_dim, heads=settings.heads, tokens=settings.tokens,
-                          product_term=settings.smore_product_term)
-        train_settings = TrainSettings.from_fields(settings, knn_ks(settings, rep))
-        params = {"spec": spec.to_dict(), "training": train_settings.to_dict()}
-        key = inputs_digest(rep, params, item_ids, matrices, interactions)
-        folder = model_folder(wh, run_id, rep)
-        found = stored_model(spark, wh, key) if settings.reuse_models else None
-        if found is not None:
-            blob, row = found
-            model, _ = load_model(blob)
-            run.count("reused_models")
-            if row["path"] != folder:
-                sha = save_model(folder, blob, read_json(row["path"], "config.json", {}),
-                                 read_json(row["path"], "curve.json", []))
-            else:
-                sha = row["sha256"]
-            info = {k: row[k] for k in ("epochs", "best_epoch", "valid_recall", "train_seconds")}
-            reused = True
-        else:
-            data = TrainData(matrices, *indexed)
-            with run.stage(f"train_{rep.kind}"):
-                result = train_fusion(spec, data, train_settings)
-            model, blob = result.model, model_bytes(result.model, spec)
-            config = {"representation": rep.name, "parts": list(rep.parts), "dataset": dataset, **params,
-                      "inputs_sha256": key, "n_items": len(item_ids), "n_examples": result.n_examples,
-                      "n_valid_users": result.n_valid_users}
-            sha = save_model(folder, blob, config, result.curve)
-            info = {"epochs": result.epochs_run, "best_epoch": result.best_epoch,
-                    "valid_recall": result.valid_recall, "train_seconds": result.seconds}
-            run.count("trained_models")
-            reused = False
-        model_rows.append((run_id, rep.name, list(rep.parts), settings.objective, json.dumps(params, sort_keys=True),
-                           int(info["epochs"]), int(info["best_epoch"]),
-                           None if info["valid_recall"] is None else float(info["valid_recall"]),
-                           float(info["train_seconds"]), str(folder), sha, key, reused,
-                           dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)))
-        with run.stage(f"apply_{rep.kind}"):
-            if train_settings.knn_k:
-                # each vector depends on its neighbours': the whole catalog at once, on the driver
-                vectors = apply_fusion(model, matrices, settings.threads, item_graphs(matrices, train_settings.knn_k))
-                applied = spark.createDataFrame(pd.DataFrame({
-                    "item_id": item_ids.tolist(), "vector": [v.tolist() for v in vectors],
-                    "status": fusion_udfs.OK}), APPLIED_SCHEMA)
-            else:
-                applied = apply_in_spark(spark, wh, dataset, rep, blob, task_threads(spark), len(item_ids),
-                                         settings.rows_per_task)
-            applied = applied.persist()
-            applied_frames.append(applied)
-            by_status = dict(applied.groupBy("status").count().collect())
-        written[rep.name] = by_status.get(fusion_udfs.OK, 0)
-        for status, n in by_status.items():
-            if status != fusion_udfs.OK:
-                run.count(f"skipped_{rep.name}_{status}", n)
-        encoder = f"{rep.kind}[{','.join(rep.parts)}]@{sha[:12]}"
-        outputs.append(applied.filter(F.col("status") == fusion_udfs.OK).select(
-            F.lit(dataset).alias("dataset"), "item_id", F.lit(rep.name).alias("representation"),
-            F.lit(encoder).alias("encoder"), F.size("vector").alias("dim"), "vector",
-            F.lit(None).cast("string").alias("source_sha256")))
-
+    fused = [fuse_one(run, run_id, settings, rep, frames, interactions, n_items) for rep in trained]
+    written = {f.representation: f.written for f in fused}
     for name, n in written.items():
         run.count(f"written_{name}", n)
     run.count("rows_written", sum(written.values()))
-    out = outputs[0]
-    for frame in outputs[1:]:
-        out = out.unionByName(frame)
+    out = fused[0].vectors
+    for f in fused[1:]:
+        out = out.unionByName(f.vectors)
     with run.stage("write"):
         # one commit replaces every trained fusion's slice: a reader sees all old or all new
         tables.replace_slice(spark, wh, "item_embeddings", out.coalesce(max(1, spark.sparkContext.defaultParallelism)),
                              {"dataset": dataset, "representation": list(written)})
-        models = spark.createDataFrame(model_rows, tables.SCHEMAS["fusion_models"])
+        models = spark.createDataFrame([f.model_row for f in fused], tables.SCHEMAS["fusion_models"])
         tables.replace_slice(spark, wh, "fusion_models", models, {"run_id": run_id, "representation": list(written)})
-    for frame in applied_frames:
-        frame.unpersist()
-    log.info("fuse %s: %s", dataset, {n: written[n] for n in written})
+    for f in fused:
+        f.applied.unpersist()
+    log.info("fuse %s: %s", dataset, written)
+
+
+@dataclass(frozen=True)
+class Fused:
+    """One trained fusion, ready to write: its ``fusion_models`` row, its applied rows
+    (persisted until the write), its ok vectors in ``item_embeddings``' columns and their count."""
+
+    representation: str
+    model_row: tuple
+    applied: DataFrame
+    vectors: DataFrame
+    written: int
+
+
+def fuse_one(run: JobRun, run_id: str, settings: FuseConf, rep: Representation, frames: dict[str, pd.DataFrame],
+             interactions: pd.DataFrame, n_items: int) -> Fused:
+    """Train (or reuse) ``rep``'s model on the items that have every part and apply it."""
+    from udfs.fusion_models import FusionSpec, item_graphs
+    from udfs.fusion_training import TrainData, TrainSettings, apply_fusion
+
+    spark, wh, dataset = run.spark, run.warehouse, run.config.dataset.name
+    try:
+        item_ids, matrices = aligned_parts(frames, rep)
+    except ValueError as exc:
+        raise NothingUsable(f"'{rep.name}': {exc}") from exc
+    run.count(f"skipped_{rep.name}_missing_part", n_items - len(item_ids))
+    if len(item_ids) < 2:
+        raise NothingUsable(f"'{rep.name}': {len(item_ids)} items have a vector in every part {list(rep.parts)}; "
+                            "run `vlm4rec embed` with these representations first")
+    indexed, unknown = indexed_interactions(interactions, item_ids)
+    run.count(f"interactions_without_item_{rep.name}", unknown)
+    spec = FusionSpec(rep.kind, tuple(m.shape[1] for m in matrices), hidden=settings.hidden,
+                      out_dim=settings.out_dim, heads=settings.heads, tokens=settings.tokens,
+                      product_term=settings.smore_product_term)
+    train_settings = TrainSettings.from_fields(settings, knn_ks(settings, rep))
+    params = {"spec": spec.to_dict(), "training": train_settings.to_dict()}
+    key = inputs_digest(rep, params, item_ids, matrices, interactions)
+    folder = model_folder(wh, run_id, rep)
+    found = stored_model(spark, wh, key) if settings.reuse_models else None
+    if found is not None:
+        model, blob, sha, info = reused_model(run, folder, *found)
+    else:
+        model, blob, sha, info = trained_model(run, folder, rep, spec, train_settings,
+                                               TrainData(matrices, *indexed), params, key)
+    model_row = (run_id, rep.name, list(rep.parts), settings.objective, json.dumps(params, sort_keys=True),
+                 int(info["epochs"]), int(info["best_epoch"]),
+                 None if info["valid_recall"] is None else float(info["valid_recall"]),
+                 float(info["train_seconds"]), str(folder), sha, key, found is not None,
+                 dt.datetime.now(dt.timezone.utc).replace(tzinfo=None))
+    with run.stage(f"apply_{rep.kind}"):
+        if train_settings.knn_k:
+            # each vector depends on its neighbours': the whole catalog at once, on the driver
+            vectors = apply_fusion(model, matrices, settings.threads, item_graphs(matrices, train_settings.knn_k))
+            applied = spark.createDataFrame(pd.DataFrame({
+                "item_id": item_ids.tolist(), "vector": [v.tolist() for v in vectors],
+                "status": fusion_udfs.OK}), APPLIED_SCHEMA)
+        else:
+            applied = apply_in_spark(spark, wh, dataset, rep, blob, task_threads(spark), len(item_ids),
+                                     settings.rows_per_task)
+        applied = applied.persist()
+        by_status = dict(applied.groupBy("status").count().collect())
+    for status, n in by_status.items():
+        if status != fusion_udfs.OK:
+            run.count(f"skipped_{rep.name}_{status}", n)
+    encoder = f"{rep.kind}[{','.join(rep.parts)}]@{sha[:12]}"
+    vectors = applied.filter(F.col("status") == fusion_udfs.OK).select(
+        F.lit(dataset).alias("dataset"), "item_id", F.lit(rep.name).alias("representation"),
+        F.lit(encoder).alias("encoder"), F.size("vector").alias("dim"), "vector",
+        F.lit(None).cast("string").alias("source_sha256"))
+    return Fused(rep.name, model_row, applied, vectors, by_status.get(fusion_udfs.OK, 0))
+
+
+def reused_model(run: JobRun, folder: str, blob: bytes, row: dict) -> tuple[Any, bytes, str, dict]:
+    """(model, bytes, sha256, training figures) of a stored model, copied into this run's folder
+    when it was another run's."""
+    from udfs.fusion_training import load_model
+
+    model, _ = load_model(blob)
+    run.count("reused_models")
+    if row["path"] != folder:
+        sha = save_model(folder, blob, read_json(row["path"], "config.json", {}),
+                         read_json(row["path"], "curve.json", []))
+    else:
+        sha = row["sha256"]
+    return model, blob, sha, {k: row[k] for k in ("epochs", "best_epoch", "valid_recall", "train_seconds")}
+
+
+def trained_model(run: JobRun, folder: str, rep: Representation, spec: Any, train_settings: Any,
+                  data: Any, params: dict, key: str) -> tuple[Any, bytes, str, dict]:
+    """(model, bytes, sha256, training figures) of a model trained now on ``data`` (a
+    ``udfs.fusion_training.TrainData``) and saved in ``folder``."""
+    from udfs.fusion_training import model_bytes, train_fusion
+
+    with run.stage(f"train_{rep.kind}"):
+        result = train_fusion(spec, data, train_settings)
+    blob = model_bytes(result.model, spec)
+    config = {"representation": rep.name, "parts": list(rep.parts), "dataset": run.config.dataset.name, **params,
+              "inputs_sha256": key, "n_items": data.n_items, "n_examples": result.n_examples,
+              "n_valid_users": result.n_valid_users}
+    sha = save_model(folder, blob, config, result.curve)
+    run.count("trained_models")
+    return result.model, blob, sha, {"epochs": result.epochs_run, "best_epoch": result.best_epoch,
+                                     "valid_recall": result.valid_recall, "train_seconds": result.seconds}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ if not __package__:  # run as a file (`spark-submit jobs/<job>.py`): see jobs/_a
 
 import argparse
 import logging
+from typing import Callable
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Observation, Window
@@ -120,7 +121,7 @@ def interaction_rejects(classified: DataFrame, n_bad: int) -> DataFrame:
 
 
 def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
-    config, spark, wh = run.config, run.spark, run.warehouse
+    config, spark = run.config, run.spark
     dataset = config.dataset
     if not dataset.name or not dataset.adapter:
         raise ConfigError("no dataset configured: pass --conf datasets/NAME.yaml "
@@ -138,15 +139,15 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
         items, item_rejects = clean_items(run, out.items, out.images_root)
         summary = items.agg(F.count(F.lit(1)).alias("n"),
                             F.count(F.when(F.col("image_sha256").isNull(), 1)).alias("no_image")).first()
-        n_items = summary["n"]
-        run.count("items", n_items)
+        run.count("items", summary["n"])
         run.count("items_without_image", summary["no_image"])
-    if n_items == 0:
-        _write_rejects(run, out.rejects.unionByName(item_rejects), hold)
+    rejects = out.rejects.unionByName(item_rejects)
+    if summary["n"] == 0:
+        _write_rejects(run, rejects, hold)
         raise NothingUsable(f"dataset '{dataset.name}': no item row survived; see the rejects table")
-
     classified = classify_interactions(out, items.select("item_id"))
-    if dataset.min_rating is not None or dataset.kcore > 1:
+    filtered = dataset.min_rating is not None or dataset.kcore > 1
+    if filtered:
         # These filters count (k-core in rounds) before the write: cache the classified rows,
         # on disk so that the footprint does not grow with the catalog.
         classified = classified.persist(StorageLevel.DISK_ONLY)
@@ -154,8 +155,23 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
     # written, and only when there are some are they read again for the rejects table.
     classify_counts = Observation("classified")
     observed = classified.observe(classify_counts, F.count(F.when(F.col("_reason").isNotNull(), 1)).alias("bad"))
-    good = observed.filter(F.col("_reason").isNull()).drop("_reason", "_source", "_content", "_pos")
-    filtered = dataset.min_rating is not None or dataset.kcore > 1
+    good = _filtered(run, observed.filter(F.col("_reason").isNull()).drop("_reason", "_source", "_content", "_pos"))
+    if not _has_usable_interaction(out, items, spec, good if filtered else None):
+        # Checked before any slice is replaced: the last good snapshot of this dataset stays.
+        _write_rejects(run, rejects.unionByName(interaction_rejects(classified, _count_bad(classified))), hold)
+        raise NothingUsable(f"dataset '{dataset.name}': no interaction row survived; see the rejects "
+                            "table for the reasons (a wrong separator or column mapping rejects every "
+                            "row). The tables keep this dataset's previous snapshot.")
+    _write_slices(run, spec, good, items, rejects, hold,
+                  lambda: interaction_rejects(classified, int(classify_counts.get["bad"])))
+    # Every frame this job cached (parsed files, classified rows) is done with.
+    spark.catalog.clearCache()
+    _count_written(run)
+
+
+def _filtered(run: JobRun, good: DataFrame) -> DataFrame:
+    """The good rows after ``dataset.min_rating`` and ``dataset.kcore``, each filter counted."""
+    dataset = run.config.dataset
     if dataset.min_rating is not None:
         before = good
         good = good.filter(F.col("rating") >= F.lit(dataset.min_rating))
@@ -165,15 +181,15 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
         good, rounds = kcore(good, dataset.kcore)
         run.count("kcore_removed", before_n - good.count())
         run.count("kcore_rounds", rounds)
+    return good
 
-    if not _has_usable_interaction(out, items, spec, good if filtered else None):
-        # Checked before any slice is replaced: the last good snapshot of this dataset stays.
-        _write_rejects(run, out.rejects.unionByName(item_rejects).unionByName(
-            interaction_rejects(classified, _count_bad(classified))), hold)
-        raise NothingUsable(f"dataset '{dataset.name}': no interaction row survived; see the rejects "
-                            "table for the reasons (a wrong separator or column mapping rejects every "
-                            "row). The tables keep this dataset's previous snapshot.")
 
+def _write_slices(run: JobRun, spec: SplitSpec, good: DataFrame, items: DataFrame, rejects: DataFrame,
+                  hold: bool, bad_interactions: Callable[[], DataFrame]) -> None:
+    """Split and write the interactions, then the rejects (``bad_interactions`` among them, asked
+    only once the interactions' write has counted them) and the items: each the dataset's slice,
+    replaced atomically."""
+    spark, wh, name = run.spark, run.warehouse, run.config.dataset.name
     split = assign_split(good, spec)
     label_counts = None
     if spec.protocol == "label":
@@ -181,13 +197,11 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
         split = split.observe(label_counts, F.count(F.when(F.col("split").isNull(), 1)).alias("unlabeled"))
         unlabeled = split.filter(F.col("split").isNull())
         split = split.filter(F.col("split").isNotNull())
-
-    interactions = split.withColumn("dataset", F.lit(dataset.name)).withColumn("ingest_id", F.lit(run.run_id))
+    interactions = split.withColumn("dataset", F.lit(name)).withColumn("ingest_id", F.lit(run.run_id))
     with run.stage("classify_split_and_write_interactions"):
-        tables.replace_slice(spark, wh, "interactions", _rows(interactions, hold), {"dataset": dataset.name})
+        tables.replace_slice(spark, wh, "interactions", _rows(interactions, hold), {"dataset": name})
     with run.stage("write_rejects"):
-        rejects = out.rejects.unionByName(item_rejects).unionByName(
-            interaction_rejects(classified, int(classify_counts.get["bad"])))
+        rejects = rejects.unionByName(bad_interactions())
         bad_labels = int(label_counts.get["unlabeled"]) if label_counts else 0
         if bad_labels:
             rejects = rejects.unionByName(_as_rejects(
@@ -196,34 +210,34 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
             run.count("rejected_bad_label", bad_labels)
         _write_rejects(run, rejects, hold)
     with run.stage("write_items"):
-        items_out = items.withColumn("dataset", F.lit(dataset.name)).withColumn("ingest_id", F.lit(run.run_id))
-        tables.replace_slice(spark, wh, "items", _rows(items_out, hold), {"dataset": dataset.name})
-    # Every frame this job cached (parsed files, classified rows) is done with.
-    spark.catalog.clearCache()
+        items_out = items.withColumn("dataset", F.lit(name)).withColumn("ingest_id", F.lit(run.run_id))
+        tables.replace_slice(spark, wh, "items", _rows(items_out, hold), {"dataset": name})
+
+
+def _count_written(run: JobRun) -> None:
+    """Count what the commit holds, read back: with delta-rs, two columns (a Spark job and a log
+    replay cost more than the counting on small data), else (too many rows to hold, or delta-rs
+    cannot read the warehouse) with Spark."""
+    spark, wh, name = run.spark, run.warehouse, run.config.dataset.name
 
     def with_delta_rs() -> list[dict]:
         from udfs.warehouse_reader import read_frame
 
-        rows = read_frame(wh, "interactions", equal={"dataset": dataset.name}, columns=["split", "user_id"],
+        rows = read_frame(wh, "interactions", equal={"dataset": name}, columns=["split", "user_id"],
                           max_rows=driver_inputs.MAX_ROWS)
         per_split = rows.groupby("split")["user_id"].agg(["size", "nunique"])
         return [{"split": split, "n": int(r["size"]), "users": int(r["nunique"])} for split, r in per_split.iterrows()]
 
     def with_spark() -> list:
-        return (tables.read(spark, wh, "interactions").filter(F.col("dataset") == dataset.name)
+        return (tables.read(spark, wh, "interactions").filter(F.col("dataset") == name)
                 .groupBy("split").agg(F.count(F.lit(1)).alias("n"), F.countDistinct("user_id").alias("users"))
                 .collect())
 
-    # What the commit holds, read back: with delta-rs, two columns (a Spark job and a log replay
-    # cost more than the counting on small data), else (too many rows to hold, or delta-rs
-    # cannot read the warehouse) with Spark.
     written = tables.small_read(spark, wh, "interactions", with_delta_rs, with_spark)
-    total = 0
     for row in written:
         run.count(f"interactions_{row['split']}", row["n"])
         run.count(f"users_with_{row['split']}", row["users"])
-        total += row["n"]
-    run.count("interactions", total)
+    run.count("interactions", sum(row["n"] for row in written))
 
 
 def _has_usable_interaction(out: AdapterOutput, items: DataFrame, spec: SplitSpec,

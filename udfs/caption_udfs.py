@@ -234,12 +234,6 @@ def image_url_of(uri: str, sha: str, max_side: int | None, limits: Any = None) -
         return None, _unreadable(uri, exc)
 
 
-def load_image_urls(batch: pd.DataFrame, max_side: int | None, limits: Any = None) -> pd.DataFrame:
-    """``image_url_of`` for a batch: adds ``image_url`` and ``error``."""
-    pairs = [image_url_of(uri, sha, max_side, limits) for uri, sha in zip(batch["image_uri"], batch["image_sha256"])]
-    return batch.assign(image_url=[u for u, _ in pairs], error=[e for _, e in pairs])
-
-
 class CaptionActor:
     """Ray stage 2: one caption engine per actor, described batch by batch.
 

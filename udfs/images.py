@@ -211,27 +211,35 @@ def _read_bounded(path: str, name: str, limits: ReadLimits, deadline: float, ima
         if not stat.S_ISREG(info.st_mode):
             raise ImageError("not_regular", f"image '{name}' is {_file_kind(info.st_mode)}: only regular files "
                                             "are read as images; point image_uri at the image file itself")
-        if info.st_size > limits.max_bytes:
-            raise _too_big(name, f"{info.st_size:,}", limits.max_bytes)
-        chunks: list[bytes] = []
-        total, limit = 0, limits.max_bytes + 1
-        while total < limit:
-            if time.monotonic() > deadline:
-                raise _timed_out(name, limits.timeout_s)
-            remaining = info.st_size - total
-            # Ask for the size fstat gave plus one byte (one read, no oversized buffer), then probe
-            # for EOF with one byte; a file that reports no size (procfs) or grew goes by chunks.
-            want = remaining + 1 if remaining > 0 else (1 if remaining == 0 and total else _READ_CHUNK)
-            chunk = os.read(fd, min(want, _READ_CHUNK, limit - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
+        return _read_within(lambda n: os.read(fd, n), info.st_size, name, limits, deadline)
     except OSError as e:
         raise ImageError("unreadable", f"image '{name}' cannot be read ({e.strerror}): check the file") from e
     finally:
         os.close(fd)
-    if total > limits.max_bytes:  # grew after fstat, or reported no size
+
+
+def _read_within(read, size: int | None, name: str, limits: ReadLimits, deadline: float) -> bytes:
+    """``read(n)``'s bytes up to EOF: refused from ``size`` (what fstat or the store reports;
+    None: unknown) above ``max_bytes``, never more than ``max_bytes + 1`` bytes read, the
+    deadline checked between reads."""
+    if size is not None and size > limits.max_bytes:
+        raise _too_big(name, f"{size:,}", limits.max_bytes)
+    chunks: list[bytes] = []
+    total, limit = 0, limits.max_bytes + 1
+    while total < limit:
+        if time.monotonic() > deadline:
+            raise _timed_out(name, limits.timeout_s)
+        remaining = None if size is None else size - total
+        # Ask for the size fstat gave plus one byte (one read, no oversized buffer), then probe
+        # for EOF with one byte; a file that reports no size (procfs) or grew goes by chunks.
+        want = _READ_CHUNK if remaining is None else (
+            remaining + 1 if remaining > 0 else (1 if remaining == 0 and total else _READ_CHUNK))
+        chunk = read(min(want, _READ_CHUNK, limit - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    if total > limits.max_bytes:  # grew after the size was taken, or reported no size
         raise _too_big(name, f"more than {limits.max_bytes:,}", limits.max_bytes)
     return b"".join(chunks)
 
@@ -252,26 +260,12 @@ def _read_object(uri: str, name: str, limits: ReadLimits, deadline: float) -> by
         if info.type != pafs.FileType.File:
             raise ImageError("not_regular", f"image '{name}' is a folder (a prefix), not an object: point "
                                             "image_uri at the image object itself")
-        if info.size is not None and info.size > limits.max_bytes:
-            raise _too_big(name, f"{info.size:,}", limits.max_bytes)
-        chunks: list[bytes] = []
-        total, limit = 0, limits.max_bytes + 1
         with store.open_input_stream(key) as stream:
-            while total < limit:
-                if time.monotonic() > deadline:
-                    raise _timed_out(name, limits.timeout_s)
-                chunk = stream.read(min(_READ_CHUNK, limit - total))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                total += len(chunk)
+            return _read_within(stream.read, info.size, name, limits, deadline)
     except ImageError:
         raise
     except Exception as e:  # noqa: BLE001 - a store error becomes a reason that names the fix
         raise ImageError("unreadable", f"image {storage.describe_failure(name, e)}") from e
-    if total > limits.max_bytes:
-        raise _too_big(name, f"more than {limits.max_bytes:,}", limits.max_bytes)
-    return b"".join(chunks)
 
 
 def read_image_file(path: str | Path, limits: ReadLimits | None = None, name: str | None = None, *,
@@ -290,6 +284,10 @@ def read_image_file(path: str | Path, limits: ReadLimits | None = None, name: st
     except WaitTimeout:  # the builtin TimeoutError only from Python 3.11 on
         future.cancel()  # still queued behind stuck reads: never started
         raise _timed_out(name, limits.timeout_s) from None
+    return _not_empty(data, name)
+
+
+def _not_empty(data: bytes, name: str) -> bytes:
     if not data:
         raise ImageError("empty", f"image '{name}' is empty (0 bytes): re-download it or drop it from the catalog")
     return data
@@ -349,11 +347,8 @@ def _read_source(source: ImageSource, name: str | None = None, limits: ReadLimit
                  images_root: str | None = None, confine: bool = False) -> tuple[bytes, str]:
     """The bytes of an image and a name to put in error messages."""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        name = name or f"<{len(data)} bytes>"
-        if not data:
-            raise ImageError("empty", f"image '{name}' is empty (0 bytes): re-download it or drop it from the catalog")
-        return data, name
+        name = name or f"<{len(source)} bytes>"
+        return _not_empty(bytes(source), name), name
     name = name or str(source)
     return read_image_file(source, limits, name, images_root=images_root, confine=confine), name
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import abc
 import gc
-import importlib
 import logging
 import sys
 from collections.abc import Mapping, Sequence
@@ -29,15 +28,10 @@ from typing import Any
 
 from PIL import Image
 
-from udfs.caption.kinds import KINDS, engine_kind
+from udfs.caption.kinds import engine_kind, imported
 from udfs.caption.prompts import DEFAULT_PROMPT, prompt_id
 
 log = logging.getLogger(__name__)
-
-# name -> "module:Class"; imported lazily by make_engine. Both maps are the kinds' (``udfs.caption.kinds``).
-ENGINES: dict[str, str] = {name: kind.implementation for name, kind in KINDS.items()}
-DEFAULT_MODELS: dict[str, str] = {name: kind.default_model for name, kind in KINDS.items()}
-
 
 @dataclass(frozen=True)
 class Caption:
@@ -112,9 +106,7 @@ def make_engine(
     """Build the engine registered as ``name`` ("tags", "hf", "vllm", "openai"); ``model=None`` takes the
     engine's default model; ``options`` are engine-specific (each kind's ``options`` dataclass)."""
     kind = engine_kind(name)
-    module_name, class_name = kind.implementation.split(":")
-    engine_cls = getattr(importlib.import_module(module_name), class_name)
-    return engine_cls(
+    return imported(kind.implementation)(
         model=model or kind.default_model,
         prompt=prompt,
         batch_size=batch_size,
@@ -138,13 +130,12 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _describe_checked(engine: CaptionEngine, images: list[Image.Image]) -> list[Caption]:
-    captions = engine.describe(images)
-    if len(captions) != len(images):
+def _one_each(engine: CaptionEngine, results: Sequence[Any], images: Sequence[Image.Image], what: str) -> list:
+    """``results`` as a list, checked to hold one entry per image."""
+    if len(results) != len(images):
         raise CaptionEngineError(
-            f"caption engine {engine.name!r} returned {len(captions)} captions for {len(images)} images"
-        )
-    return list(captions)
+            f"caption engine {engine.name!r} returned {len(results)} {what} for {len(images)} images")
+    return list(results)
 
 
 def describe_isolated(
@@ -158,11 +149,7 @@ def describe_isolated(
     2 + 2*log2(n) engine calls.
     """
     if engine.isolates_failures:
-        results = list(engine.describe_each(images))  # type: ignore[attr-defined]
-        if len(results) != len(images):
-            raise CaptionEngineError(
-                f"caption engine {engine.name!r} returned {len(results)} results for {len(images)} images")
-        return results
+        return _one_each(engine, list(engine.describe_each(images)), images, "results")  # type: ignore[attr-defined]
     results: list[Caption | Exception | None] = [None] * len(images)
     _describe_span(engine, list(images), list(range(len(images))), results, retry=True)
     return results  # type: ignore[return-value]
@@ -178,7 +165,8 @@ def _describe_span(
     if not span:
         return
     try:
-        captions = _describe_checked(engine, [images[i] for i in span])
+        batch = [images[i] for i in span]
+        captions = _one_each(engine, engine.describe(batch), batch, "captions")
     except Exception as error:  # noqa: BLE001 - isolated per image, returned to the caller
         if is_out_of_memory(error):
             _release_memory()

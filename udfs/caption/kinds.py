@@ -133,7 +133,8 @@ def check_options(engine: str, options: Mapping[str, Any] | None, known: Mapping
     return {**known, **options}
 
 
-def _function(path: str):
+def imported(path: str) -> Any:
+    """The object ``"module:name"`` names, its module imported now (engines load lazily)."""
     module, name = path.split(":")
     return getattr(importlib.import_module(module), name)
 
@@ -250,7 +251,7 @@ class VllmKind(EngineKind):
     runs_own_pipeline = True
 
     def missing_install(self) -> str | None:
-        return _function("udfs.caption.vllm_engine:missing_install")()
+        return imported("udfs.caption.vllm_engine:missing_install")()
 
 
 class OpenaiKind(EngineKind):
@@ -282,7 +283,7 @@ class OpenaiKind(EngineKind):
     def prepared_options(self, options: Mapping[str, Any], model: str) -> dict[str, Any]:
         """The servers that answer now (``ServerUnavailable``, the job's exit 4, when none
         does): a server that is down fails the job before any image is sent."""
-        live = _function("udfs.caption.openai_engine:check_servers")(options, model)
+        live = imported("udfs.caption.openai_engine:check_servers")(options, model)
         return {**options, "base_urls": live}
 
 

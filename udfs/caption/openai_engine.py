@@ -58,6 +58,8 @@ from PIL import Image
 from udfs.caption.engine import Caption, CaptionEngine
 from udfs.caption.kinds import KINDS
 from udfs.caption.prompts import DEFAULT_PROMPT
+# The image as a JPEG ``data:`` URL: the vllm engine's request format, shared.
+from udfs.caption.vllm_engine import image_data_url
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +145,6 @@ def api_root(base_url: str) -> str:
 
     url = base_url.strip().rstrip("/")
     return url + "/v1" if urlsplit(url).path in ("", "/") and url else url
-
-
-def image_data_url(image: Image.Image) -> str:
-    """The image as a JPEG ``data:`` URL (shared with the vllm engine's request format)."""
-    from udfs.caption.vllm_engine import image_data_url as data_url
-
-    return data_url(image)
 
 
 # Formats every vision server decodes itself (llama.cpp's stb_image, vLLM's and TGI's Pillow,

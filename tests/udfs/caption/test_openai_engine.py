@@ -11,7 +11,6 @@ import random
 import urllib.request
 
 import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
 
@@ -149,7 +148,7 @@ def test_a_corrupt_file_is_an_error_row_that_names_it_never_a_failed_batch(tmp_p
     """Unverified bytes are decoded before they are sent; in the job, a file that no longer
     hashes to what ingest decoded in full is a ``changed`` error saying what it is now."""
     from udfs.caption.openai_engine import file_data_url
-    from udfs.caption_udfs import load_image_urls
+    from udfs.caption_udfs import image_url_of
     from udfs.images import ImageError, sha256_bytes
 
     good = encoded(pictures(1)[0], "JPEG")
@@ -160,14 +159,12 @@ def test_a_corrupt_file_is_an_error_row_that_names_it_never_a_failed_batch(tmp_p
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     # Ingest hashed the good poster; two of the files were damaged since.
-    batch = pd.DataFrame({"image_uri": [str(tmp_path / n) for n in files],
-                          "image_sha256": [sha256_bytes(good)] * 3, "item_id": list(files)})
-    out = load_image_urls(batch, max_side=1344)
-    assert data_url_bytes(out["image_url"][0])[1] == good and out["error"][0] is None
-    assert out["image_url"][1:].isna().all()
-    assert out["error"][1].startswith("changed: image ") and "cut.jpg" in out["error"][1]
-    assert "it is now truncated" in out["error"][1] and "rerun ingest" in out["error"][1]
-    assert "text.jpg" in out["error"][2] and "it is now not_image" in out["error"][2]
+    urls, errors = zip(*(image_url_of(str(tmp_path / n), sha256_bytes(good), max_side=1344) for n in files))
+    assert data_url_bytes(urls[0])[1] == good and errors[0] is None
+    assert urls[1:] == (None, None)
+    assert errors[1].startswith("changed: image ") and "cut.jpg" in errors[1]
+    assert "it is now truncated" in errors[1] and "rerun ingest" in errors[1]
+    assert "text.jpg" in errors[2] and "it is now not_image" in errors[2]
 
 
 # --- against the real server ------------------------------------------------------------------
