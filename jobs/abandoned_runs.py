@@ -96,7 +96,7 @@ def is_gone(row, here: Driver, now: dt.datetime, heartbeat_s: float) -> str | No
 _LIVENESS = ("run_id", "host", "pid", "driver_token", "heartbeat_at", "started_at")
 
 
-def running_rows(spark, warehouse: str) -> list[dict]:
+def running_rows(spark, warehouse: str, count=None) -> list[dict]:
     """The liveness columns of every ``running`` row, read with delta-rs, or with Spark where
     that fails (``jobs.tables.small_read``)."""
     from pyspark.sql import functions as F
@@ -109,7 +109,7 @@ def running_rows(spark, warehouse: str) -> list[dict]:
         spark, warehouse, "runs",
         lambda: read_table(warehouse, "runs", equal={"status": RUNNING}, columns=_LIVENESS).to_pylist(),
         lambda: [row.asDict() for row in tables.read(spark, warehouse, "runs")
-                 .filter(F.col("status") == RUNNING).select(*_LIVENESS).collect()])
+                 .filter(F.col("status") == RUNNING).select(*_LIVENESS).collect()], count)
     for row in rows:
         for column in ("heartbeat_at", "started_at"):
             # Spark's naive UTC datetimes, whichever reader: delta-rs gives them tz-aware.
@@ -118,14 +118,16 @@ def running_rows(spark, warehouse: str) -> list[dict]:
     return rows
 
 
-def mark_abandoned(spark, warehouse: str, here: Driver, now: dt.datetime, heartbeat_s: float) -> list[str]:
-    """Mark every ``running`` run whose driver is gone; returns their run ids."""
+def mark_abandoned(spark, warehouse: str, here: Driver, now: dt.datetime, heartbeat_s: float,
+                   count=None) -> list[str]:
+    """Mark every ``running`` run whose driver is gone; returns their run ids. ``count`` as in
+    ``jobs.tables.small_read``."""
     from delta.tables import DeltaTable
     from pyspark.sql import functions as F
 
     from . import tables
 
-    running = running_rows(spark, warehouse)
+    running = running_rows(spark, warehouse, count)
     gone = {row["run_id"]: why for row in running if (why := is_gone(row, here, now, heartbeat_s))}
     if not gone:
         return []

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 from pyspark.sql import DataFrame
 
+from udfs.warehouse_reader import fallback_reason
+
 from .job_run import JobRun
 
 log = logging.getLogger(__name__)
@@ -56,13 +58,6 @@ MAX_ROWS = 5_000_000
 
 def limit_bytes(run: JobRun) -> int:
     return int(run.config.spark.driver_compute_mb) << 20
-
-
-def fallback_reason(exc: Exception) -> str:
-    """The reason ``exc`` (one of ``FALLBACK_REASONS``' exceptions, or a subclass) is counted under."""
-    from udfs.warehouse_reader import FALLBACK_REASONS
-
-    return next(reason for kind, reason in FALLBACK_REASONS.items() if isinstance(exc, kind))
 
 
 def fallback(run: JobRun, reason: str, why: str) -> None:

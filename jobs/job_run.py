@@ -148,7 +148,7 @@ class JobRun:
         self.driver = Driver.current()
         if not _OPEN_RUNS:
             self.abandoned = mark_abandoned(self.spark, self.warehouse, self.driver, now(),
-                                            self.config.heartbeat_s)
+                                            self.config.heartbeat_s, self.count)
         if self.abandoned:
             self.counts["abandoned_runs_marked"] = len(self.abandoned)
         if not _OPEN_RUNS:

@@ -272,10 +272,10 @@ def run_plan(run, run_id: str) -> ExperimentPlan | None:
     pinned = getattr(run, "pinned_plan", None)
     if pinned is not None and pinned[0] == run_id:
         return pinned[1]
-    return stored_plan(run.spark, run.warehouse, run_id)
+    return stored_plan(run.spark, run.warehouse, run_id, run.count)
 
 
-def stored_plan(spark, warehouse: str, run_id: str) -> ExperimentPlan | None:
+def stored_plan(spark, warehouse: str, run_id: str, count=None) -> ExperimentPlan | None:
     """The plan kept under ``run_id`` in the ``plans`` table, or None.
 
     Every job reads it at its start, so it is read with delta-rs, falling back to Spark
@@ -284,7 +284,7 @@ def stored_plan(spark, warehouse: str, run_id: str) -> ExperimentPlan | None:
     from . import tables
 
     texts = tables.small_read(spark, warehouse, "plans", lambda: plan_texts_without_spark(warehouse, run_id),
-                              lambda: plan_texts_with_spark(spark, warehouse, run_id))
+                              lambda: plan_texts_with_spark(spark, warehouse, run_id), count)
     return ExperimentPlan.from_json(texts[0]) if texts else None
 
 
@@ -309,7 +309,7 @@ def plan_for_run(run, run_id: str, fields: tuple[str, ...]) -> ExperimentPlan:
     if pinned is not None and pinned[0] == run_id:
         return pinned[1]
     own = ExperimentPlan.resolve(run.config)
-    stored = stored_plan(run.spark, run.warehouse, run_id)
+    stored = stored_plan(run.spark, run.warehouse, run_id, run.count)
     if stored is None:
         store_plan(run.spark, run.warehouse, run_id, own)
         log.info("run %s: plan %s stored", run_id, own.plan_hash[:12])

@@ -25,6 +25,7 @@ import functools
 import logging
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -88,19 +89,23 @@ def exists(spark: SparkSession, warehouse: str | Path, name: str) -> bool:
     return DeltaTable.isDeltaTable(spark, table_path(warehouse, name))
 
 
-def small_read(spark: SparkSession, warehouse: str | Path, name: str, without_spark, with_spark) -> list:
+def small_read(spark: SparkSession, warehouse: str | Path, name: str, without_spark, with_spark,
+               count: Callable[[str], None] | None = None) -> list:
     """What ``without_spark()`` reads from table ``name`` with delta-rs (tens of ms; through Spark a
     job and a log replay, 0.3-0.5 s at every job's start), else what ``with_spark()`` reads, for
     the named reasons only (``udfs.warehouse_reader.FALLBACK_REASONS``): delta-rs cannot open the
     store (credentials given only to Hadoop's s3a, say), the rows are more than the driver holds,
     or it sees no table (a table wrongly read as missing could be written over, so Spark is
-    asked too). ``[]`` when Spark sees none either. Any other error is the caller's."""
-    from udfs.warehouse_reader import FALLBACK_REASONS
+    asked too). ``[]`` when Spark sees none either. Any other error is the caller's. ``count``
+    (a run's ``count``) is told ``driver_fallback_<reason>`` of a fallback, as every path choice is."""
+    from udfs.warehouse_reader import FALLBACK_REASONS, fallback_reason
 
     try:
         return without_spark()
     except tuple(FALLBACK_REASONS) as exc:
         log.info("%s read with Spark: %s", name, exc)
+        if count is not None:
+            count(f"driver_fallback_{fallback_reason(exc)}")
     return with_spark() if exists(spark, warehouse, name) else []
 
 

@@ -52,6 +52,11 @@ FALLBACK_REASONS: dict[type, str] = {TooLarge: "too_large", TableMissing: "no_ta
                                      StoreUnreadable: "store_unreadable"}
 
 
+def fallback_reason(exc: Exception) -> str:
+    """The reason ``exc`` (one of ``FALLBACK_REASONS``' exceptions, or a subclass) is counted under."""
+    return next(reason for kind, reason in FALLBACK_REASONS.items() if isinstance(exc, kind))
+
+
 def table_uri(warehouse: str | Path, name: str) -> str:
     local = storage.local_path_of(str(warehouse))
     if local is None:

@@ -44,3 +44,26 @@ def test_spark_estimates_a_frames_size_through_the_public_plan(spark):
     assert estimated_bytes(spark.range(1000)) == pytest.approx(8000, rel=0.01)
     assert estimated_bytes(spark.range(20_000_000)) == pytest.approx(160_000_000, rel=0.01)
     assert estimated_bytes(spark.createDataFrame([(1,)], "x long").selectExpr("x + 1 AS y")) > 0
+
+
+def test_the_start_of_job_reads_count_their_fallback_to_spark(spark, synthetic_run, tmp_path, monkeypatch):
+    """The plan and the ``running`` rows every job reads first take Spark for the same named
+    reasons as a stage's inputs, and say so in the job's ``runs`` counts."""
+    warehouse = tmp_path / "warehouse"
+    shutil.copytree(synthetic_run.warehouse, warehouse)
+    argv = list(synthetic_run.argv)
+    argv[argv.index(f"warehouse={synthetic_run.warehouse}")] = f"warehouse={warehouse}"
+    opened = warehouse_reader._open
+
+    def unreadable(where, name, *args):
+        if name in ("plans", "runs"):
+            raise warehouse_reader.StoreUnreadable(f"injected: no client for {name}")
+        return opened(where, name, *args)
+
+    monkeypatch.setattr(warehouse_reader, "_open", unreadable)
+    assert topk.main([*argv, "--run-id", synthetic_run.run_id]) == 0
+    monkeypatch.undo()
+    rows = warehouse_reader.read_table(warehouse, "runs", equal={"job": "topk"}).to_pylist()
+    counts = dict(max(rows, key=lambda r: r["started_at"])["counts"])
+    # Two start-of-job reads: the abandoned-runs check (runs) and the run's plan (plans).
+    assert counts["driver_fallback_store_unreadable"] == 2
