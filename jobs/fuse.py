@@ -75,26 +75,6 @@ def knn_ks(settings: FuseConf, rep: Representation) -> tuple[int, ...]:
     return tuple(ks)
 
 
-def read_parts(spark, wh: str, dataset: str, parts: list[str]) -> dict[str, pd.DataFrame]:
-    """part -> (item_id, vector) frame sorted by item id, collected to the driver."""
-    rows = (tables.read(spark, wh, "item_embeddings")
-            .filter((F.col("dataset") == dataset) & F.col("representation").isin(parts))
-            .select("representation", "item_id", "vector").toPandas())
-    return {p: rows[rows["representation"] == p].sort_values("item_id").reset_index(drop=True) for p in parts}
-
-
-def read_train_valid(spark, wh: str, dataset: str) -> pd.DataFrame:
-    """(user_id, item_id, split) of the train and valid rows; the filter cannot let a test row through."""
-    return (tables.read(spark, wh, "interactions")
-            .filter((F.col("dataset") == dataset) & F.col("split").isin(*FUSE_SPLITS))
-            .select("user_id", "item_id", "split").toPandas())
-
-
-def model_folder(wh: str, run_id: str, rep: Representation) -> str:
-    """Where ``rep``'s model of ``run_id`` is kept: a folder under the warehouse, local or a URI."""
-    return storage.join(wh, MODEL_ROOT, run_id, hashlib.sha256(rep.name.encode()).hexdigest()[:16])
-
-
 def read_json(folder: str, name: str, default):
     """``name`` in ``folder`` parsed, or ``default`` when the file is absent."""
     uri = storage.join(folder, name)
@@ -181,8 +161,16 @@ def fuse(run: JobRun, args: argparse.Namespace | None = None) -> None:
     settings = FuseConf(**json.loads(plan.fuse))
     n_items = tables.read(spark, wh, "items").filter(F.col("dataset") == dataset).count()
     run.count("items", n_items)
-    frames = read_parts(spark, wh, dataset, sorted({p for r in trained for p in r.parts}))
-    interactions = read_train_valid(spark, wh, dataset)
+    # part -> (item_id, vector) frame sorted by item id, collected to the driver
+    parts = sorted({p for r in trained for p in r.parts})
+    rows = (tables.read(spark, wh, "item_embeddings")
+            .filter((F.col("dataset") == dataset) & F.col("representation").isin(parts))
+            .select("representation", "item_id", "vector").toPandas())
+    frames = {p: rows[rows["representation"] == p].sort_values("item_id").reset_index(drop=True) for p in parts}
+    # (user_id, item_id, split) of the train and valid rows: the filter cannot let a test row through
+    interactions = (tables.read(spark, wh, "interactions")
+                    .filter((F.col("dataset") == dataset) & F.col("split").isin(*FUSE_SPLITS))
+                    .select("user_id", "item_id", "split").toPandas())
     run.count("interactions_read", len(interactions))
     if not len(interactions):
         raise NothingUsable(f"dataset '{dataset}' has no train or valid interactions: run `vlm4rec ingest` first")
@@ -240,7 +228,8 @@ def fuse_one(run: JobRun, run_id: str, settings: FuseConf, rep: Representation, 
     train_settings = TrainSettings.from_fields(settings, knn_ks(settings, rep))
     params = {"spec": spec.to_dict(), "training": train_settings.to_dict()}
     key = inputs_digest(rep, params, item_ids, matrices, interactions)
-    folder = model_folder(wh, run_id, rep)
+    # Where the model of this run is kept: a folder under the warehouse, local or a URI.
+    folder = storage.join(wh, MODEL_ROOT, run_id, hashlib.sha256(rep.name.encode()).hexdigest()[:16])
     found = stored_model(spark, wh, key) if settings.reuse_models else None
     if found is not None:
         model, blob, sha, info = reused_model(run, folder, *found)

@@ -33,12 +33,6 @@ from .job_run import Job, JobRun, NothingUsable
 log = logging.getLogger(__name__)
 
 
-def split_spec(run: JobRun) -> SplitSpec:
-    s = run.config.dataset.split
-    return SplitSpec(s.protocol, tuple(s.ratios), s.seed, s.valid_cut, s.test_cut,
-                     s.min_user_interactions)
-
-
 def _row_key() -> F.Column:
     return F.format_string("user_id=%s item_id=%s ts=%d", F.col("user_id"), F.col("item_id"), F.col("ts"))
 
@@ -126,8 +120,10 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
     if not dataset.name or not dataset.adapter:
         raise ConfigError("no dataset configured: pass --conf datasets/NAME.yaml "
                           "(or --set dataset.name=... --set dataset.adapter=...)")
+    s = dataset.split
     try:
-        spec = split_spec(run).validate()
+        spec = SplitSpec(s.protocol, tuple(s.ratios), s.seed, s.valid_cut, s.test_cut,
+                         s.min_user_interactions).validate()
     except SplitError as exc:
         raise ConfigError(f"dataset.split: {exc}") from exc
     with run.stage("read_items"):
@@ -158,7 +154,8 @@ def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
     good = _filtered(run, observed.filter(F.col("_reason").isNull()).drop("_reason", "_source", "_content", "_pos"))
     if not _has_usable_interaction(out, items, spec, good if filtered else None):
         # Checked before any slice is replaced: the last good snapshot of this dataset stays.
-        _write_rejects(run, rejects.unionByName(interaction_rejects(classified, _count_bad(classified))), hold)
+        _write_rejects(run, rejects.unionByName(interaction_rejects(
+            classified, classified.filter(F.col("_reason").isNotNull()).count())), hold)
         raise NothingUsable(f"dataset '{dataset.name}': no interaction row survived; see the rejects "
                             "table for the reasons (a wrong separator or column mapping rejects every "
                             "row). The tables keep this dataset's previous snapshot.")
@@ -266,10 +263,6 @@ def _rows(frame: DataFrame, hold: bool):
     """What a commit gets: ``frame``'s rows as Arrow when the export is small (``hold``:
     ``driver_inputs.fits_on_driver``), else the frame, which Spark writes."""
     return frame.toArrow() if hold else frame
-
-
-def _count_bad(classified: DataFrame) -> int:
-    return classified.filter(F.col("_reason").isNotNull()).count()
 
 
 def _write_rejects(run: JobRun, rejects: DataFrame, hold: bool) -> DataFrame:

@@ -52,7 +52,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -414,20 +413,6 @@ def description_table(batch: pd.DataFrame, engine: str, model: str, prompt_id: s
     return pa.Table.from_pydict(columns, schema=STAGING_SCHEMA)
 
 
-def write_atomically(table: pa.Table, folder: str | Path) -> str:
-    """Write ``table`` as one Parquet file in ``folder`` (a local path or an object-store URI),
-    so that a ``part-*.parquet`` file is always complete: locally a temporary name, then a rename
-    (a killed writer leaves only a ``.tmp-`` file); on an object store one upload, which becomes
-    visible only when complete."""
-    from udfs import storage
-
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    final = storage.join(str(folder), f"{STAGED_FILE_PREFIX}{uuid.uuid4().hex}.parquet")
-    storage.write_bytes(final, sink.getvalue().to_pybytes())
-    return final
-
-
 def write_staging(batch: pd.DataFrame, staging_dir: str, engine: str, model: str, prompt_id: str,
                   prompt: str) -> pd.DataFrame:
     """Ray stage 3 (an actor on CPU, ``openai``'s included, calls it itself): the batch's
@@ -435,8 +420,15 @@ def write_staging(batch: pd.DataFrame, staging_dir: str, engine: str, model: str
     (file, ok, error, error_kinds as JSON ``{kind: n}``, and the cost: prompt_tokens,
     completion_tokens, described_after_retry, retries as JSON ``{fault kind: n}``) for the
     driver's counts."""
-    table = description_table(batch, engine, model, prompt_id, prompt)
-    path = write_atomically(table, staging_dir)
+    from udfs import storage
+
+    # One Parquet file, so that a ``part-*.parquet`` file is always complete: ``storage``
+    # writes locally under a temporary name, then renames (a killed writer leaves only a
+    # ``.tmp-`` file); on an object store one upload, which becomes visible only when complete.
+    sink = pa.BufferOutputStream()
+    pq.write_table(description_table(batch, engine, model, prompt_id, prompt), sink)
+    path = storage.join(str(staging_dir), f"{STAGED_FILE_PREFIX}{uuid.uuid4().hex}.parquet")
+    storage.write_bytes(path, sink.getvalue().to_pybytes())
     kinds = Counter(error_kind(_text_or_none(e)) for e in batch["error"])
     kinds.pop(None, None)
     ok = batch["status"] == OK

@@ -141,7 +141,8 @@ def parse_delimited(spark: SparkSession, path: Path, sep: str, names: list[str],
     skip = F.trim("value") == ""
     if header:
         skip = skip | (F.col("_pos") == F.lit(0))
-    parts = F.split(F.regexp_replace("value", r"\r$", ""), sep_regex(sep))
+    # The separator as a regular expression: '|' escaped, a space a run of spaces.
+    parts = F.split(F.regexp_replace("value", r"\r$", ""), {"|": r"\|", " ": " +"}.get(sep, sep))
     # try_element_at: under ANSI mode (Spark 4's default) getItem past the end raises, and a line
     # with too few fields (a wrong separator) must become a reject, not kill the job.
     cols = [F.trim(F.try_element_at(parts, F.lit(i + 1))).alias(n) for i, n in enumerate(names)]
@@ -188,10 +189,6 @@ def undecodable(text: Column, encoding: str = "utf-8") -> Column:
     if encoding.lower().replace("-", "").replace("_", "") not in ("utf8", "ascii"):
         return F.lit(False)
     return F.coalesce(~F.is_valid_utf8(text) | text.contains(REPLACEMENT_CHAR), F.lit(False))
-
-
-def sep_regex(sep: str) -> str:
-    return {"\t": "\t", "|": r"\|", ",": ",", "::": "::", " ": " +"}.get(sep, sep)
 
 
 def printable(sep: str) -> str:
