@@ -140,7 +140,20 @@ def generate(
     History lengths are ``min_history`` plus a geometric draw (about 7 more on average), capped at
     ``max_history`` and at ``n_items`` (a user never sees an item twice).
     """
-    _check_arguments(seed, n_items, n_users, image_size, min_history, max_history)
+    for name, value, least, fix in (
+        ("seed", seed, 0, "pass --seed a non-negative integer"),
+        ("n_items", n_items, 1, "pass --items a positive count"),
+        ("n_users", n_users, 1, "pass --users a positive count"),
+        ("image_size", image_size, 32, "96 or 128 is typical"),
+    ):
+        if value < least:
+            unit = " pixels" if name == "image_size" else ""
+            raise ValueError(f"{name} must be >= {least}{unit} (got {value}): {fix}")
+    if not 1 <= min_history <= max_history:
+        raise ValueError(
+            f"history lengths need 1 <= min_history <= max_history "
+            f"(got {min_history} and {max_history})"
+        )
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(
@@ -155,10 +168,14 @@ def generate(
     for index, item in enumerate(items):
         image = render_item_image(item, image_size, _stream(seed, 3, index))
         image.save(out / item.image_path, format="PNG", compress_level=6)
-    stale = _remove_stale_images(images_dir, {Path(item.image_path).name for item in items})
+    # Item images left by an earlier, larger run go, so a rerun leaves exactly one run's files.
+    keep = {Path(item.image_path).name for item in items}
+    stale = [path for path in sorted(images_dir.glob("i*.png")) if path.name not in keep]
+    for path in stale:
+        path.unlink()
 
-    _write_items_csv(out / "items.csv", items)
-    _write_interactions_csv(out / "interactions.csv", interactions)
+    _write_csv(out / "items.csv", ITEM_COLUMNS, ([getattr(item, c) for c in ITEM_COLUMNS] for item in items))
+    _write_csv(out / "interactions.csv", INTERACTION_COLUMNS, interactions)
     counts = {
         "items": len(items),
         "images": len(items),
@@ -177,7 +194,7 @@ def generate(
     _write_readme(out / "README.md", parameters, counts)
     log.info(
         "synthetic data in %s: %d items, %d users, %d interactions (seed %d); %d stale images removed",
-        out, counts["items"], n_users, counts["interactions"], seed, stale,
+        out, counts["items"], n_users, counts["interactions"], seed, len(stale),
     )
     return counts
 
@@ -189,12 +206,11 @@ def make_items(seed: int, n_items: int) -> list[SynthItem]:
     colour_names = list(COLOURS)
     items = []
     for index in range(n_items):
-        category = CATEGORIES[rng.integers(len(CATEGORIES))]
-        colour = colour_names[rng.integers(len(colour_names))]
-        pattern = PATTERNS[rng.integers(len(PATTERNS))]
-        material = MATERIALS[rng.integers(len(MATERIALS))]
-        style = TITLE_STYLES[rng.integers(len(TITLE_STYLES))]
-        occasion = OCCASIONS[rng.integers(len(OCCASIONS))]
+        # One draw per attribute, in this order (the order fixes every item of a seed).
+        category, colour, pattern, material, style, occasion = (
+            options[rng.integers(len(options))]
+            for options in (CATEGORIES, colour_names, PATTERNS, MATERIALS, TITLE_STYLES, OCCASIONS)
+        )
         items.append(
             SynthItem(
                 item_id=f"i{index + 1:0{width}d}",
@@ -230,16 +246,11 @@ def make_interactions(
     width = max(4, len(str(n_users)))
     rows: list[tuple[str, str, int, int]] = []
     for user in range(n_users):
-        favourite_category = rng.integers(len(CATEGORIES))
-        favourite_colour = rng.integers(len(colour_names))
-        favourite_pattern = rng.integers(len(PATTERNS))
-        category_match = category_of == favourite_category
-        colour_match = colour_of == favourite_colour
-        affinity = (
-            CATEGORY_WEIGHT * category_match
-            + COLOUR_WEIGHT * colour_match
-            + PATTERN_WEIGHT * (pattern_of == favourite_pattern)
+        category_match, colour_match, pattern_match = (
+            of == rng.integers(n) for of, n in ((category_of, len(CATEGORIES)), (colour_of, len(colour_names)),
+                                                (pattern_of, len(PATTERNS)))
         )
+        affinity = CATEGORY_WEIGHT * category_match + COLOUR_WEIGHT * colour_match + PATTERN_WEIGHT * pattern_match
         weights = popularity * np.exp(affinity)
         length = min(len(items), max_history, min_history + int(rng.geometric(1 / 8)) - 1)
         chosen = rng.choice(len(items), size=length, replace=False, p=weights / weights.sum())
@@ -368,51 +379,10 @@ def _stream(seed: int, stream: int, index: int = 0) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, stream, index]))
 
 
-def _check_arguments(
-    seed: int, n_items: int, n_users: int, image_size: int, min_history: int, max_history: int
-) -> None:
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0 (got {seed}): pass --seed a non-negative integer")
-    if n_items < 1:
-        raise ValueError(f"n_items must be >= 1 (got {n_items}): pass --items a positive count")
-    if n_users < 1:
-        raise ValueError(f"n_users must be >= 1 (got {n_users}): pass --users a positive count")
-    if image_size < 32:
-        raise ValueError(f"image_size must be >= 32 pixels (got {image_size}): 96 or 128 is typical")
-    if not 1 <= min_history <= max_history:
-        raise ValueError(
-            f"history lengths need 1 <= min_history <= max_history "
-            f"(got {min_history} and {max_history})"
-        )
-
-
-def _remove_stale_images(images_dir: Path, keep: set[str]) -> int:
-    """Drop item images left by an earlier, larger run, so a rerun leaves exactly one run's files."""
-    removed = 0
-    for path in sorted(images_dir.glob("i*.png")):
-        if path.name not in keep:
-            path.unlink()
-            removed += 1
-    return removed
-
-
-def _write_items_csv(path: Path, items: list[SynthItem]) -> None:
+def _write_csv(path: Path, columns: tuple[str, ...], rows) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(ITEM_COLUMNS)
-        for item in items:
-            writer.writerow(
-                [
-                    item.item_id, item.title, item.description, item.image_path,
-                    item.category, item.colour, item.pattern, item.material,
-                ]
-            )
-
-
-def _write_interactions_csv(path: Path, rows: list[tuple[str, str, int, int]]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(INTERACTION_COLUMNS)
+        writer.writerow(columns)
         writer.writerows(rows)
 
 
