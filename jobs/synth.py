@@ -20,27 +20,24 @@ from udfs.synth import generate
 DEFAULT_OUT = "synthetic-data"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vlm4rec synth",
         description="Generate a synthetic catalog (PIL-rendered product images) and users.",
     )
-    parser.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
-    parser.add_argument("--items", type=int, default=500, help="number of items (default 500)")
-    parser.add_argument("--users", type=int, default=200, help="number of users (default 200)")
+    for flag, default, meaning in (
+        ("--seed", 42, "random seed"),
+        ("--items", 500, "number of items"),
+        ("--users", 200, "number of users"),
+        ("--image-size", 128, "square image side in pixels"),
+        ("--min-history", 5, "shortest user history"),
+        ("--max-history", 40, "longest user history"),
+    ):
+        parser.add_argument(flag, type=int, default=default, help=f"{meaning} (default {default})")
     parser.add_argument(
         "--out", default=DEFAULT_OUT, help=f"output folder, created if missing (default {DEFAULT_OUT})"
     )
-    parser.add_argument(
-        "--image-size", type=int, default=128, help="square image side in pixels (default 128)"
-    )
-    parser.add_argument("--min-history", type=int, default=5, help="shortest user history (default 5)")
-    parser.add_argument("--max-history", type=int, default=40, help="longest user history (default 40)")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
     try:
