@@ -78,7 +78,7 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: str,
             compute=kind.actor_pool(ray, spec.conf.num_workers),
             # A whole block per call for an actor doing its own I/O: openai streams it
             # (CaptionActor._send_as_read), the others describe it an engine batch at a time
-            # (CaptionActor._read_and_describe).
+            # (CaptionActor._describe_by_engine_batch).
             batch_size=None if own_io else spec.conf.batch_size,
             batch_format="pandas", num_cpus=actor_cpus, num_gpus=actor_gpus)
         if not own_io:

@@ -290,51 +290,51 @@ class CaptionActor:
         return self._engine
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from PIL import Image
-
-        from udfs.caption import describe_isolated
-
         n = len(batch)
         texts: list[str | None] = [None] * n
         tokens: list[int | None] = [None] * n
         prompt_tokens: list[int | None] = [None] * n
         retries: list[str] = [""] * n
         latency: list[float | None] = [None] * n
-        per_image_ms: list[float] = []
-        started = time.perf_counter()
         if self.load is not None and self.streams:
+            started = time.perf_counter()
             todo, results, errors = self._send_as_read(batch)
-        elif self.load is not None:
-            todo, results, errors, per_image_ms = self._read_and_describe(batch)
+            per_image_ms = [(time.perf_counter() - started) * 1000.0 / max(1, len(todo))] * len(todo)
         else:
-            errors = [_text_or_none(e) for e in batch["error"]]
-            todo = [i for i in range(n) if errors[i] is None]
-            results = []
-            if todo:
-                images = [Image.frombytes("RGB", (int(batch["width"].iat[i]), int(batch["height"].iat[i])),
-                                          batch["pixels"].iat[i]) for i in todo]
-                results = describe_isolated(self.engine, images)
-        if todo:
-            if not per_image_ms:
-                per_image_ms = [(time.perf_counter() - started) * 1000.0 / len(todo)] * len(todo)
-            for i, result, ms in zip(todo, results, per_image_ms):
-                if isinstance(result, Exception):
-                    kind = getattr(result, "kind", None)
-                    errors[i] = (error_text(kind, str(result)) if kind
-                                 else error_text(ENGINE, f"{type(result).__name__}: {result}"))
-                    retries[i] = ",".join(getattr(result, "retries", ()))
-                else:
-                    texts[i], tokens[i], latency[i] = result.text, result.n_tokens, ms
-                    prompt_tokens[i], retries[i] = result.prompt_tokens, ",".join(result.retries)
+            todo, results, errors, per_image_ms = self._describe_by_engine_batch(batch)
+        for i, result, ms in zip(todo, results, per_image_ms):
+            if isinstance(result, Exception):
+                kind = getattr(result, "kind", None)
+                errors[i] = (error_text(kind, str(result)) if kind
+                             else error_text(ENGINE, f"{type(result).__name__}: {result}"))
+                retries[i] = ",".join(getattr(result, "retries", ()))
+            else:
+                texts[i], tokens[i], latency[i] = result.text, result.n_tokens, ms
+                prompt_tokens[i], retries[i] = result.prompt_tokens, ",".join(result.retries)
         out = batch.drop(columns=[c for c in ("pixels", "width", "height", "error") if c in batch])
         out = out.assign(text=texts, n_tokens=tokens, latency_ms=latency, error=errors,
                          status=[OK if e is None else ERROR for e in errors],
                          prompt_tokens=pd.array(prompt_tokens, dtype="Int64"), retries=retries)
         return out if self.staging is None else write_staging(out, **self.staging)
 
-    def _read_and_describe(self, batch: pd.DataFrame) -> tuple[list[int], list[Any], list[str | None], list[float]]:
-        """A CPU engine's path: the actor reads, checks and decodes its own files (``load_one``),
-        one engine batch at a time, each described as soon as it is read. Returns (rows
+    def _image(self, batch: pd.DataFrame, i: int) -> tuple[Any, str | None]:
+        """``(RGB image, None)`` or ``(None, error text)`` for row ``i``: read, checked and
+        decoded here (``load_one``) when the actor reads its own files, else rebuilt from the
+        loading stage's pixels."""
+        if self.load is not None:
+            return _load_isolated(batch["image_uri"].iat[i], batch["image_sha256"].iat[i], **self.load)
+        from PIL import Image
+
+        error = _text_or_none(batch["error"].iat[i])
+        if error is not None:
+            return None, error
+        size = (int(batch["width"].iat[i]), int(batch["height"].iat[i]))
+        return Image.frombytes("RGB", size, batch["pixels"].iat[i]), None
+
+    def _describe_by_engine_batch(self, batch: pd.DataFrame) -> tuple[list[int], list[Any], list[str | None],
+                                                                       list[float]]:
+        """One engine batch at a time, each described as soon as its images are at hand
+        (``_image``: an actor that reads its own files reads them just before). Returns (rows
         described, their results, every row's error, each described row's milliseconds in the
         engine: reading is not counted, as it is not where a loading stage does it)."""
         from udfs.caption import describe_isolated
@@ -344,11 +344,10 @@ class CaptionActor:
         results: list[Any] = []
         per_image_ms: list[float] = []
         step = max(1, int(self.spec["batch_size"]))
-        rows = list(zip(batch["image_uri"], batch["image_sha256"]))
-        for start in range(0, len(rows), step):
+        for start in range(0, len(batch), step):
             chunk, images = [], []
-            for i in range(start, min(start + step, len(rows))):
-                img, errors[i] = _load_isolated(*rows[i], **self.load)
+            for i in range(start, min(start + step, len(batch))):
+                img, errors[i] = self._image(batch, i)
                 if img is not None:
                     chunk.append(i)
                     images.append(img)
