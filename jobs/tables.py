@@ -229,26 +229,37 @@ def arrow_schema(name: str) -> pa.Schema:
     return to_arrow_schema(SCHEMAS[name])
 
 
-def _commit_on_driver(spark: SparkSession, warehouse: str | Path, name: str, data: pa.Table,
-                      where: dict[str, object] | None) -> bool:
-    """Commit ``data`` with delta-rs when this process may (see the module's notes); False when
-    Spark must write it instead."""
+def _driver_rows(spark: SparkSession, warehouse: str | Path, name: str, data: pa.Table,
+                 keys_matched: bool = False) -> tuple[str, pa.Table] | None:
+    """(the local table's path, ``data`` in its contract) when this process may commit with
+    delta-rs (see the module's notes), else None: Spark must write it."""
     from udfs import warehouse_writer
 
-    if not spark.sparkContext.master.startswith("local"):
-        return False
     path = warehouse_writer.local_table(warehouse, name)
-    if path is None:
-        return False
-    condition = None if where is None else warehouse_writer.predicate(where)
-    if where is not None and condition is None:
-        return False
+    if not spark.sparkContext.master.startswith("local") or path is None:
+        return None
     schema = arrow_schema(name)
+    if keys_matched and any(schema.field(k).nullable for k in KEYS[name]):
+        return None  # delta-rs' ``=`` would not match null keys as Spark's ``<=>`` does
     have = _driver_table(path, name, schema)
     if sorted(have) != sorted(schema.names):
         # A table of an older contract: Spark's path adds the missing columns first (``ensure``).
+        return None
+    return path, warehouse_writer.conform(data, schema, name).select(have)
+
+
+def _commit_on_driver(spark: SparkSession, warehouse: str | Path, name: str, data: pa.Table,
+                      where: dict[str, object] | None) -> bool:
+    """Commit ``data`` with delta-rs when this process may; False when Spark must write it."""
+    from udfs import warehouse_writer
+
+    condition = None if where is None else warehouse_writer.predicate(where)
+    if where is not None and condition is None:
         return False
-    rows = warehouse_writer.conform(data, schema, name).select(have)
+    found = _driver_rows(spark, warehouse, name, data)
+    if found is None:
+        return False
+    path, rows = found
     retry_on_conflict(lambda: warehouse_writer.write(path, rows, slice_predicate=condition), name)
     return True
 
@@ -271,16 +282,10 @@ def _merge_on_driver(spark: SparkSession, warehouse: str | Path, name: str, data
     """``merge`` with delta-rs when ``_commit_on_driver`` would commit."""
     from udfs import warehouse_writer
 
-    path = warehouse_writer.local_table(warehouse, name)
-    if not spark.sparkContext.master.startswith("local") or path is None:
+    found = _driver_rows(spark, warehouse, name, data, keys_matched=True)
+    if found is None:
         return False
-    schema = arrow_schema(name)
-    if any(schema.field(k).nullable for k in KEYS[name]):
-        return False  # ``=`` would not match null keys as Spark's ``<=>`` does
-    have = _driver_table(path, name, schema)
-    if sorted(have) != sorted(schema.names):
-        return False
-    rows = warehouse_writer.conform(data, schema, name).select(have)
+    path, rows = found
     retry_on_conflict(lambda: warehouse_writer.merge(path, rows, KEYS[name]), name)
     return True
 
@@ -395,7 +400,14 @@ def ingest_id_summary(spark: SparkSession, warehouse: str | Path, dataset: str) 
 
 
 def same_ingest(rows, dataset: str) -> str | None:
-    """The ingest run id behind ``ingest_id_summary``'s rows (see ``check_same_ingest``)."""
+    """The ingest run id that wrote both the ``items`` and the ``interactions`` of ``dataset``,
+    from ``ingest_id_summary``'s rows.
+
+    Delta commits one table at a time, so an ingest killed between its two commits leaves new
+    interactions beside the previous items (or the reverse). Every row carries its ingest's run
+    id; a reader that joins the two checks this first and gets ``MixedIngest`` naming both ids
+    and the fix instead of a silent mix. Rows written before the column existed (null) are not
+    checked: ``None`` is returned."""
     by_name = {row["name"]: row for row in rows}
     seen = {}
     for name in ("items", "interactions"):
@@ -412,17 +424,6 @@ def same_ingest(rows, dataset: str) -> str | None:
             f"ingest {seen['interactions']} (an ingest stopped between its two commits): rerun "
             "`vlm4rec ingest` for this dataset, then the later jobs")
     return seen["items"]
-
-
-def check_same_ingest(spark: SparkSession, warehouse: str | Path, dataset: str) -> str | None:
-    """The ingest run id that wrote both the ``items`` and the ``interactions`` of ``dataset``.
-
-    Delta commits one table at a time, so an ingest killed between its two commits leaves new
-    interactions beside the previous items (or the reverse). Every row carries its ingest's run
-    id; a reader that joins the two calls this first and gets ``MixedIngest`` naming both ids
-    and the fix instead of a silent mix. Rows written before the column existed (null) are not
-    checked: ``None`` is returned."""
-    return same_ingest(ingest_id_summary(spark, warehouse, dataset).collect(), dataset)
 
 
 def register_views(spark: SparkSession, warehouse: str | Path) -> list[str]:

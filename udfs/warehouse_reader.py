@@ -64,13 +64,6 @@ def table_uri(warehouse: str | Path, name: str) -> str:
     return str(Path(local).expanduser().resolve() / name)
 
 
-def has_table(warehouse: str | Path, name: str) -> bool:
-    from deltalake import DeltaTable
-
-    location, options = storage.delta_location(table_uri(warehouse, name))
-    return DeltaTable.is_deltatable(location, storage_options=options or None)
-
-
 def _open(warehouse: str | Path, name: str, equal: Mapping[str, object] | None,
           within: Mapping[str, Sequence[object]] | None):
     """(uri, the table's snapshot, conditions as column -> values), or ``TableMissing``, or
