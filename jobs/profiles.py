@@ -36,14 +36,16 @@ with a vector in <rep>, or whose vectors cancel out), ``history_rows_without_vec
 Rerunning with the same run id gives the same rows: the run's slice for these representations
 is replaced in one atomic commit (``replaceWhere``).
 
-Two paths compute the same rows, counts, warnings and errors (``jobs.driver_inputs``): while the
-dataset's ``items``, ``interactions`` and ``item_embeddings`` slices are small
-(``spark.driver_compute_mb``), they are read with delta-rs and the profiles are built on the
-driver with the table rules of ``udfs.profile_inputs`` and the kernels the Spark tasks run;
-otherwise Spark computes them. ``als`` does not choose the path: on either one its fit is a
-Spark ML call on the train split read from the Delta table as a Spark frame (the same frame on
-both paths, so the same factors to the bit); on the driver path the factors then come back to
-the driver, which writes the item factors and the profiles as it writes the others.
+Two paths compute the same rows, counts, warnings and errors with the same functions
+(``udfs.profile_inputs``: the profile rows of a group of whole users, the ``als`` rows): while
+the dataset's ``items``, ``interactions`` and ``item_embeddings`` slices are small
+(``spark.driver_compute_mb``, ``jobs.driver_inputs``) they are read with delta-rs and the driver
+calls the functions; otherwise Spark groups the rows by a bounded bucket of user (or item) ids
+and calls them per group. What either path hands the checks is a ``ProfileFacts``. ``als`` does
+not choose the path: on either one its fit is a Spark ML call on the train split read from the
+Delta table as a Spark frame (the same frame on both paths, so the same factors to the bit); on
+the driver path the factors then come back to the driver, which writes them as it writes the
+profiles.
 """
 from __future__ import annotations
 
@@ -54,17 +56,19 @@ import argparse
 import json
 import logging
 import math
+from collections.abc import Callable
 
 import pandas as pd
 import pyarrow as pa
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, Observation
+from pyspark.sql import Column, DataFrame, Observation
 from pyspark.sql import functions as F
 
-from udfs import embedding_udfs, profile_inputs
+from udfs import profile_inputs
+from udfs.profile_inputs import ProfileFacts
+from udfs.representations import ALS, parse_representation
 from udfs.spark.als import AlsSettings, train_als
-from udfs.spark.schemas import FUSED_PROFILE_SCHEMA, PROFILE_SCHEMA
-from udfs.representations import ALS, Representation, parse_representation
+from udfs.spark.schemas import PROFILE_SCHEMA
 
 from . import tables
 from .config import ConfigError
@@ -75,31 +79,13 @@ from .plan import PROFILES_FIELDS, plan_for_run
 
 log = logging.getLogger(__name__)
 
-# History rows per applyInPandas group: a group is one pandas frame in one Python worker.
+# History rows per group of users: a group is one pandas frame in one Python worker.
 ROWS_PER_GROUP = 200_000
 
 
-def base_profiles(history: DataFrame, half_life_days: float | None, n_buckets: int) -> DataFrame:
-    """``PROFILE_SCHEMA`` rows from history rows (representation, user_id, vector, ts)."""
-    bucketed = history.withColumn("_bucket", F.pmod(F.xxhash64("user_id"), F.lit(n_buckets)))
-    return bucketed.groupBy("representation", "_bucket").applyInPandas(
-        embedding_udfs.profile_groups(half_life_days), PROFILE_SCHEMA)
-
-
-def fuse_profiles(profiles: DataFrame, rep: Representation, weights: dict[str, float] | None) -> DataFrame:
-    """Fused profiles (user_id, vector, status, n_history) of the users with every part."""
-    joined = None
-    for j, part in enumerate(rep.parts):
-        frame = profiles.filter(F.col("representation") == part).select(
-            "user_id", F.col("vector").alias(f"part_{j}"), F.col("n_history").alias(f"_n_{j}"))
-        joined = frame if joined is None else joined.join(frame, "user_id")
-    n_history = F.least(*[F.col(f"_n_{j}") for j in range(len(rep.parts))]) if len(rep.parts) > 1 \
-        else F.col("_n_0")
-    joined = joined.withColumn("n_history", n_history.cast("int"))
-    return joined.select("user_id", *[f"part_{j}" for j in range(len(rep.parts))], "n_history").mapInPandas(
-        embedding_udfs.fused_vector_batches(rep.kind, rep.parts, None if rep.kind != "concat" else weights,
-                                            key="user_id"),
-        FUSED_PROFILE_SCHEMA)
+def bucket(key: str, n_buckets: int) -> Column:
+    """A bounded bucket of ``key``'s ids: what the Spark path groups whole users (or items) by."""
+    return F.pmod(F.xxhash64(key), F.lit(n_buckets)).alias("_bucket")
 
 
 def train_frame(spark, wh: str, dataset: str) -> DataFrame:
@@ -111,61 +97,12 @@ def train_frame(spark, wh: str, dataset: str) -> DataFrame:
     return interactions.filter(F.col("split") == "train").select("user_id", "item_id", "ts")
 
 
-def als_encoder(run_id: str) -> str:
-    return f"spark-ml-als:{run_id}"
-
-
 def fit_als(run: JobRun, dataset: str, train: DataFrame, settings: AlsSettings) -> tuple[DataFrame, DataFrame]:
     """The ``als`` fit (``ms_train_als``): (user factors, item factors), cached by Spark ML."""
     with run.stage("train_als"):
         user_factors, item_factors = train_als(train, settings)
     log.info("als %s: fitted with rank %d", dataset, settings.rank)
     return user_factors, item_factors
-
-
-def als_profiles(run: JobRun, dataset: str, train: DataFrame, settings: AlsSettings, run_id: str) -> DataFrame:
-    """Train the ``als`` reference on ``train``, write its item factors to ``item_embeddings``
-    (every catalog item; zeros without a factor) and return its user factors as
-    (user_id, representation, vector, n_history) rows."""
-    spark, wh = run.spark, run.warehouse
-    user_factors, item_factors = fit_als(run, dataset, train, settings)
-    catalog = tables.read(spark, wh, "items").filter(F.col("dataset") == dataset).select("item_id")
-    # Items interacted with but missing from ``items`` (an older ingest) still get their factor.
-    catalog = catalog.unionByName(item_factors.select("item_id")).distinct()
-    zeros = F.array_repeat(F.lit(0.0).cast("float"), settings.rank)
-    items = (catalog.join(item_factors.withColumn("_factor", F.lit(1)), "item_id", "left")
-             .select(F.lit(dataset).alias("dataset"), "item_id", F.lit(ALS).alias("representation"),
-                     F.lit(als_encoder(run_id)).alias("encoder"), F.lit(settings.rank).alias("dim"),
-                     F.coalesce("vector", zeros).alias("vector"),
-                     F.lit(None).cast("string").alias("source_sha256"), "_factor"))
-    # Counted while written (no pass of its own).
-    written = Observation("als_items")
-    items = items.observe(written, F.count(F.lit(1)).alias("n"), F.count("_factor").alias("factors")).drop("_factor")
-    tables.replace_slice(spark, wh, "item_embeddings", items, {"dataset": dataset, "representation": [ALS]})
-    run.count("items_without_factor_als", int(written.get["n"]) - int(written.get["factors"]))
-    n_history = train.groupBy("user_id").agg(F.count(F.lit(1)).cast("int").alias("n_history"))
-    return (user_factors.join(n_history, "user_id")
-            .select("user_id", F.lit(ALS).alias("representation"), "vector", "n_history"))
-
-
-def first_facts(spark, wh: str, dataset: str, interactions: DataFrame, history: DataFrame):
-    """(``tables.ingest_id_summary`` rows, the totals row: rows / users / train_users, history
-    rows per representation), from one Spark job over a union of the three small aggregates."""
-    ingest = tables.ingest_id_summary(spark, wh, dataset)
-    totals = (interactions.groupBy("user_id").agg(F.count_if(F.col("split") == "train").alias("train_rows"))
-              .agg(F.sum("train_rows").alias("rows"), F.count(F.lit(1)).alias("users"),
-                   F.count_if(F.col("train_rows") > 0).alias("train_users")))
-    by_rep = history.groupBy("representation").count()
-    rows = collect_facts(
-        {"name": "string", "low": "string", "high": "string", "n": "long", "tagged": "long",
-         "rows": "long", "users": "long", "train_users": "long"},
-        [("ingest", ingest, {c: F.col(c) for c in ("name", "low", "high", "n", "tagged")}),
-         ("totals", totals, {c: F.col(c) for c in ("rows", "users", "train_users")}),
-         ("history", by_rep, {"name": F.col("representation"), "n": F.col("count")})])
-    ingest_rows = [{c: r[c] for c in ("name", "low", "high", "n", "tagged")} for r in rows if r["kind"] == "ingest"]
-    t = next(r for r in rows if r["kind"] == "totals")
-    totals_row = {"rows": t["rows"], "users": t["users"], "train_users": t["train_users"]}
-    return ingest_rows, totals_row, {r["name"]: int(r["n"]) for r in rows if r["kind"] == "history"}
 
 
 def driver_slices(dataset: str, base_names: list[str]) -> dict[str, Slice]:
@@ -183,126 +120,127 @@ def driver_slices(dataset: str, base_names: list[str]) -> dict[str, Slice]:
     return slices
 
 
-class SparkProfiles:
-    """The distributed path: the inputs stay Spark frames, profiles are built in Spark tasks."""
-
-    def __init__(self, run: JobRun, dataset: str, base_names: list[str], cached: list[DataFrame]):
-        spark, wh = run.spark, run.warehouse
-        self.spark, self.cached = spark, cached
-        interactions = tables.read(spark, wh, "interactions").filter(F.col("dataset") == dataset)
-        self.train = train_frame(spark, wh, dataset).persist(StorageLevel.MEMORY_AND_DISK)
-        cached.append(self.train)
-        vectors = (tables.read(spark, wh, "item_embeddings")
-                   .filter((F.col("dataset") == dataset) & F.col("representation").isin(base_names))
-                   .select("representation", "item_id", "vector"))
-        self.history = self.train.join(vectors, "item_id").select("representation", "user_id", "vector", "ts")
-        # One Spark job answers the ingest check, the three totals and the history rows per
-        # representation (a job per question cost more than the questions on small data).
-        self.facts = first_facts(spark, wh, dataset, interactions, self.history)
-
-    def profiles(self, plan, half_life_days, fusions: list[Representation]) -> tuple[dict[str, int], DataFrame]:
-        """(profiles written per representation, the rows: user_id, representation, vector, n_history)."""
-        rows_by_rep = self.facts[2]
-        n_buckets = max(self.spark.sparkContext.defaultParallelism,
-                        math.ceil(max(rows_by_rep.values(), default=0) / ROWS_PER_GROUP))
-        made = base_profiles(self.history, half_life_days, n_buckets).persist(StorageLevel.MEMORY_AND_DISK)
-        self.cached.append(made)
-        out = made.select("user_id", "representation", "vector", "n_history")
-        # Profiles per representation, base and fused, counted in one Spark job (which also fills
-        # the caches the write then reads).
-        counted = made.groupBy("representation").agg(F.count(F.lit(1)).alias("n"))
-        for rep in fusions:
-            weights = plan.fusion_weights(rep.parts) if rep.kind == "concat" else None
-            fused = fuse_profiles(made, rep, weights).persist(StorageLevel.MEMORY_AND_DISK)
-            self.cached.append(fused)
-            counted = counted.unionByName(fused.agg(F.count_if(F.col("status") == embedding_udfs.OK).alias("n"))
-                                          .select(F.lit(rep.name).alias("representation"), "n"))
-            out = out.unionByName(fused.filter(F.col("status") == embedding_udfs.OK)
-                                  .select("user_id", F.lit(rep.name).alias("representation"), "vector", "n_history"))
-        return {row["representation"]: int(row["n"]) for row in counted.collect()}, out
-
-    def with_als(self, run: JobRun, dataset: str, settings: AlsSettings, run_id: str,
-                 out: DataFrame) -> tuple[int, DataFrame]:
-        """(users with an ``als`` profile, ``out`` with their rows)."""
-        factors = als_profiles(run, dataset, self.train, settings, run_id).persist(StorageLevel.MEMORY_AND_DISK)
-        self.cached.append(factors)
-        return factors.count(), out.unionByName(factors)
-
-    def keyed(self, out: DataFrame, run_id: str) -> DataFrame:
-        return out.withColumn("run_id", F.lit(run_id))
+def on_driver(run: JobRun, dataset: str, inputs: dict, base_names: list[str],
+              rows: Callable[[pd.DataFrame], pd.DataFrame], als: AlsSettings | None,
+              run_id: str) -> tuple[int, dict[str, int], pa.Table]:
+    """The driver path (``jobs.driver_inputs``): (users with train rows, rows per
+    representation, the rows to write)."""
+    interactions = inputs["interactions"].to_pandas()
+    vectors = inputs["vectors"].to_pandas() if "vectors" in inputs else \
+        pd.DataFrame({c: pd.Series([], dtype=object) for c in ("representation", "item_id", "vector")})
+    history = profile_inputs.history_rows(interactions, vectors)
+    facts = ProfileFacts.of(inputs["items"].column("ingest_id").to_pandas(), interactions, history)
+    n_train_users = check_inputs(run, dataset, facts, base_names)
+    out = profile_inputs.in_user_groups(history, rows, ROWS_PER_GROUP)
+    if als is not None:
+        out = pd.concat([out, als_on_driver(run, dataset, inputs, interactions, als, run_id)], ignore_index=True)
+    written = {str(k): int(v) for k, v in out.groupby("representation").size().items()}
+    return n_train_users, written, profile_inputs.profile_table(out, run_id)
 
 
-class DriverProfiles:
-    """The driver path (``jobs.driver_inputs``): the inputs read with delta-rs, the same rules in
-    pandas (``udfs.profile_inputs``) and the same kernels the Spark tasks call."""
-
-    def __init__(self, run: JobRun, dataset: str, inputs: dict):
-        self.spark = run.spark
-        interactions = inputs["interactions"].to_pandas()
-        self.interactions, self.catalog = interactions, inputs["items"].column("item_id").to_pylist()
-        ingest_rows = [profile_inputs.ingest_summary("items", inputs["items"].column("ingest_id").to_pandas()),
-                       profile_inputs.ingest_summary("interactions", interactions["ingest_id"])]
-        vectors = inputs["vectors"].to_pandas() if "vectors" in inputs else \
-            pd.DataFrame({c: pd.Series([], dtype=object) for c in ("representation", "item_id", "vector")})
-        self.history = profile_inputs.history_rows(interactions, vectors)
-        rows_by_rep = {str(k): int(v) for k, v in self.history.groupby("representation").size().items()}
-        self.facts = (ingest_rows, profile_inputs.train_totals(interactions), rows_by_rep)
-
-    def profiles(self, plan, half_life_days, fusions: list[Representation]) -> tuple[dict[str, int], pd.DataFrame]:
-        made = profile_inputs.base_profiles(self.history, half_life_days, ROWS_PER_GROUP)
-        written = {str(k): int(v) for k, v in made.groupby("representation").size().items()}
-        frames = [made]
-        for rep in fusions:
-            weights = plan.fusion_weights(rep.parts) if rep.kind == "concat" else None
-            fused = profile_inputs.fused_profiles(made, rep.kind, rep.parts, weights)
-            written[rep.name] = int((fused["status"] == embedding_udfs.OK).sum())
-            frames.append(profile_inputs.usable(fused, rep.name))
-        return written, pd.concat(frames, ignore_index=True)
-
-    def with_als(self, run: JobRun, dataset: str, settings: AlsSettings, run_id: str,
-                 out: pd.DataFrame) -> tuple[int, pd.DataFrame]:
-        """Only the fit is Spark's; its factors (a few MB on a catalog this path takes) come back
-        to the driver, which writes the item factors and adds the user factors' rows to ``out``."""
-        spark, wh = run.spark, run.warehouse
-        user_factors, item_factors = fit_als(run, dataset, train_frame(spark, wh, dataset), settings)
-        users, items = user_factors.toPandas(), item_factors.toPandas()
-        rows = profile_inputs.als_item_rows(dataset, self.catalog, items, settings.rank, ALS, als_encoder(run_id))
-        tables.replace_slice(spark, wh, "item_embeddings", rows, {"dataset": dataset, "representation": [ALS]})
-        run.count("items_without_factor_als", rows.num_rows - len(items))
-        made = profile_inputs.als_user_rows(users, profile_inputs.train_rows_per_user(self.interactions), ALS)
-        return len(made), pd.concat([out, made], ignore_index=True)
-
-    def keyed(self, out: pd.DataFrame, run_id: str) -> pa.Table:
-        return profile_inputs.profile_table(out, run_id)
+def on_spark(run: JobRun, dataset: str, base_names: list[str], rows: Callable[[pd.DataFrame], pd.DataFrame],
+             als: AlsSettings | None, run_id: str, cached: list[DataFrame]) -> tuple[int, dict[str, int], DataFrame]:
+    """The distributed path: Spark groups the rows by bounded buckets of user (or item) ids and
+    calls the driver's functions per group. As ``on_driver``; the rows are cached (``cached``)."""
+    spark, wh = run.spark, run.warehouse
+    train = train_frame(spark, wh, dataset).persist(StorageLevel.MEMORY_AND_DISK)
+    cached.append(train)
+    vectors = (tables.read(spark, wh, "item_embeddings")
+               .filter((F.col("dataset") == dataset) & F.col("representation").isin(base_names))
+               .select("representation", "item_id", "vector"))
+    history = train.join(vectors, "item_id").select("representation", "user_id", "item_id", "vector", "ts")
+    facts = spark_facts(run, dataset, history)
+    n_train_users = check_inputs(run, dataset, facts, base_names)
+    # A group holds whole users, about ROWS_PER_GROUP history rows of all representations.
+    n_buckets = max(spark.sparkContext.defaultParallelism,
+                    math.ceil(sum(facts.history_rows.values()) / ROWS_PER_GROUP))
+    out = history.groupBy(bucket("user_id", n_buckets)).applyInPandas(rows, PROFILE_SCHEMA)
+    if als is not None:
+        out = out.unionByName(als_on_spark(run, dataset, train, als, run_id, n_buckets))
+    out = out.persist(StorageLevel.MEMORY_AND_DISK)
+    cached.append(out)
+    # Profiles per representation counted in one Spark job, which also fills the cache the write reads.
+    written = {r["representation"]: int(r["count"]) for r in out.groupBy("representation").count().collect()}
+    return n_train_users, written, out.withColumn("run_id", F.lit(run_id))
 
 
-def check_inputs(run: JobRun, dataset: str, facts, base_names: list[str]) -> int:
+def als_on_driver(run: JobRun, dataset: str, inputs: dict, interactions: pd.DataFrame, als: AlsSettings,
+                  run_id: str) -> pd.DataFrame:
+    """Fit ``als``, write its item rows, and return its user rows; only the fit is Spark's: its
+    factors (a few MB on a catalog this path takes) come back to the driver."""
+    user_factors, item_factors = fit_als(run, dataset, train_frame(run.spark, run.warehouse, dataset), als)
+    users, items = user_factors.toPandas(), item_factors.toPandas()
+    catalog = inputs["items"].select(["item_id"]).to_pandas()
+    made = profile_inputs.als_item_rows(dataset, als.rank, run_id)(catalog, items)
+    tables.replace_slice(run.spark, run.warehouse, "item_embeddings", pa.Table.from_pandas(made, preserve_index=False),
+                         {"dataset": dataset, "representation": [ALS]})
+    run.count("items_without_factor_als", len(made) - len(items))
+    return profile_inputs.als_user_rows(users, interactions[interactions["split"] == "train"])
+
+
+def als_on_spark(run: JobRun, dataset: str, train: DataFrame, als: AlsSettings, run_id: str,
+                 n_buckets: int) -> DataFrame:
+    """As ``als_on_driver``, with the driver's functions applied per bucket of item (user) ids."""
+    user_factors, item_factors = fit_als(run, dataset, train, als)
+    catalog = tables.read(run.spark, run.warehouse, "items").filter(F.col("dataset") == dataset).select("item_id")
+    items = catalog.groupBy(bucket("item_id", n_buckets)).cogroup(
+        item_factors.groupBy(bucket("item_id", n_buckets))).applyInPandas(
+        profile_inputs.als_item_rows(dataset, als.rank, run_id), tables.SCHEMAS["item_embeddings"])
+    written = Observation("als_items")  # counted while written (no pass of its own)
+    tables.replace_slice(run.spark, run.warehouse, "item_embeddings", items.observe(written, F.count("*").alias("n")),
+                         {"dataset": dataset, "representation": [ALS]})
+    run.count("items_without_factor_als", int(written.get["n"]) - item_factors.count())
+    return user_factors.groupBy(bucket("user_id", n_buckets)).cogroup(
+        train.groupBy(bucket("user_id", n_buckets))).applyInPandas(profile_inputs.als_user_rows, PROFILE_SCHEMA)
+
+
+def spark_facts(run: JobRun, dataset: str, history: DataFrame) -> ProfileFacts:
+    """The ``ProfileFacts`` from one Spark job over a union of the three small aggregates (a job
+    per question cost more than the questions on small data)."""
+    interactions = tables.read(run.spark, run.warehouse, "interactions").filter(F.col("dataset") == dataset)
+    totals = (interactions.groupBy("user_id").agg(F.count_if(F.col("split") == "train").alias("train_rows"))
+              .agg(F.sum("train_rows").alias("rows"), F.count(F.lit(1)).alias("users"),
+                   F.count_if(F.col("train_rows") > 0).alias("train_users")))
+    rows = collect_facts(
+        {"name": "string", "low": "string", "high": "string", "n": "long", "tagged": "long",
+         "rows": "long", "users": "long", "train_users": "long"},
+        [("ingest", tables.ingest_id_summary(run.spark, run.warehouse, dataset),
+          {c: F.col(c) for c in profile_inputs.INGEST_COLUMNS}),
+         ("totals", totals, {c: F.col(c) for c in ("rows", "users", "train_users")}),
+         ("history", history.groupBy("representation").count(),
+          {"name": F.col("representation"), "n": F.col("count")})])
+    t = next(r for r in rows if r["kind"] == "totals")
+    return ProfileFacts([{c: r[c] for c in profile_inputs.INGEST_COLUMNS} for r in rows if r["kind"] == "ingest"],
+                        int(t["rows"] or 0), int(t["users"]), int(t["train_users"]),
+                        {r["name"]: int(r["n"]) for r in rows if r["kind"] == "history"})
+
+
+def check_inputs(run: JobRun, dataset: str, facts: ProfileFacts, base_names: list[str]) -> int:
     """Count what the inputs hold and refuse what no profile can come from; the users with
     train interactions."""
-    ingest_rows, totals, rows_by_rep = facts
     try:
         # Profiles are where interactions first meet what was built from items: a mix of two
         # ingests would pair one snapshot's histories with another's catalog.
-        ingest_id = tables.same_ingest(ingest_rows, dataset)
+        ingest_id = tables.same_ingest(facts.ingest, dataset)
     except tables.MixedIngest as exc:
         raise NothingUsable(str(exc)) from None
     if ingest_id:
         log.info("profiles %s: ingest %s", dataset, ingest_id)
-    n_train, n_users, n_train_users = (int(totals[k] or 0) for k in ("rows", "users", "train_users"))
-    run.count("train_rows_read", n_train)
-    run.count("users", n_users)
-    run.count("users_with_train", n_train_users)
-    run.count("users_without_train", n_users - n_train_users)
-    if n_train == 0:
+    run.count("train_rows_read", facts.train_rows)
+    run.count("users", facts.users)
+    run.count("users_with_train", facts.train_users)
+    run.count("users_without_train", facts.users - facts.train_users)
+    if facts.train_rows == 0:
         raise NothingUsable(f"dataset '{dataset}' has no train interactions in {run.warehouse}/interactions: "
                             "run `vlm4rec ingest` first (and check the split settings)")
     for name in base_names:
-        run.count(f"history_rows_{name}", rows_by_rep.get(name, 0))
-        run.count(f"history_rows_without_vector_{name}", n_train - rows_by_rep.get(name, 0))
-        if rows_by_rep.get(name, 0) == 0:
+        n = facts.history_rows.get(name, 0)
+        run.count(f"history_rows_{name}", n)
+        run.count(f"history_rows_without_vector_{name}", facts.train_rows - n)
+        if n == 0:
             log.warning("representation %s: no train item of dataset %s has a vector in item_embeddings; "
                         "run `vlm4rec embed` with this representation first", name, dataset)
-    return n_train_users
+    return facts.train_users
 
 
 def count_profiles(run: JobRun, dataset: str, names: list[str], written: dict[str, int], n_train_users: int) -> int:
@@ -324,7 +262,6 @@ def count_profiles(run: JobRun, dataset: str, names: list[str], written: dict[st
 
 
 def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
-    spark, wh = run.spark, run.warehouse
     dataset = run.config.dataset.name
     if not dataset:
         raise ConfigError("no dataset configured: pass --conf datasets/NAME.yaml (or --set dataset.name=...)")
@@ -333,25 +270,21 @@ def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
     # representations, the fusions built from them and their settings.
     plan = plan_for_run(run, run_id, PROFILES_FIELDS)
     # Trained fusions (``fuse``) have item vectors of their own: profiled like base ones.
-    base = [parse_representation(n) for n in plan.base + plan.trained]
+    base_names = [parse_representation(n).name for n in plan.base + plan.trained]
     fusions = [parse_representation(n) for n in plan.parameter_free]
-    base_names = [r.name for r in base]
+    rows = profile_inputs.profile_rows(plan.half_life_days, [
+        (rep, plan.fusion_weights(rep.parts) if rep.kind == "concat" else None) for rep in fusions])
+    als = AlsSettings(**json.loads(plan.als)) if ALS in plan.representations else None
+    names = base_names + [r.name for r in fusions] + ([ALS] if als else [])
 
-    # Small inputs are computed on the driver; ``als`` adds one Spark ML fit on either path.
     inputs = read_on_driver(run, driver_slices(dataset, base_names))
     cached: list[DataFrame] = []
     try:
-        path = SparkProfiles(run, dataset, base_names, cached) if inputs is None \
-            else DriverProfiles(run, dataset, inputs)
-        n_train_users = check_inputs(run, dataset, path.facts, base_names)
-        written, out = path.profiles(plan, plan.half_life_days, fusions)
-        names = base_names + [r.name for r in fusions]
-        if ALS in plan.representations:
-            written[ALS], out = path.with_als(run, dataset, AlsSettings(**json.loads(plan.als)), run_id, out)
-            names.append(ALS)
+        n_train_users, written, out = (on_spark(run, dataset, base_names, rows, als, run_id, cached) if inputs is None
+                                       else on_driver(run, dataset, inputs, base_names, rows, als, run_id))
         total = count_profiles(run, dataset, names, written, n_train_users)
         # One atomic commit replaces the run's profiles of these representations (stale users go).
-        tables.replace_slice(spark, wh, "user_profiles", path.keyed(out, run_id),
+        tables.replace_slice(run.spark, run.warehouse, "user_profiles", out,
                              {"run_id": run_id, "representation": names})
     finally:
         for frame in cached:

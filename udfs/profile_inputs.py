@@ -1,23 +1,48 @@
-"""The ``profiles`` job's table rules in pandas, for its driver path (``jobs.driver_inputs``).
+"""The ``profiles`` job's rules over frames, written once for both of its paths.
 
-On a small catalog the job reads its inputs with delta-rs and computes on the driver; these
-functions are the pandas form of what its Spark path writes in Spark SQL (the ingest-id summary,
-the totals, the history join, the join of a fusion's part profiles), so both paths apply the
-same rules. The arithmetic is not here: profiles come from ``udfs.embedding_udfs.profile_groups``
-and fusions from ``udfs.embedding_udfs.fused_vector_batches``, the functions the Spark tasks run.
+On a small catalog the job reads its inputs with delta-rs and calls these functions on the
+driver; on a large one Spark only partitions the rows by a bounded bucket of user (or item) ids
+and calls the same functions per group (``groupBy(...).applyInPandas``, ``cogroup``). A group
+holds whole users (or items), so the rows do not depend on how they were grouped. The arithmetic
+is ``udfs.profiles`` (the mean, via ``udfs.embedding_udfs.profile_groups``) and ``udfs.fusion``
+(via ``udfs.embedding_udfs.fused_vector_batches``).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from udfs.embedding_udfs import OK, fused_vector_batches, profile_groups
+from udfs.representations import ALS, Representation
 
 PROFILE_COLUMNS = ["user_id", "representation", "vector", "n_history"]
+# ``jobs.tables.ingest_id_summary``'s columns, what ``jobs.tables.same_ingest`` decides from.
+INGEST_COLUMNS = ("name", "low", "high", "n", "tagged")
+
+
+@dataclass(frozen=True)
+class ProfileFacts:
+    """What the job checks and counts before it builds a profile, however it was computed."""
+
+    ingest: list[dict]  # one ``INGEST_COLUMNS`` row per table (items, interactions)
+    train_rows: int
+    users: int
+    train_users: int  # users with a train row
+    history_rows: dict[str, int]  # per representation: train rows whose item has a vector
+
+    @classmethod
+    def of(cls, item_ingest_ids: pd.Series, interactions: pd.DataFrame, history: pd.DataFrame) -> ProfileFacts:
+        """The facts of one dataset's items' ingest ids, its interactions (user_id, split,
+        ingest_id) and its ``history_rows``."""
+        per_user = (interactions["split"] == "train").groupby(interactions["user_id"], dropna=False).sum()
+        ingest = [ingest_summary("items", item_ingest_ids), ingest_summary("interactions", interactions["ingest_id"])]
+        return cls(ingest, int(per_user.sum()), len(per_user), int((per_user > 0).sum()),
+                   {str(k): int(v) for k, v in history.groupby("representation").size().items()})
 
 
 def ingest_summary(name: str, ingest_ids: pd.Series) -> dict:
@@ -27,15 +52,6 @@ def ingest_summary(name: str, ingest_ids: pd.Series) -> dict:
     tagged = ingest_ids.dropna()
     return {"name": name, "low": tagged.min() if len(tagged) else None,
             "high": tagged.max() if len(tagged) else None, "n": len(ingest_ids), "tagged": len(tagged)}
-
-
-def train_totals(interactions: pd.DataFrame) -> dict:
-    """Over a dataset's interactions (``user_id``, ``split``): ``rows`` (train rows; None
-    without any user, as Spark's sum over no rows), ``users`` and ``train_users`` (users with a
-    train row)."""
-    per_user = (interactions["split"] == "train").groupby(interactions["user_id"], dropna=False).sum()
-    return {"rows": int(per_user.sum()) if len(per_user) else None, "users": len(per_user),
-            "train_users": int((per_user > 0).sum())}
 
 
 def history_rows(interactions: pd.DataFrame, vectors: pd.DataFrame) -> pd.DataFrame:
@@ -50,90 +66,85 @@ def history_rows(interactions: pd.DataFrame, vectors: pd.DataFrame) -> pd.DataFr
     return history[["representation", "user_id", "item_id", "vector", "ts"]]
 
 
-def base_profiles(history: pd.DataFrame, half_life_days: float | None, rows_per_group: int) -> pd.DataFrame:
-    """``PROFILE_COLUMNS`` rows: every representation's profiles from its history rows, with
-    the function Spark applies per group. As there, a group holds whole users and about
-    ``rows_per_group`` rows: the kernel's float64 copies of a group's vectors bound the memory."""
+def no_profiles() -> pd.DataFrame:
+    return pd.DataFrame({"user_id": pd.Series([], dtype=object), "representation": pd.Series([], dtype=object),
+                         "vector": pd.Series([], dtype=object), "n_history": pd.Series([], dtype=np.int32)})
+
+
+def profile_rows(half_life_days: float | None, fusions: Sequence[tuple[Representation, dict[str, float] | None]] = ()
+                 ) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """``groupBy(<user bucket>).applyInPandas`` function: the ``history_rows`` of whole users ->
+    their ``PROFILE_COLUMNS`` rows: each representation's profile, then each fusion (with its
+    concat weights, or None) of the part profiles of the users with a profile in every part,
+    whose ``n_history`` is the smallest of the parts'. A fusion whose parts cancel out for a
+    user gives that user no row."""
     profile = profile_groups(half_life_days)
-    frames = []
-    for name, rows in history.groupby("representation", sort=True):
-        n_groups = max(1, math.ceil(len(rows) / rows_per_group))
-        group_of = pd.factorize(rows["user_id"])[0] % n_groups
-        for group in range(n_groups):
-            frames.append(profile((name, group), rows[group_of == group].reset_index(drop=True)))
-    frames = [f for f in frames if len(f)]
-    if not frames:
-        return pd.DataFrame({"user_id": pd.Series([], dtype=object), "representation": pd.Series([], dtype=object),
-                             "vector": pd.Series([], dtype=object), "n_history": pd.Series([], dtype=np.int32)})
-    return pd.concat(frames, ignore_index=True)[PROFILE_COLUMNS]
+
+    def rows(history: pd.DataFrame) -> pd.DataFrame:
+        made = [profile((name, 0), group.reset_index(drop=True))
+                for name, group in history.groupby("representation", sort=True)]
+        made = [frame for frame in made if len(frame)]
+        base = pd.concat(made, ignore_index=True)[PROFILE_COLUMNS] if made else no_profiles()
+        return pd.concat([base, *(_fused(base, rep, weights) for rep, weights in fusions)], ignore_index=True)
+
+    return rows
 
 
-def fusion_parts(profiles: pd.DataFrame, parts: Sequence[str]) -> pd.DataFrame:
-    """(user_id, part_0..part_{k-1}, n_history) for the users with a profile in every part;
-    ``n_history`` is the smallest of the parts'."""
+def _fused(profiles: pd.DataFrame, rep: Representation, weights: dict[str, float] | None) -> pd.DataFrame:
     joined = None
-    for j, part in enumerate(parts):
+    for j, part in enumerate(rep.parts):
         frame = profiles.loc[profiles["representation"] == part, ["user_id", "vector", "n_history"]]
         frame = frame.rename(columns={"vector": f"part_{j}", "n_history": f"_n_{j}"})
         joined = frame if joined is None else joined.merge(frame, on="user_id", how="inner")
-    counts = joined[[f"_n_{j}" for j in range(len(parts))]]
-    joined["n_history"] = counts.min(axis=1).astype(np.int32)
-    return joined[["user_id", *[f"part_{j}" for j in range(len(parts))], "n_history"]].reset_index(drop=True)
+    joined["n_history"] = joined[[f"_n_{j}" for j in range(len(rep.parts))]].min(axis=1).astype(np.int32)
+    fuse = fused_vector_batches(rep.kind, rep.parts, weights, key="user_id")
+    fused = list(fuse(iter([joined.reset_index(drop=True)])))
+    if not fused:
+        return no_profiles()
+    rows = pd.concat(fused, ignore_index=True)
+    usable = rows.loc[rows["status"] == OK, ["user_id", "vector", "n_history"]]
+    return usable.assign(representation=rep.name)[PROFILE_COLUMNS]
 
 
-def fused_profiles(profiles: pd.DataFrame, kind: str, parts: Sequence[str],
-                   weights: dict[str, float] | None) -> pd.DataFrame:
-    """(user_id, vector, status, n_history): the fusion ``kind`` of each user's part profiles,
-    with the function Spark maps over the joined rows; ``status`` is not ``ok`` where the parts
-    cancel out."""
-    joined = fusion_parts(profiles, parts)
-    frames = list(fused_vector_batches(kind, parts, weights, key="user_id")(iter([joined])))
-    if not frames:
-        return pd.DataFrame({"user_id": pd.Series([], dtype=object), "vector": pd.Series([], dtype=object),
-                             "status": pd.Series([], dtype=object), "n_history": pd.Series([], dtype=np.int32)})
-    return pd.concat(frames, ignore_index=True)
+def in_user_groups(history: pd.DataFrame, rows: Callable[[pd.DataFrame], pd.DataFrame],
+                   rows_per_group: int) -> pd.DataFrame:
+    """``rows`` (a ``profile_rows`` function) over groups of whole users, as Spark's tasks call it:
+    a group holds about ``rows_per_group`` rows of each representation, since the profile
+    kernel's float64 copies of one representation's vectors are what a group's size bounds."""
+    n_groups = max(1, math.ceil(max(history.groupby("representation").size().tolist(), default=0) / rows_per_group))
+    group_of = pd.factorize(history["user_id"])[0] % n_groups
+    return pd.concat([rows(history[group_of == group]) for group in range(n_groups)], ignore_index=True)
 
 
-def usable(fused: pd.DataFrame, representation: str) -> pd.DataFrame:
-    """The ``ok`` rows of ``fused_profiles`` as ``PROFILE_COLUMNS`` rows of ``representation``."""
-    rows = fused.loc[fused["status"] == OK, ["user_id", "vector", "n_history"]]
-    return rows.assign(representation=representation)[PROFILE_COLUMNS]
-
-
-def train_rows_per_user(interactions: pd.DataFrame) -> pd.DataFrame:
-    """(user_id, n_history): each user's train rows, for the users with any."""
-    train = interactions.loc[interactions["split"] == "train", "user_id"]
-    counts = train.groupby(train, sort=True).size()
-    return pd.DataFrame({"user_id": counts.index.to_numpy(dtype=object),
-                         "n_history": counts.to_numpy(dtype=np.int32)})
-
-
-def als_user_rows(user_factors: pd.DataFrame, n_history: pd.DataFrame, representation: str) -> pd.DataFrame:
-    """``PROFILE_COLUMNS`` rows of the ALS user factors (user_id, vector): ``n_history`` is the
-    user's train rows (``train_rows_per_user``); as the Spark path's inner join, a factor of a
-    user without train rows gives no row (there is none: the fit sees only train rows)."""
+def als_user_rows(user_factors: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
+    """``cogroup(<user bucket>).applyInPandas`` function: the ``PROFILE_COLUMNS`` rows of the
+    ALS user factors (user_id, vector) of whole users whose ``train`` rows (user_id, ...) are
+    given: ``n_history`` is the user's train rows. A factor of a user without train rows gives
+    no row (there is none: the fit sees only train rows)."""
+    counts = train.groupby("user_id", sort=True).size()
+    n_history = pd.DataFrame({"user_id": counts.index.to_numpy(dtype=object),
+                              "n_history": counts.to_numpy(dtype=np.int32)})
     rows = user_factors[["user_id", "vector"]].merge(n_history, on="user_id", how="inner")
-    return rows.assign(representation=representation)[PROFILE_COLUMNS]
+    return rows.assign(representation=ALS)[PROFILE_COLUMNS]
 
 
-def als_item_rows(dataset: str, catalog: Sequence[str], item_factors: pd.DataFrame, rank: int,
-                  representation: str, encoder: str) -> pa.Table:
-    """``item_embeddings`` rows of the ALS item factors (item_id, vector) for every item of
-    ``catalog`` and every item with a factor (an item interacted with but missing from ``items``,
-    an older ingest, keeps its factor); an item without a factor gets the zero vector."""
-    factors = dict(zip(item_factors["item_id"], item_factors["vector"]))
-    ids = sorted({*(i for i in catalog if i is not None), *factors})
+def als_item_rows(dataset: str, rank: int, run_id: str) -> Callable[[pd.DataFrame, pd.DataFrame], pd.DataFrame]:
+    """``cogroup(<item bucket>).applyInPandas`` function: the catalog (item_id) and the ALS item
+    factors (item_id, vector) of whole items -> ``item_embeddings`` rows, sorted by item id, for
+    every item of either (an item interacted with but missing from ``items``, an older ingest,
+    keeps its factor); an item without a factor gets the zero vector. The encoder names the
+    fit's run (``spark-ml-als:<run id>``), so that ``topk`` can refuse another run's factors."""
     zeros = np.zeros(rank, dtype=np.float32)
-    return pa.table({
-        "dataset": pa.array([dataset] * len(ids), pa.string()),
-        "item_id": pa.array(ids, pa.string()),
-        "representation": pa.array([representation] * len(ids), pa.string()),
-        "encoder": pa.array([encoder] * len(ids), pa.string()),
-        "dim": pa.array([rank] * len(ids), pa.int32()),
-        "vector": pa.array([np.asarray(factors[i], dtype=np.float32) if i in factors else zeros for i in ids],
-                           pa.list_(pa.float32())),
-        "source_sha256": pa.array([None] * len(ids), pa.string()),
-    })
+
+    def rows(catalog: pd.DataFrame, item_factors: pd.DataFrame) -> pd.DataFrame:
+        factors = dict(zip(item_factors["item_id"], item_factors["vector"]))
+        ids = sorted({*catalog["item_id"].dropna(), *factors})
+        return pd.DataFrame({
+            "dataset": dataset, "item_id": pd.Series(ids, dtype=object), "representation": ALS,
+            "encoder": f"spark-ml-als:{run_id}", "dim": np.int32(rank), "source_sha256": None,
+            "vector": [np.asarray(factors[i], dtype=np.float32) if i in factors else zeros for i in ids]})
+
+    return rows
 
 
 def profile_table(profiles: pd.DataFrame, run_id: str) -> pa.Table:

@@ -13,7 +13,8 @@ vector is the cosine.
 Timestamps are in seconds (the unit of ``interactions.ts``).
 
 Everything is vectorised over users (one sort and ``np.add.reduceat``); the pandas wrapper
-``profiles_frame`` serves Spark's ``groupBy("user_id").applyInPandas``.
+``profiles_frame`` takes a frame of whole users' history rows, as the ``profiles`` job's driver
+and its Spark tasks hand it (``udfs.profile_inputs.profile_rows``).
 """
 from __future__ import annotations
 
@@ -59,29 +60,8 @@ def recency_weights(
     return np.power(0.5, age_days / half_life_days)
 
 
-def user_profiles(
-    user_index: np.ndarray,
-    item_vectors: np.ndarray,
-    ts: np.ndarray | None = None,
-    n_users: int | None = None,
-    half_life_days: float | None = None,
-    item_index: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Profiles of users ``0..n_users-1`` from ``m`` (user, item vector[, ts]) history rows.
-
-    ``user_index`` (m,) ints in ``[0, n_users)``; ``item_vectors`` (m, d), one row per history
-    row (re-normalised here, so any positive scaling of a row is harmless); ``ts`` (m,)
-    seconds, needed only with ``half_life_days``. ``n_users`` defaults to
-    ``max(user_index) + 1``. With ``item_index`` (m,) ints, ``item_vectors`` is (k, d), one row
-    per item, and history row r is item ``item_index[r]``: each item is normalised once instead
-    of once per row (the same numbers: normalisation is per row).
-
-    Returns ``(profiles, n_history)``: ``profiles`` (n_users, d) float32, L2-normalised;
-    ``n_history`` (n_users,) int64 history rows per user. A user with no rows has
-    ``n_history == 0`` and a zero row: not a profile, the caller drops and counts it. A user
-    whose weighted mean is (numerically) zero, i.e. whose vectors cancel out, also gets a zero
-    row, with its true ``n_history``; it is logged.
-    """
+def _checked(user_index, item_vectors, item_index, n_users: int | None):
+    """``user_profiles``' arguments as arrays, and ``n_users``, once they hold together."""
     user_index = np.asarray(user_index)
     item_vectors = np.asarray(item_vectors)
     if user_index.ndim != 1:
@@ -109,7 +89,7 @@ def user_profiles(
             f"item_vectors must have shape (m, d) with m = len(user_index) = "
             f"{user_index.shape[0]}, got {item_vectors.shape}: pass one vector per history row"
         )
-    m, d = user_index.shape[0], item_vectors.shape[1]
+    m = user_index.shape[0]
     if n_users is None:
         n_users = int(user_index.max()) + 1 if m else 0
     if m and (user_index.min() < 0 or user_index.max() >= n_users):
@@ -118,6 +98,34 @@ def user_profiles(
             f"user_index holds {bad}, outside [0, n_users={n_users}): pass n_users larger than "
             "every user index"
         )
+    return user_index, item_vectors, item_index, n_users
+
+
+def user_profiles(
+    user_index: np.ndarray,
+    item_vectors: np.ndarray,
+    ts: np.ndarray | None = None,
+    n_users: int | None = None,
+    half_life_days: float | None = None,
+    item_index: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Profiles of users ``0..n_users-1`` from ``m`` (user, item vector[, ts]) history rows.
+
+    ``user_index`` (m,) ints in ``[0, n_users)``; ``item_vectors`` (m, d), one row per history
+    row (re-normalised here, so any positive scaling of a row is harmless); ``ts`` (m,)
+    seconds, needed only with ``half_life_days``. ``n_users`` defaults to
+    ``max(user_index) + 1``. With ``item_index`` (m,) ints, ``item_vectors`` is (k, d), one row
+    per item, and history row r is item ``item_index[r]``: each item is normalised once instead
+    of once per row (the same numbers: normalisation is per row).
+
+    Returns ``(profiles, n_history)``: ``profiles`` (n_users, d) float32, L2-normalised;
+    ``n_history`` (n_users,) int64 history rows per user. A user with no rows has
+    ``n_history == 0`` and a zero row: not a profile, the caller drops and counts it. A user
+    whose weighted mean is (numerically) zero, i.e. whose vectors cancel out, also gets a zero
+    row, with its true ``n_history``; it is logged.
+    """
+    user_index, item_vectors, item_index, n_users = _checked(user_index, item_vectors, item_index, n_users)
+    m, d = user_index.shape[0], item_vectors.shape[1]
     profiles = np.zeros((n_users, d), dtype=np.float32)
     n_history = np.bincount(user_index.astype(np.int64), minlength=n_users).astype(np.int64)
     if m == 0:
@@ -159,8 +167,8 @@ def user_profiles(
 def profiles_frame(df: pd.DataFrame, half_life_days: float | None = None) -> pd.DataFrame:
     """Profiles of the users in ``df`` (columns ``user_id``, ``vector``[, ``ts``][, ``item_id``]).
 
-    For ``groupBy("user_id").applyInPandas(profiles_frame, schema)``: each call must hold all
-    of a user's history rows (any number of users). ``vector`` holds one array per row. With
+    Each call must hold all of a user's history rows (any number of users: a group of
+    ``groupBy(<user bucket>).applyInPandas``). ``vector`` holds one array per row. With
     an ``item_id`` column, the rows of one item must carry its one vector (rows joined with a
     table keyed by item): its first row's vector is normalised once for all of them.
 
@@ -175,36 +183,31 @@ def profiles_frame(df: pd.DataFrame, half_life_days: float | None = None) -> pd.
         raise ValueError(
             f"profiles_frame needs columns {sorted(missing)}, got {list(df.columns)}"
         )
-    empty = pd.DataFrame({
-        "user_id": pd.Series([], dtype=df["user_id"].dtype),
-        "vector": pd.Series([], dtype=object),
-        "n_history": pd.Series([], dtype=np.int32),
-    })
     if df.empty:
-        return empty
-    codes, uniques = pd.factorize(df["user_id"], sort=False)
-    if (codes < 0).any():
-        row = int(np.flatnonzero(codes < 0)[0])
-        raise ValueError(f"row {row} of the history has a null user_id: drop it upstream")
+        return pd.DataFrame({"user_id": pd.Series([], dtype=df["user_id"].dtype), "vector": pd.Series([], dtype=object),
+                             "n_history": pd.Series([], dtype=np.int32)})
+    codes, uniques = _codes(df, "user_id")
     ts = df["ts"].to_numpy(dtype=np.float64) if half_life_days is not None else None
+    item_codes, vectors = None, df["vector"]
     if "item_id" in df.columns:
-        item_codes, _ = pd.factorize(df["item_id"], sort=False)
-        if (item_codes < 0).any():
-            row = int(np.flatnonzero(item_codes < 0)[0])
-            raise ValueError(f"row {row} of the history has a null item_id: drop it upstream")
-        _, first_rows = np.unique(item_codes, return_index=True)
-        vectors = _stack_vectors(df["vector"].iloc[first_rows])
-        profiles, n_history = user_profiles(codes, vectors, ts, len(uniques), half_life_days, item_codes)
-    else:
-        profiles, n_history = user_profiles(codes, _stack_vectors(df["vector"]), ts, len(uniques), half_life_days)
+        item_codes = _codes(df, "item_id")[0]
+        vectors = vectors.iloc[np.unique(item_codes, return_index=True)[1]]  # each item's first row
+    profiles, n_history = user_profiles(codes, _stack_vectors(vectors), ts, len(uniques), half_life_days, item_codes)
     keep = np.linalg.norm(profiles, axis=1) > 0
-    if not keep.any():
-        return empty
     return pd.DataFrame({
         "user_id": np.asarray(uniques)[keep],
         "vector": list(profiles[keep]),
         "n_history": n_history[keep].astype(np.int32),
     })
+
+
+def _codes(df: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """``pandas.factorize`` of a history column that must hold no null."""
+    codes, uniques = pd.factorize(df[column], sort=False)
+    if (codes < 0).any():
+        row = int(np.flatnonzero(codes < 0)[0])
+        raise ValueError(f"row {row} of the history has a null {column}: drop it upstream")
+    return codes, uniques
 
 
 def _stack_vectors(column: pd.Series) -> np.ndarray:

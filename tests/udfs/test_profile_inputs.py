@@ -9,6 +9,7 @@ import pytest
 
 from udfs import profile_inputs
 from udfs.fusion import fuse
+from udfs.representations import parse_representation
 
 
 def unit(*values) -> np.ndarray:
@@ -36,9 +37,16 @@ def test_ingest_summary_is_min_max_and_counts_over_the_tagged_rows():
         "name": "interactions", "low": None, "high": None, "n": 0, "tagged": 0}
 
 
-def test_train_totals_count_users_with_and_without_train():
-    assert profile_inputs.train_totals(INTERACTIONS) == {"rows": 4, "users": 3, "train_users": 2}
-    assert profile_inputs.train_totals(INTERACTIONS.iloc[:0]) == {"rows": None, "users": 0, "train_users": 0}
+def test_facts_count_train_rows_users_and_history_rows_per_representation():
+    history = profile_inputs.history_rows(INTERACTIONS, VECTORS)
+    facts = profile_inputs.ProfileFacts.of(pd.Series(["x", "x"]), INTERACTIONS.assign(ingest_id="x"), history)
+    assert (facts.train_rows, facts.users, facts.train_users) == (4, 3, 2)
+    assert facts.history_rows == {"t": 3, "v": 2}
+    assert [row["name"] for row in facts.ingest] == ["items", "interactions"]
+    assert facts.ingest[1] == {"name": "interactions", "low": "x", "high": "x", "n": 6, "tagged": 6}
+    none = profile_inputs.ProfileFacts.of(pd.Series([], dtype=object), INTERACTIONS.iloc[:0].assign(ingest_id=None),
+                                          history.iloc[:0])
+    assert (none.train_rows, none.users, none.train_users, none.history_rows) == (0, 0, 0, {})
 
 
 def test_history_joins_train_rows_with_every_vector_of_their_item():
@@ -51,47 +59,85 @@ def test_history_joins_train_rows_with_every_vector_of_their_item():
 
 def test_base_profiles_are_the_kernels_per_representation():
     history = profile_inputs.history_rows(INTERACTIONS, VECTORS)
-    made = profile_inputs.base_profiles(history, None, 1000).set_index(["representation", "user_id"])
+    made = profile_inputs.profile_rows(None)(history).set_index(["representation", "user_id"])
     assert sorted(made.index) == [("t", "a"), ("t", "c"), ("v", "a"), ("v", "c")]
     np.testing.assert_allclose(made.loc[("t", "a"), "vector"], unit(1, 1), atol=1e-6)
     assert made.loc[("t", "a"), "n_history"] == 2 and made["n_history"].dtype == np.int32
-    empty = profile_inputs.base_profiles(history.iloc[:0], None, 1000)
+    empty = profile_inputs.in_user_groups(history.iloc[:0], profile_inputs.profile_rows(None, FUSIONS), 1000)
     assert list(empty.columns) == profile_inputs.PROFILE_COLUMNS and empty.empty
 
 
-def test_groups_of_whole_users_give_the_profiles_of_one_group():
+FUSIONS = [(parse_representation("naive"), None), (parse_representation("concat"), {"title": 1.0, "visual": 2.0})]
+
+
+def random_history(n: int = 300) -> pd.DataFrame:
     rng = np.random.default_rng(0)
-    n = 200
-    history = pd.DataFrame({"representation": rng.choice(["t", "v"], n), "user_id": rng.choice(list("abcdefgh"), n),
-                            "vector": list(rng.normal(size=(n, 4)).astype(np.float32)), "ts": rng.integers(0, 10**7, n)})
-    one = profile_inputs.base_profiles(history, 30.0, 10**6).set_index(["representation", "user_id"]).sort_index()
-    many = profile_inputs.base_profiles(history, 30.0, 7).set_index(["representation", "user_id"]).sort_index()
-    assert list(many.index) == list(one.index) and len(one) == 16
-    assert (many["n_history"] == one["n_history"]).all()
-    np.testing.assert_array_equal(np.stack(many["vector"]), np.stack(one["vector"]))
+    return pd.DataFrame({"representation": rng.choice(["title", "visual"], n),
+                         "user_id": rng.choice(list("abcdefghij"), n),
+                         "vector": list(rng.normal(size=(n, 4)).astype(np.float32)), "ts": rng.integers(0, 10**7, n)})
+
+
+def by_key(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows.set_index(["representation", "user_id"]).sort_index()
+
+
+@pytest.mark.parametrize("half_life", [None, 30.0])
+def test_groups_of_whole_users_give_the_rows_of_one_group(half_life):
+    # What the two paths differ in: the driver cuts the history into groups of whole users by
+    # row count, Spark by a hash bucket of the user id; either gives every row of one call.
+    history = random_history()
+    rows = profile_inputs.profile_rows(half_life, FUSIONS)
+    one = by_key(rows(history))
+    bucket = history["user_id"].map(lambda u: hash(u) % 3)
+    for grouped in (profile_inputs.in_user_groups(history, rows, 7),
+                    pd.concat([rows(group) for _, group in history.groupby(bucket)], ignore_index=True)):
+        many = by_key(grouped)
+        assert list(many.index) == list(one.index) and len(one) == 4 * 10
+        assert (many["n_history"] == one["n_history"]).all()
+        assert all(np.array_equal(a, b) for a, b in zip(many["vector"], one["vector"]))
 
 
 def test_fused_profiles_keep_users_with_every_part_and_the_smallest_history():
-    made = pd.DataFrame({
-        "user_id": ["a", "b", "a", "c"], "representation": ["t", "t", "v", "v"],
-        "vector": [unit(1, 0), unit(0, 1), unit(1, 1, 0), unit(0, 0, 1)], "n_history": [3, 1, 2, 5],
-    })
-    fused = profile_inputs.fused_profiles(made, "concat", ["t", "v"], {"t": 1.0, "v": 2.0})
+    history = pd.DataFrame({
+        "representation": ["title"] * 3 + ["visual"] * 3, "user_id": ["a", "a", "b", "a", "c", "a"],
+        "vector": [unit(1, 0), unit(1, 0), unit(0, 1), unit(1, 1, 0), unit(0, 0, 1), unit(1, 1, 0)],
+        "ts": [1, 2, 3, 4, 5, 6]})
+    made = profile_inputs.profile_rows(None, FUSIONS[1:])(history)
+    fused = made[made["representation"] == "concat"]
     assert list(fused["user_id"]) == ["a"] and list(fused["n_history"]) == [2]
-    expected = fuse("concat", {"t": unit(1, 0)[None], "v": unit(1, 1, 0)[None]}, {"t": 1.0, "v": 2.0})[0]
-    np.testing.assert_allclose(fused.loc[0, "vector"], expected, atol=1e-6)
-    rows = profile_inputs.usable(fused, "concat")
-    assert list(rows.columns) == profile_inputs.PROFILE_COLUMNS and list(rows["representation"]) == ["concat"]
-    none = profile_inputs.fused_profiles(made[made["representation"] == "t"], "naive", ["t", "v"], None)
-    assert none.empty and profile_inputs.usable(none, "naive").empty
+    assert list(fused.columns) == profile_inputs.PROFILE_COLUMNS
+    weights = {"title": 1.0, "visual": 2.0}
+    expected = fuse("concat", {"title": unit(1, 0)[None], "visual": unit(1, 1, 0)[None]}, weights)[0]
+    np.testing.assert_allclose(fused["vector"].iloc[0], expected, atol=1e-6)
+    only_t = profile_inputs.profile_rows(None, FUSIONS)(history[history["representation"] == "title"])
+    assert set(only_t["representation"]) == {"title"}  # no fusion without every part
 
 
-def test_parts_that_cancel_out_are_flagged_not_written():
-    made = pd.DataFrame({"user_id": ["a", "a", "b", "b"], "representation": ["x", "y", "x", "y"],
-                         "vector": [unit(1, 0), unit(-1, 0), unit(1, 0), unit(0, 1)], "n_history": [1, 1, 1, 1]})
-    fused = profile_inputs.fused_profiles(made, "naive", ["x", "y"], None).set_index("user_id")
-    assert fused.loc["a", "status"] != "ok" and fused.loc["b", "status"] == "ok"
-    assert list(profile_inputs.usable(fused.reset_index(), "naive")["user_id"]) == ["b"]
+def test_parts_that_cancel_out_give_no_fused_row():
+    history = pd.DataFrame({"representation": ["title", "visual", "title", "visual"], "user_id": ["a", "a", "b", "b"],
+                            "vector": [unit(1, 0), unit(-1, 0), unit(1, 0), unit(0, 1)], "ts": [1, 1, 1, 1]})
+    made = profile_inputs.profile_rows(None, FUSIONS[:1])(history)
+    assert list(made.loc[made["representation"] == "naive", "user_id"]) == ["b"]
+
+
+def test_als_user_rows_count_each_users_train_rows():
+    factors = pd.DataFrame({"user_id": ["b", "a", "z"], "vector": [unit(1, 0), unit(0, 1), unit(1, 1)]})
+    train = pd.DataFrame({"user_id": ["a", "b", "a", "a"]})
+    rows = profile_inputs.als_user_rows(factors, train)
+    assert list(rows.columns) == profile_inputs.PROFILE_COLUMNS
+    assert list(zip(rows["user_id"], rows["n_history"], rows["representation"])) == [("b", 1, "als"), ("a", 3, "als")]
+    assert rows["n_history"].dtype == np.int32
+
+
+def test_als_item_rows_cover_the_catalog_and_every_factor_with_zeros_without_one():
+    factors = pd.DataFrame({"item_id": ["i3", "old"], "vector": [np.array([1.5, -2.0]), np.array([0.5, 0.25])]})
+    rows = profile_inputs.als_item_rows("ds", 2, "run-1")(pd.DataFrame({"item_id": ["i3", "i1", None]}), factors)
+    assert list(rows["item_id"]) == ["i1", "i3", "old"]  # sorted; an older ingest's item keeps its factor
+    assert set(rows["encoder"]) == {"spark-ml-als:run-1"} and set(rows["dataset"]) == {"ds"}
+    assert set(rows["representation"]) == {"als"} and set(rows["dim"]) == {2}
+    assert [v.tolist() for v in rows["vector"]] == [[0.0, 0.0], [1.5, -2.0], [0.5, 0.25]]
+    assert all(v.dtype == np.float32 for v in rows["vector"])
+    assert profile_inputs.als_item_rows("ds", 2, "r")(pd.DataFrame({"item_id": []}), factors.iloc[:0]).empty
 
 
 def test_profile_table_has_the_user_profiles_types():
