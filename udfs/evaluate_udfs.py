@@ -1,28 +1,29 @@
-"""pandas wrappers that Spark ships to executors for the ``evaluate`` job.
+"""The ``evaluate`` job's steps, each written once as a pandas function that needs no Spark
+session. The job calls them on the driver over whole frames (small inputs) or has Spark call
+them per bucket of users or items (``pmod(hash(key), n)``), per group of one metric@k, and
+adds up what they return; the functions never know which.
 
-The numbers come from ``udfs.metrics`` (per-user ranking metrics) and ``udfs.significance``
-(bootstrap intervals, the paired tests, effect sizes, Holm); these functions only shape frames for
-``groupBy(...).applyInPandas`` and run without a Spark session.
+Per bucket (a bucket holds whole users, or whole items: what the function needs together):
 
-- ``user_metric_groups``: (representation, user_id, relevant list, recommended list ordered by
-  rank) -> long rows (representation, user_id, metric, k, value).
-- ``metric_summary``: one (representation, metric, k) group of per-user values -> its mean,
-  bootstrap CI and number of users.
-- ``comparison_groups``: one (metric, k) group of every representation's per-user values ->
-  one row per pair of representations, paired over the users both have (the intersection):
-  the mean difference with its CI, the effect size, the chosen test's p-value and Holm's
-  correction over all the pairs of that metric@k.
+- ``udfs.protocol.relevant_rows`` (by item): each user's test rows that are candidates.
+- ``user_lists`` (by user): per representation and user, the relevant items, the candidate
+  test rows' counts and the ranked list.
+- ``user_metric_rows`` (by user): those lists -> per-user metrics (``udfs.metrics``), long rows.
+- ``topk_facts`` (recommendations by user, candidates by item), ``test_facts`` (interactions by
+  user), ``list_facts`` (lists by user): what the job checks and counts, as ``FACTS_DDL`` rows
+  that add up across buckets into ``evaluation_facts`` (an ``EvaluationFacts``).
 
-The job's driver path (inputs under ``spark.driver_compute_mb``) computes on pandas frames what
-its Spark path computes with joins and aggregates: ``user_lists`` (each user's relevant items
-and ranked list), ``evaluation_facts`` (the checks' and counts' numbers) and ``apply_by_group``
-(``groupBy(...).applyInPandas`` of the same functions above over the same groups).
+Per group: ``metric_summary`` (one representation's metric@k: mean, bootstrap CI) and
+``comparison_groups`` (one metric@k: every pair of representations paired over their common
+users, effect size, the chosen test's p-value, Holm over the pairs); ``apply_by_group`` is
+``groupBy(...).applyInPandas`` on the driver. The numbers come from ``udfs.metrics`` and
+``udfs.significance``.
 """
 from __future__ import annotations
 
 import itertools
-import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -30,10 +31,19 @@ import pandas as pd
 from udfs import metrics as ranking
 from udfs import protocol, significance
 
-log = logging.getLogger(__name__)
-
-# What the functions below emit (``USER_METRICS_DDL``, ``METRICS_DDL``, ``COMPARISONS_DDL``) is
-# declared with every other Spark output schema in ``udfs.spark.schemas``.
+# What the metric functions emit (``USER_METRICS_DDL``, ``METRICS_DDL``, ``COMPARISONS_DDL``) is
+# declared with every table's schema in ``udfs.spark.schemas``; the intermediate rows below
+# never reach a table.
+RELEVANT_DDL = "representation string, user_id string, item_id string, excluded boolean"
+USER_LISTS_DDL = ("representation string, user_id string, relevant array<string>, n_rows long, "
+                  "n_excluded long, recommended array<string>")
+FACTS_DDL = ("representation string, recommendations long, recommendations_from string, "
+             "recommendations_to string, candidates long, candidates_from string, candidates_to string, "
+             "candidate_test_rows long, excluded_test_rows long, users_with_relevant long, "
+             "users_without_list long, test_rows long, test_users long, test_users_without_train long")
+FACT_COLUMNS = [part.split()[0] for part in FACTS_DDL.split(", ")]
+# One dtype per fact column, whichever columns a bucket's rows fill: nullable counts, string ids.
+FACT_DTYPES = {part.split()[0]: "string" if part.endswith("string") else "Int64" for part in FACTS_DDL.split(", ")}
 
 # Pads a list shorter than max(ks): never an item id, so it never counts as a hit.
 MISSING_ITEM = ""
@@ -59,18 +69,17 @@ def user_metrics(users: pd.DataFrame, ks: Sequence[int]) -> pd.DataFrame:
     return ranking.user_metrics_frame(users["user_id"].to_numpy(dtype=object), values)
 
 
-def user_metric_groups(ks: Sequence[int]) -> Callable[[pd.DataFrame], pd.DataFrame]:
-    """``applyInPandas`` function over groups of users (any representations) -> ``USER_METRICS_DDL``."""
+def user_metric_rows(ks: Sequence[int], order: Sequence[str]) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """``user_lists`` rows -> ``USER_METRICS_DDL`` rows of those measured: a representation of
+    ``order``, a relevant item and a list (the others are counted by ``list_facts``)."""
 
-    def run(group: pd.DataFrame) -> pd.DataFrame:
-        frames = []
-        for representation, users in group.groupby("representation", sort=True):
-            frame = user_metrics(users, ks)
-            frame.insert(0, "representation", representation)
-            frames.append(frame)
-        if not frames:
-            return pd.DataFrame({c: [] for c in ("representation", "user_id", "metric", "k", "value")})
-        return pd.concat(frames, ignore_index=True)
+    def run(lists: pd.DataFrame) -> pd.DataFrame:
+        measured = (lists["representation"].isin(list(order)) & (lists["relevant"].map(len) > 0)
+                    & lists["recommended"].notna())
+        frames = [user_metrics(users, ks).assign(representation=representation)
+                  for representation, users in lists.loc[measured].groupby("representation", sort=True)]
+        columns = ["representation", "user_id", "metric", "k", "value"]
+        return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
     return run
 
@@ -92,8 +101,6 @@ def metric_summary(n_samples: int, seed: int) -> Callable[[tuple, pd.DataFrame],
 
 COMPARISON_COLUMNS = ["representation_a", "representation_b", "metric", "k", "mean_diff", "ci_low", "ci_high",
                       "effect_size", "test", "p_value", "p_holm", "n_users"]
-
-
 def paired_comparisons(values: pd.DataFrame, order: Sequence[str], n_samples: int, seed: int,
                        test: str) -> pd.DataFrame:
     """All pairs (a, b), a before b in ``order``, of one metric@k: ``values`` has representation,
@@ -150,82 +157,6 @@ def comparison_groups(order: Sequence[str], n_samples: int, seed: int,
     return run
 
 
-# The driver path of ``evaluate``: the Spark path's joins and aggregates on pandas frames.
-
-USER_KEY = ["representation", "user_id"]
-USER_LIST_COLUMNS = [*USER_KEY, "relevant", "n_rows", "n_excluded", "recommended"]
-
-
-def ranked_lists(recommendations: pd.DataFrame) -> pd.Series:
-    """(representation, user_id) -> the user's item ids by rank (rank, then item id: Spark's
-    ``array_sort`` of (rank, item_id) structs); ``recommendations``: representation, user_id,
-    rank, item_id."""
-    ordered = recommendations.sort_values([*USER_KEY, "rank", "item_id"], kind="stable")
-    return ordered.groupby(USER_KEY, sort=False)["item_id"].agg(list).rename("recommended")
-
-
-def user_lists(relevant: pd.DataFrame, recommendations: pd.DataFrame) -> pd.DataFrame:
-    """One row per representation and user with a test row among its candidates (``relevant``:
-    ``udfs.protocol.relevant_rows``): ``relevant`` (the ids not excluded, maybe none),
-    ``n_rows`` / ``n_excluded`` (the candidate test rows / of those the excluded ones) and
-    ``recommended`` (the ranked list, None for a user without one)."""
-    if relevant.empty:
-        return pd.DataFrame({c: pd.Series(dtype=object) for c in USER_LIST_COLUMNS})
-    grouped = relevant.groupby(USER_KEY, sort=True)
-    per_user = grouped.agg(n_rows=("item_id", "size"), n_excluded=("excluded", "sum"))
-    kept = relevant.loc[~relevant["excluded"]].groupby(USER_KEY, sort=False)["item_id"].agg(list)
-    per_user = per_user.join(kept.rename("relevant")).join(ranked_lists(recommendations))
-    per_user["relevant"] = [r if isinstance(r, list) else [] for r in per_user["relevant"]]
-    per_user["recommended"] = [r if isinstance(r, list) else None for r in per_user["recommended"]]
-    return per_user.reset_index()[USER_LIST_COLUMNS]
-
-
-def scored_users(lists: pd.DataFrame, order: Sequence[str]) -> pd.DataFrame:
-    """The rows of ``user_lists`` that are measured: a representation of ``order``, a relevant
-    item and a list; the input of ``user_metric_groups``."""
-    keep = (lists["representation"].isin(list(order)) & (lists["relevant"].map(len) > 0)
-            & lists["recommended"].notna())
-    return lists.loc[keep, ["representation", "user_id", "relevant", "recommended"]].reset_index(drop=True)
-
-
-def _id_range(values: pd.Series) -> tuple[str | None, str | None]:
-    """(smallest, largest) of the non-null ids, as Spark's min/max: (None, None) without one."""
-    known = [v for v in values if isinstance(v, str)]
-    return (min(known), max(known)) if known else (None, None)
-
-
-def _fact(representation=None, a=None, b=None, c=None, d=None, lo=None, hi=None) -> dict:
-    return {"representation": representation, "a": a, "b": b, "c": c, "d": d, "lo": lo, "hi": hi}
-
-
-def evaluation_facts(recommendations: pd.DataFrame, candidates: pd.DataFrame, interactions: pd.DataFrame,
-                     lists: pd.DataFrame) -> dict[str, dict]:
-    """kind -> representation -> row, the numbers ``jobs.evaluate.prepare_facts`` asks Spark for:
-    ``ranked`` (lo/hi: the recommendations' topk ids), ``stored`` (a: candidate rows, lo/hi:
-    their topk ids), ``tests`` (under None: a = distinct test rows, b = test users, c = of those
-    without a train row) and ``status`` (from ``user_lists``: a = candidate test rows, b = of
-    those excluded, c = users with a relevant item, d = of those without a list)."""
-    facts: dict[str, dict] = {"ranked": {}, "stored": {}, "tests": {}, "status": {}}
-    for rep, ids in recommendations.groupby("representation", sort=True)["topk_id"]:
-        lo, hi = _id_range(ids)
-        facts["ranked"][rep] = _fact(rep, lo=lo, hi=hi)
-    for rep, ids in candidates.groupby("representation", sort=True)["topk_id"]:
-        lo, hi = _id_range(ids)
-        facts["stored"][rep] = _fact(rep, a=len(ids), lo=lo, hi=hi)
-    split = interactions["split"]
-    tests = interactions.loc[split == protocol.RELEVANT_SPLIT, ["user_id", "item_id"]]
-    tests = tests.dropna(subset=["item_id"]).drop_duplicates()
-    users = tests["user_id"].drop_duplicates()
-    with_train = set(interactions.loc[split == protocol.TRAIN_SPLIT, "user_id"])
-    facts["tests"][None] = _fact(a=len(tests), b=len(users), c=int((~users.isin(with_train)).sum()))
-    for rep, group in lists.groupby("representation", sort=True):
-        has_relevant = group["relevant"].map(len) > 0
-        facts["status"][rep] = _fact(rep, a=int(group["n_rows"].sum()), b=int(group["n_excluded"].sum()),
-                                     c=int(has_relevant.sum()),
-                                     d=int((has_relevant & group["recommended"].isna()).sum()))
-    return facts
-
-
 def apply_by_group(frame: pd.DataFrame, keys: Sequence[str], function: Callable[[tuple, pd.DataFrame], pd.DataFrame],
                    columns: Sequence[str]) -> pd.DataFrame:
     """What ``frame.groupBy(*keys).applyInPandas(function, ...)`` returns: ``function(key,
@@ -234,3 +165,105 @@ def apply_by_group(frame: pd.DataFrame, keys: Sequence[str], function: Callable[
     if not parts:
         return pd.DataFrame({c: [] for c in columns})
     return pd.concat(parts, ignore_index=True)[list(columns)]
+
+
+USER_KEY = ["representation", "user_id"]
+USER_LIST_COLUMNS = [part.split()[0] for part in USER_LISTS_DDL.split(", ")]
+
+
+def user_lists(relevant: pd.DataFrame, recommendations: pd.DataFrame) -> pd.DataFrame:
+    """One row per representation and user with a test row among its candidates (``relevant``:
+    ``udfs.protocol.relevant_rows``): ``relevant`` (the ids not excluded, maybe none),
+    ``n_rows`` / ``n_excluded`` (the candidate test rows / of those the excluded ones) and
+    ``recommended`` (the ranked list by rank, then item id; None for a user without one).
+    ``recommendations``: representation, user_id, rank, item_id. Both inputs must hold whole
+    users: all of a user's rows or none."""
+    if relevant.empty:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in USER_LIST_COLUMNS})
+    grouped = relevant.groupby(USER_KEY, sort=True)
+    per_user = grouped.agg(n_rows=("item_id", "size"), n_excluded=("excluded", "sum"))
+    kept = relevant.loc[~relevant["excluded"]].groupby(USER_KEY, sort=False)["item_id"].agg(list)
+    ordered = recommendations.sort_values([*USER_KEY, "rank", "item_id"], kind="stable")
+    ranked = ordered.groupby(USER_KEY, sort=False)["item_id"].agg(list)
+    per_user = per_user.join(kept.rename("relevant")).join(ranked.rename("recommended"))
+    per_user["relevant"] = [r if isinstance(r, list) else [] for r in per_user["relevant"]]
+    per_user["recommended"] = [r if isinstance(r, list) else None for r in per_user["recommended"]]
+    return per_user.reset_index()[USER_LIST_COLUMNS]
+
+
+# What evaluate checks and counts. Each function below gives ``FACT_COLUMNS`` rows from the rows
+# of one bucket (any split of the input that keeps a user's rows together); the rows of every
+# bucket add up (sums, and the smallest and largest topk id) into ``evaluation_facts``.
+
+
+@dataclass(frozen=True)
+class RepresentationFacts:
+    recommendations: int = 0  # rows of its ranked lists
+    candidates: int = 0  # rows of its stored candidate set
+    topk_ids: tuple[str, ...] = ()  # the topk runs that wrote its lists and its candidates
+    candidate_test_rows: int = 0  # test rows that are among its candidates
+    excluded_test_rows: int = 0  # of those, the ones an excluded split holds too
+    users_with_relevant: int = 0
+    users_without_list: int = 0  # of those, users without a ranked list (no profile)
+
+
+@dataclass(frozen=True)
+class EvaluationFacts:
+    test_rows: int = 0  # distinct (user, item) test rows
+    test_users: int = 0
+    test_users_without_train: int = 0
+    representations: Mapping[str, RepresentationFacts] = field(default_factory=dict)
+
+    def of(self, representation: str) -> RepresentationFacts:
+        return self.representations.get(representation, RepresentationFacts())
+
+
+def topk_facts(counted: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """Rows (``counted``: recommendations or candidates, each with a topk_id) -> per
+    representation their number and their smallest and largest topk id (nulls skipped)."""
+
+    def run(rows: pd.DataFrame) -> pd.DataFrame:
+        ids = rows.astype({"topk_id": "string"}).groupby("representation")["topk_id"]
+        found = ids.agg(**{counted: "size", f"{counted}_from": "min", f"{counted}_to": "max"})
+        return found.reset_index().reindex(columns=FACT_COLUMNS).astype(FACT_DTYPES)
+
+    return run
+
+
+def test_facts(interactions: pd.DataFrame) -> pd.DataFrame:
+    """Interactions (user_id, item_id, split) of whole users -> their distinct test rows, test
+    users and test users without a train row (a null user id is one user, as in SQL)."""
+    split = interactions["split"]
+    tests = interactions.loc[split == protocol.RELEVANT_SPLIT, ["user_id", "item_id"]]
+    tests = tests.dropna(subset=["item_id"]).drop_duplicates()
+    users = tests["user_id"].drop_duplicates()
+    with_train = set(interactions.loc[split == protocol.TRAIN_SPLIT, "user_id"])
+    found = pd.DataFrame({"test_rows": [len(tests)], "test_users": [len(users)],
+                          "test_users_without_train": [int((~users.isin(with_train)).sum())]})
+    return found.reindex(columns=FACT_COLUMNS).astype(FACT_DTYPES)
+
+
+def list_facts(lists: pd.DataFrame) -> pd.DataFrame:
+    """``user_lists`` rows -> per representation the candidate test rows, the excluded ones,
+    the users with a relevant item and of those the ones without a list."""
+    with_relevant = lists["relevant"].map(len) > 0
+    users = lists.assign(users_with_relevant=with_relevant,
+                         users_without_list=with_relevant & lists["recommended"].isna())
+    found = users.groupby("representation").agg(
+        candidate_test_rows=("n_rows", "sum"), excluded_test_rows=("n_excluded", "sum"),
+        users_with_relevant=("users_with_relevant", "sum"), users_without_list=("users_without_list", "sum"))
+    return found.reset_index().reindex(columns=FACT_COLUMNS).astype(FACT_DTYPES)
+
+
+def evaluation_facts(rows: pd.DataFrame) -> EvaluationFacts:
+    """The facts of every bucket's ``FACT_COLUMNS`` rows added up."""
+    ids = [c for c in FACT_COLUMNS if c.endswith(("_from", "_to"))]
+    counts = [c for c in FACT_COLUMNS[1:] if c not in ids]
+    per_rep = rows.dropna(subset=["representation"]).astype(FACT_DTYPES).groupby("representation").agg(
+        **{c: (c, "sum") for c in counts}, **{c: (c, "min" if c.endswith("_from") else "max") for c in ids})
+    totals = rows[counts].sum()
+    return EvaluationFacts(
+        **{c: int(totals[c]) for c in ("test_rows", "test_users", "test_users_without_train")},
+        representations={rep: RepresentationFacts(
+            **{c: int(row[c]) for c in counts if c in RepresentationFacts.__dataclass_fields__},
+            topk_ids=tuple(sorted(set(row[ids].dropna())))) for rep, row in per_rep.iterrows()})

@@ -1,6 +1,8 @@
-"""The pandas forms of evaluate's Spark joins and aggregates (its driver path), on small frames
-with a known answer, and the two bootstrap wrappers' independence of row order (Spark delivers
-a group's rows in any order; the driver path in its own)."""
+"""evaluate's step functions on small frames with a known answer: the relevance rows, the user
+lists, the per-user metrics and the facts; that what they give for buckets of whole users (or
+items) adds up to what they give for the whole input, as the Spark path adds them up; and the
+two bootstrap wrappers' independence of row order (Spark delivers a group's rows in any order;
+the driver in its own)."""
 from __future__ import annotations
 
 import numpy as np
@@ -62,8 +64,13 @@ def test_user_lists_hold_relevant_items_counts_and_the_list_by_rank():
     assert lists.loc[("title", "u3"), "recommended"] is None  # a relevant item but no list
     assert lists.loc[("visual", "u3"), "recommended"] == ["c"]
     assert ("title", "u9") not in lists.index  # a list but no candidate test row
-    scored = evaluate_udfs.scored_users(lists.reset_index(), ["title"])
-    assert scored[["representation", "user_id"]].values.tolist() == [["title", "u1"]]
+    # Measured: a representation of the order, a relevant item and a list (title's u1 only).
+    measured = evaluate_udfs.user_metric_rows([1, 3], ["title"])(lists.reset_index())
+    assert set(zip(measured["representation"], measured["user_id"])) == {("title", "u1")}
+    assert list(measured.columns) == ["representation", "user_id", "metric", "k", "value"]
+    # u1's list a, d, c holds its relevant c at rank 3: recall@1 0, recall@3 1.
+    recall = measured[measured["metric"] == "recall"].set_index("k")["value"]
+    assert (recall[1], recall[3]) == (0.0, 1.0)
     empty = evaluate_udfs.user_lists(relevant.iloc[:0], RECOMMENDATIONS)
     assert empty.empty and list(empty.columns) == evaluate_udfs.USER_LIST_COLUMNS
 
@@ -73,28 +80,69 @@ def test_user_lists_give_an_all_excluded_user_no_relevant_item():
     only_b = relevant[relevant["item_id"] == "b"]
     lists = evaluate_udfs.user_lists(only_b, RECOMMENDATIONS)
     assert lists[["user_id", "relevant", "n_rows", "n_excluded"]].values.tolist() == [["u1", [], 1, 1]]
-    assert evaluate_udfs.scored_users(lists, ["title"]).empty
+    assert evaluate_udfs.user_metric_rows([1], ["title"])(lists).empty
 
 
-def test_evaluation_facts_count_what_prepare_facts_counts():
+def facts_of(recommendations, candidates, interactions, lists) -> evaluate_udfs.EvaluationFacts:
+    return evaluate_udfs.evaluation_facts(pd.concat([
+        evaluate_udfs.topk_facts("recommendations")(recommendations), evaluate_udfs.topk_facts("candidates")(candidates),
+        evaluate_udfs.test_facts(interactions), evaluate_udfs.list_facts(lists)], ignore_index=True))
+
+
+def test_evaluation_facts_count_rows_users_and_topk_ids():
     relevant = protocol.relevant_rows(INTERACTIONS, CANDIDATES, ["train", "valid"])
     lists = evaluate_udfs.user_lists(relevant, RECOMMENDATIONS)
-    facts = evaluate_udfs.evaluation_facts(RECOMMENDATIONS, CANDIDATES, INTERACTIONS, lists)
-    assert {r: (f["lo"], f["hi"]) for r, f in facts["ranked"].items()} == {"title": ("topk-1", "topk-1"),
-                                                                          "visual": ("topk-2", "topk-2")}
+    facts = facts_of(RECOMMENDATIONS, CANDIDATES, INTERACTIONS, lists)
     # A null topk id (a row from before the column) is not an id: Spark's min/max skip it.
-    assert {r: (f["a"], f["lo"], f["hi"]) for r, f in facts["stored"].items()} == {
-        "title": (4, "topk-1", "topk-1"), "visual": (1, "topk-2", "topk-2")}
+    assert {r: (f.recommendations, f.candidates, f.topk_ids) for r, f in facts.representations.items()} == {
+        "title": (4, 4, ("topk-1",)), "visual": (1, 1, ("topk-2",))}
     # Distinct test rows: u1 b, u1 c, u2 d, u3 c, None a; users u1, u2, u3, None; without
     # train: u3 and the null user (a null user id is one user, as in Spark's groupBy).
-    tests = facts["tests"][None]
-    assert (tests["a"], tests["b"], tests["c"]) == (5, 4, 2)
-    status = {r: (f["a"], f["b"], f["c"], f["d"]) for r, f in facts["status"].items()}
+    assert (facts.test_rows, facts.test_users, facts.test_users_without_train) == (5, 4, 2)
+    status = {r: (f.candidate_test_rows, f.excluded_test_rows, f.users_with_relevant, f.users_without_list)
+              for r, f in facts.representations.items()}
     assert status == {"title": (5, 1, 2, 1), "visual": (2, 0, 2, 1)}
-    nothing = evaluate_udfs.evaluation_facts(RECOMMENDATIONS.iloc[:0], CANDIDATES.iloc[:0], INTERACTIONS.iloc[:0],
-                                             evaluate_udfs.user_lists(relevant.iloc[:0], RECOMMENDATIONS))
-    assert nothing["ranked"] == nothing["stored"] == nothing["status"] == {}
-    assert (nothing["tests"][None]["a"], nothing["tests"][None]["b"]) == (0, 0)
+    assert facts.of("text") == evaluate_udfs.RepresentationFacts()
+    nothing = facts_of(RECOMMENDATIONS.iloc[:0], CANDIDATES.iloc[:0], INTERACTIONS.iloc[:0],
+                       evaluate_udfs.user_lists(relevant.iloc[:0], RECOMMENDATIONS))
+    assert nothing == evaluate_udfs.EvaluationFacts()
+
+
+def test_facts_of_two_topk_runs_name_both():
+    later = CANDIDATES.assign(topk_id="topk-0")
+    facts = facts_of(RECOMMENDATIONS, later, INTERACTIONS.iloc[:0], evaluate_udfs.user_lists(
+        protocol.relevant_rows(INTERACTIONS.iloc[:0], later, ["train"]), RECOMMENDATIONS))
+    assert facts.of("title").topk_ids == ("topk-0", "topk-1")
+
+
+def bucket(frame: pd.DataFrame, key: str, n: int) -> list[pd.DataFrame]:
+    codes = frame[key].map(lambda v: sum(map(ord, str(v))) % n)
+    return [frame[codes == b] for b in range(n)]
+
+
+def test_buckets_of_whole_users_or_items_add_up_to_the_whole():
+    """What the Spark path does: relevance per item bucket, lists and metrics per user bucket,
+    facts per bucket, added up."""
+    exclude = ["train", "valid"]
+    relevant = pd.concat([protocol.relevant_rows(i, c, exclude) for i, c in zip(
+        bucket(INTERACTIONS, "item_id", 3), bucket(CANDIDATES, "item_id", 3))], ignore_index=True)
+    lists = pd.concat([evaluate_udfs.user_lists(r, rec) for r, rec in zip(
+        bucket(relevant, "user_id", 2), bucket(RECOMMENDATIONS, "user_id", 2))], ignore_index=True)
+    whole = evaluate_udfs.user_lists(protocol.relevant_rows(INTERACTIONS, CANDIDATES, exclude), RECOMMENDATIONS)
+    key = ["representation", "user_id"]
+    pd.testing.assert_frame_equal(lists.sort_values(key, ignore_index=True).drop(columns="relevant"),
+                                  whole.drop(columns="relevant"), check_dtype=False)
+    parts = [evaluate_udfs.topk_facts("recommendations")(r) for r in bucket(RECOMMENDATIONS, "user_id", 2)]
+    parts += [evaluate_udfs.topk_facts("candidates")(c) for c in bucket(CANDIDATES, "item_id", 3)]
+    parts += [evaluate_udfs.test_facts(i) for i in bucket(INTERACTIONS, "user_id", 2)]
+    parts += [evaluate_udfs.list_facts(part) for part in bucket(lists, "user_id", 2)]
+    assert evaluate_udfs.evaluation_facts(pd.concat(parts, ignore_index=True)) == facts_of(
+        RECOMMENDATIONS, CANDIDATES, INTERACTIONS, whole)
+    metric_rows = evaluate_udfs.user_metric_rows([1, 3], ["title", "visual"])
+    key = ["representation", "user_id", "metric", "k"]
+    in_buckets = pd.concat([metric_rows(part) for part in bucket(lists, "user_id", 2) if len(part)])
+    pd.testing.assert_frame_equal(in_buckets.sort_values(key, ignore_index=True),
+                                  metric_rows(whole).sort_values(key, ignore_index=True), check_exact=True)
 
 
 def per_user_values(seed: int) -> pd.DataFrame:
