@@ -46,14 +46,22 @@ def seen_splits(exclude: Iterable[str]) -> tuple[str, ...]:
     return splits
 
 
+def needs_catalog(representations: Sequence[str], baselines: Sequence[str], policy: str) -> bool:
+    """Whether ``candidate_items`` reads the catalog: ``all`` with a baseline, ``common`` without
+    a vector representation."""
+    return bool(baselines) if policy == ALL else not representations
+
+
 def candidate_items(embedded: pd.DataFrame, representations: Sequence[str], baselines: Sequence[str],
-                    catalog: Iterable[str], policy: str) -> pd.DataFrame:
+                    catalog: Iterable[str], policy: str, interacted: Iterable[str] = ()) -> pd.DataFrame:
     """(representation, item_id) rows, sorted: the items each representation ranks.
 
     ``embedded``: (representation, item_id) of the items with a vector, any duplicates;
-    ``catalog``: the dataset's item ids (read only when a rule needs it)."""
+    ``catalog``: the dataset's item ids (the ``items`` table; read only when ``needs_catalog``),
+    else, when it has none, ``interacted``: the items of its interactions."""
     if policy not in CANDIDATE_POLICIES:
         raise ValueError(f"unknown candidate policy {policy!r}: choose one of {list(CANDIDATE_POLICIES)}")
+    catalog = set(catalog) or set(interacted)
     embedded = embedded.loc[embedded["representation"].isin(list(representations)), CANDIDATE_COLUMNS]
     embedded = embedded.drop_duplicates()
     names = list(dict.fromkeys([*representations, *baselines]))

@@ -6,7 +6,7 @@ mask and the tie rule (score descending, then item id ascending) are the caller'
 (``udfs.topk``), the same for every scorer.
 
 - ``cosine``: the inner product of L2-normalised vectors (the stored representations are).
-- ``dot``: the plain inner product (unnormalised vectors: the ``als`` factors; ``vector_scorer``).
+- ``dot``: the plain inner product (unnormalised vectors: the ``als`` factors; ``scorer_for``).
 - ``popularity``: the item's train interaction count, carried as its one-dimensional "vector";
   the same list for every user.
 - ``random``: a seeded hash of (seed, user id, item id) in [0, 1): an independent, reproducible
@@ -129,11 +129,13 @@ def _matrix(vectors: np.ndarray) -> np.ndarray:
 SCORERS: dict[str, type[Scorer]] = {s.name: s for s in (CosineScorer, DotScorer, PopularityScorer, RandomScorer)}
 
 
-def vector_scorer(representation: str) -> str:
-    """The scorer of a representation ranked from stored vectors: ``dot`` for ``als`` (its
-    unnormalised factors score by their inner product, the model's prediction), ``cosine`` for
-    every content representation (stored L2-normalised)."""
-    return DotScorer.name if representation == ALS else CosineScorer.name
+def scorer_for(name: str) -> str:
+    """The scorer that ranks ``name``: a baseline's own (``popularity``, ``random``); ``dot`` for
+    ``als`` (its unnormalised factors score by their inner product, the model's prediction);
+    ``cosine`` for every content representation (stored L2-normalised)."""
+    if name in (PopularityScorer.name, RandomScorer.name):
+        return name
+    return DotScorer.name if name == ALS else CosineScorer.name
 
 
 def make_scorer(name: str, seed: int = 0) -> Scorer:

@@ -1,11 +1,19 @@
-"""Arrow wrappers that Spark ships to executors for the ``topk`` job.
+"""The ``topk`` job's rules as Arrow/pandas functions, and the wrappers Spark ships to executors.
 
-The job moves vectors between tasks as packed blocks, one Spark row per block:
+The rules, each written once and called whole on the driver or per bounded bucket by Spark:
+``users_seen`` (each user's train flag and seen items), ``users_table`` (the users a
+representation or baseline ranks, with their seen items), ``baseline_items`` (a baseline's
+candidates and the vector its scorer reads), ``pair_topk`` (one user block against one item
+block) and ``_rank_rows`` (the merge of a user block's per-item-block lists into ranks).
+``rank_in_process`` is the driver's composition of the last two.
 
-1. ``pack_blocks`` (``mapInArrow`` over one partition of profiles or items) turns rows
-   (id, vector[, seen]) into block rows (block_id, n, dim, ids, vectors = float32 bytes
-   [, seen_counts, seen_ids]) of at most ``block_size`` rows each. ``block_id`` is the block's
-   smallest id, unique because every id sits in exactly one block.
+The Spark path moves vectors between tasks as packed blocks, one Spark row per block:
+
+1. ``pack_table`` turns one bucket's rows (id, vector[, seen]) into block rows (block_id, n,
+   dim, ids, vectors = float32 bytes [, seen_counts, seen_ids]) of at most ``block_size`` rows
+   each (``item_blocks``, ``profile_user_blocks``, ``baseline_user_blocks``,
+   ``baseline_item_blocks``: the rules above, then the packing, per bucket). ``block_id`` is the
+   block's smallest id, unique because every id sits in exactly one block.
 2. ``pair_topk_batches`` (``mapInArrow`` over the cross join of user blocks with item blocks)
    scores one user block against one item block with a ``udfs.scorers`` scorer (the inner
    product ones through ``udfs.topk.ItemBlock``'s BLAS kernel, the others as a score matrix),
@@ -24,23 +32,19 @@ Everything here runs without a Spark session: tests feed it lists of Arrow batch
 """
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import scipy.sparse
 
-from udfs import scorers
+from udfs import protocol, scorers
 from udfs import topk as topk_kernels
-from udfs.scorers import random_scores  # noqa: F401 - the random baseline's scores, imported from here by callers
-
-log = logging.getLogger(__name__)
 
 COSINE = scorers.CosineScorer.name
 POPULARITY = scorers.PopularityScorer.name
 RANDOM = scorers.RandomScorer.name
-SCORERS = tuple(scorers.SCORERS)
 
 # What the wrappers emit (``BLOCK_DDL``, ``USER_BLOCK_DDL``, ``PAIR_DDL``, ``RANKS_DDL``) is
 # declared with every other Spark output schema in ``udfs.spark.schemas``.
@@ -83,59 +87,92 @@ def _vectors_of(column: pa.Array, ids: np.ndarray, what: str) -> np.ndarray:
     return flat.reshape(len(lengths), dim)
 
 
-def _block_rows(ids: np.ndarray, vectors: np.ndarray, seen: list[np.ndarray] | None) -> dict:
-    row = {
-        "block_id": [str(min(ids))], "n": [len(ids)], "dim": [int(vectors.shape[1])],
-        "ids": [ids.tolist()], "vectors": [np.ascontiguousarray(vectors, np.float32).tobytes()],
-    }
-    if seen is not None:
-        row["seen_counts"] = [[len(s) for s in seen]]
-        row["seen_ids"] = [np.concatenate(seen).tolist() if seen else []]
-    return row
-
-
-def pack_blocks(block_size: int, with_seen: bool) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """``mapInArrow`` function: rows (id, vector[, seen list<string>]) -> block rows of at most
-    ``block_size`` rows (``USER_BLOCK_DDL`` with seen, else ``BLOCK_DDL``)."""
+def pack_table(table: pa.Table, block_size: int, with_seen: bool) -> pa.Table:
+    """Block rows (``USER_BLOCK_DDL`` with seen, else ``BLOCK_DDL``) of ``table``'s rows (id,
+    vector[, seen list<string>]), at most ``block_size`` rows a block: the rows of one bucket,
+    which the job sizes to about one block."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
+    ids = table.column(0).to_numpy(zero_copy_only=False).astype(object)
+    vectors = _vectors_of(table.column(1), ids, "id")
+    starts = range(0, len(ids), block_size)
+    columns = {"block_id": [str(min(ids[s:s + block_size])) for s in starts],
+               "n": [len(ids[s:s + block_size]) for s in starts], "dim": [int(vectors.shape[1])] * len(starts),
+               "ids": [ids[s:s + block_size].tolist() for s in starts],
+               "vectors": [np.ascontiguousarray(vectors[s:s + block_size]).tobytes() for s in starts]}
+    if with_seen:
+        seen = [s or [] for s in table.column(2).to_pylist()]
+        columns["seen_counts"] = [[len(x) for x in seen[s:s + block_size]] for s in starts]
+        columns["seen_ids"] = [[i for x in seen[s:s + block_size] for i in x] for s in starts]
+    return pa.Table.from_pydict(columns, schema=USER_BLOCK_ARROW if with_seen else BLOCK_ARROW)
 
-    def emit(ids: list, vectors: list, seen: list) -> pa.RecordBatch:
-        all_ids = np.concatenate(ids)
-        stacked = np.concatenate(vectors) if vectors else np.empty((0, 0), np.float32)
-        dims = {v.shape[1] for v in vectors if v.shape[0]}
-        if len(dims) > 1:
-            raise ValueError(f"vectors of dimensions {sorted(dims)} in one representation: re-run the embed job")
-        return pa.RecordBatch.from_pydict(_block_rows(all_ids, stacked, seen if with_seen else None),
-                                          schema=USER_BLOCK_ARROW if with_seen else BLOCK_ARROW)
 
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        ids_buf: list[np.ndarray] = []
-        vec_buf: list[np.ndarray] = []
-        seen_buf: list[np.ndarray] = []
-        held = 0
-        for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            ids = batch.column(0).to_numpy(zero_copy_only=False).astype(object)
-            vectors = _vectors_of(batch.column(1), ids, "id")
-            seen = ([np.asarray(s if s is not None else [], dtype=object) for s in batch.column(2).to_pylist()]
-                    if with_seen else [])
-            start = 0
-            while start < len(ids):
-                take = min(block_size - held, len(ids) - start)
-                ids_buf.append(ids[start:start + take])
-                vec_buf.append(vectors[start:start + take])
-                seen_buf.extend(seen[start:start + take])
-                held += take
-                start += take
-                if held == block_size:
-                    yield emit(ids_buf, vec_buf, seen_buf)
-                    ids_buf, vec_buf, seen_buf, held = [], [], [], 0
-        if held:
-            yield emit(ids_buf, vec_buf, seen_buf)
+def users_seen(interactions: pd.DataFrame, exclude: Sequence[str]) -> pd.DataFrame:
+    """(user_id, has_train, seen): each user of ``interactions`` (user_id, item_id, split), in id
+    order, whether they have train interactions, and their seen items (the seen-item rule,
+    ``udfs.protocol.seen_items``), sorted."""
+    seen = protocol.seen_items(interactions, exclude)
+    train = set(interactions.loc[interactions["split"] == protocol.TRAIN_SPLIT, "user_id"])
+    users = sorted(interactions["user_id"].unique())
+    return pd.DataFrame({"user_id": pd.Series(users, dtype=object), "has_train": [u in train for u in users],
+                         "seen": [sorted(seen.get(u, ())) for u in users]})
 
-    return run
+
+def users_table(users: pd.DataFrame, profiles: pd.DataFrame | None) -> pa.Table:
+    """(user_id, vector, seen) rows to rank: each profile (``profiles``: user_id, vector) with its
+    user's seen items from ``users_seen``'s frame (none for a user without interactions), or,
+    for a baseline (``profiles`` None), each user with train interactions and the vector [1.0]."""
+    seen = dict(zip(users["user_id"], users["seen"]))
+    if profiles is None:
+        ids = users.loc[users["has_train"].astype(bool), "user_id"]
+        vectors = [[1.0]] * len(ids)
+    else:
+        ids, vectors = profiles["user_id"], profiles["vector"]
+    return pa.table({"user_id": pa.array(ids, pa.string()), "vector": pa.array(vectors, pa.list_(pa.float32())),
+                     "seen": pa.array([list(seen.get(u, ())) for u in ids], pa.list_(pa.string()))})
+
+
+def baseline_items(name: str, candidates: Sequence[str], train_items: pd.Series) -> pa.Table:
+    """(item_id, vector) of a baseline's candidates, the one-dimensional vector its scorer reads:
+    ``popularity`` the item's count in ``train_items`` (the item ids of train interactions),
+    ``random`` 0 (its scores are a hash of the ids)."""
+    if name == POPULARITY:
+        counts = train_items.value_counts()
+        values = [[float(counts.get(i, 0))] for i in candidates]
+    else:
+        values = [[0.0]] * len(candidates)
+    return pa.table({"item_id": pa.array(list(candidates), pa.string()),
+                     "vector": pa.array(values, pa.list_(pa.float32()))})
+
+
+def seen_by_user(exclude: Sequence[str]) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """``groupBy(user bucket).applyInPandas`` function: ``users_seen`` of the bucket's interactions."""
+    return lambda interactions: users_seen(interactions, exclude)
+
+
+def item_blocks(block_size: int) -> Callable[[pa.Table], pa.Table]:
+    """``groupBy(item bucket).applyInArrow`` function: a bucket's (item_id, vector) -> blocks."""
+    return lambda items: pack_table(items, block_size, False)
+
+
+def profile_user_blocks(block_size: int) -> Callable[[pa.Table, pa.Table], pa.Table]:
+    """``cogroup(user bucket).applyInArrow`` function: a bucket's profiles (user_id, vector) and
+    ``users_seen`` rows -> the user blocks of a representation."""
+    return lambda profiles, users: pack_table(users_table(users.to_pandas(), profiles.to_pandas()), block_size, True)
+
+
+def baseline_user_blocks(block_size: int) -> Callable[[pa.Table], pa.Table]:
+    """``groupBy(user bucket).applyInArrow`` function: a bucket's ``users_seen`` rows -> a
+    baseline's user blocks."""
+    return lambda users: pack_table(users_table(users.to_pandas(), None), block_size, True)
+
+
+def baseline_item_blocks(name: str, block_size: int) -> Callable[[pa.Table, pa.Table], pa.Table]:
+    """``cogroup(item bucket).applyInArrow`` function: a bucket's candidates (item_id) and train
+    interactions (item_id) -> the item blocks of baseline ``name``."""
+    return lambda candidates, train: pack_table(
+        baseline_items(name, candidates.column("item_id").to_pylist(), train.column("item_id").to_pandas()),
+        block_size, False)
 
 
 def _unpack(batch: pa.RecordBatch, position: int, prefix: str) -> tuple[np.ndarray, np.ndarray]:
@@ -148,8 +185,6 @@ def _unpack(batch: pa.RecordBatch, position: int, prefix: str) -> tuple[np.ndarr
 
 def seen_mask(seen_counts: list[int], seen_ids: list[str], item_ids: np.ndarray) -> scipy.sparse.csr_matrix:
     """(users, items of this block) boolean mask of each user's seen items that lie in the block."""
-    import pandas as pd
-
     n_users = len(seen_counts)
     rows = np.repeat(np.arange(n_users, dtype=np.int64), np.asarray(seen_counts, dtype=np.int64))
     cols = pd.Index(item_ids).get_indexer(np.asarray(seen_ids, dtype=object)) if len(seen_ids) else np.empty(0, np.int64)

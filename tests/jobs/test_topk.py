@@ -6,13 +6,14 @@ import json
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jobs import tables, topk
-from udfs import topk_udfs
+from udfs import scorers, topk_udfs
 
 SEED = 42
 
@@ -99,7 +100,7 @@ def brute_force(data: RandomDataset, rep: str, candidates: list[str], exclude: t
         scores = np.tile(np.array([counts.get(i, 0) for i in cand], np.float32), (len(users), 1))
     elif rep == "random":
         users = sorted(data.splits["train"])
-        scores = topk_udfs.random_scores(np.array(users), cand, SEED)
+        scores = scorers.random_scores(np.array(users), cand, SEED)
     else:
         users = sorted(data.profiles[rep])
         profiles = np.stack([data.profiles[rep][u] for u in users])
@@ -198,14 +199,17 @@ def arrow_rows(ids: list[str], vectors: np.ndarray, seen: list[list[str]] | None
 
 
 def wrappers_topk(user_ids, profiles, seen, item_ids, items, k, user_block, item_block, batch_rows):
-    """pack -> cross join of blocks -> pair top-k -> merge, with plain Python in place of Spark."""
-    def batches(ids, vectors, extra):
+    """bucket -> pack -> cross join of blocks -> pair top-k -> merge, with plain Python in place
+    of Spark (a bucket of ``batch_rows`` rows, packed into blocks of at most the block size)."""
+    def packed(ids, vectors, extra, block):
         for start in range(0, len(ids), batch_rows):
-            yield arrow_rows(ids[start:start + batch_rows], vectors[start:start + batch_rows],
-                             None if extra is None else extra[start:start + batch_rows])
+            rows = pa.Table.from_batches([arrow_rows(ids[start:start + batch_rows], vectors[start:start + batch_rows],
+                                                     None if extra is None else extra[start:start + batch_rows])])
+            blocks = topk_udfs.pack_table(rows, block, extra is not None)
+            yield from (pa.RecordBatch.from_pylist([row], blocks.schema) for row in blocks.to_pylist())
 
-    user_blocks = list(topk_udfs.pack_blocks(user_block, True)(batches(user_ids, profiles, seen)))
-    item_blocks = list(topk_udfs.pack_blocks(item_block, False)(batches(item_ids, items, None)))
+    user_blocks = list(packed(user_ids, profiles, seen, user_block))
+    item_blocks = list(packed(item_ids, items, None, item_block))
     pair_rows = []
     for ub in user_blocks:
         for ib in item_blocks:
@@ -243,15 +247,51 @@ def test_block_wrappers_equal_brute_force(seed, n_users, n_items, k, user_block,
 
 def test_random_scores_are_a_seeded_function_of_the_ids():
     users, items = np.array(["a", "b"]), np.array([f"i{j}" for j in range(500)])
-    first = topk_udfs.random_scores(users, items, 7)
-    assert np.array_equal(first, topk_udfs.random_scores(users, items, 7))
-    assert np.array_equal(first[:, 100:200], topk_udfs.random_scores(users, items[100:200], 7))
-    assert not np.array_equal(first, topk_udfs.random_scores(users, items, 8))
+    first = scorers.random_scores(users, items, 7)
+    assert np.array_equal(first, scorers.random_scores(users, items, 7))
+    assert np.array_equal(first[:, 100:200], scorers.random_scores(users, items[100:200], 7))
+    assert not np.array_equal(first, scorers.random_scores(users, items, 8))
     assert not np.array_equal(first[0], first[1])  # each user has their own order
     assert first.min() >= 0 and first.max() < 1
 
 
-def test_pack_blocks_rejects_ragged_vectors():
-    batch = pa.RecordBatch.from_pydict({"id": ["a", "b"], "vector": [[1.0, 0.0], [1.0]]})
+def test_pack_table_rejects_ragged_vectors():
+    table = pa.table({"id": ["a", "b"], "vector": [[1.0, 0.0], [1.0]]})
     with pytest.raises(ValueError, match="'b' has a vector of length 1"):
-        list(topk_udfs.pack_blocks(4, False)(iter([batch])))
+        topk_udfs.pack_table(table, 4, False)
+
+
+def test_users_seen_flags_train_users_and_lists_their_excluded_splits_items():
+    interactions = pd.DataFrame({"user_id": ["u2", "u1", "u1", "u1", "u3"], "item_id": ["a", "c", "a", "c", "b"],
+                                 "split": ["train", "valid", "train", "test", "test"]})
+    got = topk_udfs.users_seen(interactions, ("train", "valid"))
+    assert got["user_id"].tolist() == ["u1", "u2", "u3"] and got["has_train"].tolist() == [True, True, False]
+    assert got["seen"].tolist() == [["a", "c"], ["a"], []]
+    assert topk_udfs.users_seen(interactions, ("train",))["seen"].tolist() == [["a"], ["a"], []]
+
+
+def test_users_table_gives_profiles_their_seen_items_and_baselines_the_train_users():
+    users = pd.DataFrame({"user_id": ["u1", "u2", "u3"], "has_train": [True, False, True],
+                          "seen": [["a"], ["b", "c"], []]})
+    profiles = pd.DataFrame({"user_id": ["u2", "u9"], "vector": [np.array([0.5, 1.0], np.float32), [1.0, 0.0]]})
+    ranked = topk_udfs.users_table(users, profiles).to_pydict()
+    assert ranked == {"user_id": ["u2", "u9"], "vector": [[0.5, 1.0], [1.0, 0.0]], "seen": [["b", "c"], []]}
+    baseline = topk_udfs.users_table(users, None).to_pydict()
+    assert baseline == {"user_id": ["u1", "u3"], "vector": [[1.0], [1.0]], "seen": [["a"], []]}
+
+
+def test_baseline_items_carry_the_train_count_for_popularity_and_zero_for_random():
+    train = pd.Series(["b", "a", "b", "z"])
+    assert topk_udfs.baseline_items("popularity", ["a", "b", "c"], train).to_pydict() == {
+        "item_id": ["a", "b", "c"], "vector": [[1.0], [2.0], [0.0]]}
+    assert topk_udfs.baseline_items("random", ["a", "c"], train).to_pydict() == {
+        "item_id": ["a", "c"], "vector": [[0.0], [0.0]]}
+
+
+def test_pack_table_cuts_a_bucket_into_blocks_with_their_seen_lists():
+    table = pa.table({"id": ["c", "a", "b"], "vector": [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]],
+                      "seen": [["x"], None, ["y", "z"]]})
+    blocks = topk_udfs.pack_table(table, 2, True).to_pylist()
+    assert [(b["block_id"], b["n"], b["dim"], b["ids"]) for b in blocks] == [("a", 2, 2, ["c", "a"]), ("b", 1, 2, ["b"])]
+    assert [(b["seen_counts"], b["seen_ids"]) for b in blocks] == [([1, 0], ["x"]), ([2], ["y", "z"])]
+    assert np.frombuffer(blocks[0]["vectors"], np.float32).tolist() == [1.0, 2.0, 3.0, 4.0]

@@ -38,6 +38,16 @@ def test_baselines_alone_rank_the_catalog_and_nothing_is_an_empty_frame():
         protocol.candidate_items(EMBEDDED, ["title"], [], CATALOG, "commons")
 
 
+def test_the_catalog_is_the_items_table_else_the_items_interacted_with():
+    listed = protocol.candidate_items(EMBEDDED.iloc[:0], [], ["random"], ["b", "a"], "all", ["z"])
+    assert by_rep(listed) == {"random": ["a", "b"]}
+    interacted = protocol.candidate_items(EMBEDDED.iloc[:0], [], ["random"], [], "all", ["z", "y", "z"])
+    assert by_rep(interacted) == {"random": ["y", "z"]}
+    # The catalog is read only where the rule uses it.
+    assert protocol.needs_catalog(["title"], ["random"], "all") and protocol.needs_catalog([], ["random"], "common")
+    assert not protocol.needs_catalog(["title"], ["random"], "common") and not protocol.needs_catalog(["t"], [], "all")
+
+
 INTERACTIONS = pd.DataFrame({
     "user_id": ["u1", "u1", "u1", "u1", "u2", "u2", "u3"],
     "item_id": ["a",  "b",  "c",  "b",  "a",  "d",  "c"],

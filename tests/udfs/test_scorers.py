@@ -94,9 +94,10 @@ def test_pair_topk_over_every_scorer_equals_a_full_sort(name, seed):
         np.testing.assert_allclose(got_scores[row, :len(want)], [-s for s, _ in ranked[:k]], rtol=1e-6)
 
 
-def test_als_factors_are_ranked_by_dot_and_content_vectors_by_cosine():
-    assert scorers.vector_scorer("als") == "dot"
-    assert {scorers.vector_scorer(n) for n in ("title", "visual", "naive", "lvlm:tags:m:p")} == {"cosine"}
+def test_als_factors_are_ranked_by_dot_content_vectors_by_cosine_and_baselines_by_their_own():
+    assert scorers.scorer_for("als") == "dot"
+    assert {scorers.scorer_for(n) for n in ("title", "visual", "naive", "lvlm:tags:m:p")} == {"cosine"}
+    assert (scorers.scorer_for("popularity"), scorers.scorer_for("random")) == ("popularity", "random")
     # On unnormalised factors the two orders differ: a long item vector wins the dot product.
     user, items = np.array([[1.0, 0.0]]), np.array([[3.0, 3.0], [1.0, 0.1]])
     ids = np.array(["long", "aligned"])

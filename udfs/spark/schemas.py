@@ -226,6 +226,7 @@ def with_image_check(schema: T.StructType) -> T.StructType:
 
 BLOCK_DDL = "block_id string, n int, dim int, ids array<string>, vectors binary"
 USER_BLOCK_DDL = BLOCK_DDL + ", seen_counts array<int>, seen_ids array<string>"
+USERS_SEEN_DDL = "user_id string, has_train boolean, seen array<string>"
 PAIR_DDL = "user_block string, user_ids array<string>, width int, scores binary, item_ids array<string>"
 RANKS_DDL = "representation string, user_id string, rank int, item_id string, score float"
 
