@@ -358,7 +358,7 @@ def reference(root: Path, overrides: list[str]) -> dict:
     with watch("topk"):
         from udfs import topk as topk_kernels
         from udfs import topk_udfs
-        from udfs.scorers import vector_scorer
+        from udfs.scorers import scorer_for
 
         settings = experiment.topk
         k = settings.k or max(experiment.evaluate.ks)
@@ -388,7 +388,7 @@ def reference(root: Path, overrides: list[str]) -> dict:
             items_of = vectors[name][vectors[name]["item_id"].isin(common)]
             rank(name, profiles[name]["user_id"].to_numpy(dtype=object),
                  embedding_udfs.stack_vectors(profiles[name]["vector"]), items_of["item_id"].to_numpy(dtype=object),
-                 embedding_udfs.stack_vectors(items_of["vector"]), vector_scorer(name))
+                 embedding_udfs.stack_vectors(items_of["vector"]), scorer_for(name))
         ones = np.ones((len(train_users), 1), np.float32)
         for name in baselines:
             if name == "popularity":
