@@ -9,6 +9,8 @@ CORE = [
     "numpy>=1.26",
     "scipy>=1.11",
     "pyyaml>=6",
+    # The typed config (jobs/config): sections are pydantic dataclasses that forbid unknown keys.
+    "pydantic>=2",
     "pillow>=10",
     "ray[data]==2.60.0",
     # recommend and report read the Delta tables without Spark (delta-rs); report draws and renders.

@@ -310,3 +310,54 @@ def test_a_flag_wins_over_set_and_a_bad_flag_value_names_the_flag():
     assert config.experiment.caption.force is True
     config, _ = parsed(caption.add_arguments, [])
     assert config.experiment.caption.force is False
+
+
+# --- pydantic reads values as strictly as the hand-made builder did -------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("experiment.caption.force=1", r"'experiment\.caption\.force'.*true or false, got 1"),
+    ("experiment.caption.hf.local_files_only=yes please", r"'experiment\.caption\.hf\.local_files_only'.*true or false"),
+    ("experiment.topk.user_block=true", r"'experiment\.topk\.user_block'.*an integer, got True"),
+    ("experiment.topk.user_block=2.5", r"'experiment\.topk\.user_block'.*an integer, got 2\.5"),
+    ("experiment.fuse.lr='0.1'", r"'experiment\.fuse\.lr'.*a number, got '0\.1'"),
+    ("dataset.name=true", r"'dataset\.name'.*a string, got True"),
+    ("experiment.evaluate.ks=[5, x]", r"'experiment\.evaluate\.ks'.*an integer, got 'x' \(at \[1\]\)"),
+    ("experiment.fuse.smore_knn_k={lvlm: 0}", r"'experiment\.fuse\.smore_knn_k'.*>= 1, got 0 \(at \['lvlm'\]\)"),
+    ("experiment.fuse.tokens=7", r"'experiment\.fuse\.tokens'.*multiple of heads \(4\), got 7"),
+    ("experiment.caption.openai.base_urls=[ftp://a]", r"'experiment\.caption\.openai\.base_urls'.*http://"),
+    ("experiment=3", r"experiment in --set experiment=3 must be a mapping"),
+])
+def test_a_value_of_the_wrong_type_is_refused_not_converted(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_a_number_for_a_text_is_that_text_and_an_int_for_a_number_a_float():
+    config = load_config(None, ["spark.extra={spark.executor.cores: 4}", "dataset.name=2024",
+                                "experiment.embed.concat_weights={title: 2}", "heartbeat_s=60"])
+    assert config.spark.extra == {"spark.executor.cores": "4"} and config.dataset.name == "2024"
+    assert config.experiment.embed.concat_weights == {"title": 2.0} and isinstance(config.heartbeat_s, float)
+
+
+def test_the_config_round_trips_through_json_as_the_runs_table_stores_it():
+    import json
+
+    config = load_config(["experiments/ml100k.yaml"], ["experiment.profiles.half_life_days=30",
+                                                       "experiment.caption.vllm.engine_kwargs={enforce_eager: true}"])
+    assert Config.from_dict(json.loads(config.to_json())) == config
+
+
+def test_sections_stay_dataclasses_for_the_code_that_reads_them():
+    from jobs.config import CaptionConf, FuseConf
+
+    fuse = dataclasses.replace(FuseConf(), epochs=3)
+    assert dataclasses.asdict(fuse)["epochs"] == 3 and "objective" in {f.name for f in dataclasses.fields(FuseConf)}
+    assert dataclasses.asdict(CaptionConf().tags)["top_k"] == 3
+
+
+def test_the_fuse_objectives_are_the_trainers_own():
+    # The config cannot import the trainer (it loads torch), so the two lists are checked here.
+    from jobs.config import FUSE_OBJECTIVES
+    from udfs.fusion_training import OBJECTIVES
+
+    assert FUSE_OBJECTIVES == OBJECTIVES

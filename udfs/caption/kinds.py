@@ -1,8 +1,8 @@
 """What the caption job knows of each engine without loading it: one ``EngineKind`` per engine.
 
 A kind owns everything about its engine that the job, the plan and the config ask: its name and
-default model, its options (a dataclass the config types ``experiment.caption.<name>`` with:
-an unknown key is a config error, a value out of range names its dotted key), the identity it
+default model, its options (a pydantic dataclass the config types ``experiment.caption.<name>``
+with: an unknown key is a config error, a value out of range names its dotted key), the identity it
 records in the ``descriptions`` cache (``identity``), the longest image side it needs, whether
 its actors hold a GPU or read and write their own files, their Ray resources and pool, what it
 needs installed, and what it does before and after describing (the ``openai`` engine checks its
@@ -16,11 +16,16 @@ check) is looked up the same way, so that the import graph stays a tree.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+import pydantic.dataclasses
+from annotated_types import Ge, Gt
+from pydantic import ConfigDict, StrictBool, StrictFloat, StrictInt, field_validator
 
 from udfs.caption.prompts import prompt_id
 
@@ -32,57 +37,53 @@ EFFICIENTNET_LITE0 = "efficientnet-lite0"
 N_IMAGENET_CLASSES = 1000
 
 
-def below(value: float | None, low: float) -> str | None:
-    """'must be >= low, got value' when ``value`` is below ``low`` (None passes): a config
-    check's message, shared with ``jobs.config``."""
-    if value is not None and value < low:
-        return f"must be >= {low}, got {value!r}"
-    return None
+# The engines' options are config sections (``experiment.caption.<engine>``), declared as
+# jobs.config declares its own (jobs.config.validation.SECTION_CONFIG; udfs cannot import jobs):
+# pydantic dataclasses that refuse an unknown key and read a number given for a text as text.
+options_dataclass = functools.partial(pydantic.dataclasses.dataclass,
+                                      config=ConfigDict(extra="forbid", coerce_numbers_to_str=True))
 
 
-@dataclass
+@options_dataclass
 class TagsOptions:
     """``experiment.caption.tags`` (``TagsKind.identity`` checks the ranges)."""
 
-    top_k: int = 3
-    min_prob: float = 0.15
-    colours: int = 3
-    min_colour_share: float = 0.15
+    top_k: StrictInt = 3
+    min_prob: StrictFloat = 0.15
+    colours: StrictInt = 3
+    min_colour_share: StrictFloat = 0.15
     device: str = "cpu"
 
 
-@dataclass
+@options_dataclass
 class HfOptions:
     """``experiment.caption.hf``."""
 
     device: str = "auto"
     dtype: str = "auto"
-    min_new_tokens: int | None = None
-    static_cache: bool = False
-    do_sample: bool = False
-    temperature: float | None = None
-    top_p: float | None = None
-    local_files_only: bool | None = None
+    min_new_tokens: StrictInt | None = None
+    static_cache: StrictBool = False
+    do_sample: StrictBool = False
+    temperature: StrictFloat | None = None
+    top_p: StrictFloat | None = None
+    local_files_only: StrictBool | None = None
     attn_implementation: str | None = None
-    trust_remote_code: bool = False
+    trust_remote_code: StrictBool = False
 
 
-@dataclass
+@options_dataclass
 class VllmOptions:
     """``experiment.caption.vllm``."""
 
-    tensor_parallel_size: int = 1  # GPUs per model replica
-    max_model_len: int | None = None
-    gpu_memory_utilization: float | None = None
-    min_new_tokens: int | None = None
+    tensor_parallel_size: Annotated[StrictInt, Ge(1)] = 1  # GPUs per model replica
+    max_model_len: StrictInt | None = None
+    gpu_memory_utilization: StrictFloat | None = None
+    min_new_tokens: StrictInt | None = None
     # vLLM's own engine arguments, passed as they are (its keys, not ours).
     engine_kwargs: dict[str, Any] | None = None
 
-    def problems(self) -> dict[str, str | None]:
-        return {"tensor_parallel_size": below(self.tensor_parallel_size, 1)}
 
-
-@dataclass
+@options_dataclass
 class OpenaiOptions:
     """``experiment.caption.openai``. The model is ``experiment.caption.model`` (the served name)
     and ``max_tokens`` is ``experiment.caption.max_new_tokens``; ``max_concurrency`` and ``qps``
@@ -91,26 +92,21 @@ class OpenaiOptions:
     base_url: str = "http://127.0.0.1:8000"  # an address (/v1 is added) or an API root with its path
     base_urls: list[str] = field(default_factory=list)  # several servers, balanced (replaces base_url)
     api_key_env: str | None = None  # the NAME of the environment variable holding the key
-    temperature: float = 0.0  # 0: reproducible descriptions, as the cache assumes
-    timeout_s: float = 120.0  # per request
-    max_concurrency: int = 8  # requests in flight per actor
-    qps: float | None = None  # request starts per second per actor (None: no limit)
-    max_retries: int = 6  # per image, on connection errors, timeouts, 408, 429 and 5xx
-    backoff_s: float = 0.5  # first backoff; doubles per retry, full jitter
-    backoff_max_s: float = 30.0
+    temperature: Annotated[StrictFloat, Ge(0)] = 0.0  # 0: reproducible descriptions, as the cache assumes
+    timeout_s: Annotated[StrictFloat, Gt(0)] = 120.0  # per request
+    max_concurrency: Annotated[StrictInt, Ge(1)] = 8  # requests in flight per actor
+    qps: Annotated[StrictFloat, Gt(0)] | None = None  # request starts per second per actor (None: no limit)
+    max_retries: Annotated[StrictInt, Ge(0)] = 6  # per image, on connection errors, timeouts, 408, 429 and 5xx
+    backoff_s: Annotated[StrictFloat, Ge(0)] = 0.5  # first backoff; doubles per retry, full jitter
+    backoff_max_s: Annotated[StrictFloat, Ge(0)] = 30.0
 
-    def problems(self) -> dict[str, str | None]:
-        bad_urls = [u for u in [self.base_url, *self.base_urls] if not u.startswith(("http://", "https://"))]
-        return {
-            "base_url": f"must start with http:// or https://, got {bad_urls}" if bad_urls else None,
-            "timeout_s": None if self.timeout_s > 0 else f"must be > 0, got {self.timeout_s!r}",
-            "max_concurrency": below(self.max_concurrency, 1),
-            "qps": None if self.qps is None or self.qps > 0 else f"must be > 0 (or null: no limit), got {self.qps!r}",
-            "max_retries": below(self.max_retries, 0),
-            "backoff_s": below(self.backoff_s, 0),
-            "backoff_max_s": below(self.backoff_max_s, 0),
-            "temperature": below(self.temperature, 0),
-        }
+    @field_validator("base_url", "base_urls")
+    @classmethod
+    def _http(cls, urls: str | list[str]) -> str | list[str]:
+        bad = [u for u in ([urls] if isinstance(urls, str) else urls) if not u.startswith(("http://", "https://"))]
+        if bad:
+            raise ValueError(f"must start with http:// or https://, got {bad}")
+        return urls
 
 
 @dataclass(frozen=True)
