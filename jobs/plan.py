@@ -35,6 +35,7 @@ from udfs.representations import (
     lvlm_name,
     parse_representation,
     required_base_representations,
+    spell_out_lvlm,
     validate_representations,
 )
 
@@ -99,16 +100,7 @@ def expand_lvlm(representations: list[str], caption: CaptionConf) -> list[str]:
     if not any(_uses_shorthand(r) for r in representations):
         return list(representations)
     full = caption_representation(caption)
-
-    def expand(name: str) -> str:
-        if name == "lvlm":
-            return full
-        if _uses_shorthand(name):
-            head, _, parts = name.partition(":")
-            return f"{head}:" + "+".join(full if p == "lvlm" else p for p in parts.split("+"))
-        return name
-
-    return [expand(r) for r in representations]
+    return [spell_out_lvlm(r, full) for r in representations]
 
 
 @dataclass(frozen=True)

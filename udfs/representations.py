@@ -114,6 +114,18 @@ def lvlm_name(engine: str, model: str, prompt_id: str) -> str:
     return f"{LVLM}:{engine}:{model}:{prompt_id}"
 
 
+def spell_out_lvlm(name: str, full: str) -> str:
+    """``name`` with the ``lvlm`` shorthand (alone, or a fusion part as in ``naive:lvlm+visual``)
+    spelt out as ``full``, an LVLM representation's full name; other names come back unchanged."""
+    if name == LVLM:
+        return full
+    head, _, parts = name.partition(":")
+    pieces = parts.split("+")
+    if head not in ALL_FUSIONS or LVLM not in pieces:
+        return name
+    return f"{head}:" + "+".join(full if part == LVLM else part for part in pieces)
+
+
 def fusion_name(method: str, parts: Iterable[str]) -> str:
     """Canonical name of fusion ``method`` over ``parts`` (bare for title + visual)."""
     if method not in ALL_FUSIONS:
@@ -147,7 +159,7 @@ def parse_representation(name: str) -> Representation:
             f"representation {name!r} is not a non-empty string without surrounding spaces; "
             f"allowed forms: {ALLOWED_FORMS}"
         )
-    if name in BASE_REPRESENTATIONS:
+    if name in BASE_REPRESENTATIONS or name == ALS:
         return Representation(kind=name)
     if name in ALL_FUSIONS:
         return Representation(kind=name, parts=tuple(sorted(DEFAULT_FUSION_PARTS)))
@@ -174,8 +186,6 @@ def parse_representation(name: str) -> Representation:
         except RepresentationError as err:
             raise RepresentationError(f"representation {name!r}: {err}") from None
         return Representation(kind=head, parts=parts)
-    if name == ALS:
-        return Representation(kind=ALS)
     raise RepresentationError(
         f"representation {name!r} is not one of the allowed forms: {ALLOWED_FORMS}, or {ALS!r} "
         f"(the collaborative-filtering reference)"
@@ -196,8 +206,7 @@ def validate_representations(
         )
     if not names:
         raise RepresentationError(f"{source} is empty: name at least one of {ALLOWED_FORMS}")
-    seen: dict[str, str] = {}
-    canonical: list[str] = []
+    seen: dict[str, str] = {}  # canonical name -> the entry that named it, in the list's order
     for i, entry in enumerate(names):
         try:
             parsed = parse_representation(entry)
@@ -209,8 +218,7 @@ def validate_representations(
                 f"{seen[parsed.name]!r}: list it once"
             )
         seen[parsed.name] = entry
-        canonical.append(parsed.name)
-    return canonical
+    return list(seen)
 
 
 def required_base_representations(names: Sequence[str]) -> list[str]:
