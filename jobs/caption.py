@@ -3,9 +3,11 @@
 For the configured dataset and ``experiment.caption`` (engine, model, prompt):
 
 1. The plan reads ``items`` (item_id, image_uri, image_sha256): on the driver with delta-rs
-   while the dataset's ``items`` files and the whole ``descriptions`` table (it is not
-   partitioned) each hold under 64 MiB of Parquet (``udfs.caption_udfs.caption_todo``), else as
-   one Spark job (``spark_plan``; the same rules).
+   while the dataset's ``items`` and the engine's ``descriptions`` rows are small
+   (``jobs.driver_inputs.read_on_driver``, ``spark.driver_compute_mb``; a fallback is counted
+   ``driver_fallback_<reason>``) and ``udfs.caption_udfs.caption_todo``, else as one Spark job
+   (``jobs.caption_plan.spark_plan``; the same rules). The staged files are merged the same way
+   (``jobs.caption_merge``).
    Items without an image hash (no
    image, or one that ``ingest`` rejected) are counted ``skipped_no_image``. Items are grouped
    by hash: an image shared by several items is described once (``shared_image_items``).

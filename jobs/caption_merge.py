@@ -130,35 +130,25 @@ def merge_staged(run: JobRun, files: list[str]) -> int:
 def merge_on_driver(run: JobRun, files: list[str]) -> int | None:
     """``merge_staged`` on the driver (the same winners, ``cu.staged_winners``; the same MERGE,
     committed by delta-rs on a local master, ``jobs.tables``) while the staged files and the
-    table's rows of their images are small (``spark.driver_compute_mb``, ``MAX_ROWS``); None:
-    the Spark path merges them."""
+    table's rows of their images are small (``jobs.driver_inputs.read_on_driver``: its reasons
+    to decline are counted); None: the Spark path merges them."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from udfs.warehouse_reader import StoreUnreadable, TableMissing, TooLarge, check_size, read_table
+    from .driver_inputs import Slice, limit_bytes, read_on_driver
 
-    from .driver_inputs import MAX_ROWS, limit_bytes
-
-    limit = limit_bytes(run)
     local = [storage.local_path_of(f) for f in files]
-    if limit <= 0 or not run.spark.sparkContext.master.startswith("local") or None in local \
-            or sum(os.path.getsize(f) for f in local) > limit:
+    if not run.spark.sparkContext.master.startswith("local") or None in local \
+            or sum(os.path.getsize(f) for f in local) > limit_bytes(run):
         return None
-    keys, schema = tables.KEYS["descriptions"], tables.arrow_schema("descriptions")
-    try:
-        staged = pa.concat_tables([pq.read_table(f, schema=schema) for f in local])
-        hashes = sorted(set(staged.column("image_sha256").to_pylist()))
-        try:
-            check_size(run.warehouse, "descriptions", within={"image_sha256": hashes}, max_bytes=limit,
-                       max_rows=MAX_ROWS)
-            current = read_table(run.warehouse, "descriptions", within={"image_sha256": hashes},
-                                 columns=[*keys, "status", "created_at"])
-        except TableMissing:
-            current = None
-    except (TooLarge, StoreUnreadable) as exc:
-        log.info("caption merge with Spark: %s", exc)
+    keys = tables.KEYS["descriptions"]
+    staged = pa.concat_tables([pq.read_table(f, schema=tables.arrow_schema("descriptions")) for f in local])
+    read = read_on_driver(run, {"current": Slice(
+        "descriptions", within={"image_sha256": sorted(set(staged.column("image_sha256").to_pylist()))},
+        columns=[*keys, "status", "created_at"], optional=True)})
+    if read is None:
         return None
-    winners = cu.staged_winners(staged, current, keys)
+    winners = cu.staged_winners(staged, read["current"], keys)
     if winners.num_rows:
         tables.merge(run.spark, run.warehouse, "descriptions", winners)
     return winners.num_rows

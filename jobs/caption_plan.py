@@ -2,7 +2,6 @@
 read on the driver while the tables are small, else as one Spark job (``jobs.caption``)."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +15,8 @@ from udfs.representations import RepresentationError, lvlm_name
 
 from . import tables
 from .config import CaptionConf, ConfigError
+from .driver_inputs import Slice, read_on_driver
 from .job_run import JobRun, NothingUsable
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,13 +58,6 @@ def caption_spec(conf: CaptionConf) -> CaptionSpec:
     return spec
 
 
-# While the dataset's items files and the descriptions table (unpartitioned: every engine's rows
-# count) each stay under this many Parquet bytes, the plan is read on the driver with delta-rs: a
-# Spark job costs more than the reading there (0.9 s against tens of ms for 1,500 images), and a
-# cached rerun is nearly all plan.
-DRIVER_PLAN_MAX_BYTES = 64 << 20
-
-
 def spark_plan(spark, warehouse: str, dataset: str, spec: CaptionSpec) -> tuple[Any, dict[str, int]]:
     """``udfs.caption_udfs.caption_todo`` as one Spark action: the counts are observed on the
     way to the to-do list, so a rerun on a cached catalog costs one pass over the items and the
@@ -100,37 +91,26 @@ def spark_plan(spark, warehouse: str, dataset: str, spec: CaptionSpec) -> tuple[
     return table, {k: int(v or 0) for k, v in facts.items()}
 
 
-def driver_plan(warehouse: str, dataset: str, spec: CaptionSpec,
-                max_bytes: int = DRIVER_PLAN_MAX_BYTES) -> tuple[Any, dict[str, int]] | None:
-    """The same plan read on the driver (delta-rs + pandas), or None when either table's files
-    to read exceed ``max_bytes`` or delta-rs cannot open the store (the caller then plans with
-    Spark); any other error is the job's."""
-    from udfs.warehouse_reader import StoreUnreadable, TableMissing, TooLarge, read_table
-
-    try:
-        items = read_table(warehouse, "items", equal={"dataset": dataset},
-                           columns=["item_id", "image_uri", "image_sha256"], max_bytes=max_bytes)
-        try:
-            cache = read_table(warehouse, "descriptions", columns=["image_sha256", "status", "error"],
-                               equal={"engine": spec.engine, "model": spec.model, "prompt_id": spec.prompt_id},
-                               max_bytes=max_bytes)
-        except TableMissing:  # no image was ever described here
-            cache = None
-    except (TooLarge, StoreUnreadable) as exc:
-        log.info("caption plan with Spark: %s", exc)
+def driver_plan(run: JobRun, spec: CaptionSpec) -> tuple[Any, dict[str, int]] | None:
+    """The same plan read on the driver (``jobs.driver_inputs.read_on_driver``: delta-rs and
+    ``udfs.caption_udfs.caption_todo``), or None when the job plans with Spark for one of the
+    named, counted reasons (``driver_fallback_<reason>``); any other error is the job's."""
+    read = read_on_driver(run, {
+        "items": Slice("items", {"dataset": run.config.dataset.name},
+                       columns=["item_id", "image_uri", "image_sha256"]),
+        # No image was ever described here: no table yet, an empty cache.
+        "cache": Slice("descriptions", {"engine": spec.engine, "model": spec.model, "prompt_id": spec.prompt_id},
+                       columns=["image_sha256", "status", "error"], optional=True)})
+    if read is None:
         return None
-    if cache is None:
-        import pyarrow as pa
-
-        cache = pa.table({c: pa.array([], pa.string()) for c in ("image_sha256", "status", "error")})
-    return cu.caption_todo(items, cache, force=spec.conf.force)
+    return cu.caption_todo(read["items"], read["cache"], force=spec.conf.force)
 
 
 def plan(run: JobRun, spec: CaptionSpec) -> Any:
     """The images to describe (an Arrow table of image_sha256, item_id, image_uri), with counts:
-    read on the driver when the tables are small (``driver_plan``), else one Spark job."""
+    read on the driver while the slices are small (``driver_plan``), else one Spark job."""
     name = run.config.dataset.name
-    found = driver_plan(run.warehouse, name, spec)
+    found = driver_plan(run, spec)
     table, facts = found if found is not None else spark_plan(run.spark, run.warehouse, name, spec)
     if facts["n"] == 0:
         raise NothingUsable(f"dataset '{name}' has no items in {run.warehouse}/items: run "

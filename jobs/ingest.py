@@ -214,7 +214,7 @@ def _write_slices(run: JobRun, spec: SplitSpec, good: DataFrame, items: DataFram
 def _count_written(run: JobRun) -> None:
     """Count what the commit holds, read back: with delta-rs, two columns (a Spark job and a log
     replay cost more than the counting on small data), else (too many rows to hold, or delta-rs
-    cannot read the warehouse) with Spark."""
+    cannot read the warehouse: counted ``driver_fallback_<reason>``) with Spark."""
     spark, wh, name = run.spark, run.warehouse, run.config.dataset.name
 
     def with_delta_rs() -> list[dict]:
@@ -230,7 +230,7 @@ def _count_written(run: JobRun) -> None:
                 .groupBy("split").agg(F.count(F.lit(1)).alias("n"), F.countDistinct("user_id").alias("users"))
                 .collect())
 
-    written = tables.small_read(spark, wh, "interactions", with_delta_rs, with_spark)
+    written = tables.small_read(spark, wh, "interactions", with_delta_rs, with_spark, run.count)
     for row in written:
         run.count(f"interactions_{row['split']}", row["n"])
         run.count(f"users_with_{row['split']}", row["users"])

@@ -114,10 +114,11 @@ def is_final(status: str | None, error: str | None) -> bool:
     return status == OK or (status == ERROR and is_permanent_error(error))
 
 
-def caption_todo(items: pa.Table, cache: pa.Table, force: bool = False) -> tuple[pa.Table, dict[str, int]]:
+def caption_todo(items: pa.Table, cache: pa.Table | None, force: bool = False) -> tuple[pa.Table, dict[str, int]]:
     """The caption job's plan, without Spark: ``items`` (item_id, image_uri, image_sha256: one
     dataset's rows) and ``cache`` (image_sha256, status, error: the engine's ``descriptions``
-    rows) -> (the images to describe: image_sha256, item_id, image_uri sorted by hash; facts).
+    rows; None: no table yet) -> (the images to describe: image_sha256, item_id, image_uri
+    sorted by hash; facts).
 
     One item per image: the smallest (item_id, image_uri), so reruns pick the same one. Facts:
     ``n`` items, ``with_image``, ``images`` (distinct hashes), ``ok``, ``final_errors`` (cached
@@ -128,7 +129,9 @@ def caption_todo(items: pa.Table, cache: pa.Table, force: bool = False) -> tuple
     images = (frame[frame["image_sha256"].notna()]
               .sort_values(["image_sha256", "item_id", "image_uri"], na_position="first", kind="stable")
               .drop_duplicates("image_sha256", keep="first"))
-    rows = cache.select(["image_sha256", "status", "error"]).to_pandas()
+    columns = ["image_sha256", "status", "error"]
+    rows = (cache.select(columns).to_pandas() if cache is not None
+            else pd.DataFrame({c: pd.Series([], dtype=object) for c in columns}))
     rows["_final"] = [is_final(s if isinstance(s, str) else None, e if isinstance(e, str) else None)
                       for s, e in zip(rows["status"], rows["error"])]
     # The table's MERGE keeps one row per key; should two ever meet, the settled one counts.

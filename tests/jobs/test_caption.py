@@ -322,7 +322,8 @@ def test_the_driver_plan_is_the_spark_plan(spark, catalog):
     import dataclasses
     import datetime as dt
 
-    from jobs.config import CaptionConf
+    from jobs.config import CaptionConf, load_config
+    from jobs.job_run import JobRun
 
     wh, _ = catalog
     spec = dataclasses.replace(caption_plan.caption_spec(CaptionConf()), model="plan-equivalence")
@@ -334,9 +335,14 @@ def test_the_driver_plan_is_the_spark_plan(spark, catalog):
             (shas[2], spec.engine, spec.model, spec.prompt_id, None, spec.prompt, None, None, None, "error",
              "changed: the file changed since ingest", now)]
     tables.merge(spark, wh, "descriptions", spark.createDataFrame(rows, tables.SCHEMAS["descriptions"]))
+
+    def job_run(driver_compute_mb: int) -> JobRun:
+        return JobRun("caption", load_config([], [f"warehouse={wh}", "dataset.name=synthetic",
+                                                  f"spark.driver_compute_mb={driver_compute_mb}"]), spark)
+
     for force in (False, True):
         forced = dataclasses.replace(spec, conf=dataclasses.replace(spec.conf, force=force))
-        on_driver = caption_plan.driver_plan(str(wh), "synthetic", forced)
+        on_driver = caption_plan.driver_plan(job_run(64), forced)
         assert on_driver is not None
         table, facts = caption_plan.spark_plan(spark, str(wh), "synthetic", forced)
         assert on_driver[0].to_pylist() == table.to_pylist()
@@ -345,8 +351,10 @@ def test_the_driver_plan_is_the_spark_plan(spark, catalog):
         assert on_driver[1] == facts
         assert facts["ok"] == 1 and facts["final_errors"] == 1 and facts["retry"] == 1
         assert table.num_rows == (N_IMAGES if force else N_IMAGES - 2)
-    # Over the byte limit the driver declines and the job plans with Spark.
-    assert caption_plan.driver_plan(str(wh), "synthetic", spec, max_bytes=100) is None
+    # With the driver path off the driver declines, says why, and the job plans with Spark.
+    run = job_run(0)
+    assert caption_plan.driver_plan(run, spec) is None
+    assert run.counts["driver_fallback_disabled"] == 1
 
 
 def test_the_driver_merge_is_the_spark_merge(spark, tmp_path):
