@@ -261,8 +261,8 @@ def make_interactions(
             np.rint(2.5 + category_match[chosen] + colour_match[chosen] + noise), 1, 5
         ).astype(int)
         user_id = f"u{user + 1:0{width}d}"
-        for item_index, rating, timestamp in zip(chosen, ratings, timestamps):
-            rows.append((user_id, items[item_index].item_id, int(rating), int(timestamp)))
+        rows.extend((user_id, items[i].item_id, int(rating), int(timestamp))
+                    for i, rating, timestamp in zip(chosen, ratings, timestamps))
     return rows
 
 
@@ -307,10 +307,8 @@ def _silhouette_mask(category: str, size: int, rng: np.random.Generator) -> Imag
         stroke = max(1, round(0.015 * size))
         for k in range(6):
             t = (k + 0.5) / 6
-            x0, y0 = 0.08 + 0.22 * t, 0.30 - 0.22 * t
-            draw.line([place(x0, y0), place(x0 - 0.06, y0 - 0.06)], fill=255, width=stroke)
-            x1, y1 = 0.70 + 0.22 * t, 0.92 - 0.22 * t
-            draw.line([place(x1, y1), place(x1 + 0.06, y1 + 0.06)], fill=255, width=stroke)
+            for x, y, out in ((0.08 + 0.22 * t, 0.30 - 0.22 * t, -0.06), (0.70 + 0.22 * t, 0.92 - 0.22 * t, 0.06)):
+                draw.line([place(x, y), place(x + out, y + out)], fill=255, width=stroke)
     elif category == "skirt":
         draw.rectangle([place(0.30, 0.10), place(0.70, 0.17)], fill=255)
     return mask
