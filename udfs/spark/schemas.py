@@ -177,19 +177,20 @@ SCHEMAS: dict[str, T.StructType] = {
 
 # --- frames the jobs build -------------------------------------------------------------------
 
-# ``embed``: one row per (representation, item) from the encoders (``udfs.embedding_udfs``).
-ENCODED_SCHEMA = T.StructType([
+# ``embed``: what an encoder gets, one row per (representation, item) (``udfs.embed_inputs.input_rows``).
+ITEM_INPUT_DDL = ("representation string, item_id string, text string, image_uri string, pre_status string, "
+                  "source_sha256 string")
+# ``embed``: one row per (representation, item) from an encoder, a stored vector or a fusion, with
+# its status (``udfs.embed_inputs.VECTOR_COLUMNS``). A StructType: the table's ``VECTOR`` holds no
+# null element, which DDL cannot say.
+ITEM_VECTOR_SCHEMA = T.StructType([
     T.StructField("representation", T.StringType(), False),
     T.StructField("item_id", T.StringType(), False),
     T.StructField("vector", VECTOR),
     T.StructField("status", T.StringType(), False),
     T.StructField("source_sha256", T.StringType()),
-])
-# ``embed``: a parameter-free fusion of an item's part vectors.
-FUSED_SCHEMA = T.StructType([
-    T.StructField("item_id", T.StringType(), False),
-    T.StructField("vector", VECTOR),
-    T.StructField("status", T.StringType(), False),
+    T.StructField("encoder", T.StringType()),
+    T.StructField("_reused", T.BooleanType()),
 ])
 # ``profiles``: one user's profile of one representation, from the history rows.
 PROFILE_SCHEMA = T.StructType([
