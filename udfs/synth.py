@@ -239,17 +239,13 @@ def make_interactions(
     probability proportional to popularity times exp(weighted matches with their favourites)."""
     popularity = _stream(seed, 1).lognormal(0.0, 0.5, size=len(items))
     rng = _stream(seed, 2)
-    colour_names = list(COLOURS)
-    category_of = np.array([CATEGORIES.index(item.category) for item in items])
-    colour_of = np.array([colour_names.index(item.colour) for item in items])
-    pattern_of = np.array([PATTERNS.index(item.pattern) for item in items])
+    # Per attribute users have a favourite of: each item's value (an index) and how many values there are.
+    attributes = [(np.array([options.index(getattr(item, name)) for item in items]), len(options))
+                  for name, options in (("category", CATEGORIES), ("colour", list(COLOURS)), ("pattern", PATTERNS))]
     width = max(4, len(str(n_users)))
     rows: list[tuple[str, str, int, int]] = []
     for user in range(n_users):
-        category_match, colour_match, pattern_match = (
-            of == rng.integers(n) for of, n in ((category_of, len(CATEGORIES)), (colour_of, len(colour_names)),
-                                                (pattern_of, len(PATTERNS)))
-        )
+        category_match, colour_match, pattern_match = (of == rng.integers(n) for of, n in attributes)
         affinity = CATEGORY_WEIGHT * category_match + COLOUR_WEIGHT * colour_match + PATTERN_WEIGHT * pattern_match
         weights = popularity * np.exp(affinity)
         length = min(len(items), max_history, min_history + int(rng.geometric(1 / 8)) - 1)
