@@ -15,7 +15,6 @@ import socket
 import time
 from pathlib import Path
 
-from pyspark.sql import Window
 from pyspark.sql import functions as F
 
 from udfs import caption_udfs as cu
@@ -105,18 +104,20 @@ def merge_staged(run: JobRun, files: list[str]) -> int:
     if n is not None:
         return n
     spark = run.spark
-    schema = tables.SCHEMAS["descriptions"]
-    keys = tables.KEYS["descriptions"]
+    schema, keys = tables.SCHEMAS["descriptions"], tables.KEYS["descriptions"]
+    buckets = max(1, spark.sparkContext.defaultParallelism)
+
+    def by_bucket(frame):
+        # A bounded number of buckets of image hash: every row of a key lands in one bucket, and
+        # a bucket holds its share of the rows, whatever the catalog's size.
+        return frame.withColumn("_bucket", F.pmod(F.hash("image_sha256"), F.lit(buckets))).groupBy("_bucket")
+
     staged = spark.read.schema(schema).parquet(*files)
-    best = Window.partitionBy(*keys).orderBy((F.col("status") == cu.OK).desc(), F.col("created_at").desc())
-    staged = staged.withColumn("_rank", F.row_number().over(best)).filter("_rank = 1").drop("_rank")
-    current = (tables.read(spark, run.warehouse, "descriptions")
-               .select(*keys, F.col("status").alias("_t_status"), F.col("created_at").alias("_t_created")))
-    newer = F.col("_t_created").isNull() | (F.col("created_at") > F.col("_t_created"))
-    wins = (F.col("_t_status").isNull()
-            | ((F.col("status") == cu.OK) & ((F.col("_t_status") != cu.OK) | newer))
-            | ((F.col("status") == cu.ERROR) & (F.col("_t_status") == cu.ERROR) & newer))
-    winners = staged.join(current, keys, "left").filter(wins).drop("_t_status", "_t_created")
+    current = tables.read(spark, run.warehouse, "descriptions").select(*keys, "status", "created_at")
+    # The driver path's rule (``cu.staged_winners``), run on each bucket.
+    winners = by_bucket(staged).cogroup(by_bucket(current)).applyInArrow(
+        lambda rows, table: cu.staged_winners(rows.drop_columns(["_bucket"]), table.drop_columns(["_bucket"]), keys),
+        schema)
     winners = winners.persist()
     try:
         n = winners.count()

@@ -489,8 +489,8 @@ def vllm_rows(batch: pd.DataFrame) -> pd.DataFrame:
 
 
 def staged_winners(staged: pa.Table, current: pa.Table | None, keys: list[str]) -> pa.Table:
-    """The staged rows a merge writes (the rule of ``jobs.caption_merge.merge_staged``'s Spark path):
-    one row a key, an ok row before an error row and then the newest; it is written when the
+    """The staged rows a merge writes (``jobs.caption_merge.merge_staged``: on the driver over
+    every staged row, in Spark per bucket of image hash): one row a key, an ok row before an error row and then the newest; it is written when the
     table has no row of its key, or it is ok and the table's is not (or is older), or both are
     errors and it is newer. ``current`` holds the table's keys, ``status`` and ``created_at``."""
     frame = staged.select([*keys, "status", "created_at"]).to_pandas()
