@@ -71,17 +71,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "at about a second more of start-up")
 
 
-def warehouse_of(config) -> str:
-    if hasattr(config, "warehouse_uri"):
-        return config.warehouse_uri()
-    return str(config.warehouse_path())
-
-
-def named(entry: dict) -> str:
-    """``Title [id]``, or the id alone for an item without a title."""
-    return f"{entry['title']} [{entry['item_id']}]" if entry.get("title") else entry["item_id"]
-
-
 def table_lines(records: list[dict]) -> list[str]:
     lines = []
     for record in records:
@@ -94,8 +83,9 @@ def table_lines(records: list[dict]) -> list[str]:
             lines.append(f"  {entry['rank']:>3}  {entry['item_id']:<16} {entry['score']:.4f}{title}")
             if entry.get("because"):
                 exact = entry["shares_exact"]
-                because = ", ".join(f"{named(c)} ({c['share' if exact else 'similarity']:+.3f})"
-                                    for c in entry["because"])
+                # ``Title [id]``, or the id alone for an item without a title.
+                because = ", ".join((f"{c['title']} [{c['item_id']}]" if c.get("title") else c["item_id"])
+                                    + f" ({c['share' if exact else 'similarity']:+.3f})" for c in entry["because"])
                 lines.append(f"       because: {because}" + (" (share of the score)" if exact else " (cosine)"))
             if entry.get("shared_phrases"):
                 lines.append(f"       shared: {', '.join(entry['shared_phrases'])}")
@@ -122,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlm4rec recommend: {exc.name} is not installed: pip install -e . (it needs the deltalake package)",
               file=sys.stderr)
         return EXIT_INSTALL
-    warehouse = warehouse_of(config)
+    warehouse = config.warehouse_uri()
     try:
         run_id = args.run_id
         if run_id is None:

@@ -18,9 +18,10 @@ leather" hides the shared "leather").
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 
 STOP_WORDS = frozenset("""
 a an and are as at be been being but by can could does for from has have in into is it its
@@ -29,7 +30,16 @@ with would very also some any other more most image photo picture shows showing 
 looks like featuring features suitable item product
 """.split())
 MAX_PHRASE_WORDS = 3
+DESCRIPTION_OK = "ok"  # the descriptions table's status of a usable text
 _WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
+
+
+def item_descriptions(items: pd.DataFrame, texts: pd.DataFrame) -> dict[str, str]:
+    """item id -> the text described for its image: ``items`` (item_id, image_sha256), ``texts``
+    (image_sha256, text, status) of one engine, model and prompt; only ``ok`` texts, the first
+    of an image; an item without an image hash has none."""
+    ok = texts[texts["status"] == DESCRIPTION_OK].drop_duplicates("image_sha256").set_index("image_sha256")["text"]
+    return {i: ok[s] for i, s in zip(items["item_id"], items["image_sha256"]) if isinstance(s, str) and s in ok.index}
 
 
 def history_shares(history: np.ndarray, item: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -54,24 +64,8 @@ def history_shares(history: np.ndarray, item: np.ndarray, weights: np.ndarray | 
 def phrases(text: str | None, max_words: int = MAX_PHRASE_WORDS) -> set[str]:
     """The word n-grams (1..``max_words``) of ``text`` that neither start nor end with a stop word."""
     words = _WORD.findall((text or "").lower())
-    found = set()
-    for n in range(1, max_words + 1):
-        for start in range(len(words) - n + 1):
-            gram = words[start:start + n]
-            if gram[0] in STOP_WORDS or gram[-1] in STOP_WORDS:
-                continue
-            found.add(" ".join(gram))
-    return found
-
-
-def longest_only(found: Iterable[str]) -> list[str]:
-    """``found`` without the phrases contained (as whole words) in a longer one, longest first."""
-    ordered = sorted(set(found), key=lambda p: (-len(p.split()), p))
-    kept: list[str] = []
-    for phrase in ordered:
-        if not any(f" {phrase} " in f" {longer} " for longer in kept):
-            kept.append(phrase)
-    return kept
+    grams = (words[start:start + n] for n in range(1, max_words + 1) for start in range(len(words) - n + 1))
+    return {" ".join(gram) for gram in grams if gram[0] not in STOP_WORDS and gram[-1] not in STOP_WORDS}
 
 
 def shared_phrases(item_text: str | None, history_texts: Sequence[str | None], limit: int = 8) -> list[str]:
@@ -80,4 +74,9 @@ def shared_phrases(item_text: str | None, history_texts: Sequence[str | None], l
     if not mine:
         return []
     theirs = set().union(*(phrases(t) for t in history_texts)) if history_texts else set()
-    return longest_only(mine & theirs)[:limit]
+    # Longest first, without the phrases contained (as whole words) in a longer one kept.
+    kept: list[str] = []
+    for phrase in sorted(mine & theirs, key=lambda p: (-len(p.split()), p)):
+        if not any(f" {phrase} " in f" {longer} " for longer in kept):
+            kept.append(phrase)
+    return kept[:limit]

@@ -35,11 +35,6 @@ def exposure_counts(recommended: Iterable[str], candidates: Iterable[str]) -> np
     return counts
 
 
-def coverage(exposure: np.ndarray) -> float:
-    exposure = np.asarray(exposure)
-    return float((exposure > 0).mean()) if exposure.size else 0.0
-
-
 def gini(exposure: np.ndarray) -> float:
     """The Gini coefficient of non-negative counts (0 for an empty or all-zero array)."""
     e = np.sort(np.asarray(exposure, np.float64))
@@ -70,15 +65,15 @@ def beyond_accuracy(recommended: Iterable[str], candidates: Iterable[str],
     percentiles = popularity_percentiles(np.array([train_counts.get(i, 0) for i in candidates], np.float64))
     slots = exposure.sum()
     mean_percentile = float((exposure * percentiles).sum() / slots) if slots else float("nan")
-    return {"coverage": coverage(exposure), "popularity_percentile": mean_percentile, "exposure_gini": gini(exposure)}
+    return {"coverage": float((exposure > 0).mean()) if exposure.size else 0.0,
+            "popularity_percentile": mean_percentile, "exposure_gini": gini(exposure)}
 
 
 def beyond_accuracy_frame(recommendations: pd.DataFrame, candidates: pd.DataFrame,
                           train_counts: Mapping[str, int]) -> pd.DataFrame:
     """One row per representation of ``recommendations`` (representation, item_id): its
     ``BEYOND_ACCURACY`` figures against its own rows of ``candidates`` (representation, item_id)."""
-    rows = []
-    for rep, lists in recommendations.groupby("representation", sort=False):
-        pool = candidates.loc[candidates["representation"] == rep, "item_id"]
-        rows.append({"representation": rep, **beyond_accuracy(lists["item_id"], pool, train_counts)})
+    rows = [{"representation": rep, **beyond_accuracy(
+                lists["item_id"], candidates.loc[candidates["representation"] == rep, "item_id"], train_counts)}
+            for rep, lists in recommendations.groupby("representation", sort=False)]
     return pd.DataFrame(rows, columns=["representation", *BEYOND_ACCURACY])

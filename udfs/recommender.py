@@ -48,8 +48,9 @@ import datetime as dt
 import difflib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -59,13 +60,12 @@ import pyarrow.compute as pc
 from udfs import explanations, fusion
 from udfs.profiles import recency_weights, user_profiles
 from udfs.protocol import TRAIN_SPLIT, seen_items
-from udfs.representations import ALS, FUSIONS, LVLM, RepresentationError, parse_representation
-from udfs.topk import ItemBlock
+from udfs.representations import ALS, FUSIONS, LVLM, RepresentationError, parse_representation, spell_out_lvlm
+from udfs.topk import ItemBlock, block_item_ids
 from udfs.warehouse_reader import read_table
 
 log = logging.getLogger(__name__)
 
-DESCRIPTION_OK = "ok"
 # The ``runs`` row of a finished pipeline (``jobs.job_run``: job name and final status).
 PIPELINE_JOB, SUCCEEDED = "pipeline", "succeeded"
 
@@ -149,6 +149,10 @@ class _Vectors:
                                       dtype=np.float32)
         return cls(ids, matrix, {item: i for i, item in enumerate(ids)})
 
+    def of(self, items: Sequence[str]) -> np.ndarray:
+        """The (len(items), d) vectors of ``items``, in their order (a repeated item twice)."""
+        return self.matrix[[self.row[i] for i in items]]
+
 
 class Recommender:
     """See the module doc. Build with ``load``; ``recommend`` is batch-first."""
@@ -159,27 +163,25 @@ class Recommender:
         self.warehouse, self.run_id, self.representation, self.plan = warehouse, run_id, representation, plan
         self.dataset: str = plan["dataset"]
         self.vectors = vectors
-        self.parsed = _parse(representation)
+        self.parsed = parse_representation(representation)  # a name of the run's plan: canonical
+        # The LVLM representation whose descriptions give the shared phrases (itself or a part), if any.
+        self.lvlm = next((r for r in (self.parsed, *map(parse_representation, self.parsed.parts)) if r.kind == LVLM),
+                         None)
         # Profiles that are the (normalised) mean of the history's item vectors: base
         # representations and trained fusions; not the parameter-free fusions (fused from
         # per-part profiles) nor ALS (fitted user factors).
         self.mean_profile = self.parsed.kind not in FUSIONS and self.parsed.kind != ALS
-        rows = np.fromiter((vectors.row[i] for i in candidates), dtype=np.int64, count=len(candidates))
         self.candidate_ids = np.asarray(candidates, dtype=object)
-        self.block = ItemBlock(vectors.matrix[rows], self.candidate_ids, use_torch=use_torch)
+        self.block = ItemBlock(vectors.of(candidates), self.candidate_ids, use_torch=use_torch)
         self.candidate_index = {item: i for i, item in enumerate(self.candidate_ids)}
         self.profiles = profiles
         # None: every user of the run was loaded; else only these (``load(users=...)``).
         self.loaded_users = None if loaded_users is None else frozenset(loaded_users)
         # The protocol's seen-item rule (the one topk applies), mapped onto candidate positions.
-        self.seen = {u: np.unique(np.fromiter((self.candidate_index.get(i, -1) for i in items), np.int64))
-                     for u, items in seen_items(interactions, plan["exclude"]).items()}
-        self.seen = {u: s[s >= 0] for u, s in self.seen.items()}
+        self.seen = {u: self._positions(items) for u, items in seen_items(interactions, plan["exclude"]).items()}
         train = interactions[interactions["split"] == TRAIN_SPLIT]
         self.train = {u: (list(g["item_id"]), g["ts"].to_numpy(np.float64)) for u, g in train.groupby("user_id")}
-        self._parts: dict[str, _Vectors] | None = None
         self._descriptions: dict[str, str] | None = None
-        self._titles: dict[str, str] | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -215,9 +217,9 @@ class Recommender:
         if within is not None and not within["user_id"]:
             profiles, interactions = {}, pd.DataFrame({c: [] for c in columns})
         else:
-            profiles_table = read_table(warehouse, "user_profiles", equal={"run_id": run_id, "representation": name},
-                                        within=within, columns=["user_id", "vector"])
-            profile_vectors = _Vectors.from_table(profiles_table.rename_columns(["item_id", "vector"]))
+            profile_vectors = _Vectors.from_table(read_table(
+                warehouse, "user_profiles", equal={"run_id": run_id, "representation": name}, within=within,
+                columns=["user_id", "vector"]).rename_columns(["item_id", "vector"]))
             profiles = {u: profile_vectors.matrix[i] for u, i in profile_vectors.row.items()}
             interactions = read_table(warehouse, "interactions", equal={"dataset": plan["dataset"]}, within=within,
                                       columns=columns).to_pandas()
@@ -246,39 +248,42 @@ class Recommender:
             profiles = self._known_profiles(users)
             seen = [self.seen.get(u, np.empty(0, np.int64)) for u in users]
             history_items = [self.train.get(u, ([], None))[0] for u in users]
-            queries: list[str | None] = list(users)
+            queries: list[str | None] = users
             unknown = None
         else:
             checked = [self._checked_history(h, q) for q, h in enumerate(histories)]
             history_items, unknown = [known for known, _ in checked], [missing for _, missing in checked]
             profiles = self._history_profiles(history_items)
-            seen = [np.unique([self.candidate_index[i] for i in h if i in self.candidate_index]).astype(np.int64)
-                    for h in history_items]
+            seen = [self._positions(h) for h in history_items]  # its own items
             queries = [None] * len(history_items)
         if len(queries) == 0:
             return Recommendations(self.run_id, self.representation, [], np.empty((0, k), object),
                                    np.empty((0, k), np.float32), unknown=unknown)
         scores, indices = self.block.topk(profiles, int(k), seen)
-        ids = np.full(indices.shape, None, dtype=object)
-        ok = indices >= 0
-        ids[ok] = self.candidate_ids[indices[ok]]
-        if indices.shape[1] < k:  # fewer candidates than k: pad to a rectangle
-            pad = k - indices.shape[1]
-            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=None)
-            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        pad = ((0, 0), (0, k - indices.shape[1]))  # fewer candidates than k: padded to a rectangle
+        ids = np.pad(block_item_ids(indices, self.candidate_ids), pad, constant_values=None)  # empty slot: None
+        scores = np.pad(scores, pad, constant_values=-np.inf)
         result = Recommendations(self.run_id, self.representation, queries, ids, scores, unknown=unknown)
         if explain:
-            result.explanations = [self._explain(users[q] if users is not None else None, history_items[q],
-                                                 ids[q], int(n_contributors)) for q in range(len(queries))]
+            result.explanations = [self._explain(queries[q], history_items[q], ids[q], int(n_contributors))
+                                   for q in range(len(queries))]
             named = [i for row in ids for i in row if i is not None]
             named += [c.item_id for per_query in result.explanations for why in per_query for c in why.contributors]
             result.titles = self.titles(named)
         return result
 
+    def _positions(self, items: Iterable[str]) -> np.ndarray:
+        """The candidate positions of ``items`` (those that are candidates), sorted: seen items as
+        ``ItemBlock.topk`` takes them."""
+        return np.unique([self.candidate_index[i] for i in items if i in self.candidate_index]).astype(np.int64)
+
     def _known_profiles(self, users: list[str]) -> np.ndarray:
         unknown = [u for u in users if u not in self.profiles]
         if unknown:
-            everyone = self._profile_users()
+            # Every user with a profile of this representation in the run (read only for the error).
+            everyone = list(self.profiles) if self.loaded_users is None else read_table(
+                self.warehouse, "user_profiles", equal={"run_id": self.run_id, "representation": self.representation},
+                columns=["user_id"]).column("user_id").to_pylist()
             not_loaded = [u for u in unknown if u in everyone]
             if not_loaded:
                 raise RecommendError(f"user '{not_loaded[0]}' is in run '{self.run_id}' but was not loaded: "
@@ -291,14 +296,6 @@ class Recommender:
                 + ": for a user the run has not seen, pass their history as a list of item ids "
                 "(--history ITEM,ITEM)")
         return np.stack([self.profiles[u] for u in users]).astype(np.float32)
-
-    def _profile_users(self) -> list[str]:
-        """Every user with a profile of this representation in the run (read only for an error)."""
-        if self.loaded_users is None:
-            return list(self.profiles)
-        return read_table(self.warehouse, "user_profiles", equal={"run_id": self.run_id,
-                                                                  "representation": self.representation},
-                          columns=["user_id"]).column("user_id").to_pylist()
 
     def _checked_history(self, history: Sequence[str], q: int) -> tuple[list[str], list[str]]:
         """(the items with a vector, in order, the others): an item the representation has no
@@ -323,35 +320,33 @@ class Recommender:
         return known, unknown
 
     def _history_profiles(self, histories: list[list[str]]) -> np.ndarray:
-        rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
-        flat = [i for h in histories for i in h]
         if self.parsed.kind == ALS:
             raise RecommendError(f"'{self.representation}' scores users by the factors ALS fitted to the train "
                                  "split, which an ad-hoc history does not have: pass a user of the run, or use a "
                                  "content representation (lvlm, title, visual...) for a new user")
+        rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
+        flat = [i for h in histories for i in h]
         if self.mean_profile:
-            profiles, _ = user_profiles(rows, self.vectors.matrix[[self.vectors.row[i] for i in flat]],
-                                        n_users=len(histories))
-            return profiles
-        parts = self._part_vectors()
+            return user_profiles(rows, self.vectors.of(flat), n_users=len(histories))[0]
+        parts = self._part_vectors
         per_part = {}
         for name, vectors in parts.items():
             missing = [i for i in flat if i not in vectors.row]
             if missing:
                 raise RecommendError(f"item '{missing[0]}' has no '{name}' vector, a part of '{self.representation}': "
                                      "run `vlm4rec embed` for it")
-            per_part[name], _ = user_profiles(rows, vectors.matrix[[vectors.row[i] for i in flat]],
-                                              n_users=len(histories))
-        weights = dict(self.plan.get("concat_weights") or [])
-        chosen = {p: w for p, w in weights.items() if p in parts} or None
-        return fusion.fuse(self.parsed.kind, per_part, chosen if self.parsed.kind == fusion.CONCAT else None)
+            per_part[name] = user_profiles(rows, vectors.of(flat), n_users=len(histories))[0]
+        # The plan's concat weights of this fusion's parts (naive takes none).
+        weights = (None if self.parsed.kind != fusion.CONCAT else
+                   {p: w for p, w in self.plan.get("concat_weights") or [] if p in parts})
+        return fusion.fuse(self.parsed.kind, per_part, weights or None)
 
+    @cached_property
     def _part_vectors(self) -> dict[str, _Vectors]:
-        if self._parts is None:
-            self._parts = {part: _Vectors.from_table(read_table(
-                self.warehouse, "item_embeddings", equal={"dataset": self.dataset, "representation": part},
-                columns=["item_id", "vector"])) for part in self.parsed.parts}
-        return self._parts
+        """A fusion's parts' item vectors, read at its first ad-hoc history."""
+        return {part: _Vectors.from_table(read_table(
+            self.warehouse, "item_embeddings", equal={"dataset": self.dataset, "representation": part},
+            columns=["item_id", "vector"])) for part in self.parsed.parts}
 
     # ------------------------------------------------------------------ explanations
     def _explain(self, user: str | None, history: list[str], items: np.ndarray, n: int) -> list[Explanation]:
@@ -361,57 +356,50 @@ class Recommender:
         chosen = [i for i in items if i is not None]
         if not known or not chosen:
             return [Explanation((), False) for _ in chosen]
-        h = self.vectors.matrix[[self.vectors.row[i] for i in known]]
-        x = self.vectors.matrix[[self.vectors.row[i] for i in chosen]]
+        h, x = self.vectors.of(known), self.vectors.of(chosen)
         similarity = x.astype(np.float64) @ h.T.astype(np.float64)
         exact = self.mean_profile
         if exact:
-            weights = None
-            half_life = self.plan.get("half_life_days")
-            if user is not None and half_life is not None:
-                ts = self.train[user][1][rows]
-                weights = recency_weights(np.zeros(len(known), np.int64), ts, half_life, 1)
+            half_life = self.plan.get("half_life_days")  # a known user's profile weighs by recency
+            weights = None if user is None or half_life is None else recency_weights(
+                np.zeros(len(known), np.int64), self.train[user][1][rows], half_life, 1)
             shares = explanations.history_shares(h, x, weights)
         else:
             shares = similarity
-        texts = self.descriptions() if self._has_lvlm() else {}
+        texts = self.descriptions() if self.lvlm else {}
         out = []
         for r, item in enumerate(chosen):
             top = np.argsort(-shares[r], kind="stable")[:n]
             contributors = tuple(Contribution(known[j], float(shares[r, j]) if exact else None,
                                               float(similarity[r, j])) for j in top)
-            phrases = ()
-            if texts:
-                phrases = tuple(explanations.shared_phrases(texts.get(item), [texts.get(c.item_id)
-                                                                              for c in contributors]))
+            phrases = () if not texts else tuple(explanations.shared_phrases(
+                texts.get(item), [texts.get(c.item_id) for c in contributors]))
             out.append(Explanation(contributors, exact, phrases))
         return out
-
-    def _has_lvlm(self) -> bool:
-        kinds = {self.parsed.kind} | {parse_representation(p).kind for p in self.parsed.parts}
-        return LVLM in kinds
 
     def descriptions(self) -> dict[str, str]:
         """item id -> the description the run's LVLM engine wrote for its image (read once)."""
         if self._descriptions is None:
-            lvlm = next(parse_representation(n) for n in (self.representation, *self.parsed.parts)
-                        if parse_representation(n).kind == LVLM)
-            items = read_table(self.warehouse, "items", equal={"dataset": self.dataset},
-                               columns=["item_id", "image_sha256"]).to_pandas()
             texts = read_table(self.warehouse, "descriptions",
-                               equal={"engine": lvlm.engine, "model": lvlm.model, "prompt_id": lvlm.prompt_id,
-                                      "status": DESCRIPTION_OK},
-                               columns=["image_sha256", "text"]).to_pandas()
-            joined = items.merge(texts.drop_duplicates("image_sha256"), on="image_sha256")
-            self._descriptions = dict(zip(joined["item_id"], joined["text"]))
+                               equal={"engine": self.lvlm.engine, "model": self.lvlm.model,
+                                      "prompt_id": self.lvlm.prompt_id, "status": explanations.DESCRIPTION_OK},
+                               columns=["image_sha256", "text", "status"]).to_pandas()
+            self._descriptions = explanations.item_descriptions(self._items, texts)
         return self._descriptions
 
     def titles(self, item_ids: Sequence[str]) -> dict[str, str]:
-        if self._titles is None:
-            items = read_table(self.warehouse, "items", equal={"dataset": self.dataset},
-                               columns=["item_id", "title"]).to_pandas()
-            self._titles = {i: t for i, t in zip(items["item_id"], items["title"]) if t}
-        return {i: self._titles[i] for i in item_ids if i in self._titles}
+        """item id -> its ``items`` title, for those of ``item_ids`` that have one."""
+        return {i: self._title_of[i] for i in item_ids if i in self._title_of}
+
+    @cached_property
+    def _title_of(self) -> dict[str, str]:
+        return {i: t for i, t in zip(self._items["item_id"], self._items["title"]) if t}
+
+    @cached_property
+    def _items(self) -> pd.DataFrame:
+        """The dataset's catalog rows (read once, at the first explanation)."""
+        return read_table(self.warehouse, "items", equal={"dataset": self.dataset},
+                          columns=["item_id", "title", "image_sha256"]).to_pandas()
 
 
 @dataclass(frozen=True)
@@ -447,33 +435,18 @@ def latest_pipeline_run(warehouse: str | Path, dataset: str | None = None) -> Se
                                         run.finished_at.timestamp() if run.finished_at else 0.0, run.run_id))
 
 
-def _parse(name: str):
-    try:
-        return parse_representation(name)
-    except RepresentationError as exc:
-        raise RecommendError(f"representation '{name}' is not served by recommend: {exc}") from None
-
-
 def resolve_representation(asked: str, available: Sequence[str], run_id: str) -> str:
-    """The run's full representation name for ``asked``: itself, or the ``lvlm`` shorthand (alone
-    or as a fusion part) spelt out when the run has exactly one LVLM representation."""
-    if asked in available:
+    """The run's full representation name for ``asked``: its canonical spelling (fusion parts in
+    any order), with the ``lvlm`` shorthand (alone or as a fusion part) spelt out when the run has
+    exactly one LVLM representation."""
+    if asked in available:  # the baselines too, which are not representation names
         return asked
     lvlm = [n for n in available if n.startswith(f"{LVLM}:")]
-    if len(lvlm) == 1:
-        head, _, parts = asked.partition(":")
-        expanded = lvlm[0] if asked == LVLM else (
-            f"{head}:" + "+".join(lvlm[0] if p == LVLM else p for p in parts.split("+")) if parts else asked)
-        for name in available:
-            if name == expanded or (":" in expanded and _same_fusion(name, expanded)):
-                return name
+    try:
+        name = parse_representation(spell_out_lvlm(asked, lvlm[0]) if len(lvlm) == 1 else asked).name
+    except RepresentationError:
+        name = None
+    if name in available:
+        return name
     raise RecommendError(f"run '{run_id}' has no representation '{asked}': it ranked {list(available)}; pass one "
                          "of them, or run `vlm4rec pipeline` with it in experiment.representations")
-
-
-def _same_fusion(a: str, b: str) -> bool:
-    try:
-        pa_, pb = parse_representation(a), parse_representation(b)
-    except RepresentationError:
-        return False
-    return pa_.kind == pb.kind and pa_.parts == pb.parts
