@@ -37,21 +37,22 @@ import logging
 import numpy as np
 import pandas as pd
 
-from udfs import description_stats, exposure, report_figures, report_html, storage
+from udfs import description_stats, explanations, exposure, report_figures, report_html, storage
 from udfs.metrics import METRICS
-from udfs.protocol import BASELINES, TRAIN_SPLIT
+from udfs.protocol import BASELINES, RELEVANT_SPLIT, TRAIN_SPLIT
 from udfs.recommender import RecommendError, resolve_representation
+from udfs.report_figures import SIGNIFICANCE
 from udfs.results_table import paper_order
 from udfs.warehouse_reader import TableMissing, read_frame
 
 from . import description_figures
 from .config import ConfigError
 from .job_run import Job, JobRun, NothingUsable, run_id_argument
+from .plan import ExperimentPlan
 
 log = logging.getLogger(__name__)
 
 FOREST_METRICS = ("recall", "ndcg")
-SIGNIFICANCE = 0.05
 PREFERRED_K = 10
 GALLERY_ITEMS = 8
 GALLERY_USERS = 3
@@ -60,17 +61,13 @@ HISTORY_SHOWN = 8
 DESCRIPTION_CHARS = 300
 
 
-def report_dir(warehouse: str, run_id: str) -> str:
-    """The run's report folder: a local path, or a URI for an object-store warehouse."""
-    return storage.join(warehouse.removeprefix("file://"), "reports", run_id)
-
-
 def write_report(warehouse: str, run_id: str, page: str, figures: dict[str, bytes]) -> str:
-    """Write the figures, then the page, under ``report_dir``; returns the page's path or URI.
+    """Write the figures, then the page, under ``<warehouse>/reports/<run_id>`` (a local path, or
+    a URI for an object-store warehouse); returns the page's path or URI.
     Each file is complete once it has its name (``storage.write_bytes``: renamed into place on
     a local disk; an object-store upload is visible only once complete), and the page comes
     last, so a reader that finds it finds its figures too."""
-    folder = report_dir(warehouse, run_id)
+    folder = storage.join(warehouse.removeprefix("file://"), "reports", run_id)
     for name, data in figures.items():
         storage.write_bytes(storage.join(folder, name), data)
     html = storage.join(folder, "report.html")
@@ -89,13 +86,13 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def read_run(warehouse: str, run_id: str) -> dict:
-    """The run's slices of every table the report shows, as pandas frames."""
+    """The run's plan and its slices of every table the report shows, as pandas frames."""
     plans = read_frame(warehouse, "plans", equal={"run_id": run_id}, columns=["plan", "plan_hash"])
     if plans.empty:
         raise ConfigError(f"run '{run_id}' has no plan in {warehouse}/plans: pass the run id `vlm4rec pipeline` "
                           "printed")
-    plan = json.loads(plans["plan"].iloc[0])
-    dataset = plan["dataset"]
+    plan = ExperimentPlan.from_json(plans["plan"].iloc[0])
+    dataset = plan.dataset
     by_run = {"run_id": run_id}
     out = {"plan": plan, "plan_hash": plans["plan_hash"].iloc[0]}
     out["metrics"] = read_frame(warehouse, "metrics", equal=by_run)
@@ -113,14 +110,12 @@ def read_run(warehouse: str, run_id: str) -> dict:
                               columns=["item_id", "title", "image_uri", "image_sha256"])
     out["rejects"] = _optional(warehouse, "rejects", {"dataset": dataset}, ["source", "reason"])
     out["runs"] = _optional(warehouse, "runs", by_run, ["job", "config", "code_version", "counts"])
-    lvlm = [r for r in plan["representations"] if r.startswith("lvlm:")]
-    out["descriptions"] = pd.DataFrame(columns=["image_sha256", "text", "status"])
-    if lvlm:
-        engine, rest = lvlm[0].split(":", 2)[1:]
-        model, _, prompt_id = rest.rpartition(":")
-        out["descriptions"] = _optional(warehouse, "descriptions",
-                                        {"engine": engine, "model": model, "prompt_id": prompt_id},
-                                        ["image_sha256", "text", "status"])
+    # The first LVLM representation's descriptions: the gallery's texts.
+    lvlm = description_figures.lvlm_representations(plan.representations)
+    columns = ["image_sha256", "text", "status"]
+    out["descriptions"] = pd.DataFrame(columns=columns) if not lvlm else _optional(
+        warehouse, "descriptions", {"engine": lvlm[0].engine, "model": lvlm[0].model, "prompt_id": lvlm[0].prompt_id},
+        columns)
     return out
 
 
@@ -134,22 +129,22 @@ def _optional(warehouse: str, name: str, equal: dict, columns: list[str]) -> pd.
 def data_counts(data: dict) -> tuple[list[tuple[str, str]], list[tuple[str, int]]]:
     """(name, value) rows of the data section, and rejects per reason (its text up to a colon)."""
     items, inter = data["items"], data["interactions"]
-    without_image = int((items["image_uri"].fillna("") == "").sum())
+    has_image = items["image_uri"].fillna("") != ""
     train_users = set(inter.loc[inter["split"] == TRAIN_SPLIT, "user_id"])
     users = set(inter["user_id"])
-    rows = [("items", len(items)), ("items without image", without_image)]
-    texts = data["descriptions"]
-    if len(texts):
-        ok = set(texts.loc[texts["status"] == "ok", "image_sha256"])
-        with_image = items[items["image_uri"].fillna("") != ""]
-        rows.append(("items with an image but no description", int((~with_image["image_sha256"].isin(ok)).sum())))
-    rows += [("interactions", len(inter))]
-    rows += [(f"interactions ({split})", int(n)) for split, n in inter["split"].value_counts().sort_index().items()]
-    rows += [("users", len(users)), ("users without train history", len(users - train_users))]
-    for rep, n in data["candidates"].groupby("representation").size().items():
-        rows.append((f"candidates ({report_figures.short_label(rep, data['plan']['representations'])})", int(n)))
     reasons = data["rejects"]["reason"].fillna("").str.split(":").str[0].str.strip()
-    rows.append(("rejected rows", len(reasons)))
+    rows = [("items", len(items)), ("items without image", int((~has_image).sum()))]
+    if len(data["descriptions"]):
+        described = explanations.item_descriptions(items[has_image], data["descriptions"])
+        rows.append(("items with an image but no description", int(has_image.sum()) - len(described)))
+    rows += [
+        ("interactions", len(inter)),
+        *((f"interactions ({split})", int(n)) for split, n in inter["split"].value_counts().sort_index().items()),
+        ("users", len(users)), ("users without train history", len(users - train_users)),
+        *((f"candidates ({report_figures.short_label(rep, data['plan'].representations)})", int(n))
+          for rep, n in data["candidates"].groupby("representation").size().items()),
+        ("rejected rows", len(reasons)),
+    ]
     by_reason = [(r or "(no reason)", int(n)) for r, n in reasons.value_counts().items()]
     return [(name, f"{value:,}") for name, value in rows], by_reason
 
@@ -157,22 +152,27 @@ def data_counts(data: dict) -> tuple[list[tuple[str, str]], list[tuple[str, int]
 def stage_times(runs: pd.DataFrame) -> list[tuple[str, str]]:
     if runs.empty or runs["counts"].iloc[0] is None:
         return []
-    counts = dict(runs["counts"].iloc[0])
-    return [(key[3:], f"{value / 1000:.1f} s") for key, value in counts.items() if key.startswith("ms_")]
+    # The stages' wall times the pipeline's runs row counted (ms_<stage>).
+    return [(key[3:], f"{value / 1000:.1f} s") for key, value in dict(runs["counts"].iloc[0]).items()
+            if key.startswith("ms_")]
 
 
 def choose_reference(asked: str, order: list[str], run_id: str) -> str:
-    vectors = [r for r in order if r not in BASELINES]
+    """``asked`` as the run names it; for the default ``lvlm`` of a run without one, its first
+    vector representation (else its first baseline)."""
     try:
         return resolve_representation(asked, order, run_id)
     except RecommendError:
         if asked != "lvlm":
             raise ConfigError(f"--reference '{asked}' is not a representation of run '{run_id}': choose one of "
                               f"{order}") from None
-    return (vectors or order)[0]
+    return ([r for r in order if r not in BASELINES] or order)[0]
 
 
-def metric_rows(metrics: pd.DataFrame, order: list[str], ks: list[int]) -> tuple[list[str], list[dict]]:
+def metric_rows(metrics: pd.DataFrame, order: list[str], ks: list[int],
+                warnings: dict[str, str]) -> tuple[list[str], list[dict]]:
+    """The metrics table: its column names, and per representation its cells (mean [CI]), its
+    users and the descriptions' warning of its label (``warnings``), if any."""
     columns = [f"{report_figures.METRIC_LABELS.get(m, m)}@{k}" for k in ks for m in METRICS]
     by_key = {(r.representation, r.metric, r.k): r for r in metrics.itertuples()}
     rows = []
@@ -181,12 +181,11 @@ def metric_rows(metrics: pd.DataFrame, order: list[str], ks: list[int]) -> tuple
         for k in ks:
             for m in METRICS:
                 r = by_key.get((rep, m, k))
-                if r is None:
-                    cells.append("-")
-                    continue
-                n_users = int(r.n_users)
-                cells.append(f"{_fmt(r.value)} [{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]")
-        rows.append({"label": report_figures.short_label(rep, order), "n_users": n_users, "cells": cells})
+                if r is not None:
+                    n_users = int(r.n_users)
+                cells.append("-" if r is None else f"{_fmt(r.value)} [{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]")
+        label = report_figures.short_label(rep, order)
+        rows.append({"label": label, "n_users": n_users, "cells": cells, "warning": warnings.get(label)})
     return columns, rows
 
 
@@ -198,10 +197,9 @@ def forest_rows(comparisons: pd.DataFrame, reference: str, k: int, order: list[s
         diffs = report_figures.reference_differences(comparisons, reference, metric, k)
         for _, r in diffs.set_index("other").reindex([o for o in order if o != reference]).dropna(
                 subset=["mean_diff"]).iterrows():
-            crosses = r["ci_low"] <= 0 <= r["ci_high"]
             if r["p_holm"] >= SIGNIFICANCE:
                 verdict = "no clear difference: not significant after Holm's correction" + (
-                    "" if crosses else " (the unadjusted CI misses zero)")
+                    "" if r["ci_low"] <= 0 <= r["ci_high"] else " (the unadjusted CI misses zero)")
             else:
                 verdict = (f"{'better' if r['mean_diff'] > 0 else 'worse'} than the reference "
                            f"(Holm p < {SIGNIFICANCE})")
@@ -227,20 +225,16 @@ def gallery(data: dict, descriptions: dict[str, str], run) -> tuple[list[dict], 
             thumbs[item_id] = report_html.thumbnail(uri if isinstance(uri, str) else None)
             run.count("report_thumbnails")
         title = items["title"].get(item_id) if item_id in items.index else None
+        text = descriptions.get(item_id)  # shown by the gallery's cards
         return {"item_id": item_id, "title": title if isinstance(title, str) else None,
-                "image": thumbs[item_id], "hit": hit}
+                "image": thumbs[item_id], "hit": hit,
+                "description": text[:DESCRIPTION_CHARS] + "..." if text and len(text) > DESCRIPTION_CHARS else text}
 
     with_image = items.index[items["image_uri"].fillna("") != ""]
-    chosen = _sample(with_image if len(with_image) else items.index, GALLERY_ITEMS, "gallery")
-    cards = []
-    for item_id in chosen:
-        entry = card(item_id)
-        text = descriptions.get(item_id)
-        entry["description"] = (text[:DESCRIPTION_CHARS] + "...") if text and len(text) > DESCRIPTION_CHARS else text
-        cards.append(entry)
+    cards = [card(i) for i in _sample(with_image if len(with_image) else items.index, GALLERY_ITEMS, "gallery")]
 
     recs, inter, order = data["recommendations"], data["interactions"], data["order"]
-    test = inter[inter["split"] == "test"].groupby("user_id")["item_id"].apply(set)
+    test = inter[inter["split"] == RELEVANT_SPLIT].groupby("user_id")["item_id"].apply(set)
     train = inter[inter["split"] == TRAIN_SPLIT].sort_values("ts").groupby("user_id")["item_id"].apply(list)
     listed = set(recs["user_id"]) & set(test.index) & set(train.index)
     users = []
@@ -263,8 +257,7 @@ def build(warehouse: str, run_id: str, reference: str, run) -> tuple[str, dict[s
     with run.stage("read"):
         data = read_run(warehouse, run_id)
     plan, metrics = data["plan"], data["metrics"]
-    order = paper_order([r for r in [*plan["representations"], *plan["baselines"]]
-                                        if r in set(metrics["representation"])])
+    order = paper_order([r for r in plan.ranked if r in set(metrics["representation"])])
     data["order"] = order
     ks = sorted(int(k) for k in metrics["k"].unique())
     k = PREFERRED_K if PREFERRED_K in ks else max(ks)
@@ -275,28 +268,22 @@ def build(warehouse: str, run_id: str, reference: str, run) -> tuple[str, dict[s
         has_pairs = not report_figures.reference_differences(comparisons, reference, FOREST_METRICS[0], k).empty
         if has_pairs:
             figures["forest.png"] = report_figures.forest_figure(comparisons, reference, FOREST_METRICS, k, order)
-        inter = data["interactions"]
-        n_history = inter[inter["split"] == TRAIN_SPLIT].groupby("user_id").size()
-        values = data["user_metrics"]
-        values = values[(values["metric"] == "ndcg") & (values["k"] == k)]
+        train = data["interactions"].query("split == @TRAIN_SPLIT")
+        values = data["user_metrics"].query("metric == 'ndcg' and k == @k")
         if len(values):
-            figures["by_history.png"] = report_figures.by_history_figure(values, n_history, "ndcg", k, order)
-        recs = data["recommendations"]
-        beyond = exposure.beyond_accuracy_frame(recs, data["candidates"], n_history_counts(inter))
+            figures["by_history.png"] = report_figures.by_history_figure(
+                values, train.groupby("user_id").size(), "ndcg", k, order)
+        # Popularity, for the percentile: an item's train interactions.
+        beyond = exposure.beyond_accuracy_frame(data["recommendations"], data["candidates"],
+                                                train.groupby("item_id").size().to_dict())
         figures["beyond_accuracy.png"] = report_figures.beyond_accuracy_figure(beyond, order)
     with run.stage("gallery"):
-        texts = data["descriptions"]
-        ok = texts[texts["status"] == "ok"].drop_duplicates("image_sha256").set_index("image_sha256")["text"]
-        descriptions = {i: ok[s] for i, s in zip(data["items"]["item_id"], data["items"]["image_sha256"])
-                        if isinstance(s, str) and s in ok.index}
-        cards, users = gallery(data, descriptions, run)
+        cards, users = gallery(data, explanations.item_descriptions(data["items"], data["descriptions"]), run)
     with run.stage("descriptions"):
-        described = description_blocks(warehouse, plan["dataset"], order)
+        described = description_blocks(warehouse, plan.dataset, order)
     counts, rejects = data_counts(data)
-    metric_columns, rows = metric_rows(metrics, order, ks)
     warned = {block["label"]: block["warning"] for block in described if block["warning"]}
-    for row in rows:
-        row["warning"] = warned.get(row["label"])
+    metric_columns, rows = metric_rows(metrics, order, ks, warned)
     runs = data["runs"]
     beyond_rows = [{"label": report_figures.short_label(r.representation, order), "coverage": _fmt(r.coverage, 3),
                     "popularity_percentile": _fmt(r.popularity_percentile, 3),
@@ -304,8 +291,8 @@ def build(warehouse: str, run_id: str, reference: str, run) -> tuple[str, dict[s
                    for r in beyond.set_index("representation").reindex(order).reset_index().itertuples()
                    if r.representation in set(beyond["representation"])]
     context = {
-        "run_id": run_id, "dataset": plan["dataset"], "candidates_policy": plan["candidates"],
-        "exclude": "+".join(plan["exclude"]) or "nothing",
+        "run_id": run_id, "dataset": plan.dataset, "candidates_policy": plan.candidates,
+        "exclude": "+".join(plan.exclude) or "nothing",
         "written_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "code_version": runs["code_version"].iloc[0] if len(runs) and runs["code_version"].iloc[0] else "unknown",
         "data_counts": counts, "rejects": rejects,
@@ -319,7 +306,7 @@ def build(warehouse: str, run_id: str, reference: str, run) -> tuple[str, dict[s
         "description_figures": described, "description_warnings": list(warned.items()),
         "beyond_rows": beyond_rows, "gallery": cards, "users": users, "top_n": TOP_N,
         "stage_times": stage_times(runs), "plan_hash": data["plan_hash"],
-        "plan_json": json.dumps(plan, indent=2, sort_keys=True),
+        "plan_json": json.dumps(plan.to_dict(), indent=2, sort_keys=True),
         "config_json": (json.dumps(json.loads(runs["config"].iloc[0]), indent=2, sort_keys=True)
                         if len(runs) and runs["config"].iloc[0] else "(no runs row for this run id)"),
     }
@@ -336,11 +323,6 @@ def description_blocks(warehouse: str, dataset: str, order: list[str]) -> list[d
                        "rows": report_html.description_rows(figures),
                        "warning": description_stats.description_warning(figures, rep.name)})
     return blocks
-
-
-def n_history_counts(interactions: pd.DataFrame) -> dict[str, int]:
-    """item -> train interactions: the popularity the percentile is taken over."""
-    return interactions[interactions["split"] == TRAIN_SPLIT].groupby("item_id").size().to_dict()
 
 
 def report(run: JobRun, args: argparse.Namespace) -> None:

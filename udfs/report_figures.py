@@ -8,6 +8,7 @@ are shown as ``lvlm`` (``short_label``) when a run has one.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,18 +24,17 @@ METRIC_LABELS = {"recall": "Recall", "ndcg": "NDCG", "precision": "Precision", "
 BEYOND_LABELS = {"coverage": "catalog coverage", "popularity_percentile": "mean popularity percentile",
                  "exposure_gini": "Gini of exposure"}
 HISTORY_BUCKETS = (1, 5, 10, 20, 50)  # lower bounds of the history-length buckets
+HISTORY_LABELS = tuple(f"{lo}-{hi - 1}" for lo, hi in zip(HISTORY_BUCKETS, HISTORY_BUCKETS[1:])) + (
+    f"{HISTORY_BUCKETS[-1]}+",)  # 1-4, 5-9, ..., 50+
 DPI = 100
 
 
 def short_label(name: str, names: Sequence[str] = ()) -> str:
     """``lvlm`` for the run's only LVLM representation (also inside a fusion's parts)."""
-    lvlm = [n for n in names if n.startswith("lvlm:")]
-    if len(lvlm) <= 1 and "lvlm:" in name:
-        head, _, parts = name.partition(":")
-        if head == "lvlm":
-            return "lvlm"
-        return f"{head}:" + "+".join("lvlm" if p.startswith("lvlm:") else p for p in parts.split("+"))
-    return name
+    if len([n for n in names if n.startswith("lvlm:")]) > 1:
+        return name
+    # An LVLM name runs to the next fusion '+' or the end: its parts hold no '+' (lvlm_name).
+    return re.sub(r"\blvlm:[^+]+", "lvlm", name)
 
 
 def png(figure: Figure) -> bytes:
@@ -66,10 +66,11 @@ def metrics_figure(metrics: pd.DataFrame, order: Sequence[str]) -> bytes:
             part = (metrics[(metrics["metric"] == metric) & (metrics["k"] == k)]
                     .set_index("representation").reindex(order))
             value = part["value"].to_numpy(np.float64)
-            low = np.clip(value - part["ci_low"].to_numpy(np.float64), 0, None)
-            high = np.clip(part["ci_high"].to_numpy(np.float64) - value, 0, None)
+            # Whiskers below and above the bar, never negative.
+            spread = np.clip(np.vstack([value - part["ci_low"].to_numpy(np.float64),
+                                        part["ci_high"].to_numpy(np.float64) - value]), 0, None)
             ax.bar(x + (j - (len(ks) - 1) / 2) * width, np.nan_to_num(value), width, label=f"@{k}",
-                   yerr=np.nan_to_num(np.vstack([low, high])), capsize=2, ecolor="#333333")
+                   yerr=np.nan_to_num(spread), capsize=2, ecolor="#333333")
         ax.set_title(_metric_label(metric))
         ax.set_xticks(x, labels, rotation=35, ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
@@ -138,18 +139,14 @@ def reference_differences(comparisons: pd.DataFrame, reference: str, metric: str
     reference`` (``udfs.results_table.against_reference``: the printed table's sign) at metric@k."""
     part = comparisons[(comparisons["metric"] == metric) & (comparisons["k"] == k)]
     found = [against_reference(row, reference) for _, row in part.iterrows()]
-    return pd.DataFrame([f for f in found if f is not None], columns=list(DIFFERENCE_COLUMNS))
-
-
-DIFFERENCE_COLUMNS = ("other", "mean_diff", "ci_low", "ci_high", "effect_size", "test", "p_value", "p_holm")
+    return pd.DataFrame([f for f in found if f is not None],
+                        columns=["other", "mean_diff", "ci_low", "ci_high", "effect_size", "test", "p_value", "p_holm"])
 
 
 def history_bucket(n_history: np.ndarray) -> np.ndarray:
-    """The label of each history length's bucket (``HISTORY_BUCKETS``: 1-4, 5-9, ..., 50+)."""
-    bounds = list(HISTORY_BUCKETS)
-    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(bounds, bounds[1:])] + [f"{bounds[-1]}+"]
-    index = np.searchsorted(bounds, np.asarray(n_history), side="right") - 1
-    return np.array([labels[i] if i >= 0 else "0" for i in index], dtype=object)
+    """The label of each history length's bucket (``HISTORY_LABELS``; "0" below the first)."""
+    index = np.searchsorted(HISTORY_BUCKETS, np.asarray(n_history), side="right") - 1
+    return np.array([HISTORY_LABELS[i] if i >= 0 else "0" for i in index], dtype=object)
 
 
 def by_history_figure(user_values: pd.DataFrame, n_history: pd.Series, metric: str, k: int,
@@ -158,9 +155,7 @@ def by_history_figure(user_values: pd.DataFrame, n_history: pd.Series, metric: s
     number of users of each bucket under its label. ``user_values``: representation, user_id, value;
     ``n_history``: user_id -> train interactions."""
     frame = user_values.assign(bucket=history_bucket(user_values["user_id"].map(n_history).fillna(0).to_numpy()))
-    bounds = list(HISTORY_BUCKETS)
-    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(bounds, bounds[1:])] + [f"{bounds[-1]}+"]
-    present = [b for b in labels if (frame["bucket"] == b).any()]
+    present = [b for b in HISTORY_LABELS if (frame["bucket"] == b).any()]
     users = frame.drop_duplicates("user_id")["bucket"].value_counts()
     figure = Figure(figsize=(7.5, 3.8))
     ax = figure.add_subplot(1, 1, 1)

@@ -26,16 +26,13 @@ _THUMB = ('<div class="thumb">{% if t.image %}<img alt="item {{ t.item_id }}" cl
           '{{ t.title or t.item_id }}</div>')
 
 
-def environment() -> Environment:
-    text = resources.files("udfs").joinpath("resources", TEMPLATE).read_text(encoding="utf-8")
-    return Environment(loader=DictLoader({TEMPLATE: text, "thumb": _THUMB}),
-                       autoescape=select_autoescape(default=True, default_for_string=True),
-                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-
-
 def render(context: dict) -> str:
     """The page for ``context`` (the names the template uses; a missing one is an error)."""
-    return environment().get_template(TEMPLATE).render(**context)
+    text = resources.files("udfs").joinpath("resources", TEMPLATE).read_text(encoding="utf-8")
+    environment = Environment(loader=DictLoader({TEMPLATE: text, "thumb": _THUMB}),
+                              autoescape=select_autoescape(default=True, default_for_string=True),
+                              undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return environment.get_template(TEMPLATE).render(**context)
 
 
 def b64(data: bytes) -> str:

@@ -151,7 +151,7 @@ def test_forest_plot_draws_the_runs_comparisons_in_the_tables_sign(synthetic_run
 
     data = report.read_run(str(synthetic_run.warehouse), synthetic_run.run_id)
     comparisons = data["comparisons"]
-    order = paper_order([*data["plan"]["representations"], *data["plan"]["baselines"]])
+    order = paper_order(data["plan"].ranked)
     reference = next(r for r in order if r.startswith("lvlm:"))
     figure = report_figures.forest_plot(comparisons, reference, report.FOREST_METRICS, 10, order)
     seen = 0
