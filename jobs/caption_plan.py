@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pyspark.sql import Observation
 from pyspark.sql import functions as F
 
 from udfs import caption_udfs as cu
@@ -59,36 +58,29 @@ def caption_spec(conf: CaptionConf) -> CaptionSpec:
 
 
 def spark_plan(spark, warehouse: str, dataset: str, spec: CaptionSpec) -> tuple[Any, dict[str, int]]:
-    """``udfs.caption_udfs.caption_todo`` as one Spark action: the counts are observed on the
-    way to the to-do list, so a rerun on a cached catalog costs one pass over the items and the
-    cache's keys."""
-    item_stats, image_stats = Observation("caption_items"), Observation("caption_images")
+    """``udfs.caption_udfs.caption_todo`` in Spark: the dataset's items and the engine's cache
+    rows cogrouped by a bounded bucket of image hash (an image's items and rows meet in one;
+    an item without an image goes by its id), the same function run on each bucket
+    (``caption_todo_rows``), its rows and facts added up on the driver."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    buckets = max(1, spark.sparkContext.defaultParallelism)
+
+    def by_bucket(frame):
+        key = F.coalesce("image_sha256", "item_id") if "item_id" in frame.columns else F.col("image_sha256")
+        return frame.withColumn("_bucket", F.pmod(F.hash(key), F.lit(buckets))).groupBy("_bucket")
+
     items = (tables.read(spark, warehouse, "items").filter(F.col("dataset") == dataset)
-             .select("item_id", "image_uri", "image_sha256")
-             .observe(item_stats, F.count(F.lit(1)).alias("n"), F.count("image_sha256").alias("with_image")))
-    # One item per image: the smallest item id, so that reruns pick the same one.
-    first = F.min(F.struct("item_id", "image_uri")).alias("first")
-    images = (items.filter(F.col("image_sha256").isNotNull()).groupBy("image_sha256").agg(first)
-              .select("image_sha256", "first.item_id", "first.image_uri"))
-    kind = F.split(F.col("error"), ":").getItem(0)
-    final = F.coalesce((F.col("status") == cu.OK) | ((F.col("status") == cu.ERROR)
-                                                    & kind.isin(*sorted(cu.PERMANENT_ERROR_KINDS))), F.lit(False))
-    cached = F.col("status").isNotNull()
+             .select("item_id", "image_uri", "image_sha256"))
     cache = (tables.read(spark, warehouse, "descriptions")
              .filter((F.col("engine") == spec.engine) & (F.col("model") == spec.model)
                      & (F.col("prompt_id") == spec.prompt_id))
              .select("image_sha256", "status", "error"))
-    marked = (images.join(cache, "image_sha256", "left").withColumn("_final", final)
-              .observe(image_stats, F.count(F.lit(1)).alias("images"),
-                       F.count(F.when(F.col("status") == cu.OK, 1)).alias("ok"),
-                       F.count(F.when(F.col("_final") & cached & (F.col("status") != cu.OK), 1)).alias("final_errors"),
-                       F.count(F.when(cached & ~F.col("_final"), 1)).alias("retry")))
-    todo = marked if spec.conf.force else marked.filter(~F.col("_final"))
-    # Sorted on the driver: a Spark orderBy samples its input in an extra job, which would run
-    # the observed plan twice and double its counts.
-    table = todo.select("image_sha256", "item_id", "image_uri").toArrow().sort_by("image_sha256")
-    facts = {**item_stats.get, **image_stats.get}
-    return table, {k: int(v or 0) for k, v in facts.items()}
+    rows = by_bucket(items).cogroup(by_bucket(cache)).applyInArrow(
+        lambda item_rows, cache_rows: cu.caption_todo_rows(item_rows.drop_columns(["_bucket"]),
+                                                           cache_rows.drop_columns(["_bucket"]), spec.conf.force),
+        from_arrow_schema(cu.TODO_ROWS_SCHEMA))
+    return cu.caption_todo_of_rows(rows.toArrow())
 
 
 def driver_plan(run: JobRun, spec: CaptionSpec) -> tuple[Any, dict[str, int]] | None:

@@ -123,7 +123,7 @@ def caption_todo(items: pa.Table, cache: pa.Table | None, force: bool = False) -
     One item per image: the smallest (item_id, image_uri), so reruns pick the same one. Facts:
     ``n`` items, ``with_image``, ``images`` (distinct hashes), ``ok``, ``final_errors`` (cached
     permanent errors), ``retry`` (cached rows described again). ``jobs.caption_plan.spark_plan``
-    is the same plan as one Spark job, for catalogs too large to read on the driver."""
+    runs it per bucket of image hash, for catalogs too large to read on the driver."""
     frame = items.select(["item_id", "image_uri", "image_sha256"]).to_pandas()
     facts = {"n": len(frame), "with_image": int(frame["image_sha256"].notna().sum())}
     images = (frame[frame["image_sha256"].notna()]
@@ -145,6 +145,33 @@ def caption_todo(items: pa.Table, cache: pa.Table | None, force: bool = False) -
     todo = marked if force else marked[~final]
     table = pa.Table.from_pandas(todo[["image_sha256", "item_id", "image_uri"]], preserve_index=False)
     return table.cast(pa.schema([(c, pa.string()) for c in table.column_names])), facts
+
+
+# ``caption_todo`` of one bucket of image hashes as one table (the Spark plan's rows): the to-do
+# rows with ``facts`` null, then one row with null image columns whose ``facts`` is the bucket's
+# facts as a JSON object.
+TODO_ROWS_SCHEMA = pa.schema([(c, pa.string()) for c in ("image_sha256", "item_id", "image_uri", "facts")])
+FACT_NAMES = ("n", "with_image", "images", "ok", "final_errors", "retry")
+
+
+def caption_todo_rows(items: pa.Table, cache: pa.Table | None, force: bool = False) -> pa.Table:
+    """``caption_todo`` as ``TODO_ROWS_SCHEMA`` rows, for a caller that gets one table back per
+    call (Spark's ``applyInArrow`` over buckets of image hash; ``caption_todo_of_rows`` adds the
+    buckets' rows up)."""
+    table, facts = caption_todo(items, cache, force)
+    fact_row = pa.table({"image_sha256": [None], "item_id": [None], "image_uri": [None], "facts": [json.dumps(facts)]},
+                        schema=TODO_ROWS_SCHEMA)
+    return pa.concat_tables([table.append_column("facts", pa.nulls(table.num_rows, pa.string())), fact_row])
+
+
+def caption_todo_of_rows(rows: pa.Table) -> tuple[pa.Table, dict[str, int]]:
+    """What ``caption_todo`` returns, from the ``caption_todo_rows`` of every bucket: the to-do
+    rows sorted by hash, and the facts summed."""
+    facts = Counter(dict.fromkeys(FACT_NAMES, 0))
+    for text in rows.column("facts").drop_null().to_pylist():
+        facts.update(json.loads(text))
+    todo = rows.filter(rows.column("facts").is_null()).drop_columns(["facts"])
+    return todo.sort_by("image_sha256"), dict(facts)
 
 
 def read_checked(uri: str, expected_sha256: str, limits: Any = None) -> tuple[bytes | None, str | None]:

@@ -108,6 +108,34 @@ def test_caption_plan_describes_each_image_once_and_skips_what_is_settled():
     assert forced_facts == facts
 
 
+@pytest.mark.parametrize("buckets", [1, 2, 3, 7])
+def test_the_plan_by_buckets_of_image_hash_is_the_plan_of_the_whole(buckets):
+    """What the Spark plan does: ``caption_todo_rows`` on each bucket (an image's items and cache
+    rows in one; an item without an image by its id), added up by ``caption_todo_of_rows``."""
+    import zlib
+
+    import pyarrow.compute as pc
+
+    items, cache = _plan_inputs()
+
+    def bucket(keys):
+        return pa.array([zlib.crc32(k.encode()) % buckets for k in keys])
+
+    item_buckets = bucket([s or i for s, i in zip(items["image_sha256"].to_pylist(), items["item_id"].to_pylist())])
+    cache_buckets = bucket(cache["image_sha256"].to_pylist())
+    for force in (False, True):
+        rows = pa.concat_tables([
+            cu.caption_todo_rows(items.filter(pc.equal(item_buckets, b)),
+                                 cache.filter(pc.equal(cache_buckets, b)), force)
+            for b in range(buckets)])
+        todo, facts = cu.caption_todo_of_rows(rows)
+        whole, whole_facts = cu.caption_todo(items, cache, force)
+        assert todo.to_pylist() == whole.to_pylist() and facts == whole_facts
+    # No item at all: every fact is there, at 0.
+    assert cu.caption_todo_of_rows(cu.caption_todo_rows(items.slice(0, 0), None).slice(0, 0))[1] == dict.fromkeys(
+        cu.FACT_NAMES, 0)
+
+
 def test_caption_plan_counts_a_doubled_cache_row_once_and_as_settled():
     import pyarrow as pa
 
