@@ -5,9 +5,9 @@ For the configured dataset and ``experiment.caption`` (engine, model, prompt):
 1. The plan reads ``items`` (item_id, image_uri, image_sha256): on the driver with delta-rs
    while the dataset's ``items`` and the engine's ``descriptions`` rows are small
    (``jobs.driver_inputs.read_on_driver``, ``spark.driver_compute_mb``; a fallback is counted
-   ``driver_fallback_<reason>``) and ``udfs.caption_udfs.caption_todo``, else as one Spark job
-   (``jobs.caption_plan.spark_plan``; the same rules). The staged files are merged the same way
-   (``jobs.caption_merge``).
+   ``driver_fallback_<reason>``) and ``udfs.caption_udfs.caption_todo``, else in Spark, the same
+   function per bounded bucket of image hash (``jobs.caption_plan.spark_plan``). The staged files
+   are merged the same way (``jobs.caption_merge``, ``udfs.caption_udfs.staged_winners``).
    Items without an image hash (no
    image, or one that ``ingest`` rejected) are counted ``skipped_no_image``. Items are grouped
    by hash: an image shared by several items is described once (``shared_image_items``).
@@ -30,7 +30,7 @@ For the configured dataset and ``experiment.caption`` (engine, model, prompt):
    ``experiment.caption.openai``; the servers are checked before Ray starts: when none answers
    the job exits 4 (``EXIT_SERVER_DOWN``), naming the URLs (docs/CAPTION_SERVERS.md). The
    ``vllm`` engine runs Ray's own vLLM integration instead of the actor pool.
-4. Spark merges the staged files into ``descriptions`` (``MERGE`` on the key; an error row
+4. The staged files are merged into ``descriptions`` (``MERGE`` on the key; an error row
    never replaces an ok row, an older row never replaces a newer one), then removes the folder.
 
 Kill safety: a staged file is complete once it has its final name; a killed run leaves its

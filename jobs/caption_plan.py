@@ -1,5 +1,6 @@
 """The caption job's plan: the resolved settings (``CaptionSpec``) and the images to describe,
-read on the driver while the tables are small, else as one Spark job (``jobs.caption``)."""
+read on the driver while the slices are small, else in Spark by buckets of image hash, with the
+same function (``udfs.caption_udfs.caption_todo``; ``jobs.caption``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
