@@ -14,7 +14,7 @@ checked and a failed check told), ``loading`` (where the values come from: YAML 
 from udfs.protocol import ALL, BASELINES, CANDIDATE_POLICIES, COMMON, EXCLUDABLE_SPLITS, POPULARITY, RANDOM
 
 from .loading import CONF_ROOT, load_config, parse_override, resolve_conf_path
-from .sections import (CAPTION_ENGINES, FUSE_OBJECTIVES, MALLOC_WORKER_ENV, MAX_DATASET_NAME, AlsConf, CaptionConf,
+from .sections import (FUSE_OBJECTIVES, MALLOC_WORKER_ENV, MAX_DATASET_NAME, AlsConf, CaptionConf,
                        Config, DatasetConf, EmbedConf, EvaluateConf, ExperimentConf, FuseConf, ImagesConf, ProfilesConf,
                        RayConf, SparkConf, SplitConf, TopkConf)
 from .validation import MOVED_KEYS, MOVED_MAPS, RUN_ID, ConfigError, check_run_id
@@ -22,7 +22,7 @@ from .validation import MOVED_KEYS, MOVED_MAPS, RUN_ID, ConfigError, check_run_i
 __all__ = [
     "ALL", "BASELINES", "CANDIDATE_POLICIES", "COMMON", "EXCLUDABLE_SPLITS", "POPULARITY", "RANDOM",
     "CONF_ROOT", "load_config", "parse_override", "resolve_conf_path",
-    "CAPTION_ENGINES", "FUSE_OBJECTIVES", "MALLOC_WORKER_ENV", "MAX_DATASET_NAME", "AlsConf", "CaptionConf", "Config",
+    "FUSE_OBJECTIVES", "MALLOC_WORKER_ENV", "MAX_DATASET_NAME", "AlsConf", "CaptionConf", "Config",
     "DatasetConf", "EmbedConf", "EvaluateConf", "ExperimentConf", "FuseConf", "ImagesConf", "ProfilesConf", "RayConf",
     "SparkConf", "SplitConf", "TopkConf",
     "MOVED_KEYS", "MOVED_MAPS", "RUN_ID", "ConfigError", "check_run_id",

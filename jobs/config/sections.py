@@ -135,15 +135,14 @@ class DatasetConf:
     images: ImagesConf = field(default_factory=ImagesConf)
 
 
-# Each engine owns its options (``udfs.caption.kinds``): the config types its section with them.
-CAPTION_ENGINES = tuple(KINDS)
 # udfs.fusion_training.OBJECTIVES, which imports torch (tests/jobs/test_config.py checks they agree).
 FUSE_OBJECTIVES = ("bpr", "sampled_softmax", "item_contrastive")
 
 
 @section
 class CaptionConf:
-    engine: Annotated[str, one_of(CAPTION_ENGINES)] = "tags"
+    # Each engine owns its options (``udfs.caption.kinds``): the config types its section with them.
+    engine: Annotated[str, one_of(KINDS)] = "tags"
     model: str = ""
     prompt: str = PAPER_PROMPT
     batch_size: Count = 16

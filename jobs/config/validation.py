@@ -6,11 +6,9 @@ refuses an unknown key, and the objects stay plain dataclasses (``dataclasses.as
 message this project's configs have always given: the dotted key, the file or ``--set`` that set
 it, the closest valid key, and where a key of an older config moved.
 """
-import dataclasses
 import difflib
 import functools
 import re
-import typing
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -84,15 +82,13 @@ MOVED_MAPS = {
 # What a value of the wrong type or out of range must be, by pydantic's error type.
 WANTED = {"int_type": "must be an integer", "float_type": "must be a number", "bool_type": "must be true or false",
           "string_type": "must be a string", "list_type": "must be a list", "dict_type": "must be a mapping",
+          "dataclass_type": "must be a mapping",
           "greater_than_equal": "must be >= {ge}", "greater_than": "must be > {gt}"}
 
 
-def fields_of(cls: type) -> dict[str, Any]:
+def fields_of(cls: Any) -> dict[str, Any]:
     """Field name -> type of a section (``{}`` for anything that is not a section)."""
-    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
-        return {}
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {name: info.annotation for name, info in getattr(cls, "__pydantic_fields__", {}).items()}
 
 
 def section_type(root: type, dotted: str) -> type:
@@ -132,8 +128,6 @@ def explain(error: ValidationError, root: type, sources: dict[str, str]) -> str:
     where = source_of(sources, dotted)
     if kind == "unexpected_keyword_argument":
         return unknown_key(root, dotted, value, where)
-    if kind == "dataclass_type":
-        return f"{dotted or 'config'} in {where} must be a mapping, got {value!r}"
     if problem is None:
         told = WANTED[kind].format(**context) if kind in WANTED else first["msg"]
         # A list's item or a map's entry: which one.

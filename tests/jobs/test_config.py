@@ -325,7 +325,7 @@ def test_a_flag_wins_over_set_and_a_bad_flag_value_names_the_flag():
     ("experiment.fuse.smore_knn_k={lvlm: 0}", r"'experiment\.fuse\.smore_knn_k'.*>= 1, got 0 \(at \['lvlm'\]\)"),
     ("experiment.fuse.tokens=7", r"'experiment\.fuse\.tokens'.*multiple of heads \(4\), got 7"),
     ("experiment.caption.openai.base_urls=[ftp://a]", r"'experiment\.caption\.openai\.base_urls'.*http://"),
-    ("experiment=3", r"experiment in --set experiment=3 must be a mapping"),
+    ("experiment=3", r"'experiment' in --set experiment=3 must be a mapping, got 3"),
 ])
 def test_a_value_of_the_wrong_type_is_refused_not_converted(override, message):
     with pytest.raises(ConfigError, match=message):
