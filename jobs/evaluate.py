@@ -62,7 +62,7 @@ from collections.abc import Callable
 import pandas as pd
 import pyarrow as pa
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, Observation
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
@@ -147,18 +147,18 @@ class OnSpark:
         return functools.reduce(DataFrame.unionByName, frames).toPandas()
 
     def write(self, name: str, frame: DataFrame, where: dict) -> int:
-        # The write computes (and caches) the rows and counts them on the way.
-        written = Observation(name)
-        out = frame.observe(written, F.count(F.lit(1)).alias("n")).withColumn("run_id", F.lit(self.run_id))
-        tables.replace_slice(self.run.spark, self.run.warehouse, name, out, where)
-        return int(written.get["n"])
+        # The write computes (and caches) the rows: the count then reads the cache.
+        tables.replace_slice(self.run.spark, self.run.warehouse, name, frame.withColumn("run_id", F.lit(self.run_id)),
+                             where)
+        return frame.count()
 
     def release(self) -> None:
         for frame in self.cached:
             frame.unpersist()
 
 
-def user_lists_and_facts(path: OnDriver | OnSpark, exclude: tuple[str, ...]) -> tuple[object, EvaluationFacts]:
+def user_lists_and_facts(path: OnDriver | OnSpark,
+                         exclude: tuple[str, ...]) -> tuple[pd.DataFrame | DataFrame, EvaluationFacts]:
     """Each user's lists (``udfs.evaluate_udfs.user_lists``) and the facts of the inputs."""
     recommendations, candidates, interactions = (path.inputs[k] for k in ("recommendations", "candidates",
                                                                            "interactions"))
@@ -232,7 +232,6 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
     # The run's plan: the settings topk ranked with; a flag that disagrees is refused (exit 2).
     plan = plan_for_run(run, run_id, EVALUATE_FIELDS)
     ks, wanted = list(plan.ks), list(plan.ranked)
-    n_samples, seed = plan.bootstrap_samples, plan.evaluate_seed
 
     path: OnDriver | OnSpark | None = None
     try:
@@ -256,22 +255,22 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
             run.count("user_metrics_rows", path.write("user_metrics", values, where))
 
         with run.stage("summary"):
-            summary = path.per_group(values, ["representation", "metric", "k"],
-                                     evaluate_udfs.metric_summary(n_samples, seed), schemas.METRICS_DDL)
+            summarise = evaluate_udfs.metric_summary(plan.bootstrap_samples, plan.evaluate_seed)
+            summary = path.per_group(values, ["representation", "metric", "k"], summarise, schemas.METRICS_DDL)
             # Collected first (it fills the cache the write then reads): the rows are printed.
             summary_rows = path.gather(summary).to_dict("records")
             path.write("metrics", summary, where)
             run.count("metrics_rows", len(summary_rows))
 
         with run.stage("comparisons"):
-            comparisons = path.per_group(values, ["metric", "k"], evaluate_udfs.comparison_groups(
-                order, n_samples, seed, plan.significance_test), schemas.COMPARISONS_DDL)
+            compare = evaluate_udfs.comparison_groups(order, plan.bootstrap_samples, plan.evaluate_seed,
+                                                      plan.significance_test)
+            comparisons = path.per_group(values, ["metric", "k"], compare, schemas.COMPARISONS_DDL)
             comparison_rows = path.gather(comparisons).to_dict("records")
             path.write("comparisons", comparisons, {"run_id": run_id, "representation_a": order})
-            n_pairs = len(comparison_rows)
-            run.count("comparisons_rows", n_pairs)
+            run.count("comparisons_rows", len(comparison_rows))
             expected = len(order) * (len(order) - 1) // 2 * len(ks) * len(METRICS)
-            run.count("pairs_without_common_users", expected - n_pairs)
+            run.count("pairs_without_common_users", expected - len(comparison_rows))
     finally:
         if path is not None:
             path.release()

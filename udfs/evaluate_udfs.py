@@ -101,57 +101,48 @@ def metric_summary(n_samples: int, seed: int) -> Callable[[tuple, pd.DataFrame],
 
 COMPARISON_COLUMNS = ["representation_a", "representation_b", "metric", "k", "mean_diff", "ci_low", "ci_high",
                       "effect_size", "test", "p_value", "p_holm", "n_users"]
-def paired_comparisons(values: pd.DataFrame, order: Sequence[str], n_samples: int, seed: int,
-                       test: str) -> pd.DataFrame:
-    """All pairs (a, b), a before b in ``order``, of one metric@k: ``values`` has representation,
-    user_id, value. Per pair, over the users both have: the mean of a - b with its paired
-    bootstrap CI, Cohen's d_z (``effect_size``), the p-value of ``test`` (one of
-    ``significance.TESTS``) and its Holm correction over every pair of the metric@k (the family
-    does not depend on which representation a report later picks as its reference). Pairs
-    without a common user are left out (the caller counts them)."""
-    if test not in significance.TESTS:
-        raise ValueError(f"test must be one of {list(significance.TESTS)}, got {test!r}")
-    wide = values.pivot(index="user_id", columns="representation", values="value")
-    present = [r for r in order if r in wide.columns]
-    # Pairs over the same users (usually all of them) share one bootstrap and one set of sign
-    # flips: the same draws of users, one matrix product for all their differences.
-    by_users: dict[bytes, list[tuple[str, str]]] = {}
-    has = wide.notna().to_numpy()
-    column = {r: i for i, r in enumerate(wide.columns)}
-    for a, b in itertools.combinations(present, 2):
-        both = has[:, column[a]] & has[:, column[b]]
-        if both.any():
-            by_users.setdefault(both.tobytes(), []).append((a, b))
-    rows = {}
-    for pairs in by_users.values():
-        a0, b0 = pairs[0]
-        mask = has[:, column[a0]] & has[:, column[b0]]
-        x = wide[[a for a, _ in pairs]].to_numpy(np.float64)[mask]
-        y = wide[[b for _, b in pairs]].to_numpy(np.float64)[mask]
-        differences = x - y
-        cis = significance.bootstrap_mean_cis(differences, n_samples, seed=seed)
-        p_values = significance.paired_p_values(test, differences, seed=seed)
-        effects = significance.effect_sizes(differences)
-        for j, ((a, b), (diff, lo, hi)) in enumerate(zip(pairs, cis)):
-            rows[(a, b)] = {"representation_a": a, "representation_b": b, "mean_diff": diff, "ci_low": lo,
-                            "ci_high": hi, "effect_size": float(effects[j]), "test": test,
-                            "p_value": float(p_values[j]), "n_users": int(mask.sum())}
-    frame = pd.DataFrame([rows[p] for p in itertools.combinations(present, 2) if p in rows],
-                         columns=["representation_a", "representation_b", "mean_diff", "ci_low",
-                                  "ci_high", "effect_size", "test", "p_value", "n_users"])
-    frame["p_holm"] = significance.holm(frame["p_value"].to_numpy()) if len(frame) else []
-    return frame
-
-
 def comparison_groups(order: Sequence[str], n_samples: int, seed: int,
                       test: str) -> Callable[[tuple, pd.DataFrame], pd.DataFrame]:
-    """``groupBy(metric, k).applyInPandas`` function -> ``COMPARISONS_DDL``."""
+    """``groupBy(metric, k).applyInPandas`` function -> ``COMPARISONS_DDL``: all pairs (a, b), a
+    before b in ``order``, of one metric@k (``values``: representation, user_id, value). Per
+    pair, over the users both have: the mean of a - b with its paired bootstrap CI, Cohen's d_z
+    (``effect_size``), the p-value of ``test`` (one of ``significance.TESTS``) and its Holm
+    correction over every pair of the metric@k (the family does not depend on which
+    representation a report later picks as its reference). Pairs without a common user are left
+    out (the caller counts them)."""
+    if test not in significance.TESTS:
+        raise ValueError(f"test must be one of {list(significance.TESTS)}, got {test!r}")
 
-    def run(key: tuple, group: pd.DataFrame) -> pd.DataFrame:
+    def run(key: tuple, values: pd.DataFrame) -> pd.DataFrame:
         metric, k = key
-        frame = paired_comparisons(group, order, n_samples, seed, test)
-        frame.insert(2, "metric", metric)
-        frame.insert(3, "k", int(k))
+        wide = values.pivot(index="user_id", columns="representation", values="value")
+        present = [r for r in order if r in wide.columns]
+        # Pairs over the same users (usually all of them) share one bootstrap and one set of sign
+        # flips: the same draws of users, one matrix product for all their differences.
+        by_users: dict[bytes, list[tuple[str, str]]] = {}
+        has = wide.notna().to_numpy()
+        column = {r: i for i, r in enumerate(wide.columns)}
+        for a, b in itertools.combinations(present, 2):
+            both = has[:, column[a]] & has[:, column[b]]
+            if both.any():
+                by_users.setdefault(both.tobytes(), []).append((a, b))
+        rows = {}
+        for pairs in by_users.values():
+            a0, b0 = pairs[0]
+            mask = has[:, column[a0]] & has[:, column[b0]]
+            x = wide[[a for a, _ in pairs]].to_numpy(np.float64)[mask]
+            y = wide[[b for _, b in pairs]].to_numpy(np.float64)[mask]
+            differences = x - y
+            cis = significance.bootstrap_mean_cis(differences, n_samples, seed=seed)
+            p_values = significance.paired_p_values(test, differences, seed=seed)
+            effects = significance.effect_sizes(differences)
+            for j, ((a, b), (diff, lo, hi)) in enumerate(zip(pairs, cis)):
+                rows[(a, b)] = {"representation_a": a, "representation_b": b, "metric": metric, "k": int(k),
+                                "mean_diff": diff, "ci_low": lo, "ci_high": hi, "effect_size": float(effects[j]),
+                                "test": test, "p_value": float(p_values[j]), "n_users": int(mask.sum())}
+        frame = pd.DataFrame([rows[p] for p in itertools.combinations(present, 2) if p in rows],
+                             columns=[c for c in COMPARISON_COLUMNS if c != "p_holm"])
+        frame["p_holm"] = significance.holm(frame["p_value"].to_numpy()) if len(frame) else []
         return frame[COMPARISON_COLUMNS]
 
     return run
