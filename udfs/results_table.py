@@ -49,13 +49,9 @@ def paper_order(names: Iterable[str]) -> list[str]:
     return order + sorted(n for n in names if n not in placed)
 
 
-def _get(row, key):
-    return row[key]
-
-
 def metrics_block(rows: Iterable[Mapping], order: Sequence[str], ks: Sequence[int]) -> list[str]:
     """One block per K: a row per representation, each metric as ``mean [ci_low,ci_high]``."""
-    by_key = {(_get(r, "representation"), _get(r, "metric"), int(_get(r, "k"))): r for r in rows}
+    by_key = {(r["representation"], r["metric"], int(r["k"])): r for r in rows}
     width = max([len(r) for r in order] + [len("representation")])
     lines = []
     for k in ks:
@@ -68,8 +64,8 @@ def metrics_block(rows: Iterable[Mapping], order: Sequence[str], ks: Sequence[in
                 if row is None:
                     cells.append(f"{'-':^22}")
                     continue
-                n_users = _get(row, "n_users")
-                cells.append(f"{_get(row, 'value'):.4f} [{_get(row, 'ci_low'):.4f},{_get(row, 'ci_high'):.4f}]")
+                n_users = row["n_users"]
+                cells.append(f"{row['value']:.4f} [{row['ci_low']:.4f},{row['ci_high']:.4f}]")
             lines.append(f"{rep:<{width}}  {n_users:>7}  " + "  ".join(cells))
         lines.append("")
     return lines
@@ -82,14 +78,14 @@ def against_reference(row: Mapping, reference: str) -> dict | None:
     A row stored as ``reference - other`` is turned round (the difference and the effect size
     change sign, the CI's ends swap and change sign); None for a pair without the reference.
     ``effect_size`` and ``test`` are None in rows written before they were stored."""
-    a, b = _get(row, "representation_a"), _get(row, "representation_b")
+    a, b = row["representation_a"], row["representation_b"]
     if reference not in (a, b) or a == b:
         return None
     effect, test = _optional(row, "effect_size"), _optional(row, "test")
     effect = None if effect is None or effect != effect else float(effect)
-    out = {"other": a, "mean_diff": _get(row, "mean_diff"), "ci_low": _get(row, "ci_low"),
-           "ci_high": _get(row, "ci_high"), "effect_size": effect, "test": test if isinstance(test, str) else None,
-           "p_value": _get(row, "p_value"), "p_holm": _get(row, "p_holm")}
+    out = {"other": a, "mean_diff": row["mean_diff"], "ci_low": row["ci_low"],
+           "ci_high": row["ci_high"], "effect_size": effect, "test": test if isinstance(test, str) else None,
+           "p_value": row["p_value"], "p_holm": row["p_holm"]}
     if a == reference:
         out.update(other=b, mean_diff=-out["mean_diff"], ci_low=-out["ci_high"], ci_high=-out["ci_low"],
                    effect_size=None if effect is None else -effect)
@@ -110,7 +106,7 @@ def differences_against(rows: Iterable[Mapping], reference: str) -> dict[tuple[s
     for row in rows:
         found = against_reference(row, reference)
         if found is not None:
-            out[(found["other"], _get(row, "metric"), int(_get(row, "k")))] = tuple(
+            out[(found["other"], row["metric"], int(row["k"]))] = tuple(
                 found[c] for c in ("mean_diff", "ci_low", "ci_high", "p_holm"))
     return out
 
