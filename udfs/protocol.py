@@ -13,8 +13,8 @@
 ``evaluate`` apply the seen and relevance rules through ``seen_splits`` / ``RELEVANT_SPLIT`` (in
 Spark, over the whole interactions table); the functions here are the rules' reference
 definitions, which the tests hold the jobs to. ``relevant_rows`` is the relevance rule in the
-row form ``evaluate`` measures from, what its Spark path's ``relevant_lists`` computes: its
-driver path (small inputs) calls it instead.
+row form ``evaluate`` measures from, its only definition there: the job calls it over all the
+rows on the driver (small inputs) or per bucket of whole items on Spark.
 """
 from __future__ import annotations
 
@@ -110,7 +110,9 @@ def relevant_rows(interactions: pd.DataFrame, candidates: pd.DataFrame, exclude:
     """(representation, user_id, item_id, excluded): each user's distinct test items that are
     candidates of a representation (``candidates``: representation, item_id), ``excluded`` when
     one of the excluded splits also holds the item. The SQL join's semantics: a null key
-    matches nothing, a candidate listed twice gives two rows. Rows in no particular order."""
+    matches nothing, a candidate listed twice gives two rows. Rows in no particular order. Every
+    join is on the item id, so any split of the inputs that keeps an item's rows together (a
+    bucket of items) gives the same rows, a part in each."""
     splits = list(seen_splits(exclude))
     keys = ["user_id", "item_id"]
     known = interactions.dropna(subset=keys)
