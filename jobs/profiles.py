@@ -57,6 +57,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pandas as pd
 import pyarrow as pa
@@ -81,6 +82,17 @@ log = logging.getLogger(__name__)
 
 # History rows per group of users: a group is one pandas frame in one Python worker.
 ROWS_PER_GROUP = 200_000
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """What the job hands either path, resolved once from the run's plan."""
+
+    dataset: str
+    run_id: str  # the profiles' key
+    base_names: list[str]  # base representations and trained fusions: profiled from item vectors
+    rows: Callable[[pd.DataFrame], pd.DataFrame]  # ``udfs.profile_inputs.profile_rows``, fusions included
+    als: AlsSettings | None  # the ``als`` fit's settings, when ``als`` is ranked
 
 
 def bucket(key: str, n_buckets: int) -> Column:
@@ -120,9 +132,7 @@ def driver_slices(dataset: str, base_names: list[str]) -> dict[str, Slice]:
     return slices
 
 
-def on_driver(run: JobRun, dataset: str, inputs: dict, base_names: list[str],
-              rows: Callable[[pd.DataFrame], pd.DataFrame], als: AlsSettings | None,
-              run_id: str) -> tuple[int, dict[str, int], pa.Table]:
+def on_driver(run: JobRun, settings: ProfileSettings, inputs: dict) -> tuple[int, dict[str, int], pa.Table]:
     """The driver path (``jobs.driver_inputs``): (users with train rows, rows per
     representation, the rows to write)."""
     interactions = inputs["interactions"].to_pandas()
@@ -130,62 +140,61 @@ def on_driver(run: JobRun, dataset: str, inputs: dict, base_names: list[str],
         pd.DataFrame({c: pd.Series([], dtype=object) for c in ("representation", "item_id", "vector")})
     history = profile_inputs.history_rows(interactions, vectors)
     facts = ProfileFacts.of(inputs["items"].column("ingest_id").to_pandas(), interactions, history)
-    n_train_users = check_inputs(run, dataset, facts, base_names)
-    out = profile_inputs.in_user_groups(history, rows, ROWS_PER_GROUP)
-    if als is not None:
-        out = pd.concat([out, als_on_driver(run, dataset, inputs, interactions, als, run_id)], ignore_index=True)
+    n_train_users = check_inputs(run, settings, facts)
+    out = profile_inputs.in_user_groups(history, settings.rows, ROWS_PER_GROUP)
+    if settings.als is not None:
+        out = pd.concat([out, als_on_driver(run, settings, inputs, interactions)], ignore_index=True)
     written = {str(k): int(v) for k, v in out.groupby("representation").size().items()}
-    return n_train_users, written, profile_inputs.profile_table(out, run_id)
+    return n_train_users, written, profile_inputs.profile_table(out, settings.run_id)
 
 
-def on_spark(run: JobRun, dataset: str, base_names: list[str], rows: Callable[[pd.DataFrame], pd.DataFrame],
-             als: AlsSettings | None, run_id: str, cached: list[DataFrame]) -> tuple[int, dict[str, int], DataFrame]:
+def on_spark(run: JobRun, settings: ProfileSettings, cached: list[DataFrame]) -> tuple[int, dict[str, int], DataFrame]:
     """The distributed path: Spark groups the rows by bounded buckets of user (or item) ids and
     calls the driver's functions per group. As ``on_driver``; the rows are cached (``cached``)."""
-    spark, wh = run.spark, run.warehouse
+    spark, wh, dataset = run.spark, run.warehouse, settings.dataset
     train = train_frame(spark, wh, dataset).persist(StorageLevel.MEMORY_AND_DISK)
     cached.append(train)
     vectors = (tables.read(spark, wh, "item_embeddings")
-               .filter((F.col("dataset") == dataset) & F.col("representation").isin(base_names))
+               .filter((F.col("dataset") == dataset) & F.col("representation").isin(settings.base_names))
                .select("representation", "item_id", "vector"))
     history = train.join(vectors, "item_id").select("representation", "user_id", "item_id", "vector", "ts")
     facts = spark_facts(run, dataset, history)
-    n_train_users = check_inputs(run, dataset, facts, base_names)
+    n_train_users = check_inputs(run, settings, facts)
     # A group holds whole users, about ROWS_PER_GROUP history rows of all representations.
     n_buckets = max(spark.sparkContext.defaultParallelism,
                     math.ceil(sum(facts.history_rows.values()) / ROWS_PER_GROUP))
-    out = history.groupBy(bucket("user_id", n_buckets)).applyInPandas(rows, PROFILE_SCHEMA)
-    if als is not None:
-        out = out.unionByName(als_on_spark(run, dataset, train, als, run_id, n_buckets))
+    out = history.groupBy(bucket("user_id", n_buckets)).applyInPandas(settings.rows, PROFILE_SCHEMA)
+    if settings.als is not None:
+        out = out.unionByName(als_on_spark(run, settings, train, n_buckets))
     out = out.persist(StorageLevel.MEMORY_AND_DISK)
     cached.append(out)
     # Profiles per representation counted in one Spark job, which also fills the cache the write reads.
     written = {r["representation"]: int(r["count"]) for r in out.groupBy("representation").count().collect()}
-    return n_train_users, written, out.withColumn("run_id", F.lit(run_id))
+    return n_train_users, written, out.withColumn("run_id", F.lit(settings.run_id))
 
 
-def als_on_driver(run: JobRun, dataset: str, inputs: dict, interactions: pd.DataFrame, als: AlsSettings,
-                  run_id: str) -> pd.DataFrame:
+def als_on_driver(run: JobRun, settings: ProfileSettings, inputs: dict, interactions: pd.DataFrame) -> pd.DataFrame:
     """Fit ``als``, write its item rows, and return its user rows; only the fit is Spark's: its
     factors (a few MB on a catalog this path takes) come back to the driver."""
-    user_factors, item_factors = fit_als(run, dataset, train_frame(run.spark, run.warehouse, dataset), als)
+    dataset = settings.dataset
+    user_factors, item_factors = fit_als(run, dataset, train_frame(run.spark, run.warehouse, dataset), settings.als)
     users, items = user_factors.toPandas(), item_factors.toPandas()
     catalog = inputs["items"].select(["item_id"]).to_pandas()
-    made = profile_inputs.als_item_rows(dataset, als.rank, run_id)(catalog, items)
+    made = profile_inputs.als_item_rows(dataset, settings.als.rank, settings.run_id)(catalog, items)
     tables.replace_slice(run.spark, run.warehouse, "item_embeddings", pa.Table.from_pandas(made, preserve_index=False),
                          {"dataset": dataset, "representation": [ALS]})
     run.count("items_without_factor_als", len(made) - len(items))
     return profile_inputs.als_user_rows(users, interactions[interactions["split"] == "train"])
 
 
-def als_on_spark(run: JobRun, dataset: str, train: DataFrame, als: AlsSettings, run_id: str,
-                 n_buckets: int) -> DataFrame:
+def als_on_spark(run: JobRun, settings: ProfileSettings, train: DataFrame, n_buckets: int) -> DataFrame:
     """As ``als_on_driver``, with the driver's functions applied per bucket of item (user) ids."""
-    user_factors, item_factors = fit_als(run, dataset, train, als)
+    dataset = settings.dataset
+    user_factors, item_factors = fit_als(run, dataset, train, settings.als)
     catalog = tables.read(run.spark, run.warehouse, "items").filter(F.col("dataset") == dataset).select("item_id")
     items = catalog.groupBy(bucket("item_id", n_buckets)).cogroup(
         item_factors.groupBy(bucket("item_id", n_buckets))).applyInPandas(
-        profile_inputs.als_item_rows(dataset, als.rank, run_id), tables.SCHEMAS["item_embeddings"])
+        profile_inputs.als_item_rows(dataset, settings.als.rank, settings.run_id), tables.SCHEMAS["item_embeddings"])
     written = Observation("als_items")  # counted while written (no pass of its own)
     tables.replace_slice(run.spark, run.warehouse, "item_embeddings", items.observe(written, F.count("*").alias("n")),
                          {"dataset": dataset, "representation": [ALS]})
@@ -215,9 +224,10 @@ def spark_facts(run: JobRun, dataset: str, history: DataFrame) -> ProfileFacts:
                         {r["name"]: int(r["n"]) for r in rows if r["kind"] == "history"})
 
 
-def check_inputs(run: JobRun, dataset: str, facts: ProfileFacts, base_names: list[str]) -> int:
+def check_inputs(run: JobRun, settings: ProfileSettings, facts: ProfileFacts) -> int:
     """Count what the inputs hold and refuse what no profile can come from; the users with
     train interactions."""
+    dataset = settings.dataset
     try:
         # Profiles are where interactions first meet what was built from items: a mix of two
         # ingests would pair one snapshot's histories with another's catalog.
@@ -233,7 +243,7 @@ def check_inputs(run: JobRun, dataset: str, facts: ProfileFacts, base_names: lis
     if facts.train_rows == 0:
         raise NothingUsable(f"dataset '{dataset}' has no train interactions in {run.warehouse}/interactions: "
                             "run `vlm4rec ingest` first (and check the split settings)")
-    for name in base_names:
+    for name in settings.base_names:
         n = facts.history_rows.get(name, 0)
         run.count(f"history_rows_{name}", n)
         run.count(f"history_rows_without_vector_{name}", facts.train_rows - n)
@@ -270,18 +280,19 @@ def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
     # representations, the fusions built from them and their settings.
     plan = plan_for_run(run, run_id, PROFILES_FIELDS)
     # Trained fusions (``fuse``) have item vectors of their own: profiled like base ones.
-    base_names = [parse_representation(n).name for n in plan.base + plan.trained]
     fusions = [parse_representation(n) for n in plan.parameter_free]
-    rows = profile_inputs.profile_rows(plan.half_life_days, [
-        (rep, plan.fusion_weights(rep.parts) if rep.kind == "concat" else None) for rep in fusions])
-    als = AlsSettings(**json.loads(plan.als)) if ALS in plan.representations else None
-    names = base_names + [r.name for r in fusions] + ([ALS] if als else [])
+    settings = ProfileSettings(
+        dataset, run_id, [parse_representation(n).name for n in plan.base + plan.trained],
+        profile_inputs.profile_rows(plan.half_life_days, [
+            (rep, plan.fusion_weights(rep.parts) if rep.kind == "concat" else None) for rep in fusions]),
+        AlsSettings(**json.loads(plan.als)) if ALS in plan.representations else None)
+    names = settings.base_names + [r.name for r in fusions] + ([ALS] if settings.als else [])
 
-    inputs = read_on_driver(run, driver_slices(dataset, base_names))
+    inputs = read_on_driver(run, driver_slices(dataset, settings.base_names))
     cached: list[DataFrame] = []
     try:
-        n_train_users, written, out = (on_spark(run, dataset, base_names, rows, als, run_id, cached) if inputs is None
-                                       else on_driver(run, dataset, inputs, base_names, rows, als, run_id))
+        n_train_users, written, out = (on_spark(run, settings, cached) if inputs is None
+                                       else on_driver(run, settings, inputs))
         total = count_profiles(run, dataset, names, written, n_train_users)
         # One atomic commit replaces the run's profiles of these representations (stale users go).
         tables.replace_slice(run.spark, run.warehouse, "user_profiles", out,
