@@ -67,9 +67,8 @@ def item_vectors(warehouse: str, dataset: str, names: dict[str, str]) -> dict[st
 
 
 def train_interactions(warehouse: str, dataset: str) -> pd.DataFrame:
-    rows = read_frame(warehouse, "interactions", equal={"dataset": dataset, "split": TRAIN_SPLIT},
+    return read_frame(warehouse, "interactions", equal={"dataset": dataset, "split": TRAIN_SPLIT},
                       columns=["user_id", "item_id"], **BOUNDS)
-    return rows
 
 
 def figures_for(warehouse: str, dataset: str, rep: Representation, texts: bool = True,
@@ -93,49 +92,45 @@ def _skipped(run, exc: Exception) -> None:
     log.info("%s: the descriptions' figures are skipped: %s", run.job, exc)
 
 
-def check_descriptions(run, dataset: str, representations: Sequence[str]) -> dict[str, str]:
-    """Measure every LVLM representation of ``representations``: its figures go to the run's
-    counts, and the ``description_warning`` of each one whose descriptions carry no signal is
-    logged and returned (representation -> warning)."""
+def count_figures(run, dataset: str, representations: Sequence[str], texts: bool = True,
+                  vectors: bool = True) -> dict[str, dict[str, float]]:
+    """``figures_for`` each LVLM representation of ``representations``, counted in the run
+    (``descriptions_...``; ``descriptions[<name>]_...`` when there are several); a table too
+    large or a store unreadable skips it with a count. The figures (representation -> figures)."""
     reps = lvlm_representations(representations)
-    warnings = {}
+    measured = {}
     for rep in reps:
         try:
-            figures = figures_for(run.warehouse, dataset, rep)
+            figures = figures_for(run.warehouse, dataset, rep, texts, vectors)
         except tuple(FALLBACK_REASONS) as exc:
             _skipped(run, exc)
             continue
         for key, value in description_stats.as_counts(figures, count_prefix(rep, reps)).items():
             run.count(key, value)
-        warning = description_stats.description_warning(figures, rep.name)
+        measured[rep.name] = figures
+    return measured
+
+
+def check_descriptions(run, dataset: str, representations: Sequence[str]) -> dict[str, str]:
+    """``evaluate``'s counts (``count_figures``), and the ``description_warning`` of each LVLM
+    representation whose descriptions carry no signal, logged and returned (representation ->
+    warning)."""
+    warnings = {}
+    for name, figures in count_figures(run, dataset, representations).items():
+        warning = description_stats.description_warning(figures, name)
         if warning:
             run.count("descriptions_without_signal")
             log.warning("%s", warning)
-            warnings[rep.name] = warning
+            warnings[name] = warning
     return warnings
 
 
 def count_text_figures(run, dataset: str, rep: Representation) -> None:
     """``caption``'s counts: the ``text_figures`` of the engine's texts for the dataset's images."""
-    try:
-        texts = description_texts(run.warehouse, dataset, rep.engine, rep.model, rep.prompt_id)
-    except tuple(FALLBACK_REASONS) as exc:
-        _skipped(run, exc)
-        return
-    figures = description_stats.text_figures(texts)
-    for key, value in description_stats.as_counts(figures).items():
-        run.count(key, value)
+    count_figures(run, dataset, [rep.name], vectors=False)
 
 
 def count_vector_figures(run, dataset: str, representations: Sequence[str]) -> None:
     """``embed``'s counts: the ``vector_figures`` of each LVLM representation's vectors and the
     titles' (mean pairwise cosine, co-consumption lift over the train split)."""
-    reps = lvlm_representations(representations)
-    for rep in reps:
-        try:
-            figures = figures_for(run.warehouse, dataset, rep, texts=False)
-        except tuple(FALLBACK_REASONS) as exc:
-            _skipped(run, exc)
-            continue
-        for key, value in description_stats.as_counts(figures, count_prefix(rep, reps)).items():
-            run.count(key, value)
+    count_figures(run, dataset, representations, texts=False)

@@ -382,10 +382,11 @@ def embed_with_spark(run: JobRun, work: EmbedWork) -> None:
             statuses.append(vectors.groupBy("representation", "status", "_reused").count().toPandas())
         with run.stage("fuse"):
             if work.fusions:
-                parts = [p for f in work.fusions for p in f.representation.parts]
+                fusions = work.fusions  # what the tasks get: udfs' types only, not this module's
+                parts = [p for f in fusions for p in f.representation.parts]
                 ok = vectors.filter((F.col("status") == embedding_udfs.OK) & F.col("representation").isin(parts))
                 fused = by_bucket(partitions_for(spark, n_items, max(1, work.rows_per_task // 20), 100),
-                                  lambda rows: embed_inputs.fused(rows, work.fusions), ITEM_VECTOR_SCHEMA,
+                                  lambda rows: embed_inputs.fused(rows, fusions), ITEM_VECTOR_SCHEMA,
                                   (ok, F.col("item_id"))).persist(keep)
                 cached.append(fused)
                 statuses.append(fused.groupBy("representation", "status", "_reused").count().toPandas())

@@ -430,11 +430,14 @@ def test_embed_builds_exactly_the_plan_stored_under_its_run_id_and_refuses_anoth
 def test_the_spark_path_writes_the_rows_and_counts_of_the_driver_path(spark, catalog, tmp_path):
     """The shared catalog's runs A, B and C took the driver path (a local master, small tables:
     ``jobs.driver_inputs``); the same runs through the executors (``spark.driver_compute_mb=0``)
-    write the same rows and count the same things, reuse and stale rows included."""
+    write the same rows and count the same things, reuse and stale rows included. Few rows per
+    task split every step into several tasks of several buckets: each function of
+    ``udfs.embed_inputs`` runs on parts of the catalog there and on all of it on the driver."""
     from jobs import embed, ingest
 
     warehouse = tmp_path / "warehouse"
-    argv = catalog.argv + ["--set", f"warehouse={warehouse}", "--set", "spark.driver_compute_mb=0"]
+    argv = catalog.argv + ["--set", f"warehouse={warehouse}", "--set", "spark.driver_compute_mb=0",
+                           "--set", "experiment.embed.rows_per_task=40"]
     assert ingest.main(argv) == 0
     assert embed.main(argv + ["--set", f"experiment.representations=[title,{LVLM}]"]) == 0
     counts, snapshots = {"A": last_run_counts(spark, warehouse, "embed")}, {"A": embeddings(spark, warehouse)}

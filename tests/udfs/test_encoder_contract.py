@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from udfs import image_encoder, text_encoder  # noqa: E402
 from udfs.image_encoder import EFFICIENTNET_LITE0, LITE0_FEATURE_DIM, encode_images  # noqa: E402
 from udfs.text_encoder import DEFAULT_TEXT_ENCODER, embedding_dim, encode_texts, load_text_encoder  # noqa: E402
 
@@ -86,3 +87,21 @@ def test_batches_keep_input_order_and_equal_one_at_a_time(encoder):
 def test_empty_input_is_an_empty_array_of_the_declared_dimension(encoder):
     vectors = encoder.encode([], 4)
     assert vectors.shape == (0, encoder.declared_dim())
+
+
+# The module of each encoder, whose ``encoder_record`` the embed job stores beside the vectors.
+RECORDS = {DEFAULT_TEXT_ENCODER: ("text_encoder", text_encoder.encoder_record),
+           EFFICIENTNET_LITE0: ("image_encoder", image_encoder.encoder_record)}
+
+
+def test_the_record_names_the_encoder_its_libraries_and_its_declared_dimension(encoder):
+    kind, record_of = RECORDS[encoder.name]
+    dim, record = record_of(encoder.name)
+    assert dim == encoder.declared_dim()
+    assert record.split(",")[0] == f"{kind}:{encoder.name}" and "torch:" in record
+
+
+def test_an_unknown_image_encoder_is_refused_naming_the_known_ones():
+    with pytest.raises(ValueError, match=r"'clip'.*efficientnet-lite0"):
+        image_encoder.encoder_record("clip")
+
