@@ -15,13 +15,13 @@ import socket
 import time
 from pathlib import Path
 
-from pyspark.sql import functions as F
 
 from udfs import caption_udfs as cu
 from udfs import storage
 
 from . import tables
 from .job_run import JobRun
+from .spark_groups import bucket, n_groups
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +105,14 @@ def merge_staged(run: JobRun, files: list[str]) -> int:
         return n
     spark = run.spark
     schema, keys = tables.SCHEMAS["descriptions"], tables.KEYS["descriptions"]
-    buckets = max(1, spark.sparkContext.defaultParallelism)
-
-    def by_bucket(frame):
-        # A bounded number of buckets of image hash: every row of a key lands in one bucket, and
-        # a bucket holds its share of the rows, whatever the catalog's size.
-        return frame.withColumn("_bucket", F.pmod(F.hash("image_sha256"), F.lit(buckets))).groupBy("_bucket")
-
     staged = spark.read.schema(schema).parquet(*files)
     current = tables.read(spark, run.warehouse, "descriptions").select(*keys, "status", "created_at")
+    # Buckets of image hash (every row of a key lands in one), enough of them that a bucket
+    # stays small whatever the cache's size.
+    buckets = n_groups(spark, staged.count() + current.count())
+
+    def by_bucket(frame):
+        return frame.withColumn("_bucket", bucket("image_sha256", buckets)).groupBy("_bucket")
     # The driver path's rule (``cu.staged_winners``), run on each bucket.
     winners = by_bucket(staged).cogroup(by_bucket(current)).applyInArrow(
         lambda rows, table: cu.staged_winners(rows.drop_columns(["_bucket"]), table.drop_columns(["_bucket"]), keys),

@@ -17,6 +17,7 @@ from . import tables
 from .config import CaptionConf, ConfigError
 from .driver_inputs import Slice, read_on_driver
 from .job_run import JobRun, NothingUsable
+from .spark_groups import bucket, n_groups
 
 
 @dataclass(frozen=True)
@@ -65,18 +66,17 @@ def spark_plan(spark, warehouse: str, dataset: str, spec: CaptionSpec) -> tuple[
     (``caption_todo_rows``), its rows and facts added up on the driver."""
     from pyspark.sql.pandas.types import from_arrow_schema
 
-    buckets = max(1, spark.sparkContext.defaultParallelism)
-
-    def by_bucket(frame):
-        key = F.coalesce("image_sha256", "item_id") if "item_id" in frame.columns else F.col("image_sha256")
-        return frame.withColumn("_bucket", F.pmod(F.hash(key), F.lit(buckets))).groupBy("_bucket")
-
     items = (tables.read(spark, warehouse, "items").filter(F.col("dataset") == dataset)
              .select("item_id", "image_uri", "image_sha256"))
     cache = (tables.read(spark, warehouse, "descriptions")
              .filter((F.col("engine") == spec.engine) & (F.col("model") == spec.model)
                      & (F.col("prompt_id") == spec.prompt_id))
              .select("image_sha256", "status", "error"))
+    buckets = n_groups(spark, items.count() + cache.count())
+
+    def by_bucket(frame):
+        key = F.coalesce("image_sha256", "item_id") if "item_id" in frame.columns else F.col("image_sha256")
+        return frame.withColumn("_bucket", bucket(key, buckets)).groupBy("_bucket")
     rows = by_bucket(items).cogroup(by_bucket(cache)).applyInArrow(
         lambda item_rows, cache_rows: cu.caption_todo_rows(item_rows.drop_columns(["_bucket"]),
                                                            cache_rows.drop_columns(["_bucket"]), spec.conf.force),

@@ -158,7 +158,7 @@ def fuse(run: JobRun, args: argparse.Namespace | None = None) -> None:
     if not trained:
         log.info("fuse %s: the plan has no trained fusion; nothing to do", dataset)
         return
-    settings = FuseConf(**json.loads(plan.fuse))
+    settings = plan.fuse
     n_items = tables.read(spark, wh, "items").filter(F.col("dataset") == dataset).count()
     run.count("items", n_items)
     # part -> (item_id, vector) frame sorted by item id, collected to the driver

@@ -39,7 +39,7 @@ from udfs.representations import (
     validate_representations,
 )
 
-from .config import BASELINES, CaptionConf, Config, ConfigError
+from .config import BASELINES, AlsConf, CaptionConf, Config, ConfigError, FuseConf
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +123,11 @@ class ExperimentPlan:
     significance_test: str  # the paired test of the comparisons (udfs.significance.TESTS)
     half_life_days: float | None
     concat_weights: tuple[tuple[str, float], ...]  # sorted (part, weight) pairs
-    # experiment.fuse as canonical JSON when a trained fusion is planned, else "": the trained
-    # vectors (and so profiles, rankings and metrics) depend on every one of its settings.
-    fuse: str = ""
-    # experiment.profiles.als as canonical JSON when ``als`` is ranked, else "".
-    als: str = ""
+    # experiment.fuse when a trained fusion is planned, else None: the trained vectors (and so
+    # profiles, rankings and metrics) depend on every one of its settings.
+    fuse: FuseConf | None = None
+    # experiment.profiles.als when ``als`` is ranked, else None.
+    als: AlsConf | None = None
 
     @classmethod
     def resolve(cls, config: Config) -> "ExperimentPlan":
@@ -157,10 +157,8 @@ class ExperimentPlan:
             half_life_days=(None if experiment.profiles.half_life_days is None
                             else float(experiment.profiles.half_life_days)),
             concat_weights=tuple(sorted((str(p), float(w)) for p, w in experiment.embed.concat_weights.items())),
-            fuse=(json.dumps(dataclasses.asdict(experiment.fuse), sort_keys=True, separators=(",", ":"))
-                  if any(parse_representation(n).is_trained for n in fusions) else ""),
-            als=(json.dumps(dataclasses.asdict(experiment.profiles.als), sort_keys=True, separators=(",", ":"))
-                 if ALS in representations else ""),
+            fuse=experiment.fuse if any(parse_representation(n).is_trained for n in fusions) else None,
+            als=experiment.profiles.als if ALS in representations else None,
         )
 
     @property
@@ -184,7 +182,9 @@ class ExperimentPlan:
         return chosen or None
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        # An absent section is stored as "", as before the sections were typed: same text, same hash.
+        return {f.name: _plain(getattr(self, f.name)) if getattr(self, f.name) is not None or f.name not in ("fuse", "als")
+                else "" for f in dataclasses.fields(self)}
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, no whitespace, so equal plans give equal text."""
@@ -201,10 +201,18 @@ class ExperimentPlan:
         data.setdefault("als", "")  # ... and before the ALS reference
         data.setdefault("significance_test", "wilcoxon")  # ... and before the test was a setting
         known = {f.name for f in dataclasses.fields(cls)}
+        stale = (f"stored plan has fields {sorted(data)}, this version expects {sorted(known)}: use a new "
+                 "--run-id (the plan was stored by another version of vlm4rec)")
         if set(data) != known:
-            raise ConfigError(f"stored plan has fields {sorted(data)}, this version expects {sorted(known)}: "
-                              "use a new --run-id (the plan was stored by another version of vlm4rec)")
+            raise ConfigError(stale)
         data["concat_weights"] = [tuple(pair) for pair in data["concat_weights"]]
+        try:
+            # The sections are stored as canonical JSON text (so that the plan's hash is the
+            # same as before they were typed) and checked again as they are read.
+            for name, section in (("fuse", FuseConf), ("als", AlsConf)):
+                data[name] = section(**json.loads(data[name])) if data[name] else None
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{stale}; {exc}") from None
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
     def check_agrees(self, stored: "ExperimentPlan", fields: tuple[str, ...], run_id: str, job: str) -> None:
@@ -238,6 +246,8 @@ def check_caption_agrees(stored: ExperimentPlan, dataset: str, representation: s
 def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
+    if isinstance(value, (FuseConf, AlsConf)):
+        return json.dumps(dataclasses.asdict(value), sort_keys=True, separators=(",", ":"))
     return value
 
 

@@ -53,16 +53,15 @@ if not __package__:  # run as a file (`spark-submit jobs/<job>.py`): see jobs/_a
     from _as_package import PACKAGE as __package__
 
 import argparse
-import json
+import dataclasses
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
 import pyarrow as pa
 from pyspark import StorageLevel
-from pyspark.sql import Column, DataFrame, Observation
+from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
 
 from udfs import profile_inputs
@@ -77,12 +76,9 @@ from .driver_inputs import Slice, read_on_driver
 from .facts import collect_facts
 from .job_run import Job, JobRun, NothingUsable, run_id_argument
 from .plan import PROFILES_FIELDS, plan_for_run
+from .spark_groups import ROWS_PER_GROUP, bucket, n_groups
 
 log = logging.getLogger(__name__)
-
-# History rows per group of users: a group is one pandas frame in one Python worker.
-ROWS_PER_GROUP = 200_000
-
 
 @dataclass(frozen=True)
 class ProfileSettings:
@@ -93,11 +89,6 @@ class ProfileSettings:
     base_names: list[str]  # base representations and trained fusions: profiled from item vectors
     rows: Callable[[pd.DataFrame], pd.DataFrame]  # ``udfs.profile_inputs.profile_rows``, fusions included
     als: AlsSettings | None  # the ``als`` fit's settings, when ``als`` is ranked
-
-
-def bucket(key: str, n_buckets: int) -> Column:
-    """A bounded bucket of ``key``'s ids: what the Spark path groups whole users (or items) by."""
-    return F.pmod(F.xxhash64(key), F.lit(n_buckets)).alias("_bucket")
 
 
 def train_frame(spark, wh: str, dataset: str) -> DataFrame:
@@ -161,8 +152,7 @@ def on_spark(run: JobRun, settings: ProfileSettings, cached: list[DataFrame]) ->
     facts = spark_facts(run, dataset, history)
     n_train_users = check_inputs(run, settings, facts)
     # A group holds whole users, about ROWS_PER_GROUP history rows of all representations.
-    n_buckets = max(spark.sparkContext.defaultParallelism,
-                    math.ceil(sum(facts.history_rows.values()) / ROWS_PER_GROUP))
+    n_buckets = n_groups(spark, sum(facts.history_rows.values()))
     out = history.groupBy(bucket("user_id", n_buckets)).applyInPandas(settings.rows, PROFILE_SCHEMA)
     if settings.als is not None:
         out = out.unionByName(als_on_spark(run, settings, train, n_buckets))
@@ -285,7 +275,7 @@ def profiles(run: JobRun, args: argparse.Namespace | None = None) -> None:
         dataset, run_id, [parse_representation(n).name for n in plan.base + plan.trained],
         profile_inputs.profile_rows(plan.half_life_days, [
             (rep, plan.fusion_weights(rep.parts) if rep.kind == "concat" else None) for rep in fusions]),
-        AlsSettings(**json.loads(plan.als)) if ALS in plan.representations else None)
+        None if plan.als is None else AlsSettings(**dataclasses.asdict(plan.als)))
     names = settings.base_names + [r.name for r in fusions] + ([ALS] if settings.als else [])
 
     inputs = read_on_driver(run, driver_slices(dataset, settings.base_names))

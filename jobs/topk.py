@@ -7,7 +7,7 @@ excluded. Small inputs are ranked on the driver (``jobs.driver_inputs``) by the 
 (``udfs.topk_udfs.rank_in_process``); large ones by Spark, blockwise:
 
 1. Profiles (with each user's seen items, ``udfs.topk_udfs.users_table``) and candidate items
-   are grouped into buckets of about ``user_block`` / ``item_block`` rows (``pmod(hash(id), n)``),
+   are grouped into buckets of about ``user_block`` / ``item_block`` rows (``jobs.spark_groups.bucket``),
    each bucket packed into blocks of at most that many rows, one Spark row of float32 bytes per
    block (``udfs.topk_udfs.pack_table``), and persisted on disk.
 2. The user blocks are cross-joined with the item blocks AT BLOCK GRANULARITY (a cartesian
@@ -60,7 +60,7 @@ from dataclasses import dataclass
 import pandas as pd
 import pyarrow as pa
 from pyspark import StorageLevel
-from pyspark.sql import Column, DataFrame, GroupedData, Observation, SparkSession
+from pyspark.sql import DataFrame, GroupedData, Observation, SparkSession
 from pyspark.sql import functions as F
 
 from udfs import protocol, scorers, topk_udfs, warehouse_writer
@@ -72,6 +72,7 @@ from .config import ConfigError
 from .facts import collect_facts
 from .job_run import Job, JobParser, JobRun, NothingUsable, add_plan_arguments
 from .plan import TOPK_FIELDS, ExperimentPlan, plan_for_run
+from .spark_groups import bucket, n_groups
 
 log = logging.getLogger(__name__)
 
@@ -304,11 +305,6 @@ def arrow_batch_rows(spark: SparkSession, rows: int) -> Iterator[None]:
             spark.conf.set(key, before)
 
 
-def bucket(column: str, n: int) -> Column:
-    """A bounded bucket of ``column``'s ids, ``n`` of them: what the Spark path groups by."""
-    return F.pmod(F.hash(column), F.lit(n))
-
-
 def by_block(frame: DataFrame, column: str, n_rows: int, block: int, min_blocks: int = 1) -> GroupedData:
     """``frame`` in buckets of about ``block`` rows of ``column``, one partition per bucket, so
     the cross join's tasks hold one block pair each."""
@@ -397,7 +393,7 @@ def topk_with_spark(run: JobRun, settings: TopkSettings) -> None:
     spark, wh, plan = run.spark, run.warehouse, settings.plan
     interactions = (tables.read(spark, wh, "interactions").filter(F.col("dataset") == plan.dataset)
                     .select("user_id", "item_id", "split"))
-    n_seen_buckets = int(spark.conf.get("spark.sql.shuffle.partitions"))
+    n_seen_buckets = n_groups(spark, interactions.count())
     cached: list[DataFrame] = []  # every frame persisted here, released however the job ends
     try:
         with run.stage("prepare"):

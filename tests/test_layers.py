@@ -131,6 +131,27 @@ def test_jobs_catch_only_the_errors_they_name():
     assert sites == [], "catch the exceptions that choose a path or that you can name, and let others fail the job"
 
 
+# A function that reads, validates, computes and writes wants splitting into named steps.
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(path: Path, source: str | None = None) -> list[str]:
+    """``name:first line (lines)`` of every function (nested ones too) longer than MAX_FUNCTION_LINES."""
+    tree = ast.parse(path.read_text() if source is None else source, str(path))
+    return [f"{node.name}:{node.lineno} ({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+
+
+def test_no_function_is_longer_than_80_lines():
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    assert long_functions(ROOT / "probe.py", f"def ok():\n{body[:-len('    x79 = 79')-1]}\n") == []
+    assert long_functions(ROOT / "probe.py", f"def long():\n{body}") == ["long:1 (81 lines)"]
+    found = [f"{p.relative_to(ROOT)}:{site}" for folder in ("jobs", "udfs") for p in python_files(folder)
+             for site in long_functions(p)]
+    assert found == [], "split these into named steps"
+
+
 @pytest.mark.parametrize("source, expected", [
     ("from . import tables\n", {"jobs", "jobs.tables"}),
     ("def f():\n    from .config import load_config\n", {"jobs.config", "jobs.config.load_config"}),

@@ -6,6 +6,7 @@ encoders are embed's business and tested there); two epochs of tiny models keep 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -168,12 +169,15 @@ def test_fuse_settings_are_typed_and_planned():
     plan = ExperimentPlan.resolve(load_config(["experiments/synthetic.yaml"], [
         "experiment.representations=[title,visual,naive,gating,attention:lvlm+visual]"]))
     assert plan.trained[0] == "gating" and plan.trained[1].startswith("attention:lvlm:tags:")
-    assert plan.parameter_free == ("naive",) and '"epochs":15' in plan.fuse
+    assert plan.parameter_free == ("naive",) and plan.fuse.epochs == 15
+    # stored as it was before the section was typed: canonical JSON text inside the plan's JSON
+    assert json.loads(json.loads(plan.to_json())["fuse"])["epochs"] == 15
+    assert ExperimentPlan.from_json(plan.to_json()) == plan
     other = ExperimentPlan.resolve(load_config(["experiments/synthetic.yaml"], [
         "experiment.representations=[title,visual,naive,gating,attention:lvlm+visual]", "experiment.fuse.epochs=3"]))
     assert other.plan_hash != plan.plan_hash
     # a plan without a trained fusion does not depend on experiment.fuse
-    assert ExperimentPlan.resolve(load_config(["experiments/synthetic.yaml"], [])).fuse == ""
+    assert ExperimentPlan.resolve(load_config(["experiments/synthetic.yaml"], [])).fuse is None
 
 
 def test_profiles_of_a_trained_fusion_are_the_mean_of_its_fused_item_vectors(spark, fused_catalog):
