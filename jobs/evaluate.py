@@ -163,14 +163,14 @@ def user_lists_and_facts(path: OnDriver | OnSpark,
     recommendations, candidates, interactions = (path.inputs[k] for k in ("recommendations", "candidates",
                                                                            "interactions"))
     relevant = path.per_bucket("item_id", lambda rows, stored: protocol.relevant_rows(rows, stored, exclude),
-                               evaluate_udfs.RELEVANT_DDL, interactions, candidates)
-    lists = path.per_bucket("user_id", evaluate_udfs.user_lists, evaluate_udfs.USER_LISTS_DDL, relevant,
+                               schemas.RELEVANT_DDL, interactions, candidates)
+    lists = path.per_bucket("user_id", evaluate_udfs.user_lists, schemas.USER_LISTS_DDL, relevant,
                             recommendations)
-    facts = [path.per_bucket("user_id", evaluate_udfs.topk_facts("recommendations"), evaluate_udfs.FACTS_DDL,
+    facts = [path.per_bucket("user_id", evaluate_udfs.topk_facts("recommendations"), schemas.FACTS_DDL,
                              recommendations),
-             path.per_bucket("item_id", evaluate_udfs.topk_facts("candidates"), evaluate_udfs.FACTS_DDL, candidates),
-             path.per_bucket("user_id", evaluate_udfs.test_facts, evaluate_udfs.FACTS_DDL, interactions),
-             path.per_bucket("user_id", evaluate_udfs.list_facts, evaluate_udfs.FACTS_DDL, lists)]
+             path.per_bucket("item_id", evaluate_udfs.topk_facts("candidates"), schemas.FACTS_DDL, candidates),
+             path.per_bucket("user_id", evaluate_udfs.test_facts, schemas.FACTS_DDL, interactions),
+             path.per_bucket("user_id", evaluate_udfs.list_facts, schemas.FACTS_DDL, lists)]
     return lists, evaluate_udfs.evaluation_facts(path.gather(*facts))
 
 

@@ -10,7 +10,7 @@ Per bucket (a bucket holds whole users, or whole items: what the function needs 
   test rows' counts and the ranked list.
 - ``user_metric_rows`` (by user): those lists -> per-user metrics (``udfs.metrics``), long rows.
 - ``topk_facts`` (recommendations by user, candidates by item), ``test_facts`` (interactions by
-  user), ``list_facts`` (lists by user): what the job checks and counts, as ``FACTS_DDL`` rows
+  user), ``list_facts`` (lists by user): what the job checks and counts, as ``FACT_COLUMNS`` rows
   that add up across buckets into ``evaluation_facts`` (an ``EvaluationFacts``).
 
 Per group: ``metric_summary`` (one representation's metric@k: mean, bootstrap CI) and
@@ -31,19 +31,16 @@ import pandas as pd
 from udfs import metrics as ranking
 from udfs import protocol, significance
 
-# What the metric functions emit (``USER_METRICS_DDL``, ``METRICS_DDL``, ``COMPARISONS_DDL``) is
-# declared with every table's schema in ``udfs.spark.schemas``; the intermediate rows below
-# never reach a table.
-RELEVANT_DDL = "representation string, user_id string, item_id string, excluded boolean"
-USER_LISTS_DDL = ("representation string, user_id string, relevant array<string>, n_rows long, "
-                  "n_excluded long, recommended array<string>")
-FACTS_DDL = ("representation string, recommendations long, recommendations_from string, "
-             "recommendations_to string, candidates long, candidates_from string, candidates_to string, "
-             "candidate_test_rows long, excluded_test_rows long, users_with_relevant long, "
-             "users_without_list long, test_rows long, test_users long, test_users_without_train long")
-FACT_COLUMNS = [part.split()[0] for part in FACTS_DDL.split(", ")]
+# What these functions emit is declared as Spark DDL with every output schema in
+# ``udfs.spark.schemas`` (``USER_METRICS_DDL``, ``METRICS_DDL``, ``COMPARISONS_DDL``, and
+# ``RELEVANT_DDL``, ``USER_LISTS_DDL``, ``FACTS_DDL`` for the rows that never reach a table).
 # One dtype per fact column, whichever columns a bucket's rows fill: nullable counts, string ids.
-FACT_DTYPES = {part.split()[0]: "string" if part.endswith("string") else "Int64" for part in FACTS_DDL.split(", ")}
+FACT_DTYPES = {"representation": "string", "recommendations": "Int64", "recommendations_from": "string",
+               "recommendations_to": "string", "candidates": "Int64", "candidates_from": "string",
+               "candidates_to": "string", "candidate_test_rows": "Int64", "excluded_test_rows": "Int64",
+               "users_with_relevant": "Int64", "users_without_list": "Int64", "test_rows": "Int64",
+               "test_users": "Int64", "test_users_without_train": "Int64"}
+FACT_COLUMNS = list(FACT_DTYPES)
 
 # Pads a list shorter than max(ks): never an item id, so it never counts as a hit.
 MISSING_ITEM = ""
@@ -159,7 +156,7 @@ def apply_by_group(frame: pd.DataFrame, keys: Sequence[str], function: Callable[
 
 
 USER_KEY = ["representation", "user_id"]
-USER_LIST_COLUMNS = [part.split()[0] for part in USER_LISTS_DDL.split(", ")]
+USER_LIST_COLUMNS = [*USER_KEY, "relevant", "n_rows", "n_excluded", "recommended"]
 
 
 def user_lists(relevant: pd.DataFrame, recommendations: pd.DataFrame) -> pd.DataFrame:
@@ -189,6 +186,8 @@ def user_lists(relevant: pd.DataFrame, recommendations: pd.DataFrame) -> pd.Data
 
 @dataclass(frozen=True)
 class RepresentationFacts:
+    """What evaluate checks and counts of one representation (all zero: none of its rows)."""
+
     recommendations: int = 0  # rows of its ranked lists
     candidates: int = 0  # rows of its stored candidate set
     topk_ids: tuple[str, ...] = ()  # the topk runs that wrote its lists and its candidates
@@ -200,6 +199,9 @@ class RepresentationFacts:
 
 @dataclass(frozen=True)
 class EvaluationFacts:
+    """What evaluate checks and counts, the same from either path: the test split's totals and
+    each representation's facts (``of``)."""
+
     test_rows: int = 0  # distinct (user, item) test rows
     test_users: int = 0
     test_users_without_train: int = 0

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from udfs import evaluate_udfs, protocol
+from udfs.spark import schemas
 
 INTERACTIONS = pd.DataFrame({
     "user_id": ["u1", "u1", "u1", "u1", "u1", "u2", "u2", "u3", "u3", "u4", None],
@@ -85,7 +86,8 @@ def test_user_lists_give_an_all_excluded_user_no_relevant_item():
 
 def facts_of(recommendations, candidates, interactions, lists) -> evaluate_udfs.EvaluationFacts:
     return evaluate_udfs.evaluation_facts(pd.concat([
-        evaluate_udfs.topk_facts("recommendations")(recommendations), evaluate_udfs.topk_facts("candidates")(candidates),
+        evaluate_udfs.topk_facts("recommendations")(recommendations),
+        evaluate_udfs.topk_facts("candidates")(candidates),
         evaluate_udfs.test_facts(interactions), evaluate_udfs.list_facts(lists)], ignore_index=True))
 
 
@@ -184,3 +186,15 @@ def test_apply_by_group_passes_each_key_and_group_and_returns_columns_without_gr
     assert got.values.tolist() == [["a", 2.0, 1], ["b", 4.0, 2]]
     empty = evaluate_udfs.apply_by_group(frame.iloc[:0], ["g", "k"], total, ["g", "x", "n"])
     assert empty.empty and list(empty.columns) == ["g", "x", "n"]
+
+
+@pytest.mark.parametrize("ddl, columns", [(schemas.RELEVANT_DDL, protocol.RELEVANT_COLUMNS),
+                                          (schemas.USER_LISTS_DDL, evaluate_udfs.USER_LIST_COLUMNS),
+                                          (schemas.FACTS_DDL, evaluate_udfs.FACT_COLUMNS),
+                                          (schemas.COMPARISONS_DDL, evaluate_udfs.COMPARISON_COLUMNS)])
+def test_the_functions_emit_the_columns_their_spark_schema_declares(ddl, columns):
+    fields = [part.split() for part in ddl.split(", ")]  # no type here holds ", "
+    assert [name for name, _ in fields] == columns
+    if columns == evaluate_udfs.FACT_COLUMNS:
+        assert [evaluate_udfs.FACT_DTYPES[name] for name, _ in fields] == [
+            "Int64" if kind == "long" else "string" for _, kind in fields]
