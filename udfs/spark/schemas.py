@@ -237,3 +237,12 @@ METRICS_DDL = ("representation string, metric string, k int, value double, n_use
 COMPARISONS_DDL = ("representation_a string, representation_b string, metric string, k int, "
                    "mean_diff double, ci_low double, ci_high double, effect_size double, test string, "
                    "p_value double, p_holm double, n_users long")
+
+# evaluate's steps before the metrics, per bucket of items or users: never written to a table.
+RELEVANT_DDL = "representation string, user_id string, item_id string, excluded boolean"
+USER_LISTS_DDL = ("representation string, user_id string, relevant array<string>, n_rows long, "
+                  "n_excluded long, recommended array<string>")
+FACTS_DDL = ("representation string, recommendations long, recommendations_from string, "
+             "recommendations_to string, candidates long, candidates_from string, candidates_to string, "
+             "candidate_test_rows long, excluded_test_rows long, users_with_relevant long, "
+             "users_without_list long, test_rows long, test_users long, test_users_without_train long")
