@@ -42,8 +42,8 @@ Each step is one ``udfs.evaluate_udfs`` function (the relevance rule is
 (``jobs.driver_inputs``): while the run's recommendations and candidates and the dataset's
 interactions are under ``spark.driver_compute_mb``, ``OnDriver`` reads them with delta-rs and
 calls each function once over the whole frames; otherwise ``OnSpark`` reads them with Spark,
-splits them into buckets of whole users or whole items (``pmod(xxhash64(key), n)``, ``n``
-growing with the rows so that a bucket stays bounded) and has Spark call the same functions per
+splits them into buckets of whole users or whole items (``jobs.spark_groups``: ``n`` buckets
+of a key's hash, ``n`` growing with the rows so that a bucket stays bounded) and has Spark call the same functions per
 bucket (``applyInPandas``, cogrouped where a step takes two inputs) and the summary and
 comparisons per metric@k group. Both write through the same three commits and count, warn and
 fail alike from the same ``EvaluationFacts``; the runs row says ``computed_on_driver`` when the
@@ -77,11 +77,13 @@ from .config import ConfigError
 from .driver_inputs import Slice, read_on_driver
 from .job_run import Job, JobRun, NothingUsable, add_plan_arguments
 from .plan import EVALUATE_FIELDS, ExperimentPlan, plan_for_run
+from .spark_groups import ROWS_PER_GROUP, bucket, n_groups
 
 log = logging.getLogger(__name__)
 
-# Input rows per bucket on Spark: a bucket is one pandas frame in one Python worker.
-ROWS_PER_BUCKET = 500_000
+# Input rows per bucket on Spark (jobs.spark_groups' rule): a bucket is one pandas frame in one
+# Python worker.
+ROWS_PER_BUCKET = ROWS_PER_GROUP
 
 
 def input_slices(run_id: str, wanted: list[str], dataset: str) -> dict[str, Slice]:
@@ -130,14 +132,14 @@ class OnSpark:
                        for name, part in slices.items()}
         rows = functools.reduce(DataFrame.unionByName, [f.select(F.lit(1).alias("row"))
                                                         for f in self.inputs.values()]).count()
-        self.n_buckets = max(run.spark.sparkContext.defaultParallelism, -(-rows // ROWS_PER_BUCKET))
+        self.n_buckets = n_groups(run.spark, rows, ROWS_PER_BUCKET)
 
     def _kept(self, frame: DataFrame) -> DataFrame:
         self.cached.append(frame.persist(StorageLevel.MEMORY_AND_DISK))
         return frame
 
     def per_bucket(self, key: str, function: Callable, ddl: str, *frames: DataFrame) -> DataFrame:
-        first, *other = [f.groupBy(F.pmod(F.xxhash64(key), F.lit(self.n_buckets))) for f in frames]
+        first, *other = [f.groupBy(bucket(key, self.n_buckets)) for f in frames]
         return self._kept((first.cogroup(*other) if other else first).applyInPandas(function, ddl))
 
     def per_group(self, frame: DataFrame, keys: list[str], function: Callable, ddl: str) -> DataFrame:
