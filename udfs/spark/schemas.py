@@ -29,7 +29,7 @@ SCHEMAS: dict[str, T.StructType] = {
         T.StructField("image_uri", T.StringType()),
         T.StructField("image_sha256", T.StringType()),
         T.StructField("attrs", T.MapType(T.StringType(), T.StringType())),
-        # The run id of the ingest that wrote the row: see ``check_same_ingest``.
+        # The run id of the ingest that wrote the row: see ``jobs.tables.same_ingest``.
         T.StructField("ingest_id", T.StringType()),
     ]),
     "interactions": T.StructType([
