@@ -199,13 +199,6 @@ PROFILE_SCHEMA = T.StructType([
     T.StructField("vector", VECTOR),
     T.StructField("n_history", T.IntegerType()),
 ])
-# ``profiles``: a user's fused profile (a fusion of the user's part profiles).
-FUSED_PROFILE_SCHEMA = T.StructType([
-    T.StructField("user_id", T.StringType(), False),
-    T.StructField("vector", VECTOR),
-    T.StructField("status", T.StringType(), False),
-    T.StructField("n_history", T.IntegerType()),
-])
 # ``fuse``: a trained fusion model applied to one item's parts (``udfs.fusion_udfs.OUTPUT``).
 APPLIED_SCHEMA = T.StructType([
     T.StructField("item_id", T.StringType(), False),
