@@ -90,6 +90,7 @@ from .config import ConfigError
 from .driver_inputs import Slice
 from .job_run import Job, JobRun, NothingUsable, run_id_argument
 from .plan import ExperimentPlan, plan_for_run
+from .spark_groups import bucket
 
 log = logging.getLogger(__name__)
 
@@ -311,12 +312,12 @@ def partitions_for(spark: SparkSession, n_rows: int, rows_per_task: int, min_row
 
 def by_bucket(tasks: int, function: Callable[..., pd.DataFrame], schema: StructType | str,
               *keyed: tuple[DataFrame, Column]) -> DataFrame:
-    """``function(rows[, other rows])`` (pandas) on each bucket of ``pmod(hash(key), n)`` of one
+    """``function(rows[, other rows])`` (pandas) on each bucket (``jobs.spark_groups.bucket``) of one
     frame, or of two frames cogrouped (each with its own key column), in ``tasks`` tasks. The
     buckets are a bounded number, so a group's rows follow the rows per task, never one key's;
     an explicit repartition, because adaptive execution would merge small text rows into one task."""
     n = tasks * GROUPS_PER_TASK
-    groups = [frame.withColumn("_bucket", F.pmod(F.hash(key), F.lit(n))).repartition(tasks, "_bucket")
+    groups = [frame.withColumn("_bucket", bucket(key, n)).repartition(tasks, "_bucket")
               .groupBy("_bucket") for frame, key in keyed]
     if len(groups) == 1:
         return groups[0].applyInPandas(lambda rows: function(rows.drop(columns="_bucket")), schema)
