@@ -55,7 +55,7 @@ def todo_table(paths: list[Path]):
     """What ``caption.plan`` hands to Ray: image_sha256, item_id, image_uri."""
     import pyarrow as pa
 
-    from udfs.images import sha256_bytes
+    from udfs.io.images import sha256_bytes
 
     return pa.table({"image_sha256": [sha256_bytes(p.read_bytes()) for p in paths],
                      "item_id": [f"m{p.stem}" for p in paths], "image_uri": [str(p) for p in paths]})
@@ -74,7 +74,7 @@ def spec_for(base_url: str, concurrency: int, max_new_tokens: int, batch_size: i
 
 def ray_run(ray, todo, spec, folder: Path) -> tuple[float, int]:
     from jobs.caption import describe_with_ray
-    from udfs.images import ReadLimits
+    from udfs.io.images import ReadLimits
 
     start = time.perf_counter()
     summaries = describe_with_ray(ray, todo, spec, str(folder), ReadLimits())

@@ -76,8 +76,8 @@ def baselines(paths: list[str], batch_size: int, threads: int) -> dict[str, floa
 
     from udfs.caption import make_engine
     from udfs.caption.kinds import KINDS
-    from udfs.image_encoder import lite0_pixels, load_efficientnet_lite0
-    from udfs.images import load_image
+    from udfs.encode.image_encoder import lite0_pixels, load_efficientnet_lite0
+    from udfs.io.images import load_image
 
     torch.set_num_threads(threads)
     engine = make_engine("tags", batch_size=batch_size)

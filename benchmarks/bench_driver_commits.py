@@ -37,7 +37,7 @@ def main() -> None:
     from jobs import tables
     from jobs.config import load_config
     from jobs.spark_session import build_spark
-    from udfs.warehouse_reader import read_table
+    from udfs.io.warehouse_reader import read_table
 
     work = Path(tempfile.mkdtemp(prefix="bench-driver-commits-"))
     spark = build_spark(load_config([], [f"warehouse={work}", "log_level=WARNING", "spark.master=local[2]"]),

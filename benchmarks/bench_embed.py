@@ -1,7 +1,7 @@
 """Text embedding inside Spark (the ``embed`` job's ``mapInPandas`` path) against
 ``SentenceTransformer.encode`` in one process, on the same texts, in the same run.
 
-The Spark side runs ``udfs.embedding_udfs.text_vector_batches`` (one model per Python worker, torch
+The Spark side runs ``udfs.encode.embedding_udfs.text_vector_batches`` (one model per Python worker, torch
 threads = ``spark.task.cpus``) into Spark's ``noop`` sink, so it pays for the shuffle, Arrow
 transfers and Python workers but not for a Delta commit. The plain side is one process with
 the model already loaded, torch on every core. "cold" includes starting the Python workers and
@@ -92,8 +92,8 @@ def main() -> None:
     from jobs.config import load_config
     from jobs.embed import task_threads
     from jobs.spark_session import build_spark
-    from udfs.embedding_udfs import text_vector_batches
-    from udfs.text_encoder import load_text_encoder
+    from udfs.encode.embedding_udfs import text_vector_batches
+    from udfs.encode.text_encoder import load_text_encoder
 
     texts = synthetic_texts(args.texts) if args.source == "synthetic" else ml100k_texts(args.texts)
     model = load_text_encoder(args.model)

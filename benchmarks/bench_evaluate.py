@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from udfs.metrics import METRICS, hit_matrix, ranking_metrics
-from udfs.topk import blockwise_topk
+from udfs.evaluate.metrics import METRICS, hit_matrix, ranking_metrics
+from udfs.rank.topk import blockwise_topk
 
 KS = [5, 10, 20]
 EXCLUDE = ("train", "valid")

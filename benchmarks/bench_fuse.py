@@ -2,7 +2,7 @@
 
     python benchmarks/bench_fuse.py --items 200000 --dims 384,1280 --train-items 1682 --epochs 3
 
-1. Training: ``udfs.fusion_training.train_fusion`` (what the job runs on the driver: sampling,
+1. Training: ``udfs.fusion.fusion_training.train_fusion`` (what the job runs on the driver: sampling,
    leave-one-out user vectors, BPR, Adam, valid Recall@20 after every epoch, best-state copies,
    deterministic kernels) against a plain loop over the same model, data, batches and epochs
    (same sampling and loss, no validation, no determinism switches). Ratio: job / plain
@@ -18,7 +18,7 @@
    - ``bare``: a batched forward (``apply_fusion``, 8,192 rows a batch, ``--threads``) over the
      same vectors already in memory as numpy;
    - ``script``: what one process would do for the same job: read the table's Parquet files
-     with delta-rs + pyarrow (``udfs.warehouse_reader``), align the parts by item id, batched
+     with delta-rs + pyarrow (``udfs.io.warehouse_reader``), align the parts by item id, batched
      forward.
    Ratios: bare / spark (the issue's literal target: at least 0.8), script / spark, and
    (spark - floor) / bare: the model's share of the Spark time against the model alone.
@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from udfs.fusion_models import FusionSpec, build_model
-from udfs.fusion_training import (
+from udfs.fusion.fusion_models import FusionSpec, build_model
+from udfs.fusion.fusion_training import (
     TrainData, TrainSettings, _histories, _user_loss, apply_fusion, model_bytes, train_fusion,
 )
 from machine import cpu_model  # benchmarks/machine.py (the scripts run from their folder)
@@ -120,7 +120,7 @@ def floor_batches(out_dim: int):
     def run(batches):
         import pyarrow as pa
 
-        from udfs import fusion_udfs
+        from udfs.fusion import fusion_udfs
 
         for batch in batches:
             if batch.num_rows == 0:
@@ -143,7 +143,7 @@ def plain_script(wh: str, dataset: str, parts: list[str], model, threads: int) -
     parts aligned on the item id, a batched forward. Returns (items, first vector)."""
     import pyarrow.compute as pc
 
-    from udfs import warehouse_reader
+    from udfs.io import warehouse_reader
 
     table = warehouse_reader.read_table(wh, "item_embeddings", equal={"dataset": dataset},
                                         within={"representation": parts},

@@ -55,10 +55,10 @@ def child(n: int, batch_size: int, threads: int) -> dict:
 
     from udfs.caption import make_engine
     from udfs.caption.kinds import KINDS
-    from udfs.embedding_udfs import IMAGE_MAX_SIDE
-    from udfs.image_encoder import encode_images
-    from udfs.images import load_image
-    from udfs.text_encoder import encode_texts, load_text_encoder
+    from udfs.encode.embedding_udfs import IMAGE_MAX_SIDE
+    from udfs.encode.image_encoder import encode_images
+    from udfs.io.images import load_image
+    from udfs.encode.text_encoder import encode_texts, load_text_encoder
 
     torch.set_num_threads(threads)
     paths = [str(p) for p in sorted(POSTERS.glob("*.jpg"), key=lambda p: int(p.stem))[:n]]

@@ -273,7 +273,7 @@ def check_rerun(first: dict[str, dict], rerun: dict[str, dict], n_new: int) -> t
 
 def runs_row_seconds(warehouse: Path, run_id: str) -> float | None:
     """finished_at - started_at of a run's ``runs`` row."""
-    from udfs.warehouse_reader import read_frame
+    from udfs.io.warehouse_reader import read_frame
 
     row = read_frame(warehouse, "runs", equal={"run_id": run_id})
     if len(row) != 1 or row["finished_at"].isna().iloc[0]:

@@ -154,7 +154,7 @@ def read_movielens(root: Path, counts: dict[str, int]):
     (that module imports pyspark, so its pandas steps are restated here, not imported)."""
     import pandas as pd
 
-    from udfs.images import ImageError, ReadLimits, check_image, read_image_file, sha256_bytes
+    from udfs.io.images import ImageError, ReadLimits, check_image, read_image_file, sha256_bytes
 
     raw = pd.read_csv(root / "u.item", sep="|", header=None, encoding="latin-1", dtype=str,
                       keep_default_na=False, quoting=3)
@@ -218,7 +218,7 @@ def read_movielens(root: Path, counts: dict[str, int]):
 
 
 def temporal_ratio_split(df, ratios, min_user_interactions: int):
-    """``udfs.splits``' ``temporal_ratio`` in pandas: per user by (ts, item_id), the last
+    """``udfs.evaluate.splits``' ``temporal_ratio`` in pandas: per user by (ts, item_id), the last
     ``ratios[2]`` share test, the ``ratios[1]`` share before it valid."""
     import numpy as np
 
@@ -267,8 +267,8 @@ def reference(root: Path, overrides: list[str]) -> dict:
     with watch("caption"):
         from udfs.caption import describe_isolated, make_engine
         from udfs.caption.kinds import KINDS
-        from udfs.caption_udfs import load_one
-        from udfs.images import ReadLimits
+        from udfs.caption.caption_udfs import load_one
+        from udfs.io.images import ReadLimits
         from udfs.representations import lvlm_name
 
         cap = experiment.caption
@@ -290,7 +290,7 @@ def reference(root: Path, overrides: list[str]) -> dict:
         del engine
 
     with watch("embed"):
-        from udfs import embedding_udfs
+        from udfs.encode import embedding_udfs
         from udfs.representations import parse_representation, required_base_representations
 
         names = expand_lvlm(list(experiment.representations), full_lvlm)
@@ -356,9 +356,9 @@ def reference(root: Path, overrides: list[str]) -> dict:
         counts["profiles"] = sum(len(p) for p in profiles.values())
 
     with watch("topk"):
-        from udfs import topk as topk_kernels
-        from udfs import topk_udfs
-        from udfs.scorers import scorer_for
+        from udfs.rank import topk as topk_kernels
+        from udfs.rank import topk_udfs
+        from udfs.rank.scorers import scorer_for
 
         settings = experiment.topk
         k = settings.k or max(experiment.evaluate.ks)
@@ -399,7 +399,7 @@ def reference(root: Path, overrides: list[str]) -> dict:
                      topk_udfs.RANDOM)
 
     with watch("evaluate"):
-        from udfs import evaluate_udfs
+        from udfs.evaluate import evaluate_udfs
 
         ks = sorted(set(experiment.evaluate.ks))
         n_samples, seed = experiment.evaluate.bootstrap_samples, experiment.evaluate.seed
@@ -720,7 +720,7 @@ def floor(source: Path, root: Path, master: str, out: Path, without: bool) -> No
     No read of a table, no Spark job besides the writes, no model: a lower bound of what any
     pipeline of this design pays on this machine beyond the script's own work."""
     start = time.perf_counter()
-    from udfs.warehouse_reader import read_table
+    from udfs.io.warehouse_reader import read_table
 
     rows = {name: read_table(source, name) for stage in FLOOR_WRITES.values() for name, _ in stage}
     preload_s = time.perf_counter() - start

@@ -111,7 +111,7 @@ def cold_start(warehouse: Path, runs: int, user: str | None, k: int, before_tree
     if script is None:
         raise SystemExit("the vlm4rec console script is not installed next to this Python: pip install -e .")
     from udfs.recommender import latest_pipeline_run
-    from udfs.warehouse_reader import read_table
+    from udfs.io.warehouse_reader import read_table
 
     run_id = latest_pipeline_run(warehouse).run_id
     if user is None:

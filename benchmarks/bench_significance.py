@@ -42,7 +42,7 @@ import pandas as pd
 
 from machine import cpu_model  # benchmarks/machine.py (the scripts run from their folder)
 
-from udfs import significance
+from udfs.evaluate import significance
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from udfs.topk import l2_normalize
+from udfs.rank.topk import l2_normalize
 
 
 def tree_rss_bytes(root: int) -> int:

@@ -1,4 +1,4 @@
-"""Exact top-k kernel: `udfs.topk.topk_block` against a numpy matmul + `np.argpartition(s, -k)` baseline.
+"""Exact top-k kernel: `udfs.rank.topk.topk_block` against a numpy matmul + `np.argpartition(s, -k)` baseline.
 
 Both sides compute the same (users x items) scores and select the same k per user; the baseline
 omits the id tie rule, so it is a lower bound on what a numpy-only kernel costs. Prints a table
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from udfs.topk import l2_normalize, topk_block
+from udfs.rank.topk import l2_normalize, topk_block
 
 
 def numpy_baseline(profiles: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
@@ -76,7 +76,7 @@ def main() -> None:
     }
     print(f"{'kernel':<34}{'queries/s':>12}")
     print(f"{'numpy matmul + argpartition':<34}{result['baseline_numpy_argpartition_queries_per_s']:>12.0f}")
-    print(f"{'udfs.topk.topk_block':<34}{result['topk_block_queries_per_s']:>12.0f}")
+    print(f"{'udfs.rank.topk.topk_block':<34}{result['topk_block_queries_per_s']:>12.0f}")
     print(f"speedup {result['speedup']:.2f}x; identical top-k sets for {same_sets:.1%} of users; "
           f"{result['machine']['cpus']} CPUs, torch threads {result['machine']['torch_threads']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -101,7 +101,7 @@ def running_rows(spark, warehouse: str, count=None) -> list[dict]:
     that fails (``jobs.tables.small_read``)."""
     from pyspark.sql import functions as F
 
-    from udfs.warehouse_reader import read_table
+    from udfs.io.warehouse_reader import read_table
 
     from . import tables
 

@@ -5,9 +5,9 @@ For the configured dataset and ``experiment.caption`` (engine, model, prompt):
 1. The plan reads ``items`` (item_id, image_uri, image_sha256): on the driver with delta-rs
    while the dataset's ``items`` and the engine's ``descriptions`` rows are small
    (``jobs.driver_inputs.read_on_driver``, ``spark.driver_compute_mb``; a fallback is counted
-   ``driver_fallback_<reason>``) and ``udfs.caption_udfs.caption_todo``, else in Spark, the same
+   ``driver_fallback_<reason>``) and ``udfs.caption.caption_udfs.caption_todo``, else in Spark, the same
    function per bounded bucket of image hash (``jobs.caption_plan.spark_plan``). The staged files
-   are merged the same way (``jobs.caption_merge``, ``udfs.caption_udfs.staged_winners``).
+   are merged the same way (``jobs.caption_merge``, ``udfs.caption.caption_udfs.staged_winners``).
    Items without an image hash (no
    image, or one that ``ingest`` rejected) are counted ``skipped_no_image``. Items are grouped
    by hash: an image shared by several items is described once (``shared_image_items``).
@@ -17,7 +17,7 @@ For the configured dataset and ``experiment.caption`` (engine, model, prompt):
    image, truncated, too large: the same hash fails the same way every time). Other errors (a
    file changed or missing since ingest, an engine exception) are retried (``retried``).
    ``--force`` (``experiment.caption.force``) describes every image again.
-3. Ray Data (``udfs.caption_udfs``): an actor pool of ``caption.num_workers`` engines reads,
+3. Ray Data (``udfs.caption.caption_udfs``): an actor pool of ``caption.num_workers`` engines reads,
    verifies (the bytes must still hash to ``image_sha256``) and decodes each image, shrinks it
    to what the engine needs and describes it (``describe_isolated``: a failing image fails
    alone), one engine batch at a time, and writes each block of at most ``rows_per_file`` rows
@@ -46,7 +46,7 @@ Counts: ``items``, ``skipped_no_image``, ``images`` (distinct hashes), ``shared_
 with the ``openai`` engine also ``prompt_tokens``, ``completion_tokens`` (the servers' usage),
 ``described_after_retry``, ``retries`` and ``retries_<kind>``; stage times ``ms_adopt``,
 ``ms_plan``, ``ms_prepare_engine`` (the ``openai`` servers' check), ``ms_ray_start``, ``ms_describe``, ``ms_ray_stop``, ``ms_merge``,
-``ms_text_figures``. The engine's texts for the dataset's images (``udfs.description_stats``):
+``ms_text_figures``. The engine's texts for the dataset's images (``udfs.caption.description_stats``):
 ``descriptions_texts``, ``descriptions_distinct``, ``descriptions_vocabulary`` and, in thousandths,
 ``descriptions_distinct_ratio_x1000``, ``descriptions_top_text_share_x1000``,
 ``descriptions_words_mean_x1000`` and ``descriptions_words_p10/p50/p90_x1000``.
@@ -83,10 +83,10 @@ import time
 from collections import Counter
 from typing import Any
 
-from udfs import storage
+from udfs.io import storage
 from udfs.caption.kinds import engine_kind
 from udfs.caption.openai_engine import ServerUnavailable
-from udfs.images import ReadLimits
+from udfs.io.images import ReadLimits
 from udfs.representations import parse_representation
 
 from . import description_figures
@@ -145,7 +145,7 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
         run.count("failed", 0)
     with run.stage("text_figures"):
         # Over every description of the dataset's images, cached ones included: how distinct
-        # and how rich the texts are (udfs.description_stats; evaluate judges their signal).
+        # and how rich the texts are (udfs.caption.description_stats; evaluate judges their signal).
         description_figures.count_text_figures(run, config.dataset.name, parse_representation(spec.representation))
     usable = run.counts["cached_ok"] + run.counts["described"]
     print(f"caption: representation for the embed job: {spec.representation} "

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 
-from udfs import caption_udfs as cu
-from udfs import storage
+from udfs.caption import caption_udfs as cu
+from udfs.io import storage
 
 from . import tables
 from .job_run import JobRun

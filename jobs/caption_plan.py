@@ -1,6 +1,6 @@
 """The caption job's plan: the resolved settings (``CaptionSpec``) and the images to describe,
 read on the driver while the slices are small, else in Spark by buckets of image hash, with the
-same function (``udfs.caption_udfs.caption_todo``; ``jobs.caption``)."""
+same function (``udfs.caption.caption_udfs.caption_todo``; ``jobs.caption``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +8,7 @@ from typing import Any
 
 from pyspark.sql import functions as F
 
-from udfs import caption_udfs as cu
+from udfs.caption import caption_udfs as cu
 from udfs.caption.engine import engine_identity
 from udfs.caption.kinds import EngineKind, engine_kind
 from udfs.representations import RepresentationError, lvlm_name
@@ -60,7 +60,7 @@ def caption_spec(conf: CaptionConf) -> CaptionSpec:
 
 
 def spark_plan(spark, warehouse: str, dataset: str, spec: CaptionSpec) -> tuple[Any, dict[str, int]]:
-    """``udfs.caption_udfs.caption_todo`` in Spark: the dataset's items and the engine's cache
+    """``udfs.caption.caption_udfs.caption_todo`` in Spark: the dataset's items and the engine's cache
     rows cogrouped by a bounded bucket of image hash (an image's items and rows meet in one;
     an item without an image goes by its id), the same function run on each bucket
     (``caption_todo_rows``), its rows and facts added up on the driver."""
@@ -86,7 +86,7 @@ def spark_plan(spark, warehouse: str, dataset: str, spec: CaptionSpec) -> tuple[
 
 def driver_plan(run: JobRun, spec: CaptionSpec) -> tuple[Any, dict[str, int]] | None:
     """The same plan read on the driver (``jobs.driver_inputs.read_on_driver``: delta-rs and
-    ``udfs.caption_udfs.caption_todo``), or None when the job plans with Spark for one of the
+    ``udfs.caption.caption_udfs.caption_todo``), or None when the job plans with Spark for one of the
     named, counted reasons (``driver_fallback_<reason>``); any other error is the job's."""
     read = read_on_driver(run, {
         "items": Slice("items", {"dataset": run.config.dataset.name},

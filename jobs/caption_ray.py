@@ -1,12 +1,12 @@
 """The caption job's Ray Data stages: the engine actor pool (or Ray's vLLM processor) between
-the image loading and the staged files' writing (``jobs.caption``, ``udfs.caption_udfs``)."""
+the image loading and the staged files' writing (``jobs.caption``, ``udfs.caption.caption_udfs``)."""
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from udfs import caption_udfs as cu
-from udfs.images import ReadLimits
+from udfs.caption import caption_udfs as cu
+from udfs.io.images import ReadLimits
 
 from .caption_plan import CaptionSpec
 

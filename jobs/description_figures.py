@@ -1,4 +1,4 @@
-"""The inputs of ``udfs.description_stats`` read from the tables (delta-rs, on the driver): an
+"""The inputs of ``udfs.caption.description_stats`` read from the tables (delta-rs, on the driver): an
 engine's texts for a dataset's images, the dataset's item vectors of a few representations,
 its train interactions. ``caption``, ``embed``, ``evaluate`` and ``report`` call these, so that
 each job computes the figures from the same rows by the same rule.
@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from udfs import description_stats
-from udfs.protocol import TRAIN_SPLIT
+from udfs.caption import description_stats
+from udfs.evaluate.protocol import TRAIN_SPLIT
 from udfs.representations import LVLM, TITLE, Representation, parse_representation
-from udfs.warehouse_reader import FALLBACK_REASONS, TableMissing, read_frame
+from udfs.io.warehouse_reader import FALLBACK_REASONS, TableMissing, read_frame
 
 from .driver_inputs import MAX_ROWS, fallback_reason
 

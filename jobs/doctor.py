@@ -66,7 +66,7 @@ def _delta(config) -> Callable[[], str]:
 
 
 def _minilm() -> str:
-    from udfs.text_encoder import encode_texts
+    from udfs.encode.text_encoder import encode_texts
 
     vectors, valid = encode_texts(["a red dress"])
     return f"all-MiniLM-L6-v2 loaded offline, dim {vectors.shape[1]}"
@@ -75,7 +75,7 @@ def _minilm() -> str:
 def _efficientnet() -> str:
     from PIL import Image
 
-    from udfs.image_encoder import encode_images
+    from udfs.encode.image_encoder import encode_images
 
     vec = encode_images([Image.new("RGB", (64, 64), (200, 30, 30))])
     return f"EfficientNet-Lite0 loaded offline, feature dim {vec.shape[1]}"

@@ -7,7 +7,7 @@ table read): 10-20 s a job at ml100k against well under a second of arithmetic. 
 table a job reads holds at most ``spark.driver_compute_mb`` MiB of Parquet (1024 by default) and
 ``MAX_ROWS`` rows, after skipping files by partition values and statistics, the job reads its
 slices with delta-rs and runs, on the driver, the same pure kernels its Spark tasks run
-(``udfs.profiles``, ``udfs.topk_udfs``, ``udfs.evaluate_udfs``, ``udfs.embedding_udfs``);
+(``udfs.rank.profiles``, ``udfs.rank.topk_udfs``, ``udfs.evaluate.evaluate_udfs``, ``udfs.encode.embedding_udfs``);
 it commits the same rows and counts to the same slices (as Arrow: on a local master
 delta-rs commits them, elsewhere Spark does, ``jobs.tables``). The decision is by size alone, as Spark's own broadcast threshold is, so a cluster runs
 the same code: a full catalog takes the distributed path there and here. ``0`` turns this off.
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 from pyspark.sql import DataFrame
 
-from udfs.warehouse_reader import fallback_reason
+from udfs.io.warehouse_reader import fallback_reason
 
 from .job_run import JobRun
 
@@ -76,7 +76,7 @@ def read_on_driver(run: JobRun, slices: Mapping[str, Slice],
     build is too large to hold), ``no_table`` (a table is missing; an ``optional`` slice's reads
     as None) and ``store_unreadable`` (delta-rs cannot open the object store). Any other error
     is the job's: it fails, it does not turn into a slower path."""
-    from udfs.warehouse_reader import FALLBACK_REASONS, TableMissing, check_size, read_table
+    from udfs.io.warehouse_reader import FALLBACK_REASONS, TableMissing, check_size, read_table
 
     limit = limit_bytes(run)
     if limit <= 0:

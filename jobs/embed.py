@@ -9,11 +9,11 @@ the run's plan (``jobs.plan``: ``plan.base``, every part of a fusion included):
   (joined on ``image_sha256`` + engine, model, prompt id, status ``ok``), same encoder;
 - ``visual``: image features (``experiment.image_encoder``, EfficientNet-Lite0 by default)
   from the item's local image file;
-- ``naive``, ``concat`` (and ``naive:a+b``...): ``udfs.fusion.fuse`` of the parts' vectors,
+- ``naive``, ``concat`` (and ``naive:a+b``...): ``udfs.fusion.fusion.fuse`` of the parts' vectors,
   for items that have every part.
 
 Every rule (an item's input and why it has none, the reuse of a stored vector, the fusion of
-an item's parts) is one pandas function of ``udfs.embed_inputs``; the job reads, calls them,
+an item's parts) is one pandas function of ``udfs.encode.embed_inputs``; the job reads, calls them,
 counts and commits. On a local master, while the items, descriptions and stored vectors are
 small (``jobs.driver_inputs``), the driver's process calls them on the whole input: the
 executors of a local master are this machine's cores anyway, and two Python workers each
@@ -28,7 +28,7 @@ caption job has not fetched), ``lvlm_missing_description``, ``lvlm_failed_captio
 ``truncated``, ``remote_uri``...), ``skipped_<fusion>_missing_part``. The encoders and
 library versions are logged and recorded as ``text_encoder:...``/``image_encoder:...`` count
 keys (``text_encoder:all-MiniLM-L6-v2,sentence-transformers:6.2.0,...``; value: the dimension).
-For each LVLM representation, beside the titles (``udfs.description_stats``, in thousandths):
+For each LVLM representation, beside the titles (``udfs.caption.description_stats``, in thousandths):
 ``descriptions_lvlm_cosine_x1000`` / ``descriptions_title_cosine_x1000`` (the mean cosine of two
 random items' vectors) and ``descriptions_lvlm_lift_x1000`` / ``descriptions_title_lift_x1000``
 (an item and another of its user's against the item and that of an independently drawn
@@ -80,8 +80,9 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
-from udfs import embed_inputs, embedding_udfs, malloc_tuning
-from udfs.embed_inputs import Encoding, Fusion
+from udfs.encode import embed_inputs, embedding_udfs
+from udfs.io import malloc_tuning
+from udfs.encode.embed_inputs import Encoding, Fusion
 from udfs.representations import LVLM, VISUAL, Representation, parse_representation
 from udfs.spark.schemas import ITEM_INPUT_DDL, ITEM_VECTOR_SCHEMA
 
@@ -127,9 +128,9 @@ def planned_representations(plan: ExperimentPlan) -> tuple[list[Representation],
 
 def encoder_record(key: str, name: str) -> tuple[int, str]:
     """(dimension, record) of ``experiment.<key>`` = ``name`` from the encoder's own module
-    (``udfs.text_encoder``, ``udfs.image_encoder``: imported here, so torch only for images);
+    (``udfs.encode.text_encoder``, ``udfs.encode.image_encoder``: imported here, so torch only for images);
     a name the encoder does not know is a ConfigError."""
-    from udfs.text_encoder import TextEncoderError
+    from udfs.encode.text_encoder import TextEncoderError
 
     try:
         return importlib.import_module(f"udfs.{key}").encoder_record(name)
@@ -258,7 +259,7 @@ def count_items(run: JobRun, work: EmbedWork, n_items: int, descriptions_missing
 
 def embed_on_driver(run: JobRun, work: EmbedWork, inputs: dict[str, pa.Table | None]) -> None:
     """The work in this process, on the slices ``jobs.driver_inputs`` read: the same functions
-    the Spark tasks run (``udfs.embed_inputs``), the same counts and commit."""
+    the Spark tasks run (``udfs.encode.embed_inputs``), the same counts and commit."""
     frames = {key: None if table is None else table.to_pandas() for key, table in inputs.items()}
     items, stored = frames["items"], frames["stored"]
     n_items = count_items(run, work, len(items), "descriptions" in frames and frames["descriptions"] is None)
@@ -369,7 +370,7 @@ def encode_in_spark(run: JobRun, work: EmbedWork, items: DataFrame, n_items: int
 
 
 def embed_with_spark(run: JobRun, work: EmbedWork) -> None:
-    """The work on the executors: ``udfs.embed_inputs`` per bucket, one commit from Spark."""
+    """The work on the executors: ``udfs.encode.embed_inputs`` per bucket, one commit from Spark."""
     spark, keep = run.spark, StorageLevel.MEMORY_AND_DISK
     items = read_slice(run, work.slices()["items"]).persist(keep)
     cached = [items]
@@ -445,7 +446,7 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
         embed_on_driver(run, work, inputs)
     else:
         embed_with_spark(run, work)
-    # The descriptions' vectors against the titles' (udfs.description_stats), from the table
+    # The descriptions' vectors against the titles' (udfs.caption.description_stats), from the table
     # just written: what evaluate's warning judges, recorded where the vectors are made.
     with run.stage("vector_figures"):
         description_figures.count_vector_figures(run, plan.dataset, plan.base)

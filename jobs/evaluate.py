@@ -4,9 +4,9 @@ For one run id (``--run-id``, the key of ``recommendations``) and every represen
 ``topk`` job ranked (the vector representations and the baselines):
 
 - ``user_metrics``: Recall, NDCG, Precision, MAP, HitRate and MRR at each ``experiment.evaluate.ks``
-  per user (``udfs.metrics``). A user's relevant items are their test items that are in the
+  per user (``udfs.evaluate.metrics``). A user's relevant items are their test items that are in the
   candidate set ``topk`` stored for the run (the ``candidates`` table: never derived again from
-  the current ``item_embeddings``) and not excluded from their ranking (``udfs.protocol``).
+  the current ``item_embeddings``) and not excluded from their ranking (``udfs.evaluate.protocol``).
   The settings are the run's plan (``jobs.plan``); ``--candidates``, ``--exclude``, the
   representations, Ks or seeds that disagree with it exit 2, naming both values.
   Users without any relevant item are excluded.
@@ -24,21 +24,21 @@ Nothing is dropped silently; the counts say: ``test_rows``, ``test_users``,
 excluded split), ``users_without_relevant_<rep>``, ``users_without_recommendations_<rep>``
 (users with relevant items but no list, e.g. no profile) and ``users_evaluated_<rep>``.
 
-Prints the results (``udfs.results_table``): the paper's rows in the paper's order (lvlm, title,
+Prints the results (``udfs.report.results_table``): the paper's rows in the paper's order (lvlm, title,
 vision, title+vision and lvlm+vision fusions, als, popularity, random, then the others), one
 block per K with each metric's mean and 95% CI, then each representation's paired difference
 against the run's ``lvlm`` representation (mean, bootstrap CI, Holm-corrected p).
 Rewrites of the same run id replace the run's rows for these representations.
 
-Whether the descriptions carry any signal (``udfs.description_stats``): for each LVLM
+Whether the descriptions carry any signal (``udfs.caption.description_stats``): for each LVLM
 representation the job measures its texts and vectors as ``caption`` and ``embed`` do (counts
 ``descriptions_*``) and, when two items one user consumed (train split) have descriptions no
 more alike than two random ones, prints a warning under the table that names the figures and
 the fix (another engine, model or prompt), marks the ``lvlm`` row, and counts
 ``descriptions_without_signal``.
 
-Each step is one ``udfs.evaluate_udfs`` function (the relevance rule is
-``udfs.protocol.relevant_rows``), and where it runs is decided by size alone
+Each step is one ``udfs.evaluate.evaluate_udfs`` function (the relevance rule is
+``udfs.evaluate.protocol.relevant_rows``), and where it runs is decided by size alone
 (``jobs.driver_inputs``): while the run's recommendations and candidates and the dataset's
 interactions are under ``spark.driver_compute_mb``, ``OnDriver`` reads them with delta-rs and
 calls each function once over the whole frames; otherwise ``OnSpark`` reads them with Spark,
@@ -66,10 +66,11 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
-from udfs import evaluate_udfs, protocol, warehouse_writer
-from udfs.evaluate_udfs import EvaluationFacts
-from udfs.metrics import METRICS
-from udfs.results_table import results_table
+from udfs.evaluate import evaluate_udfs, protocol
+from udfs.io import warehouse_writer
+from udfs.evaluate.evaluate_udfs import EvaluationFacts
+from udfs.evaluate.metrics import METRICS
+from udfs.report.results_table import results_table
 from udfs.spark import schemas
 
 from . import description_figures, tables
@@ -161,7 +162,7 @@ class OnSpark:
 
 def user_lists_and_facts(path: OnDriver | OnSpark,
                          exclude: tuple[str, ...]) -> tuple[pd.DataFrame | DataFrame, EvaluationFacts]:
-    """Each user's lists (``udfs.evaluate_udfs.user_lists``) and the facts of the inputs."""
+    """Each user's lists (``udfs.evaluate.evaluate_udfs.user_lists``) and the facts of the inputs."""
     recommendations, candidates, interactions = (path.inputs[k] for k in ("recommendations", "candidates",
                                                                            "interactions"))
     relevant = path.per_bucket("item_id", lambda rows, stored: protocol.relevant_rows(rows, stored, exclude),
@@ -280,7 +281,7 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
           f"excluding {'+'.join(plan.exclude) or 'nothing'}):")
     with run.stage("descriptions"):
         # Whether the descriptions carry any signal: metrics of lvlm near random otherwise
-        # read as the method's failure (udfs.description_stats).
+        # read as the method's failure (udfs.caption.description_stats).
         warnings = description_figures.check_descriptions(run, plan.dataset, order)
     print(results_table(summary_rows, comparison_rows, order, ks, notes=warnings))
 

@@ -1,15 +1,15 @@
 """``fuse``: item vectors of the parts + train/valid interactions -> trained fusions in ``item_embeddings``.
 
 For every trained fusion of the run's plan (``attention``, ``gating``, ``crossmodal``, ``smore``
-over two or more parts; ``udfs.fusion_models``), with the settings of ``experiment.fuse``:
+over two or more parts; ``udfs.fusion.fusion_models``), with the settings of ``experiment.fuse``:
 
 1. read the parts' vectors from ``item_embeddings`` and the dataset's interactions with
    ``split IN ('train', 'valid')``: no test row is ever read;
 2. train the model on the driver, in one process, with torch (``experiment.fuse.threads``
    threads): train rows in the loss, valid rows for early stopping only
-   (``udfs.fusion_training``);
+   (``udfs.fusion.fusion_training``);
 3. apply it to every item that has all the parts, in Spark (``mapInArrow`` with the model's
-   bytes broadcast; ``udfs.fusion_udfs``); ``smore`` with kNN graphs is applied on the driver,
+   bytes broadcast; ``udfs.fusion.fusion_udfs``); ``smore`` with kNN graphs is applied on the driver,
    since an item's vector then depends on its neighbours';
 4. write the L2-normalised vectors into ``item_embeddings`` in one atomic replacement of the
    (dataset, these representations) slice, and describe each model in ``fusion_models``.
@@ -17,7 +17,7 @@ over two or more parts; ``udfs.fusion_models``), with the settings of ``experime
 An item lacking a part's vector is left out and counted (``skipped_<rep>_missing_part``);
 interactions with such items are not used in training (``interactions_without_item_<rep>``).
 Each model is kept under ``<warehouse>/fusion_model_files/<run_id>/<sha256(representation)[:16]>/``
-(through ``udfs.storage``: a local folder or an object store such as ``s3a://bucket/w``):
+(through ``udfs.io.storage``: a local folder or an object store such as ``s3a://bucket/w``):
 ``model.pt`` (spec + weights), ``config.json`` (representation, parts, settings),
 ``curve.json`` (loss and valid recall per epoch), ``versions.json`` (library versions).
 A rerun whose inputs (item ids, part vectors, train and valid interactions), settings, seed and
@@ -42,8 +42,9 @@ import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from udfs import fusion_udfs, storage
-from udfs.fusion_inputs import FUSE_SPLITS, aligned_parts, indexed_interactions, inputs_digest, library_versions
+from udfs.fusion import fusion_udfs
+from udfs.io import storage
+from udfs.fusion.fusion_inputs import FUSE_SPLITS, aligned_parts, indexed_interactions, inputs_digest, library_versions
 from udfs.representations import Representation, parse_representation
 from udfs.spark.schemas import APPLIED_SCHEMA
 
@@ -96,7 +97,7 @@ def stored_model(spark, wh: str, key: str) -> tuple[bytes, dict] | None:
 
 
 def save_model(folder: str, blob: bytes, config: dict, curve: list[dict]) -> str:
-    """The model and its descriptions written into ``folder`` (through ``udfs.storage``: a local
+    """The model and its descriptions written into ``folder`` (through ``udfs.io.storage``: a local
     folder or an object store); returns the model's sha256. The model file is written last, so a
     folder with a model file is complete."""
     for name, data in (("config.json", config), ("curve.json", curve), ("versions.json", library_versions())):
@@ -208,8 +209,8 @@ class Fused:
 def fuse_one(run: JobRun, run_id: str, settings: FuseConf, rep: Representation, frames: dict[str, pd.DataFrame],
              interactions: pd.DataFrame, n_items: int) -> Fused:
     """Train (or reuse) ``rep``'s model on the items that have every part and apply it."""
-    from udfs.fusion_models import FusionSpec, item_graphs
-    from udfs.fusion_training import TrainData, TrainSettings, apply_fusion
+    from udfs.fusion.fusion_models import FusionSpec, item_graphs
+    from udfs.fusion.fusion_training import TrainData, TrainSettings, apply_fusion
 
     spark, wh, dataset = run.spark, run.warehouse, run.config.dataset.name
     try:
@@ -267,7 +268,7 @@ def fuse_one(run: JobRun, run_id: str, settings: FuseConf, rep: Representation, 
 def reused_model(run: JobRun, folder: str, blob: bytes, row: dict) -> tuple[Any, bytes, str, dict]:
     """(model, bytes, sha256, training figures) of a stored model, copied into this run's folder
     when it was another run's."""
-    from udfs.fusion_training import load_model
+    from udfs.fusion.fusion_training import load_model
 
     model, _ = load_model(blob)
     run.count("reused_models")
@@ -282,8 +283,8 @@ def reused_model(run: JobRun, folder: str, blob: bytes, row: dict) -> tuple[Any,
 def trained_model(run: JobRun, folder: str, rep: Representation, spec: Any, train_settings: Any,
                   data: Any, params: dict, key: str) -> tuple[Any, bytes, str, dict]:
     """(model, bytes, sha256, training figures) of a model trained now on ``data`` (a
-    ``udfs.fusion_training.TrainData``) and saved in ``folder``."""
-    from udfs.fusion_training import model_bytes, train_fusion
+    ``udfs.fusion.fusion_training.TrainData``) and saved in ``folder``."""
+    from udfs.fusion.fusion_training import model_bytes, train_fusion
 
     with run.stage(f"train_{rep.kind}"):
         result = train_fusion(spec, data, train_settings)

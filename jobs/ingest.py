@@ -21,13 +21,13 @@ from pyspark.sql import functions as F
 from udfs.spark.image_hashing import with_image_hashes
 from udfs.spark.kcore import kcore
 from udfs.spark.splits import assign_split, label_column
-from udfs.splits import SplitError, SplitSpec
+from udfs.evaluate.splits import SplitError, SplitSpec
 
 from . import driver_inputs, tables
 from .adapters import read_dataset
 from .adapters.base import AdapterOutput
 from .config import ConfigError
-from udfs.images import ReadLimits
+from udfs.io.images import ReadLimits
 from .job_run import Job, JobRun, NothingUsable
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def _count_written(run: JobRun) -> None:
     spark, wh, name = run.spark, run.warehouse, run.config.dataset.name
 
     def with_delta_rs() -> list[dict]:
-        from udfs.warehouse_reader import read_frame
+        from udfs.io.warehouse_reader import read_frame
 
         rows = read_frame(wh, "interactions", equal={"dataset": name}, columns=["split", "user_id"],
                           max_rows=driver_inputs.MAX_ROWS)

@@ -311,7 +311,7 @@ def run_job(job: Job, argv: list[str] | None, spark=None) -> int:
         print(f"vlm4rec {job.name}: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(config.log_level)
-    from udfs.storage import StorageError, check_reachable
+    from udfs.io.storage import StorageError, check_reachable
 
     try:
         # Before Spark starts: a bucket that does not exist or refused credentials would

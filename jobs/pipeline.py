@@ -64,10 +64,10 @@ def _slice_of(run: JobRun, name: str) -> tuple[str, str] | None:
 def table_rows(run: JobRun) -> list[tuple[str, int]]:
     """(table, rows of this run) for every table that exists, in contract order: read with
     delta-rs, one column each (well under a second; through Spark a log replay per table and a
-    job, seconds), else, for a named reason (``udfs.warehouse_reader.FALLBACK_REASONS``:
+    job, seconds), else, for a named reason (``udfs.io.warehouse_reader.FALLBACK_REASONS``:
     delta-rs cannot open the store, or a slice has more rows than the driver should hold,
     ``driver_inputs.MAX_ROWS``), with one Spark job."""
-    from udfs.warehouse_reader import FALLBACK_REASONS, TableMissing, read_table
+    from udfs.io.warehouse_reader import FALLBACK_REASONS, TableMissing, read_table
 
     try:
         found = []

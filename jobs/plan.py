@@ -120,7 +120,7 @@ class ExperimentPlan:
     topk_seed: int
     bootstrap_samples: int
     evaluate_seed: int
-    significance_test: str  # the paired test of the comparisons (udfs.significance.TESTS)
+    significance_test: str  # the paired test of the comparisons (udfs.evaluate.significance.TESTS)
     half_life_days: float | None
     concat_weights: tuple[tuple[str, float], ...]  # sorted (part, weight) pairs
     # experiment.fuse when a trained fusion is planned, else None: the trained vectors (and so
@@ -254,7 +254,7 @@ def _plain(value: Any) -> Any:
 def plan_texts_without_spark(warehouse: str, run_id: str) -> list[str]:
     """The plan JSON stored under ``run_id``, read with delta-rs (``TableMissing`` when delta-rs
     finds no ``plans`` table)."""
-    from udfs.warehouse_reader import read_table
+    from udfs.io.warehouse_reader import read_table
 
     return read_table(warehouse, "plans", equal={"run_id": run_id}, columns=["plan"]).column("plan").to_pylist()
 

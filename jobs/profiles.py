@@ -1,7 +1,7 @@
 """``profiles``: train histories and item vectors -> the ``user_profiles`` Delta table.
 
 A user's profile in a representation is the mean of the L2-normalised vectors of the items in
-their TRAIN history (``interactions.split = 'train'``), re-normalised (``udfs.profiles``); with
+their TRAIN history (``interactions.split = 'train'``), re-normalised (``udfs.rank.profiles``); with
 ``experiment.profiles.half_life_days`` each item is weighted by recency (a half-life in days,
 counted back from the user's latest train interaction). ``n_history`` is the number of train
 rows whose item has a vector in that representation.
@@ -9,7 +9,7 @@ rows whose item has a vector in that representation.
 Trained fusions (``attention``, ``gating``, ``crossmodal``, ``smore``: item vectors that the
 ``fuse`` job wrote) are profiled like base representations: the mean of the fused item vectors,
 which is the user vector they were trained for.
-Fusions (``naive``, ``concat``...) are NOT profiles of fused item vectors: as ``udfs.fusion``
+Fusions (``naive``, ``concat``...) are NOT profiles of fused item vectors: as ``udfs.fusion.fusion``
 prescribes, the per-modality profiles are fused, so the fused score stays the fixed weighted
 average of the per-modality cosines for every user. A fused profile exists for users who have
 a profile in every part; its ``n_history`` is the smallest of the parts'.
@@ -37,7 +37,7 @@ Rerunning with the same run id gives the same rows: the run's slice for these re
 is replaced in one atomic commit (``replaceWhere``).
 
 Two paths compute the same rows, counts, warnings and errors with the same functions
-(``udfs.profile_inputs``: the profile rows of a group of whole users, the ``als`` rows): while
+(``udfs.rank.profile_inputs``: the profile rows of a group of whole users, the ``als`` rows): while
 the dataset's ``items``, ``interactions`` and ``item_embeddings`` slices are small
 (``spark.driver_compute_mb``, ``jobs.driver_inputs``) they are read with delta-rs and the driver
 calls the functions; otherwise Spark groups the rows by a bounded bucket of user (or item) ids
@@ -64,8 +64,8 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
 
-from udfs import profile_inputs
-from udfs.profile_inputs import ProfileFacts
+from udfs.rank import profile_inputs
+from udfs.rank.profile_inputs import ProfileFacts
 from udfs.representations import ALS, parse_representation
 from udfs.spark.als import AlsSettings, train_als
 from udfs.spark.schemas import PROFILE_SCHEMA
@@ -87,7 +87,7 @@ class ProfileSettings:
     dataset: str
     run_id: str  # the profiles' key
     base_names: list[str]  # base representations and trained fusions: profiled from item vectors
-    rows: Callable[[pd.DataFrame], pd.DataFrame]  # ``udfs.profile_inputs.profile_rows``, fusions included
+    rows: Callable[[pd.DataFrame], pd.DataFrame]  # ``udfs.rank.profile_inputs.profile_rows``, fusions included
     als: AlsSettings | None  # the ``als`` fit's settings, when ``als`` is ranked
 
 

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log_level)
     try:
         from udfs.recommender import RecommendError, Recommender, latest_pipeline_run
-        from udfs.warehouse_reader import TableMissing
+        from udfs.io.warehouse_reader import TableMissing
     except ModuleNotFoundError as exc:
         print(f"vlm4rec recommend: {exc.name} is not installed: pip install -e . (it needs the deltalake package)",
               file=sys.stderr)

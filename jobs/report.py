@@ -2,7 +2,7 @@
 
 Written under ``<warehouse>/reports/<run_id>/`` (``report.html``, ``metrics.png``,
 ``forest.png``, ``by_history.png``, ``beyond_accuracy.png``), a local folder or an object-store
-prefix (``s3a://bucket/w/reports/<run_id>/``) through ``udfs.storage``.
+prefix (``s3a://bucket/w/reports/<run_id>/``) through ``udfs.io.storage``.
 
 Contents: each metric@K per representation with its bootstrap CI, in the paper's row order;
 a forest plot of the paired differences ``representation - reference`` (the printed results
@@ -11,14 +11,14 @@ run's LVLM representation, else its first representation) with Holm p-values (gr
 significant after Holm; the bootstrap CIs are not adjusted), at K = 10 (or the largest K
 evaluated when 10 is not); per-user NDCG@K by train
 history length; catalog coverage, mean popularity percentile and Gini of exposure of each
-representation's lists (``udfs.exposure``, over the run's stored candidates); a gallery of item
+representation's lists (``udfs.evaluate.exposure``, over the run's stored candidates); a gallery of item
 images beside the descriptions the caption engine wrote, with the descriptions' figures
-(``udfs.description_stats``: how distinct, how long, how alike for items one user consumed) and,
+(``udfs.caption.description_stats``: how distinct, how long, how alike for items one user consumed) and,
 when they carry no signal, the warning ``evaluate`` prints, also next to the ``lvlm`` row of the
 metrics; a few users' history next to their top-5 per representation; the data counts (items without image, rejects by reason,
 users without train history), the run's plan and config and its stage wall times.
 
-Tables are read with delta-rs (``udfs.warehouse_reader``), not Spark: a run's slices are small
+Tables are read with delta-rs (``udfs.io.warehouse_reader``), not Spark: a run's slices are small
 and a Spark read costs a job per table. ``pipeline`` runs this stage last, with its run id.
 The counts record ``report_figures``, ``report_thumbnails`` and ``report_bytes``; the summary
 line ends with the HTML file's path.
@@ -37,13 +37,17 @@ import logging
 import numpy as np
 import pandas as pd
 
-from udfs import description_stats, explanations, exposure, report_figures, report_html, storage
-from udfs.metrics import METRICS
-from udfs.protocol import BASELINES, RELEVANT_SPLIT, TRAIN_SPLIT
+from udfs.caption import description_stats
+from udfs.rank import explanations
+from udfs.evaluate import exposure
+from udfs.report import report_figures, report_html
+from udfs.io import storage
+from udfs.evaluate.metrics import METRICS
+from udfs.evaluate.protocol import BASELINES, RELEVANT_SPLIT, TRAIN_SPLIT
 from udfs.recommender import RecommendError, resolve_representation
-from udfs.report_figures import SIGNIFICANCE
-from udfs.results_table import paper_order
-from udfs.warehouse_reader import TableMissing, read_frame
+from udfs.report.report_figures import SIGNIFICANCE
+from udfs.report.results_table import paper_order
+from udfs.io.warehouse_reader import TableMissing, read_frame
 
 from . import description_figures
 from .config import ConfigError
@@ -314,7 +318,7 @@ def build(warehouse: str, run_id: str, reference: str, run) -> tuple[str, dict[s
 
 
 def description_blocks(warehouse: str, dataset: str, order: list[str]) -> list[dict]:
-    """Per LVLM representation: its description figures and warning (``udfs.description_stats``),
+    """Per LVLM representation: its description figures and warning (``udfs.caption.description_stats``),
     measured here from the tables as ``evaluate`` measures them."""
     blocks = []
     for rep in description_figures.lvlm_representations(order):

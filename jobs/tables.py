@@ -12,7 +12,7 @@ The tables' schemas are in ``udfs.spark.schemas`` (every Spark output schema is 
 
 ``replace_slice`` and ``append`` take a Spark frame or an Arrow table (rows a job computed on
 the driver). On a local master with a local warehouse, Arrow rows are committed by delta-rs
-(``udfs.warehouse_writer``): the same commit, in tens of ms instead of seconds of Spark job and
+(``udfs.io.warehouse_writer``): the same commit, in tens of ms instead of seconds of Spark job and
 log replay. Anywhere else (a cluster, an object store), a table whose columns are not the
 contract's, or a slice value that is not plain text, Spark commits them as before.
 
@@ -76,7 +76,7 @@ _CONFLICTS = ("ConcurrentAppendException", "ConcurrentDeleteReadException",
 
 def table_path(warehouse: str | Path, name: str) -> str:
     """``{warehouse}/{name}``; a URI warehouse (``s3a://bucket/w``) stays a URI."""
-    from udfs.storage import is_uri, join
+    from udfs.io.storage import is_uri, join
 
     if is_uri(str(warehouse)):
         return join(str(warehouse), name)
@@ -93,12 +93,12 @@ def small_read(spark: SparkSession, warehouse: str | Path, name: str, without_sp
                count: Callable[[str], None] | None = None) -> list:
     """What ``without_spark()`` reads from table ``name`` with delta-rs (tens of ms; through Spark a
     job and a log replay, 0.3-0.5 s at every job's start), else what ``with_spark()`` reads, for
-    the named reasons only (``udfs.warehouse_reader.FALLBACK_REASONS``): delta-rs cannot open the
+    the named reasons only (``udfs.io.warehouse_reader.FALLBACK_REASONS``): delta-rs cannot open the
     store (credentials given only to Hadoop's s3a, say), the rows are more than the driver holds,
     or it sees no table (a table wrongly read as missing could be written over, so Spark is
     asked too). ``[]`` when Spark sees none either. Any other error is the caller's. ``count``
     (a run's ``count``) is told ``driver_fallback_<reason>`` of a fallback, as every path choice is."""
-    from udfs.warehouse_reader import FALLBACK_REASONS, fallback_reason
+    from udfs.io.warehouse_reader import FALLBACK_REASONS, fallback_reason
 
     try:
         return without_spark()
@@ -233,7 +233,7 @@ def _driver_rows(spark: SparkSession, warehouse: str | Path, name: str, data: pa
                  keys_matched: bool = False) -> tuple[str, pa.Table] | None:
     """(the local table's path, ``data`` in its contract) when this process may commit with
     delta-rs (see the module's notes), else None: Spark must write it."""
-    from udfs import warehouse_writer
+    from udfs.io import warehouse_writer
 
     path = warehouse_writer.local_table(warehouse, name)
     if not spark.sparkContext.master.startswith("local") or path is None:
@@ -251,7 +251,7 @@ def _driver_rows(spark: SparkSession, warehouse: str | Path, name: str, data: pa
 def _commit_on_driver(spark: SparkSession, warehouse: str | Path, name: str, data: pa.Table,
                       where: dict[str, object] | None) -> bool:
     """Commit ``data`` with delta-rs when this process may; False when Spark must write it."""
-    from udfs import warehouse_writer
+    from udfs.io import warehouse_writer
 
     condition = None if where is None else warehouse_writer.predicate(where)
     if where is not None and condition is None:
@@ -269,7 +269,7 @@ def _driver_table(path: str, name: str, schema: pa.Schema) -> list[str]:
     write that created the table itself could race another first write and land as a second
     version 0-like commit beside it (delta-rs then commits a new table over the other's rows
     without removing them); a created table makes the writes conflict and retry as usual."""
-    from udfs import warehouse_writer
+    from udfs.io import warehouse_writer
 
     have = warehouse_writer.table_columns(path)
     if have is None:
@@ -280,7 +280,7 @@ def _driver_table(path: str, name: str, schema: pa.Schema) -> list[str]:
 
 def _merge_on_driver(spark: SparkSession, warehouse: str | Path, name: str, data: pa.Table) -> bool:
     """``merge`` with delta-rs when ``_commit_on_driver`` would commit."""
-    from udfs import warehouse_writer
+    from udfs.io import warehouse_writer
 
     found = _driver_rows(spark, warehouse, name, data, keys_matched=True)
     if found is None:
@@ -293,7 +293,7 @@ def _merge_on_driver(spark: SparkSession, warehouse: str | Path, name: str, data
 def _spark_frame(spark: SparkSession, name: str, data: DataFrame | pa.Table) -> DataFrame:
     if isinstance(data, DataFrame):
         return data
-    from udfs import warehouse_writer
+    from udfs.io import warehouse_writer
 
     # The contract's StructType, not a DDL string: DDL cannot say that a vector holds no null
     # element, and the write's cast to the contract refuses the widening.

@@ -2,20 +2,20 @@
 
 For one profiles run (``--run-id``) and each representation, the exact top-K items by cosine
 (the inner product of the stored L2-normalised vectors; the ``als`` reference by the dot
-product of its unnormalised factors, ``udfs.scorers.scorer_for``), the user's seen items
+product of its unnormalised factors, ``udfs.rank.scorers.scorer_for``), the user's seen items
 excluded. Small inputs are ranked on the driver (``jobs.driver_inputs``) by the same functions
-(``udfs.topk_udfs.rank_in_process``); large ones by Spark, blockwise:
+(``udfs.rank.topk_udfs.rank_in_process``); large ones by Spark, blockwise:
 
-1. Profiles (with each user's seen items, ``udfs.topk_udfs.users_table``) and candidate items
+1. Profiles (with each user's seen items, ``udfs.rank.topk_udfs.users_table``) and candidate items
    are grouped into buckets of about ``user_block`` / ``item_block`` rows (``jobs.spark_groups.bucket``),
    each bucket packed into blocks of at most that many rows, one Spark row of float32 bytes per
-   block (``udfs.topk_udfs.pack_table``), and persisted on disk.
+   block (``udfs.rank.topk_udfs.pack_table``), and persisted on disk.
 2. The user blocks are cross-joined with the item blocks AT BLOCK GRANULARITY (a cartesian
    product of u_blocks x i_blocks rows; never users x items). Each task scores one user block
-   against one item block with BLAS (``udfs.topk.topk_block``), masks the seen items to -inf
+   against one item block with BLAS (``udfs.rank.topk.topk_block``), masks the seen items to -inf
    and keeps the top K per user.
 3. ``groupBy(representation, user_block)`` merges a block's per-item-block lists
-   (``udfs.topk.merge_topk``) into ranks 1..K.
+   (``udfs.rank.topk.merge_topk``) into ranks 1..K.
 
 Memory per task depends on the block sizes only: one item block, one user block and one
 (``score_rows`` x ``item_block``) float32 score matrix.
@@ -23,7 +23,7 @@ Memory per task depends on the block sizes only: one item block, one user block 
 Settings: the run's plan (``jobs.plan``: the one stored under ``--run-id``, else resolved from
 ``experiment.topk`` and stored; a flag that disagrees with a stored plan exits 2) and this job's
 block sizes; each flag is an alias of ``--set`` on its key. Candidates (``--candidates`` /
-``experiment.topk.candidates``), by ``udfs.protocol.candidate_items``: ``common`` (default) is
+``experiment.topk.candidates``), by ``udfs.evaluate.protocol.candidate_items``: ``common`` (default) is
 the set of items with a vector in EVERY configured representation, the same for all of them, as
 the evaluation protocol requires; ``all`` gives each representation its own items (and the
 baselines the whole catalog). The candidate set is stored in the ``candidates`` table under the
@@ -34,7 +34,7 @@ run id (every representation in one commit), and ``evaluate`` measures over it. 
 Baselines (``--baselines`` / ``experiment.topk.baselines``, default ``popularity,random``)
 need no vectors: ``popularity`` ranks the candidates by their train interaction count (the
 same blockwise path, the count carried as a one-dimensional item vector, scored by
-``udfs.scorers.PopularityScorer``); ``random`` gives each user an independent
+``udfs.rank.scorers.PopularityScorer``); ``random`` gives each user an independent
 order from a hash of (``experiment.topk.seed``, user id, item id). Both serve every user with
 train interactions.
 
@@ -63,7 +63,9 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, GroupedData, Observation, SparkSession
 from pyspark.sql import functions as F
 
-from udfs import protocol, scorers, topk_udfs, warehouse_writer
+from udfs.evaluate import protocol
+from udfs.rank import scorers, topk_udfs
+from udfs.io import warehouse_writer
 from udfs.representations import ALS
 from udfs.spark import schemas
 
@@ -148,7 +150,7 @@ def check_als_factors(found: list[str], run_id: str) -> None:
 
 
 def choose(run: JobRun, settings: TopkSettings, prepared: Prepared) -> Ranking:
-    """Count the users, the candidates (``udfs.protocol.candidate_items``) and the profiles; the
+    """Count the users, the candidates (``udfs.evaluate.protocol.candidate_items``) and the profiles; the
     names with both users and candidate items. NothingUsable when there is nothing to rank."""
     plan = settings.plan
     for key in ("users", "users_with_train", "seen_pairs_excluded"):
@@ -239,7 +241,7 @@ def driver_slices(settings: TopkSettings) -> dict[str, driver_inputs.Slice]:
 
 def topk_on_driver(run: JobRun, settings: TopkSettings, read: dict[str, pa.Table]) -> None:
     """The job on the driver (``jobs.driver_inputs``): the same rules, counts, kernels
-    (``udfs.topk_udfs.rank_in_process``) and commits as the blockwise path below."""
+    (``udfs.rank.topk_udfs.rank_in_process``) and commits as the blockwise path below."""
     plan = settings.plan
     with run.stage("prepare"):
         interactions = read["interactions"].to_pandas()

@@ -25,7 +25,7 @@ def bench():
 
 def test_the_scripts_split_is_the_ingest_jobs_temporal_ratio(spark, bench):
     from udfs.spark.splits import assign_split
-    from udfs.splits import SplitSpec
+    from udfs.evaluate.splits import SplitSpec
 
     rng = np.random.default_rng(7)
     n = 400

@@ -206,3 +206,20 @@ def test_every_spark_output_schema_is_in_the_schemas_module():
                  for line in schema_constant_sites(p)]
     assert constants == [], f"declare these output types (DDL or StructType) in {SCHEMAS_MODULE}"
     assert len(schema_constant_sites(ROOT / SCHEMAS_MODULE)) >= 7  # the walker sees them where they are
+
+
+# udfs by domain; at the top only the public entry point and the two names every domain shares.
+UDFS_DOMAINS = {"caption", "encode", "fusion", "rank", "evaluate", "io", "report", "spark", "resources"}
+UDFS_TOP_MODULES = {"__init__.py", "recommender.py", "representations.py", "synth.py"}
+
+
+def test_udfs_is_grouped_by_domain():
+    folders = {p.name for p in (ROOT / "udfs").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    modules = {p.name for p in (ROOT / "udfs").glob("*.py")}
+    assert folders == UDFS_DOMAINS and modules == UDFS_TOP_MODULES, \
+        "put a new udfs module in its domain's package (README, Layout)"
+    # tests mirror the layout
+    for domain in UDFS_DOMAINS - {"resources"}:
+        for test in (ROOT / "tests" / "udfs" / domain).glob("test_*.py"):
+            module = test.name[len("test_"):]
+            assert not (ROOT / "udfs" / module).exists(), f"{test} tests udfs/{module}, not udfs/{domain}/{module}"

@@ -7,7 +7,7 @@ its stored candidate set (``candidates``), the candidates' vectors (``item_embed
 run's user profiles (``user_profiles``) and the dataset's interactions (seen items and train
 histories). ``recommend(users=[...])`` or ``recommend(histories=[[...], ...])`` then costs one
 matrix product and one top-k selection per batch, by the same kernel the ``topk`` job uses
-(``udfs.topk.ItemBlock``: score descending, ties by item id ascending, seen items -inf).
+(``udfs.rank.topk.ItemBlock``: score descending, ties by item id ascending, seen items -inf).
 ``load(..., users=[...])`` reads only those users' profiles and interactions (the command
 line's case: a cold process answering one user pays for one user's rows, not the run's);
 ``users=[]`` for ad-hoc histories only. ``latest_pipeline_run`` finds the run to serve when
@@ -26,15 +26,15 @@ Rules, the same as ``topk``'s:
 - a known user is scored with their stored profile; their items in the plan's excluded splits
   (``train,valid`` by default) are removed;
 - an ad-hoc history (a user the tables have never seen: a list of item ids) is profiled like
-  a train history (``udfs.profiles``: the plain mean; it carries no timestamps, so a run's
+  a train history (``udfs.rank.profiles``: the plain mean; it carries no timestamps, so a run's
   half-life does not apply), fusions ``naive``/``concat`` from per-part profiles
-  (``udfs.fusion``); its own items are removed. Its items without a vector in the
+  (``udfs.fusion.fusion``); its own items are removed. Its items without a vector in the
   representation are left out of the profile and reported (``Recommendations.unknown``); a
   history with no known item at all is an error.
 
 Explanations (``explain=True``): for each recommended item, the history items with the largest
 share of its score. For a base representation or a trained fusion (profiles are the mean of
-item vectors) the shares are exact (``udfs.explanations``: they sum to the score); for a
+item vectors) the shares are exact (``udfs.rank.explanations``: they sum to the score); for a
 parameter-free fusion (``naive``/``concat``, fused from per-part profiles) and for ``als``
 (fitted user factors), the history items are ranked by their similarity with the item, which
 orders them but does not decompose the score (``exact`` is false, no share). ``als`` serves
@@ -57,12 +57,13 @@ import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 
-from udfs import explanations, fusion
-from udfs.profiles import recency_weights, user_profiles
-from udfs.protocol import TRAIN_SPLIT, seen_items
+from udfs.rank import explanations
+from udfs.fusion import fusion
+from udfs.rank.profiles import recency_weights, user_profiles
+from udfs.evaluate.protocol import TRAIN_SPLIT, seen_items
 from udfs.representations import ALS, FUSIONS, LVLM, RepresentationError, parse_representation, spell_out_lvlm
-from udfs.topk import ItemBlock, block_item_ids
-from udfs.warehouse_reader import read_table
+from udfs.rank.topk import ItemBlock, block_item_ids
+from udfs.io.warehouse_reader import read_table
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,12 @@ Allowed forms:
   engine ``<engine>`` with model ``<model>`` and prompt ``<prompt_id>`` wrote (the
   ``descriptions`` table's key); ``<model>`` may contain ``/`` and ``:``, the engine and
   prompt id may not contain ``:``;
-- ``naive``, ``concat``: a fusion (``udfs.fusion``) of the paper's Title+Vision baseline,
+- ``naive``, ``concat``: a fusion (``udfs.fusion.fusion``) of the paper's Title+Vision baseline,
   i.e. of ``title`` and ``visual``;
 - ``naive:<a>+<b>[+...]``, ``concat:<a>+<b>[+...]``: a fusion of the named non-fused
   representations, e.g. ``naive:lvlm:vllm:llava-hf/llava-v1.6-mistral-7b-hf:p1+visual``;
 - ``attention``, ``gating``, ``crossmodal``, ``smore`` (bare: of title and visual) and
-  ``<method>:<a>+<b>[+...]``: a trained fusion (``udfs.fusion_models``, built by the ``fuse``
+  ``<method>:<a>+<b>[+...]``: a trained fusion (``udfs.fusion.fusion_models``, built by the ``fuse``
   job), whose item vectors are profiled and ranked like a base representation's.
 
 A fusion's canonical name lists its parts sorted and is the bare ``naive``/``concat`` for the
@@ -38,7 +38,7 @@ CONCAT = "concat"
 
 BASE_REPRESENTATIONS = (TITLE, TEXT, VISUAL)
 FUSIONS = (NAIVE, CONCAT)
-# Fusions with weights, trained by the ``fuse`` job (udfs.fusion_models).
+# Fusions with weights, trained by the ``fuse`` job (udfs.fusion.fusion_models).
 TRAINED_FUSIONS = ("attention", "gating", "crossmodal", "smore")
 ALL_FUSIONS = FUSIONS + TRAINED_FUSIONS
 # The paper's "Title+Vision (Naive 50/50)" and "(Concat)" baselines.

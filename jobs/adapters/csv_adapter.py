@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from udfs.image_files import pattern_problem, with_image_files
+from udfs.io.image_files import pattern_problem, with_image_files
 
 from ..config import ConfigError, DatasetConf
 from .base import (AdapterOutput, options_from, read_table_file, require_path, validate_columns,

@@ -108,7 +108,7 @@ def _pick_overviews(path, items: pd.DataFrame, counts: dict[str, int]) -> pd.Dat
 
 def _flag_suspects(items: pd.DataFrame, policy: str, counts: dict[str, int]) -> None:
     """Mark items whose overview or poster is shared with a differently titled item."""
-    from udfs.images import ImageError, read_image_file, sha256_bytes
+    from udfs.io.images import ImageError, read_image_file, sha256_bytes
 
     def poster_hash(uri) -> str | None:
         # The bounded reader: a FIFO or a huge file named like a poster must not hang or flood

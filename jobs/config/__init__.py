@@ -11,7 +11,7 @@ unchanged, which is what the ``runs`` table and the plan store.
 The package by concern: ``sections`` (what the settings are), ``validation`` (how a value is
 checked and a failed check told), ``loading`` (where the values come from: YAML files and overrides).
 """
-from udfs.protocol import ALL, BASELINES, CANDIDATE_POLICIES, COMMON, EXCLUDABLE_SPLITS, POPULARITY, RANDOM
+from udfs.evaluate.protocol import ALL, BASELINES, CANDIDATE_POLICIES, COMMON, EXCLUDABLE_SPLITS, POPULARITY, RANDOM
 
 from .loading import CONF_ROOT, load_config, parse_override, resolve_conf_path
 from .sections import (FUSE_OBJECTIVES, MALLOC_WORKER_ENV, MAX_DATASET_NAME, AlsConf, CaptionConf,

@@ -17,9 +17,9 @@ from pydantic import StrictBool, StrictFloat, StrictInt, TypeAdapter, Validation
 
 from udfs.caption.kinds import KINDS, HfOptions, OpenaiOptions, TagsOptions, VllmOptions
 from udfs.caption.prompts import PAPER_PROMPT
-# The evaluation protocol's names live once, in udfs.protocol; the typed config checks against them.
-from udfs.protocol import BASELINES, CANDIDATE_POLICIES, EXCLUDABLE_SPLITS
-from udfs.significance import TESTS as SIGNIFICANCE_TESTS
+# The evaluation protocol's names live once, in udfs.evaluate.protocol; the typed config checks against them.
+from udfs.evaluate.protocol import BASELINES, CANDIDATE_POLICIES, EXCLUDABLE_SPLITS
+from udfs.evaluate.significance import TESTS as SIGNIFICANCE_TESTS
 
 from .validation import ConfigError, FieldProblem, check, explain, one_of, section
 
@@ -99,7 +99,7 @@ class SplitConf:
 
 @section
 class ImagesConf:
-    """``dataset.images``: how ingest and caption read item image files (``udfs.images.ReadLimits``)."""
+    """``dataset.images``: how ingest and caption read item image files (``udfs.io.images.ReadLimits``)."""
 
     # a larger file is rejected from its size, never read
     max_bytes: Annotated[StrictInt, check(lambda size: size >= 1,
@@ -135,7 +135,7 @@ class DatasetConf:
     images: ImagesConf = field(default_factory=ImagesConf)
 
 
-# udfs.fusion_training.OBJECTIVES, which imports torch (tests/jobs/test_config.py checks they agree).
+# udfs.fusion.fusion_training.OBJECTIVES, which imports torch (tests/jobs/test_config.py checks they agree).
 FUSE_OBJECTIVES = ("bpr", "sampled_softmax", "item_contrastive")
 
 
@@ -196,7 +196,7 @@ class EmbedConf:
 @section
 class FuseConf:
     """``experiment.fuse``: the trained fusions (``attention``, ``gating``, ``crossmodal``,
-    ``smore``) of the ``fuse`` job; see ``udfs.fusion_training`` for the objectives."""
+    ``smore``) of the ``fuse`` job; see ``udfs.fusion.fusion_training`` for the objectives."""
 
     # bpr | sampled_softmax (a user signal) | item_contrastive (the paper's: no user signal)
     objective: Annotated[str, one_of(FUSE_OBJECTIVES)] = "bpr"
@@ -264,7 +264,7 @@ class EvaluateConf:
         default_factory=lambda: [5, 10, 20])
     bootstrap_samples: Count = 1000
     seed: StrictInt = 42  # the bootstrap's resamples and the randomisation test's sign flips
-    # The paired test of each comparison (udfs.significance.TESTS): the t-test holds its 5% rate
+    # The paired test of each comparison (udfs.evaluate.significance.TESTS): the t-test holds its 5% rate
     # on this project's per-user differences, where Wilcoxon's does not (docs/BENCHMARKS.md).
     test: Annotated[str, one_of(SIGNIFICANCE_TESTS)] = "t"
 
@@ -322,7 +322,7 @@ class Config:
         """The warehouse as Spark and pyarrow name it: a URI (``s3a://b/w``, ``file:///w``,
         ``abfss://...``) is kept as written, never passed through ``pathlib`` (which would turn
         ``s3a://b`` into ``<cwd>/s3a:/b``); a plain path is made absolute, as before."""
-        from udfs.storage import is_uri
+        from udfs.io.storage import is_uri
 
         if is_uri(self.warehouse):
             return self.warehouse.rstrip("/")
@@ -330,7 +330,7 @@ class Config:
 
     def warehouse_path(self) -> Path:
         """The local warehouse folder; a ``ConfigError`` for an object-store warehouse."""
-        from udfs.storage import local_path_of
+        from udfs.io.storage import local_path_of
 
         local = local_path_of(self.warehouse_uri())
         if local is None:

@@ -23,7 +23,7 @@ from deltalake import DeltaTable
 from pyspark.sql import functions as F
 
 from jobs import caption, caption_merge, caption_plan, ingest, tables
-from udfs.images import sha256_bytes
+from udfs.io.images import sha256_bytes
 
 pytestmark = [pytest.mark.spark, pytest.mark.ray]
 
@@ -100,7 +100,7 @@ def test_one_description_per_image_errors_kept_and_reruns_hit_the_cache(spark, c
     assert counts["skipped_no_image"] == 0 and counts["to_describe"] == N_IMAGES
     assert counts["described"] == N_IMAGES - 2 and counts["failed"] == 2
     assert counts["failed_changed"] == 1 and counts["failed_truncated"] == 1
-    # The texts' figures (udfs.description_stats) are over the ok descriptions of the images.
+    # The texts' figures (udfs.caption.description_stats) are over the ok descriptions of the images.
     assert counts["descriptions_texts"] == N_IMAGES - 2 and 0 < counts["descriptions_distinct"] <= N_IMAGES - 2
 
     shas = item_shas(spark, wh)
@@ -262,7 +262,7 @@ def test_hf_engine_with_a_tiny_llava_through_the_whole_job(spark, catalog, capsy
 def test_image_loading_names_the_reason_and_checks_the_hash(tmp_path):
     from PIL import Image
 
-    from udfs import caption_udfs as cu
+    from udfs.caption import caption_udfs as cu
 
     path = tmp_path / "a.png"
     Image.new("RGB", (900, 300), (200, 30, 35)).save(path)
@@ -286,7 +286,7 @@ def test_staged_files_appear_complete_or_not_at_all(tmp_path):
     import pandas as pd
     import pyarrow.parquet as pq
 
-    from udfs import caption_udfs as cu
+    from udfs.caption import caption_udfs as cu
 
     batch = pd.DataFrame({"image_sha256": ["a", "b"], "item_id": ["1", "2"], "text": ["a red hat", pd.NA],
                           "n_tokens": [3, None], "latency_ms": [5.0, None], "status": ["ok", "error"],
@@ -368,7 +368,7 @@ def test_the_driver_merge_is_the_spark_merge(spark, tmp_path):
 
     from jobs.config import load_config
     from jobs.job_run import JobRun
-    from udfs.caption_udfs import STAGING_SCHEMA
+    from udfs.caption.caption_udfs import STAGING_SCHEMA
 
     def row(sha, status, day, text=None):
         return {"image_sha256": sha, "engine": "tags", "model": "m", "prompt_id": "p", "item_id": f"i-{sha}",

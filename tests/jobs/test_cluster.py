@@ -226,7 +226,7 @@ def table_version(cluster: lc.LocalCluster, uri: str) -> int:
     """The Delta table's latest version, read from the bucket with delta-rs (no Spark)."""
     from deltalake import DeltaTable
 
-    from udfs.storage import delta_location
+    from udfs.io.storage import delta_location
 
     aws = {k: v for k, v in cluster.env.items() if k.startswith("AWS_")}
     with pytest.MonkeyPatch.context() as patch:

@@ -358,6 +358,6 @@ def test_sections_stay_dataclasses_for_the_code_that_reads_them():
 def test_the_fuse_objectives_are_the_trainers_own():
     # The config cannot import the trainer (it loads torch), so the two lists are checked here.
     from jobs.config import FUSE_OBJECTIVES
-    from udfs.fusion_training import OBJECTIVES
+    from udfs.fusion.fusion_training import OBJECTIVES
 
     assert FUSE_OBJECTIVES == OBJECTIVES

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from jobs import caption, embed, evaluate, ingest, profiles, topk
-from udfs import warehouse_reader
+from udfs.io import warehouse_reader
 
 pytestmark = [pytest.mark.spark, pytest.mark.faults]
 

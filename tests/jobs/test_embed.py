@@ -214,7 +214,7 @@ def test_without_a_descriptions_table_every_lvlm_item_is_missing(catalog):
 
 
 def test_text_vectors_equal_the_encoder_run_outside_spark(catalog):
-    from udfs.text_encoder import encode_texts
+    from udfs.encode.text_encoder import encode_texts
 
     items = pd.read_csv(catalog.data / "items.csv").set_index("item_id")
     ids = ["i00004", "i00017", "i00060"]
@@ -226,8 +226,8 @@ def test_text_vectors_equal_the_encoder_run_outside_spark(catalog):
 
 
 def test_visual_vectors_equal_the_image_encoder_run_outside_spark(catalog):
-    from udfs.image_encoder import encode_images
-    from udfs.images import load_image
+    from udfs.encode.image_encoder import encode_images
+    from udfs.io.images import load_image
 
     ids = ["i00005", "i00042"]
     expected = encode_images([load_image(catalog.data / "images" / f"{i}.png") for i in ids])
@@ -236,7 +236,7 @@ def test_visual_vectors_equal_the_image_encoder_run_outside_spark(catalog):
 
 
 def test_fused_item_vectors_equal_the_fusion_of_their_parts(catalog):
-    from udfs.fusion import fuse
+    from udfs.fusion.fusion import fuse
 
     final = catalog.snapshots["C"]
     for method in ("naive", "concat"):
@@ -280,8 +280,8 @@ def test_only_the_items_whose_input_changed_are_encoded_again(spark, catalog, tm
     import shutil
 
     from jobs import embed
-    from udfs.fusion import fuse
-    from udfs.text_encoder import encode_texts
+    from udfs.fusion.fusion import fuse
+    from udfs.encode.text_encoder import encode_texts
 
     warehouse = tmp_path / "warehouse"
     shutil.copytree(catalog.warehouse, warehouse)
@@ -393,7 +393,7 @@ def test_embed_builds_exactly_the_plan_stored_under_its_run_id_and_refuses_anoth
 
     from jobs import embed, tables
     from jobs.plan import store_plan
-    from udfs.fusion import fuse
+    from udfs.fusion.fusion import fuse
 
     warehouse = tmp_path / "warehouse"
     shutil.copytree(catalog.warehouse, warehouse)
@@ -432,7 +432,7 @@ def test_the_spark_path_writes_the_rows_and_counts_of_the_driver_path(spark, cat
     ``jobs.driver_inputs``); the same runs through the executors (``spark.driver_compute_mb=0``)
     write the same rows and count the same things, reuse and stale rows included. Few rows per
     task split every step into several tasks of several buckets: each function of
-    ``udfs.embed_inputs`` runs on parts of the catalog there and on all of it on the driver."""
+    ``udfs.encode.embed_inputs`` runs on parts of the catalog there and on all of it on the driver."""
     from jobs import embed, ingest
 
     warehouse = tmp_path / "warehouse"

@@ -1,4 +1,4 @@
-"""The evaluate job on real Spark + Delta: per-user metrics equal ``udfs.metrics`` computed in numpy
+"""The evaluate job on real Spark + Delta: per-user metrics equal ``udfs.evaluate.metrics`` computed in numpy
 on the same lists, means and CIs agree with the per-user rows, Holm never lowers a p-value, and a
 popularity ranking beats the seeded random one on skewed data. Its two paths, the Spark one
 (``spark.driver_compute_mb=0``) and the driver one (the default on small inputs), write the same
@@ -19,8 +19,8 @@ from pyspark.sql import functions as F
 
 from jobs import evaluate, tables, topk
 from tests.jobs.test_topk import make_dataset, write_dataset
-from udfs import metrics as ranking
-from udfs import significance
+from udfs.evaluate import metrics as ranking
+from udfs.evaluate import significance
 
 pytestmark = pytest.mark.spark
 
@@ -345,7 +345,7 @@ def test_a_comparisons_table_written_before_the_test_was_stored_still_works(spar
     from delta.tables import DeltaTable
     from pyspark.sql.types import StructType
 
-    from udfs.results_table import results_table
+    from udfs.report.results_table import results_table
 
     warehouse = tmp_path / "warehouse"
     old = StructType([f for f in tables.SCHEMAS["comparisons"].fields if f.name not in ("effect_size", "test")])

@@ -113,7 +113,7 @@ def test_fused_vectors_are_written_unit_norm_and_the_item_without_a_part_is_left
 
 def test_the_vectors_are_the_stored_model_applied_to_each_items_own_parts(spark, fused_catalog):
     from jobs import tables
-    from udfs.fusion_training import apply_fusion, load_model
+    from udfs.fusion.fusion_training import apply_fusion, load_model
 
     warehouse, vectors, _ = fused_catalog
     models = tables.read(spark, warehouse, "fusion_models").toPandas().set_index("representation")
@@ -219,8 +219,8 @@ the Spark layouts differ, and a row's last bits may depend on the Arrow batch it
 
     from jobs import tables
     from tests.moto_s3 import BUCKET, moto_s3
-    from udfs import storage, warehouse_reader
-    from udfs.fusion_training import load_model
+    from udfs.io import storage, warehouse_reader
+    from udfs.fusion.fusion_training import load_model
 
     local, first, _ = fused_catalog  # the first local run's vectors: same seed and settings as here
     local_gating = first[first["representation"] == "gating"].reset_index(drop=True)

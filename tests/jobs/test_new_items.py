@@ -12,7 +12,7 @@ from pyspark.sql import functions as F
 
 from jobs import pipeline
 from udfs.recommender import Recommender
-from udfs.warehouse_reader import read_frame
+from udfs.io.warehouse_reader import read_frame
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 

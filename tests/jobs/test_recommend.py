@@ -14,7 +14,7 @@ import pytest
 
 from jobs.recommend import table_lines
 from udfs.recommender import RecommendError, Recommender, latest_pipeline_run
-from udfs.warehouse_reader import read_frame
+from udfs.io.warehouse_reader import read_frame
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.spark, pytest.mark.slow]

@@ -14,7 +14,8 @@ from pyarrow import fs as pafs
 
 from jobs import report
 from tests.moto_s3 import BUCKET, moto_s3
-from udfs import report_html, storage
+from udfs.report import report_html
+from udfs.io import storage
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 FIGURES = ("metrics.png", "forest.png", "by_history.png", "beyond_accuracy.png")
@@ -146,8 +147,8 @@ def test_report_on_an_object_store_warehouse(synthetic_run):
 def test_forest_plot_draws_the_runs_comparisons_in_the_tables_sign(synthetic_run):
     """The values the forest plot draws, read back from its artists, are the run's
     ``comparisons`` rows as ``representation - lvlm``: the printed table's sign, in its title."""
-    from udfs import report_figures
-    from udfs.results_table import paper_order
+    from udfs.report import report_figures
+    from udfs.report.results_table import paper_order
 
     data = report.read_run(str(synthetic_run.warehouse), synthetic_run.run_id)
     comparisons = data["comparisons"]

@@ -11,7 +11,7 @@ from pyspark.sql.pandas.types import from_arrow_schema
 
 from jobs import tables
 from jobs.adapters.base import REJECT_SCHEMA
-from udfs.caption_udfs import STAGING_SCHEMA
+from udfs.caption.caption_udfs import STAGING_SCHEMA
 
 
 def test_caption_staging_files_have_the_descriptions_table_schema():

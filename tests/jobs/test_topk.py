@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jobs import tables, topk
-from udfs import scorers, topk_udfs
+from udfs.rank import scorers, topk_udfs
 
 SEED = 42
 

@@ -37,7 +37,7 @@ from PIL import Image
 from udfs.caption.engine import Caption, CaptionEngine
 from udfs.caption.kinds import KINDS
 from udfs.caption.prompts import DEFAULT_PROMPT
-from udfs.images import to_rgb
+from udfs.io.images import to_rgb
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from udfs.caption.prompts import prompt_id
 # The model the ``vllm``, ``hf`` and ``openai`` engines run by default: the paper's LLaVA-NeXT
 # (``vllm serve llava-hf/llava-v1.6-mistral-7b-hf`` serves it under this name).
 LLAVA_NEXT = "llava-hf/llava-v1.6-mistral-7b-hf"
-# ``udfs.image_encoder.EFFICIENTNET_LITE0``, named without importing torch.
+# ``udfs.encode.image_encoder.EFFICIENTNET_LITE0``, named without importing torch.
 EFFICIENTNET_LITE0 = "efficientnet-lite0"
 N_IMAGENET_CLASSES = 1000
 

@@ -166,12 +166,12 @@ def file_data_url(data: bytes, name: str, max_side: int | None, verified: bool =
     ``MAX_SENT_BYTES``, upright (no EXIF rotation) goes out as its own bytes with its MIME type:
     no re-encoding, so the server sees the very file that was hashed. Unless ``verified`` (the
     bytes hash to what ``ingest`` recorded, and ingest decoded every pixel of them before it
-    recorded a hash: ``udfs.images.check_image``), it is decoded once first, so a truncated or
-    corrupt file fails here as ``udfs.images.ImageError`` and never reaches the server (the
+    recorded a hash: ``udfs.io.images.check_image``), it is decoded once first, so a truncated or
+    corrupt file fails here as ``udfs.io.images.ImageError`` and never reaches the server (the
     decode was 80% of the caption actor's work per poster). Anything else
-    is decoded, rotated, flattened and shrunk as for the other engines (``udfs.images.load_image``)
+    is decoded, rotated, flattened and shrunk as for the other engines (``udfs.io.images.load_image``)
     and sent as a JPEG."""
-    from udfs.images import load_image
+    from udfs.io.images import load_image
 
     try:
         with Image.open(io.BytesIO(data)) as probe:

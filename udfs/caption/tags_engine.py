@@ -31,7 +31,7 @@ from PIL import Image
 from udfs.caption.engine import Caption, CaptionEngine
 from udfs.caption.kinds import EFFICIENTNET_LITE0, KINDS, N_IMAGENET_CLASSES
 from udfs.caption.prompts import DEFAULT_PROMPT
-from udfs.images import to_rgb
+from udfs.io.images import to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class TagsEngine(CaptionEngine):
         options: Mapping[str, Any] | None = None,
     ):
         # torch and the weights only here: the module must stay importable without them.
-        from udfs.image_encoder import load_efficientnet_lite0
+        from udfs.encode.image_encoder import load_efficientnet_lite0
 
         recipe, _ = tags_identity(model, options)
         self.options = KIND.checked_options(options)
@@ -160,7 +160,7 @@ class TagsEngine(CaptionEngine):
     def describe(self, images: Sequence[Image.Image]) -> list[Caption]:
         import torch
 
-        from udfs.image_encoder import lite0_pixels
+        from udfs.encode.image_encoder import lite0_pixels
 
         captions: list[Caption] = []
         for start in range(0, len(images), self.batch_size):

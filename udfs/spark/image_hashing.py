@@ -1,10 +1,10 @@
 """Spark wrapper: check and hash every item's image on the executors, in parallel.
 
-Local paths are confined to the dataset's images root (``udfs.images.resolve_under``: symbolic
+Local paths are confined to the dataset's images root (``udfs.io.images.resolve_under``: symbolic
 links and ``..`` resolved; a path outside is rejected without being opened, unless
 ``allow_outside_root``; the resolved path is the one opened), then read within ``ReadLimits``, fully decoded (so a truncated file is
 caught here, not in the caption job) and hashed; object-store URIs (``s3a://``, ``gs://``...)
-are read and hashed the same way through ``udfs.storage``, not confined to the local root;
+are read and hashed the same way through ``udfs.io.storage``, not confined to the local root;
 other remote URIs (``http://``) get no hash.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pandas as pd
 
-from udfs.images import ReadLimits, check_image, readable_source
+from udfs.io.images import ReadLimits, check_image, readable_source
 
 
 def _check_batches(batches: Iterator[pd.DataFrame], images_root: str | None, limits: ReadLimits,

@@ -9,8 +9,8 @@ the adapters' permissive CSV/JSON readers build a string column per header field
 ``_corrupt_record`` from the file itself (``jobs/adapters/base.py`` ``read_table_file``,
 ``jobs/adapters/amazon.py`` ``_parse``); ``tests/test_layers.py`` allows those two sites and no
 other ``StructType`` outside this module. The outputs of the top-k and evaluate functions are
-Spark DDL strings (``*_DDL``, below): the Arrow/pandas functions in ``udfs.topk_udfs`` and
-``udfs.evaluate_udfs`` emit them, and DDL is what ``applyInArrow``/``applyInPandas`` take.
+Spark DDL strings (``*_DDL``, below): the Arrow/pandas functions in ``udfs.rank.topk_udfs`` and
+``udfs.evaluate.evaluate_udfs`` emit them, and DDL is what ``applyInArrow``/``applyInPandas`` take.
 """
 from __future__ import annotations
 
@@ -177,11 +177,11 @@ SCHEMAS: dict[str, T.StructType] = {
 
 # --- frames the jobs build -------------------------------------------------------------------
 
-# ``embed``: what an encoder gets, one row per (representation, item) (``udfs.embed_inputs.input_rows``).
+# ``embed``: what an encoder gets, one row per (representation, item) (``udfs.encode.embed_inputs.input_rows``).
 ITEM_INPUT_DDL = ("representation string, item_id string, text string, image_uri string, pre_status string, "
                   "source_sha256 string")
 # ``embed``: one row per (representation, item) from an encoder, a stored vector or a fusion, with
-# its status (``udfs.embed_inputs.VECTOR_COLUMNS``). A StructType: the table's ``VECTOR`` holds no
+# its status (``udfs.encode.embed_inputs.VECTOR_COLUMNS``). A StructType: the table's ``VECTOR`` holds no
 # null element, which DDL cannot say.
 ITEM_VECTOR_SCHEMA = T.StructType([
     T.StructField("representation", T.StringType(), False),
@@ -199,7 +199,7 @@ PROFILE_SCHEMA = T.StructType([
     T.StructField("vector", VECTOR),
     T.StructField("n_history", T.IntegerType()),
 ])
-# ``fuse``: a trained fusion model applied to one item's parts (``udfs.fusion_udfs.OUTPUT``).
+# ``fuse``: a trained fusion model applied to one item's parts (``udfs.fusion.fusion_udfs.OUTPUT``).
 APPLIED_SCHEMA = T.StructType([
     T.StructField("item_id", T.StringType(), False),
     T.StructField("vector", VECTOR),
@@ -216,7 +216,7 @@ def with_image_check(schema: T.StructType) -> T.StructType:
                                          T.StructField("_image_error", T.StringType())])
 
 
-# --- the top-k and evaluate functions' outputs (udfs.topk_udfs, udfs.evaluate_udfs) -----------
+# --- the top-k and evaluate functions' outputs (udfs.rank.topk_udfs, udfs.evaluate.evaluate_udfs) -----------
 
 BLOCK_DDL = "block_id string, n int, dim int, ids array<string>, vectors binary"
 USER_BLOCK_DDL = BLOCK_DDL + ", seen_counts array<int>, seen_ids array<string>"

@@ -20,7 +20,7 @@ from __future__ import annotations
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-from udfs.splits import LABELS, PROTOCOLS, SplitError, SplitSpec
+from udfs.evaluate.splits import LABELS, PROTOCOLS, SplitError, SplitSpec
 
 __all__ = ["LABELS", "PROTOCOLS", "SplitError", "SplitSpec", "assign_split", "label_column"]
 

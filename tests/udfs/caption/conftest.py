@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from tests.udfs.caption.tiny_llava import build_tiny_llava
-from udfs.images import load_image
+from udfs.io.images import load_image
 
 
 @pytest.fixture(scope="package", autouse=True)

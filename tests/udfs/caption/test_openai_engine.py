@@ -148,8 +148,8 @@ def test_a_corrupt_file_is_an_error_row_that_names_it_never_a_failed_batch(tmp_p
     """Unverified bytes are decoded before they are sent; in the job, a file that no longer
     hashes to what ingest decoded in full is a ``changed`` error saying what it is now."""
     from udfs.caption.openai_engine import file_data_url
-    from udfs.caption_udfs import image_url_of
-    from udfs.images import ImageError, sha256_bytes
+    from udfs.caption.caption_udfs import image_url_of
+    from udfs.io.images import ImageError, sha256_bytes
 
     good = encoded(pictures(1)[0], "JPEG")
     with pytest.raises(ImageError, match="'cut.jpg' is truncated") as error:

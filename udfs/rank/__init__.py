@@ -1,0 +1,1 @@
+"""Ranking: user profiles, scorers, the exact blockwise top-k and the explanations of a list."""

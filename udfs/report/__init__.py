@@ -1,0 +1,1 @@
+"""Reporting: the printed results table, the figures and the HTML page."""
