@@ -135,11 +135,16 @@ def merge_on_driver(run: JobRun, files: list[str]) -> int | None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .driver_inputs import Slice, limit_bytes, read_on_driver
+    from .driver_inputs import Slice, fallback, limit_bytes, read_on_driver
 
     local = [storage.local_path_of(f) for f in files]
-    if not run.spark.sparkContext.master.startswith("local") or None in local \
-            or sum(os.path.getsize(f) for f in local) > limit_bytes(run):
+    if not run.spark.sparkContext.master.startswith("local") or None in local:
+        fallback(run, "cluster", "the staged captions are merged by a cluster or lie in an object store")
+        return None
+    size = sum(os.path.getsize(f) for f in local)
+    if size > limit_bytes(run):
+        fallback(run, "disabled" if limit_bytes(run) <= 0 else "too_large",
+                 f"the staged captions hold {size} bytes")
         return None
     keys = tables.KEYS["descriptions"]
     staged = pa.concat_tables([pq.read_table(f, schema=tables.arrow_schema("descriptions")) for f in local])

@@ -434,7 +434,9 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
     inputs = None
     # The driver path (jobs.driver_inputs) only on a local master, whose executors are this
     # machine's cores anyway: on a cluster the executors (their GPUs, their cores) encode.
-    if run.spark.sparkContext.master.startswith("local"):
+    if not run.spark.sparkContext.master.startswith("local"):
+        driver_inputs.fallback(run, "cluster", "a cluster's executors encode")
+    else:
         def declines(read: dict) -> str | None:
             vector_bytes = work.vector_bytes(read["items"].num_rows)
             too_large = vector_bytes > driver_inputs.limit_bytes(run)

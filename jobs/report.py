@@ -95,7 +95,12 @@ def read_run(warehouse: str, run_id: str) -> dict:
     if plans.empty:
         raise ConfigError(f"run '{run_id}' has no plan in {warehouse}/plans: pass the run id `vlm4rec pipeline` "
                           "printed")
-    plan = ExperimentPlan.from_json(plans["plan"].iloc[0])
+    try:
+        plan = ExperimentPlan.from_json(plans["plan"].iloc[0])
+    except ConfigError as exc:
+        raise ConfigError(f"run '{run_id}': its plan was stored by another version of vlm4rec, which this "
+                          f"report cannot read ({exc}): report it with that version, or run the pipeline again "
+                          "with this one") from None
     dataset = plan.dataset
     by_run = {"run_id": run_id}
     out = {"plan": plan, "plan_hash": plans["plan_hash"].iloc[0]}

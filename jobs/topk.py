@@ -259,7 +259,7 @@ def topk_on_driver(run: JobRun, settings: TopkSettings, read: dict[str, pa.Table
             interacted=list(interactions["item_id"]) if "items" in read and not catalog else [],
             als_encoders=sorted(set(embeddings.loc[embeddings["representation"] == ALS, "encoder"].fillna("")))))
     with run.stage("score_merge_and_write"):
-        train = interactions.loc[interactions["split"] == protocol.TRAIN_SPLIT, "item_id"]
+        train = interactions.loc[interactions["split"] == protocol.TRAIN_SPLIT, "item_id"].value_counts()
         parts = []
         for name in ranking.sizes:
             these = ranking.items_of(name)
@@ -412,7 +412,8 @@ def topk_with_spark(run: JobRun, settings: TopkSettings) -> None:
                           .persist(StorageLevel.MEMORY_AND_DISK))
             cached.append(candidates)
         frames = {"users": users, "profiles": profiles, "embeddings": embeddings, "candidates": candidates,
-                  "train": interactions.filter(F.col("split") == protocol.TRAIN_SPLIT).select("item_id")}
+                  "train": interactions.filter(F.col("split") == protocol.TRAIN_SPLIT).groupBy("item_id")
+                  .agg(F.count(F.lit(1)).alias("n"))}
         threads = max(1, int(spark.sparkContext.getConf().get("spark.task.cpus", "1")))
         # No action packs or scores ahead of the write: the write's one Spark job runs every
         # representation's packing stages side by side (independent stages of one job), then the

@@ -281,7 +281,7 @@ def test_users_table_gives_profiles_their_seen_items_and_baselines_the_train_use
 
 
 def test_baseline_items_carry_the_train_count_for_popularity_and_zero_for_random():
-    train = pd.Series(["b", "a", "b", "z"])
+    train = pd.Series(["b", "a", "b", "z"]).value_counts()
     assert topk_udfs.baseline_items("popularity", ["a", "b", "c"], train).to_pydict() == {
         "item_id": ["a", "b", "c"], "vector": [[1.0], [2.0], [0.0]]}
     assert topk_udfs.baseline_items("random", ["a", "c"], train).to_pydict() == {

@@ -133,13 +133,12 @@ def users_table(users: pd.DataFrame, profiles: pd.DataFrame | None) -> pa.Table:
                      "seen": pa.array([list(seen.get(u, ())) for u in ids], pa.list_(pa.string()))})
 
 
-def baseline_items(name: str, candidates: Sequence[str], train_items: pd.Series) -> pa.Table:
+def baseline_items(name: str, candidates: Sequence[str], train_counts: pd.Series) -> pa.Table:
     """(item_id, vector) of a baseline's candidates, the one-dimensional vector its scorer reads:
-    ``popularity`` the item's count in ``train_items`` (the item ids of train interactions),
-    ``random`` 0 (its scores are a hash of the ids)."""
+    ``popularity`` the item's train interactions (``train_counts``, indexed by item id; 0 when
+    absent), ``random`` 0 (its scores are a hash of the ids)."""
     if name == POPULARITY:
-        counts = train_items.value_counts()
-        values = [[float(counts.get(i, 0))] for i in candidates]
+        values = [[float(train_counts.get(i, 0))] for i in candidates]
     else:
         values = [[0.0]] * len(candidates)
     return pa.table({"item_id": pa.array(list(candidates), pa.string()),
@@ -170,9 +169,11 @@ def baseline_user_blocks(block_size: int) -> Callable[[pa.Table], pa.Table]:
 
 def baseline_item_blocks(name: str, block_size: int) -> Callable[[pa.Table, pa.Table], pa.Table]:
     """``cogroup(item bucket).applyInArrow`` function: a bucket's candidates (item_id) and train
-    interactions (item_id) -> the item blocks of baseline ``name``."""
+    counts (item_id, n: one row per item, so a bucket stays as small as its candidates) -> the
+    item blocks of baseline ``name``."""
     return lambda candidates, train: pack_table(
-        baseline_items(name, candidates.column("item_id").to_pylist(), train.column("item_id").to_pandas()),
+        baseline_items(name, candidates.column("item_id").to_pylist(),
+                       pd.Series(train.column("n").to_numpy(), index=train.column("item_id").to_pylist())),
         block_size, False)
 
 
