@@ -182,9 +182,9 @@ class ExperimentPlan:
         return chosen or None
 
     def to_dict(self) -> dict[str, Any]:
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
         # An absent section is stored as "", as before the sections were typed: same text, same hash.
-        return {f.name: _plain(getattr(self, f.name)) if getattr(self, f.name) is not None or f.name not in ("fuse", "als")
-                else "" for f in dataclasses.fields(self)}
+        return {**out, **{name: "" for name in ("fuse", "als") if out[name] is None}}
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, no whitespace, so equal plans give equal text."""
