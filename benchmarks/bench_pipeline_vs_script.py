@@ -99,6 +99,7 @@ def script_als(config, train, catalog) -> tuple:
     import pandas as pd
     from pyspark.sql import SparkSession
 
+    from udfs.rank.profile_inputs import als_item_rows, als_user_rows
     from udfs.spark.als import AlsSettings, train_als
 
     conf = config.experiment.profiles.als
@@ -112,14 +113,11 @@ def script_als(config, train, catalog) -> tuple:
         users, items = users.toPandas(), items.toPandas()
     finally:
         spark.stop()
-    n_history = train.groupby("user_id").size().rename("n_history").reset_index()
-    users = users.merge(n_history, on="user_id")
+    # The profiles job's own rules for the rows it stores.
+    users = als_user_rows(users, train)
     users["vector"] = [np.asarray(v, np.float32) for v in users["vector"]]
-    factor = dict(zip(items["item_id"], items["vector"]))
-    zeros = np.zeros(conf.rank, np.float32)
-    ids = sorted(set(catalog) | set(factor))
-    items = pd.DataFrame({"item_id": ids, "vector": [np.asarray(factor.get(i, zeros), np.float32) for i in ids]})
-    return users[["user_id", "vector", "n_history"]], items
+    items = als_item_rows("", conf.rank, "")(pd.DataFrame({"item_id": list(catalog)}), items)
+    return users[["user_id", "vector", "n_history"]], items[["item_id", "vector"]]
 STAGES = ("ingest", "caption", "embed", "profiles", "topk", "evaluate")
 TOLERANCE = 1e-9
 STAGE_LINE = re.compile(r"stage wall times: (.*) \(total ([0-9.]+) s\)")
