@@ -195,10 +195,9 @@ def test_comparisons_are_paired_and_holm_corrected_per_metric_at_k(evaluated):
     assert row.mean_diff == pytest.approx((wide.visual - wide.random).mean(), abs=1e-12)
     # The default test, stored by name beside its p-value and the effect size.
     assert set(comparisons.test) == {"t"}
-    assert row.p_value == pytest.approx(significance.paired_t_p(wide.visual.to_numpy(), wide.random.to_numpy()),
-                                        rel=1e-12)
-    assert row.effect_size == pytest.approx(
-        significance.paired_effect_size(wide.visual.to_numpy(), wide.random.to_numpy()), rel=1e-12)
+    differences = (wide.visual - wide.random).to_numpy().reshape(-1, 1)
+    assert row.p_value == pytest.approx(significance.paired_t_ps(differences)[0], rel=1e-12)
+    assert row.effect_size == pytest.approx(significance.effect_sizes(differences)[0], rel=1e-12)
 
 
 def test_the_test_is_part_of_the_runs_plan(evaluated, spark, capsys):

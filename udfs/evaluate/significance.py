@@ -96,14 +96,6 @@ def _resample_counts(n: int, n_samples: int, seed: int):
         _COUNTS_CACHE[key] = chunks
 
 
-def paired_bootstrap_ci(
-    a: np.ndarray, b: np.ndarray, n_samples: int = 1000, alpha: float = 0.05, seed: int = 0
-) -> tuple[float, float, float]:
-    """(mean of a - b, lo, hi): users resampled as pairs, so the interval reflects paired variance."""
-    a, b = _as_pair(a, b)
-    return bootstrap_mean_ci(a - b, n_samples=n_samples, alpha=alpha, seed=seed)
-
-
 def wilcoxon_p(a: np.ndarray, b: np.ndarray, zero_method: str = "wilcox") -> float:
     """Two-sided Wilcoxon signed-rank p-value of a vs b; 1.0 when every difference is zero.
 
@@ -140,12 +132,6 @@ def paired_t_ps(differences: np.ndarray) -> np.ndarray:
     return out
 
 
-def paired_t_p(a: np.ndarray, b: np.ndarray) -> float:
-    """Two-sided paired t-test p-value of a vs b (``paired_t_ps`` of a - b)."""
-    a, b = _as_pair(a, b)
-    return float(paired_t_ps((a - b).reshape(-1, 1))[0])
-
-
 def sign_flip_ps(differences: np.ndarray, n_draws: int = RANDOMIZATION_DRAWS, seed: int = 0) -> np.ndarray:
     """Two-sided paired randomisation p-value of each column of ``differences`` (users x
     columns): under "a and b are exchangeable for each user" every difference's sign is a fair
@@ -174,13 +160,6 @@ def sign_flip_ps(differences: np.ndarray, n_draws: int = RANDOMIZATION_DRAWS, se
     return (1.0 + extreme) / (1.0 + n_draws)
 
 
-def paired_randomization_p(a: np.ndarray, b: np.ndarray, n_draws: int = RANDOMIZATION_DRAWS,
-                           seed: int = 0) -> float:
-    """Two-sided sign-flip randomisation p-value of a vs b (``sign_flip_ps`` of a - b)."""
-    a, b = _as_pair(a, b)
-    return float(sign_flip_ps((a - b).reshape(-1, 1), n_draws, seed)[0])
-
-
 def effect_sizes(differences: np.ndarray) -> np.ndarray:
     """Cohen's d_z of each column of ``differences`` (users x columns): the mean difference over
     the standard deviation of the differences (ddof 1), a size that does not grow with the
@@ -195,12 +174,6 @@ def effect_sizes(differences: np.ndarray) -> np.ndarray:
     out[mean == 0] = 0.0
     np.divide(mean, sd, out=out, where=spread)
     return out
-
-
-def paired_effect_size(a: np.ndarray, b: np.ndarray) -> float:
-    """Cohen's d_z of a - b (``effect_sizes``)."""
-    a, b = _as_pair(a, b)
-    return float(effect_sizes((a - b).reshape(-1, 1))[0])
 
 
 def paired_p_values(test: str, differences: np.ndarray, seed: int = 0,

@@ -11,7 +11,12 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import udfs.evaluate.significance as significance
-from udfs.evaluate.significance import bootstrap_mean_ci, holm, paired_bootstrap_ci, wilcoxon_p
+from udfs.evaluate.significance import bootstrap_mean_ci, holm, wilcoxon_p
+
+
+def _column(a, b) -> np.ndarray:
+    """The per-user differences a - b as the one column the paired functions take."""
+    return (np.asarray(a, dtype=np.float64) - b).reshape(-1, 1)
 
 
 @pytest.mark.parametrize(
@@ -69,7 +74,7 @@ def test_same_seed_same_interval_and_another_seed_another():
     assert bootstrap_mean_ci(sample, 500, seed=7) == bootstrap_mean_ci(sample, 500, seed=7)
     assert bootstrap_mean_ci(sample, 500, seed=7) != bootstrap_mean_ci(sample, 500, seed=8)
     a, b = sample, sample[::-1]
-    assert paired_bootstrap_ci(a, b, 500, seed=3) == paired_bootstrap_ci(a, b, 500, seed=3)
+    assert bootstrap_mean_ci(a - b, 500, seed=3) == bootstrap_mean_ci(a - b, 500, seed=3)
 
 
 def test_chunking_does_not_change_the_interval(monkeypatch):
@@ -118,14 +123,14 @@ def test_kept_draws_serve_only_the_same_users_samples_and_seed():
 def test_identical_samples_give_p_one_and_a_zero_interval():
     values = np.random.default_rng(6).uniform(size=50)
     assert wilcoxon_p(values, values.copy()) == 1.0
-    assert paired_bootstrap_ci(values, values.copy(), 200, seed=0) == (0.0, 0.0, 0.0)
+    assert bootstrap_mean_ci(values - values.copy(), 200, seed=0) == (0.0, 0.0, 0.0)
 
 
 def test_paired_interval_is_around_the_mean_difference():
     rng = np.random.default_rng(8)
     a = rng.uniform(size=300)
     b = a - 0.1 + rng.normal(0, 0.01, 300)
-    mean_diff, lo, hi = paired_bootstrap_ci(a, b, 1000, seed=0)
+    mean_diff, lo, hi = bootstrap_mean_ci(a - b, 1000, seed=0)
     assert mean_diff == pytest.approx(np.mean(a - b))
     assert 0.09 < lo < mean_diff < hi < 0.11
 
@@ -156,8 +161,7 @@ def test_wilcoxon_drops_tied_users_by_default():
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: paired_bootstrap_ci(np.ones(3), np.ones(4), 10), "join on user_id"),
-        (lambda: wilcoxon_p(np.ones(3), np.ones(4)), "same users"),
+        (lambda: wilcoxon_p(np.ones(3), np.ones(4)), "same users in the same order on both sides .join on user_id"),
         (lambda: bootstrap_mean_ci(np.array([]), 10), "is empty"),
         (lambda: bootstrap_mean_ci(np.array([1.0, np.nan]), 10), "NaN"),
         (lambda: bootstrap_mean_ci(np.ones(3), 0), "n_samples"),
@@ -177,7 +181,7 @@ def test_paired_t_matches_scipy_ttest_rel(seed):
     a = rng.exponential(size=57)
     b = a + rng.normal(0.1 * seed, 0.5, 57)
     expected = scipy.stats.ttest_rel(a, b).pvalue
-    assert significance.paired_t_p(a, b) == pytest.approx(expected, rel=1e-10)
+    assert significance.paired_t_ps(_column(a, b))[0] == pytest.approx(expected, rel=1e-10)
 
 
 def test_paired_t_of_columns_equals_each_column_alone():
@@ -189,9 +193,9 @@ def test_paired_t_of_columns_equals_each_column_alone():
 
 def test_paired_t_without_spread():
     # All zero: no evidence (scipy says NaN); all equal and not zero: certain; one user: nothing to test.
-    assert significance.paired_t_p(np.ones(9), np.ones(9)) == 1.0
-    assert significance.paired_t_p(np.full(9, 0.3), np.full(9, 0.1)) == 0.0
-    assert significance.paired_t_p(np.array([0.5]), np.array([0.1])) == 1.0
+    assert significance.paired_t_ps(_column(np.ones(9), np.ones(9)))[0] == 1.0
+    assert significance.paired_t_ps(_column(np.full(9, 0.3), np.full(9, 0.1)))[0] == 0.0
+    assert significance.paired_t_ps(_column([0.5], [0.1]))[0] == 1.0
 
 
 def _exact_sign_flip_p(d: np.ndarray) -> float:
@@ -211,7 +215,7 @@ def test_sign_flip_p_matches_the_enumeration_of_all_sign_patterns(values):
     d = np.array(values)
     exact = _exact_sign_flip_p(d)
     draws = 40_000
-    got = significance.paired_randomization_p(d, np.zeros_like(d), n_draws=draws, seed=1)
+    got = significance.sign_flip_ps(_column(d, 0.0), n_draws=draws, seed=1)[0]
     # The Monte Carlo estimate lies within 5 standard errors of the exact p (plus the +1's bias).
     assert abs(got - exact) <= 5 * math.sqrt(exact * (1 - exact) / draws) + 2 / draws
 
@@ -221,7 +225,7 @@ def test_sign_flip_p_is_seeded_never_zero_and_one_without_differences():
     p = significance.sign_flip_ps(d, 1000, seed=3)
     assert p[0] == pytest.approx(1 / 1001)  # no flip reaches an all-positive sum
     assert (significance.sign_flip_ps(d, 1000, seed=3) == p).all()
-    assert significance.paired_randomization_p(np.ones(7), np.ones(7), 500) == 1.0
+    assert significance.sign_flip_ps(_column(np.ones(7), np.ones(7)), 500)[0] == 1.0
 
 
 def test_sign_flip_columns_share_draws_and_chunking_changes_nothing(monkeypatch):
@@ -234,7 +238,7 @@ def test_sign_flip_columns_share_draws_and_chunking_changes_nothing(monkeypatch)
 
 
 def test_the_default_draws_let_the_smallest_p_survive_holm_over_many_pairs():
-    smallest = significance.paired_randomization_p(np.full(40, 1.0), np.zeros(40), seed=0)
+    smallest = significance.sign_flip_ps(_column(np.full(40, 1.0), np.zeros(40)), seed=0)[0]
     assert smallest == pytest.approx(1 / (1 + significance.RANDOMIZATION_DRAWS))
     assert holm(np.full(45, smallest)).max() < 0.05
 
@@ -242,10 +246,10 @@ def test_the_default_draws_let_the_smallest_p_survive_holm_over_many_pairs():
 def test_effect_size_by_hand():
     # differences 1, 2, 3, 6: mean 3, sample variance (4 + 1 + 0 + 9) / 3 = 14 / 3.
     a = np.array([1.0, 2.0, 3.0, 6.0])
-    assert significance.paired_effect_size(a, np.zeros(4)) == pytest.approx(3 / math.sqrt(14 / 3))
-    assert significance.paired_effect_size(np.zeros(4), a) == pytest.approx(-3 / math.sqrt(14 / 3))
-    assert significance.paired_effect_size(np.ones(5), np.ones(5)) == 0.0
-    assert significance.paired_effect_size(np.full(3, 2.0), np.ones(3)) == math.inf
+    assert significance.effect_sizes(_column(a, np.zeros(4)))[0] == pytest.approx(3 / math.sqrt(14 / 3))
+    assert significance.effect_sizes(_column(np.zeros(4), a))[0] == pytest.approx(-3 / math.sqrt(14 / 3))
+    assert significance.effect_sizes(_column(np.ones(5), np.ones(5)))[0] == 0.0
+    assert significance.effect_sizes(_column(np.full(3, 2.0), np.ones(3)))[0] == math.inf
 
 
 @given(st.lists(st.floats(-1, 1, allow_nan=False), min_size=2, max_size=30),
