@@ -6,15 +6,15 @@
   representation its own items, the baselines the whole catalog.
 - Seen-item rule (``seen_items``): a user's items in the excluded splits (``train,valid`` at
   test time) are removed from their ranking.
-- Relevance rule (``relevant_items``): a user's relevant items are their ``test`` items that are
+- Relevance rule (``relevant_rows``): a user's relevant items are their ``test`` items that are
   candidates; those also in an excluded split are flagged, since no ranking can hold them.
 
 ``topk`` computes the candidates with ``candidate_items`` and stores them; ``topk`` and
 ``evaluate`` apply the seen and relevance rules through ``seen_splits`` / ``RELEVANT_SPLIT`` (in
 Spark, over the whole interactions table); the functions here are the rules' reference
 definitions, which the tests hold the jobs to. ``relevant_rows`` is the relevance rule in the
-row form ``evaluate`` measures from, its only definition there: the job calls it over all the
-rows on the driver (small inputs) or per bucket of whole items on Spark.
+row form ``evaluate`` measures from, its only definition: the job calls it over all the rows on
+the driver (small inputs) or per bucket of whole items on Spark.
 """
 from __future__ import annotations
 
@@ -87,20 +87,6 @@ def seen_items(interactions: pd.DataFrame, exclude: Iterable[str]) -> dict[str, 
     splits = seen_splits(exclude)
     seen = interactions.loc[interactions["split"].isin(list(splits)), ["user_id", "item_id"]]
     return {user: set(items) for user, items in seen.groupby("user_id")["item_id"]}
-
-
-def relevant_items(interactions: pd.DataFrame, candidates: Iterable[str],
-                   exclude: Iterable[str]) -> dict[str, set[str]]:
-    """user -> their relevant items: test items that are candidates and not in an excluded split."""
-    candidates = set(candidates)
-    seen = seen_items(interactions, exclude)
-    test = interactions.loc[interactions["split"] == RELEVANT_SPLIT, ["user_id", "item_id"]]
-    out = {}
-    for user, items in test.groupby("user_id")["item_id"]:
-        relevant = (set(items) & candidates) - seen.get(user, set())
-        if relevant:
-            out[user] = relevant
-    return out
 
 
 RELEVANT_COLUMNS = ["representation", "user_id", "item_id", "excluded"]

@@ -62,9 +62,17 @@ def test_seen_items_are_the_excluded_splits_items():
         protocol.seen_items(INTERACTIONS, ["test"])
 
 
+def relevant(exclude: list[str]) -> dict[str, set[str]]:
+    """user -> the relevant items ``relevant_rows`` gives over the candidates a, b, c (the
+    excluded rows dropped)."""
+    candidates = pd.DataFrame({"representation": "title", "item_id": ["a", "b", "c"]})
+    rows = protocol.relevant_rows(INTERACTIONS, candidates, exclude)
+    return {user: set(items) for user, items in rows.loc[~rows["excluded"]].groupby("user_id")["item_id"]}
+
+
 def test_relevant_items_are_test_candidates_not_seen():
     # u1's test item b is also a valid item: excluded at test time, so not relevant.
-    assert protocol.relevant_items(INTERACTIONS, ["a", "b", "c"], ["train", "valid"]) == {"u1": {"c"}, "u3": {"c"}}
-    assert protocol.relevant_items(INTERACTIONS, ["a", "b", "c"], ["train"]) == {"u1": {"b", "c"}, "u3": {"c"}}
+    assert relevant(["train", "valid"]) == {"u1": {"c"}, "u3": {"c"}}
+    assert relevant(["train"]) == {"u1": {"b", "c"}, "u3": {"c"}}
     # u2's test item d is not a candidate: u2 has no relevant item.
-    assert "u2" not in protocol.relevant_items(INTERACTIONS, ["a", "b", "c"], ["train"])
+    assert "u2" not in relevant(["train"])
