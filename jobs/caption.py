@@ -146,7 +146,8 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
     with run.stage("text_figures"):
         # Over every description of the dataset's images, cached ones included: how distinct
         # and how rich the texts are (udfs.caption.description_stats; evaluate judges their signal).
-        description_figures.count_text_figures(run, config.dataset.name, parse_representation(spec.representation))
+        description_figures.count_figures(run, config.dataset.name, [parse_representation(spec.representation).name],
+                                          vectors=False)
     usable = run.counts["cached_ok"] + run.counts["described"]
     print(f"caption: representation for the embed job: {spec.representation} "
           f"({usable} images with a description)")

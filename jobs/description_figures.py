@@ -12,7 +12,6 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-import pandas as pd
 
 from udfs.caption import description_stats
 from udfs.evaluate.protocol import TRAIN_SPLIT
@@ -30,11 +29,6 @@ BOUNDS = {"max_bytes": MAX_BYTES, "max_rows": MAX_ROWS}
 
 def lvlm_representations(names: Sequence[str]) -> list[Representation]:
     return [r for r in (parse_representation(n) for n in names if n.startswith(f"{LVLM}:")) if r.kind == LVLM]
-
-
-def count_prefix(rep: Representation, reps: Sequence[Representation]) -> str:
-    """``descriptions_`` for a run's only LVLM representation, else one per representation."""
-    return description_stats.COUNT_PREFIX if len(reps) <= 1 else f"descriptions[{rep.name}]_"
 
 
 def description_texts(warehouse: str, dataset: str, engine: str, model: str, prompt_id: str) -> list[str]:
@@ -66,11 +60,6 @@ def item_vectors(warehouse: str, dataset: str, names: dict[str, str]) -> dict[st
     return out
 
 
-def train_interactions(warehouse: str, dataset: str) -> pd.DataFrame:
-    return read_frame(warehouse, "interactions", equal={"dataset": dataset, "split": TRAIN_SPLIT},
-                      columns=["user_id", "item_id"], **BOUNDS)
-
-
 def figures_for(warehouse: str, dataset: str, rep: Representation, texts: bool = True,
                 vectors: bool = True) -> dict[str, float]:
     """``text_figures`` of ``rep``'s descriptions and ``vector_figures`` of its vectors (``lvlm_*``)
@@ -82,30 +71,30 @@ def figures_for(warehouse: str, dataset: str, rep: Representation, texts: bool =
     if vectors:
         found = item_vectors(warehouse, dataset, {"lvlm": rep.name, TITLE: TITLE})
         if "lvlm" in found:
-            out.update(description_stats.vector_figures(found, train_interactions(warehouse, dataset)))
+            train = read_frame(warehouse, "interactions", equal={"dataset": dataset, "split": TRAIN_SPLIT},
+                               columns=["user_id", "item_id"], **BOUNDS)
+            out.update(description_stats.vector_figures(found, train))
     return out
-
-
-def _skipped(run, exc: Exception) -> None:
-    reason = fallback_reason(exc)
-    run.count(f"description_figures_skipped_{reason}")
-    log.info("%s: the descriptions' figures are skipped: %s", run.job, exc)
 
 
 def count_figures(run, dataset: str, representations: Sequence[str], texts: bool = True,
                   vectors: bool = True) -> dict[str, dict[str, float]]:
     """``figures_for`` each LVLM representation of ``representations``, counted in the run
     (``descriptions_...``; ``descriptions[<name>]_...`` when there are several); a table too
-    large or a store unreadable skips it with a count. The figures (representation -> figures)."""
+    large or a store unreadable skips it with a count. The figures (representation -> figures).
+    ``caption`` counts the texts' figures (``vectors=False``), ``embed`` the vectors' (``texts=False``)."""
     reps = lvlm_representations(representations)
     measured = {}
     for rep in reps:
         try:
             figures = figures_for(run.warehouse, dataset, rep, texts, vectors)
         except tuple(FALLBACK_REASONS) as exc:
-            _skipped(run, exc)
+            run.count(f"description_figures_skipped_{fallback_reason(exc)}")
+            log.info("%s: the descriptions' figures are skipped: %s", run.job, exc)
             continue
-        for key, value in description_stats.as_counts(figures, count_prefix(rep, reps)).items():
+        # ``descriptions_`` for a run's only LVLM representation, else one prefix per representation.
+        prefix = description_stats.COUNT_PREFIX if len(reps) <= 1 else f"descriptions[{rep.name}]_"
+        for key, value in description_stats.as_counts(figures, prefix).items():
             run.count(key, value)
         measured[rep.name] = figures
     return measured
@@ -123,14 +112,3 @@ def check_descriptions(run, dataset: str, representations: Sequence[str]) -> dic
             log.warning("%s", warning)
             warnings[name] = warning
     return warnings
-
-
-def count_text_figures(run, dataset: str, rep: Representation) -> None:
-    """``caption``'s counts: the ``text_figures`` of the engine's texts for the dataset's images."""
-    count_figures(run, dataset, [rep.name], vectors=False)
-
-
-def count_vector_figures(run, dataset: str, representations: Sequence[str]) -> None:
-    """``embed``'s counts: the ``vector_figures`` of each LVLM representation's vectors and the
-    titles' (mean pairwise cosine, co-consumption lift over the train split)."""
-    count_figures(run, dataset, representations, texts=False)

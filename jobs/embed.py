@@ -450,7 +450,7 @@ def embed(run: JobRun, args: argparse.Namespace | None = None) -> None:
     # The descriptions' vectors against the titles' (udfs.caption.description_stats), from the table
     # just written: what evaluate's warning judges, recorded where the vectors are made.
     with run.stage("vector_figures"):
-        description_figures.count_vector_figures(run, plan.dataset, plan.base)
+        description_figures.count_figures(run, plan.dataset, plan.base, texts=False)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
