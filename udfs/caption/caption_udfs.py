@@ -232,14 +232,12 @@ def _load_isolated(uri: str, sha: str, max_side: int | None, limits: Any = None)
 
 def load_images(batch: pd.DataFrame, max_side: int | None, limits: Any = None) -> pd.DataFrame:
     """Ray stage 1: adds ``pixels`` (raw RGB bytes), ``width``, ``height`` and ``error``."""
-    pixels, widths, heights, errors = [], [], [], []
-    for uri, sha in zip(batch["image_uri"], batch["image_sha256"]):
-        img, error = _load_isolated(uri, sha, max_side, limits)
-        pixels.append(None if img is None else img.tobytes())
-        widths.append(0 if img is None else img.width)
-        heights.append(0 if img is None else img.height)
-        errors.append(error)
-    return batch.assign(pixels=pixels, width=widths, height=heights, error=errors)
+    loaded = [_load_isolated(uri, sha, max_side, limits) for uri, sha in zip(batch["image_uri"], batch["image_sha256"])]
+    images = [img for img, _ in loaded]
+    return batch.assign(pixels=[None if img is None else img.tobytes() for img in images],
+                        width=[0 if img is None else img.width for img in images],
+                        height=[0 if img is None else img.height for img in images],
+                        error=[error for _, error in loaded])
 
 
 def image_url_of(uri: str, sha: str, max_side: int | None, limits: Any = None) -> tuple[str | None, str | None]:
@@ -480,22 +478,11 @@ def write_staging(batch: pd.DataFrame, staging_dir: str, engine: str, model: str
 # --- the vllm branch: bytes in, Ray's vLLM processor, rows back in the staging shape ---------
 
 def load_image_bytes(batch: pd.DataFrame, limits: Any = None) -> pd.DataFrame:
-    """Like ``load_images`` but keeps the file's bytes (``image_bytes``) for vLLM's data URLs;
-    the image is still decoded once, so a truncated file fails here and not inside vLLM. The
-    bytes decoded are the bytes sent: the file is read once."""
-    from udfs.io.images import ImageError, load_image
-
-    blobs, errors = [], []
-    for uri, sha in zip(batch["image_uri"], batch["image_sha256"]):
-        data, error = read_checked(uri, sha, limits)
-        if data is not None:
-            try:
-                load_image(data, name=str(uri), max_side=64)
-            except ImageError as exc:
-                data, error = None, error_text(exc.kind, exc.reason)
-        blobs.append(data)
-        errors.append(error)
-    return batch.assign(image_bytes=blobs, error=errors)
+    """Like ``load_images`` but keeps the file's bytes (``image_bytes``) for vLLM's data URLs:
+    ``read_checked``, so the bytes sent are the bytes ingest decoded in full before it recorded
+    their hash (a truncated file never reaches vLLM) and the file is read once."""
+    read = [read_checked(uri, sha, limits) for uri, sha in zip(batch["image_uri"], batch["image_sha256"])]
+    return batch.assign(image_bytes=[data for data, _ in read], error=[error for _, error in read])
 
 
 def failed_rows(batch: pd.DataFrame) -> pd.DataFrame:

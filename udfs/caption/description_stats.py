@@ -22,7 +22,7 @@ catalog's ``tags`` texts are less distinct (225 of 500) than ml100k's (1,082 of 
 there ``lvlm`` beats ``random`` eight times over. The lift tells them apart.
 
 The figures are floats; ``as_counts`` turns them into the integer counts of the ``runs`` table
-(a fraction or a cosine in thousandths, keys ending ``_x1000``) and ``from_counts`` back.
+(a fraction or a cosine in thousandths, keys ending ``_x1000``).
 """
 from __future__ import annotations
 
@@ -96,14 +96,13 @@ def co_consumption(item_ids: Sequence[str], vectors: np.ndarray, interactions: p
     over ``interactions`` (user_id, item_id: pass the train split only) of the items that have a
     row in ``vectors``. Users with fewer than two such items take no part. NaN when no user has
     two."""
-    nan = {"co_consumed_cosine": float("nan"), "random_cosine": float("nan"), "lift": float("nan")}
     row_of = pd.Series(np.arange(len(item_ids)), index=pd.Index(item_ids))
     pairs = interactions[["user_id", "item_id"]].drop_duplicates()
     pairs = pairs[pairs["item_id"].isin(row_of.index)]
     per_user = pairs.groupby("user_id")["item_id"].transform("size")
     pairs = pairs[per_user >= 2].sort_values(["user_id", "item_id"], kind="stable")
     if pairs.empty:
-        return nan
+        return {"co_consumed_cosine": float("nan"), "random_cosine": float("nan"), "lift": float("nan")}
     rows = row_of.loc[pairs["item_id"]].to_numpy()
     users = pairs["user_id"].to_numpy()
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
@@ -195,16 +194,3 @@ def as_counts(figures: Mapping[str, float], prefix: str = COUNT_PREFIX) -> dict[
             out[f"{prefix}{name}{SCALED_SUFFIX}"] = int(round(value * SCALE))
     return out
 
-
-def from_counts(counts: Mapping[str, int], prefix: str = COUNT_PREFIX) -> dict[str, float]:
-    """The figures ``as_counts`` stored, from a run's counts (other keys are ignored)."""
-    out = {}
-    for key, value in counts.items():
-        if not key.startswith(prefix):
-            continue
-        name = key[len(prefix):]
-        if name.endswith(SCALED_SUFFIX):
-            out[name[: -len(SCALED_SUFFIX)]] = value / SCALE
-        else:
-            out[name] = float(value)
-    return out

@@ -118,17 +118,6 @@ class ActorResources:
     torch_threads: int
 
 
-def check_options(engine: str, options: Mapping[str, Any] | None, known: Mapping[str, Any]) -> dict[str, Any]:
-    """``known`` (option -> default) updated with ``options``; an unknown key is an error naming it."""
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ValueError(
-            f"caption engine {engine!r}: unknown option(s) {unknown}; known options are {sorted(known)}"
-        )
-    return {**known, **options}
-
-
 def imported(path: str) -> Any:
     """The object ``"module:name"`` names, its module imported now (engines load lazily)."""
     module, name = path.split(":")
@@ -158,7 +147,14 @@ class EngineKind:
         return dataclasses.asdict(self.options())
 
     def checked_options(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
-        return check_options(self.name, options, self.defaults())
+        """The defaults updated with ``options``; an unknown key is an error naming it."""
+        known = self.defaults()
+        unknown = sorted(set(options or {}) - set(known))
+        if unknown:
+            raise ValueError(
+                f"caption engine {self.name!r}: unknown option(s) {unknown}; known options are {sorted(known)}"
+            )
+        return {**known, **(options or {})}
 
     def identity(self, model: str, prompt: str, options: Mapping[str, Any] | None = None) -> tuple[str, str]:
         """``(prompt, prompt_id)`` the engine records for these settings, without building it: a

@@ -32,7 +32,8 @@ Faults, per image (``describe_each``):
 
 The API key is read from the environment variable named by ``api_key_env`` when the engine is
 built (on the worker, so every node needs it set); only the variable's name is configuration.
-The key is sent as ``Authorization: Bearer`` and never logged, stored or put in an error text.
+The key is sent as ``Authorization: Bearer`` and never logged, stored or put in an error text; a
+server that echoes it in an error body has it removed first (``udfs.caption.redaction``).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ import base64
 import concurrent.futures
 import email.utils
 import io
+import itertools
 import json
 import logging
 import os
@@ -58,6 +60,7 @@ from PIL import Image
 from udfs.caption.engine import Caption, CaptionEngine
 from udfs.caption.kinds import KINDS
 from udfs.caption.prompts import DEFAULT_PROMPT
+from udfs.caption.redaction import redact, secret_forms
 # The image as a JPEG ``data:`` URL: the vllm engine's request format, shared.
 from udfs.caption.vllm_engine import image_data_url
 
@@ -223,7 +226,6 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     """``Retry-After`` as seconds to wait: delta-seconds or an HTTP date; ``None`` when absent or unreadable."""
     if not value:
         return None
-    value = value.strip()
     try:
         return max(0.0, float(value))
     except ValueError:
@@ -231,8 +233,6 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
-        return None
-    if when is None:
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
@@ -268,6 +268,7 @@ class _Client:
     def __init__(self, settings: ClientSettings, headers: dict[str, str]):
         self.settings = settings
         self.headers = headers
+        self.secrets = secret_forms(headers)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="openai-engine", daemon=True)
         self.thread.start()
@@ -275,7 +276,8 @@ class _Client:
         # Requests handed over and not finished: the max_concurrency in flight plus as many
         # waiting, so that the servers never wait for the caller to read the next image.
         self.window = threading.BoundedSemaphore(2 * settings.max_concurrency)
-        self.next_url = 0
+        # Each attempt goes to the next server (only the loop's thread draws from it).
+        self.urls = itertools.cycle(settings.urls)
         self.rng = random.Random()
 
     async def _open(self):
@@ -299,11 +301,6 @@ class _Client:
         future.add_done_callback(lambda _: self.window.release())
         return future
 
-    def _url(self) -> str:
-        url = self.settings.urls[self.next_url % len(self.settings.urls)]
-        self.next_url += 1
-        return url
-
     async def _one(self, body: dict[str, Any]) -> Caption:
         import aiohttp
 
@@ -313,31 +310,27 @@ class _Client:
         async with self.semaphore:
             for attempt in range(s.max_retries + 1):
                 await self.limiter.wait()
-                url = self._url()
+                url = next(self.urls)
                 wait = None
                 try:
                     async with self.session.post(url + CHAT_PATH, data=payload,
                                                  timeout=aiohttp.ClientTimeout(total=s.timeout_s)) as response:
                         status = response.status
+                        # The whole body without the key, before anything parses, cuts or keeps it.
+                        text = redact(await response.text(), self.secrets)
                         if status == 200:
                             try:
-                                caption = parse_completion(await response.json(content_type=None))
+                                caption = parse_completion(json.loads(text))
                             except ValueError as exc:
                                 raise RequestFailed(BAD_RESPONSE, f"{url}: {exc}", tuple(retries)) from None
                             return Caption(caption.text, caption.n_tokens, caption.prompt_tokens, tuple(retries))
-                        text = (await response.text())[:300]
+                        reason = f"HTTP {status} from {url}{CHAT_PATH}: {text[:300]}"
+                        # Retried: 408, 429 and 5xx; any other status is the server refusing the request.
+                        kind = {429: RATE_LIMITED, 408: TIMEOUT}.get(status, SERVER_ERROR if status >= 500 else REJECTED)
+                        if kind == REJECTED:
+                            raise RequestFailed(REJECTED, reason, tuple(retries))
                         if status == 429:
-                            kind = RATE_LIMITED
                             wait = retry_after_seconds(response.headers.get("Retry-After"))
-                        elif status >= 500:
-                            kind = SERVER_ERROR
-                        elif status == 408:
-                            kind = TIMEOUT
-                        else:
-                            raise RequestFailed(REJECTED, f"HTTP {status} from {url}{CHAT_PATH}: {text}", tuple(retries))
-                        reason = f"HTTP {status} from {url}{CHAT_PATH}: {text}"
-                except RequestFailed:
-                    raise
                 except asyncio.TimeoutError:
                     kind, reason = TIMEOUT, f"no answer from {url}{CHAT_PATH} within timeout_s={s.timeout_s:g} s"
                 except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
@@ -354,7 +347,6 @@ class _Client:
                     delay = backoff_delay(attempt, s.backoff_s, s.backoff_max_s, self.rng)
                 log.debug("openai engine: %s, retry %d in %.2f s", reason, attempt + 1, delay)
                 await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
 
     def close(self) -> None:
         if self.loop.is_closed():
@@ -457,9 +449,9 @@ def check_servers(options: Mapping[str, Any], model: str, timeout_s: float = 10.
     headers = settings.headers()
     live, failures = [], []
     for url in settings.urls:
-        request = urllib.request.Request(url + MODELS_PATH, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=min(timeout_s, settings.timeout_s)) as response:
+            with urllib.request.urlopen(urllib.request.Request(url + MODELS_PATH, headers=headers),
+                                        timeout=min(timeout_s, settings.timeout_s)) as response:
                 body = json.loads(response.read() or b"{}")
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403):
@@ -467,8 +459,7 @@ def check_servers(options: Mapping[str, Any], model: str, timeout_s: float = 10.
                                  f"that experiment.caption.openai.api_key_env names "
                                  f"({settings.api_key_env or 'not set'}) to a valid key") from None
             # Some servers do not list models; answering at all is what this checks.
-            live.append(url)
-            continue
+            body = {}
         except (OSError, ValueError) as exc:
             failures.append(f"{url} ({getattr(exc, 'reason', exc)})")
             continue
