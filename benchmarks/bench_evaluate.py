@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from udfs.evaluate.metrics import METRICS, hit_matrix, ranking_metrics
-from udfs.rank.topk import blockwise_topk
+from udfs.rank.topk_udfs import pair_topk
 
 KS = [5, 10, 20]
 EXCLUDE = ("train", "valid")
@@ -95,7 +95,8 @@ def in_process(interactions: pd.DataFrame, vectors: dict[str, np.ndarray], ks: l
 
     seen = scipy.sparse.csr_matrix((np.ones(len(seen_rows), bool), (seen_rows, seen_cols)),
                                    shape=(len(users), len(candidates)))
-    _, ranked = blockwise_topk(profiles, matrix, candidates, max(ks), seen)
+    # One item block: the executors' block-pair kernel, whose lists are then already merged.
+    _, ranked = pair_topk(users, profiles, seen, candidates, matrix, max(ks))
     test = interactions[(interactions["split"] == "test") & interactions["item_id"].isin(position.index)]
     seen_pairs = set(zip(excluded["user_id"], excluded["item_id"]))
     relevant_by_user = test[[p not in seen_pairs for p in zip(test["user_id"], test["item_id"])]] \

@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from udfs.rank.topk import l2_normalize
+from udfs.encode.vectors import l2_normalise
 
 
 def tree_rss_bytes(root: int) -> int:
@@ -86,8 +86,8 @@ class PeakRss:
 
 def synthetic(users: int, items: int, dim: int, history: int, seed: int):
     rng = np.random.default_rng(seed)
-    item_vectors = l2_normalize(rng.standard_normal((items, dim), dtype=np.float32))
-    profiles = l2_normalize(rng.standard_normal((users, dim), dtype=np.float32))
+    item_vectors = l2_normalise(rng.standard_normal((items, dim), dtype=np.float32))[0]
+    profiles = l2_normalise(rng.standard_normal((users, dim), dtype=np.float32))[0]
     item_ids = np.array([f"item{j:07d}" for j in range(items)])
     user_ids = np.array([f"user{j:06d}" for j in range(users)])
     seen = rng.integers(0, items, size=(users, history))

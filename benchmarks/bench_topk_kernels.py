@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from udfs.rank.topk import l2_normalize, topk_block
+from udfs.encode.vectors import l2_normalise
+from udfs.rank.topk import topk_block
 
 
 def numpy_baseline(profiles: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
@@ -50,8 +51,8 @@ def main() -> None:
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
-    profiles = l2_normalize(rng.standard_normal((args.users, args.dim), dtype=np.float32))
-    items = l2_normalize(rng.standard_normal((args.items, args.dim), dtype=np.float32))
+    profiles = l2_normalise(rng.standard_normal((args.users, args.dim), dtype=np.float32))[0]
+    items = l2_normalise(rng.standard_normal((args.items, args.dim), dtype=np.float32))[0]
     item_ids = np.array([f"item{j}" for j in range(args.items)])
 
     _, ours_indices = topk_block(profiles, items, item_ids, args.k)

@@ -3,8 +3,8 @@
 Zero-vector policy: a row with no direction (its norm is at most ``min_norm``, or not finite)
 comes back as a row of zeros, never NaN, and is flagged in the returned mask. Each caller then
 states what such a row means for it: the image encoder keeps it at zero, profiles leave a
-cancelled-out user without a profile, and fusion, profiles' inputs and the top-k kernels refuse
-it with an error naming the row.
+cancelled-out user without a profile, and fusion and profiles' inputs refuse it with an error
+naming the row.
 """
 from __future__ import annotations
 

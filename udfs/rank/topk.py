@@ -1,12 +1,12 @@
 """Exact top-k by cosine similarity, computed block by block.
 
 Cosine similarity is the inner product of L2-normalised vectors: the callers store normalised
-profiles and items (`l2_normalize`), and these kernels only take inner products, so that
-integer-valued test vectors give exact, tie-rich scores.
+profiles and items (`udfs.encode.vectors.l2_normalise`), and these kernels only take inner
+products, so that integer-valued test vectors give exact, tie-rich scores.
 
-The Spark `topk` job calls `topk_block` once per (user block, item block) pair and `merge_topk`
-once per user block; `blockwise_topk` is the same composition on one machine and is the
-reference the tests compare against a full sort.
+The `topk` job scores each (user block, item block) pair with an `ItemBlock` and merges a user
+block's per-item-block lists with `merge_topk` (`udfs.rank.topk_udfs`, on the driver or in Spark
+tasks); the tests compare that composition against a full sort.
 
 Conventions shared by every function here:
 - Order: score descending, then item id ascending (numpy's ordering of the ids: numeric for
@@ -14,10 +14,10 @@ Conventions shared by every function here:
   merged block results equal the top-k of one full sort.
 - Seen items get score -inf before the selection and are never returned.
 - A row is shorter than k only when its candidates run out. The arrays stay rectangular:
-  missing slots hold score -inf and index -1 (`topk_block`) or the missing id (`merge_topk`,
-  `blockwise_topk`; -1 for integer ids, "" for string ids, None for object ids).
+  missing slots hold score -inf and index -1 (`topk_block`) or the missing id (`merge_topk`;
+  -1 for integer ids, "" for string ids, None for object ids).
 - Memory: `topk_block` holds one (u, n) float32 score matrix; pick block sizes so that
-  4 * u * n bytes fits (the defaults of `blockwise_topk`, 1,024 x 32,768, take 128 MiB).
+  4 * u * n bytes fits (1,024 x 32,768 take 128 MiB).
 
 Candidate selection uses `torch.topk` rather than `np.argpartition(s, -k)`: on a (1000, 100000)
 float32 score matrix on the 2-core machine it took 0.05-0.14 s against 0.8-1.1 s, and the whole
@@ -29,39 +29,16 @@ start: about a second of its two); the selection rule, hence the ids, are the sa
 """
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
-from udfs.encode.vectors import l2_normalise
-
-logger = logging.getLogger(__name__)
-
 # Seen items: one array of item indices (into the block's items) per user, or a (u, n) sparse
 # matrix whose stored non-zero entries mark seen items, or None. (A string: scipy and torch are
 # imported where they are used, so that ``recommend`` starts without them.)
 SeenItems = "Sequence[np.ndarray] | scipy.sparse.spmatrix | scipy.sparse.sparray | None"
-
-DEFAULT_USER_BLOCK = 1024
-DEFAULT_ITEM_BLOCK = 32768
-
-
-def l2_normalize(vectors: np.ndarray, name: str = "vectors") -> np.ndarray:
-    """Return float32 rows of unit L2 norm; a zero or non-finite row is an error naming it."""
-    matrix = np.asarray(vectors, dtype=np.float32)
-    if matrix.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array (rows, dim), got shape {matrix.shape}")
-    unit, no_direction = l2_normalise(matrix)
-    bad = np.flatnonzero(no_direction)
-    if bad.size:
-        raise ValueError(
-            f"{name} row {int(bad[0])} (and {bad.size - 1} more) has a zero or non-finite norm: "
-            "such a vector has no direction, so drop it or recompute its embedding"
-        )
-    return unit
 
 
 class ItemBlock:
@@ -195,59 +172,6 @@ def merge_topk(
     return merged_scores, merged_ids
 
 
-def blockwise_topk(
-    profiles: np.ndarray,
-    items: np.ndarray,
-    item_ids: np.ndarray,
-    k: int,
-    seen: SeenItems = None,
-    user_block: int = DEFAULT_USER_BLOCK,
-    item_block: int = DEFAULT_ITEM_BLOCK,
-    missing_id: object = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k over all items, one (user block, item block) pair at a time.
-
-    seen holds item indices into the whole `items` (or a (u, n) sparse mask). Returns
-    (scores (u, k') float32, item_ids (u, k')), k' = min(k, n), identical to one full sort by
-    score descending then item id ascending, with seen items excluded.
-    """
-    profiles = _as_matrix(profiles, "profiles")
-    items = _as_matrix(items, "items")
-    item_ids = np.asarray(item_ids)
-    if user_block < 1 or item_block < 1:
-        raise ValueError(f"user_block={user_block} and item_block={item_block} must both be >= 1")
-    _check_k(k)
-    n_users, n_items = profiles.shape[0], items.shape[0]
-    if item_ids.shape != (n_items,):
-        raise ValueError(
-            f"item_ids has shape {item_ids.shape} but items has {n_items} rows: "
-            "pass one id per item row"
-        )
-    _id_rank(item_ids, "item_ids")
-    seen_matrix = _seen_matrix(seen, n_users, n_items)
-    fill = _missing_id(item_ids.dtype) if missing_id is None else missing_id
-    width = min(k, n_items)
-
-    if width == 0 or n_users == 0:
-        return np.full((n_users, width), -np.inf, np.float32), _ids_holding(item_ids[:0], fill, (n_users, width))
-    score_parts, id_parts = [], []
-    for u0 in range(0, n_users, user_block):
-        u1 = min(u0 + user_block, n_users)
-        pieces = []
-        for i0 in range(0, n_items, item_block):
-            i1 = min(i0 + item_block, n_items)
-            block_scores, block_indices = topk_block(
-                profiles[u0:u1], items[i0:i1], item_ids[i0:i1], k, seen_matrix[u0:u1, i0:i1]
-            )
-            pieces.append((block_scores, block_item_ids(block_indices, item_ids[i0:i1], fill)))
-        merged_scores, merged_ids = merge_topk(pieces, k, fill)
-        score_parts.append(merged_scores)
-        id_parts.append(merged_ids)
-    out_scores, out_ids = np.concatenate(score_parts), np.concatenate(id_parts)
-    logger.debug("blockwise top-%d: %d users x %d items", k, n_users, n_items)
-    return out_scores, out_ids
-
-
 def _select_topk(scores: np.ndarray, id_rank: np.ndarray, width: int, use_torch: bool = True) -> np.ndarray:
     """Indices of the `width` best columns per row, by score descending then id rank ascending."""
     n_items = scores.shape[1]
@@ -333,14 +257,6 @@ def _ids_holding(ids: np.ndarray, fill: object, shape: tuple[int, ...]) -> np.nd
     if ids.size == 0:
         return np.full(shape, fill, dtype=dtype)
     return ids.astype(dtype, copy=False).reshape(shape)
-
-
-def _seen_matrix(seen: SeenItems, n_users: int, n_items: int) -> "scipy.sparse.csr_matrix":
-    import scipy.sparse
-
-    rows, cols = _seen_coordinates(seen, n_users, n_items)
-    data = np.ones(rows.shape[0], dtype=np.bool_)
-    return scipy.sparse.csr_matrix((data, (rows, cols)), shape=(n_users, n_items))
 
 
 def _seen_coordinates(seen: SeenItems, n_users: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:

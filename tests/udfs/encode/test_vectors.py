@@ -36,7 +36,6 @@ def test_result_equals_division_by_the_norm_bit_for_bit(x):
 
 
 @pytest.mark.parametrize("module, call", [
-    ("udfs.rank.topk", lambda m: m.l2_normalize(np.array([[1.0, 0.0], [0.0, 0.0]]), "items")),
     ("udfs.fusion.fusion", lambda m: m.fuse("naive", {"a": np.array([[1.0, 0.0]]), "b": np.array([[-1.0, 0.0]])})),
     ("udfs.rank.profiles", lambda m: m.user_profiles(np.array([0]), np.zeros((1, 2)), None, 1)),
 ])
