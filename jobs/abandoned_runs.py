@@ -24,6 +24,13 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from delta.tables import DeltaTable
+from pyspark.sql import functions as F
+
+from udfs.io.warehouse_reader import read_table
+
+from . import tables
+
 log = logging.getLogger(__name__)
 
 ABANDONED = "abandoned"
@@ -99,12 +106,6 @@ _LIVENESS = ("run_id", "host", "pid", "driver_token", "heartbeat_at", "started_a
 def running_rows(spark, warehouse: str, count=None) -> list[dict]:
     """The liveness columns of every ``running`` row, read with delta-rs, or with Spark where
     that fails (``jobs.tables.small_read``)."""
-    from pyspark.sql import functions as F
-
-    from udfs.io.warehouse_reader import read_table
-
-    from . import tables
-
     rows = tables.small_read(
         spark, warehouse, "runs",
         lambda: read_table(warehouse, "runs", equal={"status": RUNNING}, columns=_LIVENESS).to_pylist(),
@@ -122,13 +123,8 @@ def mark_abandoned(spark, warehouse: str, here: Driver, now: dt.datetime, heartb
                    count=None) -> list[str]:
     """Mark every ``running`` run whose driver is gone; returns their run ids. ``count`` as in
     ``jobs.tables.small_read``."""
-    from delta.tables import DeltaTable
-    from pyspark.sql import functions as F
-
-    from . import tables
-
-    running = running_rows(spark, warehouse, count)
-    gone = {row["run_id"]: why for row in running if (why := is_gone(row, here, now, heartbeat_s))}
+    gone = {row["run_id"]: why for row in running_rows(spark, warehouse, count)
+            if (why := is_gone(row, here, now, heartbeat_s))}
     if not gone:
         return []
     updates = spark.createDataFrame([(run_id, f"abandoned: {why}") for run_id, why in gone.items()],

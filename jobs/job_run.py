@@ -110,14 +110,14 @@ class JobRun:
     def _record(self, status: str, error: str | None = None, finished: bool = False) -> None:
         from . import tables
 
-        driver = self.driver
         import pyarrow as pa
 
         # Arrow rows: on a local master delta-rs commits them (``tables``), in ms, not seconds.
         row = {"run_id": self.run_id, "job": self.job, "config": self.config.to_json(), "code_version": code_version(),
                "started_at": self.started_at, "finished_at": now() if finished else None, "status": status,
                "counts": [(k, int(v)) for k, v in list(self.counts.items())], "error": error,
-               "host": driver.host, "pid": driver.pid, "driver_token": driver.token, "heartbeat_at": now()}
+               "host": self.driver.host, "pid": self.driver.pid, "driver_token": self.driver.token,
+               "heartbeat_at": now()}
         frame = pa.Table.from_pylist([row], schema=tables.arrow_schema("runs"))
         if self.row_written:
             # One commit swaps the row for the new one: cheaper than a MERGE, which joins the
@@ -149,9 +149,8 @@ class JobRun:
         if not _OPEN_RUNS:
             self.abandoned = mark_abandoned(self.spark, self.warehouse, self.driver, now(),
                                             self.config.heartbeat_s, self.count)
-        if self.abandoned:
-            self.counts["abandoned_runs_marked"] = len(self.abandoned)
-        if not _OPEN_RUNS:
+            if self.abandoned:
+                self.counts["abandoned_runs_marked"] = len(self.abandoned)
             # The row that says this run is alive, for the next job's abandoned-runs check. A
             # pipeline's stage writes its row when it ends (or at its first heartbeat): the
             # pipeline's own row already says the process runs, and a stage killed with it is
@@ -165,8 +164,7 @@ class JobRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if self.run_id in _OPEN_RUNS:
-            _OPEN_RUNS.remove(self.run_id)
+        _OPEN_RUNS.remove(self.run_id)
         self._stop.set()
         status = "succeeded" if exc is None else "failed"
         try:
@@ -208,22 +206,17 @@ class JobParser(argparse.ArgumentParser):
 
     def add_setting(self, flag: str, key: str, help: str, type: Callable = str, **kwargs) -> None:
         """``flag VALUE`` means ``--set key=VALUE`` (``type=bool``: a switch meaning ``key=true``)."""
-        text = f"{help} (an alias of --set {key}=...)"
-        if type is bool:
-            action = self.add_argument(flag, action="store_const", const=True, default=None, help=text, **kwargs)
-        else:
-            action = self.add_argument(flag, type=type, default=None, help=text, **kwargs)
+        given_as = {"action": "store_const", "const": True} if type is bool else {"type": type}
+        action = self.add_argument(flag, default=None, help=f"{help} (an alias of --set {key}=...)", **given_as,
+                                   **kwargs)
         self.setting_flags.append((action.dest, key, flag))
 
     def setting_overrides(self, args: argparse.Namespace) -> dict[str, str]:
         """``key=value`` override -> the flag it came from, for every setting flag given."""
-        given = {}
-        for dest, key, flag in self.setting_flags:
-            value = getattr(args, dest)
-            if value is not None:
-                # JSON is YAML: the override parses back to exactly this value.
-                given[f"{key}={json.dumps(value)}"] = f"{flag} (--set {key})"
-        return given
+        values = {(key, flag): getattr(args, dest) for dest, key, flag in self.setting_flags}
+        # JSON is YAML: the override parses back to exactly this value.
+        return {f"{key}={json.dumps(value)}": f"{flag} (--set {key})"
+                for (key, flag), value in values.items() if value is not None}
 
 
 def add_plan_arguments(parser: JobParser) -> None:
@@ -300,6 +293,10 @@ def run_job(job: Job, argv: list[str] | None, spark=None) -> int:
     flags = parser.setting_overrides(args)
     # After the --set overrides: a flag is the more specific of the two.
     args.overrides = [*args.overrides, *flags]
+    from udfs.io.storage import StorageError, check_reachable
+
+    from .spark_session import ConnectorMissing, build_spark
+
     try:
         config = load_config(args.conf, args.overrides, flags)
         # Every job takes its representations from the run's plan (jobs.plan), which spells
@@ -307,23 +304,17 @@ def run_job(job: Job, argv: list[str] | None, spark=None) -> int:
         # representation fail before Spark starts, and the runs table record the full names.
         config.experiment.representations = expand_lvlm(config.experiment.representations,
                                                         config.experiment.caption)
-    except ConfigError as exc:
-        print(f"vlm4rec {job.name}: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    setup_logging(config.log_level)
-    from udfs.io.storage import StorageError, check_reachable
-
-    try:
+        setup_logging(config.log_level)
         # Before Spark starts: a bucket that does not exist or refused credentials would
         # otherwise surface as a JVM stack trace from the first table read.
         check_reachable(config.warehouse_uri())
+        spark = spark or build_spark(config, app_name=f"vlm4rec-{job.name}")
+    except ConfigError as exc:
+        print(f"vlm4rec {job.name}: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except StorageError as exc:
         print(f"vlm4rec {job.name}: warehouse {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    from .spark_session import ConnectorMissing, build_spark
-
-    try:
-        spark = spark or build_spark(config, app_name=f"vlm4rec-{job.name}")
     except ConnectorMissing as exc:
         print(f"vlm4rec {job.name}: {exc}", file=sys.stderr)
         return EXIT_INSTALL
@@ -333,7 +324,6 @@ def run_job(job: Job, argv: list[str] | None, spark=None) -> int:
 def execute(job: Job, config: Config, spark, args: argparse.Namespace,
             pinned_plan: tuple[str, Any] | None = None) -> int:
     run = JobRun(job.name, config, spark, pinned_plan=pinned_plan)
-    named = tuple(kind for kind, _ in job.exit_codes)
     try:
         with run:
             job.body(run, args)
@@ -344,7 +334,7 @@ def execute(job: Job, config: Config, spark, args: argparse.Namespace,
         print(f"vlm4rec {job.name}: nothing usable: {exc}", file=sys.stderr)
         print(run.summary())
         return EXIT_NOTHING_USABLE
-    except named as exc:
+    except tuple(kind for kind, _ in job.exit_codes) as exc:
         print(f"vlm4rec {job.name}: {exc}", file=sys.stderr)
         return next(code for kind, code in job.exit_codes if isinstance(exc, kind))
     print(run.summary())

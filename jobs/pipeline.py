@@ -24,8 +24,6 @@ from importlib import import_module
 
 from pyspark.sql import functions as F
 
-from udfs.representations import parse_representation
-
 from . import driver_inputs, tables
 from .facts import collect_facts
 from .job_run import Job, JobRun
@@ -41,14 +39,6 @@ class StageFailed(RuntimeError):
     def __init__(self, stage: str, code: int):
         super().__init__(f"stage '{stage}' exited with code {code}; see its message above and the runs table")
         self.code = code
-
-
-def needs_captions(representations: list[str]) -> bool:
-    def kinds(name: str) -> set[str]:
-        rep = parse_representation(name)
-        return {rep.kind} | {parse_representation(p).kind for p in rep.parts}
-
-    return any("lvlm" in kinds(name) for name in representations)
 
 
 def _slice_of(run: JobRun, name: str) -> tuple[str, str] | None:
@@ -69,10 +59,10 @@ def table_rows(run: JobRun) -> list[tuple[str, int]]:
     ``driver_inputs.MAX_ROWS``), with one Spark job."""
     from udfs.io.warehouse_reader import FALLBACK_REASONS, TableMissing, read_table
 
+    slices = {name: _slice_of(run, name) for name in tables.SCHEMAS}
     try:
         found = []
-        for name in tables.SCHEMAS:
-            where = _slice_of(run, name)
+        for name, where in slices.items():
             try:
                 table = read_table(run.warehouse, name, equal=dict([where]) if where else None,
                                    columns=[where[0]] if where else [tables.SCHEMAS[name].fieldNames()[0]],
@@ -84,11 +74,10 @@ def table_rows(run: JobRun) -> list[tuple[str, int]]:
     except tuple(FALLBACK_REASONS) as exc:
         driver_inputs.fallback(run, driver_inputs.fallback_reason(exc), f"counting the tables: {exc}")
     counts = []
-    for name in tables.SCHEMAS:
+    for name, where in slices.items():
         if not tables.exists(run.spark, run.warehouse, name):
             continue
         frame = tables.read(run.spark, run.warehouse, name)
-        where = _slice_of(run, name)
         if where:
             frame = frame.filter(F.col(where[0]) == where[1])
         counts.append((name, frame.agg(F.count(F.lit(1)).alias("n")), {"n": F.col("n")}))
@@ -102,7 +91,7 @@ def pipeline(run: JobRun, args: argparse.Namespace) -> None:
     store_plan(run.spark, run.warehouse, run.run_id, plan)
     run.count("plan_stored")
     for stage in STAGES:
-        if stage in skip or (stage == "caption" and not needs_captions(plan.base)) \
+        if stage in skip or (stage == "caption" and not plan.captioned) \
                 or (stage == "fuse" and not plan.trained):
             run.count(f"skipped_stage_{stage}")
             continue

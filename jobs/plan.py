@@ -133,8 +133,7 @@ class ExperimentPlan:
     def resolve(cls, config: Config) -> "ExperimentPlan":
         """The plan of ``config``; ``ConfigError`` naming the setting when it cannot be resolved."""
         experiment = config.experiment
-        dataset = config.dataset.name
-        if not dataset:
+        if not config.dataset.name:
             raise ConfigError("no dataset configured: pass --conf datasets/NAME.yaml (or --set dataset.name=...)")
         names = expand_lvlm(list(experiment.representations), experiment.caption)
         topk = experiment.topk
@@ -149,7 +148,7 @@ class ExperimentPlan:
         fusions = [n for n in representations if parse_representation(n).is_fusion]
         ks = sorted(set(experiment.evaluate.ks))
         return cls(
-            dataset=dataset, representations=tuple(representations), base=tuple(base), fusions=tuple(fusions),
+            dataset=config.dataset.name, representations=tuple(representations), base=tuple(base), fusions=tuple(fusions),
             baselines=tuple(baselines), candidates=topk.candidates, exclude=tuple(topk.exclude),
             k=int(topk.k or max(ks)), ks=tuple(ks), topk_seed=int(topk.seed),
             bootstrap_samples=int(experiment.evaluate.bootstrap_samples), evaluate_seed=int(experiment.evaluate.seed),
@@ -172,14 +171,18 @@ class ExperimentPlan:
         return tuple(n for n in self.fusions if not parse_representation(n).is_trained)
 
     @property
+    def captioned(self) -> tuple[str, ...]:
+        """The LVLM representations among ``base``: the ones whose descriptions ``caption`` writes."""
+        return tuple(n for n in self.base if parse_representation(n).kind == LVLM)
+
+    @property
     def ranked(self) -> tuple[str, ...]:
         """Every representation ``topk`` ranks: the vector ones, then the baselines."""
         return self.representations + self.baselines
 
     def fusion_weights(self, parts: tuple[str, ...]) -> dict[str, float] | None:
         """``experiment.embed.concat_weights`` restricted to a concat fusion's parts; None if none."""
-        chosen = {p: w for p, w in self.concat_weights if p in parts}
-        return chosen or None
+        return {p: w for p, w in self.concat_weights if p in parts} or None
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -196,10 +199,8 @@ class ExperimentPlan:
 
     @classmethod
     def from_json(cls, text: str) -> "ExperimentPlan":
-        data = json.loads(text)
-        data.setdefault("fuse", "")  # plans stored before trained fusions existed
-        data.setdefault("als", "")  # ... and before the ALS reference
-        data.setdefault("significance_test", "wilcoxon")  # ... and before the test was a setting
+        # What plans stored before trained fusions, the ALS reference and the test setting existed mean.
+        data = {"fuse": "", "als": "", "significance_test": "wilcoxon", **json.loads(text)}
         known = {f.name for f in dataclasses.fields(cls)}
         stale = (f"stored plan has fields {sorted(data)}, this version expects {sorted(known)}: use a new "
                  "--run-id (the plan was stored by another version of vlm4rec)")
@@ -235,11 +236,10 @@ def check_caption_agrees(stored: ExperimentPlan, dataset: str, representation: s
     if dataset != stored.dataset:
         raise ConfigError(f"caption: {SETTING_KEYS['dataset']} is {json.dumps(dataset)} here but "
                           f"{json.dumps(stored.dataset)} in {where}: pass the run's dataset, or use another --run-id")
-    planned = [n for n in stored.base if parse_representation(n).kind == LVLM]
-    if planned and representation not in planned:
+    if stored.captioned and representation not in stored.captioned:
         raise ConfigError(
             f"caption: experiment.caption gives representation {json.dumps(representation)} here but {where} "
-            f"ranks {json.dumps(planned)}: set experiment.caption (engine, model, prompt and the engine's "
+            f"ranks {json.dumps(stored.captioned)}: set experiment.caption (engine, model, prompt and the engine's "
             "options) to the run's, or use another --run-id for a run with other settings")
 
 
@@ -271,9 +271,8 @@ def plan_texts_with_spark(spark, warehouse: str, run_id: str) -> list[str]:
 
 def run_plan(run, run_id: str) -> ExperimentPlan | None:
     """The plan stored under ``run_id`` (the pipeline's own when ``run`` is its stage), or None."""
-    pinned = getattr(run, "pinned_plan", None)
-    if pinned is not None and pinned[0] == run_id:
-        return pinned[1]
+    if run.pinned_plan and run.pinned_plan[0] == run_id:
+        return run.pinned_plan[1]
     return stored_plan(run.spark, run.warehouse, run_id, run.count)
 
 
@@ -292,13 +291,13 @@ def stored_plan(spark, warehouse: str, run_id: str, count=None) -> ExperimentPla
 
 def store_plan(spark, warehouse: str, run_id: str, plan: ExperimentPlan) -> None:
     """Keep ``plan`` under ``run_id`` (replacing any plan the run had)."""
-    from . import tables
-
-    created_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     import pyarrow as pa
 
-    frame = pa.Table.from_pylist([{"run_id": run_id, "plan": plan.to_json(), "plan_hash": plan.plan_hash,
-                                   "created_at": created_at}], schema=tables.arrow_schema("plans"))
+    from . import tables
+
+    row = {"run_id": run_id, "plan": plan.to_json(), "plan_hash": plan.plan_hash,
+           "created_at": dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)}
+    frame = pa.Table.from_pylist([row], schema=tables.arrow_schema("plans"))
     tables.replace_slice(spark, warehouse, "plans", frame, {"run_id": run_id})
 
 
@@ -307,9 +306,8 @@ def plan_for_run(run, run_id: str, fields: tuple[str, ...]) -> ExperimentPlan:
     config agrees with it on ``fields``; when the run has none yet, ``run``'s own, stored. A stage
     of a pipeline gets the plan the pipeline resolved from this very config (``run.pinned_plan``):
     nothing to resolve, read or check again."""
-    pinned = getattr(run, "pinned_plan", None)
-    if pinned is not None and pinned[0] == run_id:
-        return pinned[1]
+    if run.pinned_plan and run.pinned_plan[0] == run_id:
+        return run.pinned_plan[1]
     own = ExperimentPlan.resolve(run.config)
     stored = stored_plan(run.spark, run.warehouse, run_id, run.count)
     if stored is None:

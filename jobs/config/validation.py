@@ -99,17 +99,11 @@ def section_type(root: type, dotted: str) -> type:
 
 
 def source_of(sources: dict[str, str], key: str) -> str:
-    # The source of this key, of a key below it (a --set of a deeper key), or of its nearest parent.
-    if key not in sources:
-        for known, where in sources.items():
-            if known.startswith(key + "."):
-                return where
-    probe = key
-    while probe:
-        if probe in sources:
-            return sources[probe]
-        probe = probe.rpartition(".")[0]
-    return "the config"
+    # The source of this key, else of a key below it (a --set of a deeper key), else of its nearest parent.
+    below = [where for known, where in sources.items() if known.startswith(key + ".")]
+    parents = [key.rsplit(".", n)[0] for n in range(1, key.count(".") + 1)]
+    in_order = [sources.get(key), *below, *(sources.get(parent) for parent in parents)]
+    return next((where for where in in_order if where is not None), "the config")
 
 
 def explain(error: ValidationError, root: type, sources: dict[str, str]) -> str:
