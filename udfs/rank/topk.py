@@ -14,8 +14,8 @@ Conventions shared by every function here:
   merged block results equal the top-k of one full sort.
 - Seen items get score -inf before the selection and are never returned.
 - A row is shorter than k only when its candidates run out. The arrays stay rectangular:
-  missing slots hold score -inf and index -1 (`topk_block`) or the missing id (`merge_topk`;
-  -1 for integer ids, "" for string ids, None for object ids).
+  missing slots hold score -inf and index -1 (`topk_block`) or the missing id (`block_item_ids`,
+  `merge_topk`: None unless the caller names another).
 - Memory: `topk_block` holds one (u, n) float32 score matrix; pick block sizes so that
   4 * u * n bytes fits (1,024 x 32,768 take 128 MiB).
 
@@ -62,13 +62,10 @@ class ItemBlock:
 
             self._items_t = torch.from_numpy(self.items)
 
-    def __len__(self) -> int:
-        return self.items.shape[0]
-
     def topk(self, profiles: np.ndarray, k: int, seen: SeenItems = None) -> tuple[np.ndarray, np.ndarray]:
         """``topk_block`` of ``profiles`` against this block (see there)."""
         profiles = _as_matrix(profiles, "profiles")
-        n_users, n_items = profiles.shape[0], len(self)
+        n_users, n_items = profiles.shape[0], self.items.shape[0]
         if profiles.shape[1] != self.items.shape[1]:
             raise ValueError(
                 f"profiles have dimension {profiles.shape[1]} but items have {self.items.shape[1]}: "
@@ -89,7 +86,7 @@ class ItemBlock:
         return self.select(scores, width)
 
     def select(self, scores: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, indices) of the ``width`` best columns of each row of a (u, len(self)) score
+        """(scores, indices) of the ``width`` best columns of each row of a (u, block items) score
         matrix, by score descending then item id ascending; -inf slots get index -1. Any scorer
         (the seeded random baseline too) selects through this one rule, so block results merge
         into the order of one full sort."""
@@ -119,13 +116,11 @@ def topk_block(
 
 
 def block_item_ids(indices: np.ndarray, item_ids: np.ndarray, missing_id: object = None) -> np.ndarray:
-    """Map `topk_block` indices to ids; index -1 becomes `missing_id` (None: by dtype, see module)."""
-    item_ids = np.asarray(item_ids)
-    fill = _missing_id(item_ids.dtype) if missing_id is None else missing_id
-    if item_ids.size == 0:
-        return _ids_holding(item_ids, fill, indices.shape)
-    ids = _ids_holding(item_ids[np.where(indices < 0, 0, indices)], fill, indices.shape)
-    ids[indices < 0] = fill
+    """Map `topk_block` indices to ids (an object array); index -1 becomes `missing_id`."""
+    if len(item_ids) == 0:
+        return np.full(indices.shape, missing_id, dtype=object)
+    ids = np.asarray(item_ids, dtype=object)[np.where(indices < 0, 0, indices)]
+    ids[indices < 0] = missing_id
     return ids
 
 
@@ -137,38 +132,23 @@ def merge_topk(
     blocks: (scores (u, k_b), item_ids (u, k_b)) per item block, rows aligned on the same users;
     a slot with score -inf is empty whatever its id. The blocks must hold disjoint items.
     Returns (scores (u, k') float32, item_ids (u, k')), k' = min(k, sum of k_b), ordered by
-    score descending then item id ascending; empty slots hold -inf and `missing_id` (None: by
-    the ids' dtype, see module).
+    score descending then item id ascending (an object array); empty slots hold -inf and
+    `missing_id`. The blocks come from the block kernel (`topk_block`, `ItemBlock`), whose
+    inputs are checked finite: no NaN score reaches the merge.
     """
     _check_k(k)
-    if not blocks:
-        raise ValueError("merge_topk got no blocks: pass at least one (scores, item_ids) pair")
-    n_users = blocks[0][0].shape[0]
-    for position, (block_scores, block_ids) in enumerate(blocks):
-        if block_scores.ndim != 2 or block_scores.shape[0] != n_users or block_ids.shape != block_scores.shape:
-            raise ValueError(
-                f"block {position} has scores {block_scores.shape} and ids {block_ids.shape}; "
-                f"every block needs two (u, k_b) arrays with u = {n_users} rows for the same users"
-            )
     scores = np.concatenate([np.asarray(s, dtype=np.float32) for s, _ in blocks], axis=1)
-    ids = np.concatenate([np.asarray(i) for _, i in blocks], axis=1)
+    ids = np.concatenate([np.asarray(i, dtype=object) for _, i in blocks], axis=1)
     width = min(k, scores.shape[1])
-    fill = _missing_id(ids.dtype) if missing_id is None else missing_id
-    if np.isnan(scores).any():
-        raise ValueError("merge_topk got NaN scores: the profiles or items that produced them are not finite")
-
     empty = np.isneginf(scores)
     ranks = np.full(scores.shape, np.iinfo(np.int64).max, dtype=np.int64)
-    if (~empty).any():
-        # A hash factorisation sorts only the distinct ids: 4x faster than np.unique's full sort
-        # of every slot on string ids, with the same (ascending) codes.
-        codes, _ = pd.factorize(ids[~empty], sort=True)
-        ranks[~empty] = codes
+    # A hash factorisation sorts only the distinct ids: 4x faster than np.unique's full sort
+    # of every slot on string ids, with the same (ascending) codes.
+    ranks[~empty] = pd.factorize(ids[~empty], sort=True)[0]
     order = np.lexsort((ranks, -scores), axis=1)[:, :width]
     merged_scores = np.take_along_axis(scores, order, axis=1)
     merged_ids = np.take_along_axis(ids, order, axis=1)
-    merged_ids = _ids_holding(merged_ids, fill, merged_ids.shape)
-    merged_ids[np.isneginf(merged_scores)] = fill
+    merged_ids[np.isneginf(merged_scores)] = missing_id
     return merged_scores, merged_ids
 
 
@@ -233,30 +213,6 @@ def _id_rank(item_ids: np.ndarray, name: str) -> np.ndarray:
     rank = np.empty(item_ids.shape[0], dtype=np.int64)
     rank[order] = np.arange(item_ids.shape[0])
     return rank
-
-
-def _missing_id(dtype: np.dtype) -> object:
-    if dtype.kind in "iu":
-        return -1
-    if dtype.kind in "US":
-        return ""
-    return None
-
-
-def _ids_holding(ids: np.ndarray, fill: object, shape: tuple[int, ...]) -> np.ndarray:
-    """`ids` (or an empty array of that dtype, reshaped) in a dtype that can store `fill` unchanged."""
-    fill_dtype = np.array([fill]).dtype
-    if ids.dtype.kind in "US" and fill_dtype.kind in "US":
-        dtype = np.result_type(ids.dtype, fill_dtype)
-    elif ids.dtype.kind in "iu" and fill_dtype.kind in "iu" and np.result_type(ids.dtype, fill_dtype).kind in "iu":
-        dtype = np.result_type(ids.dtype, fill_dtype)
-    elif ids.dtype.kind == "O":
-        dtype = ids.dtype
-    else:
-        dtype = np.dtype(object)
-    if ids.size == 0:
-        return np.full(shape, fill, dtype=dtype)
-    return ids.astype(dtype, copy=False).reshape(shape)
 
 
 def _seen_coordinates(seen: SeenItems, n_users: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:

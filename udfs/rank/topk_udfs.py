@@ -91,9 +91,7 @@ def _vectors_of(column: pa.Array, ids: np.ndarray, what: str) -> np.ndarray:
 def pack_table(table: pa.Table, block_size: int, with_seen: bool) -> pa.Table:
     """Block rows (``USER_BLOCK_DDL`` with seen, else ``BLOCK_DDL``) of ``table``'s rows (id,
     vector[, seen list<string>]), at most ``block_size`` rows a block: the rows of one bucket,
-    which the job sizes to about one block."""
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    which the job sizes to about one block (``block_size``: ``experiment.topk``'s, 1 or more)."""
     ids = table.column(0).to_numpy(zero_copy_only=False).astype(object)
     vectors = _vectors_of(table.column(1), ids, "id")
     starts = range(0, len(ids), block_size)

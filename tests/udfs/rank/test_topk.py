@@ -158,7 +158,7 @@ def test_merge_topk_orders_by_score_then_id_and_pads_empty_slots():
 
 
 def test_block_item_ids_maps_missing_index_to_the_missing_id():
-    assert block_item_ids(np.array([[2, -1]]), np.array([5, 6, 7])).tolist() == [[7, -1]]
+    assert block_item_ids(np.array([[2, -1]]), np.array([5, 6, 7])).tolist() == [[7, None]]
     assert block_item_ids(np.array([[0, -1]]), np.array(["x", "y"], dtype=object)).tolist() == [["x", None]]
 
 
