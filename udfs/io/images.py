@@ -37,7 +37,6 @@ import io
 import logging
 import os
 import queue
-import re
 import stat
 import threading
 import time
@@ -51,7 +50,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from udfs.io.storage import is_object_store
+from udfs.io import storage
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,6 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_READ_TIMEOUT_S = 30.0
 # A white background is the catalogue convention for product photos with transparency.
 ALPHA_BACKGROUND = (255, 255, 255)
-_HASH_CHUNK = 1 << 20
 _READ_CHUNK = 1 << 20
 # Reader threads per process: each read stuck in the kernel holds one until the kernel returns.
 _READ_THREADS = 8
@@ -80,17 +78,8 @@ class ImageError(Exception):
         self.reason = reason
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks (the ``descriptions`` cache key)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def sha256_bytes(data: bytes) -> str:
-    """Hex SHA-256 of in-memory image bytes; equals ``sha256_file`` of the same file."""
+    """Hex SHA-256 of an image's bytes (the ``descriptions`` cache key)."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -184,7 +173,7 @@ def _read_bounded(path: str, name: str, limits: ReadLimits, deadline: float, ima
     """The reader thread's work: confine the path, open it without blocking, check the open file,
     read within limits. Resolving the path stats every folder on it, which a dead mount hangs
     as surely as a read: it runs here, under the same timeout."""
-    if is_object_store(path):
+    if storage.is_object_store(path):
         return _read_object(path, name, limits, deadline)
     if confine:
         path = resolve_under(path, images_root, name=name)
@@ -250,8 +239,6 @@ def _read_object(uri: str, name: str, limits: ReadLimits, deadline: float) -> by
     ``max_bytes + 1`` bytes read, the deadline checked between chunks."""
     from pyarrow import fs as pafs
 
-    from udfs.io import storage
-
     try:
         store, key = storage.filesystem(uri)
         info = store.get_file_info(key)
@@ -298,27 +285,15 @@ def _not_empty(data: bytes, name: str) -> bytes:
 _real_root = functools.lru_cache(maxsize=16)(os.path.realpath)
 
 
-_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def local_path(uri: str) -> str | None:
-    """The local file behind an ``image_uri``, or ``None`` for a remote one: the one rule ingest,
-    caption and embed share. ``file://`` names a local file; any other scheme (``http://``,
-    ``s3://``, ``ftp://``...) is remote, left for a reader that fetches it; anything without a
-    scheme is a local path."""
-    if uri.startswith("file://"):
-        return uri[len("file://"):]
-    return None if _URI_SCHEME.match(uri) else uri
-
-
 def readable_source(uri: str) -> str | None:
-    """What ``read_image_file`` reads for an ``image_uri``: the local path (``local_path``), the
-    object-store URI itself (``s3://``, ``s3a://``, ``gs://``, ``abfss://``, ``hdfs://``), or
-    ``None`` for a reference no reader here fetches (``http://``, ``ftp://``)."""
-    path = local_path(uri)
+    """What ``read_image_file`` reads for an ``image_uri``, the one rule ingest, caption and embed
+    share: the local path (``storage.local_path_of``: ``file://`` or no scheme), the object-store
+    URI itself (``s3://``, ``s3a://``, ``gs://``, ``abfss://``, ``hdfs://``), or ``None`` for a
+    reference no reader here fetches (``http://``, ``ftp://``)."""
+    path = storage.local_path_of(uri)
     if path is not None:
         return path
-    return uri if is_object_store(uri) else None
+    return uri if storage.is_object_store(uri) else None
 
 
 def resolve_under(path: str, root: str | None, allow_outside_root: bool = False, name: str | None = None) -> str:
@@ -453,10 +428,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         return _to_8bit(img).convert("RGB")
-    has_alpha = img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (
-        img.mode == "P" and "transparency" in img.info
-    )
-    if has_alpha:
+    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")

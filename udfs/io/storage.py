@@ -21,6 +21,8 @@ import re
 import uuid
 from typing import Any
 
+from pyarrow import fs as pafs
+
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # Hadoop's names for S3, read by pyarrow as s3://.
 _S3_SCHEMES = {"s3", "s3a", "s3n"}
@@ -65,7 +67,8 @@ def join(base: str, *parts: str) -> str:
 
 
 def _s3_options() -> dict[str, Any]:
-    options: dict[str, Any] = {}
+    # A store that answers slowly is an error the caller reports, not a hang.
+    options: dict[str, Any] = {"connect_timeout": 10, "request_timeout": 60}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         found = _SCHEME.match(endpoint)
@@ -74,9 +77,6 @@ def _s3_options() -> dict[str, Any]:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         options["region"] = region
-    # A store that answers slowly is an error the caller reports, not a hang.
-    options["connect_timeout"] = 10
-    options["request_timeout"] = 60
     return options
 
 
@@ -97,32 +97,27 @@ def delta_location(uri: str) -> tuple[str, dict[str, str]]:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         options["AWS_REGION"] = region
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        if os.environ.get(name):
-            options[name] = os.environ[name]
+    options.update({name: os.environ[name] for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                        "AWS_SESSION_TOKEN") if os.environ.get(name)})
     return "s3://" + str(uri)[len(kind) + 3:], options
 
 
 @functools.lru_cache(maxsize=8)
 def _s3_filesystem(options_key: tuple) -> Any:
-    from pyarrow import fs
-
-    return fs.S3FileSystem(**dict(options_key))
+    return pafs.S3FileSystem(**dict(options_key))
 
 
 def filesystem(uri: str) -> tuple[Any, str]:
     """``(pyarrow FileSystem, path within it)`` for a URI or a plain path."""
-    from pyarrow import fs
-
     local = local_path_of(uri)
     if local is not None:
-        return fs.LocalFileSystem(), os.path.abspath(os.path.expanduser(local))
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(local))
     kind = scheme(uri)
     if kind in _S3_SCHEMES:
         rest = str(uri)[len(kind) + 3:]
         return _s3_filesystem(tuple(sorted(_s3_options().items()))), rest.rstrip("/") or rest
     try:
-        return fs.FileSystem.from_uri(str(uri))
+        return pafs.FileSystem.from_uri(str(uri))
     except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError per scheme
         raise StorageError(f"'{uri}': pyarrow cannot open a file system for this URI ({exc}): use "
                            "file://, s3a://, gs://, abfss:// or hdfs://, with that store's client installed "
@@ -133,9 +128,8 @@ def s3_credentials_configured() -> bool:
     """Whether the AWS environment names credentials (variables, profile files, web identity or
     container credentials). An instance role cannot be seen without asking the metadata service,
     so this only sharpens an error message, never refuses a store on its own."""
-    if os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE"):
-        return True
-    if any(os.environ.get(k) for k in ("AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    if any(os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                                        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
                                         "AWS_CONTAINER_CREDENTIALS_FULL_URI")):
         return True
     files = (os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
@@ -163,8 +157,6 @@ def check_reachable(uri: str) -> None:
     bucket (container) exists. Cheap: one or two metadata requests, nothing written."""
     if local_path_of(uri) is not None:
         return
-    from pyarrow import fs as pafs
-
     store, path = filesystem(uri)
     bucket = path.split("/", 1)[0]
     try:
@@ -206,23 +198,16 @@ def write_bytes(uri: str, data: bytes, atomic: bool = True) -> None:
 
 def list_entries(uri: str) -> list[tuple[str, bool, float]]:
     """``(name, is_dir, mtime seconds)`` of the entries directly under ``uri``; [] when it is absent."""
-    from pyarrow import fs as pafs
-
     store, path = filesystem(uri)
     try:
         infos = store.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except FileNotFoundError:
         return []
-    out = []
-    for info in infos:
-        mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
-        out.append((info.base_name, info.type == pafs.FileType.Directory, mtime))
-    return out
+    return [(info.base_name, info.type == pafs.FileType.Directory,
+             info.mtime.timestamp() if info.mtime is not None else 0.0) for info in infos]
 
 
 def exists(uri: str) -> bool:
-    from pyarrow import fs as pafs
-
     store, path = filesystem(uri)
     return store.get_file_info(path).type != pafs.FileType.NotFound
 
@@ -236,8 +221,6 @@ def move(source: str, target: str) -> None:
     if local_path_of(source) is not None:
         os.rename(src, dst)  # refuses to replace a non-empty folder: two claimants, one winner
         return
-    from pyarrow import fs as pafs
-
     # S3 has no folders to rename: each object is copied, then the source prefix is deleted.
     if store.get_file_info(src).type == pafs.FileType.File:
         store.move(src, dst)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from udfs.io import images
+from udfs.io import images, storage
 from udfs.io.images import (
     ImageError,
     ReadLimits,
@@ -22,7 +22,6 @@ from udfs.io.images import (
     resize_for,
     resolve_under,
     sha256_bytes,
-    sha256_file,
     to_rgb,
 )
 
@@ -49,12 +48,12 @@ def test_real_poster_loads_as_rgb_with_its_size(poster):
 def test_bytes_and_path_give_the_same_pixels_and_hash(poster):
     data = poster.read_bytes()
     assert np.array_equal(np.asarray(load_image(data)), np.asarray(load_image(poster)))
-    assert sha256_file(poster) == sha256_bytes(data) == hashlib.sha256(data).hexdigest()
+    assert sha256_bytes(data) == hashlib.sha256(data).hexdigest()
 
 
 @pytest.mark.realdata
 def test_check_image_accepts_a_real_poster_and_returns_its_hash(poster):
-    assert check_image(poster) == (sha256_file(poster), None)
+    assert check_image(poster) == (hashlib.sha256(poster.read_bytes()).hexdigest(), None)
 
 
 @pytest.mark.realdata
@@ -381,7 +380,7 @@ def test_a_confined_check_refuses_an_outside_path_without_opening_it(tmp_path):
     sha, reason = check_image(root / "pipe.jpg", name="img/pipe.jpg", images_root=str(root), confine=True)
     assert sha is None and "image 'img/pipe.jpg' resolves to" in reason and "FIFO" not in reason
     assert "dataset.images.allow_outside_root" in reason
-    assert check_image(root / "a.png", images_root=str(root), confine=True) == (sha256_file(root / "a.png"), None)
+    assert check_image(root / "a.png", images_root=str(root), confine=True) == (sha256_bytes((root / "a.png").read_bytes()), None)
 
 
 @pytest.mark.parametrize("uri, expected", [
@@ -394,4 +393,4 @@ def test_a_confined_check_refuses_an_outside_path_without_opening_it(tmp_path):
     ("posters/a://b.jpg", "posters/a://b.jpg"),  # "://" past a path separator is no scheme
 ])
 def test_local_path_is_one_rule_for_every_stage(uri, expected):
-    assert images.local_path(uri) == expected
+    assert storage.local_path_of(uri) == expected
