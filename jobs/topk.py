@@ -134,10 +134,6 @@ def resolve_settings(run: JobRun, args: argparse.Namespace) -> TopkSettings:
                         score_rows=conf.score_rows)
 
 
-def needs_catalog(plan: ExperimentPlan) -> bool:
-    return protocol.needs_catalog(plan.representations, plan.baselines, plan.candidates)
-
-
 def check_als_factors(found: list[str], run_id: str) -> None:
     """The ``als`` item factors (their encoders: ``found``) must come from the ALS whose user
     factors this run's profiles hold (the profiles job of ``run_id`` writes both): factors of two
@@ -234,7 +230,7 @@ def driver_slices(settings: TopkSettings) -> dict[str, driver_inputs.Slice]:
         slices["embeddings"] = driver_inputs.Slice("item_embeddings", {"dataset": plan.dataset},
                                                    {"representation": reps},
                                                    ("representation", "item_id", "vector", "encoder"))
-    if needs_catalog(plan):
+    if protocol.needs_catalog(plan.representations, plan.baselines, plan.candidates):
         slices["items"] = driver_inputs.Slice("items", {"dataset": plan.dataset}, columns=("item_id",))
     return slices
 
@@ -331,7 +327,7 @@ def spark_facts(run: JobRun, settings: TopkSettings, users: DataFrame, profiles:
     if ALS in reps:
         parts.append(("als", embeddings.filter(F.col("representation") == ALS).select("encoder").distinct(),
                       {"item_id": F.col("encoder")}))
-    if needs_catalog(plan):
+    if protocol.needs_catalog(plan.representations, plan.baselines, plan.candidates):
         listed = tables.read(run.spark, run.warehouse, "items").filter(F.col("dataset") == plan.dataset)
         parts += [(kind, frame.select("item_id").distinct(), {"item_id": F.col("item_id")})
                   for kind, frame in (("catalog", listed), ("interacted", interactions))]

@@ -81,15 +81,16 @@ class ItemBlock:
             scores = (torch.from_numpy(profiles) @ self._items_t.T).numpy()
         else:
             scores = profiles @ self.items.T
-        rows, cols = _seen_coordinates(seen, n_users, n_items)
-        scores[rows, cols] = -np.inf
-        return self.select(scores, width)
+        return self.select(scores, width, seen)
 
-    def select(self, scores: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    def select(self, scores: np.ndarray, width: int, seen: SeenItems = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, indices) of the ``width`` best columns of each row of a (u, block items) score
-        matrix, by score descending then item id ascending; -inf slots get index -1. Any scorer
-        (the seeded random baseline too) selects through this one rule, so block results merge
-        into the order of one full sort."""
+        matrix, by score descending then item id ascending, after the ``seen`` items (as in
+        ``topk``) get -inf in place; -inf slots get index -1. Any scorer (the seeded random
+        baseline too) masks and selects through this one rule, so block results merge into the
+        order of one full sort."""
+        rows, cols = _seen_coordinates(seen, *scores.shape)
+        scores[rows, cols] = -np.inf
         indices = _select_topk(scores, self.id_rank, width, self.use_torch)
         top_scores = np.take_along_axis(scores, indices, axis=1)
         indices[np.isneginf(top_scores)] = -1

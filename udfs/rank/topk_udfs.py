@@ -217,9 +217,7 @@ def pair_topk(
             chunk_scores, indices = block.topk(user_vectors[start:stop], k, mask)
         else:
             chunk = scoring.scores(user_ids[start:stop], user_vectors[start:stop], item_ids, item_vectors)
-            coo = mask.tocoo()
-            chunk[coo.row, coo.col] = -np.inf
-            chunk_scores, indices = block.select(chunk, width)
+            chunk_scores, indices = block.select(chunk, width, mask)
         scores[start:stop] = chunk_scores
         ids[start:stop] = topk_kernels.block_item_ids(indices, item_ids, None)
     return scores, ids
@@ -258,16 +256,12 @@ def merge_block_results(k: int) -> Callable[[tuple, pa.Table], pa.Table]:
     slots dropped (a list is short of k only when the candidates ran out)."""
 
     def run(key: tuple, table: pa.Table) -> pa.Table:
-        representation = key[0].as_py()
         user_ids = np.asarray(table.column("user_ids")[0].as_py(), dtype=object)
-        n_users = len(user_ids)
-        blocks = []
-        for position in range(table.num_rows):
-            width = table.column("width")[position].as_py()
-            scores = np.frombuffer(table.column("scores")[position].as_py(), dtype=np.float32).reshape(n_users, width)
-            ids = np.asarray(table.column("item_ids")[position].as_py(), dtype=object).reshape(n_users, width)
-            blocks.append((scores, ids))
-        return _rank_rows(representation, user_ids, blocks, k)
+        pairs = zip(table.column("width").to_pylist(), table.column("scores").to_pylist(),
+                    table.column("item_ids").to_pylist())
+        blocks = [(np.frombuffer(scores, dtype=np.float32).reshape(len(user_ids), width),
+                   np.asarray(ids, dtype=object).reshape(len(user_ids), width)) for width, scores, ids in pairs]
+        return _rank_rows(key[0].as_py(), user_ids, blocks, k)
 
     return run
 
