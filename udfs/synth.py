@@ -147,8 +147,8 @@ def generate(
         ("image_size", image_size, 32, "96 or 128 is typical"),
     ):
         if value < least:
-            unit = " pixels" if name == "image_size" else ""
-            raise ValueError(f"{name} must be >= {least}{unit} (got {value}): {fix}")
+            raise ValueError(f"{name} must be >= {least}{' pixels' if name == 'image_size' else ''} "
+                             f"(got {value}): {fix}")
     if not 1 <= min_history <= max_history:
         raise ValueError(
             f"history lengths need 1 <= min_history <= max_history "
@@ -166,8 +166,8 @@ def generate(
     interactions = make_interactions(seed, items, n_users, min_history, max_history)
 
     for index, item in enumerate(items):
-        image = render_item_image(item, image_size, _stream(seed, 3, index))
-        image.save(out / item.image_path, format="PNG", compress_level=6)
+        render_item_image(item, image_size, _stream(seed, 3, index)).save(
+            out / item.image_path, format="PNG", compress_level=6)
     # Item images left by an earlier, larger run go, so a rerun leaves exactly one run's files.
     keep = {Path(item.image_path).name for item in items}
     stale = [path for path in sorted(images_dir.glob("i*.png")) if path.name not in keep]
@@ -203,13 +203,12 @@ def make_items(seed: int, n_items: int) -> list[SynthItem]:
     """Draw the latent attributes of ``n_items`` items and write their titles and descriptions."""
     rng = _stream(seed, 0)
     width = max(5, len(str(n_items)))
-    colour_names = list(COLOURS)
     items = []
     for index in range(n_items):
         # One draw per attribute, in this order (the order fixes every item of a seed).
         category, colour, pattern, material, style, occasion = (
             options[rng.integers(len(options))]
-            for options in (CATEGORIES, colour_names, PATTERNS, MATERIALS, TITLE_STYLES, OCCASIONS)
+            for options in (CATEGORIES, tuple(COLOURS), PATTERNS, MATERIALS, TITLE_STYLES, OCCASIONS)
         )
         items.append(
             SynthItem(
@@ -256,8 +255,7 @@ def make_interactions(
         ratings = np.clip(
             np.rint(2.5 + category_match[chosen] + colour_match[chosen] + noise), 1, 5
         ).astype(int)
-        user_id = f"u{user + 1:0{width}d}"
-        rows.extend((user_id, items[i].item_id, int(rating), int(timestamp))
+        rows.extend((f"u{user + 1:0{width}d}", items[i].item_id, int(rating), int(timestamp))
                     for i, rating, timestamp in zip(chosen, ratings, timestamps))
     return rows
 
