@@ -141,8 +141,7 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
             spec = prepared(spec)
         describe(run, spec, todo)
     else:
-        run.count("described", 0)
-        run.count("failed", 0)
+        run.counts.update({"described": 0, "failed": 0})
     with run.stage("text_figures"):
         # Over every description of the dataset's images, cached ones included: how distinct
         # and how rich the texts are (udfs.caption.description_stats; evaluate judges their signal).
@@ -183,13 +182,10 @@ def describe(run: JobRun, spec: CaptionSpec, todo: Any) -> None:
         files = staged_files(folder)
         merge_staged(run, files)
         storage.delete_dir(folder)
-    run.count("staged_files", len(files))
-    run.count("described", sum(s["ok"] for s in summaries))
-    run.count("failed", sum(s["error"] for s in summaries))
-    run.count("describe_ms", int(seconds * 1000))
+    run.counts.update({"staged_files": len(files), "described": sum(s["ok"] for s in summaries),
+                       "failed": sum(s["error"] for s in summaries), "describe_ms": int(seconds * 1000)})
     for summary in summaries:
-        for kind, n in json.loads(summary["error_kinds"]).items():
-            run.count(f"failed_{kind}", n)
+        run.counts.update({f"failed_{kind}": n for kind, n in json.loads(summary["error_kinds"]).items()})
     if spec.kind.reports_usage:
         count_requests(run, summaries)
     log.info("described %d images in %.1f s (%.2f images/s)", todo.num_rows, seconds,
@@ -216,8 +212,7 @@ def count_requests(run: JobRun, summaries: list[dict[str, Any]]) -> None:
     for summary in summaries:
         retries.update(json.loads(summary.get("retries") or "{}"))
     run.count("retries", sum(retries.values()))
-    for kind, n in sorted(retries.items()):
-        run.count(f"retries_{kind}", n)
+    run.counts.update({f"retries_{kind}": n for kind, n in sorted(retries.items())})
 
 
 def add_arguments(parser: JobParser) -> None:
@@ -235,13 +230,9 @@ def unavailable_engine(argv: list[str] | None) -> str | None:
     add_arguments(parser)
     try:
         args, _ = parser.parse_known_args(argv)
-        engine = load_config(args.conf, args.overrides).experiment.caption.engine
-        check_engine_installed(engine)
-    except EngineUnavailable as exc:
-        return str(exc)
+        return engine_kind(load_config(args.conf, args.overrides).experiment.caption.engine).missing_install()
     except (ConfigError, SystemExit):
         return None
-    return None
 
 
 JOB = Job("caption", __doc__.splitlines()[0], caption, add_arguments,

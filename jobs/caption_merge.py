@@ -166,8 +166,7 @@ def adopt_dead_runs(run: JobRun) -> None:
         n = merge_staged(run, files)
         log.warning("adopted %d staged description rows (%d files) of a killed caption run from %s",
                     n, len(files), folder)
-        run.count("adopted_rows", n)
-        run.count("adopted_files", len(files))
+        run.counts.update({"adopted_rows": n, "adopted_files": len(files)})
         storage.delete_dir(folder)
 
 

@@ -108,21 +108,16 @@ def plan(run: JobRun, spec: CaptionSpec) -> Any:
     if facts["n"] == 0:
         raise NothingUsable(f"dataset '{name}' has no items in {run.warehouse}/items: run "
                             f"`vlm4rec ingest` with this dataset first")
-    run.count("items", facts["n"])
-    run.count("skipped_no_image", facts["n"] - facts["with_image"])
-    run.count("images", facts["images"])
-    run.count("shared_image_items", facts["with_image"] - facts["images"])
+    run.counts.update({"items": facts["n"], "skipped_no_image": facts["n"] - facts["with_image"],
+                       "images": facts["images"], "shared_image_items": facts["with_image"] - facts["images"]})
     if facts["images"] == 0:
         raise NothingUsable(f"dataset '{name}': none of its {facts['n']} items has a usable image "
                             "(see the rejects table for why)")
     cached_ok, cached_errors, retry = (facts[k] for k in ("ok", "final_errors", "retry"))
     if spec.conf.force:
-        run.count("cached", 0)
-        run.count("forced", cached_ok + cached_errors + retry)
+        run.counts.update({"cached": 0, "forced": cached_ok + cached_errors + retry})
     else:
-        run.count("cached_ok", cached_ok)
-        run.count("cached_errors", cached_errors)
-        run.count("cached", cached_ok + cached_errors)
-        run.count("retried", retry)
+        run.counts.update({"cached_ok": cached_ok, "cached_errors": cached_errors,
+                           "cached": cached_ok + cached_errors, "retried": retry})
     run.count("to_describe", table.num_rows)
     return table

@@ -31,9 +31,8 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: str,
     ``limits``: how image files are read (``dataset.images``)."""
     import ray.data
 
-    per_file = spec.conf.rows_per_file
-    per_block = per_file
     kind, conf = spec.kind, spec.conf
+    per_block = conf.rows_per_file
     cluster = ray.cluster_resources()
     cpus, gpus = float(cluster.get("CPU", 1)), float(cluster.get("GPU", 0))
     # Only a GPU actor gets loading tasks of its own, so that decoding overlaps its model.
@@ -45,42 +44,40 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: str,
     if own_io:
         # Such an actor takes a whole block per call: blocks small enough that every actor
         # gets two, so none idles while another works through the rest.
-        per_block = max(1, min(per_file, -(-todo.num_rows // (2 * spec.conf.num_workers))))
+        per_block = max(1, min(conf.rows_per_file, -(-todo.num_rows // (2 * conf.num_workers))))
     blocks = [todo.slice(start, per_block) for start in range(0, todo.num_rows, per_block)]
     ds = ray.data.from_arrow(blocks)
     write_kwargs = dict(staging_dir=str(folder), engine=spec.engine, model=spec.model,
                         prompt_id=spec.prompt_id, prompt=spec.prompt)
-    write = dict(fn_kwargs=write_kwargs, batch_size=per_file, batch_format="pandas", num_cpus=0.25)
+    write = dict(fn_kwargs=write_kwargs, batch_size=conf.rows_per_file, batch_format="pandas", num_cpus=0.25)
     if kind.runs_own_pipeline:
         ds = describe_with_vllm(ds, spec, limits).map_batches(cu.write_staging, **write)
     else:
-        actor = kind.actor_resources(spec.engine_options, spec.conf.num_workers, conf.actor_num_cpus, conf.torch_threads,
+        actor = kind.actor_resources(spec.engine_options, conf.num_workers, conf.actor_num_cpus, conf.torch_threads,
                                      cpus, gpus)
-        actor_cpus, actor_gpus, threads = actor.num_cpus, actor.num_gpus, actor.torch_threads
         log.info("caption engine %s: %d actor(s), %.2f CPU + %.0f GPU each, %d torch thread(s)",
-                 spec.engine, spec.conf.num_workers, actor_cpus, actor_gpus, threads)
+                 spec.engine, conf.num_workers, actor.num_cpus, actor.num_gpus, actor.torch_threads)
         log.info(RAY_ACTOR_ARGS_NOTE)
-        cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         load = {"max_side": kind.max_side, "limits": limits}
         if not own_io:
-            ds = ds.map_batches(cu.load_images, fn_kwargs=load, batch_size=spec.conf.batch_size, batch_format="pandas",
-                                num_cpus=spec.conf.load_num_cpus,
-                                compute=ray.data.TaskPoolStrategy(size=cluster_cpus))
+            ds = ds.map_batches(cu.load_images, fn_kwargs=load, batch_size=conf.batch_size, batch_format="pandas",
+                                num_cpus=conf.load_num_cpus,
+                                compute=ray.data.TaskPoolStrategy(size=max(1, int(cpus))))
         ds = ds.map_batches(
             cu.CaptionActor,
             fn_constructor_kwargs=dict(engine=spec.engine, model=spec.model, prompt=spec.prompt,
-                                       batch_size=spec.conf.batch_size, max_new_tokens=spec.conf.max_new_tokens,
+                                       batch_size=conf.batch_size, max_new_tokens=conf.max_new_tokens,
                                        options=spec.engine_options,
-                                       torch_threads=spec.conf.torch_threads if threads else 0,
-                                       max_torch_threads=threads, expected_prompt_id=spec.prompt_id,
+                                       torch_threads=conf.torch_threads if actor.torch_threads else 0,
+                                       max_torch_threads=actor.torch_threads, expected_prompt_id=spec.prompt_id,
                                        load=load if own_io else None,
                                        staging=write_kwargs if own_io else None),
-            compute=kind.actor_pool(ray, spec.conf.num_workers),
+            compute=kind.actor_pool(ray, conf.num_workers),
             # A whole block per call for an actor doing its own I/O: openai streams it
             # (CaptionActor._send_as_read), the others describe it an engine batch at a time
             # (CaptionActor._describe_by_engine_batch).
-            batch_size=None if own_io else spec.conf.batch_size,
-            batch_format="pandas", num_cpus=actor_cpus, num_gpus=actor_gpus)
+            batch_size=None if own_io else conf.batch_size,
+            batch_format="pandas", num_cpus=actor.num_cpus, num_gpus=actor.num_gpus)
         if not own_io:
             ds = ds.map_batches(cu.write_staging, **write)
     return ds.take_all()
@@ -91,19 +88,11 @@ def describe_with_vllm(ds: Any, spec: CaptionSpec, limits: ReadLimits | None = N
     not exercised on CPU-only machines). Images that fail to load bypass the engine."""
     from udfs.caption.vllm_engine import build_vllm_processor
 
-    options = spec.engine_options
-    engine_kwargs = dict(options["engine_kwargs"] or {})
-    # The processor takes no argument of its own for it: an engine argument of vLLM's.
-    if options["gpu_memory_utilization"] is not None:
-        engine_kwargs.setdefault("gpu_memory_utilization", options["gpu_memory_utilization"])
     caption = build_vllm_processor(
         model=spec.model, prompt=spec.prompt, batch_size=spec.conf.batch_size,
-        max_new_tokens=spec.conf.max_new_tokens, tensor_parallel_size=options["tensor_parallel_size"],
-        concurrency=spec.conf.num_workers, image_column="image_bytes",
+        max_new_tokens=spec.conf.max_new_tokens, concurrency=spec.conf.num_workers, image_column="image_bytes",
         keep_columns=("image_sha256", "item_id", "image_uri"),
-        accelerator_type=spec.conf.accelerator_type,
-        max_model_len=options["max_model_len"], min_new_tokens=options["min_new_tokens"],
-        engine_kwargs=engine_kwargs)
+        accelerator_type=spec.conf.accelerator_type, options=spec.engine_options)
     loaded = ds.map_batches(cu.load_image_bytes, fn_kwargs={"limits": limits}, batch_format="pandas",
                             batch_size=spec.conf.batch_size).materialize()
     failed = loaded.filter(expr="error IS NOT NULL").map_batches(cu.failed_rows, batch_format="pandas")

@@ -26,6 +26,7 @@ Options (``make_engine("hf", ..., options={...})``):
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -209,9 +210,7 @@ class HFEngine(CaptionEngine):
         if o["static_cache"]:
             kwargs["cache_implementation"] = "static"
         if o["do_sample"]:
-            for key in ("temperature", "top_p"):
-                if o[key] is not None:
-                    kwargs[key] = float(o[key])
+            kwargs.update({key: float(o[key]) for key in ("temperature", "top_p") if o[key] is not None})
         return kwargs
 
     def _generate(self, images: list[Image.Image], texts: list[str]) -> list[Caption]:
@@ -228,10 +227,6 @@ class HFEngine(CaptionEngine):
 
     def _caption(self, token_ids: list[int]) -> Caption:
         """Tokens up to the first end-of-sequence (padding after it is not generated text)."""
-        kept: list[int] = []
-        for token in token_ids:
-            if token in self._eos_ids:
-                break
-            kept.append(token)
+        kept = list(itertools.takewhile(lambda token: token not in self._eos_ids, token_ids))
         text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
         return Caption(text=text, n_tokens=len(kept))

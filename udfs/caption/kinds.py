@@ -275,8 +275,7 @@ class OpenaiKind(EngineKind):
     def prepared_options(self, options: Mapping[str, Any], model: str) -> dict[str, Any]:
         """The servers that answer now (``ServerUnavailable``, the job's exit 4, when none
         does): a server that is down fails the job before any image is sent."""
-        live = imported("udfs.caption.openai_engine:check_servers")(options, model)
-        return {**options, "base_urls": live}
+        return {**options, "base_urls": imported("udfs.caption.openai_engine:check_servers")(options, model)}
 
 
 KINDS: dict[str, EngineKind] = {k.name: k for k in (TagsKind(), HfKind(), VllmKind(), OpenaiKind())}

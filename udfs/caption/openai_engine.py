@@ -52,13 +52,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
 from udfs.caption.engine import Caption, CaptionEngine
-from udfs.caption.kinds import KINDS
+from udfs.caption.kinds import KINDS, OpenaiOptions
 from udfs.caption.prompts import DEFAULT_PROMPT
 from udfs.caption.redaction import redact, secret_forms
 # The image as a JPEG ``data:`` URL: the vllm engine's request format, shared.
@@ -93,19 +92,12 @@ class ServerUnavailable(RuntimeError):
     """No configured server answers (checked before a job starts)."""
 
 
-@dataclass(frozen=True)
-class ClientSettings:
-    """The validated options; ``urls`` are the servers' API roots (``api_root``)."""
+class ClientSettings(OpenaiOptions):
+    """The validated options, typed; ``urls`` are the servers' API roots (``api_root``)."""
 
-    urls: tuple[str, ...]
-    temperature: float
-    timeout_s: float
-    max_concurrency: int
-    qps: float | None
-    max_retries: int
-    backoff_s: float
-    backoff_max_s: float
-    api_key_env: str | None
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(api_root(str(u)) for u in (self.base_urls or [self.base_url]))
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> ClientSettings:
@@ -124,9 +116,7 @@ class ClientSettings:
         ]
         if problems:
             raise ValueError(f"caption engine 'openai': {'; '.join(problems)}")
-        return cls(urls, float(o["temperature"]), float(o["timeout_s"]), int(o["max_concurrency"]),
-                   None if o["qps"] is None else float(o["qps"]), int(o["max_retries"]),
-                   float(o["backoff_s"]), float(o["backoff_max_s"]), o["api_key_env"] or None)
+        return cls(**o)
 
     def headers(self) -> dict[str, str]:
         """Request headers; the key comes from the environment, named by ``api_key_env``."""

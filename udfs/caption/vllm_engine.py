@@ -172,25 +172,29 @@ def vllm_result_row(row: Mapping[str, Any], keep_columns: Sequence[str]) -> dict
     return out
 
 
+def engine_args(options: Mapping[str, Any]) -> dict[str, Any]:
+    """vLLM's engine arguments for the engine's options (``udfs.caption.kinds.VllmOptions``,
+    checked): ours, then ``engine_kwargs`` as they are (theirs win)."""
+    args: dict[str, Any] = {"tensor_parallel_size": int(options["tensor_parallel_size"]),
+                            "limit_mm_per_prompt": {"image": 1}}
+    args.update({key: options[key] for key in ("max_model_len", "gpu_memory_utilization") if options[key] is not None})
+    return {**args, **(options["engine_kwargs"] or {})}
+
+
 def vllm_processor_config(
     model: str = DEFAULT_MODEL,
     batch_size: int = 64,
-    tensor_parallel_size: int = 1,
     concurrency: int | tuple[int, int] = 1,
     accelerator_type: str | None = None,
-    max_model_len: int | None = None,
-    engine_kwargs: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> Any:
-    """The ``ray.data.llm.vLLMEngineProcessorConfig`` for captioning (building it needs no vLLM)."""
+    """The ``ray.data.llm.vLLMEngineProcessorConfig`` for captioning (building it needs no vLLM);
+    ``options``: the engine's (``experiment.caption.vllm``)."""
     vLLMEngineProcessorConfig = ray_data_llm().vLLMEngineProcessorConfig  # noqa: N806 - Ray's class name
 
-    kwargs: dict[str, Any] = {"tensor_parallel_size": int(tensor_parallel_size), "limit_mm_per_prompt": {"image": 1}}
-    if max_model_len:
-        kwargs["max_model_len"] = int(max_model_len)
-    kwargs.update(engine_kwargs or {})
     return vLLMEngineProcessorConfig(
         model_source=model,
-        engine_kwargs=kwargs,
+        engine_kwargs=engine_args(KIND.checked_options(options)),
         batch_size=batch_size,
         concurrency=concurrency,
         accelerator_type=accelerator_type,
@@ -205,34 +209,29 @@ def build_vllm_processor(
     prompt: str = DEFAULT_PROMPT,
     batch_size: int = 64,
     max_new_tokens: int = 128,
-    tensor_parallel_size: int = 1,
     concurrency: int | tuple[int, int] = 1,
     image_column: str = "image_bytes",
     keep_columns: Sequence[str] = ("image_sha256", "item_id"),
     accelerator_type: str | None = None,
-    max_model_len: int | None = None,
-    min_new_tokens: int | None = None,
-    engine_kwargs: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> Callable[[Any], Any]:
     """``caption(ds)``: a Ray Dataset of rows with ``image_column`` (file bytes) and
     ``keep_columns`` -> rows of ``keep_columns`` + ``text``, ``n_tokens``, ``error``.
 
     ``concurrency`` is the number of vLLM replicas (an int, or ``(min, max)`` to autoscale);
-    each replica uses ``tensor_parallel_size`` GPUs. ``engine_kwargs`` go to vLLM as they are.
-    Building it connects to (or starts) Ray and reads the model's tokenizer files.
+    each replica uses the options' ``tensor_parallel_size`` GPUs (``engine_args``: their
+    ``engine_kwargs`` go to vLLM as they are). Building it connects to (or starts) Ray and reads
+    the model's tokenizer files.
     """
     require_vllm()
     build_processor = ray_data_llm().build_processor
 
-    config = vllm_processor_config(
-        model, batch_size, tensor_parallel_size, concurrency, accelerator_type, max_model_len, engine_kwargs
-    )
     keep = tuple(keep_columns)
     processor = build_processor(
-        config,
+        vllm_processor_config(model, batch_size, concurrency, accelerator_type, options),
         preprocess=partial(
             vllm_request_row, prompt=prompt, image_column=image_column,
-            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+            max_new_tokens=max_new_tokens, min_new_tokens=KIND.checked_options(options)["min_new_tokens"],
         ),
         postprocess=partial(vllm_result_row, keep_columns=keep),
     )
@@ -262,18 +261,8 @@ class VLLMEngine(CaptionEngine):
         require_vllm()
         from vllm import LLM, SamplingParams
 
-        o = self.options
-        llm_kwargs: dict[str, Any] = {
-            "model": model,
-            "tensor_parallel_size": int(o["tensor_parallel_size"]),
-            "limit_mm_per_prompt": {"image": 1},
-        }
-        for key in ("max_model_len", "gpu_memory_utilization"):
-            if o[key] is not None:
-                llm_kwargs[key] = o[key]
-        llm_kwargs.update(o["engine_kwargs"] or {})
-        self._llm = LLM(**llm_kwargs)
-        self._sampling = SamplingParams(**sampling_params(max_new_tokens, o["min_new_tokens"]))
+        self._llm = LLM(model=model, **engine_args(self.options))
+        self._sampling = SamplingParams(**sampling_params(max_new_tokens, self.options["min_new_tokens"]))
 
     def describe(self, images: Sequence[Image.Image]) -> list[Caption]:
         conversations = [chat_messages(img, self.prompt) for img in images]

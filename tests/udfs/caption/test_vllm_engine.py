@@ -12,8 +12,10 @@ from PIL import Image
 
 from udfs.caption import make_engine
 from udfs.caption.vllm_engine import (
+    KIND,
     build_vllm_processor,
     chat_messages,
+    engine_args,
     image_data_url,
     sampling_params,
     vllm_processor_config,
@@ -87,6 +89,13 @@ def test_result_rows_have_one_schema_for_success_and_failure():
     assert set(ok) == set(failed)
 
 
+def test_engine_args_are_ours_then_vllms_own():
+    options = KIND.checked_options({"max_model_len": 4096, "gpu_memory_utilization": 0.8,
+                                    "engine_kwargs": {"gpu_memory_utilization": 0.9}})
+    assert engine_args(options) == {"tensor_parallel_size": 1, "limit_mm_per_prompt": {"image": 1},
+                                    "max_model_len": 4096, "gpu_memory_utilization": 0.9}
+
+
 def _ray_llm_importable() -> bool:
     try:
         import ray.data.llm  # noqa: F401
@@ -98,8 +107,9 @@ def _ray_llm_importable() -> bool:
 def test_processor_config_or_a_clear_install_error():
     """With Ray's LLM extra the config validates against Ray's own schema; without it the
     error names the install command."""
-    args = dict(model="/models/llava", batch_size=32, tensor_parallel_size=2, concurrency=(1, 4),
-                accelerator_type="H100", max_model_len=4096, engine_kwargs={"enable_prefix_caching": True})
+    args = dict(model="/models/llava", batch_size=32, concurrency=(1, 4), accelerator_type="H100",
+                options={"tensor_parallel_size": 2, "max_model_len": 4096,
+                         "engine_kwargs": {"enable_prefix_caching": True}})
     if not _ray_llm_importable():
         with pytest.raises(ImportError, match=r"pip install 'vlm4rec\[gpu\]'"):
             vllm_processor_config(**args)
@@ -111,7 +121,7 @@ def test_processor_config_or_a_clear_install_error():
 
     stage = resolve_stage_config(config.prepare_multimodal_stage, PrepareMultimodalStageConfig)
     assert stage.enabled and stage.chat_template_content_format == "openai"
-    assert config.engine_kwargs["tensor_parallel_size"] == 2
+    assert config.engine_kwargs["tensor_parallel_size"] == 2 and config.engine_kwargs["max_model_len"] == 4096
     assert config.engine_kwargs["limit_mm_per_prompt"] == {"image": 1}
     assert config.engine_kwargs["enable_prefix_caching"] is True
     assert config.should_continue_on_error is True
