@@ -116,9 +116,6 @@ class Ranking:
     candidates: pd.DataFrame
     sizes: dict[str, tuple[int, int]]
 
-    def items_of(self, name: str) -> pd.Series:
-        return self.candidates.loc[self.candidates["representation"] == name, "item_id"]
-
 
 def resolve_settings(run: JobRun, args: argparse.Namespace) -> TopkSettings:
     """The plan stored under ``--run-id`` (``jobs.plan.plan_for_run``: refused when this job's
@@ -258,7 +255,7 @@ def topk_on_driver(run: JobRun, settings: TopkSettings, read: dict[str, pa.Table
         train = interactions.loc[interactions["split"] == protocol.TRAIN_SPLIT, "item_id"].value_counts()
         parts = []
         for name in ranking.sizes:
-            these = ranking.items_of(name)
+            these = ranking.candidates.loc[ranking.candidates["representation"] == name, "item_id"]
             if name in plan.representations:
                 users_table = topk_udfs.users_table(users, profiles[profiles["representation"] == name])
                 vectors = embeddings[(embeddings["representation"] == name) & embeddings["item_id"].isin(these)]

@@ -71,9 +71,7 @@ def phrases(text: str | None, max_words: int = MAX_PHRASE_WORDS) -> set[str]:
 def shared_phrases(item_text: str | None, history_texts: Sequence[str | None], limit: int = 8) -> list[str]:
     """The phrases ``item_text`` shares with any of ``history_texts``, longest first (at most ``limit``)."""
     mine = phrases(item_text)
-    if not mine:
-        return []
-    theirs = set().union(*(phrases(t) for t in history_texts)) if history_texts else set()
+    theirs = set().union(*(phrases(t) for t in history_texts))
     # Longest first, without the phrases contained (as whole words) in a longer one kept.
     kept: list[str] = []
     for phrase in sorted(mine & theirs, key=lambda p: (-len(p.split()), p)):

@@ -9,6 +9,7 @@ is ``udfs.rank.profiles`` (the mean, via ``udfs.encode.embedding_udfs.profile_gr
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -91,11 +92,9 @@ def profile_rows(half_life_days: float | None, fusions: Sequence[tuple[Represent
 
 
 def _fused(profiles: pd.DataFrame, rep: Representation, weights: dict[str, float] | None) -> pd.DataFrame:
-    joined = None
-    for j, part in enumerate(rep.parts):
-        frame = profiles.loc[profiles["representation"] == part, ["user_id", "vector", "n_history"]]
-        frame = frame.rename(columns={"vector": f"part_{j}", "n_history": f"_n_{j}"})
-        joined = frame if joined is None else joined.merge(frame, on="user_id", how="inner")
+    parts = [profiles.loc[profiles["representation"] == part, ["user_id", "vector", "n_history"]]
+             .rename(columns={"vector": f"part_{j}", "n_history": f"_n_{j}"}) for j, part in enumerate(rep.parts)]
+    joined = functools.reduce(lambda left, right: left.merge(right, on="user_id", how="inner"), parts)
     joined["n_history"] = joined[[f"_n_{j}" for j in range(len(rep.parts))]].min(axis=1).astype(np.int32)
     fuse = fused_vector_batches(rep.kind, rep.parts, weights, key="user_id")
     fused = list(fuse(iter([joined.reset_index(drop=True)])))

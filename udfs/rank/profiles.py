@@ -33,10 +33,9 @@ SECONDS_PER_DAY = 86_400.0
 DEGENERATE_NORM = 1e-6
 
 
-def recency_weights(
-    user_index: np.ndarray, ts: np.ndarray, half_life_days: float, n_users: int | None = None
-) -> np.ndarray:
-    """Per-row weights ``0.5 ** ((t_max(user) - t) / half_life)``, t in seconds."""
+def recency_weights(user_index: np.ndarray, ts: np.ndarray, half_life_days: float, n_users: int) -> np.ndarray:
+    """Per-row weights ``0.5 ** ((t_max(user) - t) / half_life)``, t in seconds, of the rows of
+    users ``0..n_users-1``."""
     if not np.isfinite(half_life_days) or half_life_days <= 0:
         raise ValueError(
             f"half_life_days must be a positive number of days, got {half_life_days!r}: "
@@ -52,8 +51,6 @@ def recency_weights(
     if not np.isfinite(ts).all():
         row = int(np.flatnonzero(~np.isfinite(ts))[0])
         raise ValueError(f"ts[{row}] is {ts[row]}: every interaction needs a timestamp")
-    if n_users is None:
-        n_users = int(user_index.max()) + 1 if user_index.size else 0
     t_max = np.full(n_users, -np.inf)
     np.maximum.at(t_max, user_index, ts)
     age_days = (t_max[user_index] - ts) / SECONDS_PER_DAY
@@ -61,7 +58,8 @@ def recency_weights(
 
 
 def _checked(user_index, item_vectors, item_index, n_users: int | None):
-    """``user_profiles``' arguments as arrays, and ``n_users``, once they hold together."""
+    """``user_profiles``' arguments as arrays, and ``n_users``, once they hold together; without
+    ``item_index``, history row r is item vector r."""
     user_index = np.asarray(user_index)
     item_vectors = np.asarray(item_vectors)
     if user_index.ndim != 1:
@@ -89,6 +87,8 @@ def _checked(user_index, item_vectors, item_index, n_users: int | None):
             f"item_vectors must have shape (m, d) with m = len(user_index) = "
             f"{user_index.shape[0]}, got {item_vectors.shape}: pass one vector per history row"
         )
+    else:
+        item_index = np.arange(user_index.shape[0])
     m = user_index.shape[0]
     if n_users is None:
         n_users = int(user_index.max()) + 1 if m else 0
@@ -131,16 +131,13 @@ def user_profiles(
     if m == 0:
         return profiles, n_history
 
-    if item_index is None:
-        x, bad_rows = l2_normalise(item_vectors, dtype=np.float64)
-    else:
-        units, bad_items = l2_normalise(item_vectors, dtype=np.float64)
-        x, bad_rows = units[item_index], bad_items[item_index]
+    # Normalisation is per row: each item once, then its rows, gives the numbers of each row alone.
+    units, bad_items = l2_normalise(item_vectors, dtype=np.float64)
+    x, bad_rows = units[item_index], bad_items[item_index]
     if bad_rows.any():
         row = int(np.flatnonzero(bad_rows)[0])
-        which = row if item_index is None else int(item_index[row])
         raise ValueError(
-            f"item_vectors row {which} (user index {int(user_index[row])}) is zero or not finite: "
+            f"item_vectors row {int(item_index[row])} (user index {int(user_index[row])}) is zero or not finite: "
             "drop history rows whose item has no vector before building profiles"
         )
     if half_life_days is not None:
@@ -176,9 +173,8 @@ def profiles_frame(df: pd.DataFrame, half_life_days: float | None = None) -> pd.
     as ``array<float>``) and ``n_history`` (int32). Users without a usable profile (no rows, or
     vectors that cancel out) are absent; the caller counts them.
     """
-    missing = {"user_id", "vector"} - set(df.columns)
-    if half_life_days is not None and "ts" not in df.columns:
-        missing.add("ts")
+    needed = {"user_id", "vector"} if half_life_days is None else {"user_id", "vector", "ts"}
+    missing = needed - set(df.columns)
     if missing:
         raise ValueError(
             f"profiles_frame needs columns {sorted(missing)}, got {list(df.columns)}"

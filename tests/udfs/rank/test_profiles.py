@@ -75,7 +75,7 @@ def test_unnormalised_item_vectors_are_normalised_first():
 def test_recency_weight_halves_per_half_life():
     vectors = np.array([[1.0, 0.0], [0.0, 1.0]])
     ts = np.array([0, 10 * SECONDS_PER_DAY])
-    weights = recency_weights(np.array([0, 0]), ts, half_life_days=10.0)
+    weights = recency_weights(np.array([0, 0]), ts, half_life_days=10.0, n_users=1)
     np.testing.assert_allclose(weights, [0.5, 1.0])
     profiles, _ = user_profiles(np.array([0, 0]), vectors, ts, half_life_days=10.0)
     expected = np.array([0.5, 1.0]) / np.linalg.norm([0.5, 1.0])
