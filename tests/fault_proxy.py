@@ -10,7 +10,9 @@ request; after the script the image's requests are forwarded. Faults:
 - ``"400"``: a 400 (a request the server refuses);
 - ``"junk"``: a 200 whose body is JSON but not a chat completion;
 - ``"stall"``: the request is held ``stall_s`` seconds, then the connection is dropped;
-- ``"500*"``: a 500 on every request of that image, forever.
+- ``"500*"``: a 500 on every request of that image, forever;
+- ``"echo"``: a 500 whose body echoes the request's ``Authorization`` header, as sent and inside
+  JSON (escaped), as a careless server's error page does.
 
 ``kill_after``/``on_kill``: after that many forwarded 200 responses, ``on_kill`` is called (the
 tests kill the real server there), and from then on a request whose upstream is down has its
@@ -113,6 +115,10 @@ class FaultProxy:
                                      headers={"Retry-After": f"{self.retry_after:g}"})
         if fault == "500":
             return web.json_response({"error": {"message": "injected server error"}}, status=500)
+        if fault == "echo":
+            auth = request.headers.get("Authorization", "")
+            return web.Response(text=f"bad credentials {auth} " + json.dumps({"error": {"authorization": auth}}),
+                                status=500)
         if fault == "400":
             return web.json_response({"error": {"message": "injected bad request"}}, status=400)
         if fault == "junk":

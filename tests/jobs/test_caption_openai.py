@@ -9,6 +9,8 @@ under its own prompt (its own cache slice), so tests do not see each other's des
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 import pytest
 from pyspark.sql import functions as F
@@ -20,18 +22,24 @@ from tests.llama_server import MODEL_NAME, free_port
 pytestmark = [pytest.mark.spark, pytest.mark.ray, pytest.mark.server]
 
 N_IMAGES = 12
+# The API key of the echo test, with characters JSON escapes (its escaped form differs), set in
+# the environment before Ray starts, as on a real node (the workers inherit it).
+KEY_ENV, KEY = "VLM4REC_TEST_CAPTION_KEY", 'sk-echo"7\\' + "k" * 24
 
 
 @pytest.fixture(scope="module")
 def ray_running():
-    """Ray for the jobs of this module: the session's when a module before started it."""
+    """Ray for the jobs of this module (its session folder): the session's when a module before started it."""
     import ray
 
     if ray.is_initialized():
-        yield
+        yield ray._private.worker._global_node.get_session_dir_path()
         return
-    ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False, configure_logging=False)
-    yield
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(KEY_ENV, KEY)
+        context = ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
+                           configure_logging=False)
+    yield context.address_info["session_dir"]
     ray.shutdown()
 
 
@@ -160,3 +168,31 @@ def test_no_server_fails_fast_with_the_url_and_the_fix(spark, catalog, capsys):
     failed = (tables.read(spark, wh, "runs").filter("job = 'caption' AND status = 'failed'")
               .orderBy(F.col("started_at").desc()).first())
     assert failed is not None and url in failed.error
+
+
+@pytest.mark.faults
+def test_a_key_the_server_echoes_is_stored_and_logged_nowhere(spark, catalog, ray_running, llama_server, capsys,
+                                                             caplog, monkeypatch):
+    """issue 26.4: the server echoes the Authorization header in its 500s; the key, as sent or
+    JSON-escaped, is in neither the warehouse's bytes, the logs nor Ray's session folder."""
+    wh, root = catalog
+    prompt = "Describe the image (echoed key)."
+    keyed = ("--set", f"experiment.caption.openai.api_key_env={KEY_ENV}", "--set", "log_level=DEBUG",
+             "--set", "experiment.caption.openai.max_retries=1", "--set", "experiment.caption.openai.backoff_s=0.05")
+    monkeypatch.setenv(KEY_ENV, KEY)  # the driver's check of the servers sends it too
+    with caplog.at_level(logging.DEBUG), FaultProxy(llama_server.base_url, [["echo", "echo"], ["echo"]]) as proxy:
+        assert caption.main(argv(wh, root, proxy.base_url, prompt, *keyed)) == 0
+    shown = capsys.readouterr()
+    assert proxy.counts["echo"] == 3
+    counts = json.loads(shown.out.strip().splitlines()[-1])["counts"]
+    assert counts["failed_server_error"] == 1 and counts["described_after_retry"] == 1
+    (error,) = [r.error for r in rows(spark, wh, prompt).values() if r.status == "error"]
+    assert error.startswith("server_error: HTTP 500") and "bad credentials Bearer [redacted]" in error
+
+    forms = {KEY, json.dumps(KEY)[1:-1]}
+    assert len(forms) == 2
+    texts = {"stdout": shown.out, "stderr": shown.err, "logs": caplog.text}
+    assert not [(where, form) for where, text in texts.items() for form in forms if form in text]
+    stored = [path for folder in (wh, Path(ray_running) / "logs") for path in Path(folder).rglob("*")
+              if path.is_file() and any(form.encode() in path.read_bytes() for form in forms)]
+    assert not stored
