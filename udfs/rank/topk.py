@@ -65,16 +65,13 @@ class ItemBlock:
     def topk(self, profiles: np.ndarray, k: int, seen: SeenItems = None) -> tuple[np.ndarray, np.ndarray]:
         """``topk_block`` of ``profiles`` against this block (see there)."""
         profiles = _as_matrix(profiles, "profiles")
-        n_users, n_items = profiles.shape[0], self.items.shape[0]
         if profiles.shape[1] != self.items.shape[1]:
             raise ValueError(
                 f"profiles have dimension {profiles.shape[1]} but items have {self.items.shape[1]}: "
                 "both must come from the same representation"
             )
         _check_k(k)
-        width = min(k, n_items)
-        if width == 0:
-            return np.empty((n_users, 0), np.float32), np.empty((n_users, 0), np.int64)
+        width = min(k, self.items.shape[0])  # 0 for a block without items: (u, 0) arrays
         if self.use_torch:
             import torch
 

@@ -294,10 +294,7 @@ def rank_in_process(representation: str, users: pa.Table, items: pa.Table, k: in
     item_vectors = _vectors_of(items.column("vector"), item_ids, "item")
     seen = [s or [] for s in users.column("seen").to_pylist()]
     counts, flat = [len(s) for s in seen], [i for s in seen for i in s]
-    blocks = []
-    for start in range(0, max(1, len(item_ids)), max(1, item_block)):  # no item: one empty block
-        ids = item_ids[start:start + max(1, item_block)]
-        mask = seen_mask(counts, flat, ids)
-        blocks.append(pair_topk(user_ids, user_vectors, mask, ids, item_vectors[start:start + len(ids)], k, scorer,
-                                seed, score_rows))
+    blocks = [pair_topk(user_ids, user_vectors, seen_mask(counts, flat, item_ids[s:s + item_block]),
+                        item_ids[s:s + item_block], item_vectors[s:s + item_block], k, scorer, seed, score_rows)
+              for s in range(0, max(1, len(item_ids)), item_block)]  # no item: one empty block
     return _rank_rows(representation, user_ids, blocks, k)
