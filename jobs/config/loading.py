@@ -62,6 +62,10 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and value == raw.strip() != raw:
+        # YAML trims a bare value: keep what was typed, so that ' padded ' meets the checks the
+        # same value quoted in a file meets (a dataset name's white space is an error there).
+        value = raw
     return key.strip(), value
 
 

@@ -98,14 +98,30 @@ def test_crafted_dataset_names_are_ingested_without_touching_other_datasets(spar
         assert len(mine) == 30 and {r[0] for r in mine} == {name}
 
 
-# As typed after --set: YAML folds a bare newline and strips bare spaces, quotes keep them.
+# As typed after --set: YAML folds a bare newline, quotes keep it; spaces are kept, quoted or bare.
 @pytest.mark.parametrize("name, problem", [('"line\\nbreak"', "control character"), ("' padded'", "white space"),
-                                           ("x" * 129, "129 characters")])
+                                           (" padded ", "white space"), ("x" * 129, "129 characters")])
 def test_unusable_dataset_names_are_config_errors(spark, warehouse, synthetic, capsys, name, problem):
     assert ingest.main(ingest_argv(warehouse, synthetic, name)) == 2
     err = capsys.readouterr().err
     assert "dataset.name" in err and problem in err and "--set" in err
     assert not tables.exists(spark, warehouse, "items")
+
+
+def test_a_padded_value_is_the_same_error_in_a_file_and_after_set(tmp_path):
+    """issue 26.5: YAML trims a bare value after --set; the padded name still meets the check it
+    meets quoted in a file, word for word but for where it came from."""
+    from jobs.config import ConfigError, load_config
+
+    conf = tmp_path / "padded.yaml"
+    conf.write_text('dataset:\n  name: " padded "\n')
+    errors = []
+    for files, overrides in (([str(conf)], []), ([], ["dataset.name= padded "])):
+        with pytest.raises(ConfigError) as info:
+            load_config(["datasets/synthetic.yaml", *files], overrides)
+        errors.append(str(info.value))
+    assert errors[0].replace(str(conf.resolve()), "--set dataset.name= padded ") == errors[1]
+    assert "starts or ends with white space in ' padded '" in errors[1]
 
 
 def test_item_and_user_ids_stay_arbitrary_strings(spark, warehouse, synthetic, tmp_path):
