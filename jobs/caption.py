@@ -197,10 +197,9 @@ def prepared(spec: CaptionSpec) -> CaptionSpec:
     (``EngineKind.prepared_options``: the ``openai`` servers that answer now, or
     ``ServerUnavailable``, exit 4, when none does, before any image is sent)."""
     try:
-        options = spec.kind.prepared_options(spec.engine_options, spec.model)
+        return dataclasses.replace(spec, engine_options=spec.kind.prepared_options(spec.engine_options, spec.model))
     except ValueError as exc:
         raise ConfigError(f"experiment.caption.{spec.engine}: {exc}") from exc
-    return dataclasses.replace(spec, engine_options=options)
 
 
 def count_requests(run: JobRun, summaries: list[dict[str, Any]]) -> None:
@@ -225,7 +224,7 @@ def add_arguments(parser: JobParser) -> None:
 
 def unavailable_engine(argv: list[str] | None) -> str | None:
     """The install hint when the configured engine cannot run here, checked before any table is
-    touched; ``None`` when it can (or the config is wrong, which ``run_job`` reports)."""
+    touched; ``None`` when it can (or the config is wrong, which ``Job.main`` reports)."""
     parser = base_parser("caption", "")
     add_arguments(parser)
     try:

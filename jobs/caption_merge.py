@@ -38,8 +38,8 @@ def staging_root(warehouse: str | Path) -> str:
 
 
 def write_owner(folder: str, run_id: str) -> None:
-    owner = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-    storage.write_bytes(storage.join(folder, OWNER_FILE), json.dumps(owner).encode())
+    storage.write_bytes(storage.join(folder, OWNER_FILE), json.dumps(
+        {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode())
 
 
 def owner_alive(folder: str, now: float | None = None) -> bool:

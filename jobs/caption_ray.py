@@ -45,8 +45,7 @@ def describe_with_ray(ray: Any, todo: Any, spec: CaptionSpec, folder: str,
         # Such an actor takes a whole block per call: blocks small enough that every actor
         # gets two, so none idles while another works through the rest.
         per_block = max(1, min(conf.rows_per_file, -(-todo.num_rows // (2 * conf.num_workers))))
-    blocks = [todo.slice(start, per_block) for start in range(0, todo.num_rows, per_block)]
-    ds = ray.data.from_arrow(blocks)
+    ds = ray.data.from_arrow([todo.slice(start, per_block) for start in range(0, todo.num_rows, per_block)])
     write_kwargs = dict(staging_dir=str(folder), engine=spec.engine, model=spec.model,
                         prompt_id=spec.prompt_id, prompt=spec.prompt)
     write = dict(fn_kwargs=write_kwargs, batch_size=conf.rows_per_file, batch_format="pandas", num_cpus=0.25)

@@ -227,7 +227,6 @@ def test_typed_sections_have_todays_defaults():
 def test_each_engine_section_is_typed_by_the_engines_own_options():
     """Each engine owns its options (``udfs.caption.kinds``): the config's section is that type, and
     the engine gets it as its options mapping."""
-    from udfs.caption import hf_engine
     from udfs.caption.kinds import KINDS
 
     caption = load_config().experiment.caption
@@ -235,7 +234,7 @@ def test_each_engine_section_is_typed_by_the_engines_own_options():
     for name, kind in KINDS.items():
         assert type(getattr(caption, name)) is kind.options, name
     tuned = load_config(None, ["experiment.caption.engine=hf", "experiment.caption.hf.device=cpu"])
-    assert tuned.experiment.caption.engine_options() == {**hf_engine.OPTIONS, "device": "cpu"}
+    assert tuned.experiment.caption.engine_options() == {**KINDS["hf"].defaults(), "device": "cpu"}
 
 
 @pytest.mark.parametrize("override, message", [

@@ -170,8 +170,7 @@ def caption_todo_of_rows(rows: pa.Table) -> tuple[pa.Table, dict[str, int]]:
     facts = Counter(dict.fromkeys(FACT_NAMES, 0))
     for text in rows.column("facts").drop_null().to_pylist():
         facts.update(json.loads(text))
-    todo = rows.filter(rows.column("facts").is_null()).drop_columns(["facts"])
-    return todo.sort_by("image_sha256"), dict(facts)
+    return rows.filter(rows.column("facts").is_null()).drop_columns(["facts"]).sort_by("image_sha256"), dict(facts)
 
 
 def read_checked(uri: str, expected_sha256: str, limits: Any = None) -> tuple[bytes | None, str | None]:
@@ -318,31 +317,25 @@ class CaptionActor:
         return self._engine
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        n = len(batch)
-        texts: list[str | None] = [None] * n
-        tokens: list[int | None] = [None] * n
-        prompt_tokens: list[int | None] = [None] * n
-        retries: list[str] = [""] * n
-        latency: list[float | None] = [None] * n
         if self.load is not None and self.streams:
             started = time.perf_counter()
-            todo, results, errors = self._send_as_read(batch)
-            per_image_ms = [(time.perf_counter() - started) * 1000.0 / max(1, len(todo))] * len(todo)
+            results = self._send_as_read(batch)
+            # The batch's requests overlap: each image is charged its share of the whole.
+            ms = (time.perf_counter() - started) * 1000.0 / max(1, sum(not isinstance(r, str) for r in results))
+            latency = [ms] * len(results)
         else:
-            todo, results, errors, per_image_ms = self._describe_by_engine_batch(batch)
-        for i, result, ms in zip(todo, results, per_image_ms):
-            if isinstance(result, Exception):
-                kind = getattr(result, "kind", None)
-                errors[i] = (error_text(kind, str(result)) if kind
-                             else error_text(ENGINE, f"{type(result).__name__}: {result}"))
-                retries[i] = ",".join(getattr(result, "retries", ()))
-            else:
-                texts[i], tokens[i], latency[i] = result.text, result.n_tokens, ms
-                prompt_tokens[i], retries[i] = result.prompt_tokens, ",".join(result.retries)
+            results, latency = self._describe_by_engine_batch(batch)
+        captions = [None if isinstance(r, (str, Exception)) else r for r in results]
+        errors = [_error_of(r) for r in results]
         out = batch.drop(columns=[c for c in ("pixels", "width", "height", "error") if c in batch])
-        out = out.assign(text=texts, n_tokens=tokens, latency_ms=latency, error=errors,
-                         status=[OK if e is None else ERROR for e in errors],
-                         prompt_tokens=pd.array(prompt_tokens, dtype="Int64"), retries=retries)
+        out = out.assign(text=[None if c is None else c.text for c in captions],
+                         n_tokens=[None if c is None else c.n_tokens for c in captions],
+                         latency_ms=[None if c is None else ms for c, ms in zip(captions, latency)],
+                         error=errors, status=[OK if e is None else ERROR for e in errors],
+                         prompt_tokens=pd.array([None if c is None else c.prompt_tokens for c in captions],
+                                                dtype="Int64"),
+                         # The fault kinds of the requests that failed before each result.
+                         retries=[",".join(getattr(r, "retries", ())) for r in results])
         return out if self.staging is None else write_staging(out, **self.staging)
 
     def _image(self, batch: pd.DataFrame, i: int) -> tuple[Any, str | None]:
@@ -356,51 +349,57 @@ class CaptionActor:
         error = _text_or_none(batch["error"].iat[i])
         if error is not None:
             return None, error
-        size = (int(batch["width"].iat[i]), int(batch["height"].iat[i]))
-        return Image.frombytes("RGB", size, batch["pixels"].iat[i]), None
+        return Image.frombytes("RGB", (int(batch["width"].iat[i]), int(batch["height"].iat[i])),
+                               batch["pixels"].iat[i]), None
 
-    def _describe_by_engine_batch(self, batch: pd.DataFrame) -> tuple[list[int], list[Any], list[str | None],
-                                                                       list[float]]:
+    def _describe_by_engine_batch(self, batch: pd.DataFrame) -> tuple[list[Any], list[float | None]]:
         """One engine batch at a time, each described as soon as its images are at hand
-        (``_image``: an actor that reads its own files reads them just before). Returns (rows
-        described, their results, every row's error, each described row's milliseconds in the
-        engine: reading is not counted, as it is not where a loading stage does it)."""
+        (``_image``: an actor that reads its own files reads them just before). Returns each
+        row's result (its ``Caption``, the exception it alone raised, or the error text of an
+        image that never reached the engine) and each described row's milliseconds in the
+        engine: reading is not counted, as it is not where a loading stage does it."""
         from udfs.caption import describe_isolated
 
-        errors: list[str | None] = [None] * len(batch)
-        todo: list[int] = []
-        results: list[Any] = []
-        per_image_ms: list[float] = []
+        results: list[Any] = [None] * len(batch)
+        latency: list[float | None] = [None] * len(batch)
         step = max(1, int(self.spec["batch_size"]))
         for start in range(0, len(batch), step):
             chunk, images = [], []
             for i in range(start, min(start + step, len(batch))):
-                img, errors[i] = self._image(batch, i)
+                img, results[i] = self._image(batch, i)
                 if img is not None:
                     chunk.append(i)
                     images.append(img)
             if chunk:
                 started = time.perf_counter()
-                results.extend(describe_isolated(self.engine, images))
-                todo.extend(chunk)
-                per_image_ms.extend([(time.perf_counter() - started) * 1000.0 / len(chunk)] * len(chunk))
-        return todo, results, errors, per_image_ms
+                described = describe_isolated(self.engine, images)
+                ms = (time.perf_counter() - started) * 1000.0 / len(chunk)
+                for i, result in zip(chunk, described):
+                    results[i], latency[i] = result, ms
+        return results, latency
 
-    def _send_as_read(self, batch: pd.DataFrame) -> tuple[list[int], list[Any], list[str | None]]:
+    def _send_as_read(self, batch: pd.DataFrame) -> list[Any]:
         """The ``openai`` engine's streaming path: each image is read, checked and handed to
         the engine's event loop at once (``submit_url``), so requests leave while the rest of
         the batch is still being read, and the whole batch (a staged file's worth of rows) is
         in flight up to ``max_concurrency``: no batch waits for its slowest request before the
-        next one starts. Returns (rows sent, their results, every row's error)."""
+        next one starts. Returns each row's result, as ``_describe_by_engine_batch``."""
         from udfs.caption.openai_engine import outcome
 
-        errors: list[str | None] = [None] * len(batch)
-        sent: dict[int, Any] = {}
-        for i, (uri, sha) in enumerate(zip(batch["image_uri"], batch["image_sha256"])):
-            url, errors[i] = image_url_of(uri, sha, **self.load)
-            if url is not None:
-                sent[i] = self.engine.submit_url(url)
-        return list(sent), [outcome(f) for f in sent.values()], errors
+        sent = []
+        for uri, sha in zip(batch["image_uri"], batch["image_sha256"]):
+            url, error = image_url_of(uri, sha, **self.load)
+            sent.append(error if url is None else self.engine.submit_url(url))
+        return [r if isinstance(r, str) else outcome(r) for r in sent]
+
+
+def _error_of(result: Any) -> str | None:
+    """The ``error`` column of one row's result: an image's error text as it is, an engine's
+    exception as ``"<kind>: <reason>"`` (the request's fault kind when it has one), else None."""
+    if not isinstance(result, Exception):
+        return result if isinstance(result, str) else None
+    kind = getattr(result, "kind", None)
+    return error_text(kind, str(result)) if kind else error_text(ENGINE, f"{type(result).__name__}: {result}")
 
 
 def node_cpus() -> int:
@@ -422,8 +421,7 @@ def description_table(batch: pd.DataFrame, engine: str, model: str, prompt_id: s
                       created_at: dt.datetime | None = None) -> pa.Table:
     """Rows of the ``descriptions`` contract (``STAGING_SCHEMA``) for a described batch."""
     n = len(batch)
-    created = created_at or dt.datetime.now(dt.timezone.utc)
-    columns = {
+    return pa.Table.from_pydict({
         "image_sha256": list(batch["image_sha256"]),
         "engine": [engine] * n,
         "model": [model] * n,
@@ -435,9 +433,8 @@ def description_table(batch: pd.DataFrame, engine: str, model: str, prompt_id: s
         "latency_ms": [None if pd.isna(v) else float(v) for v in batch["latency_ms"]],
         "status": list(batch["status"]),
         "error": [_text_or_none(v) for v in batch["error"]],
-        "created_at": [created] * n,
-    }
-    return pa.Table.from_pydict(columns, schema=STAGING_SCHEMA)
+        "created_at": [created_at or dt.datetime.now(dt.timezone.utc)] * n,
+    }, schema=STAGING_SCHEMA)
 
 
 def write_staging(batch: pd.DataFrame, staging_dir: str, engine: str, model: str, prompt_id: str,

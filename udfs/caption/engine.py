@@ -168,24 +168,22 @@ def _describe_span(
         batch = [images[i] for i in span]
         captions = _one_each(engine, engine.describe(batch), batch, "captions")
     except Exception as error:  # noqa: BLE001 - isolated per image, returned to the caller
-        if is_out_of_memory(error):
+        out_of_memory = is_out_of_memory(error)
+        if out_of_memory:
             _release_memory()
-            if len(span) == 1:
-                log.warning("caption engine %s: out of memory on a single image: %s", engine.name, error)
-                results[span[0]] = error
-                return
-            log.warning("caption engine %s: out of memory on %d images, halving the batch", engine.name, len(span))
-        elif retry:
+        # A smaller batch may avoid running out of memory: no retry of the same one.
+        if retry and not out_of_memory:
             log.warning("caption engine %s: batch of %d failed (%s), retrying once", engine.name, len(span), error)
             _describe_span(engine, images, span, results, retry=False)
-            return
         elif len(span) == 1:
             log.warning("caption engine %s: image %d failed: %r", engine.name, span[0], error)
             results[span[0]] = error
-            return
-        half = len(span) // 2
-        _describe_span(engine, images, span[:half], results, retry=False)
-        _describe_span(engine, images, span[half:], results, retry=False)
+        else:
+            if out_of_memory:
+                log.warning("caption engine %s: out of memory on %d images, halving the batch", engine.name, len(span))
+            half = len(span) // 2
+            _describe_span(engine, images, span[:half], results, retry=False)
+            _describe_span(engine, images, span[half:], results, retry=False)
         return
     for i, caption in zip(span, captions):
         results[i] = caption

@@ -43,7 +43,6 @@ from udfs.io.images import to_rgb
 log = logging.getLogger(__name__)
 
 KIND = KINDS["hf"]
-OPTIONS: dict[str, Any] = KIND.defaults()
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # LLaVA-1.5's conversation format, for a processor saved without a chat template.
 FALLBACK_TEMPLATE = "USER: {image}\n{prompt} ASSISTANT:"
@@ -177,8 +176,7 @@ class HFEngine(CaptionEngine):
         if getattr(self.processor, "chat_template", None):
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
             return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        image_token = getattr(self.processor, "image_token", "<image>")
-        return FALLBACK_TEMPLATE.format(image=image_token, prompt=prompt)
+        return FALLBACK_TEMPLATE.format(image=getattr(self.processor, "image_token", "<image>"), prompt=prompt)
 
     def describe(self, images: Sequence[Image.Image]) -> list[Caption]:
         return self.describe_with_prompts(images, [self.prompt] * len(images))
@@ -222,11 +220,10 @@ class HFEngine(CaptionEngine):
         }
         with torch.inference_mode():
             output = self.network.generate(**inputs, **self._generate_kwargs())
-        new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
-        return [self._caption(row) for row in new_tokens]
+        # Only the new tokens: the prompt's come first in every row.
+        return [self._caption(row) for row in output[:, inputs["input_ids"].shape[1] :].tolist()]
 
     def _caption(self, token_ids: list[int]) -> Caption:
         """Tokens up to the first end-of-sequence (padding after it is not generated text)."""
         kept = list(itertools.takewhile(lambda token: token not in self._eos_ids, token_ids))
-        text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
-        return Caption(text=text, n_tokens=len(kept))
+        return Caption(text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(), n_tokens=len(kept))

@@ -183,8 +183,8 @@ class EngineKind:
             cpus = actor_num_cpus
         else:
             cpus = max(0.25, min(1.0, (cluster_cpus - 1) / num_workers)) if cluster_cpus > 1 else 0.5
-        threads = torch_threads or max(1, int(cluster_cpus // num_workers))
-        return ActorResources(cpus, 1.0 if self.uses_gpu(options, cluster_gpus) else 0.0, threads)
+        return ActorResources(cpus, 1.0 if self.uses_gpu(options, cluster_gpus) else 0.0,
+                              torch_threads or max(1, int(cluster_cpus // num_workers)))
 
     def actor_pool(self, ray: Any, size: int) -> Any:
         return ray.data.ActorPoolStrategy(size=size)

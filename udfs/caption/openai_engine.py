@@ -70,7 +70,6 @@ CHAT_PATH = "/chat/completions"
 MODELS_PATH = "/models"
 # The options and their defaults: ``udfs.caption.kinds.OpenaiOptions``.
 KIND = KINDS["openai"]
-OPTIONS: dict[str, Any] = KIND.defaults()
 # Error kinds (the ``descriptions.error`` prefix); the first four are retried within a run.
 CONNECTION, TIMEOUT, RATE_LIMITED, SERVER_ERROR = "connection", "timeout", "rate_limited", "server_error"
 REJECTED, BAD_RESPONSE = "rejected", "bad_response"
@@ -275,8 +274,7 @@ class _Client:
 
         self.semaphore = asyncio.Semaphore(self.settings.max_concurrency)
         self.limiter = _Limiter(self.settings.qps)
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
-        return aiohttp.ClientSession(connector=connector, headers=self.headers)
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, limit_per_host=0), headers=self.headers)
 
     def _run(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
@@ -401,9 +399,8 @@ class OpenAIEngine(CaptionEngine):
     def submit_url(self, image_url: str | Exception) -> concurrent.futures.Future:
         """Send one image (its ``data:`` URL) now; the future's ``outcome`` is its result.
         Blocks while twice ``max_concurrency`` requests are already in flight or waiting."""
-        body = image_url if isinstance(image_url, Exception) else request_body(
-            self.model, self.prompt, image_url, self.max_new_tokens, self.settings.temperature)
-        return self.client.submit(body)
+        return self.client.submit(image_url if isinstance(image_url, Exception) else request_body(
+            self.model, self.prompt, image_url, self.max_new_tokens, self.settings.temperature))
 
     def describe_urls(self, image_urls: Sequence[str | Exception]) -> list[Caption | Exception]:
         """``describe_each`` for images already in request form (``file_data_url``: what the

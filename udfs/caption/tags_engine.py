@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 MODEL = EFFICIENTNET_LITE0
 COLOUR_THUMBNAIL_SIDE = 64
 KIND = KINDS["tags"]
-OPTIONS: dict[str, Any] = KIND.defaults()
 
 
 def _resource_lines(name: str) -> list[str]:
@@ -165,10 +164,8 @@ class TagsEngine(CaptionEngine):
         captions: list[Caption] = []
         for start in range(0, len(images), self.batch_size):
             chunk = list(images[start : start + self.batch_size])
-            pixels = lite0_pixels(chunk).to(self.device)
             with torch.inference_mode():
-                probabilities = torch.softmax(self._model(pixels).float(), dim=1).cpu().numpy()
-            for img, probs in zip(chunk, probabilities):
-                text = render_sentence(self.labels(probs), self.colours(img))
-                captions.append(Caption(text=text, n_tokens=len(text.split())))
+                probabilities = torch.softmax(self._model(lite0_pixels(chunk).to(self.device)).float(), dim=1).cpu().numpy()
+            texts = [render_sentence(self.labels(probs), self.colours(img)) for img, probs in zip(chunk, probabilities)]
+            captions.extend(Caption(text=text, n_tokens=len(text.split())) for text in texts)
         return captions

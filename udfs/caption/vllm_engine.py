@@ -58,7 +58,6 @@ INSTALL_HINT = "pip install 'vlm4rec[gpu]'"
 # ray[llm]==2.60.0 requires vllm[audio]==0.29.0; vlm4rec[gpu] pins both (setup.py).
 RAY_VERSION, VLLM_VERSION = "2.60.0", "0.29.0"
 KIND = KINDS["vllm"]
-OPTIONS: dict[str, Any] = KIND.defaults()
 # A data URL keeps each request self-contained: no shared filesystem, no vLLM media-path allowlist.
 _MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
 
@@ -190,9 +189,7 @@ def vllm_processor_config(
 ) -> Any:
     """The ``ray.data.llm.vLLMEngineProcessorConfig`` for captioning (building it needs no vLLM);
     ``options``: the engine's (``experiment.caption.vllm``)."""
-    vLLMEngineProcessorConfig = ray_data_llm().vLLMEngineProcessorConfig  # noqa: N806 - Ray's class name
-
-    return vLLMEngineProcessorConfig(
+    return ray_data_llm().vLLMEngineProcessorConfig(
         model_source=model,
         engine_kwargs=engine_args(KIND.checked_options(options)),
         batch_size=batch_size,
@@ -224,10 +221,8 @@ def build_vllm_processor(
     the model's tokenizer files.
     """
     require_vllm()
-    build_processor = ray_data_llm().build_processor
-
     keep = tuple(keep_columns)
-    processor = build_processor(
+    processor = ray_data_llm().build_processor(
         vllm_processor_config(model, batch_size, concurrency, accelerator_type, options),
         preprocess=partial(
             vllm_request_row, prompt=prompt, image_column=image_column,
@@ -265,8 +260,7 @@ class VLLMEngine(CaptionEngine):
         self._sampling = SamplingParams(**sampling_params(max_new_tokens, self.options["min_new_tokens"]))
 
     def describe(self, images: Sequence[Image.Image]) -> list[Caption]:
-        conversations = [chat_messages(img, self.prompt) for img in images]
-        outputs = self._llm.chat(conversations, self._sampling, use_tqdm=False)
+        outputs = self._llm.chat([chat_messages(img, self.prompt) for img in images], self._sampling, use_tqdm=False)
         return [
             Caption(text=out.outputs[0].text.strip(), n_tokens=len(out.outputs[0].token_ids)) for out in outputs
         ]

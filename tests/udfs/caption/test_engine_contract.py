@@ -24,6 +24,7 @@ from PIL import Image
 
 from jobs.config import CaptionConf
 from udfs.caption import Caption, describe_isolated, make_engine
+from udfs.caption.kinds import KINDS
 
 ROOT = Path(__file__).resolve().parents[3]
 # Engine name -> options to set away from their defaults, so that the round trip is not
@@ -88,7 +89,7 @@ def test_options_are_the_config_section_key_for_key(engine, built):
     assert set(options) == set(dataclasses.asdict(getattr(CaptionConf(), name)))
     # The section's defaults are the engine's: a config that sets nothing runs the defaults.
     default = dataclasses.asdict(getattr(CaptionConf(), name))
-    assert dict(sys.modules[type(engine).__module__].OPTIONS) == default
+    assert KINDS[name].defaults() == default
 
 
 def test_identity_is_the_same_in_another_process(engine, built):
