@@ -289,15 +289,12 @@ def arrow_batch_rows(spark: SparkSession, rows: int) -> Iterator[None]:
     """Arrow batches of at most ``rows`` rows while the block frames run: a block pair row
     carries a whole item block, and the default (10,000 rows) would stack many in one batch."""
     key = "spark.sql.execution.arrow.maxRecordsPerBatch"
-    before = spark.conf.get(key, None)
+    before = spark.conf.get(key)  # a SQL setting with a default: never unset
     spark.conf.set(key, str(rows))
     try:
         yield
     finally:
-        if before is None:
-            spark.conf.unset(key)
-        else:
-            spark.conf.set(key, before)
+        spark.conf.set(key, before)
 
 
 def by_block(frame: DataFrame, column: str, n_rows: int, block: int, min_blocks: int = 1) -> GroupedData:

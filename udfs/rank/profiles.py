@@ -216,11 +216,10 @@ def _stack_vectors(column: pd.Series) -> np.ndarray:
             f"vector of history row {row} is null: drop history "
             "rows whose item has no vector before building profiles"
         )
-    if len(set(lengths.tolist())) > 1:
-        first = int(lengths[0])
-        row = int(np.flatnonzero(lengths != first)[0])
+    if (lengths != lengths[0]).any():
+        row = int(np.flatnonzero(lengths != lengths[0])[0])
         raise ValueError(
-            f"vector of history row {row} has {lengths[row]} dimensions, row 0 has {first}: "
+            f"vector of history row {row} has {lengths[row]} dimensions, row 0 has {lengths[0]}: "
             "profiles are built per representation; do not mix representations in one call"
         )
     return np.stack([np.asarray(v, dtype=np.float32) for v in values])
