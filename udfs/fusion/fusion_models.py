@@ -76,9 +76,7 @@ class FusionSpec:
         return found
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out["dims"] = list(self.dims)
-        return out
+        return {**asdict(self), "dims": list(self.dims)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "FusionSpec":
@@ -117,12 +115,9 @@ class AttentionFusion(_Projected):
         self.scorer = nn.Sequential(nn.Linear(k * h, h), nn.ReLU(), nn.Linear(h, k))
         self.out = _head(h, spec.out_dim)
 
-    def weights(self, hs: list[torch.Tensor]) -> torch.Tensor:
-        return torch.softmax(self.scorer(torch.cat(hs, dim=1)), dim=1)
-
     def forward(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         hs = self.project(parts)
-        w = self.weights(hs)
+        w = torch.softmax(self.scorer(torch.cat(hs, dim=1)), dim=1)
         return self.out(torch.einsum("nk,nkh->nh", w, torch.stack(hs, dim=1)))
 
 
@@ -164,14 +159,6 @@ class CrossModalFusion(_Projected):
         return (fused, weights) if return_weights else fused
 
 
-@dataclass
-class GraphBatch:
-    """One-layer propagation for a batch: ``rows`` (n_out, n_in) sparse matrices, one per part
-    and one for the fused view (last), mapping the model's n_in input rows to n_out outputs."""
-
-    rows: list[torch.Tensor]
-
-
 class SmoreFusion(_Projected):
     def __init__(self, spec: FusionSpec):
         super().__init__(spec)
@@ -197,12 +184,13 @@ class SmoreFusion(_Projected):
         fused = torch.fft.irfft(product * torch.view_as_complex(self.fused_filter), n=h, dim=1, norm="ortho")
         return views, fused
 
-    def forward(self, parts: Sequence[torch.Tensor], graphs: GraphBatch | None = None) -> torch.Tensor:
+    def forward(self, parts: Sequence[torch.Tensor], graphs: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``graphs``: ``graph_batch``'s sparse matrices, one per part and the fused view's last."""
         views, fused = self.spectral_views(self.project(parts))
         if graphs is not None:
-            views = [torch.sparse.mm(a, v) for a, v in zip(graphs.rows, views)]
+            views = [torch.sparse.mm(a, v) for a, v in zip(graphs, views)]
             if fused is not None:
-                fused = torch.sparse.mm(graphs.rows[-1], fused)
+                fused = torch.sparse.mm(graphs[-1], fused)
         stacked = torch.stack(views, dim=1)  # (n, k, h)
         gate_input = fused if fused is not None else stacked.mean(dim=1)
         a = torch.softmax(self.gate(gate_input), dim=1)
@@ -246,23 +234,23 @@ def fused_graph(graphs: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], n: 
     keys = np.concatenate([r * n + c for r, c, _ in graphs])
     weights = np.concatenate([w for _, _, w in graphs])
     order = np.lexsort((-weights, keys))  # per key, the largest weight first
-    keys, weights = keys[order], weights[order]
-    first = np.ones(len(keys), dtype=bool)
-    first[1:] = keys[1:] != keys[:-1]
-    keys, weights = keys[first], weights[first]
+    # np.unique's first index of each (sorted) key is its largest weight's row
+    keys, first = np.unique(keys[order], return_index=True)
+    weights = weights[order][first]
     return (keys // n).astype(np.int64), (keys % n).astype(np.int64), weights
 
 
 def item_graphs(parts: Sequence[np.ndarray], ks: Sequence[int]):
     """Per-part kNN graphs (``knn_graph`` with that part's k) and their element-wise max, last."""
-    n = parts[0].shape[0]
     graphs = [knn_graph(p, k) for p, k in zip(parts, ks)]
-    return graphs + [fused_graph(graphs, n)]
+    return graphs + [fused_graph(graphs, parts[0].shape[0])]
 
 
-def graph_batch(graphs, targets: np.ndarray) -> tuple[np.ndarray, GraphBatch]:
-    """(source item indices, GraphBatch) to compute the propagated vectors of ``targets``: the
-    sources are the targets' neighbours in any graph (one layer needs nothing further)."""
+def graph_batch(graphs, targets: np.ndarray) -> tuple[np.ndarray, list[torch.Tensor]]:
+    """(source item indices, one-layer propagation of the batch) to compute the propagated vectors
+    of ``targets``: the sources are the targets' neighbours in any graph (one layer needs nothing
+    further); the propagation is one (n_targets, n_sources) sparse matrix per part and one for the
+    fused view (last)."""
     targets = np.asarray(targets, dtype=np.int64)
     pos = {int(t): i for i, t in enumerate(targets)}
     picked = []
@@ -277,4 +265,4 @@ def graph_batch(graphs, targets: np.ndarray) -> tuple[np.ndarray, GraphBatch]:
         index = torch.from_numpy(np.stack([out_rows, col_of]))
         rows.append(torch.sparse_coo_tensor(index, torch.from_numpy(w.astype(np.float32)),
                                             (len(targets), len(sources))).coalesce())
-    return sources, GraphBatch(rows)
+    return sources, rows
