@@ -66,9 +66,7 @@ class TrainSettings:
     knn_k: tuple[int, ...] = ()  # smore: kNN graph k per part; empty: no graph propagation
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out["knn_k"] = list(self.knn_k)
-        return out
+        return {**asdict(self), "knn_k": list(self.knn_k)}
 
     @classmethod
     def from_fields(cls, source, knn_k: Sequence[int] = ()) -> "TrainSettings":
@@ -112,8 +110,6 @@ class TrainData:
 @dataclass
 class TrainResult:
     model: torch.nn.Module
-    spec: FusionSpec
-    settings: TrainSettings
     curve: list[dict]  # per epoch: epoch, loss, valid_recall
     best_epoch: int
     epochs_run: int
@@ -150,14 +146,12 @@ def _histories(users: np.ndarray, items: np.ndarray, n_users: int) -> tuple[np.n
 
 def _forward(model, parts_t: list[torch.Tensor], index: np.ndarray, graphs) -> torch.Tensor:
     """L2-normalised fused vectors of the items ``index`` (propagated one layer over ``graphs``)."""
-    if graphs is not None:
-        sources, batch = graph_batch(graphs, index)
-        src = torch.from_numpy(sources)
-        out = model([p[src] for p in parts_t], batch)
-    else:
+    if graphs is None:
         idx = torch.from_numpy(index)
-        out = model([p[idx] for p in parts_t])
-    return F.normalize(out, dim=1)
+        return F.normalize(model([p[idx] for p in parts_t]), dim=1)
+    sources, batch = graph_batch(graphs, index)
+    src = torch.from_numpy(sources)
+    return F.normalize(model([p[src] for p in parts_t], batch), dim=1)
 
 
 def fused_table(model, parts: Sequence[np.ndarray], graphs=None, batch_size: int = 8192) -> np.ndarray:
@@ -273,17 +267,15 @@ def train_fusion(spec: FusionSpec, data: TrainData, settings: TrainSettings) -> 
     with deterministic_torch(settings.threads, settings.seed):
         model = build_model(spec)
         optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
-        curve: list[dict] = []
         recall, n_valid = valid_recall(fused_table(model, data.parts, graphs), ptr, hist, data.valid_users,
                                        data.valid_items, settings.eval_k)
-        curve.append({"epoch": 0, "loss": None, "valid_recall": recall})
-        best_recall, best_epoch, best_state = recall, 0, copy.deepcopy(model.state_dict())
-        since_best = 0
+        curve = [{"epoch": 0, "loss": None, "valid_recall": recall}]
+        best_recall, best_epoch, best_state, since_best = recall, 0, copy.deepcopy(model.state_dict()), 0
         epoch = 0
         for epoch in range(1, settings.epochs + 1):
             model.train()
             order = rng.permutation(len(ex_items))
-            total, batches = 0.0, 0
+            losses = []
             for start in range(0, len(order), settings.batch_size):
                 chosen = order[start:start + settings.batch_size]
                 negatives = rng.integers(0, n_items, size=(len(chosen), settings.negatives))
@@ -295,24 +287,22 @@ def train_fusion(spec: FusionSpec, data: TrainData, settings: TrainSettings) -> 
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
-                total += float(loss.detach())
-                batches += 1
+                losses.append(float(loss.detach()))
             recall, _ = valid_recall(fused_table(model, data.parts, graphs), ptr, hist, data.valid_users,
                                      data.valid_items, settings.eval_k)
-            curve.append({"epoch": epoch, "loss": total / max(1, batches), "valid_recall": recall})
+            curve.append({"epoch": epoch, "loss": sum(losses) / max(1, len(losses)), "valid_recall": recall})
             log.info("fusion %s epoch %d: loss %.4f, valid recall@%d %s", spec.method, epoch,
-                     total / max(1, batches), settings.eval_k, recall)
-            if recall is not None and (best_recall is None or recall > best_recall):
+                     curve[-1]["loss"], settings.eval_k, recall)
+            # No valid user (recall None at every epoch): nothing to stop on, the last epoch is kept.
+            if recall is None or recall > best_recall:
                 best_recall, best_epoch, best_state, since_best = recall, epoch, copy.deepcopy(model.state_dict()), 0
-            elif recall is None:  # nothing to stop on: the last epoch is kept
-                best_epoch, best_state = epoch, copy.deepcopy(model.state_dict())
             else:
                 since_best += 1
                 if since_best >= settings.patience:
                     break
         model.load_state_dict(best_state)
         model.eval()
-    return TrainResult(model=model, spec=spec, settings=settings, curve=curve, best_epoch=best_epoch,
+    return TrainResult(model=model, curve=curve, best_epoch=best_epoch,
                        epochs_run=epoch, valid_recall=best_recall, seconds=time.perf_counter() - started,
                        n_examples=int(len(ex_items)), n_valid_users=n_valid, graphs=graphs)
 
