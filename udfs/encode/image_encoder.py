@@ -21,13 +21,13 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Sequence
-from importlib import metadata
 
 import numpy as np
 import torch
 from PIL import Image
 
 from udfs.io.images import resize_for
+from udfs.encode.text_encoder import package_version
 from udfs.encode.vectors import l2_normalise
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,9 @@ def _fold_batch_norms(model: torch.nn.Module) -> None:
         pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
     for owner, conv_name, bn_name in pairs:
         conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
-        weight, bias = fuse_conv_bn_weights(
+        conv.weight, conv.bias = fuse_conv_bn_weights(
             conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
         )
-        conv.weight, conv.bias = weight, bias
         setattr(owner, bn_name, torch.nn.Identity())
 
 
@@ -106,8 +105,7 @@ def _encode_lite0(images: Sequence[Image.Image], batch_size: int) -> np.ndarray:
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            features = lite0_pooled_features(model, lite0_pixels(chunk))
-            out[start : start + len(chunk)] = features.numpy()
+            out[start : start + len(chunk)] = lite0_pooled_features(model, lite0_pixels(chunk)).numpy()
     return out
 
 
@@ -151,12 +149,7 @@ def encoder_record(name: str) -> tuple[int, str]:
     to its vectors; ``UnknownImageEncoder`` for a name not in ``ENCODERS``, naming the known ones."""
     if name not in ENCODERS:
         raise UnknownImageEncoder(f"{name!r} is not a known image encoder: choose one of {sorted(ENCODERS)}")
-    versions = []
-    for package in RECORDED_PACKAGES:
-        try:
-            versions.append(f"{package}:{metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            pass
-    record = ",".join([f"image_encoder:{name}"] + versions)
+    versions = {package: package_version(package) for package in RECORDED_PACKAGES}
+    record = ",".join([f"image_encoder:{name}"] + [f"{p}:{v}" for p, v in versions.items() if v])
     log.info("image encoder: %s", record)
     return (LITE0_FEATURE_DIM if name == EFFICIENTNET_LITE0 else 0), record

