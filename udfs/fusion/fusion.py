@@ -39,7 +39,7 @@ import numpy as np
 from udfs.representations import CONCAT, FUSIONS, NAIVE
 from udfs.encode.vectors import l2_normalise
 
-__all__ = ["CONCAT", "FUSIONS", "NAIVE", "fuse", "score_weights"]
+__all__ = ["CONCAT", "FUSIONS", "NAIVE", "fuse"]
 
 
 def fuse(
@@ -78,22 +78,6 @@ def fuse(
     return _normalised(fused, name, names)
 
 
-def score_weights(
-    name: str, part_names: list[str], weights: Mapping[str, float] | None = None
-) -> dict[str, float]:
-    """The weight of each part's cosine score in the fused score (concatenation forms).
-
-    ``naive`` with parts of equal dimension is an element-wise mean, not a score average; its
-    score mixes cross-modality terms and has no such weights.
-    """
-    if name not in FUSIONS:
-        raise ValueError(f"unknown fusion {name!r}: choose one of {list(FUSIONS)}")
-    names = sorted(part_names)
-    a = np.ones(len(names)) if name == NAIVE else _concat_weights(names, weights)
-    share = a**2 / np.sum(a**2)
-    return {n: float(s) for n, s in zip(names, share)}
-
-
 def _checked_parts(parts: Mapping[str, np.ndarray]) -> tuple[list[str], list[np.ndarray]]:
     if len(parts) < 2:
         raise ValueError(
@@ -102,7 +86,6 @@ def _checked_parts(parts: Mapping[str, np.ndarray]) -> tuple[list[str], list[np.
         )
     names = sorted(parts)
     blocks: list[np.ndarray] = []
-    n_rows: int | None = None
     for part in names:
         block = np.asarray(parts[part], dtype=np.float64)
         if block.ndim != 2:
@@ -110,11 +93,9 @@ def _checked_parts(parts: Mapping[str, np.ndarray]) -> tuple[list[str], list[np.
                 f"part {part!r} has shape {block.shape}: pass a 2-D (rows, dim) array "
                 "(reshape(1, -1) for a single vector)"
             )
-        if n_rows is None:
-            n_rows = block.shape[0]
-        elif block.shape[0] != n_rows:
+        if blocks and block.shape[0] != blocks[0].shape[0]:
             raise ValueError(
-                f"part {part!r} has {block.shape[0]} rows, part {names[0]!r} has {n_rows}: "
+                f"part {part!r} has {block.shape[0]} rows, part {names[0]!r} has {blocks[0].shape[0]}: "
                 "align the parts on the same item ids, row for row, before fusing"
             )
         unit, bad = l2_normalise(block, dtype=np.float64)
