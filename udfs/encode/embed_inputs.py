@@ -14,6 +14,7 @@ a ``status``: ``ok``, or why there is no vector).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -81,8 +82,7 @@ def _inputs(representation: str, item_ids: pd.Series, **columns: object) -> pd.D
 def description_rows(items: pd.DataFrame, descriptions: pd.DataFrame | None, rep: Representation) -> pd.DataFrame:
     """Inputs of an LVLM representation: the description of each item's image, or why there is
     none (``no_image``, ``missing_description``, ``failed_caption``: a status other than ok)."""
-    columns = ["image_sha256", "_found", "_status", "_text"]
-    found = _empty(columns)
+    found = _empty(["image_sha256", "_found", "_status", "_text"])
     if descriptions is not None and not descriptions.empty:
         chosen = descriptions[(descriptions["engine"] == rep.engine) & (descriptions["model"] == rep.model)
                               & (descriptions["prompt_id"] == rep.prompt_id)]
@@ -151,11 +151,9 @@ def encoded_or_reused(inputs: pd.DataFrame, previous: pd.DataFrame | None, encod
 def fusion_parts(vectors: pd.DataFrame, parts: Sequence[str]) -> pd.DataFrame:
     """(item_id, part_0, ..., part_{k-1}) of the items with an ``ok`` vector in every part."""
     ok = vectors[vectors["status"] == OK]
-    joined = None
-    for j, part in enumerate(parts):
-        frame = ok.loc[ok["representation"] == part, ["item_id", "vector"]].rename(columns={"vector": f"part_{j}"})
-        joined = frame if joined is None else joined.merge(frame, on="item_id")
-    return joined.reset_index(drop=True)
+    frames = [ok.loc[ok["representation"] == part, ["item_id", "vector"]].rename(columns={"vector": f"part_{j}"})
+              for j, part in enumerate(parts)]
+    return functools.reduce(lambda joined, frame: joined.merge(frame, on="item_id"), frames).reset_index(drop=True)
 
 
 def fused(vectors: pd.DataFrame, fusions: Sequence[Fusion]) -> pd.DataFrame:

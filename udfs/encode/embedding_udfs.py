@@ -62,11 +62,8 @@ PASS_THROUGH = ("representation", "source_sha256")
 
 
 def _result(batch: pd.DataFrame, key: str, vectors: list[Any], status: Sequence[str]) -> pd.DataFrame:
-    out = {c: batch[c].to_numpy() for c in PASS_THROUGH if c in batch.columns}
-    out[key] = batch[key].to_numpy()
-    out["vector"] = vectors
-    out["status"] = list(status)
-    return pd.DataFrame(out)
+    passed = {c: batch[c].to_numpy() for c in PASS_THROUGH if c in batch.columns}
+    return pd.DataFrame({**passed, key: batch[key].to_numpy(), "vector": vectors, "status": list(status)})
 
 
 def text_vector_batches(
@@ -85,12 +82,11 @@ def text_vector_batches(
         _set_torch_threads(threads)
         for batch in batches:
             pre = _pre_status(batch)
-            texts = batch["text"].to_numpy(dtype=object)
             todo = np.flatnonzero(pd.isna(pre))
             vectors: list[Any] = [None] * len(batch)
             status = [s if s is not None else EMPTY_TEXT for s in pre]
             if todo.size:
-                encoded, valid = encode_texts(list(texts[todo]), model_name, batch_size)
+                encoded, valid = encode_texts(list(batch["text"].to_numpy(dtype=object)[todo]), model_name, batch_size)
                 for row, vector, ok in zip(todo, encoded, valid):
                     if ok:
                         vectors[row] = vector
@@ -189,22 +185,20 @@ def fused_vector_batches(
 
     names = list(parts)
 
+    def fused_row(arrays: dict[str, np.ndarray], i: int) -> np.ndarray | None:
+        try:
+            return fuse(method, {n: a[i:i + 1] for n, a in arrays.items()}, weights)[0]
+        except ValueError:
+            return None
+
     def fuse_rows(batch: pd.DataFrame) -> tuple[list[Any], list[str]]:
         arrays = {name: stack_vectors(batch[f"part_{j}"]) for j, name in enumerate(names)}
         try:
             return list(fuse(method, arrays, weights)), [OK] * len(batch)
         except ValueError:
             # Rare (parts that cancel out): redo row by row so only the bad rows are lost.
-            vectors: list[Any] = []
-            status: list[str] = []
-            for i in range(len(batch)):
-                try:
-                    vectors.append(fuse(method, {n: a[i:i + 1] for n, a in arrays.items()}, weights)[0])
-                    status.append(OK)
-                except ValueError:
-                    vectors.append(None)
-                    status.append(ZERO_FUSION)
-            return vectors, status
+            vectors = [fused_row(arrays, i) for i in range(len(batch))]
+            return vectors, [OK if v is not None else ZERO_FUSION for v in vectors]
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for batch in batches:
@@ -230,9 +224,8 @@ def profile_groups(
     from udfs.rank.profiles import profiles_frame
 
     def run(key: tuple, history: pd.DataFrame) -> pd.DataFrame:
-        representation = key[0]
         profiles = profiles_frame(history, half_life_days)
-        profiles.insert(0, "representation", representation)
+        profiles.insert(0, "representation", key[0])
         return profiles
 
     return run
