@@ -30,10 +30,9 @@ COMMANDS = {
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: vlm4rec COMMAND [--conf FILE ...] [--set key=value ...]", "", "commands:"]
-    lines += [f"  {name.ljust(width)}  {text}" for name, (_, text) in COMMANDS.items()]
-    lines += ["", "Run `vlm4rec COMMAND --help` for a command's options."]
-    return "\n".join(lines)
+    return "\n".join(["usage: vlm4rec COMMAND [--conf FILE ...] [--set key=value ...]", "", "commands:",
+                      *(f"  {name.ljust(width)}  {text}" for name, (_, text) in COMMANDS.items()),
+                      "", "Run `vlm4rec COMMAND --help` for a command's options."])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,14 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"vlm4rec: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2
-    try:
-        module = import_module(COMMANDS[name][0])
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("jobs."):
-            print(f"vlm4rec {name}: this command is not available in this version", file=sys.stderr)
-            return 2
-        raise
-    return int(module.main(rest) or 0)
+    return int(import_module(COMMANDS[name][0]).main(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import datetime as dt
 import functools
 import json
 import logging
+import re
 import subprocess
 import sys
 import threading
@@ -158,8 +159,7 @@ class JobRun:
             self._record("running")
         self._stop = threading.Event()
         self._row_lock = threading.Lock()
-        self._heart = threading.Thread(target=self._beat, name=f"{self.run_id}-heartbeat", daemon=True)
-        self._heart.start()
+        threading.Thread(target=self._beat, name=f"{self.run_id}-heartbeat", daemon=True).start()
         _OPEN_RUNS.append(self.run_id)
         return self
 
@@ -180,14 +180,18 @@ class JobRun:
         return f"{self.job} {self.run_id}: {counts}{abandoned}"
 
 
+# Run ids name folders (caption staging, reports) and are typed on command lines: a closed alphabet.
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
 def run_id_argument(text: str) -> str:
     """argparse type of ``--run-id``: a bad id exits 2 with the rule, before Spark starts."""
-    from .config import check_run_id
-
-    try:
-        return check_run_id(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not RUN_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"run id {text!r} is not valid: a run id is 1-128 characters among letters, digits, '.', '_', ':' "
+            "and '-', starting with a letter or digit (the ids the jobs print look like "
+            "profiles-20261130T120000-1a2b3c)")
+    return text
 
 
 def comma_list(text: str) -> list[str]:
@@ -197,7 +201,7 @@ def comma_list(text: str) -> list[str]:
 
 class JobParser(argparse.ArgumentParser):
     """A job's command line. A setting's flag (``--k 20``) is an alias of ``--set`` on its config
-    key: ``run_job`` turns it into that override before the config is loaded, so the typed config
+    key: ``Job.main`` turns it into that override before the config is loaded, so the typed config
     is the one place a setting is read from, and the ``runs`` table records it."""
 
     def __init__(self, *args, **kwargs):
@@ -252,9 +256,6 @@ def setup_logging(level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-JobBody = Callable[[JobRun, argparse.Namespace], None]
-
-
 @dataclass(frozen=True)
 class Job:
     """A job as the command line, ``spark-submit`` and the pipeline run it: the body (the work,
@@ -263,7 +264,7 @@ class Job:
 
     name: str
     description: str
-    body: JobBody
+    body: Callable[[JobRun, argparse.Namespace], None]
     add_arguments: Callable[[JobParser], None] | None = None
     exit_codes: tuple[tuple[type, int], ...] = ()
 
@@ -273,8 +274,41 @@ class Job:
             self.add_arguments(parser)
         return parser
 
+    def refuse(self, problem: str, code: int) -> int:
+        """Say on one line of stderr why the job stops; its exit code."""
+        print(f"vlm4rec {self.name}: {problem}", file=sys.stderr)
+        return code
+
     def main(self, argv: list[str] | None = None, spark=None) -> int:
-        return run_job(self, argv, spark=spark)
+        """Parse the command line, start Spark, run ``body`` inside a recorded run, print a summary."""
+        parser = self.parser()
+        args = parser.parse_args(argv)
+        flags = parser.setting_overrides(args)
+        # After the --set overrides: a flag is the more specific of the two.
+        args.overrides = [*args.overrides, *flags]
+        from udfs.io.storage import StorageError, check_reachable
+
+        from .spark_session import ConnectorMissing, build_spark
+
+        try:
+            config = load_config(args.conf, args.overrides, flags)
+            # Every job takes its representations from the run's plan (jobs.plan), which spells
+            # them out itself; this early expansion makes a caption section that cannot name its
+            # representation fail before Spark starts, and the runs table record the full names.
+            config.experiment.representations = expand_lvlm(config.experiment.representations,
+                                                            config.experiment.caption)
+            setup_logging(config.log_level)
+            # Before Spark starts: a bucket that does not exist or refused credentials would
+            # otherwise surface as a JVM stack trace from the first table read.
+            check_reachable(config.warehouse_uri())
+            spark = spark or build_spark(config, app_name=f"vlm4rec-{self.name}")
+        except ConfigError as exc:
+            return self.refuse(f"config error: {exc}", EXIT_CONFIG)
+        except StorageError as exc:
+            return self.refuse(f"warehouse {exc}", EXIT_CONFIG)
+        except ConnectorMissing as exc:
+            return self.refuse(str(exc), EXIT_INSTALL)
+        return execute(self, config, spark, args)
 
     def stage(self, config: Config, spark, run_id: str, plan: Any) -> int:
         """Run as a stage of a pipeline: its config (parsed once) and its resolved plan, under its
@@ -286,57 +320,19 @@ class Job:
         return execute(self, config, spark, args, pinned_plan=(run_id, plan))
 
 
-def run_job(job: Job, argv: list[str] | None, spark=None) -> int:
-    """Parse the command line, start Spark, run ``body`` inside a recorded run, print a summary."""
-    parser = job.parser()
-    args = parser.parse_args(argv)
-    flags = parser.setting_overrides(args)
-    # After the --set overrides: a flag is the more specific of the two.
-    args.overrides = [*args.overrides, *flags]
-    from udfs.io.storage import StorageError, check_reachable
-
-    from .spark_session import ConnectorMissing, build_spark
-
-    try:
-        config = load_config(args.conf, args.overrides, flags)
-        # Every job takes its representations from the run's plan (jobs.plan), which spells
-        # them out itself; this early expansion makes a caption section that cannot name its
-        # representation fail before Spark starts, and the runs table record the full names.
-        config.experiment.representations = expand_lvlm(config.experiment.representations,
-                                                        config.experiment.caption)
-        setup_logging(config.log_level)
-        # Before Spark starts: a bucket that does not exist or refused credentials would
-        # otherwise surface as a JVM stack trace from the first table read.
-        check_reachable(config.warehouse_uri())
-        spark = spark or build_spark(config, app_name=f"vlm4rec-{job.name}")
-    except ConfigError as exc:
-        print(f"vlm4rec {job.name}: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except StorageError as exc:
-        print(f"vlm4rec {job.name}: warehouse {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except ConnectorMissing as exc:
-        print(f"vlm4rec {job.name}: {exc}", file=sys.stderr)
-        return EXIT_INSTALL
-    return execute(job, config, spark, args)
-
-
 def execute(job: Job, config: Config, spark, args: argparse.Namespace,
             pinned_plan: tuple[str, Any] | None = None) -> int:
-    run = JobRun(job.name, config, spark, pinned_plan=pinned_plan)
     try:
-        with run:
+        with JobRun(job.name, config, spark, pinned_plan=pinned_plan) as run:
             job.body(run, args)
     except ConfigError as exc:
-        print(f"vlm4rec {job.name}: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return job.refuse(f"config error: {exc}", EXIT_CONFIG)
     except NothingUsable as exc:
-        print(f"vlm4rec {job.name}: nothing usable: {exc}", file=sys.stderr)
+        code = job.refuse(f"nothing usable: {exc}", EXIT_NOTHING_USABLE)
         print(run.summary())
-        return EXIT_NOTHING_USABLE
+        return code
     except tuple(kind for kind, _ in job.exit_codes) as exc:
-        print(f"vlm4rec {job.name}: {exc}", file=sys.stderr)
-        return next(code for kind, code in job.exit_codes if isinstance(exc, kind))
+        return job.refuse(str(exc), next(code for kind, code in job.exit_codes if isinstance(exc, kind)))
     print(run.summary())
     print(json.dumps({"run_id": run.run_id, "job": job.name, "counts": dict(run.counts)}, sort_keys=True))
     return EXIT_OK

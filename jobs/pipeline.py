@@ -32,7 +32,6 @@ from .plan import ExperimentPlan, store_plan
 log = logging.getLogger(__name__)
 
 STAGES = ("ingest", "caption", "embed", "fuse", "profiles", "topk", "evaluate", "report")
-SHARED_RUN_ID = {"caption", "embed", "fuse", "profiles", "topk", "evaluate", "report"}
 
 
 class StageFailed(RuntimeError):
@@ -41,14 +40,14 @@ class StageFailed(RuntimeError):
         self.code = code
 
 
-def _slice_of(run: JobRun, name: str) -> tuple[str, str] | None:
-    """(column, value) of this run's rows of table ``name``: its run id, else its dataset."""
+def _slice_of(run: JobRun, name: str) -> dict[str, str]:
+    """This run's rows of table ``name`` (column -> value): its run id, else its dataset; {}: all rows."""
     columns = tables.SCHEMAS[name].fieldNames()
     if "run_id" in columns and name != "runs":
-        return "run_id", run.run_id
+        return {"run_id": run.run_id}
     if "dataset" in columns:
-        return "dataset", run.config.dataset.name
-    return None
+        return {"dataset": run.config.dataset.name}
+    return {}
 
 
 def table_rows(run: JobRun) -> list[tuple[str, int]]:
@@ -64,12 +63,11 @@ def table_rows(run: JobRun) -> list[tuple[str, int]]:
         found = []
         for name, where in slices.items():
             try:
-                table = read_table(run.warehouse, name, equal=dict([where]) if where else None,
-                                   columns=[where[0]] if where else [tables.SCHEMAS[name].fieldNames()[0]],
-                                   max_rows=driver_inputs.MAX_ROWS)
+                found.append((name, read_table(run.warehouse, name, equal=where,
+                                               columns=list(where) or tables.SCHEMAS[name].fieldNames()[:1],
+                                               max_rows=driver_inputs.MAX_ROWS).num_rows))
             except TableMissing:
                 continue
-            found.append((name, table.num_rows))
         return found
     except tuple(FALLBACK_REASONS) as exc:
         driver_inputs.fallback(run, driver_inputs.fallback_reason(exc), f"counting the tables: {exc}")
@@ -77,9 +75,7 @@ def table_rows(run: JobRun) -> list[tuple[str, int]]:
     for name, where in slices.items():
         if not tables.exists(run.spark, run.warehouse, name):
             continue
-        frame = tables.read(run.spark, run.warehouse, name)
-        if where:
-            frame = frame.filter(F.col(where[0]) == where[1])
+        frame = tables.read(run.spark, run.warehouse, name).filter(tables.slice_filter(where))
         counts.append((name, frame.agg(F.count(F.lit(1)).alias("n")), {"n": F.col("n")}))
     return [(row["kind"], int(row["n"])) for row in collect_facts({"n": "long"}, counts)]
 
@@ -99,9 +95,9 @@ def pipeline(run: JobRun, args: argparse.Namespace) -> None:
             # The report shows this run's stage times: its row gets them now, as a heartbeat would.
             run.record_progress()
         with run.stage(stage):
-            # The job itself, in this process, with this config and plan: parsed and resolved once.
-            job = import_module(f"jobs.{stage}").JOB
-            code = job.stage(run.config, run.spark, run.run_id if stage in SHARED_RUN_ID else "", plan)
+            # The job itself, in this process, with this config and plan: parsed and resolved once;
+            # every stage that takes a --run-id (all but ingest) gets the pipeline's.
+            code = import_module(f"jobs.{stage}").JOB.stage(run.config, run.spark, run.run_id, plan)
         if code != 0:
             raise StageFailed(stage, code)
     print(f"\npipeline {run.run_id}: tables in {run.warehouse}")

@@ -148,7 +148,8 @@ class ExperimentPlan:
         fusions = [n for n in representations if parse_representation(n).is_fusion]
         ks = sorted(set(experiment.evaluate.ks))
         return cls(
-            dataset=config.dataset.name, representations=tuple(representations), base=tuple(base), fusions=tuple(fusions),
+            dataset=config.dataset.name, representations=tuple(representations), base=tuple(base),
+            fusions=tuple(fusions),
             baselines=tuple(baselines), candidates=topk.candidates, exclude=tuple(topk.exclude),
             k=int(topk.k or max(ks)), ks=tuple(ks), topk_seed=int(topk.seed),
             bootstrap_samples=int(experiment.evaluate.bootstrap_samples), evaluate_seed=int(experiment.evaluate.seed),
@@ -261,12 +262,10 @@ def plan_texts_without_spark(warehouse: str, run_id: str) -> list[str]:
 
 def plan_texts_with_spark(spark, warehouse: str, run_id: str) -> list[str]:
     """The same as ``plan_texts_without_spark``, through Spark (a job and a log replay)."""
-    from pyspark.sql import functions as F
-
     from . import tables
 
     return [row["plan"] for row in tables.read(spark, warehouse, "plans")
-            .filter(F.col("run_id") == run_id).select("plan").collect()]
+            .filter(tables.slice_filter({"run_id": run_id})).select("plan").collect()]
 
 
 def run_plan(run, run_id: str) -> ExperimentPlan | None:

@@ -17,7 +17,7 @@ from .loading import CONF_ROOT, load_config, parse_override, resolve_conf_path
 from .sections import (FUSE_OBJECTIVES, MALLOC_WORKER_ENV, MAX_DATASET_NAME, AlsConf, CaptionConf,
                        Config, DatasetConf, EmbedConf, EvaluateConf, ExperimentConf, FuseConf, ImagesConf, ProfilesConf,
                        RayConf, SparkConf, SplitConf, TopkConf)
-from .validation import MOVED_KEYS, MOVED_MAPS, RUN_ID, ConfigError, check_run_id
+from .validation import MOVED_KEYS, MOVED_MAPS, ConfigError
 
 __all__ = [
     "ALL", "BASELINES", "CANDIDATE_POLICIES", "COMMON", "EXCLUDABLE_SPLITS", "POPULARITY", "RANDOM",
@@ -25,5 +25,5 @@ __all__ = [
     "FUSE_OBJECTIVES", "MALLOC_WORKER_ENV", "MAX_DATASET_NAME", "AlsConf", "CaptionConf", "Config",
     "DatasetConf", "EmbedConf", "EvaluateConf", "ExperimentConf", "FuseConf", "ImagesConf", "ProfilesConf", "RayConf",
     "SparkConf", "SplitConf", "TopkConf",
-    "MOVED_KEYS", "MOVED_MAPS", "RUN_ID", "ConfigError", "check_run_id",
+    "MOVED_KEYS", "MOVED_MAPS", "ConfigError",
 ]

@@ -24,12 +24,9 @@ def _merge(into: dict, new: dict, source: str, sources: dict[str, str], prefix: 
 
 def resolve_conf_path(name: str) -> Path:
     """A path as given, else relative to the packaged ``conf/`` folder (``datasets/ml100k.yaml``)."""
-    path = Path(name).expanduser()
-    if path.exists():
-        return path
-    for candidate in (CONF_ROOT / name, CONF_ROOT / f"{name}.yaml"):
-        if candidate.exists():
-            return candidate
+    found = [path for path in (Path(name).expanduser(), CONF_ROOT / name, CONF_ROOT / f"{name}.yaml") if path.exists()]
+    if found:
+        return found[0]
     raise ConfigError(
         f"config file '{name}' not found (looked in the current folder and in {CONF_ROOT}); "
         "pass an existing YAML path to --conf"

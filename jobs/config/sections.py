@@ -5,10 +5,9 @@ section per job), and the whole ``Config`` with its round trip through a plain d
 A field's type and range are declared on it (``Annotated[StrictInt, Ge(1)]``, ``check``,
 ``one_of``); the few checks across fields raise ``FieldProblem`` naming the field.
 """
-import dataclasses
 import json
 import math
-from dataclasses import field
+from dataclasses import asdict, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +19,7 @@ from udfs.caption.prompts import PAPER_PROMPT
 # The evaluation protocol's names live once, in udfs.evaluate.protocol; the typed config checks against them.
 from udfs.evaluate.protocol import BASELINES, CANDIDATE_POLICIES, EXCLUDABLE_SPLITS
 from udfs.evaluate.significance import TESTS as SIGNIFICANCE_TESTS
+from udfs.io.storage import is_uri, local_path_of
 
 from .validation import ConfigError, FieldProblem, check, explain, one_of, section
 
@@ -165,7 +165,7 @@ class CaptionConf:
 
     def engine_options(self) -> dict[str, Any]:
         """The configured engine's section, as the engine's ``options`` mapping."""
-        return dataclasses.asdict(getattr(self, self.engine))
+        return asdict(getattr(self, self.engine))
 
 
 @section
@@ -304,7 +304,7 @@ class Config:
     experiment: ExperimentConf = field(default_factory=ExperimentConf)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -322,16 +322,12 @@ class Config:
         """The warehouse as Spark and pyarrow name it: a URI (``s3a://b/w``, ``file:///w``,
         ``abfss://...``) is kept as written, never passed through ``pathlib`` (which would turn
         ``s3a://b`` into ``<cwd>/s3a:/b``); a plain path is made absolute, as before."""
-        from udfs.io.storage import is_uri
-
         if is_uri(self.warehouse):
             return self.warehouse.rstrip("/")
         return str(Path(self.warehouse).expanduser().resolve())
 
     def warehouse_path(self) -> Path:
         """The local warehouse folder; a ``ConfigError`` for an object-store warehouse."""
-        from udfs.io.storage import local_path_of
-
         local = local_path_of(self.warehouse_uri())
         if local is None:
             raise ConfigError(f"warehouse '{self.warehouse}' is not a local folder: use warehouse_uri()")

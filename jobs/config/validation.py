@@ -8,7 +8,6 @@ it, the closest valid key, and where a key of an older config moved.
 """
 import difflib
 import functools
-import re
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -52,19 +51,6 @@ def check(ok: Callable[[Any], bool], problem: str | Callable[[Any], str]) -> Aft
 
 def one_of(choices: Collection[str]) -> AfterValidator:
     return check(lambda value: value in choices, f"must be one of {list(choices)}, got {{value!r}}")
-
-
-# Run ids name folders (caption staging, reports) and are typed on command lines: a closed alphabet.
-RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-
-
-def check_run_id(run_id: str) -> str:
-    """``run_id`` unchanged, or a ConfigError saying which characters a run id may hold."""
-    if not RUN_ID.fullmatch(run_id):
-        raise ConfigError(f"run id {run_id!r} is not valid: a run id is 1-128 characters among letters, "
-                          "digits, '.', '_', ':' and '-', starting with a letter or digit (the ids the jobs "
-                          "print look like profiles-20261130T120000-1a2b3c)")
-    return run_id
 
 
 # Keys of older configs, and where each setting lives now.
