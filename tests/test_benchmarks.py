@@ -245,3 +245,51 @@ def test_scaled_ml100k_is_the_subset_three_times_with_its_own_titles_overviews_a
         assert copies["image_sha256"].notna().all() and copies["image_sha256"].nunique() == 3
         if isinstance(by_id.loc[str(i), "text"], str):
             assert copies["text"].tolist() == [by_id.loc[str(i), "text"] + s for s in ("", " (copy 1)", " (copy 2)")]
+
+
+@pytest.fixture(scope="module")
+def scale():
+    spec = importlib.util.spec_from_file_location("bench_scale", REPO / "benchmarks" / "bench_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_skewed_series_keeps_the_counts_and_follows_a_zipf_law(scale, tmp_path):
+    rng = np.random.default_rng(3)
+    lines = [f"{u}\t{i}\t{rng.integers(1, 6)}\t{880000000 + n}\n"
+             for n, (u, i) in enumerate((u, i) for u in range(1, 201) for i in rng.choice(np.arange(1, 1001), 40, replace=False))]
+    (tmp_path / "u.data").write_text("".join(lines))
+    scale.skew_ratings(tmp_path)
+    rows = pd.read_csv(tmp_path / "u.data", sep="\t", names=["user", "item", "rating", "ts"])
+    assert rows["user"].nunique() == 200 and abs(len(rows) - len(lines)) < 200  # floors of the shares
+    assert not rows.duplicated(["user", "item"]).any() and rows["rating"].between(1, 5).all()
+    per_item = rows["item"].value_counts()
+    # Zipf: the top 1% of items hold far more than 1% of the ratings (a uniform draw: about 1%).
+    assert per_item.head(10).sum() / len(rows) > 0.1
+    per_user = rows["user"].value_counts()
+    assert per_user.min() >= 20 and per_user.max() > 5 * per_user.median()
+
+
+def test_the_scale_fit_recovers_a_line_and_skips_what_a_pass_did_not_run(scale):
+    def label(n, seconds):
+        return {"work": {"topk": n * 1e9}, "default": {"stages": {"topk": {"wall_s": seconds}}}}
+    results = {"1x": label(1, 5.0 + 2.0), "3x": label(3, 5.0 + 6.0), "10x": label(10, 5.0 + 20.0)}
+    fits = scale.fit(results)
+    line = fits["scaled"]["default"]["topk"]
+    assert line["a"] == pytest.approx(5.0) and line["b"] == pytest.approx(2e-9)
+    assert line["per_unit"]["10x"] == pytest.approx(25.0 / 1e10)
+    assert "distributed" not in fits["scaled"] and "zipf" not in fits
+
+
+def test_the_event_log_gives_spill_and_shuffle_per_task(scale, tmp_path):
+    import json
+
+    events = [{"Event": "SparkListenerTaskEnd", "Task Info": {"Launch Time": 2000},
+               "Task Metrics": {"Memory Bytes Spilled": 5, "Disk Bytes Spilled": 3,
+                                "Shuffle Write Metrics": {"Shuffle Bytes Written": 7},
+                                "Shuffle Read Metrics": {"Remote Bytes Read": 1, "Local Bytes Read": 2}}},
+              {"Event": "SparkListenerJobStart", "Job ID": 0}]
+    (tmp_path / "app-1").write_text("\n".join(json.dumps(e) for e in events) + "\n")
+    assert scale.event_metrics(tmp_path) == [{"at": 2.0, "spilled_memory": 5, "spilled_disk": 3,
+                                               "shuffle_written": 7, "shuffle_read": 3}]
