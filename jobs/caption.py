@@ -89,7 +89,7 @@ from udfs.caption.openai_engine import ServerUnavailable
 from udfs.io.images import ReadLimits
 from udfs.representations import parse_representation
 
-from . import description_figures
+from . import adapters, description_figures
 from .caption_merge import adopt_dead_runs, merge_staged, salvage, staged_files, staging_root, write_owner
 from .caption_plan import CaptionSpec, caption_spec, plan
 from .caption_ray import describe_with_ray
@@ -159,6 +159,11 @@ def describe(run: JobRun, spec: CaptionSpec, todo: Any) -> None:
     """Describe the planned images on Ray into the run's staging folder, merge what was staged
     (also when Ray failed: what it finished is kept), and count."""
     config = run.config
+    images = config.dataset.images
+    # Read where ingest read them: a file swapped for a link out of the root since is refused.
+    limits = ReadLimits(images.max_bytes, images.read_timeout_s,
+                        None if images.allow_outside_root else adapters.images_root(config.dataset),
+                        confine=not images.allow_outside_root)
     folder = storage.join(staging_root(run.warehouse), run.run_id)
     write_owner(folder, run.run_id)
     started = time.perf_counter()
@@ -168,8 +173,7 @@ def describe(run: JobRun, spec: CaptionSpec, todo: Any) -> None:
             with run.stage("ray_start"):
                 ray = stack.enter_context(ray_session(config.ray))
             with run.stage("describe"):
-                summaries = describe_with_ray(ray, todo, spec, folder, ReadLimits(
-                    config.dataset.images.max_bytes, config.dataset.images.read_timeout_s))
+                summaries = describe_with_ray(ray, todo, spec, folder, limits)
             session = stack.pop_all()
         with run.stage("ray_stop"):
             session.close()
@@ -205,13 +209,10 @@ def prepared(spec: CaptionSpec) -> CaptionSpec:
 def count_requests(run: JobRun, summaries: list[dict[str, Any]]) -> None:
     """The cost and fault counts of an engine whose servers report them (``openai``): tokens as the server reported them, images
     described after a retry, and retries per fault kind (``retries_rate_limited``, ...)."""
-    for key in ("prompt_tokens", "completion_tokens", "described_after_retry"):
-        run.count(key, sum(int(s.get(key) or 0) for s in summaries))
-    retries: Counter[str] = Counter()
-    for summary in summaries:
-        retries.update(json.loads(summary.get("retries") or "{}"))
-    run.count("retries", sum(retries.values()))
-    run.counts.update({f"retries_{kind}": n for kind, n in sorted(retries.items())})
+    run.counts.update({key: sum(int(s.get(key) or 0) for s in summaries)
+                       for key in ("prompt_tokens", "completion_tokens", "described_after_retry")})
+    retries = sum((Counter(json.loads(s.get("retries") or "{}")) for s in summaries), Counter())
+    run.counts.update({"retries": sum(retries.values()), **{f"retries_{kind}": n for kind, n in sorted(retries.items())}})
 
 
 def add_arguments(parser: JobParser) -> None:

@@ -116,8 +116,7 @@ def merge_staged(run: JobRun, files: list[str]) -> int:
     # The driver path's rule (``cu.staged_winners``), run on each bucket.
     winners = by_bucket(staged).cogroup(by_bucket(current)).applyInArrow(
         lambda rows, table: cu.staged_winners(rows.drop_columns(["_bucket"]), table.drop_columns(["_bucket"]), keys),
-        schema)
-    winners = winners.persist()
+        schema).persist()
     try:
         n = winners.count()
         if n:

@@ -201,37 +201,33 @@ def read_checked(uri: str, expected_sha256: str, limits: Any = None) -> tuple[by
     return data, None
 
 
+def _read_as(uri: str, expected_sha256: str, limits: Any, convert: Any) -> tuple[Any, str | None]:
+    """``(convert(bytes), None)`` or ``(None, error text)`` for one item's image file:
+    ``read_checked``, then ``convert``; what ``convert`` raises is this image's error, and so is
+    any exception that no reader rule expected (``unreadable``): one image never fails its batch."""
+    from udfs.io.images import ImageError
+
+    try:
+        data, error = read_checked(uri, expected_sha256, limits)
+        return (None, error) if data is None else (convert(data), None)
+    except ImageError as exc:
+        return None, error_text(exc.kind, exc.reason)
+    except Exception as exc:  # noqa: BLE001 - one image never fails its batch
+        return None, error_text("unreadable", f"image '{uri}' failed to load ({type(exc).__name__}: {exc})")
+
+
 def load_one(uri: str, expected_sha256: str, max_side: int | None,
              limits: Any = None) -> tuple[Any, str | None]:
     """``(RGB image, None)`` or ``(None, error text)`` for one item's image file (``read_checked``,
     then decoded and shrunk to ``max_side``)."""
-    from udfs.io.images import ImageError, load_image
+    from udfs.io.images import load_image
 
-    data, error = read_checked(uri, expected_sha256, limits)
-    if error is not None:
-        return None, error
-    try:
-        return load_image(data, name=str(uri), max_side=max_side), None
-    except ImageError as exc:
-        return None, error_text(exc.kind, exc.reason)
-
-
-def _unreadable(uri: str, exc: Exception) -> str:
-    """The error text of an image whose loading raised what no reader rule expected."""
-    return error_text("unreadable", f"image '{uri}' failed to load ({type(exc).__name__}: {exc})")
-
-
-def _load_isolated(uri: str, sha: str, max_side: int | None, limits: Any = None) -> tuple[Any, str | None]:
-    """``load_one``, with any other exception turned into this image's error."""
-    try:
-        return load_one(uri, sha, max_side, limits)
-    except Exception as exc:  # noqa: BLE001 - one image never fails its batch
-        return None, _unreadable(uri, exc)
+    return _read_as(uri, expected_sha256, limits, lambda data: load_image(data, name=str(uri), max_side=max_side))
 
 
 def load_images(batch: pd.DataFrame, max_side: int | None, limits: Any = None) -> pd.DataFrame:
     """Ray stage 1: adds ``pixels`` (raw RGB bytes), ``width``, ``height`` and ``error``."""
-    loaded = [_load_isolated(uri, sha, max_side, limits) for uri, sha in zip(batch["image_uri"], batch["image_sha256"])]
+    loaded = [load_one(uri, sha, max_side, limits) for uri, sha in zip(batch["image_uri"], batch["image_sha256"])]
     images = [img for img, _ in loaded]
     return batch.assign(pixels=[None if img is None else img.tobytes() for img in images],
                         width=[0 if img is None else img.width for img in images],
@@ -247,17 +243,8 @@ def image_url_of(uri: str, sha: str, max_side: int | None, limits: Any = None) -
     saying what it is now), never an exception. Bytes that still hash to ``image_sha256`` are
     the bytes ingest decoded in full, so they are not decoded again."""
     from udfs.caption.openai_engine import file_data_url
-    from udfs.io.images import ImageError
 
-    try:
-        data, error = read_checked(uri, sha, limits)
-        if data is None:
-            return None, error
-        return file_data_url(data, str(uri), max_side, verified=True)[0], None
-    except ImageError as exc:
-        return None, error_text(exc.kind, exc.reason)
-    except Exception as exc:  # noqa: BLE001 - one image never fails its batch
-        return None, _unreadable(uri, exc)
+    return _read_as(uri, sha, limits, lambda data: file_data_url(data, str(uri), max_side, verified=True)[0])
 
 
 class CaptionActor:
@@ -297,24 +284,21 @@ class CaptionActor:
     @property
     def engine(self):
         with self._lock:
-            return self._build_engine()
+            if self._engine is None:
+                if self.torch_threads > 0:
+                    import torch
 
-    def _build_engine(self):
-        if self._engine is None:
-            if self.torch_threads > 0:
-                import torch
+                    torch.set_num_threads(self.torch_threads)
+                from udfs.caption import make_engine
 
-                torch.set_num_threads(self.torch_threads)
-            from udfs.caption import make_engine
-
-            engine = make_engine(**self.spec)
-            if self.expected_prompt_id and engine.prompt_id != self.expected_prompt_id:
-                # The rows would be filed under a cache key that does not match their text.
-                raise RuntimeError(
-                    f"caption engine {engine.name!r} on this worker has prompt_id {engine.prompt_id}, the "
-                    f"driver planned {self.expected_prompt_id}: install the same vlm4rec version everywhere")
-            self._engine = engine
-        return self._engine
+                engine = make_engine(**self.spec)
+                if self.expected_prompt_id and engine.prompt_id != self.expected_prompt_id:
+                    # The rows would be filed under a cache key that does not match their text.
+                    raise RuntimeError(
+                        f"caption engine {engine.name!r} on this worker has prompt_id {engine.prompt_id}, the "
+                        f"driver planned {self.expected_prompt_id}: install the same vlm4rec version everywhere")
+                self._engine = engine
+            return self._engine
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         if self.load is not None and self.streams:
@@ -343,7 +327,7 @@ class CaptionActor:
         decoded here (``load_one``) when the actor reads its own files, else rebuilt from the
         loading stage's pixels."""
         if self.load is not None:
-            return _load_isolated(batch["image_uri"].iat[i], batch["image_sha256"].iat[i], **self.load)
+            return load_one(batch["image_uri"].iat[i], batch["image_sha256"].iat[i], **self.load)
         from PIL import Image
 
         error = _text_or_none(batch["error"].iat[i])

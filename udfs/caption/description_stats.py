@@ -163,16 +163,13 @@ def description_warning(figures: Mapping[str, float], representation: str = "lvl
         return None
     title_lift = figures.get("title_lift")
     titles = (f"; the titles' is {title_lift:+.4f}" if title_lift is not None and np.isfinite(title_lift) else "")
-    texts = ""
-    if figures.get("texts"):
-        texts = (f" The texts: {int(figures['distinct']):,} distinct of {int(figures['texts']):,} images "
-                 f"({figures['distinct_ratio']:.0%}), the most common one describes "
-                 f"{figures['top_text_share']:.1%} of them, {int(figures['vocabulary']):,} words in all, "
-                 f"{figures['words_mean']:.1f} words each on average.")
-    cosine = ""
-    if np.isfinite(figures.get("lvlm_cosine", np.nan)) and np.isfinite(figures.get("title_cosine", np.nan)):
-        cosine = (f" Two random items' descriptions have a mean cosine of {figures['lvlm_cosine']:.3f} "
-                  f"(titles: {figures['title_cosine']:.3f}).")
+    texts = (f" The texts: {int(figures['distinct']):,} distinct of {int(figures['texts']):,} images "
+             f"({figures['distinct_ratio']:.0%}), the most common one describes "
+             f"{figures['top_text_share']:.1%} of them, {int(figures['vocabulary']):,} words in all, "
+             f"{figures['words_mean']:.1f} words each on average." if figures.get("texts") else "")
+    both_cosines = np.isfinite(figures.get("lvlm_cosine", np.nan)) and np.isfinite(figures.get("title_cosine", np.nan))
+    cosine = (f" Two random items' descriptions have a mean cosine of {figures['lvlm_cosine']:.3f} "
+              f"(titles: {figures['title_cosine']:.3f})." if both_cosines else "")
     return (f"the descriptions of {representation} carry almost no signal about what users like: two items "
             f"one user consumed have descriptions no more alike than two random ones (co-consumption lift "
             f"{lift:+.4f} on the train split, under {thresholds.min_lift:.4f}{titles}).{texts}{cosine} "
@@ -183,14 +180,8 @@ def description_warning(figures: Mapping[str, float], representation: str = "lvl
 def as_counts(figures: Mapping[str, float], prefix: str = COUNT_PREFIX) -> dict[str, int]:
     """Integer ``runs`` counts: whole numbers as they are, other finite figures in thousandths
     under ``<name>_x1000``; NaN figures are left out."""
-    out = {}
-    for name, value in figures.items():
-        value = float(value)
-        if not np.isfinite(value):
-            continue
-        if name in WHOLE_FIGURES:
-            out[f"{prefix}{name}"] = int(value)
-        else:
-            out[f"{prefix}{name}{SCALED_SUFFIX}"] = int(round(value * SCALE))
-    return out
+    finite = {name: float(value) for name, value in figures.items() if np.isfinite(float(value))}
+    return {**{f"{prefix}{name}": int(value) for name, value in finite.items() if name in WHOLE_FIGURES},
+            **{f"{prefix}{name}{SCALED_SUFFIX}": int(round(value * SCALE))
+               for name, value in finite.items() if name not in WHOLE_FIGURES}}
 

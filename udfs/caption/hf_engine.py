@@ -151,8 +151,7 @@ class HFEngine(CaptionEngine):
         return engine
 
     def _configure(self, options: Mapping[str, Any] | None) -> None:
-        self.options = KIND.checked_options(options)
-        o = self.options
+        o = self.options = KIND.checked_options(options)
         if o["min_new_tokens"] is not None and not 0 <= int(o["min_new_tokens"]) <= self.max_new_tokens:
             raise ValueError(
                 f"caption engine 'hf': min_new_tokens={o['min_new_tokens']} must be in "

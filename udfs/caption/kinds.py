@@ -132,7 +132,8 @@ class EngineKind:
     options: type = HfOptions
     # "module:Class" of the engine, built by ``udfs.caption.engine.make_engine``.
     implementation: str = ""
-    # The longest image side the engine needs; None keeps the full image.
+    # The longest image side the engine needs; None keeps the full image. LLaVA-NeXT (the VLM
+    # engines' default model) tiles at most 672 x 672 or 336 x 1344.
     max_side: int | None = 1344
     # The engine has a Ray Data pipeline of its own (``vllm``: Ray's vLLM processor) instead of
     # the job's actor pool.
@@ -228,8 +229,6 @@ class HfKind(EngineKind):
     name = "hf"
     options = HfOptions
     implementation = "udfs.caption.hf_engine:HFEngine"
-    # LLaVA-NeXT tiles at most 672 x 672 or 336 x 1344.
-    max_side = 1344
 
     def uses_gpu(self, options: Mapping[str, Any], cluster_gpus: float) -> bool:
         return cluster_gpus >= 1 and str(options.get("device", "auto")) != "cpu"
@@ -250,7 +249,6 @@ class OpenaiKind(EngineKind):
     name = "openai"
     options = OpenaiOptions
     implementation = "udfs.caption.openai_engine:OpenAIEngine"
-    max_side = 1344
     streams_requests = True
     reports_usage = True
 

@@ -35,7 +35,6 @@ from udfs.io.images import to_rgb
 
 log = logging.getLogger(__name__)
 
-MODEL = EFFICIENTNET_LITE0
 COLOUR_THUMBNAIL_SIDE = 64
 KIND = KINDS["tags"]
 
@@ -114,7 +113,7 @@ def render_sentence(labels: Sequence[str], colours: Sequence[str]) -> str:
     return text
 
 
-def tags_identity(model: str = MODEL, options: Mapping[str, Any] | None = None) -> tuple[str, str]:
+def tags_identity(model: str = EFFICIENTNET_LITE0, options: Mapping[str, Any] | None = None) -> tuple[str, str]:
     """``(prompt, prompt_id)`` the engine records for ``options``: its recipe and the recipe's id
     (``udfs.caption.kinds.TagsKind.identity``: pure, no torch, no weights)."""
     return KIND.identity(model, "", options)
@@ -127,7 +126,7 @@ class TagsEngine(CaptionEngine):
 
     def __init__(
         self,
-        model: str = MODEL,
+        model: str = EFFICIENTNET_LITE0,
         prompt: str = DEFAULT_PROMPT,
         batch_size: int = 32,
         max_new_tokens: int = 128,

@@ -181,15 +181,15 @@ def test_a_cpu_actor_reading_its_own_files_describes_as_the_loading_stage_does(t
     rows += [(str(corrupt), sha256_bytes(corrupt.read_bytes())), (str(tmp_path / "gone.jpg"), "0" * 64)]
     rows.insert(1, rows.pop())  # a failure between two good images of one engine batch
     # good, missing, good, good, raises, truncated: engine batches of 1, 2 and no image.
-    real_load_one, raising = cu.load_one, rows[4][0]
+    real_read_checked, raising = cu.read_checked, rows[4][0]
 
-    def load_one_or_a_disk_fault(uri, *args):
+    def read_or_a_disk_fault(uri, *args):
         # A fault no reader rule expects, which no file on a healthy disk produces.
         if uri == raising:
             raise OSError("disk gone")
-        return real_load_one(uri, *args)
+        return real_read_checked(uri, *args)
 
-    monkeypatch.setattr(cu, "load_one", load_one_or_a_disk_fault)
+    monkeypatch.setattr(cu, "read_checked", read_or_a_disk_fault)
     engine_batches = []
     real_describe = caption.describe_isolated
     monkeypatch.setattr(caption, "describe_isolated",
