@@ -88,6 +88,14 @@ def require_path(dataset: DatasetConf, key: str, root_relative: str | None = Non
     return path.resolve()
 
 
+def images_folder(dataset: DatasetConf, folder: str) -> str:
+    """The folder an adapter's local image paths must resolve under (``AdapterOutput.images_root``):
+    ``folder`` (its images option) under ``dataset.paths.root``, resolved, or the root as given
+    when ``folder`` is empty. Ingest confines image paths to it, and caption again as it reads them."""
+    root = require_path(dataset, "root")
+    return str((root / folder).resolve()) if folder else str(root)
+
+
 def read_lines(spark: SparkSession, path: Path, encoding: str = "utf-8") -> DataFrame:
     """One row per line with a cheap position id (``_pos``) from which line numbers are derived
     only for the few rows that are rejected (see ``line_numbers``)."""

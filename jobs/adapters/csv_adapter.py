@@ -47,7 +47,7 @@ from pyspark.sql import functions as F
 from udfs.io.image_files import pattern_problem, with_image_files
 
 from ..config import ConfigError, DatasetConf
-from .base import (AdapterOutput, options_from, read_table_file, require_path, validate_columns,
+from .base import (AdapterOutput, images_folder, options_from, read_table_file, require_path, validate_columns,
                    with_image_only_items)
 
 
@@ -91,13 +91,18 @@ def attrs_map(df: DataFrame, columns: list[str]) -> F.Column:
     return F.map_filter(F.create_map(*pairs), lambda k, v: v.isNotNull() & (v != ""))
 
 
+def images_root_of(dataset: DatasetConf) -> str:
+    """Where ingest and caption keep this dataset's image paths (``base.images_folder``)."""
+    return images_folder(dataset, options_from(CsvOptions, dataset).images_root)
+
+
 def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
     opts = options_from(CsvOptions, dataset)
     check_image_only_options(opts)
     root = require_path(dataset, "root")
     items_path = require_path(dataset, "items", opts.items)
     inter_path = require_path(dataset, "interactions", opts.interactions)
-    images_root = str((root / opts.images_root).resolve()) if opts.images_root else str(root)
+    images_root = images_root_of(dataset)
 
     raw_items = read_table_file(spark, items_path, opts.format, opts.sep, opts.encoding)
     raw_items = raw_items.withColumn("attrs", attrs_map(raw_items, opts.attrs))

@@ -53,7 +53,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from ..config import ConfigError, DatasetConf
-from .base import (AdapterOutput, options_from, read_table_file, require_path, validate_columns,
+from .base import (AdapterOutput, images_folder, options_from, read_table_file, require_path, validate_columns,
                    with_image_only_items)
 from .csv_adapter import attrs_map
 
@@ -106,6 +106,11 @@ def image_ids(images_dir: Path) -> list[str]:
     return found
 
 
+def images_root_of(dataset: DatasetConf) -> str:
+    """Where ingest and caption keep this dataset's images (``base.images_folder``)."""
+    return images_folder(dataset, options_from(HMOptions, dataset).images_dir)
+
+
 def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
     opts = options_from(HMOptions, dataset)
     if opts.same_day_repeats not in REPEAT_POLICIES:
@@ -153,7 +158,7 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
         interactions = grouped.select("user_id", "item_id", "ts", F.lit(None).cast("double").alias("rating"),
                                       F.lit(None).cast("string").alias("label"), "_source")
     rejects = item_rejects.unionByName(bad_items).unionByName(tx_rejects).unionByName(bad_tx)
-    return AdapterOutput(items, interactions, rejects, counts, images_root=str((root / opts.images_dir).resolve()))
+    return AdapterOutput(items, interactions, rejects, counts, images_root=images_root_of(dataset))
 
 
 def _image_id_frame(spark: SparkSession, images_dir: Path) -> DataFrame:

@@ -21,7 +21,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from ..config import DatasetConf
-from .base import AdapterOutput, options_from, read_table_file, require_path, validate_columns
+from .base import AdapterOutput, images_folder, options_from, read_table_file, require_path, validate_columns
 from .csv_adapter import attrs_map, image_uri
 
 
@@ -40,6 +40,11 @@ class MMRecOptions:
     item_image_col: str = "image_path"
     images_root: str = ""
     attrs: list = None  # type: ignore[assignment]
+
+
+def images_root_of(dataset: DatasetConf) -> str:
+    """Where ingest and caption keep this dataset's image paths (``base.images_folder``)."""
+    return images_folder(dataset, options_from(MMRecOptions, dataset).images_root)
 
 
 def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
@@ -62,7 +67,7 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
             {"title": opts.item_title_col, "text": opts.item_text_col, "image": opts.item_image_col},
             items_path, "items", keep=("attrs",))
         rejects = rejects.unionByName(meta_rejects)
-        images_root = str((root / opts.images_root).resolve()) if opts.images_root else str(root)
+        images_root = images_root_of(dataset)
         meta = meta.select("item_id", "title", "text", image_uri(F.col("image"), images_root).alias("image_uri"),
                            "attrs")
         # Interacted items without metadata still exist: kept with nulls, not dropped.

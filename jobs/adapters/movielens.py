@@ -22,7 +22,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from ..config import ConfigError, DatasetConf
-from .base import AdapterOutput, options_from, parse_delimited, require_path
+from .base import AdapterOutput, images_folder, options_from, parse_delimited, require_path
 
 GENRES = ["unknown", "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary",
           "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
@@ -40,6 +40,11 @@ class MovieLensOptions:
 
 def _norm_title(title: object) -> str:
     return " ".join(str(title).lower().split()) if isinstance(title, str) else ""
+
+
+def images_root_of(dataset: DatasetConf) -> str:
+    """Where ingest and caption keep this dataset's posters (``base.images_folder``)."""
+    return images_folder(dataset, options_from(MovieLensOptions, dataset).posters_dir)
 
 
 def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
@@ -85,7 +90,7 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
                       "text": items["overview"].where(items["overview"].notna(), None),
                       "image_uri": items["image_uri"], "attrs": attrs}),
         "item_id string, title string, text string, image_uri string, attrs map<string,string>")
-    return AdapterOutput(items_df, interactions, rejects, counts, images_root=str(poster_dir.resolve()))
+    return AdapterOutput(items_df, interactions, rejects, counts, images_root=images_root_of(dataset))
 
 
 def _pick_overviews(path, items: pd.DataFrame, counts: dict[str, int]) -> pd.DataFrame:

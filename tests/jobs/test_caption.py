@@ -399,3 +399,36 @@ def test_the_driver_merge_is_the_spark_merge(spark, tmp_path):
     assert results["driver"] == results["spark"] == [
         ("a", "ok", "new", 2), ("b", "ok", "fixed", 2), ("c", "ok", "kept", 1), ("d", "ok", "newer kept", 5),
         ("e", "error", None, 2), ("f", "ok", "ok wins", 3), ("g", "ok", "untouched", 1)]
+
+
+@pytest.mark.faults
+def test_an_image_outside_the_images_root_is_refused_alone(spark, ray_address, tmp_path, capsys):
+    """issue 26.5: caption confines its reads as ingest does. Ingest was allowed outside the root
+    (dataset.images.allow_outside_root=true) and hashed a '..' path and an absolute one; one file
+    under the root became a link out of it since (same bytes: its hash still matches). Caption,
+    confined by default, writes an error row for each of the three and describes the rest."""
+    from udfs.synth import generate
+
+    root, outside, wh = tmp_path / "data", tmp_path / "outside", tmp_path / "wh"
+    generate(root, seed=2, n_items=6, n_users=4)
+    outside.mkdir()
+    for item in ("i00001", "i00002", "i00003"):
+        shutil.copy(root / "images" / f"{item}.png", outside / f"{item}.png")
+    items_csv = root / "items.csv"
+    items_csv.write_text(items_csv.read_text().replace("images/i00001.png", "../outside/i00001.png")
+                         .replace("images/i00002.png", str(outside / "i00002.png")))
+    assert ingest.main([*argv(wh, root, "--set", "dataset.images.allow_outside_root=true")]) == 0
+    hashed = item_shas(spark, wh)
+    assert all(hashed.values()) and len(hashed) == 6
+    (root / "images" / "i00003.png").unlink()
+    (root / "images" / "i00003.png").symlink_to(outside / "i00003.png")
+
+    counts = run_caption(capsys, *argv(wh, root))
+    assert counts["failed"] == counts["failed_outside_root"] == 3 and counts["described"] == 3
+    rows = descriptions(spark, wh, engine="tags")
+    refused = {item for item, sha in hashed.items() if rows[sha].status == "error"}
+    assert refused == {"i00001", "i00002", "i00003"}
+    for item in refused:
+        error = rows[hashed[item]].error
+        assert error.startswith("outside_root: ") and "outside the dataset's images root" in error
+        assert "dataset.images.allow_outside_root=true" in error

@@ -89,6 +89,10 @@ class ReadLimits:
 
     max_bytes: int = DEFAULT_MAX_BYTES
     timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    # Where from, when ``confine``: a local path must resolve under ``images_root`` (``resolve_under``).
+    # The caption job's reads carry the dataset's images root here; ingest passes it per call.
+    images_root: str | None = None
+    confine: bool = False
 
     def __post_init__(self):
         if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int) or self.max_bytes < 1:
@@ -265,7 +269,8 @@ def read_image_file(path: str | Path, limits: ReadLimits | None = None, name: st
     limits = limits or ReadLimits()
     name = name or str(path)
     deadline = time.monotonic() + limits.timeout_s
-    future = _READERS.submit(_read_bounded, os.fspath(path), name, limits, deadline, images_root, confine)
+    future = _READERS.submit(_read_bounded, os.fspath(path), name, limits, deadline,
+                             images_root or limits.images_root, confine or limits.confine)
     try:
         data = future.result(timeout=limits.timeout_s)
     except WaitTimeout:  # the builtin TimeoutError only from Python 3.11 on
