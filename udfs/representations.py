@@ -147,9 +147,7 @@ def fusion_name(method: str, parts: Iterable[str]) -> str:
         raise RepresentationError(
             f"fusion {method!r} needs at least two distinct parts, got {list(canonical)}"
         )
-    if ordered == tuple(sorted(DEFAULT_FUSION_PARTS)):
-        return method
-    return f"{method}:{'+'.join(ordered)}"
+    return method if ordered == tuple(sorted(DEFAULT_FUSION_PARTS)) else f"{method}:{'+'.join(ordered)}"
 
 
 def parse_representation(name: str) -> Representation:
