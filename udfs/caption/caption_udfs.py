@@ -437,8 +437,7 @@ def write_staging(batch: pd.DataFrame, staging_dir: str, engine: str, model: str
     pq.write_table(description_table(batch, engine, model, prompt_id, prompt), sink)
     path = storage.join(str(staging_dir), f"{STAGED_FILE_PREFIX}{uuid.uuid4().hex}.parquet")
     storage.write_bytes(path, sink.getvalue().to_pybytes())
-    kinds = Counter(error_kind(_text_or_none(e)) for e in batch["error"])
-    kinds.pop(None, None)
+    kinds = Counter(kind for kind in map(error_kind, map(_text_or_none, batch["error"])) if kind is not None)
     ok = batch["status"] == OK
     # Only engines that report usage carry these columns (the vllm branch and load failures do not).
     prompt_tokens = batch["prompt_tokens"] if "prompt_tokens" in batch else pd.Series([None] * len(batch))

@@ -99,8 +99,8 @@ def co_consumption(item_ids: Sequence[str], vectors: np.ndarray, interactions: p
     row_of = pd.Series(np.arange(len(item_ids)), index=pd.Index(item_ids))
     pairs = interactions[["user_id", "item_id"]].drop_duplicates()
     pairs = pairs[pairs["item_id"].isin(row_of.index)]
-    per_user = pairs.groupby("user_id")["item_id"].transform("size")
-    pairs = pairs[per_user >= 2].sort_values(["user_id", "item_id"], kind="stable")
+    pairs = pairs[pairs.groupby("user_id")["item_id"].transform("size") >= 2].sort_values(["user_id", "item_id"],
+                                                                                          kind="stable")
     if pairs.empty:
         return {"co_consumed_cosine": float("nan"), "random_cosine": float("nan"), "lift": float("nan")}
     rows = row_of.loc[pairs["item_id"]].to_numpy()
@@ -121,9 +121,8 @@ def co_consumption(item_ids: Sequence[str], vectors: np.ndarray, interactions: p
     c = rng.integers(len(rows), size=n_pairs)
     keep = rows[c] != rows[a]
     other = _row_cosines(vectors, rows[a], rows[c])
-    diff = (same - other)[keep]
     return {"co_consumed_cosine": float(same[keep].mean()), "random_cosine": float(other[keep].mean()),
-            "lift": float(diff.mean())}
+            "lift": float((same - other)[keep].mean())}
 
 
 def vector_figures(vectors: Mapping[str, tuple[Sequence[str], np.ndarray]], interactions: pd.DataFrame,

@@ -59,12 +59,9 @@ def imagenet_classes() -> tuple[str, ...]:
 @functools.lru_cache(maxsize=1)
 def colour_palette() -> tuple[tuple[str, ...], np.ndarray]:
     """Colour names and their CIELAB coordinates, shape (n, 3)."""
-    names, rgb = [], []
-    for line in _resource_lines("colour_names.txt"):
-        *words, r, g, b = line.split()
-        names.append(" ".join(words))
-        rgb.append((int(r), int(g), int(b)))
-    return tuple(names), srgb_to_lab(np.asarray(rgb, dtype=np.float64))
+    # "dark grey 70 70 70": the name, then its red, green and blue.
+    rows = [line.rsplit(maxsplit=3) for line in _resource_lines("colour_names.txt")]
+    return tuple(name for name, *_ in rows), srgb_to_lab(np.asarray([rgb for _, *rgb in rows], dtype=np.float64))
 
 
 def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
