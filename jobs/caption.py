@@ -108,13 +108,6 @@ class EngineUnavailable(ImportError):
     """The configured engine's packages are not installed."""
 
 
-def check_engine_installed(engine: str) -> None:
-    """Raise ``EngineUnavailable`` with the install command when the engine cannot run here."""
-    missing = engine_kind(engine).missing_install()
-    if missing:
-        raise EngineUnavailable(missing)
-
-
 def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
     """The job body (also called by ``pipeline``)."""
     config = run.config
@@ -127,7 +120,9 @@ def caption(run: JobRun, args: argparse.Namespace | None = None) -> None:
         planned = run_plan(run, args.run_id)
         if planned is not None:
             check_caption_agrees(planned, config.dataset.name, spec.representation, args.run_id)
-    check_engine_installed(spec.engine)
+    missing = spec.kind.missing_install()
+    if missing:
+        raise EngineUnavailable(missing)
     log.info("caption %s with %s (prompt %s) for dataset %s%s", spec.engine, spec.model, spec.prompt_id,
              config.dataset.name, " (forced)" if spec.conf.force else "")
     # Stage times (ms_<stage> in the counts) say where a run's fixed seconds go; a fully cached
