@@ -13,6 +13,8 @@ credentials) and the Parquet files are read through ``udfs.io.storage``'s pyarro
 from __future__ import annotations
 
 import datetime
+import functools
+import operator
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,8 +23,11 @@ from urllib.parse import unquote
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+from deltalake import DeltaTable
+from deltalake.exceptions import DeltaError
 
 from udfs.io import storage
+from udfs.io.warehouse_writer import local_table
 
 
 class TableMissing(LookupError):
@@ -58,19 +63,13 @@ def fallback_reason(exc: Exception) -> str:
 
 
 def table_uri(warehouse: str | Path, name: str) -> str:
-    local = storage.local_path_of(str(warehouse))
-    if local is None:
-        return storage.join(str(warehouse), name)
-    return str(Path(local).expanduser().resolve() / name)
+    return local_table(warehouse, name) or storage.join(str(warehouse), name)
 
 
 def _open(warehouse: str | Path, name: str, equal: Mapping[str, object] | None,
           within: Mapping[str, Sequence[object]] | None):
     """(uri, the table's snapshot, conditions as column -> values), or ``TableMissing``, or
     ``StoreUnreadable``."""
-    from deltalake import DeltaTable
-    from deltalake.exceptions import DeltaError
-
     uri = table_uri(warehouse, name)
     location, options = storage.delta_location(uri)
     try:
@@ -87,8 +86,7 @@ def _open(warehouse: str | Path, name: str, equal: Mapping[str, object] | None,
     if table is None:
         raise TableMissing(f"no '{name}' table in warehouse {warehouse}: run the job that writes it "
                            f"(`vlm4rec pipeline`) or pass the warehouse that holds the run")
-    conditions = {c: [v] for c, v in (equal or {}).items()} | {c: list(v) for c, v in (within or {}).items()}
-    return uri, table, conditions
+    return uri, table, {c: [v] for c, v in (equal or {}).items()} | {c: list(v) for c, v in (within or {}).items()}
 
 
 def _check_size(warehouse, name: str, table, conditions: Mapping[str, list], max_bytes: int | None,
@@ -158,23 +156,22 @@ _EXACT_STATS = (str, int, bool, datetime.date)
 def _may_hold(actions: pa.Table, column: str, values: list) -> list[bool]:
     """Per file: whether its statistics leave room for a row whose ``column`` is one of
     ``values`` (True wherever they say nothing: no statistics, nulls, a cut-off maximum)."""
-    lows = actions.column(f"min.{column}").to_pylist() if f"min.{column}" in actions.column_names else None
-    highs = actions.column(f"max.{column}").to_pylist() if f"max.{column}" in actions.column_names else None
-    if lows is None or highs is None:
+    if f"min.{column}" not in actions.column_names or f"max.{column}" not in actions.column_names:
         return [True] * actions.num_rows
     wanted = [v for v in values if v is not None]
-    keep = []
-    for low, high in zip(lows, highs):
-        exact = all(type(x) in _EXACT_STATS for x in (low, high, *wanted))
-        if low is None or high is None or not wanted or not exact:
-            keep.append(True)
-            continue
-        try:
-            bounded = not (isinstance(high, str) and len(high) >= _STATS_PREFIX)
-            keep.append(any(low <= v and (not bounded or v <= high) for v in wanted))
-        except TypeError:  # statistics of another type than the values: they prove nothing
-            keep.append(True)
-    return keep
+    return [_bounds_may_hold(low, high, wanted) for low, high in
+            zip(actions.column(f"min.{column}").to_pylist(), actions.column(f"max.{column}").to_pylist())]
+
+
+def _bounds_may_hold(low, high, wanted: list) -> bool:
+    """Whether a file whose statistics are ``low`` and ``high`` may hold one of ``wanted``."""
+    if low is None or high is None or not wanted or not all(type(x) in _EXACT_STATS for x in (low, high, *wanted)):
+        return True
+    bounded = not (isinstance(high, str) and len(high) >= _STATS_PREFIX)
+    try:
+        return any(low <= v and (not bounded or v <= high) for v in wanted)
+    except TypeError:  # statistics of another type than the values: they prove nothing
+        return True
 
 
 def _kept_files(table, conditions: Mapping[str, list]) -> pa.Table:
@@ -184,22 +181,16 @@ def _kept_files(table, conditions: Mapping[str, list]) -> pa.Table:
     it, such as ``recommendations``, is read and sized by one run's files, not every run's)."""
     partitions = list(table.metadata().partition_columns)
     actions = pa.table(table.get_add_actions(flatten=True))
-    keep = None
-    for column, values in conditions.items():
-        if column in partitions:
-            term = pc.is_in(actions.column(f"partition.{column}"), value_set=pa.array(values))
-        else:
-            term = pa.array(_may_hold(actions, column, list(values)), pa.bool_())
-        keep = term if keep is None else pc.and_(keep, term)
-    return actions if keep is None else actions.filter(keep)
+    terms = [pc.is_in(actions.column(f"partition.{column}"), value_set=pa.array(values)) if column in partitions
+             else pa.array(_may_hold(actions, column, list(values)), pa.bool_())
+             for column, values in conditions.items()]
+    return actions.filter(functools.reduce(pc.and_, terms)) if terms else actions
 
 
 def _expression(conditions: Mapping[str, list]):
-    expression = None
-    for column, values in conditions.items():
-        term = pc.field(column).isin(values) if len(values) != 1 else pc.field(column) == values[0]
-        expression = term if expression is None else expression & term
-    return expression
+    terms = [pc.field(column).isin(values) if len(values) != 1 else pc.field(column) == values[0]
+             for column, values in conditions.items()]
+    return functools.reduce(operator.and_, terms) if terms else None
 
 
 def _file_locator(uri: str):
@@ -236,8 +227,8 @@ def _read_files(uri: str, table, schema: pa.Schema, conditions: Mapping[str, lis
     paths = actions.column("path").to_pylist()
     values = {p: actions.column(f"partition.{p}").to_pylist() for p in partitions}
     data_conditions = {c: v for c, v in conditions.items() if c not in partitions}
-    data_columns = [c for c in wanted if c in schema.names and c not in partitions]
-    scan_columns = list(dict.fromkeys(data_columns + list(data_conditions)))
+    scan_columns = list(dict.fromkeys([c for c in wanted if c in schema.names and c not in partitions]
+                                      + list(data_conditions)))
     groups: dict[tuple, list[str]] = {}
     for i, path in enumerate(paths):
         key = tuple(values[p][i] for p in partitions)  # _kept_files matched the partition values

@@ -20,13 +20,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pyarrow as pa
+from deltalake import DeltaTable, write_deltalake
 
 from udfs.io import storage
 
 # Values a predicate may hold as they are: inside single quotes none of these can end the
 # literal, in DataFusion's SQL (delta-rs) as in Spark's. Anything else is not written here:
 # the caller takes Spark's path, whose literals are hex-encoded (``jobs.tables.sql_literal``).
-_PLAIN = re.compile(r"[A-Za-z0-9 _.:@+=,/#()-]*")
+PLAIN_TEXT = re.compile(r"[A-Za-z0-9 _.:@+=,/#()-]*")
 _COLUMN = re.compile(r"[a-z_][a-z0-9_]*")
 
 
@@ -44,12 +45,10 @@ def predicate(where: Mapping[str, object]) -> str | None:
         if not _COLUMN.fullmatch(column):
             return None
         values = list(value) if isinstance(value, (list, tuple)) else [value]
-        if not values or not all(isinstance(v, str) and _PLAIN.fullmatch(v) for v in values):
+        if not values or not all(isinstance(v, str) and PLAIN_TEXT.fullmatch(v) for v in values):
             return None
-        if isinstance(value, (list, tuple)):
-            terms.append(f"{column} IN (" + ", ".join(f"'{v}'" for v in values) + ")")
-        else:
-            terms.append(f"{column} = '{value}'")
+        terms.append(f"{column} IN (" + ", ".join(f"'{v}'" for v in values) + ")"
+                     if isinstance(value, (list, tuple)) else f"{column} = '{value}'")
     return " AND ".join(terms) if terms else None
 
 
@@ -78,8 +77,6 @@ def conform(table: pa.Table, schema: pa.Schema, name: str) -> pa.Table:
 
 def table_columns(path: str) -> list[str] | None:
     """The columns of the Delta table at ``path``, or None when there is none."""
-    from deltalake import DeltaTable
-
     if not DeltaTable.is_deltatable(path):
         return None
     return [field.name for field in DeltaTable(path).schema().fields]
@@ -88,8 +85,6 @@ def table_columns(path: str) -> list[str] | None:
 def write(path: str, table: pa.Table, *, slice_predicate: str | None = None) -> None:
     """One commit to the table at ``path`` (``create`` it first): ``table`` replaces the rows
     matching ``slice_predicate`` (None: it is appended)."""
-    from deltalake import write_deltalake
-
     if slice_predicate is None:
         write_deltalake(path, table, mode="append")
     else:
@@ -98,16 +93,12 @@ def write(path: str, table: pa.Table, *, slice_predicate: str | None = None) -> 
 
 def create(path: str, schema: pa.Schema, partition_by: Sequence[str] | None = None) -> None:
     """An empty table of ``schema`` at ``path``, unless one is there already."""
-    from deltalake import write_deltalake
-
     write_deltalake(path, schema.empty_table(), mode="ignore", partition_by=list(partition_by or []) or None)
 
 
 def merge(path: str, table: pa.Table, keys: Sequence[str]) -> None:
     """One ``MERGE`` commit: ``table``'s rows replace the rows with their key and add the others
     (``table`` holds one row a key; keys are NOT NULL columns, so ``=`` is the key's equality)."""
-    from deltalake import DeltaTable
-
     condition = " AND ".join(f"t.{k} = s.{k}" for k in keys)
     (DeltaTable(path).merge(source=table, predicate=condition, source_alias="s", target_alias="t")
      .when_matched_update_all().when_not_matched_insert_all().execute())
