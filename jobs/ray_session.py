@@ -30,13 +30,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from .config import RayConf
+from .spark_session import FORWARDED_ENV
 
 log = logging.getLogger(__name__)
-
-# Passed to the workers of a cluster that the driver's own environment does not reach.
-# Secrets are not forwarded: every node takes its credentials from its own environment.
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "VLM4REC_JARS",
-                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 def init_kwargs(conf: RayConf) -> dict[str, Any]:
@@ -75,10 +71,10 @@ def connection_failure(address: str, exc: BaseException) -> str:
     auth = next((e for e in chain if type(e).__name__ == "AuthenticationError"
                  or "InvalidAuthToken" in str(getattr(e, "message", "")) or "InvalidAuthToken" in repr(e)), None)
     if auth is not None:
-        mode = os.environ.get("RAY_AUTH_MODE", "unset")
         return (f"the Ray cluster at ray.address={address!r} refused this driver's authentication "
-                f"({getattr(auth, 'message', None) or type(auth).__name__}; RAY_AUTH_MODE is {mode}): the "
-                "cluster uses token authentication (Ray 2.60's default), so set RAY_AUTH_MODE=token and give "
+                f"({getattr(auth, 'message', None) or type(auth).__name__}; "
+                f"RAY_AUTH_MODE is {os.environ.get('RAY_AUTH_MODE', 'unset')}): the cluster uses "
+                "token authentication (Ray 2.60's default), so set RAY_AUTH_MODE=token and give "
                 "the cluster's token in RAY_AUTH_TOKEN or in the file RAY_AUTH_TOKEN_PATH (default "
                 "~/.ray/auth_token; `ray get-auth-token` on the head node prints it)")
     causes = "; ".join(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}" for e in chain)
@@ -106,10 +102,8 @@ def ray_session(conf: RayConf) -> Iterator[Any]:
         configure_data_context()
         yield ray
         return
-    kwargs = init_kwargs(conf)
-    where = f"the cluster at {conf.address}" if conf.address else "this machine"
     try:
-        ray.init(**kwargs)
+        ray.init(**init_kwargs(conf))
     # What ray.init raises for a cluster it cannot join: ConnectionError (an OSError) or a
     # RuntimeError from the GCS client, ValueError for an address or a token it refuses. Each is
     # re-raised with the address and the fix; anything else keeps its own traceback.
@@ -117,6 +111,7 @@ def ray_session(conf: RayConf) -> Iterator[Any]:
         if not conf.address:
             raise
         raise ConnectionError(connection_failure(conf.address, exc)) from exc
+    where = f"the cluster at {conf.address}" if conf.address else "this machine"
     log.info("Ray started on %s: %s", where, {k: v for k, v in ray.cluster_resources().items()
                                              if k in ("CPU", "GPU", "memory", "object_store_memory")})
     try:

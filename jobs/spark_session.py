@@ -9,12 +9,16 @@ such child shut down one of the parent's connections (a ``ConnectionResetError``
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+from udfs.io.storage import s3_endpoint_and_region
 
 from .config import Config, SparkConf
 
@@ -38,9 +42,8 @@ def jars_dir(conf: SparkConf | None = None) -> Path:
 def resolved_jars(conf: SparkConf | None = None) -> list[Path]:
     folder = jars_dir(conf)
     jars = sorted(folder.glob("*.jar")) if folder.is_dir() else []
-    if not any(j.name.startswith(f"io.delta_delta-spark_{SCALA_VERSION}-{DELTA_VERSION}") for j in jars):
-        return []
-    return jars
+    return jars if any(j.name.startswith(f"io.delta_delta-spark_{SCALA_VERSION}-{DELTA_VERSION}")
+                       for j in jars) else []
 
 
 def hadoop_version() -> str:
@@ -82,11 +85,10 @@ def _resolve(packages: list[str], target: Path) -> list[Path]:
         if done.returncode != 0:
             lines = [line for line in done.stdout.splitlines() if not line.startswith(("\tat ", "        at "))]
             raise ConnectorMissing(f"Ivy could not resolve {packages}:\n" + "\n".join(lines[-15:]))
-        copied = []
-        for jar in (Path(ivy) / "jars").glob("*.jar"):
+        jars = list((Path(ivy) / "jars").glob("*.jar"))
+        for jar in jars:
             shutil.copy2(jar, target / jar.name)
-            copied.append(target / jar.name)
-    return copied
+    return [target / jar.name for jar in jars]
 
 
 def resolve_connector(conf: SparkConf | None = None) -> list[Path]:
@@ -108,9 +110,10 @@ def resolve_s3_connector(conf: SparkConf | None = None) -> list[Path]:
     return sorted(jars)
 
 
-# Passed to the executors' Python workers (spark.executorEnv.*) when set on the driver: models
-# load offline on every node, and Python code on executors finds the same object store. Secrets
-# are not forwarded: executors take credentials from their own node (environment, instance role).
+# Passed to the executors' Python workers (spark.executorEnv.*) and to Ray's workers (their
+# runtime_env) when set on the driver: models load offline on every node, and Python code there
+# finds the same object store. Secrets are not forwarded: workers take credentials from their own
+# node (environment, instance role).
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "VLM4REC_JARS",
                  "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
@@ -125,8 +128,7 @@ def submitted_master() -> str | None:
     chose for this driver, or ``None`` when this process starts the JVM itself."""
     if "PYSPARK_GATEWAY_PORT" not in os.environ:
         return None
-    from pyspark import SparkConf as JavaBackedConf
-    from pyspark import SparkContext
+    from pyspark import SparkConf as JavaBackedConf, SparkContext
 
     # Connect to the launcher's JVM first: before that, SparkConf() is a Python-only dict and
     # cannot see the master spark-submit put into the JVM's system properties.
@@ -137,8 +139,8 @@ def submitted_master() -> str | None:
 def uses_s3a(config: Config) -> bool:
     """Whether the JVM needs the S3A connector: the warehouse or a Spark setting (checkpoints,
     archives) names an ``s3a://`` URI. Images on S3 are read by Python (pyarrow), not the JVM."""
-    values = [config.warehouse, *map(str, config.spark.extra.values())]
-    return any(v.strip().lower().startswith(("s3a://", "s3://", "s3n://")) for v in values)
+    return any(v.strip().lower().startswith(("s3a://", "s3://", "s3n://"))
+               for v in [config.warehouse, *map(str, config.spark.extra.values())])
 
 
 def s3_classpath(config: Config) -> list[Path]:
@@ -158,14 +160,13 @@ def s3a_endpoint_settings(environ) -> dict[str, str]:
     """Hadoop S3A settings for a non-AWS S3 endpoint (MinIO, a local server) named by the same
     variable that pyarrow's side reads (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``), so one
     setting points Spark and the Python readers at one store; ``spark.extra`` overrides each."""
-    endpoint = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
+    endpoint, region = s3_endpoint_and_region(environ)
     if not endpoint:
         return {}
     settings = {"spark.hadoop.fs.s3a.endpoint": endpoint,
                 # A custom endpoint rarely serves virtual-host buckets (bucket.host:port).
                 "spark.hadoop.fs.s3a.path.style.access": "true",
                 "spark.hadoop.fs.s3a.connection.ssl.enabled": str(endpoint.startswith("https://")).lower()}
-    region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
     if region:
         settings["spark.hadoop.fs.s3a.endpoint.region"] = region
     return settings
@@ -187,40 +188,43 @@ def build_spark(config: Config, app_name: str | None = None):
             f"the Delta Lake connector JARs are not in {jars_dir(sc)}: run `vlm4rec setup` once "
             "(it fetches them from Maven Central) or point spark.jars_dir / VLM4REC_JARS at them"
         )
-    builder = (
-        SparkSession.builder
-        .appName(app_name or sc.app_name)
-        .config("spark.jars", ",".join(str(j) for j in jars))
-        .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
-        .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
-        .config("spark.driver.memory", sc.driver_memory)
-        .config("spark.sql.shuffle.partitions", str(sc.shuffle_partitions))
-        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-        .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.databricks.delta.schema.autoMerge.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-    )
     launched = submitted_master()
     master = launched or sc.master or "local[*]"
-    if launched is None:
-        builder = builder.master(master)
-    elif sc.master and sc.master != launched:
+    if launched is not None and sc.master and sc.master != launched:
         log.info("spark.master %r in the config ignored: spark-submit chose %r", sc.master, launched)
-    if master.startswith("local"):
-        builder = builder.config("spark.ui.enabled", "false")
-    # Delta replays a table's log into this many partitions at every read and after every
-    # commit (its default is 50). A local master's logs are small, and one partition saves
-    # 0.3-0.5 s per commit over eight on two cores; a cluster's logs may hold millions of files.
-    snapshots = sc.snapshot_partitions or (1 if master.startswith("local") else max(1, sc.shuffle_partitions))
-    builder = builder.config("spark.databricks.delta.snapshotPartitions", str(snapshots))
     # Every master: the executors' Python workers run this interpreter. PySpark reads
     # PYSPARK_PYTHON from the driver's environment when the context starts and sends it with
     # every Python function (spark.pyspark.python is read only by spark-submit).
     python = executor_python(sc)
     os.environ["PYSPARK_PYTHON"] = python
-    builder = builder.config("spark.pyspark.python", python)
     if launched is None:
         os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    settings = {
+        "spark.jars": ",".join(str(j) for j in jars),
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        "spark.driver.memory": sc.driver_memory,
+        "spark.sql.shuffle.partitions": str(sc.shuffle_partitions),
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.session.timeZone": "UTC",
+        "spark.databricks.delta.schema.autoMerge.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+        # Delta replays a table's log into this many partitions at every read and after every
+        # commit (its default is 50). A local master's logs are small, and one partition saves
+        # 0.3-0.5 s per commit over eight on two cores; a cluster's logs may hold millions of files.
+        "spark.databricks.delta.snapshotPartitions": str(
+            sc.snapshot_partitions or (1 if master.startswith("local") else max(1, sc.shuffle_partitions))),
+        "spark.pyspark.python": python,
+    }
+    if master.startswith("local"):
+        settings["spark.ui.enabled"] = "false"
+    # spark.executorEnv.* reaches the Python workers in local mode too (pyspark.daemon is started
+    # with it), and before they start, which is when glibc reads its malloc tunables.
+    settings.update({f"spark.executorEnv.{k}": os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
+    settings.update({f"spark.executorEnv.{k}": str(v) for k, v in sc.worker_env.items() if v != ""})
+    # spark.extra overrides every setting above, the S3A endpoint's among them.
+    settings.update(s3a_endpoint_settings(os.environ))
+    settings.update({key: str(value) for key, value in sc.extra.items()})
     # The S3 connector, when fetched: on the class path of the driver and of every executor, at
     # the same path (no copy of the 500 MB AWS SDK into every executor's folder).
     s3_jars = s3_classpath(config)
@@ -228,20 +232,12 @@ def build_spark(config: Config, app_name: str | None = None):
         classpath = os.pathsep.join(str(j) for j in s3_jars)
         for key in ("spark.driver.extraClassPath", "spark.executor.extraClassPath"):
             given = sc.extra.get(key)
-            builder = builder.config(key, f"{given}{os.pathsep}{classpath}" if given else classpath)
-    for key, value in s3a_endpoint_settings(os.environ).items():
-        if key not in sc.extra:
-            builder = builder.config(key, value)
-    # spark.executorEnv.* reaches the Python workers in local mode too (pyspark.daemon is started
-    # with it), and before they start, which is when glibc reads its malloc tunables.
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    env.update({k: str(v) for k, v in sc.worker_env.items() if v != ""})
-    for key, value in env.items():
-        builder = builder.config(f"spark.executorEnv.{key}", value)
-    for key, value in sc.extra.items():
-        if key in ("spark.driver.extraClassPath", "spark.executor.extraClassPath") and s3_jars:
-            continue
-        builder = builder.config(key, str(value))
+            settings[key] = f"{given}{os.pathsep}{classpath}" if given else classpath
+    builder = SparkSession.builder.appName(app_name or sc.app_name)
+    if launched is None:
+        builder = builder.master(master)
+    for key, value in settings.items():
+        builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     keep_gateway_connections_across_fork()
@@ -251,9 +247,9 @@ def build_spark(config: Config, app_name: str | None = None):
 # The gateway's connections of the forking process, referenced from just before a fork until its
 # child has let go of its copies; empty otherwise.
 _HELD_ACROSS_FORK: list = []
-_FORK_HOOKS_REGISTERED = False
 
 
+@functools.cache  # the hooks are registered once per process
 def keep_gateway_connections_across_fork() -> None:
     """Stop a forked child from closing the driver's py4j connections to the JVM (idempotent).
 
@@ -267,9 +263,6 @@ def keep_gateway_connections_across_fork() -> None:
     runs the ``after_in_child`` hooks, so the connections are referenced from just before the
     fork; the child then closes only its own descriptors, which leaves the TCP connections open.
     """
-    global _FORK_HOOKS_REGISTERED
-    if _FORK_HOOKS_REGISTERED or not hasattr(os, "register_at_fork"):
-        return
     from pyspark import SparkContext
 
     def hold() -> None:
@@ -282,15 +275,12 @@ def keep_gateway_connections_across_fork() -> None:
         for connection in _HELD_ACROSS_FORK:
             for name in ("stream", "socket"):
                 handle = getattr(connection, name, None)
-                try:
+                with contextlib.suppress(OSError):
                     if handle is not None:
                         handle.close()
-                except OSError:
-                    pass
                 # py4j's close() then returns early instead of shutting the socket down.
                 setattr(connection, name, None)
             connection.is_connected = False
         _HELD_ACROSS_FORK.clear()
 
     os.register_at_fork(before=hold, after_in_parent=_HELD_ACROSS_FORK.clear, after_in_child=release_in_child)
-    _FORK_HOOKS_REGISTERED = True

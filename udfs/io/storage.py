@@ -19,6 +19,7 @@ import functools
 import os
 import re
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from pyarrow import fs as pafs
@@ -66,15 +67,22 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+def s3_endpoint_and_region(environ: Mapping[str, str] = os.environ) -> tuple[str | None, str | None]:
+    """The S3 endpoint (``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``) and region
+    (``AWS_REGION``, else ``AWS_DEFAULT_REGION``) the AWS environment names, None where unset:
+    one rule for pyarrow, delta-rs and Spark's S3A connector."""
+    return (environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL"),
+            environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION"))
+
+
 def _s3_options() -> dict[str, Any]:
     # A store that answers slowly is an error the caller reports, not a hang.
     options: dict[str, Any] = {"connect_timeout": 10, "request_timeout": 60}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint, region = s3_endpoint_and_region()
     if endpoint:
         found = _SCHEME.match(endpoint)
         options["endpoint_override"] = endpoint[found.end():] if found else endpoint
         options["scheme"] = found.group(1) if found else "https"
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         options["region"] = region
     return options
@@ -89,12 +97,11 @@ def delta_location(uri: str) -> tuple[str, dict[str, str]]:
     if kind not in _S3_SCHEMES:
         return str(uri), {}
     options: dict[str, str] = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint, region = s3_endpoint_and_region()
     if endpoint:
         options["AWS_ENDPOINT_URL"] = endpoint
         if endpoint.lower().startswith("http://"):
             options["AWS_ALLOW_HTTP"] = "true"
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         options["AWS_REGION"] = region
     options.update({name: os.environ[name] for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
@@ -175,19 +182,17 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
         return stream.read() if max_bytes is None else stream.read(max_bytes + 1)
 
 
-def write_bytes(uri: str, data: bytes, atomic: bool = True) -> None:
+def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri``. Complete once it has its name: on a local file system through a
     temporary name renamed into place; on an object store an upload becomes visible only when
     complete, so it is written directly."""
     store, path = filesystem(uri)
-    parent = path.rsplit("/", 1)[0]
-    local = local_path_of(uri) is not None
-    if local:
-        store.create_dir(parent, recursive=True)
-    if not (local and atomic):
+    if local_path_of(uri) is None:
         with store.open_output_stream(path) as sink:
             sink.write(data)
         return
+    parent = path.rsplit("/", 1)[0]
+    store.create_dir(parent, recursive=True)
     temporary = f"{parent}/.tmp-{uuid.uuid4().hex}"
     with open(temporary, "wb") as sink:
         sink.write(data)
