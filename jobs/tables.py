@@ -23,17 +23,22 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
+import operator
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
+from delta.tables import DeltaTable
 from deltalake.exceptions import CommitFailedError
 from py4j.protocol import Py4JJavaError
 from pyspark.errors import PySparkException
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import to_arrow_schema
 
+from udfs.io import storage, warehouse_writer
+from udfs.io.warehouse_reader import FALLBACK_REASONS, fallback_reason
 from udfs.spark.schemas import SCHEMAS, VECTOR  # noqa: F401 - VECTOR: re-exported for callers of tables
 
 log = logging.getLogger(__name__)
@@ -76,16 +81,12 @@ _CONFLICTS = ("ConcurrentAppendException", "ConcurrentDeleteReadException",
 
 def table_path(warehouse: str | Path, name: str) -> str:
     """``{warehouse}/{name}``; a URI warehouse (``s3a://bucket/w``) stays a URI."""
-    from udfs.io.storage import is_uri, join
-
-    if is_uri(str(warehouse)):
-        return join(str(warehouse), name)
+    if storage.is_uri(str(warehouse)):
+        return storage.join(str(warehouse), name)
     return str(Path(warehouse) / name)
 
 
 def exists(spark: SparkSession, warehouse: str | Path, name: str) -> bool:
-    from delta.tables import DeltaTable
-
     return DeltaTable.isDeltaTable(spark, table_path(warehouse, name))
 
 
@@ -98,8 +99,6 @@ def small_read(spark: SparkSession, warehouse: str | Path, name: str, without_sp
     or it sees no table (a table wrongly read as missing could be written over, so Spark is
     asked too). ``[]`` when Spark sees none either. Any other error is the caller's. ``count``
     (a run's ``count``) is told ``driver_fallback_<reason>`` of a fallback, as every path choice is."""
-    from udfs.io.warehouse_reader import FALLBACK_REASONS, fallback_reason
-
     try:
         return without_spark()
     except tuple(FALLBACK_REASONS) as exc:
@@ -113,8 +112,6 @@ def read(spark: SparkSession, warehouse: str | Path, name: str) -> DataFrame:
     """The table, or an empty frame with its schema when it was never written. A contract
     column that a table written by an older version lacks reads as null (``ensure`` adds it
     to the table at the next write)."""
-    from pyspark.sql import functions as F
-
     if not exists(spark, warehouse, name):
         return spark.createDataFrame([], SCHEMAS[name])
     frame = spark.read.format("delta").load(table_path(warehouse, name))
@@ -131,8 +128,6 @@ _CURRENT: set[str] = set()
 def ensure(spark: SparkSession, warehouse: str | Path, name: str) -> None:
     """Create the empty table with its contract schema if it does not exist yet; a table written
     by an older version that lacks a contract column gets it (null in the old rows)."""
-    from delta.tables import DeltaTable
-
     path = table_path(warehouse, name)
     if DeltaTable.isDeltaTable(spark, path):
         if path not in _CURRENT:
@@ -154,10 +149,8 @@ def ensure(spark: SparkSession, warehouse: str | Path, name: str) -> None:
             builder.execute()
         except SPARK_ERRORS as exc:
             # Two jobs starting on a fresh warehouse race to create the same table; the loser
-            # finds the location taken (DELTA_CREATE_TABLE_WITH_NON_EMPTY_LOCATION), possibly
-            # before the winner's first commit has landed.
-            # The loser sees DELTA_CREATE_TABLE_WITH_NON_EMPTY_LOCATION or, mid-way through the
-            # winner's first commit, DELTA_TABLE_NOT_FOUND.
+            # sees DELTA_CREATE_TABLE_WITH_NON_EMPTY_LOCATION or, mid-way through the winner's
+            # first commit, DELTA_TABLE_NOT_FOUND.
             if not any(code in str(exc) for code in ("NON_EMPTY_LOCATION", "DELTA_TABLE_NOT_FOUND")):
                 raise
             for _ in range(40):
@@ -177,8 +170,6 @@ def ensure(spark: SparkSession, warehouse: str | Path, name: str) -> None:
 
 def conform(df: DataFrame, name: str) -> DataFrame:
     """Select and cast ``df`` to the table's contract schema; a missing column is an error."""
-    from pyspark.sql import functions as F
-
     schema = SCHEMAS[name]
     missing = [f.name for f in schema.fields if f.name not in df.columns]
     if missing:
@@ -203,19 +194,16 @@ def retry_on_conflict(action, name: str, attempts: int = 5):
 def merge(spark: SparkSession, warehouse: str | Path, name: str, df: DataFrame | pa.Table) -> None:
     """Upsert ``df`` (a Spark frame, or Arrow rows held by the driver, one a key) into the table
     on its key; rows with an existing key are replaced."""
-    from delta.tables import DeltaTable
-
     if isinstance(df, pa.Table):
-        if _merge_on_driver(spark, warehouse, name, df):
+        found = _driver_rows(spark, warehouse, name, df, keys_matched=True)
+        if found is not None:
+            retry_on_conflict(lambda: warehouse_writer.merge(*found, KEYS[name]), name)
             return
-        df = _spark_frame(spark, name, df)
-    ensure(spark, warehouse, name)
-    source = conform(df, name).dropDuplicates(KEYS[name])
+    source = _spark_rows(spark, warehouse, name, df).dropDuplicates(KEYS[name])
     condition = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in KEYS[name])
 
     def run():
-        target = DeltaTable.forPath(spark, table_path(warehouse, name))
-        (target.alias("t").merge(source.alias("s"), condition)
+        (DeltaTable.forPath(spark, table_path(warehouse, name)).alias("t").merge(source.alias("s"), condition)
          .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
 
     retry_on_conflict(run, name)
@@ -224,8 +212,6 @@ def merge(spark: SparkSession, warehouse: str | Path, name: str, df: DataFrame |
 @functools.lru_cache(maxsize=None)
 def arrow_schema(name: str) -> pa.Schema:
     """The table's contract schema in Arrow (a vector's elements and key columns NOT NULL)."""
-    from pyspark.sql.pandas.types import to_arrow_schema
-
     return to_arrow_schema(SCHEMAS[name])
 
 
@@ -233,8 +219,6 @@ def _driver_rows(spark: SparkSession, warehouse: str | Path, name: str, data: pa
                  keys_matched: bool = False) -> tuple[str, pa.Table] | None:
     """(the local table's path, ``data`` in its contract) when this process may commit with
     delta-rs (see the module's notes), else None: Spark must write it."""
-    from udfs.io import warehouse_writer
-
     path = warehouse_writer.local_table(warehouse, name)
     if not spark.sparkContext.master.startswith("local") or path is None:
         return None
@@ -251,16 +235,13 @@ def _driver_rows(spark: SparkSession, warehouse: str | Path, name: str, data: pa
 def _commit_on_driver(spark: SparkSession, warehouse: str | Path, name: str, data: pa.Table,
                       where: dict[str, object] | None) -> bool:
     """Commit ``data`` with delta-rs when this process may; False when Spark must write it."""
-    from udfs.io import warehouse_writer
-
     condition = None if where is None else warehouse_writer.predicate(where)
     if where is not None and condition is None:
         return False
     found = _driver_rows(spark, warehouse, name, data)
     if found is None:
         return False
-    path, rows = found
-    retry_on_conflict(lambda: warehouse_writer.write(path, rows, slice_predicate=condition), name)
+    retry_on_conflict(lambda: warehouse_writer.write(*found, slice_predicate=condition), name)
     return True
 
 
@@ -269,8 +250,6 @@ def _driver_table(path: str, name: str, schema: pa.Schema) -> list[str]:
     write that created the table itself could race another first write and land as a second
     version 0-like commit beside it (delta-rs then commits a new table over the other's rows
     without removing them); a created table makes the writes conflict and retry as usual."""
-    from udfs.io import warehouse_writer
-
     have = warehouse_writer.table_columns(path)
     if have is None:
         retry_on_conflict(lambda: warehouse_writer.create(path, schema, PARTITIONS.get(name)), name)
@@ -278,41 +257,27 @@ def _driver_table(path: str, name: str, schema: pa.Schema) -> list[str]:
     return have
 
 
-def _merge_on_driver(spark: SparkSession, warehouse: str | Path, name: str, data: pa.Table) -> bool:
-    """``merge`` with delta-rs when ``_commit_on_driver`` would commit."""
-    from udfs.io import warehouse_writer
-
-    found = _driver_rows(spark, warehouse, name, data, keys_matched=True)
-    if found is None:
-        return False
-    path, rows = found
-    retry_on_conflict(lambda: warehouse_writer.merge(path, rows, KEYS[name]), name)
-    return True
-
-
 def _spark_frame(spark: SparkSession, name: str, data: DataFrame | pa.Table) -> DataFrame:
     if isinstance(data, DataFrame):
         return data
-    from udfs.io import warehouse_writer
-
     # The contract's StructType, not a DDL string: DDL cannot say that a vector holds no null
     # element, and the write's cast to the contract refuses the widening.
     return spark.createDataFrame(warehouse_writer.conform(data, arrow_schema(name), name), schema=SCHEMAS[name])
+
+
+def _spark_rows(spark: SparkSession, warehouse: str | Path, name: str, data: DataFrame | pa.Table) -> DataFrame:
+    """``data`` as the frame Spark commits: in the table's contract, the table created first."""
+    frame = _spark_frame(spark, name, data)
+    ensure(spark, warehouse, name)
+    return conform(frame, name)
 
 
 def append(spark: SparkSession, warehouse: str | Path, name: str, df: DataFrame | pa.Table) -> None:
     """Append rows whose keys are new to the table (the caller guarantees it, e.g. a fresh run id)."""
     if isinstance(df, pa.Table) and _commit_on_driver(spark, warehouse, name, df, None):
         return
-    df = _spark_frame(spark, name, df)
-    ensure(spark, warehouse, name)
-    data = conform(df, name)
+    data = _spark_rows(spark, warehouse, name, df)
     retry_on_conflict(lambda: data.write.format("delta").mode("append").save(table_path(warehouse, name)), name)
-
-
-# Values that read the same in Spark SQL whatever the parser settings: no quote, no backslash,
-# no control character. Anything else is written as the hex of its UTF-8 bytes (below).
-_PLAIN_LITERAL = re.compile(r"[A-Za-z0-9 _.:@+=,/#()-]*")
 
 
 def sql_literal(value: object) -> str:
@@ -324,7 +289,9 @@ def sql_literal(value: object) -> str:
     readable; any other is ``decode(unhex('<hex of its UTF-8 bytes>'), 'UTF-8')``, whose only
     characters are hex digits."""
     text = str(value)
-    if _PLAIN_LITERAL.fullmatch(text):
+    # warehouse_writer.PLAIN_TEXT: no quote, no backslash, no control character, so it reads
+    # the same in Spark SQL whatever the parser settings.
+    if warehouse_writer.PLAIN_TEXT.fullmatch(text):
         return f"'{text}'"
     return f"decode(unhex('{text.encode('utf-8').hex().upper()}'), 'UTF-8')"
 
@@ -348,11 +315,6 @@ def slice_condition(where: dict[str, object]) -> str:
 
 def slice_filter(where: dict[str, object]):
     """The same slice as a Column, for DataFrame filters (no SQL text at all)."""
-    import functools
-    import operator
-
-    from pyspark.sql import functions as F
-
     terms = [F.col(column).isin(list(value)) if isinstance(value, (list, tuple)) else F.col(column) == F.lit(value)
              for column, value in where.items()]
     return functools.reduce(operator.and_, terms) if terms else F.lit(True)
@@ -366,12 +328,10 @@ def replace_slice(spark: SparkSession, warehouse: str | Path, name: str, df: Dat
     old slice in place."""
     if isinstance(df, pa.Table) and _commit_on_driver(spark, warehouse, name, df, where):
         return
-    df = _spark_frame(spark, name, df)
-    ensure(spark, warehouse, name)
     condition = slice_condition(where)
     # Delta checks at write time that every row falls inside the slice; a violation aborts
     # the commit, so the table keeps its previous version.
-    data = conform(df, name)
+    data = _spark_rows(spark, warehouse, name, df)
 
     def run():
         (data.write.format("delta").mode("overwrite").option("replaceWhere", condition)
@@ -389,8 +349,6 @@ def ingest_id_summary(spark: SparkSession, warehouse: str | Path, dataset: str) 
     largest ingest id (``low``, ``high``), its rows (``n``) and its rows with an id (``tagged``):
     the facts ``same_ingest`` decides from. A frame, so that a caller can fold it into a larger
     Spark job."""
-    from pyspark.sql import functions as F
-
     frames = [read(spark, warehouse, name).filter(F.col("dataset") == F.lit(dataset))
               .agg(F.min("ingest_id").alias("low"), F.max("ingest_id").alias("high"),
                    F.count(F.lit(1)).alias("n"), F.count("ingest_id").alias("tagged"))
@@ -428,9 +386,7 @@ def same_ingest(rows, dataset: str) -> str | None:
 
 def register_views(spark: SparkSession, warehouse: str | Path) -> list[str]:
     """Temporary views named after the tables, for ``SELECT * FROM items`` in notebooks."""
-    names = []
-    for name in SCHEMAS:
-        if exists(spark, warehouse, name):
-            spark.read.format("delta").load(table_path(warehouse, name)).createOrReplaceTempView(name)
-            names.append(name)
+    names = [name for name in SCHEMAS if exists(spark, warehouse, name)]
+    for name in names:
+        spark.read.format("delta").load(table_path(warehouse, name)).createOrReplaceTempView(name)
     return names
