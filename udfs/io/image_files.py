@@ -6,6 +6,7 @@ dataset's naming rule. The check runs on the executors, one ``stat`` per id, so 
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import string
@@ -38,32 +39,28 @@ def image_paths(item_ids: Iterable[str], root: str, pattern: str) -> list[str | 
     None: ids come from data files, and a data file must not make the job read elsewhere. The
     check is lexical, so symbolic links inside ``root`` are followed as the user laid them out."""
     root = os.path.normpath(root)
-    out: list[str | None] = []
-    for item_id in item_ids:
-        if item_id is None or item_id == "":
-            out.append(None)
-            continue
-        try:
-            name = pattern.format(item_id=item_id)
-        except (IndexError, AttributeError):  # "{item_id[3]}" on a shorter id: no file by the rule
-            out.append(None)
-            continue
-        path = os.path.normpath(os.path.join(root, name))
-        inside = path.startswith(root.rstrip(os.sep) + os.sep)
-        out.append(path if inside and os.path.isfile(path) else None)
-    return out
+    return [_image_path(item_id, root, pattern) for item_id in item_ids]
+
+
+def _image_path(item_id: str | None, root: str, pattern: str) -> str | None:
+    if item_id is None or item_id == "":
+        return None
+    try:
+        name = pattern.format(item_id=item_id)
+    except (IndexError, AttributeError):  # "{item_id[3]}" on a shorter id: no file by the rule
+        return None
+    path = os.path.normpath(os.path.join(root, name))
+    inside = path.startswith(root.rstrip(os.sep) + os.sep)
+    return path if inside and os.path.isfile(path) else None
 
 
 def _found_batches(batches: Iterator[pd.DataFrame], root: str, pattern: str) -> Iterator[pd.DataFrame]:
     for batch in batches:
-        paths = image_paths(batch["item_id"], root, pattern)
-        found = batch.assign(image_uri=paths)
+        found = batch.assign(image_uri=image_paths(batch["item_id"], root, pattern))
         yield found[found["image_uri"].notna()][["item_id", "image_uri"]]
 
 
 def with_image_files(ids, root: str, pattern: str):
     """``ids`` (a Spark frame with ``item_id``) -> (item_id, image_uri) for the ids whose file exists."""
-    import functools
-
     return ids.select("item_id").mapInPandas(functools.partial(_found_batches, root=root, pattern=pattern),
                                               "item_id string, image_uri string")

@@ -268,15 +268,13 @@ def read_image_file(path: str | Path, limits: ReadLimits | None = None, name: st
     ``outside_root`` error otherwise, and the file is not opened)."""
     limits = limits or ReadLimits()
     name = name or str(path)
-    deadline = time.monotonic() + limits.timeout_s
-    future = _READERS.submit(_read_bounded, os.fspath(path), name, limits, deadline,
+    future = _READERS.submit(_read_bounded, os.fspath(path), name, limits, time.monotonic() + limits.timeout_s,
                              images_root or limits.images_root, confine or limits.confine)
     try:
-        data = future.result(timeout=limits.timeout_s)
+        return _not_empty(future.result(timeout=limits.timeout_s), name)
     except WaitTimeout:  # the builtin TimeoutError only from Python 3.11 on
         future.cancel()  # still queued behind stuck reads: never started
         raise _timed_out(name, limits.timeout_s) from None
-    return _not_empty(data, name)
 
 
 def _not_empty(data: bytes, name: str) -> bytes:
@@ -435,8 +433,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return _to_8bit(img).convert("RGB")
     if img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,)), rgba).convert("RGB")
     return img.convert("RGB")
 
 
@@ -466,9 +463,7 @@ def load_image(
     except Exception as e:  # noqa: BLE001 - a broken EXIF block should not cost the image
         log.warning("image %s: ignoring unreadable EXIF orientation (%s)", name, e)
     img = to_rgb(img)
-    if max_side is not None and max(img.size) > max_side:
-        img = downscale(img, max_side)
-    return img
+    return img if max_side is None else downscale(img, max_side)
 
 
 def downscale(img: Image.Image, max_side: int) -> Image.Image:
