@@ -38,9 +38,7 @@ def bootstrap_mean_ci(
     values: np.ndarray, n_samples: int = 1000, alpha: float = 0.05, seed: int = 0
 ) -> tuple[float, float, float]:
     """(mean, lo, hi): the sample mean and the percentile bootstrap (1 - alpha) interval of it."""
-    (mean, lo, hi), = bootstrap_mean_cis(np.asarray(values, dtype=np.float64).reshape(-1, 1),
-                                         n_samples, alpha, seed)
-    return mean, lo, hi
+    return bootstrap_mean_cis(np.asarray(values, dtype=np.float64).reshape(-1, 1), n_samples, alpha, seed)[0]
 
 
 def bootstrap_mean_cis(
@@ -96,19 +94,19 @@ def _resample_counts(n: int, n_samples: int, seed: int):
         _COUNTS_CACHE[key] = chunks
 
 
-def wilcoxon_p(a: np.ndarray, b: np.ndarray, zero_method: str = "wilcox") -> float:
-    """Two-sided Wilcoxon signed-rank p-value of a vs b; 1.0 when every difference is zero.
+def wilcoxon_p(differences: np.ndarray, zero_method: str = "wilcox") -> float:
+    """Two-sided Wilcoxon signed-rank p-value of the paired differences (a - b per user), as
+    ``scipy.stats.wilcoxon(a, b)``; 1.0 when every difference is zero.
 
     zero_method "wilcox" (scipy's default) drops the users whose values tie, the usual case for
     two representations that both miss a user; "pratt" and "zsplit" keep them.
     """
-    a, b = _as_pair(a, b)
-    if not np.any(a != b):
+    d = _as_sample(differences, "differences")
+    if not np.any(d != 0):
         return 1.0
     import scipy.stats
 
-    result = scipy.stats.wilcoxon(a, b, zero_method=zero_method, alternative="two-sided")
-    return float(result.pvalue)
+    return float(scipy.stats.wilcoxon(d, zero_method=zero_method, alternative="two-sided").pvalue)
 
 
 def paired_t_ps(differences: np.ndarray) -> np.ndarray:
@@ -186,8 +184,7 @@ def paired_p_values(test: str, differences: np.ndarray, seed: int = 0,
     if test == "randomization":
         return sign_flip_ps(d, n_draws, seed)
     if test == "wilcoxon":
-        zeros = np.zeros(d.shape[0])
-        return np.array([wilcoxon_p(d[:, j], zeros) for j in range(d.shape[1])], dtype=np.float64)
+        return np.array([wilcoxon_p(d[:, j]) for j in range(d.shape[1])], dtype=np.float64)
     raise ValueError(f"test must be one of {list(TESTS)}, got {test!r}")
 
 
@@ -232,13 +229,3 @@ def _as_columns(differences: np.ndarray) -> np.ndarray:
         raise ValueError(f"differences must be a users x columns matrix, got shape {d.shape}")
     _as_sample(d, "differences")
     return d
-
-
-def _as_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    a, b = _as_sample(a, "a"), _as_sample(b, "b")
-    if a.shape != b.shape:
-        raise ValueError(
-            f"a has {a.shape[0]} values and b has {b.shape[0]}: a paired comparison needs the "
-            "same users in the same order on both sides (join on user_id first)"
-        )
-    return a, b
