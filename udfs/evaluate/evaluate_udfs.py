@@ -59,11 +59,10 @@ def user_metrics(users: pd.DataFrame, ks: Sequence[int]) -> pd.DataFrame:
     """Per-user metrics of one representation: ``users`` has user_id, relevant (ids), recommended
     (ids, best first); every user must have at least one relevant id."""
     ks = sorted({int(k) for k in ks})
-    recommended = recommended_matrix(users["recommended"].tolist(), max(ks))
-    relevant = [np.asarray(r, dtype=object) for r in users["relevant"].tolist()]
-    hits, n_relevant = ranking.hit_matrix(recommended, relevant)
-    values = ranking.ranking_metrics(hits, n_relevant, ks)
-    return ranking.user_metrics_frame(users["user_id"].to_numpy(dtype=object), values)
+    hits, n_relevant = ranking.hit_matrix(recommended_matrix(users["recommended"].tolist(), max(ks)),
+                                          [np.asarray(r, dtype=object) for r in users["relevant"].tolist()])
+    return ranking.user_metrics_frame(users["user_id"].to_numpy(dtype=object),
+                                      ranking.ranking_metrics(hits, n_relevant, ks))
 
 
 def user_metric_rows(ks: Sequence[int], order: Sequence[str]) -> Callable[[pd.DataFrame], pd.DataFrame]:
@@ -116,20 +115,17 @@ def comparison_groups(order: Sequence[str], n_samples: int, seed: int,
         present = [r for r in order if r in wide.columns]
         # Pairs over the same users (usually all of them) share one bootstrap and one set of sign
         # flips: the same draws of users, one matrix product for all their differences.
-        by_users: dict[bytes, list[tuple[str, str]]] = {}
+        by_users: dict[bytes, tuple[np.ndarray, list[tuple[str, str]]]] = {}
         has = wide.notna().to_numpy()
         column = {r: i for i, r in enumerate(wide.columns)}
         for a, b in itertools.combinations(present, 2):
             both = has[:, column[a]] & has[:, column[b]]
             if both.any():
-                by_users.setdefault(both.tobytes(), []).append((a, b))
+                by_users.setdefault(both.tobytes(), (both, []))[1].append((a, b))
         rows = {}
-        for pairs in by_users.values():
-            a0, b0 = pairs[0]
-            mask = has[:, column[a0]] & has[:, column[b0]]
-            x = wide[[a for a, _ in pairs]].to_numpy(np.float64)[mask]
-            y = wide[[b for _, b in pairs]].to_numpy(np.float64)[mask]
-            differences = x - y
+        for mask, pairs in by_users.values():
+            differences = (wide[[a for a, _ in pairs]].to_numpy(np.float64)[mask]
+                           - wide[[b for _, b in pairs]].to_numpy(np.float64)[mask])
             cis = significance.bootstrap_mean_cis(differences, n_samples, seed=seed)
             p_values = significance.paired_p_values(test, differences, seed=seed)
             effects = significance.effect_sizes(differences)
@@ -168,11 +164,10 @@ def user_lists(relevant: pd.DataFrame, recommendations: pd.DataFrame) -> pd.Data
     users: all of a user's rows or none."""
     if relevant.empty:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in USER_LIST_COLUMNS})
-    grouped = relevant.groupby(USER_KEY, sort=True)
-    per_user = grouped.agg(n_rows=("item_id", "size"), n_excluded=("excluded", "sum"))
+    per_user = relevant.groupby(USER_KEY, sort=True).agg(n_rows=("item_id", "size"), n_excluded=("excluded", "sum"))
     kept = relevant.loc[~relevant["excluded"]].groupby(USER_KEY, sort=False)["item_id"].agg(list)
-    ordered = recommendations.sort_values([*USER_KEY, "rank", "item_id"], kind="stable")
-    ranked = ordered.groupby(USER_KEY, sort=False)["item_id"].agg(list)
+    ranked = (recommendations.sort_values([*USER_KEY, "rank", "item_id"], kind="stable")
+              .groupby(USER_KEY, sort=False)["item_id"].agg(list))
     per_user = per_user.join(kept.rename("relevant")).join(ranked.rename("recommended"))
     per_user["relevant"] = [r if isinstance(r, list) else [] for r in per_user["relevant"]]
     per_user["recommended"] = [r if isinstance(r, list) else None for r in per_user["recommended"]]

@@ -122,8 +122,7 @@ def ranking_metrics(
     cumulative_dcg = np.cumsum(hit_values * discounts, axis=1)
     ideal_dcg = np.cumsum(discounts)
     cumulative_ap = np.cumsum(hit_values * cumulative_hits / ranks, axis=1)
-    has_hit = hits.any(axis=1)
-    first_hit_rank = np.where(has_hit, hits.argmax(axis=1) + 1, width + 1)
+    first_hit_rank = np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, width + 1)
 
     values: dict[tuple[str, int], np.ndarray] = {}
     for k in ks:
@@ -144,7 +143,8 @@ def ranking_metrics(
 
 
 def user_metrics_frame(user_ids: Sequence, values: dict[tuple[str, int], np.ndarray]) -> pd.DataFrame:
-    """Long frame (user_id, metric, k, value) of `ranking_metrics` output, rows in user order per (metric, k)."""
+    """Long frame (user_id, metric, k, value) of `ranking_metrics` output (at least one metric@k: the
+    config never has an empty ks), rows in user order per (metric, k)."""
     user_ids = np.asarray(user_ids)
     frames = []
     for (metric, k), per_user in values.items():
@@ -154,9 +154,4 @@ def user_metrics_frame(user_ids: Sequence, values: dict[tuple[str, int], np.ndar
                 "pass the user ids of the rows the metrics were computed on"
             )
         frames.append(pd.DataFrame({"user_id": user_ids, "metric": metric, "k": np.int32(k), "value": per_user}))
-    if not frames:
-        return pd.DataFrame({
-            "user_id": pd.Series(dtype=user_ids.dtype), "metric": pd.Series(dtype=object),
-            "k": pd.Series(dtype=np.int32), "value": pd.Series(dtype=np.float64),
-        })
     return pd.concat(frames, ignore_index=True)

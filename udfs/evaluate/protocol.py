@@ -62,8 +62,7 @@ def candidate_items(embedded: pd.DataFrame, representations: Sequence[str], base
     if policy not in CANDIDATE_POLICIES:
         raise ValueError(f"unknown candidate policy {policy!r}: choose one of {list(CANDIDATE_POLICIES)}")
     catalog = set(catalog) or set(interacted)
-    embedded = embedded.loc[embedded["representation"].isin(list(representations)), CANDIDATE_COLUMNS]
-    embedded = embedded.drop_duplicates()
+    embedded = embedded.loc[embedded["representation"].isin(list(representations)), CANDIDATE_COLUMNS].drop_duplicates()
     names = list(dict.fromkeys([*representations, *baselines]))
     if policy == COMMON:
         if representations:
