@@ -43,7 +43,8 @@ def png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def _metric_label(metric: str, k: int | None = None) -> str:
+def metric_label(metric: str, k: int | None = None) -> str:
+    """``Recall``, or ``Recall@10`` at a K: a metric as the figures and the report's tables name it."""
     label = METRIC_LABELS.get(metric, metric)
     return f"{label}@{k}" if k is not None else label
 
@@ -71,7 +72,7 @@ def metrics_figure(metrics: pd.DataFrame, order: Sequence[str]) -> bytes:
                                         part["ci_high"].to_numpy(np.float64) - value]), 0, None)
             ax.bar(x + (j - (len(ks) - 1) / 2) * width, np.nan_to_num(value), width, label=f"@{k}",
                    yerr=np.nan_to_num(spread), capsize=2, ecolor="#333333")
-        ax.set_title(_metric_label(metric))
+        ax.set_title(metric_label(metric))
         ax.set_xticks(x, labels, rotation=35, ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         if n == 0:
@@ -101,26 +102,24 @@ def forest_plot(comparisons: pd.DataFrame, reference: str, metrics: Sequence[str
         ax = figure.add_subplot(1, len(metrics), n + 1)
         rows = reference_differences(comparisons, reference, metric, k).set_index("other").reindex(others)
         y = np.arange(len(others))[::-1]
-        p_labels = []
         for yi, (other, row) in zip(y, rows.iterrows()):
             if pd.isna(row["mean_diff"]):
                 ax.text(0, yi, "no common users", ha="center", va="center", fontsize=7, color="#888888")
-                p_labels.append("")
                 continue
             significant = row["p_holm"] < SIGNIFICANCE
             color = ("#1b7837" if row["mean_diff"] > 0 else "#b2182b") if significant else "#9e9e9e"
             ax.plot([row["ci_low"], row["ci_high"]], [yi, yi], color=color, lw=2, gid=f"ci:{other}")
             ax.plot([row["mean_diff"]], [yi], "o", color=color, mfc=color if significant else "white", ms=7,
                     gid=f"mean:{other}")
-            p_labels.append(f"p_holm={row['p_holm']:.2g}")
+        # A pair without common users has no row (its mean and p are NaN after the reindex): no label.
+        p_labels = ["" if pd.isna(diff) else f"p_holm={p:.2g}" for diff, p in zip(rows["mean_diff"], rows["p_holm"])]
         ax.axvline(0, color="black", lw=0.8)
         ax.set_yticks(y, [short_label(o, order) for o in others], fontsize=8)
-        ax.set_ylim(-0.7, len(others) - 0.3)
+        ax.set(ylim=(-0.7, len(others) - 0.3), xmargin=0.08)
         right = ax.secondary_yaxis("right")
         right.set_yticks(y, p_labels, fontsize=7)
         right.tick_params(length=0)
-        ax.set_title(f"representation - {ref_label}, {_metric_label(metric, k)}", fontsize=9)
-        ax.margins(x=0.08)
+        ax.set_title(f"representation - {ref_label}, {metric_label(metric, k)}", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     figure.suptitle(f"Paired differences: each representation minus {ref_label} (right of 0: better than "
                     f"{ref_label}; 95% bootstrap CI, unadjusted; grey: not significant after Holm, p_holm >= "
@@ -164,11 +163,10 @@ def by_history_figure(user_values: pd.DataFrame, n_history: pd.Series, metric: s
         means = frame[frame["representation"] == rep].groupby("bucket")["value"].mean().reindex(present)
         ax.plot(x, means.to_numpy(np.float64), marker="o", label=short_label(rep, order))
     ax.set_xticks(x, [f"{b}\n({users.get(b, 0)} users)" for b in present], fontsize=8)
-    ax.set_xlabel("train history length")
-    ax.set_ylabel(f"mean {_metric_label(metric, k)}")
+    ax.set(xlabel="train history length", ylabel=f"mean {metric_label(metric, k)}",
+           title=f"Per-user {metric_label(metric, k)} by history length")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title(f"Per-user {_metric_label(metric, k)} by history length")
     return png(figure)
 
 

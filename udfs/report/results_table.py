@@ -16,7 +16,7 @@ tables, so ``evaluate`` and anyone reading the tables print the same thing.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from udfs.evaluate.metrics import METRICS
 from udfs.evaluate.protocol import BASELINES
@@ -49,26 +49,41 @@ def paper_order(names: Iterable[str]) -> list[str]:
     return order + sorted(n for n in names if n not in placed)
 
 
+def metric_cells(rows: Iterable[Mapping], order: Sequence[str], ks: Sequence[int], cell: Callable[[Mapping], str],
+                 missing: str) -> list[tuple[str, int, list[str]]]:
+    """Per representation of ``order``: (it, its users, a cell per K and metric of ``METRICS``):
+    ``cell(row)`` of its ``metrics`` row, ``missing`` where it has none. What the printed table
+    and the report's table show."""
+    by_key = {(r["representation"], r["metric"], int(r["k"])): r for r in rows}
+    out = []
+    for rep in order:
+        cells, n_users = [], 0
+        for k in ks:
+            for metric in METRICS:
+                row = by_key.get((rep, metric, k))
+                if row is not None:
+                    n_users = int(row["n_users"])
+                cells.append(missing if row is None else cell(row))
+        out.append((rep, n_users, cells))
+    return out
+
+
 def metrics_block(rows: Iterable[Mapping], order: Sequence[str], ks: Sequence[int]) -> list[str]:
     """One block per K: a row per representation, each metric as ``mean [ci_low,ci_high]``."""
-    by_key = {(r["representation"], r["metric"], int(r["k"])): r for r in rows}
+    rows = list(rows)
     width = max([len(r) for r in order] + [len("representation")])
     lines = []
     for k in ks:
         header = f"{'representation':<{width}}  {'n_users':>7}  " + "  ".join(f"{f'{m}@{k}':^22}" for m in METRICS)
         lines += [header, "-" * len(header)]
-        for rep in order:
-            cells, n_users = [], 0
-            for metric in METRICS:
-                row = by_key.get((rep, metric, k))
-                if row is None:
-                    cells.append(f"{'-':^22}")
-                    continue
-                n_users = row["n_users"]
-                cells.append(f"{row['value']:.4f} [{row['ci_low']:.4f},{row['ci_high']:.4f}]")
+        for rep, n_users, cells in metric_cells(rows, order, [k], _mean_and_ci, f"{'-':^22}"):
             lines.append(f"{rep:<{width}}  {n_users:>7}  " + "  ".join(cells))
         lines.append("")
     return lines
+
+
+def _mean_and_ci(row: Mapping) -> str:
+    return f"{row['value']:.4f} [{row['ci_low']:.4f},{row['ci_high']:.4f}]"
 
 
 def against_reference(row: Mapping, reference: str) -> dict | None:
