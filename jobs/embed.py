@@ -91,7 +91,7 @@ from .config import ConfigError
 from .driver_inputs import Slice
 from .job_run import Job, JobRun, NothingUsable, run_id_argument
 from .plan import ExperimentPlan, plan_for_run
-from .spark_groups import bucket
+from .spark_groups import bucket, partitions_for, task_threads
 
 log = logging.getLogger(__name__)
 
@@ -295,19 +295,6 @@ def embed_on_driver(run: JobRun, work: EmbedWork, inputs: dict[str, pa.Table | N
         tables.replace_slice(run.spark, run.warehouse, "item_embeddings", table,
                              {"dataset": work.dataset, "representation": work.names})
     log.info("embed %s: wrote %d vectors over %s (on the driver)", work.dataset, total, work.names)
-
-
-def task_threads(spark: SparkSession) -> int:
-    """Cores one task may use (``spark.task.cpus``), for torch inside the Python workers."""
-    return max(1, int(spark.sparkContext.getConf().get("spark.task.cpus", "1")))
-
-
-def partitions_for(spark: SparkSession, n_rows: int, rows_per_task: int, min_rows_per_task: int) -> int:
-    """One task per core, more when a task would exceed ``rows_per_task``, fewer when it would get
-    under ``min_rows_per_task`` (each Python worker loads its own model: on a small input a
-    second copy costs more than it saves)."""
-    spread = min(spark.sparkContext.defaultParallelism, math.ceil(n_rows / max(1, min_rows_per_task)))
-    return max(1, spread, math.ceil(n_rows / max(1, rows_per_task)))
 
 
 def by_bucket(tasks: int, function: Callable[..., pd.DataFrame], schema: StructType | str,

@@ -30,11 +30,10 @@ if not __package__:  # run as a file (`spark-submit jobs/<job>.py`): see jobs/_a
     from _as_package import PACKAGE as __package__
 
 import argparse
-import datetime as dt
+import functools
 import hashlib
 import json
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,8 +49,9 @@ from udfs.spark.schemas import APPLIED_SCHEMA
 
 from . import tables
 from .config import ConfigError, FuseConf
-from .job_run import Job, JobRun, NothingUsable, run_id_argument
+from .job_run import Job, JobRun, NothingUsable, now, run_id_argument
 from .plan import FUSE_FIELDS, plan_for_run
+from .spark_groups import partitions_for, task_threads
 
 log = logging.getLogger(__name__)
 
@@ -118,21 +118,10 @@ def joined_parts(spark, wh: str, dataset: str, rep: Representation, n_items: int
     output is in item id order within each partition whatever order the shuffle blocks arrived
     in, so the Arrow batches (and with them the vectors' last bits) are the same every run."""
     vectors = tables.read(spark, wh, "item_embeddings").filter(F.col("dataset") == dataset)
-    partitions = max(1, min(spark.sparkContext.defaultParallelism, math.ceil(n_items / 2000)),
-                     math.ceil(n_items / rows_per_task))
-    joined = None
-    for j, part in enumerate(rep.parts):
-        frame = (vectors.filter(F.col("representation") == part)
-                 .select("item_id", F.col("vector").alias(f"part_{j}"))
-                 .repartition(partitions, "item_id"))
-        joined = frame if joined is None else joined.join(frame, "item_id")
-    return joined
-
-
-def task_threads(spark) -> int:
-    """torch threads for one apply task: the cores Spark reserves per task (``spark.task.cpus``),
-    so that the tasks running at once use the executors' cores without oversubscribing them."""
-    return max(1, int(spark.conf.get("spark.task.cpus", "1")))
+    partitions = partitions_for(spark, n_items, rows_per_task, 2000)
+    frames = [vectors.filter(F.col("representation") == part).select("item_id", F.col("vector").alias(f"part_{j}"))
+              .repartition(partitions, "item_id") for j, part in enumerate(rep.parts)]
+    return functools.reduce(lambda joined, frame: joined.join(frame, "item_id"), frames)
 
 
 def apply_in_spark(spark, wh: str, dataset: str, rep: Representation, blob: bytes, threads: int,
@@ -149,11 +138,10 @@ def apply_in_spark(spark, wh: str, dataset: str, rep: Representation, blob: byte
 
 def fuse(run: JobRun, args: argparse.Namespace | None = None) -> None:
     spark, wh = run.spark, run.warehouse
-    dataset = run.config.dataset.name
-    if not dataset:
-        raise ConfigError("no dataset configured: pass --conf datasets/NAME.yaml (or --set dataset.name=...)")
     run_id = getattr(args, "run_id", None) or run.run_id
+    # Resolving the plan refuses a config without a dataset.
     plan = plan_for_run(run, run_id, FUSE_FIELDS)
+    dataset = plan.dataset
     trained = [parse_representation(n) for n in plan.trained]
     run.count("trained_fusions_planned", len(trained))
     if not trained:
@@ -180,9 +168,7 @@ def fuse(run: JobRun, args: argparse.Namespace | None = None) -> None:
     for name, n in written.items():
         run.count(f"written_{name}", n)
     run.count("rows_written", sum(written.values()))
-    out = fused[0].vectors
-    for f in fused[1:]:
-        out = out.unionByName(f.vectors)
+    out = functools.reduce(DataFrame.unionByName, [f.vectors for f in fused])
     with run.stage("write"):
         # one commit replaces every trained fusion's slice: a reader sees all old or all new
         tables.replace_slice(spark, wh, "item_embeddings", out.coalesce(max(1, spark.sparkContext.defaultParallelism)),
@@ -240,8 +226,7 @@ def fuse_one(run: JobRun, run_id: str, settings: FuseConf, rep: Representation, 
     model_row = (run_id, rep.name, list(rep.parts), settings.objective, json.dumps(params, sort_keys=True),
                  int(info["epochs"]), int(info["best_epoch"]),
                  None if info["valid_recall"] is None else float(info["valid_recall"]),
-                 float(info["train_seconds"]), str(folder), sha, key, found is not None,
-                 dt.datetime.now(dt.timezone.utc).replace(tzinfo=None))
+                 float(info["train_seconds"]), str(folder), sha, key, found is not None, now())
     with run.stage(f"apply_{rep.kind}"):
         if train_settings.knn_k:
             # each vector depends on its neighbours': the whole catalog at once, on the driver
