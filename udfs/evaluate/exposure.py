@@ -43,8 +43,7 @@ def gini(exposure: np.ndarray) -> float:
         return 0.0
     if (e < 0).any():
         raise ValueError("exposure counts must be non-negative")
-    i = np.arange(1, n + 1)
-    return float(np.sum((2 * i - n - 1) * e) / (n * total))
+    return float(np.sum((2 * np.arange(1, n + 1) - n - 1) * e) / (n * total))
 
 
 def popularity_percentiles(popularity: np.ndarray) -> np.ndarray:
@@ -64,9 +63,9 @@ def beyond_accuracy(recommended: Iterable[str], candidates: Iterable[str],
     exposure = exposure_counts(recommended, candidates)
     percentiles = popularity_percentiles(np.array([train_counts.get(i, 0) for i in candidates], np.float64))
     slots = exposure.sum()
-    mean_percentile = float((exposure * percentiles).sum() / slots) if slots else float("nan")
     return {"coverage": float((exposure > 0).mean()) if exposure.size else 0.0,
-            "popularity_percentile": mean_percentile, "exposure_gini": gini(exposure)}
+            "popularity_percentile": float((exposure * percentiles).sum() / slots) if slots else float("nan"),
+            "exposure_gini": gini(exposure)}
 
 
 def beyond_accuracy_frame(recommendations: pd.DataFrame, candidates: pd.DataFrame,
