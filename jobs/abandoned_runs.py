@@ -131,8 +131,8 @@ def mark_abandoned(spark, warehouse: str, here: Driver, now: dt.datetime, heartb
                                     "run_id string, error string")
 
     def run():
-        target = DeltaTable.forPath(spark, tables.table_path(warehouse, "runs"))
-        (target.alias("t").merge(updates.alias("s"), f"t.run_id = s.run_id AND t.status = '{RUNNING}'")
+        (DeltaTable.forPath(spark, tables.table_path(warehouse, "runs")).alias("t")
+         .merge(updates.alias("s"), f"t.run_id = s.run_id AND t.status = '{RUNNING}'")
          .whenMatchedUpdate(set={"status": F.lit(ABANDONED), "error": F.col("s.error"),
                                  "finished_at": F.lit(now)})
          .execute())
