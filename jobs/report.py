@@ -45,8 +45,7 @@ from udfs.io import storage
 from udfs.evaluate.metrics import METRICS
 from udfs.evaluate.protocol import BASELINES, RELEVANT_SPLIT, TRAIN_SPLIT
 from udfs.recommender import RecommendError, resolve_representation
-from udfs.report.report_figures import SIGNIFICANCE
-from udfs.report.results_table import paper_order
+from udfs.report.results_table import metric_cells, paper_order
 from udfs.io.warehouse_reader import TableMissing, read_frame
 
 from . import description_figures
@@ -101,31 +100,31 @@ def read_run(warehouse: str, run_id: str) -> dict:
         raise ConfigError(f"run '{run_id}': its plan was stored by another version of vlm4rec, which this "
                           f"report cannot read ({exc}): report it with that version, or run the pipeline again "
                           "with this one") from None
-    dataset = plan.dataset
-    by_run = {"run_id": run_id}
-    out = {"plan": plan, "plan_hash": plans["plan_hash"].iloc[0]}
-    out["metrics"] = read_frame(warehouse, "metrics", equal=by_run)
-    if out["metrics"].empty:
+    by_run, of_dataset = {"run_id": run_id}, {"dataset": plan.dataset}
+    metrics = read_frame(warehouse, "metrics", equal=by_run)
+    if metrics.empty:
         raise NothingUsable(f"run '{run_id}' has no metrics: run `vlm4rec evaluate --run-id {run_id}` first")
-    out["comparisons"] = read_frame(warehouse, "comparisons", equal=by_run)
-    out["user_metrics"] = read_frame(warehouse, "user_metrics", equal=by_run,
-                                     columns=["representation", "user_id", "metric", "k", "value"])
-    out["recommendations"] = read_frame(warehouse, "recommendations", equal=by_run,
-                                        columns=["representation", "user_id", "rank", "item_id", "score"])
-    out["candidates"] = read_frame(warehouse, "candidates", equal=by_run, columns=["representation", "item_id"])
-    out["interactions"] = read_frame(warehouse, "interactions", equal={"dataset": dataset},
-                                     columns=["user_id", "item_id", "ts", "split"])
-    out["items"] = read_frame(warehouse, "items", equal={"dataset": dataset},
-                              columns=["item_id", "title", "image_uri", "image_sha256"])
-    out["rejects"] = _optional(warehouse, "rejects", {"dataset": dataset}, ["source", "reason"])
-    out["runs"] = _optional(warehouse, "runs", by_run, ["job", "config", "code_version", "counts"])
     # The first LVLM representation's descriptions: the gallery's texts.
     lvlm = description_figures.lvlm_representations(plan.representations)
     columns = ["image_sha256", "text", "status"]
-    out["descriptions"] = pd.DataFrame(columns=columns) if not lvlm else _optional(
+    descriptions = pd.DataFrame(columns=columns) if not lvlm else _optional(
         warehouse, "descriptions", {"engine": lvlm[0].engine, "model": lvlm[0].model, "prompt_id": lvlm[0].prompt_id},
         columns)
-    return out
+    return {
+        "plan": plan, "plan_hash": plans["plan_hash"].iloc[0], "metrics": metrics, "descriptions": descriptions,
+        "comparisons": read_frame(warehouse, "comparisons", equal=by_run),
+        "user_metrics": read_frame(warehouse, "user_metrics", equal=by_run,
+                                   columns=["representation", "user_id", "metric", "k", "value"]),
+        "recommendations": read_frame(warehouse, "recommendations", equal=by_run,
+                                      columns=["representation", "user_id", "rank", "item_id", "score"]),
+        "candidates": read_frame(warehouse, "candidates", equal=by_run, columns=["representation", "item_id"]),
+        "interactions": read_frame(warehouse, "interactions", equal=of_dataset,
+                                   columns=["user_id", "item_id", "ts", "split"]),
+        "items": read_frame(warehouse, "items", equal=of_dataset,
+                            columns=["item_id", "title", "image_uri", "image_sha256"]),
+        "rejects": _optional(warehouse, "rejects", of_dataset, ["source", "reason"]),
+        "runs": _optional(warehouse, "runs", by_run, ["job", "config", "code_version", "counts"]),
+    }
 
 
 def _optional(warehouse: str, name: str, equal: dict, columns: list[str]) -> pd.DataFrame:
@@ -144,8 +143,8 @@ def data_counts(data: dict) -> tuple[list[tuple[str, str]], list[tuple[str, int]
     reasons = data["rejects"]["reason"].fillna("").str.split(":").str[0].str.strip()
     rows = [("items", len(items)), ("items without image", int((~has_image).sum()))]
     if len(data["descriptions"]):
-        described = explanations.item_descriptions(items[has_image], data["descriptions"])
-        rows.append(("items with an image but no description", int(has_image.sum()) - len(described)))
+        rows.append(("items with an image but no description",
+                     int(has_image.sum()) - len(explanations.item_descriptions(items[has_image], data["descriptions"]))))
     rows += [
         ("interactions", len(inter)),
         *((f"interactions ({split})", int(n)) for split, n in inter["split"].value_counts().sort_index().items()),
@@ -154,8 +153,8 @@ def data_counts(data: dict) -> tuple[list[tuple[str, str]], list[tuple[str, int]
           for rep, n in data["candidates"].groupby("representation").size().items()),
         ("rejected rows", len(reasons)),
     ]
-    by_reason = [(r or "(no reason)", int(n)) for r, n in reasons.value_counts().items()]
-    return [(name, f"{value:,}") for name, value in rows], by_reason
+    return ([(name, f"{value:,}") for name, value in rows],
+            [(r or "(no reason)", int(n)) for r, n in reasons.value_counts().items()])
 
 
 def stage_times(runs: pd.DataFrame) -> list[tuple[str, str]]:
@@ -182,48 +181,43 @@ def metric_rows(metrics: pd.DataFrame, order: list[str], ks: list[int],
                 warnings: dict[str, str]) -> tuple[list[str], list[dict]]:
     """The metrics table: its column names, and per representation its cells (mean [CI]), its
     users and the descriptions' warning of its label (``warnings``), if any."""
-    columns = [f"{report_figures.METRIC_LABELS.get(m, m)}@{k}" for k in ks for m in METRICS]
-    by_key = {(r.representation, r.metric, r.k): r for r in metrics.itertuples()}
+    columns = [report_figures.metric_label(m, k) for k in ks for m in METRICS]
     rows = []
-    for rep in order:
-        cells, n_users = [], 0
-        for k in ks:
-            for m in METRICS:
-                r = by_key.get((rep, m, k))
-                if r is not None:
-                    n_users = int(r.n_users)
-                cells.append("-" if r is None else f"{_fmt(r.value)} [{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]")
+    for rep, n_users, cells in metric_cells(metrics.to_dict("records"), order, ks, _mean_and_ci, "-"):
         label = report_figures.short_label(rep, order)
         rows.append({"label": label, "n_users": n_users, "cells": cells, "warning": warnings.get(label)})
     return columns, rows
 
 
+def _mean_and_ci(row: dict) -> str:
+    return f"{_fmt(row['value'])} [{_fmt(row['ci_low'])}, {_fmt(row['ci_high'])}]"
+
+
 def forest_rows(comparisons: pd.DataFrame, reference: str, k: int, order: list[str]) -> list[dict]:
     """The forest plot's rows as a table, in its sign (``representation - reference``) and with
-    its rule: a verdict of better or worse only where Holm's p is below ``SIGNIFICANCE``."""
+    its rule: a verdict of better or worse only where Holm's p is below ``report_figures.SIGNIFICANCE``."""
     rows = []
     for metric in FOREST_METRICS:
         diffs = report_figures.reference_differences(comparisons, reference, metric, k)
         for _, r in diffs.set_index("other").reindex([o for o in order if o != reference]).dropna(
                 subset=["mean_diff"]).iterrows():
-            if r["p_holm"] >= SIGNIFICANCE:
+            if r["p_holm"] >= report_figures.SIGNIFICANCE:
                 verdict = "no clear difference: not significant after Holm's correction" + (
                     "" if r["ci_low"] <= 0 <= r["ci_high"] else " (the unadjusted CI misses zero)")
             else:
                 verdict = (f"{'better' if r['mean_diff'] > 0 else 'worse'} than the reference "
-                           f"(Holm p < {SIGNIFICANCE})")
-            effect = r["effect_size"]
-            rows.append({"metric": f"{report_figures.METRIC_LABELS[metric]}@{k}",
+                           f"(Holm p < {report_figures.SIGNIFICANCE})")
+            rows.append({"metric": report_figures.metric_label(metric, k),
                          "other": report_figures.short_label(r.name, order), "diff": f"{r['mean_diff']:+.4f}",
                          "ci": f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]",
-                         "effect": "-" if effect is None or pd.isna(effect) else f"{effect:+.2f}",
+                         "effect": "-" if pd.isna(r["effect_size"]) else f"{r['effect_size']:+.2f}",
                          # Rows written before the test was stored were Wilcoxon's.
                          "test": r["test"] if isinstance(r["test"], str) else "wilcoxon",
                          "p": f"{r['p_value']:.3g}", "p_holm": f"{r['p_holm']:.3g}", "verdict": verdict})
     return rows
 
 
-def gallery(data: dict, descriptions: dict[str, str], run) -> tuple[list[dict], list[dict]]:
+def gallery(data: dict, descriptions: dict[str, str], order: list[str], run) -> tuple[list[dict], list[dict]]:
     """Sample item cards and users' strips (history, then top-``TOP_N`` per representation)."""
     items = data["items"].set_index("item_id")
     thumbs: dict[str, str | None] = {}
@@ -242,19 +236,16 @@ def gallery(data: dict, descriptions: dict[str, str], run) -> tuple[list[dict], 
     with_image = items.index[items["image_uri"].fillna("") != ""]
     cards = [card(i) for i in _sample(with_image if len(with_image) else items.index, GALLERY_ITEMS, "gallery")]
 
-    recs, inter, order = data["recommendations"], data["interactions"], data["order"]
+    recs, inter = data["recommendations"], data["interactions"]
     test = inter[inter["split"] == RELEVANT_SPLIT].groupby("user_id")["item_id"].apply(set)
     train = inter[inter["split"] == TRAIN_SPLIT].sort_values("ts").groupby("user_id")["item_id"].apply(list)
     listed = set(recs["user_id"]) & set(test.index) & set(train.index)
     users = []
     for user in _sample(sorted(listed), GALLERY_USERS, "users"):
-        mine = recs[(recs["user_id"] == user) & (recs["rank"] <= TOP_N)]
-        lists = []
-        for rep in order:
-            ranked = mine[mine["representation"] == rep].sort_values("rank")["item_id"]
-            if len(ranked):
-                lists.append({"label": report_figures.short_label(rep, order),
-                              "cards": [card(i, i in test[user]) for i in ranked]})
+        mine = recs[(recs["user_id"] == user) & (recs["rank"] <= TOP_N)].sort_values("rank")
+        ranked = {rep: list(group["item_id"]) for rep, group in mine.groupby("representation")}
+        lists = [{"label": report_figures.short_label(rep, order),
+                  "cards": [card(i, i in test[user]) for i in ranked[rep]]} for rep in order if rep in ranked]
         history = train[user]
         users.append({"user_id": user, "n_history": len(history),
                       "history": [card(i) for i in history[-HISTORY_SHOWN:]], "lists": lists})
@@ -267,7 +258,6 @@ def build(warehouse: str, run_id: str, reference: str, run) -> tuple[str, dict[s
         data = read_run(warehouse, run_id)
     plan, metrics = data["plan"], data["metrics"]
     order = paper_order([r for r in plan.ranked if r in set(metrics["representation"])])
-    data["order"] = order
     ks = sorted(int(k) for k in metrics["k"].unique())
     k = PREFERRED_K if PREFERRED_K in ks else max(ks)
     reference = choose_reference(reference, order, run_id)
@@ -287,7 +277,7 @@ def build(warehouse: str, run_id: str, reference: str, run) -> tuple[str, dict[s
                                                 train.groupby("item_id").size().to_dict())
         figures["beyond_accuracy.png"] = report_figures.beyond_accuracy_figure(beyond, order)
     with run.stage("gallery"):
-        cards, users = gallery(data, explanations.item_descriptions(data["items"], data["descriptions"]), run)
+        cards, users = gallery(data, explanations.item_descriptions(data["items"], data["descriptions"]), order, run)
     with run.stage("descriptions"):
         described = description_blocks(warehouse, plan.dataset, order)
     counts, rejects = data_counts(data)
@@ -299,7 +289,7 @@ def build(warehouse: str, run_id: str, reference: str, run) -> tuple[str, dict[s
                     "exposure_gini": _fmt(r.exposure_gini, 3)}
                    for r in beyond.set_index("representation").reindex(order).reset_index().itertuples()
                    if r.representation in set(beyond["representation"])]
-    context = {
+    return report_html.render({
         "run_id": run_id, "dataset": plan.dataset, "candidates_policy": plan.candidates,
         "exclude": "+".join(plan.exclude) or "nothing",
         "written_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -318,8 +308,7 @@ def build(warehouse: str, run_id: str, reference: str, run) -> tuple[str, dict[s
         "plan_json": json.dumps(plan.to_dict(), indent=2, sort_keys=True),
         "config_json": (json.dumps(json.loads(runs["config"].iloc[0]), indent=2, sort_keys=True)
                         if len(runs) and runs["config"].iloc[0] else "(no runs row for this run id)"),
-    }
-    return report_html.render(context), figures
+    }), figures
 
 
 def description_blocks(warehouse: str, dataset: str, order: list[str]) -> list[dict]:

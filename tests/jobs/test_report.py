@@ -168,7 +168,7 @@ def test_forest_plot_draws_the_runs_comparisons_in_the_tables_sign(synthetic_run
                                  & (comparisons.representation_b.isin([reference, other]))].iloc[0]
             sign = 1 if stored.representation_b == reference else -1
             assert line.get_xdata()[0] == pytest.approx(sign * stored.mean_diff, abs=1e-15), other
-            assert (line.get_color() == "#9e9e9e") == (stored.p_holm >= report.SIGNIFICANCE), other
+            assert (line.get_color() == "#9e9e9e") == (stored.p_holm >= report_figures.SIGNIFICANCE), other
             seen += 1
     assert seen == 2 * (len(order) - 1)
     assert set(comparisons.test) == {"t"}
