@@ -37,19 +37,17 @@ split); decompress a large file first to parse it in parallel.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from ..config import ConfigError, DatasetConf
-from .base import (AdapterOutput, line_numbers, options_from, read_lines, reject, require_path,
-                   timestamp_seconds, undecodable)
+from .base import (AdapterOutput, options_from, read_lines, require_path, split_checked, timestamp_seconds,
+                   undecodable)
 
 log = logging.getLogger(__name__)
 
@@ -132,17 +130,12 @@ def _locate(dataset: DatasetConf, key: str, name: str, category: str, prefix: st
 
 def _version(lines: DataFrame, path: Path, kind: str, forced: str) -> str:
     """The file's version from the fields of its first JSON objects (or the forced one, checked)."""
-    keys: set[str] = set()
-    sample = lines.filter(F.trim("value") != "").limit(SAMPLE_LINES).collect()
-    for row in sample:
-        try:
-            obj = json.loads(row["value"])
-        except ValueError:
-            continue
-        if isinstance(obj, dict):
-            keys.update(obj)
+    # json_object_keys is null for a line that is not one JSON object.
+    sample = (lines.filter(F.trim("value") != "").limit(SAMPLE_LINES)
+              .select(F.json_object_keys("value").alias("keys")).collect())
     if not sample:
         return VERSIONS[-1] if forced == "auto" else forced  # no row: nothing to parse either way
+    keys = {key for row in sample for key in row["keys"] or ()}
     matches = {v: len(marks & keys) for v, marks in MARKERS[kind].items()}
     best = max(matches, key=matches.get)
     unique = matches[best] > 0 and list(matches.values()).count(matches[best]) == 1
@@ -181,12 +174,8 @@ def _split(checked: DataFrame, problems: list[Column]) -> tuple[DataFrame, DataF
                     F.lit("line is not valid UTF-8 (latin-1 bytes?): re-save the file as UTF-8 or drop the line")),
              F.when(F.col("_corrupt_record").isNotNull(),
                     F.lit("malformed JSON line (not one JSON object per line): fix or drop the line"))]
-    # One read of the file serves the good rows, the rejects and their line numbers.
-    checked = checked.withColumn("_reason", F.coalesce(*first, *problems)).persist(StorageLevel.MEMORY_AND_DISK)
-    good = checked.filter(F.col("_reason").isNull() & ~F.col("_skip")).drop(
-        "_reason", "_skip", "value", "_pos", "_corrupt_record")
-    bad = checked.filter(F.col("_reason").isNotNull() & ~F.col("_skip"))
-    return good, reject(line_numbers(checked, bad), F.col("_reason"))
+    return split_checked(checked.withColumn("_reason", F.coalesce(*first, *problems)),
+                         drop=("_skip", "value", "_pos", "_corrupt_record"))
 
 
 def _reviews(lines: DataFrame, version: str) -> tuple[DataFrame, DataFrame]:

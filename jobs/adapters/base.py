@@ -46,30 +46,28 @@ class AdapterOutput:
 
 
 def options_from(cls: type, dataset: DatasetConf) -> Any:
-    """Build the adapter's options dataclass; an unknown key names itself and the known ones."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in dataset.options:
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(sorted(names))}"
+    """Build the adapter's options dataclass; an unknown key names itself and the known ones, a
+    bool option that is not true or false is an error, and a string given for a list option is
+    a one-element list."""
+    # Every adapter module uses postponed annotations, so each field's type is its source text.
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    for key, value in dataset.options.items():
+        if key not in types:
+            close = difflib.get_close_matches(key, types, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(sorted(types))}"
             raise ConfigError(
                 f"unknown option 'dataset.options.{key}' for adapter '{dataset.adapter}' ({hint})")
-    hints = {f.name: f.type for f in dataclasses.fields(cls)}
-    values = {}
-    for key, value in dataset.options.items():
-        want = hints[key] if isinstance(hints[key], str) else getattr(hints[key], "__name__", "")
-        if "list" in want and isinstance(value, str):
-            value = [value]
-        values[key] = value
-    return cls(**values)
+        if types[key] == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"dataset.options.{key} must be true or false, got {value!r}")
+    return cls(**{key: [value] if "list" in types[key] and isinstance(value, str) else value
+                  for key, value in dataset.options.items()})
 
 
 def require_path(dataset: DatasetConf, key: str, root_relative: str | None = None) -> Path:
     """A configured path that must exist; the error names the key, the path and the fix."""
     if root_relative is not None:
-        root = Path(dataset.paths.get("root", ".")).expanduser()
-        path = Path(root_relative)
-        path = path if path.is_absolute() else root / path
+        # An absolute root_relative replaces the root (pathlib's join).
+        path = Path(dataset.paths.get("root", ".")).expanduser() / root_relative
         label = f"dataset.paths.root + '{root_relative}'"
     else:
         if key not in dataset.paths:
@@ -96,19 +94,11 @@ def images_folder(dataset: DatasetConf, folder: str) -> str:
     return str((root / folder).resolve()) if folder else str(root)
 
 
-def read_lines(spark: SparkSession, path: Path, encoding: str = "utf-8") -> DataFrame:
-    """One row per line with a cheap position id (``_pos``) from which line numbers are derived
-    only for the few rows that are rejected (see ``line_numbers``)."""
-    if encoding.lower().replace("-", "") in ("utf8", "ascii"):
-        df = spark.read.text(str(path))
-    else:
-        # The text source is UTF-8 only; the CSV source decodes other charsets. A separator and
-        # quote that never occur make it hand back each line whole.
-        df = (spark.read.option("encoding", encoding).option("sep", "\u0001").option("quote", "")
-              .option("escape", "").option("header", "false").option("ignoreLeadingWhiteSpace", "false")
-              .option("ignoreTrailingWhiteSpace", "false").csv(str(path))
-              .select(F.coalesce(F.col("_c0"), F.lit("")).alias("value")))
-    return df.withColumn("_pos", F.monotonically_increasing_id()).withColumn("_source", F.lit(str(path)))
+def read_lines(spark: SparkSession, path: Path) -> DataFrame:
+    """One row per line of a UTF-8 text file with a cheap position id (``_pos``) from which line
+    numbers are derived only for the few rows that are rejected (see ``line_numbers``)."""
+    return (spark.read.text(str(path)).withColumn("_pos", F.monotonically_increasing_id())
+            .withColumn("_source", F.lit(str(path))))
 
 
 def line_numbers(lines: DataFrame, rejected: DataFrame) -> DataFrame:
@@ -127,36 +117,32 @@ def line_numbers(lines: DataFrame, rejected: DataFrame) -> DataFrame:
             .drop("_part", "_offset"))
 
 
-def reject(df: DataFrame, reason: Column | str, row: Column | None = None,
-           content: Column | None = None) -> DataFrame:
-    """Shape rejected rows into the rejects schema (source, row, reason, content)."""
+def reject(df: DataFrame, row: Column | None = None, content: Column | None = None) -> DataFrame:
+    """Shape rejected rows (their ``_reason``) into the rejects schema (source, row, reason,
+    content); by default the row is ``line <_line>`` and the content the line's ``value``."""
     row = row if row is not None else F.concat(F.lit("line "), F.col("_line").cast("string"))
     content = content if content is not None else F.col("value")
-    reason = F.lit(reason) if isinstance(reason, str) else reason
     return df.select(
         F.col("_source").cast("string").alias("source"), row.cast("string").alias("row"),
-        reason.alias("reason"), F.substring(content.cast("string"), 1, CONTENT_CHARS).alias("content"))
+        F.col("_reason").alias("reason"), F.substring(content.cast("string"), 1, CONTENT_CHARS).alias("content"))
 
 
 def parse_delimited(spark: SparkSession, path: Path, sep: str, names: list[str],
-                    casts: dict[str, str], header: bool = False, encoding: str = "utf-8",
-                    fix: str = "") -> tuple[DataFrame, DataFrame]:
+                    casts: dict[str, str], fix: str = "") -> tuple[DataFrame, DataFrame]:
     """Split each line on ``sep`` into ``names`` and cast; returns (good rows, rejects).
 
     A line with the wrong number of fields, or a value that does not cast, is rejected with its
     line number and content. Blank lines are skipped silently (they carry nothing)."""
-    lines = read_lines(spark, path, encoding)
+    lines = read_lines(spark, path)
     skip = F.trim("value") == ""
-    if header:
-        skip = skip | (F.col("_pos") == F.lit(0))
     # The separator as a regular expression: '|' escaped, a space a run of spaces.
     parts = F.split(F.regexp_replace("value", r"\r$", ""), {"|": r"\|", " ": " +"}.get(sep, sep))
     # try_element_at: under ANSI mode (Spark 4's default) getItem past the end raises, and a line
     # with too few fields (a wrong separator) must become a reject, not kill the job.
     cols = [F.trim(F.try_element_at(parts, F.lit(i + 1))).alias(n) for i, n in enumerate(names)]
     parsed = lines.select("value", "_pos", "_source", F.size(parts).alias("_n"), *cols)
-    problems = [F.when(undecodable(F.col("value"), encoding),
-                       F.lit(f"line is not valid {encoding}: the file has bytes in another encoding "
+    problems = [F.when(undecodable(F.col("value")),
+                       F.lit("line is not valid utf-8: the file has bytes in another encoding "
                              "(latin-1?); re-save it as UTF-8 or fix the line")),
                 F.when(F.col("_n") > len(names),
                        F.format_string(f"expected {len(names)} '{printable(sep)}'-separated fields "
@@ -170,24 +156,32 @@ def parse_delimited(spark: SparkSession, path: Path, sep: str, names: list[str],
     typed = []
     for name in names:
         kind = casts.get(name, "string")
+        value = F.col(name) if kind == "string" else F.col(name).try_cast(kind)
+        typed.append(value.alias(name))
         if kind == "string":
-            typed.append(F.col(name))
             problems.append(F.when((F.col(name).isNull() | (F.col(name) == "")) & (F.col("_n") == len(names)),
                                    F.lit(f"{name} is empty")))
         else:
-            value = F.col(name).try_cast(kind) if hasattr(Column, "try_cast") else F.col(name).cast(kind)
-            typed.append(value.alias(name))
             problems.append(F.when(value.isNull() & (F.col("_n") == len(names)),
                                    F.format_string(f"{name} '%s' is not a valid {kind}", F.col(name))))
     reason = F.coalesce(*problems)
     if fix:
         reason = F.concat(reason, F.lit(f" ({fix})"))
+    return split_checked(parsed.select("value", "_pos", "_source", *typed, skip.alias("_skip"),
+                                       reason.alias("_reason")), drop=("value", "_skip"))
+
+
+def split_checked(checked: DataFrame, drop: tuple[str, ...], storage: StorageLevel = StorageLevel.MEMORY_AND_DISK,
+                  row: Column | None = None, content: Column | None = None) -> tuple[DataFrame, DataFrame]:
+    """(good rows without ``_reason`` and the ``drop`` columns, rejects with their line numbers)
+    of ``checked``, whose ``_reason`` is null on a good row; a row flagged ``_skip`` (a blank
+    line) is neither."""
     # One read of the file serves the good rows, the rejects and their line numbers.
-    checked = parsed.select("value", "_pos", "_source", *typed, skip.alias("_skip"),
-                            reason.alias("_reason")).persist(StorageLevel.MEMORY_AND_DISK)
-    good = checked.filter(F.col("_reason").isNull() & ~F.col("_skip")).drop("_reason", "value", "_skip")
-    bad = checked.filter(F.col("_reason").isNotNull() & ~F.col("_skip"))
-    return good, reject(line_numbers(checked, bad), F.col("_reason"))
+    checked = checked.persist(storage)
+    counted = ~F.col("_skip") if "_skip" in checked.columns else F.lit(True)
+    good = checked.filter(F.col("_reason").isNull() & counted).drop("_reason", *drop)
+    bad = checked.filter(F.col("_reason").isNotNull() & counted)
+    return good, reject(line_numbers(checked, bad), row, content)
 
 
 def undecodable(text: Column, encoding: str = "utf-8") -> Column:
@@ -276,9 +270,15 @@ def with_image_only_items(items: DataFrame, interactions: DataFrame,
     # Small (one row per image-only item) and read twice: by the count here and by ingest.
     found = find_images(missing).persist(StorageLevel.MEMORY_AND_DISK)
     counts["image_only_items"] = found.count()
-    return items.unionByName(found.select(
-        "item_id", F.lit(None).cast("string").alias("title"), F.lit(None).cast("string").alias("text"),
-        "image_uri", F.create_map().cast("map<string,string>").alias("attrs")))
+    return items.unionByName(bare_items(found, F.col("image_uri")))
+
+
+def bare_items(ids: DataFrame, image_uri: Column | None = None) -> DataFrame:
+    """Items rows for the ``item_id`` of ``ids`` with no metadata: title and text null, attrs
+    empty, image_uri the given column (or null)."""
+    return ids.select("item_id", F.lit(None).cast("string").alias("title"), F.lit(None).cast("string").alias("text"),
+                      (F.lit(None).cast("string") if image_uri is None else image_uri).alias("image_uri"),
+                      F.create_map().cast("map<string,string>").alias("attrs"))
 
 
 def timestamp_seconds(raw: Column, ts_format: str) -> Column:
@@ -306,8 +306,8 @@ def validate_columns(df: DataFrame, required: dict[str, str], optional: dict[str
     empty or does not cast is rejected with the reason, and so is a record holding bytes that are
     not valid in ``encoding`` (a latin-1 row in a UTF-8 file)."""
     have = [c for c in df.columns if c not in ("_pos", "_source", "_corrupt_record", *keep)]
-    for canonical, source in {**required, **optional}.items():
-        if source and source not in have and canonical in required:
+    for canonical, source in required.items():
+        if source and source not in have:
             seps = [s for s in (",", ";", "\t", "|") if len(have) == 1 and s in have[0]]
             fix = (f"the header looks '{printable(seps[0])}'-separated: set dataset.options.sep"
                    if seps else f"fix dataset.options.{canonical}")
@@ -328,10 +328,8 @@ def validate_columns(df: DataFrame, required: dict[str, str], optional: dict[str
             cols.append(F.lit(None).cast(casts.get(canonical, "string")).alias(canonical))
             continue
         raw = F.trim(F.col(f"`{source}`").cast("string"))
-        if canonical == "ts":
-            value = timestamp_seconds(raw, ts_format)
-        else:
-            value = raw.try_cast(casts[canonical]) if canonical in casts else raw
+        value = raw if canonical not in casts else (
+            timestamp_seconds(raw, ts_format) if canonical == "ts" else raw.try_cast(casts[canonical]))
         cols.append(value.alias(canonical))
         if canonical in required:
             problems.append(F.when(raw.isNull() | (raw == ""), F.lit(f"{source} is empty")))
@@ -351,10 +349,6 @@ def validate_columns(df: DataFrame, required: dict[str, str], optional: dict[str
     if not split:
         return (out.withColumn("_content", F.coalesce(F.col("_corrupt_record"), F.col("_content")))
                 .drop("_corrupt_record"), None)
-    out = out.persist(StorageLevel.DISK_ONLY)
-    good = out.filter(F.col("_reason").isNull()).drop("_reason", "_corrupt_record", "_pos", "_content")
-    bad = out.filter(F.col("_reason").isNotNull())
-    content = F.coalesce(F.col("_corrupt_record"), F.col("_content"))
-    rejects = reject(line_numbers(out, bad), F.col("_reason"),
-                     row=F.concat(F.lit("record "), F.col("_line").cast("string")), content=content)
-    return good, rejects
+    return split_checked(out, ("_corrupt_record", "_pos", "_content"), StorageLevel.DISK_ONLY,
+                         row=F.concat(F.lit("record "), F.col("_line").cast("string")),
+                         content=F.coalesce(F.col("_corrupt_record"), F.col("_content")))

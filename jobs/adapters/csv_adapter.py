@@ -40,6 +40,7 @@ existence checks run on the executors, one per id without metadata.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -91,6 +92,19 @@ def attrs_map(df: DataFrame, columns: list[str]) -> F.Column:
     return F.map_filter(F.create_map(*pairs), lambda k, v: v.isNotNull() & (v != ""))
 
 
+def read_items_file(spark: SparkSession, path: Path, item_id: str, title: str, text: str, image: str,
+                    attrs: list[str], images_root: str, fmt: str = "", sep: str = ",",
+                    encoding: str = "utf-8") -> tuple[DataFrame, DataFrame]:
+    """(items, rejects) of an items file whose columns the options name; ``image`` paths made
+    absolute under ``images_root``."""
+    raw = read_table_file(spark, path, fmt, sep, encoding)
+    items, rejects = validate_columns(raw.withColumn("attrs", attrs_map(raw, attrs)), {"item_id": item_id},
+                                      {"title": title, "text": text, "image": image}, path, "items",
+                                      keep=("attrs",), encoding=encoding)
+    return items.select("item_id", "title", "text", image_uri(F.col("image"), images_root).alias("image_uri"),
+                        "attrs"), rejects
+
+
 def images_root_of(dataset: DatasetConf) -> str:
     """Where ingest and caption keep this dataset's image paths (``base.images_folder``)."""
     return images_folder(dataset, options_from(CsvOptions, dataset).images_root)
@@ -104,21 +118,16 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
     inter_path = require_path(dataset, "interactions", opts.interactions)
     images_root = images_root_of(dataset)
 
-    raw_items = read_table_file(spark, items_path, opts.format, opts.sep, opts.encoding)
-    raw_items = raw_items.withColumn("attrs", attrs_map(raw_items, opts.attrs))
-    items, item_rejects = validate_columns(
-        raw_items, {"item_id": opts.item_id}, {"title": opts.title, "text": opts.text, "image": opts.image},
-        items_path, "items", keep=("attrs",), encoding=opts.encoding)
-    items = items.select("item_id", "title", "text", image_uri(F.col("image"), images_root).alias("image_uri"),
-                         "attrs")
+    items, item_rejects = read_items_file(spark, items_path, opts.item_id, opts.title, opts.text, opts.image,
+                                          opts.attrs, images_root, opts.format, opts.sep, opts.encoding)
 
     raw_inter = read_table_file(spark, inter_path, opts.format, opts.sep, opts.encoding,
                                 multiline=opts.interactions_multiline)
-    required = {"user_id": opts.user_id, "item_id": opts.item_id, "ts": opts.timestamp}
-    optional = {"rating": opts.rating, "label": opts.label}
     # Bad interaction records stay in the frame (``_reason``): ingest reads the file once for both.
-    interactions, _ = validate_columns(raw_inter, required, optional, inter_path, "interactions",
-                                       opts.timestamp_format, encoding=opts.encoding, split=False)
+    interactions, _ = validate_columns(
+        raw_inter, {"user_id": opts.user_id, "item_id": opts.item_id, "ts": opts.timestamp},
+        {"rating": opts.rating, "label": opts.label}, inter_path, "interactions", opts.timestamp_format,
+        encoding=opts.encoding, split=False)
     counts: dict[str, int] = {}
     if opts.image_only_items:
         items = with_image_only_items(
@@ -128,15 +137,12 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
 
 
 def check_image_only_options(opts: CsvOptions) -> None:
-    if not isinstance(opts.image_only_items, bool):
-        raise ConfigError(f"dataset.options.image_only_items must be true or false, got {opts.image_only_items!r}")
     if not opts.image_only_items:
         return
     if not opts.image_pattern:
         raise ConfigError("dataset.options.image_only_items needs dataset.options.image_pattern, the image "
                           "file of an item without metadata relative to images_root (e.g. '{item_id}.jpg'): "
                           "set it, or set image_only_items to false")
-    problem = pattern_problem(opts.image_pattern)
-    if problem:
+    if problem := pattern_problem(opts.image_pattern):
         raise ConfigError(f"dataset.options.image_pattern '{opts.image_pattern}': {problem} "
                           "(e.g. '{item_id}.jpg')")

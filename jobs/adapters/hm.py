@@ -44,7 +44,6 @@ its field count, the header's and the fix.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,15 +94,8 @@ def _bad_ids(good: DataFrame, path: Path, row: Column) -> tuple[DataFrame, DataF
 
 def image_ids(images_dir: Path) -> list[str]:
     """The article ids that have ``images_dir/0xx/0xxxxxxxxx.jpg``, from one directory listing."""
-    found = []
-    with os.scandir(images_dir) as folders:
-        for folder in folders:
-            if not folder.is_dir():
-                continue
-            with os.scandir(folder.path) as files:
-                found.extend(f.name[:-4] for f in files
-                             if f.name.lower().endswith(".jpg") and f.name[:3] == folder.name)
-    return found
+    return [path.name[:-4] for path in images_dir.glob("*/*")
+            if path.name.lower().endswith(".jpg") and path.name[:3] == path.parent.name]
 
 
 def images_root_of(dataset: DatasetConf) -> str:
@@ -116,8 +108,6 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
     if opts.same_day_repeats not in REPEAT_POLICIES:
         raise ConfigError(f"dataset.options.same_day_repeats must be collapse or reject, "
                           f"got {opts.same_day_repeats!r}")
-    if not isinstance(opts.image_only_items, bool):
-        raise ConfigError(f"dataset.options.image_only_items must be true or false, got {opts.image_only_items!r}")
     root = require_path(dataset, "root")
     articles_path = require_path(dataset, "articles", opts.articles)
     transactions_path = require_path(dataset, "transactions", opts.transactions)
@@ -134,8 +124,9 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
                                            articles_path, "articles", keep=("attrs",))
     items, bad_items = _bad_ids(items, articles_path, F.concat(F.lit("article_id="), F.col("item_id")))
     images_dir = root / opts.images_dir
+    folder = images_root_of(dataset)
     present = _image_id_frame(spark, images_dir)
-    items = _with_images(items, present, images_dir, counts)
+    items = _with_images(items, present, folder, counts)
 
     # transactions_train.csv has no quoted newlines: a line-splittable read parses it in parallel.
     raw_tx = read_table_file(spark, transactions_path, multiline=False)
@@ -147,7 +138,6 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
     tx, bad_tx = _bad_ids(tx, transactions_path,
                           F.format_string("customer_id=%s article_id=%s ts=%d", "user_id", "item_id", "ts"))
     if opts.image_only_items:
-        folder = str(images_dir.resolve())
         items = with_image_only_items(
             items, tx, lambda ids: ids.join(F.broadcast(present), "item_id").select(
                 "item_id", article_image_uri(F.col("item_id"), folder).alias("image_uri")), counts)
@@ -158,17 +148,15 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
         interactions = grouped.select("user_id", "item_id", "ts", F.lit(None).cast("double").alias("rating"),
                                       F.lit(None).cast("string").alias("label"), "_source")
     rejects = item_rejects.unionByName(bad_items).unionByName(tx_rejects).unionByName(bad_tx)
-    return AdapterOutput(items, interactions, rejects, counts, images_root=images_root_of(dataset))
+    return AdapterOutput(items, interactions, rejects, counts, images_root=folder)
 
 
 def _image_id_frame(spark: SparkSession, images_dir: Path) -> DataFrame:
     """The ids that have an image file, as a one-column frame (item_id); empty without the folder."""
-    if images_dir.is_dir():
-        ids = image_ids(images_dir)
-    else:
+    if not images_dir.is_dir():
         log.warning("H&M images folder %s does not exist: every article is ingested without an image "
                     "(set dataset.options.images_dir to the folder holding 0xx/0xxxxxxxxx.jpg)", images_dir)
-        ids = []
+    ids = image_ids(images_dir) if images_dir.is_dir() else []
     return spark.createDataFrame(pd.DataFrame({"item_id": pd.Series(ids, dtype=str)}), "item_id string")
 
 
@@ -177,10 +165,8 @@ def article_image_uri(item_id: Column, folder: str) -> Column:
     return F.concat(F.lit(folder + "/"), F.substring(item_id, 1, 3), F.lit("/"), item_id, F.lit(".jpg"))
 
 
-def _with_images(items: DataFrame, present: DataFrame, images_dir: Path, counts: dict[str, int]) -> DataFrame:
-    folder = str(images_dir.resolve())
+def _with_images(items: DataFrame, present: DataFrame, folder: str, counts: dict[str, int]) -> DataFrame:
     joined = items.join(F.broadcast(present.withColumn("_has_image", F.lit(True))), "item_id", "left")
-    uri = F.when(F.col("_has_image"), article_image_uri(F.col("item_id"), folder))
-    items = joined.select("item_id", "title", "text", uri.alias("image_uri"), "attrs")
     counts["items_without_image_file"] = joined.filter(F.col("_has_image").isNull()).count()
-    return items
+    uri = F.when(F.col("_has_image"), article_image_uri(F.col("item_id"), folder))
+    return joined.select("item_id", "title", "text", uri.alias("image_uri"), "attrs")

@@ -18,11 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pyspark.sql import SparkSession
-from pyspark.sql import functions as F
 
 from ..config import DatasetConf
-from .base import AdapterOutput, images_folder, options_from, read_table_file, require_path, validate_columns
-from .csv_adapter import attrs_map, image_uri
+from .base import AdapterOutput, bare_items, images_folder, options_from, read_table_file, require_path, validate_columns
+from .csv_adapter import read_items_file
 
 
 @dataclass
@@ -55,32 +54,16 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
     interactions, rejects = validate_columns(
         raw, {"user_id": opts.user_col, "item_id": opts.item_col, "ts": opts.timestamp_col},
         {"rating": opts.rating_col, "label": opts.label_col}, inter_path, "interactions")
-    counts: dict[str, int] = {}
-    images_root = None  # no items file: no image paths
     ids = interactions.select("item_id").distinct()
-    if opts.items_file:
-        items_path = require_path(dataset, "items", opts.items_file)
-        meta = read_table_file(spark, items_path)
-        meta = meta.withColumn("attrs", attrs_map(meta, opts.attrs or []))
-        meta, meta_rejects = validate_columns(
-            meta, {"item_id": opts.item_col},
-            {"title": opts.item_title_col, "text": opts.item_text_col, "image": opts.item_image_col},
-            items_path, "items", keep=("attrs",))
-        rejects = rejects.unionByName(meta_rejects)
-        images_root = images_root_of(dataset)
-        meta = meta.select("item_id", "title", "text", image_uri(F.col("image"), images_root).alias("image_uri"),
-                           "attrs")
-        # Interacted items without metadata still exist: kept with nulls, not dropped.
-        items = meta.unionByName(
-            ids.join(meta.select("item_id"), "item_id", "left_anti").select(
-                "item_id", F.lit(None).cast("string").alias("title"), F.lit(None).cast("string").alias("text"),
-                F.lit(None).cast("string").alias("image_uri"),
-                F.create_map().cast("map<string,string>").alias("attrs")))
-        # The docstring's promise: interacted items missing from the metadata file are counted.
-        counts["items_without_metadata"] = ids.join(meta.select("item_id"), "item_id", "left_anti").count()
-    else:
-        items = ids.select("item_id", F.lit(None).cast("string").alias("title"),
-                           F.lit(None).cast("string").alias("text"), F.lit(None).cast("string").alias("image_uri"),
-                           F.create_map().cast("map<string,string>").alias("attrs"))
-        counts["items_without_metadata_file"] = 1
-    return AdapterOutput(items, interactions, rejects, counts, images_root=images_root)
+    if not opts.items_file:
+        # No items file: no image paths; interacted items exist with nulls.
+        return AdapterOutput(bare_items(ids), interactions, rejects, {"items_without_metadata_file": 1})
+    items_path = require_path(dataset, "items", opts.items_file)
+    images_root = images_root_of(dataset)
+    meta, meta_rejects = read_items_file(spark, items_path, opts.item_col, opts.item_title_col, opts.item_text_col,
+                                         opts.item_image_col, opts.attrs or [], images_root)
+    # Interacted items without metadata still exist: kept with nulls, not dropped, and counted
+    # (the docstring's promise).
+    missing = ids.join(meta.select("item_id"), "item_id", "left_anti")
+    return AdapterOutput(meta.unionByName(bare_items(missing)), interactions, rejects.unionByName(meta_rejects),
+                         {"items_without_metadata": missing.count()}, images_root=images_root)

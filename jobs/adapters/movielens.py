@@ -69,12 +69,9 @@ def read(spark: SparkSession, dataset: DatasetConf) -> AdapterOutput:
                           f"found {raw.shape[1]} columns")
     items = pd.DataFrame({"item_id": raw[0].str.strip(), "title": raw[1].str.strip(),
                           "release_date": raw[2].str.strip()})
-    genre_flags = raw.iloc[:, 5:5 + len(GENRES)]
     items["genres"] = ["|".join(g for g, flag in zip(GENRES, row) if flag == "1")
-                       for row in genre_flags.itertuples(index=False)]
-
-    overviews = _pick_overviews(root / opts.overviews_file, items, counts)
-    items = items.merge(overviews, on="item_id", how="left")
+                       for row in raw.iloc[:, 5:5 + len(GENRES)].itertuples(index=False)]
+    items = items.merge(_pick_overviews(root / opts.overviews_file, items, counts), on="item_id", how="left")
 
     poster_dir = root / opts.posters_dir
     items["image_uri"] = [str(poster_dir / f"{i}.jpg") if (poster_dir / f"{i}.jpg").exists() else None
@@ -125,25 +122,20 @@ def _flag_suspects(items: pd.DataFrame, policy: str, counts: dict[str, int]) -> 
         except ImageError:
             return None
 
-    items["_poster"] = items["image_uri"].map(poster_hash)
     suspect: dict[str, set[str]] = {}
     shared_same_title = set()
-    for key in ("overview", "_poster"):
-        for _, group in items.dropna(subset=[key]).groupby(key):
-            if len(group) < 2:
-                continue
+    for content in (items["overview"], items["image_uri"].map(poster_hash)):
+        shared = content.notna() & content.duplicated(keep=False)
+        for _, group in items[shared].groupby(content[shared]):
             if group["title"].map(_norm_title).nunique() == 1:
                 shared_same_title.update(group["item_id"])
-                continue
-            ids = set(group["item_id"])
-            for i in ids:
-                suspect.setdefault(i, set()).update(ids - {i})
+            else:
+                ids = set(group["item_id"])
+                for i in ids:
+                    suspect.setdefault(i, set()).update(ids - {i})
     items["content_suspect"] = items["item_id"].map(
         lambda i: "shared with " + ",".join(sorted(suspect[i], key=int)) if i in suspect else "")
     counts["tmdb_suspect_items"] = len(suspect)
     counts["shared_poster_items"] = len(shared_same_title)
     if policy == "drop" and suspect:
-        mask = items["item_id"].isin(list(suspect))
-        items.loc[mask, "overview"] = None
-        items.loc[mask, "image_uri"] = None
-    items.drop(columns=["_poster"], inplace=True)
+        items.loc[items["item_id"].isin(list(suspect)), ["overview", "image_uri"]] = None
