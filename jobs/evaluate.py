@@ -258,17 +258,17 @@ def evaluate(run: JobRun, args: argparse.Namespace) -> None:
             run.count("user_metrics_rows", path.write("user_metrics", values, where))
 
         with run.stage("summary"):
-            summarise = evaluate_udfs.metric_summary(plan.bootstrap_samples, plan.evaluate_seed)
-            summary = path.per_group(values, ["representation", "metric", "k"], summarise, schemas.METRICS_DDL)
+            summary = path.per_group(values, ["representation", "metric", "k"],
+                                     evaluate_udfs.metric_summary(plan.bootstrap_samples, plan.evaluate_seed),
+                                     schemas.METRICS_DDL)
             # Collected first (it fills the cache the write then reads): the rows are printed.
             summary_rows = path.gather(summary).to_dict("records")
             path.write("metrics", summary, where)
             run.count("metrics_rows", len(summary_rows))
 
         with run.stage("comparisons"):
-            compare = evaluate_udfs.comparison_groups(order, plan.bootstrap_samples, plan.evaluate_seed,
-                                                      plan.significance_test)
-            comparisons = path.per_group(values, ["metric", "k"], compare, schemas.COMPARISONS_DDL)
+            comparisons = path.per_group(values, ["metric", "k"], evaluate_udfs.comparison_groups(
+                order, plan.bootstrap_samples, plan.evaluate_seed, plan.significance_test), schemas.COMPARISONS_DDL)
             comparison_rows = path.gather(comparisons).to_dict("records")
             path.write("comparisons", comparisons, {"run_id": run_id, "representation_a": order})
             run.count("comparisons_rows", len(comparison_rows))
