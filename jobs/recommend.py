@@ -74,8 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def table_lines(records: list[dict]) -> list[str]:
     lines = []
     for record in records:
-        who = record["user_id"] if record["user_id"] is not None else "(history)"
-        lines.append(f"{who}  [{record['representation']}, run {record['run_id']}]")
+        lines.append(f"{record['user_id'] if record['user_id'] is not None else '(history)'}  "
+                     f"[{record['representation']}, run {record['run_id']}]")
         if record.get("unknown_items"):
             lines.append(f"  left out of the history (no vector): {', '.join(record['unknown_items'])}")
         for entry in record["items"]:
@@ -132,11 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlm4rec recommend: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     records = result.records()
-    if args.format == "jsonl":
-        for record in records:
-            print(json.dumps(record, sort_keys=True))
-    else:
-        print("\n".join(table_lines(records)))
+    print("\n".join([json.dumps(record, sort_keys=True) for record in records] if args.format == "jsonl"
+                    else table_lines(records)))
     return EXIT_OK
 
 

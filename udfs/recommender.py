@@ -193,8 +193,8 @@ class Recommender:
         warehouse = str(warehouse)
         plans = read_table(warehouse, "plans", equal={"run_id": run_id}, columns=["plan"])
         if plans.num_rows == 0:
-            known = read_table(warehouse, "plans", columns=["run_id", "created_at"]).to_pandas()
-            latest = known.sort_values("created_at")["run_id"].tolist()[-5:]
+            latest = (read_table(warehouse, "plans", columns=["run_id", "created_at"]).to_pandas()
+                      .sort_values("created_at")["run_id"].tolist()[-5:])
             raise RecommendError(f"run '{run_id}' has no plan in {warehouse}/plans: pass the run id a `vlm4rec "
                                  f"pipeline` printed (latest runs: {latest})")
         plan = json.loads(plans.column("plan")[0].as_py())
@@ -289,11 +289,11 @@ class Recommender:
             if not_loaded:
                 raise RecommendError(f"user '{not_loaded[0]}' is in run '{self.run_id}' but was not loaded: "
                                      "pass every user to Recommender.load(..., users=[...]), or users=None")
-            sample = sorted(everyone)[:5]
             hint = difflib.get_close_matches(unknown[0], everyone, n=3)
             raise RecommendError(
                 f"user '{unknown[0]}' ({len(unknown)} unknown in all) has no '{self.representation}' profile in run "
-                f"'{self.run_id}'" + (f" (did you mean {hint}?)" if hint else f" (its users look like {sample})")
+                f"'{self.run_id}'"
+                + (f" (did you mean {hint}?)" if hint else f" (its users look like {sorted(everyone)[:5]})")
                 + ": for a user the run has not seen, pass their history as a list of item ids "
                 "(--history ITEM,ITEM)")
         return np.stack([self.profiles[u] for u in users]).astype(np.float32)
@@ -329,9 +329,8 @@ class Recommender:
         flat = [i for h in histories for i in h]
         if self.mean_profile:
             return user_profiles(rows, self.vectors.of(flat), n_users=len(histories))[0]
-        parts = self._part_vectors
         per_part = {}
-        for name, vectors in parts.items():
+        for name, vectors in self._part_vectors.items():
             missing = [i for i in flat if i not in vectors.row]
             if missing:
                 raise RecommendError(f"item '{missing[0]}' has no '{name}' vector, a part of '{self.representation}': "
@@ -339,7 +338,7 @@ class Recommender:
             per_part[name] = user_profiles(rows, vectors.of(flat), n_users=len(histories))[0]
         # The plan's concat weights of this fusion's parts (naive takes none).
         weights = (None if self.parsed.kind != fusion.CONCAT else
-                   {p: w for p, w in self.plan.get("concat_weights") or [] if p in parts})
+                   {p: w for p, w in self.plan.get("concat_weights") or [] if p in self._part_vectors})
         return fusion.fuse(self.parsed.kind, per_part, weights or None)
 
     @cached_property
@@ -359,8 +358,7 @@ class Recommender:
             return [Explanation((), False) for _ in chosen]
         h, x = self.vectors.of(known), self.vectors.of(chosen)
         similarity = x.astype(np.float64) @ h.T.astype(np.float64)
-        exact = self.mean_profile
-        if exact:
+        if self.mean_profile:
             half_life = self.plan.get("half_life_days")  # a known user's profile weighs by recency
             weights = None if user is None or half_life is None else recency_weights(
                 np.zeros(len(known), np.int64), self.train[user][1][rows], half_life, 1)
@@ -371,11 +369,11 @@ class Recommender:
         out = []
         for r, item in enumerate(chosen):
             top = np.argsort(-shares[r], kind="stable")[:n]
-            contributors = tuple(Contribution(known[j], float(shares[r, j]) if exact else None,
+            contributors = tuple(Contribution(known[j], float(shares[r, j]) if self.mean_profile else None,
                                               float(similarity[r, j])) for j in top)
             phrases = () if not texts else tuple(explanations.shared_phrases(
                 texts.get(item), [texts.get(c.item_id) for c in contributors]))
-            out.append(Explanation(contributors, exact, phrases))
+            out.append(Explanation(contributors, self.mean_profile, phrases))
         return out
 
     def descriptions(self) -> dict[str, str]:
