@@ -25,7 +25,7 @@ from udfs.evaluate.splits import SplitError, SplitSpec
 
 from . import driver_inputs, tables
 from .adapters import read_dataset
-from .adapters.base import AdapterOutput
+from .adapters.base import REJECT_SCHEMA, AdapterOutput, line_numbers, reject
 from .config import ConfigError
 from udfs.io.images import ReadLimits
 from .job_run import Job, JobRun, NothingUsable
@@ -48,8 +48,7 @@ def clean_items(run: JobRun, items: DataFrame, images_root: str | None = None) -
     image path must resolve under ``images_root`` (the adapter's) and is read within
     ``dataset.images``."""
     items = items.withColumn("_source", F.lit("items")).withColumn("_order", F.monotonically_increasing_id())
-    first = Window.partitionBy("item_id").orderBy("_order")
-    ranked = items.withColumn("_rank", F.row_number().over(first))
+    ranked = items.withColumn("_rank", F.row_number().over(Window.partitionBy("item_id").orderBy("_order")))
     dupes = _as_rejects(ranked.filter(F.col("_rank") > 1).drop("_rank", "_order"),
                         "duplicate item_id: only the first row of this id is kept",
                         F.concat(F.lit("item_id="), F.col("item_id")))
@@ -72,16 +71,14 @@ def classify_interactions(out: AdapterOutput, item_ids: DataFrame) -> DataFrame:
     a user, rows are ordered by (ts, item_id), so repeats sit next to each other (good rows
     first, the highest rating first) and the split's order is a prefix of this one."""
     df = out.interactions
-    if "_reason" not in df.columns:
-        df = df.withColumn("_reason", F.lit(None).cast("string"))
-    for name, kind in (("_content", "string"), ("_pos", "long")):
+    for name, kind in (("_reason", "string"), ("_content", "string"), ("_pos", "long")):
         if name not in df.columns:
             df = df.withColumn(name, F.lit(None).cast(kind))
-    known = item_ids.select("item_id", F.lit(True).alias("_known"))
-    df = df.join(F.broadcast(known), "item_id", "left").repartition("user_id")
-    bad = F.col("_reason").isNotNull()
+    df = (df.join(F.broadcast(item_ids.select("item_id", F.lit(True).alias("_known"))), "item_id", "left")
+          .repartition("user_id"))
+    # Good rows first among repeats.
     order = Window.partitionBy("user_id").orderBy(
-        "ts", "item_id", bad.asc(), F.col("rating").desc_nulls_last(), "_source", "_pos")
+        "ts", "item_id", F.col("_reason").isNotNull().asc(), F.col("rating").desc_nulls_last(), "_source", "_pos")
     same_as_previous = ((F.lag("item_id").over(order) == F.col("item_id"))
                         & (F.lag("ts").over(order) == F.col("ts")))
     reason = F.coalesce(
@@ -100,8 +97,6 @@ def interaction_rejects(classified: DataFrame, n_bad: int) -> DataFrame:
     """Rejected interactions in the rejects schema; rows named by record number when the adapter
     kept the file position, else by their key. ``n_bad`` (counted while the good rows were
     written) spares the usual case, no bad row, a second pass over the file."""
-    from .adapters.base import CONTENT_CHARS, REJECT_SCHEMA, line_numbers
-
     if n_bad == 0:
         return classified.sparkSession.createDataFrame([], REJECT_SCHEMA)
     bad = classified.filter(F.col("_reason").isNotNull())
@@ -110,8 +105,7 @@ def interaction_rejects(classified: DataFrame, n_bad: int) -> DataFrame:
         .otherwise(_row_key())
     content = F.coalesce(F.col("_content"),
                          F.to_json(F.struct("user_id", "item_id", "ts", "rating", "label")))
-    return numbered.select(F.col("_source").alias("source"), row.alias("row"), F.col("_reason").alias("reason"),
-                           F.substring(content, 1, CONTENT_CHARS).alias("content"))
+    return reject(numbered, row, content)
 
 
 def ingest(run: JobRun, args: argparse.Namespace | None = None) -> None:
@@ -265,7 +259,7 @@ def _rows(frame: DataFrame, hold: bool):
     return frame.toArrow() if hold else frame
 
 
-def _write_rejects(run: JobRun, rejects: DataFrame, hold: bool) -> DataFrame:
+def _write_rejects(run: JobRun, rejects: DataFrame, hold: bool) -> None:
     name = run.config.dataset.name
     written = Observation("rejects")
     frame = (rejects.withColumn("dataset", F.lit(name)).withColumn("row", F.coalesce("row", F.lit("?")))
@@ -273,18 +267,15 @@ def _write_rejects(run: JobRun, rejects: DataFrame, hold: bool) -> DataFrame:
     tables.replace_slice(run.spark, run.warehouse, "rejects", _rows(frame, hold), {"dataset": name})
     if int(written.get["n"]) == 0:  # the usual case: no read-back of the slice to count by reason
         run.counts["rejected"] = 0
-        return rejects
+        return
     by_reason = (tables.read(run.spark, run.warehouse, "rejects").filter(F.col("dataset") == name)
                  .groupBy(F.regexp_extract("reason", r"^([a-z_ ]+)", 1).alias("kind")).count().collect())
-    total = 0
     for row in by_reason:
         run.counts[f"rejected_{row['kind'].strip().replace(' ', '_') or 'other'}"] = row["count"]
-        total += row["count"]
-    run.counts["rejected"] = total
-    if total:
-        log.warning("%d rows rejected for dataset %s: SELECT * FROM delta.`%s/rejects` WHERE dataset = '%s'",
-                    total, name, run.warehouse, name)
-    return rejects
+    # The slice just written holds rows (written.n > 0), so the total is positive.
+    run.counts["rejected"] = sum(row["count"] for row in by_reason)
+    log.warning("%d rows rejected for dataset %s: SELECT * FROM delta.`%s/rejects` WHERE dataset = '%s'",
+                run.counts["rejected"], name, run.warehouse, name)
 
 
 JOB = Job("ingest", __doc__.splitlines()[0], ingest)
