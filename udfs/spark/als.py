@@ -61,6 +61,5 @@ def train_als(train: DataFrame, settings: AlsSettings) -> tuple[DataFrame, DataF
 
 def _by_label(factors: DataFrame, labels: list[str], column: str) -> DataFrame:
     """Factors (id int, features) -> (column string, vector): index i is ``labels[i]``."""
-    spark = factors.sparkSession
-    ids = spark.createDataFrame(list(enumerate(labels)), f"id int, {column} string")
+    ids = factors.sparkSession.createDataFrame(list(enumerate(labels)), f"id int, {column} string")
     return factors.join(ids, "id").select(column, F.col("features").alias("vector"))

@@ -20,20 +20,15 @@ from udfs.io.images import ReadLimits, check_image, readable_source
 def _check_batches(batches: Iterator[pd.DataFrame], images_root: str | None, limits: ReadLimits,
                    allow_outside_root: bool) -> Iterator[pd.DataFrame]:
     for batch in batches:
-        hashes, errors = [], []
+        checked = []
         for uri in batch["image_uri"]:
-            if uri is None or (isinstance(uri, float) and pd.isna(uri)) or uri == "":
-                hashes.append(None)
-                errors.append(None)
-            elif (path := readable_source(str(uri))) is None:  # http(s): hashed when something fetches it
-                hashes.append(None)
-                errors.append(None)
-            else:
-                digest, reason = check_image(path, limits=limits, name=str(uri), images_root=images_root,
-                                             confine=not allow_outside_root)
-                hashes.append(digest)
-                errors.append(reason)  # the reason already names the file
-        yield batch.assign(image_sha256=hashes, _image_error=errors)
+            # No image (null, NaN or ""), or http(s), hashed when something fetches it: no check.
+            path = readable_source(uri) if isinstance(uri, str) and uri else None
+            checked.append((None, None) if path is None else check_image(
+                path, limits=limits, name=uri, images_root=images_root, confine=not allow_outside_root))
+        # Each reason already names the file.
+        yield batch.assign(image_sha256=[digest for digest, _ in checked],
+                           _image_error=[reason for _, reason in checked])
 
 
 def with_image_hashes(items, images_root: str | None = None, limits: ReadLimits | None = None,
@@ -45,8 +40,7 @@ def with_image_hashes(items, images_root: str | None = None, limits: ReadLimits 
     local path, since there is nothing to confine it to."""
     from udfs.spark.schemas import with_image_check
 
-    base = items.drop("image_sha256") if "image_sha256" in items.columns else items
-    schema = with_image_check(base.schema)
+    base = items.drop("image_sha256")  # a no-op without the column
     check = functools.partial(_check_batches, images_root=images_root, limits=limits or ReadLimits(),
                               allow_outside_root=allow_outside_root)
-    return base.mapInPandas(check, schema)
+    return base.mapInPandas(check, with_image_check(base.schema))

@@ -23,10 +23,9 @@ def kcore(df: DataFrame, k: int, max_rounds: int = 50) -> tuple[DataFrame, int]:
     for rounds in range(1, max_rounds + 1):
         users = current.groupBy("user_id").count().filter(F.col("count") >= k).select("user_id")
         items = current.groupBy("item_id").count().filter(F.col("count") >= k).select("item_id")
-        nxt = current.join(users, "user_id", "left_semi").join(items, "item_id", "left_semi").localCheckpoint()
-        new_size = nxt.count()
+        current = current.join(users, "user_id", "left_semi").join(items, "item_id", "left_semi").localCheckpoint()
+        new_size = current.count()
         log.info("k-core round %d: %d -> %d interactions", rounds, size, new_size)
-        current = nxt
         if new_size == size:
             return current, rounds
         size = new_size

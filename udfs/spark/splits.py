@@ -51,17 +51,13 @@ def _per_user(df: DataFrame, order: list[Column], spec: SplitSpec, loo: bool) ->
 def assign_split(df: DataFrame, spec: SplitSpec) -> DataFrame:
     spec.validate()
     if spec.protocol == "label":
-        if "label" not in df.columns:
-            raise SplitError("split protocol 'label' needs a label column from the dataset "
-                             "(MMRec x_label, or dataset.options.label for the csv adapter)")
+        # Every adapter emits a label column (null where the source has none).
         return df.withColumn("split", label_column(F.col("label")))
-    if spec.protocol == "leave_one_out":
-        return _per_user(df, [F.col("ts"), F.col("item_id")], spec, loo=True)
-    if spec.protocol == "temporal_ratio":
-        return _per_user(df, [F.col("ts"), F.col("item_id")], spec, loo=False)
     if spec.protocol == "random_ratio":
         key = F.xxhash64(F.lit(spec.seed), F.col("user_id"), F.col("item_id"), F.col("ts"))
         return _per_user(df, [key, F.col("item_id"), F.col("ts")], spec, loo=False)
+    if spec.protocol != "global_time":  # leave_one_out or temporal_ratio: by time
+        return _per_user(df, [F.col("ts"), F.col("item_id")], spec, loo=spec.protocol == "leave_one_out")
     valid_cut, test_cut = spec.valid_cut, spec.test_cut
     if 0 < valid_cut < 1 or 0 < test_cut < 1:
         # Exact quantiles (relative error 0), so the cut does not depend on partitioning.
