@@ -8,7 +8,8 @@ Each size is the README's configuration (``conf/experiments/ml100k.yaml``, ``als
 one trained fusion (``attention``, so that ``fuse`` has work), on:
 
 - ``Nx``: ml100k N times over, the copies ``bench_pipeline_vs_script.py --scale N`` writes (30x:
-  50,460 items, 28,290 users, 3 million ratings). The copies share one distribution, so
+  50,460 items, 28,290 users, 3 million ratings). The copies share ml100k's distribution, so
+  a second series skews it:
 - ``zipfNx``: the same N copies of the items (titles, overviews, posters) with the ratings drawn
   again (``skew_ratings``): the same number of users and ratings, each user's history length and
   each item's popularity following a Zipf law (exponent 1.1 for items, history lengths from

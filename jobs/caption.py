@@ -207,7 +207,8 @@ def count_requests(run: JobRun, summaries: list[dict[str, Any]]) -> None:
     run.counts.update({key: sum(int(s.get(key) or 0) for s in summaries)
                        for key in ("prompt_tokens", "completion_tokens", "described_after_retry")})
     retries = sum((Counter(json.loads(s.get("retries") or "{}")) for s in summaries), Counter())
-    run.counts.update({"retries": sum(retries.values()), **{f"retries_{kind}": n for kind, n in sorted(retries.items())}})
+    run.counts["retries"] += sum(retries.values())
+    run.counts.update({f"retries_{kind}": n for kind, n in sorted(retries.items())})
 
 
 def add_arguments(parser: JobParser) -> None:

@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[ ok ] {check.name:<12} {check.run()}")
         except Exception as exc:  # noqa: BLE001 - every failure is reported with its fix
             failed += check.required
-            print(f"[{'FAIL' if check.required else 'warn'}] {check.name:<12} {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            print(f"[{'FAIL' if check.required else 'warn'}] {check.name:<12} {type(exc).__name__}: {first_line}\n"
                   f"       fix: {check.fix}")
     print("doctor: all required parts work" if not failed else f"doctor: {failed} required part(s) failing")
     return 0 if not failed else EXIT_INSTALL

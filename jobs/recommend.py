@@ -132,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlm4rec recommend: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     records = result.records()
-    print("\n".join([json.dumps(record, sort_keys=True) for record in records] if args.format == "jsonl"
-                    else table_lines(records)))
+    lines = [json.dumps(record, sort_keys=True) for record in records] if args.format == "jsonl" else table_lines(records)
+    if lines:
+        print("\n".join(lines))
     return EXIT_OK
 
 

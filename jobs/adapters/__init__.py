@@ -17,9 +17,12 @@ ADAPTERS = {
 
 def images_root(dataset: DatasetConf) -> str | None:
     """The folder ingest confines the dataset's local image paths to, and caption its reads
-    again; ``None`` where the adapter gives none (amazon's images are URLs) or is not configured."""
+    again; ``None`` where the adapter gives none (amazon's images are URLs)."""
     if dataset.adapter not in ADAPTERS:
-        return None
+        # Without it every local image would be refused as outside a root that is not known.
+        raise ConfigError(f"dataset.adapter '{dataset.adapter}' is not one of {', '.join(ADAPTERS)}: caption reads "
+                          "local images only under the adapter's images folder, as ingest did; set dataset.adapter as "
+                          "ingest had it (or dataset.images.allow_outside_root=true)")
     of = getattr(import_module(ADAPTERS[dataset.adapter]), "images_root_of", None)
     return None if of is None else of(dataset)
 

@@ -60,9 +60,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str) and value == raw.strip() != raw:
-        # YAML trims a bare value: keep what was typed, so that ' padded ' meets the checks the
-        # same value quoted in a file meets (a dataset name's white space is an error there).
-        value = raw
+        # YAML trims a bare value; trimming silently would accept what the same value quoted in a
+        # file refuses, and keeping it would make ' /tmp/x' a relative path: say so instead.
+        raise ConfigError(f"--set '{text}': the value {raw!r} starts or ends with white space; remove it, "
+                          f"or quote the value to keep it (--set '{key.strip()}=\"{raw}\"')")
     return key.strip(), value
 
 

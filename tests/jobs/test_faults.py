@@ -108,20 +108,24 @@ def test_unusable_dataset_names_are_config_errors(spark, warehouse, synthetic, c
     assert not tables.exists(spark, warehouse, "items")
 
 
-def test_a_padded_value_is_the_same_error_in_a_file_and_after_set(tmp_path):
-    """issue 26.5: YAML trims a bare value after --set; the padded name still meets the check it
-    meets quoted in a file, word for word but for where it came from."""
+def test_a_padded_value_is_an_error_in_a_file_and_after_set(tmp_path):
+    """issue 26.5: YAML trims a bare value after --set. Trimmed, a padded name would pass where the
+    same name quoted in a file fails; kept, a padded path would be a relative one. Both are errors
+    that name the value; quoted after --set, the name meets the file's check word for word."""
     from jobs.config import ConfigError, load_config
 
     conf = tmp_path / "padded.yaml"
     conf.write_text('dataset:\n  name: " padded "\n')
     errors = []
-    for files, overrides in (([str(conf)], []), ([], ["dataset.name= padded "])):
+    for files, overrides in (([str(conf)], []), ([], ['dataset.name=" padded "'])):
         with pytest.raises(ConfigError) as info:
             load_config(["datasets/synthetic.yaml", *files], overrides)
         errors.append(str(info.value))
-    assert errors[0].replace(str(conf.resolve()), "--set dataset.name= padded ") == errors[1]
+    assert errors[0].replace(str(conf.resolve()), """--set dataset.name=" padded \"""") == errors[1]
     assert "starts or ends with white space in ' padded '" in errors[1]
+    for override in ("dataset.name= padded ", "warehouse= /tmp/x"):
+        with pytest.raises(ConfigError, match="starts or ends with white space; remove it, or quote the value"):
+            load_config(["datasets/synthetic.yaml"], [override])
 
 
 def test_item_and_user_ids_stay_arbitrary_strings(spark, warehouse, synthetic, tmp_path):

@@ -176,7 +176,10 @@ def _describe_span(
             log.warning("caption engine %s: batch of %d failed (%s), retrying once", engine.name, len(span), error)
             _describe_span(engine, images, span, results, retry=False)
         elif len(span) == 1:
-            log.warning("caption engine %s: image %d failed: %r", engine.name, span[0], error)
+            if out_of_memory:
+                log.warning("caption engine %s: out of memory on a single image: %s", engine.name, error)
+            else:
+                log.warning("caption engine %s: image %d failed: %r", engine.name, span[0], error)
             results[span[0]] = error
         else:
             if out_of_memory:

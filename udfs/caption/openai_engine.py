@@ -59,7 +59,7 @@ from PIL import Image
 from udfs.caption.engine import Caption, CaptionEngine
 from udfs.caption.kinds import KINDS, OpenaiOptions
 from udfs.caption.prompts import DEFAULT_PROMPT
-from udfs.caption.redaction import redact, secret_forms
+from udfs.caption.redaction import redact, secret_forms, without_secrets
 # The image as a JPEG ``data:`` URL: the vllm engine's request format, shared.
 from udfs.caption.vllm_engine import image_data_url
 
@@ -304,15 +304,16 @@ class _Client:
                     async with self.session.post(url + CHAT_PATH, data=payload,
                                                  timeout=aiohttp.ClientTimeout(total=s.timeout_s)) as response:
                         status = response.status
-                        # The whole body without the key, before anything parses, cuts or keeps it.
-                        text = redact(await response.text(), self.secrets)
+                        # The whole body without the key, before anything parses, cuts or keeps it;
+                        # bytes that are not text become U+FFFD (a bad response, not a crash).
+                        text = without_secrets(await response.text(errors="replace"), self.secrets)
                         if status == 200:
                             try:
                                 caption = parse_completion(json.loads(text))
                             except ValueError as exc:
-                                raise RequestFailed(BAD_RESPONSE, f"{url}: {exc}", tuple(retries)) from None
+                                raise RequestFailed(BAD_RESPONSE, redact(f"{url}: {exc}", ()), tuple(retries)) from None
                             return Caption(caption.text, caption.n_tokens, caption.prompt_tokens, tuple(retries))
-                        reason = f"HTTP {status} from {url}{CHAT_PATH}: {text[:300]}"
+                        reason = f"HTTP {status} from {url}{CHAT_PATH}: {redact(text, ())[:300]}"
                         # Retried: 408, 429 and 5xx; any other status is the server refusing the request.
                         kind = {429: RATE_LIMITED, 408: TIMEOUT}.get(status, SERVER_ERROR if status >= 500 else REJECTED)
                         if kind == REJECTED:
@@ -452,6 +453,7 @@ def check_servers(options: Mapping[str, Any], model: str, timeout_s: float = 10.
             continue
         served = [m.get("id") for m in body.get("data", []) if isinstance(m, dict)]
         if served and model not in served:
+            served = redact(str(served), secret_forms(headers))
             raise ValueError(f"the server at {url} serves {served}, not {model!r}: set experiment.caption.model "
                              "to the served model's name (vllm serve --served-model-name, llama.cpp --model_alias)")
         live.append(url)

@@ -17,15 +17,22 @@ def secret_forms(headers: Mapping[str, str]) -> tuple[str, ...]:
     """The key an ``Authorization: Bearer`` header carries, as sent and JSON-escaped (a JSON body
     escapes quotes and backslashes, and non-ASCII characters unless the server turns that off)."""
     key = headers.get("Authorization", "").removeprefix("Bearer ")
-    forms = {key, json.dumps(key)[1:-1], json.dumps(key, ensure_ascii=False)[1:-1]} - {""}
+    escaped = json.dumps(key)[1:-1]
+    # JSON may also escape "/" as "\/" (PHP's and some Java encoders' default).
+    forms = {key, escaped, escaped.replace("/", "\\/"), json.dumps(key, ensure_ascii=False)[1:-1]} - {""}
     # Longest first, so that a form holding another one is removed whole.
     return tuple(sorted(forms, key=len, reverse=True))
 
 
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with each of ``secrets`` and anything that looks like a bearer token replaced by
-    ``[redacted]``. Called on a server's whole body, before any of it is cut: a cut could leave
-    a prefix of the key that no longer matches."""
+def without_secrets(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with each of ``secrets`` replaced by ``[redacted]``: applied to every body, a
+    caption's too, before any of it is cut (a cut could leave a prefix that no longer matches)."""
     for secret in secrets:
         text = text.replace(secret, REDACTED)
-    return BEARER.sub(f"Bearer {REDACTED}", text)
+    return text
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """An error text without ``secrets`` and without anything that looks like a bearer token.
+    Only error texts get the pattern: in a caption "the ring bearer walks" is prose."""
+    return BEARER.sub(f"Bearer {REDACTED}", without_secrets(text, secrets))

@@ -161,7 +161,8 @@ class TagsEngine(CaptionEngine):
         for start in range(0, len(images), self.batch_size):
             chunk = list(images[start : start + self.batch_size])
             with torch.inference_mode():
-                probabilities = torch.softmax(self._model(lite0_pixels(chunk).to(self.device)).float(), dim=1).cpu().numpy()
+                logits = self._model(lite0_pixels(chunk).to(self.device)).float()
+                probabilities = torch.softmax(logits, dim=1).cpu().numpy()
             texts = [render_sentence(self.labels(probs), self.colours(img)) for img, probs in zip(chunk, probabilities)]
             captions.extend(Caption(text=text, n_tokens=len(text.split())) for text in texts)
         return captions
