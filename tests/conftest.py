@@ -122,3 +122,29 @@ def synthetic_run(spark, tmp_path_factory):
            .filter((F.col("job") == "pipeline") & (F.col("status") == "succeeded")).first())
     return SimpleNamespace(warehouse=warehouse, data=data, argv=argv, run_id=row.run_id, counts=dict(row.counts),
                            **calls)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk(size, read_only=False)``: a tmpfs of ``size`` (``"64k"``) mounted on a fresh
+    folder, unmounted at the end. The tests run as root (CI too): a disk that fills, or refuses
+    every write to root as well, needs a real file system, and a failed mount fails the test."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size: str, read_only: bool = False) -> Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, f"mounting a {size} tmpfs at {point} failed (the tests run as root): {done.stderr}"
+        mounted.append(point)
+        if read_only:
+            (point / "warehouse").mkdir()
+            subprocess.run(["mount", "-o", "remount,ro", str(point)], check=True)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], check=False)
