@@ -2,7 +2,10 @@
 of the run in the ``runs`` table, the final summary line and the exit code.
 
 Exit codes: 0 done (bad rows are counted, not fatal), 1 nothing usable remained,
-2 the config or the command line is wrong, 3 the installation is incomplete.
+2 the config or the command line is wrong, 3 the installation is incomplete, (``caption``) 4 no
+caption server answers, 5 a storage failure ``jobs.storage_errors`` names (a full disk, a permission
+error, a corrupt or missing data file, a store that stopped answering): one line naming the path
+and the fix, not a traceback.
 """
 from __future__ import annotations
 
@@ -25,10 +28,12 @@ from typing import Any, Callable
 
 from .config import ALL, COMMON, Config, ConfigError, load_config
 from .plan import expand_lvlm
+from .storage_errors import classify
 
 log = logging.getLogger("vlm4rec")
 
 EXIT_OK, EXIT_NOTHING_USABLE, EXIT_CONFIG, EXIT_INSTALL = 0, 1, 2, 3
+EXIT_STORAGE = 5
 
 
 class NothingUsable(RuntimeError):
@@ -84,6 +89,9 @@ class JobRun:
     # (run id, plan) a pipeline resolved and stored before its stages: a stage of that run id
     # reads it from here (``jobs.plan.plan_for_run``), not from the table, and resolves nothing.
     pinned_plan: tuple[str, Any] | None = None
+    # Why the final row could not be written after a storage failure (the disk that failed the
+    # job may refuse the row too): said on stderr next to the failure's own line.
+    unrecorded: str | None = None
 
     def __post_init__(self):
         if not self.run_id:
@@ -167,11 +175,15 @@ class JobRun:
         _OPEN_RUNS.remove(self.run_id)
         self._stop.set()
         status = "succeeded" if exc is None else "failed"
+        failure = None if exc is None else classify(exc, self.warehouse)
+        error = failure.line() if failure else None if exc is None else f"{exc_type.__name__}: {exc}"
         try:
             with self._row_lock:  # a beat in flight lands first, then the final row replaces it
-                self._record(status, None if exc is None else f"{exc_type.__name__}: {exc}", finished=True)
-        except Exception:  # noqa: BLE001 - never mask the job's own error with a bookkeeping one
-            log.exception("could not record run %s in the runs table", self.run_id)
+                self._record(status, error, finished=True)
+        except Exception as unrecorded:  # noqa: BLE001 - never mask the job's own error with a bookkeeping one
+            if failure is None:
+                log.exception("could not record run %s in the runs table", self.run_id)
+            self.unrecorded = f"{type(unrecorded).__name__}: {unrecorded}".splitlines()[0]
         return False
 
     def summary(self) -> str:
@@ -322,8 +334,9 @@ class Job:
 
 def execute(job: Job, config: Config, spark, args: argparse.Namespace,
             pinned_plan: tuple[str, Any] | None = None) -> int:
+    run = JobRun(job.name, config, spark, pinned_plan=pinned_plan)
     try:
-        with JobRun(job.name, config, spark, pinned_plan=pinned_plan) as run:
+        with run:
             job.body(run, args)
     except ConfigError as exc:
         return job.refuse(f"config error: {exc}", EXIT_CONFIG)
@@ -333,6 +346,13 @@ def execute(job: Job, config: Config, spark, args: argparse.Namespace,
         return code
     except tuple(kind for kind, _ in job.exit_codes) as exc:
         return job.refuse(str(exc), next(code for kind, code in job.exit_codes if isinstance(exc, kind)))
+    except Exception as exc:  # noqa: BLE001 - re-raised, traceback and all, unless it is a named storage failure
+        if (failure := classify(exc, config.warehouse_uri())) is None:
+            raise
+        # Before the failure's own line, which stays the last line of stderr.
+        if run.unrecorded:
+            job.refuse(f"run {run.run_id}: its runs row could not say `failed` ({run.unrecorded})", EXIT_STORAGE)
+        return job.refuse(failure.line(), EXIT_STORAGE)
     print(run.summary())
     print(json.dumps({"run_id": run.run_id, "job": job.name, "counts": dict(run.counts)}, sort_keys=True))
     return EXIT_OK

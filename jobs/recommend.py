@@ -16,7 +16,8 @@ query (``--format jsonl``, default) or a plain table; ``--no-explain`` drops the
 This is the online path: it only reads, so it records no row in ``runs`` (a write per query
 would need a Delta writer on the serving path). Exit codes: 0 done, 2 a bad request (no
 completed run; an unknown run, user, item or representation; a bad flag value: the message
-names the fix), 3 the ``deltalake`` package is missing.
+names the fix), 3 the ``deltalake`` package is missing, 5 a storage failure (a corrupt or missing data
+file, a store that stopped answering: one line naming the path and the fix, ``jobs.storage_errors``).
 
 A cold start is most of a one-user answer (docs/BENCHMARKS.md): this module imports only the
 config loader at the top, and the recommender (numpy, pandas, pyarrow, delta-rs; never pyspark,
@@ -34,7 +35,9 @@ import json
 import sys
 
 from .config import ConfigError, load_config
-from .job_run import EXIT_CONFIG, EXIT_INSTALL, EXIT_OK, base_parser, comma_list, run_id_argument, setup_logging
+from .job_run import (EXIT_CONFIG, EXIT_INSTALL, EXIT_OK, EXIT_STORAGE, base_parser, comma_list, run_id_argument,
+                      setup_logging)
+from .storage_errors import classify
 
 
 def positive_int(text: str) -> int:
@@ -106,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     setup_logging(config.log_level)
     try:
+        from deltalake.exceptions import DeltaError
+        from pyarrow import ArrowException
+
         from udfs.recommender import RecommendError, Recommender, latest_pipeline_run
         from udfs.io.warehouse_reader import TableMissing
     except ModuleNotFoundError as exc:
@@ -131,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     except (RecommendError, TableMissing) as exc:
         print(f"vlm4rec recommend: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    # The errors the readers (pyarrow, delta-rs) raise for what is under the tables; any other keeps its traceback.
+    except (OSError, ArrowException, DeltaError) as exc:
+        if (failure := classify(exc, warehouse)) is None:
+            raise
+        print(f"vlm4rec recommend: {failure.line()}", file=sys.stderr)
+        return EXIT_STORAGE
     records = result.records()
     lines = [json.dumps(record, sort_keys=True) for record in records] if args.format == "jsonl" else table_lines(records)
     if lines:

@@ -344,3 +344,79 @@ def test_two_ingests_at_once_lose_nothing(spark, synthetic, tmp_path):
             assert got == strip and got
     statuses = [r.status for r in tables.read(spark, together, "runs").collect()]
     assert statuses == ["succeeded", "succeeded"]
+
+
+# --- storage failures: one line naming the path and the fix, exit 5 ------------------------------
+
+def _last_run(wh, job: str) -> dict:
+    from deltalake import DeltaTable
+
+    return max((r for r in DeltaTable(str(wh / "runs")).to_pyarrow_table().to_pylist() if r["job"] == job),
+               key=lambda r: r["started_at"])
+
+
+def test_a_full_disk_fails_ingest_with_one_line_naming_the_warehouse(small_disk, tmp_path):
+    """A subprocess, so that stderr is all the job prints (JVM and delta-rs included). 24 KiB hold
+    the `running` row and not the first data commit (64 KiB hold the whole small ingest)."""
+    from udfs.synth import generate
+
+    root = tmp_path / "catalog"
+    generate(root, seed=11, n_items=20, n_users=30)
+    wh = small_disk("24k") / "warehouse"
+    done = subprocess.run([sys.executable, "-m", "jobs.ingest", *ingest_argv(wh, root, "shop"), "--set",
+                           "spark.master=local[1]", "--set", "spark.driver_memory=1g"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 5, done.stderr[-4000:]
+    line = f"storage: no space left on device at {wh}: free space there, or point `warehouse` elsewhere"
+    assert lines[-1].startswith(f"vlm4rec ingest: {line}") and "Traceback" not in done.stderr
+    row = _last_run(wh, "ingest")
+    if "its runs row could not say `failed`" in lines[-2]:  # the full disk took the failed row too
+        assert "No space left on device" in lines[-2] and row["status"] == "running"
+    else:
+        assert row["status"] == "failed" and row["error"] == lines[-1].removeprefix("vlm4rec ingest: ")
+
+
+def test_a_read_only_warehouse_fails_with_one_line_naming_it(spark, synthetic, small_disk, capsys):
+    wh = small_disk("1m", read_only=True) / "warehouse"
+    assert ingest.main(ingest_argv(wh, synthetic, "shop")) == 5
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"vlm4rec ingest: storage: permission denied at {wh}")
+    assert "fix the folder's permissions" in last
+
+
+def test_a_truncated_data_file_stops_topk_and_recommend_with_one_line_naming_it(spark, embedded, tmp_path, capsys):
+    from jobs import recommend
+
+    source, base = embedded
+    wh = tmp_path / "wh"
+    shutil.copytree(source, wh)
+    argv = [a.replace(str(source), str(wh)) for a in base] + ["--run-id", "faults-storage"]
+    assert profiles.main(argv) == 0 and topk.main(argv) == 0
+    user = tables.read(spark, wh, "user_profiles").filter(F.col("run_id") == "faults-storage").first().user_id
+    for part in (wh / "item_embeddings").rglob("*.parquet"):
+        part.write_bytes(part.read_bytes()[:len(part.read_bytes()) // 2])
+    capsys.readouterr()
+    served = recommend.main(["--conf", "datasets/synthetic.yaml", "--set", f"warehouse={wh}", "--run-id",
+                             "faults-storage", "--representation", "title", "--user", user])
+    assert served == 5
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("vlm4rec recommend: storage: corrupt data file at ") and ".parquet:" in line
+    assert "RESTORE TABLE" in line
+    assert topk.main(argv) == 5
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"vlm4rec topk: storage: corrupt data file at ") and "item_embeddings" in last
+    assert ".parquet:" in last and "RESTORE TABLE" in last
+    assert _last_run(wh, "topk")["error"] == last.removeprefix("vlm4rec topk: ")
+
+
+def test_an_injected_error_keeps_its_traceback_and_its_failed_row(spark, warehouse, synthetic, monkeypatch):
+    def injected(*args, **kwargs):
+        raise RuntimeError("injected into assign_split")
+
+    monkeypatch.setattr(ingest, "assign_split", injected)
+    # Raised out of main, as today: the console script prints its traceback and exits 1.
+    with pytest.raises(RuntimeError, match="injected into assign_split"):
+        ingest.main(ingest_argv(warehouse, synthetic, "shop"))
+    row = _last_run(warehouse, "ingest")
+    assert row["status"] == "failed" and row["error"] == "RuntimeError: injected into assign_split"
