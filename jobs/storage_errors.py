@@ -33,9 +33,9 @@ RULES = (
             r"Unable to execute HTTP request|AWSClientIOException"),
 )
 # Where a message names the path: quoted ('/w/t/part-0.parquet', 'part-0.parquet'), or after
-# "location", "file", "path" or "url" (delta-rs, Spark, reqwest), or as the endpoint botocore names.
+# "location", "file", "path", "url" or an HTTP verb (delta-rs, Spark, reqwest), or the endpoint botocore names.
 _PATH = re.compile(r"'((?:\w[\w+.-]*:)?/[^'\n]+|[^'\s/]+\.parquet)'"
-                   r"|(?:location|file|[Pp]ath|url|URL:?) \(?\"?((?:\w[\w+.-]*:)?/[^\s\"')]+?)[\"').,]*(?:\s|$)")
+                   r"|(?:location|file|[Pp]ath|url|URL:?|GET|PUT|HEAD|POST) \(?\"?((?:\w[\w+.-]*:)?/[^\s\"')]+?)[\"').,]*(?:\s|$)")
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,9 @@ def classify(exc: BaseException, warehouse: str) -> StorageFailure | None:
     names (else ``warehouse``), or None for any other error."""
     for what, fix, errnos, pattern in RULES:
         for link in _chain(exc):
-            # Py4J's str() is the Java exception's toString and stack: the JVM's wording.
-            text = str(link)
+            # Py4J's str() is the Java exception's toString and stack: the JVM's wording; botocore's
+            # EndpointConnectionError says its kind in its class name only.
+            text = f"{type(link).__name__}: {link}"
             if getattr(link, "errno", None) in errnos or re.search(pattern, text):
                 found = _PATH.search(text)
                 path = getattr(link, "filename", None) or (found and (found.group(1) or found.group(2))) or warehouse

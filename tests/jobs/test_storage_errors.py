@@ -65,3 +65,23 @@ def test_the_cause_chain_is_read_and_other_errors_are_not_storage_failures(small
     assert classify(raised(lambda: pq.read_table(disk / "absent.parquet")), str(disk)) is None
     assert classify(RuntimeError("injected"), str(disk)) is None
     assert classify(raised(lambda: np.zeros(3) @ np.zeros(4)), str(disk)) is None
+
+
+def test_a_store_that_does_not_answer_is_named_with_its_endpoint():
+    import socket
+
+    import boto3
+    import botocore.config
+
+    with socket.socket() as free:  # a port nothing listens on: the connection is refused
+        free.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{free.getsockname()[1]}"
+    keys = {"aws_access_key_id": "x", "aws_secret_access_key": "y", "region_name": "us-east-1"}
+    s3 = boto3.client("s3", endpoint_url=endpoint, config=botocore.config.Config(retries={"max_attempts": 1}), **keys)
+    options = {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "x",
+               "AWS_SECRET_ACCESS_KEY": "y", "AWS_REGION": "us-east-1", "max_retries": "0", "retry_timeout": "1s"}
+    for exc in (raised(s3.list_buckets),
+                raised(lambda: write_deltalake("s3://bucket/t", pa.table({"x": [1]}), storage_options=options))):
+        failure = classify(exc, "s3a://bucket/w")
+        assert failure is not None and failure.what == "the store stopped answering", repr(exc)
+        assert failure.path.startswith(endpoint) and "endpoint" in failure.fix
