@@ -397,17 +397,24 @@ def test_a_truncated_data_file_stops_topk_and_recommend_with_one_line_naming_it(
     for part in (wh / "item_embeddings").rglob("*.parquet"):
         part.write_bytes(part.read_bytes()[:len(part.read_bytes()) // 2])
     capsys.readouterr()
-    served = recommend.main(["--conf", "datasets/synthetic.yaml", "--set", f"warehouse={wh}", "--run-id",
-                             "faults-storage", "--representation", "title", "--user", user])
-    assert served == 5
+    serve = ["--conf", "datasets/synthetic.yaml", "--set", f"warehouse={wh}", "--run-id", "faults-storage",
+             "--representation", "title", "--user", user]
+    assert recommend.main(serve) == 5
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("vlm4rec recommend: storage: corrupt data file at ") and ".parquet:" in line
-    assert "RESTORE TABLE" in line
+    assert line.startswith(f"vlm4rec recommend: storage: corrupt data file at {wh}/item_embeddings/")
+    assert f"RESTORE TABLE delta.`{wh}/item_embeddings`" in line and ".parquet:" in line
     assert topk.main(argv) == 5
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith(f"vlm4rec topk: storage: corrupt data file at ") and "item_embeddings" in last
-    assert ".parquet:" in last and "RESTORE TABLE" in last
+    assert last.startswith(f"vlm4rec topk: storage: corrupt data file at ") and f"{wh}/item_embeddings/" in last
+    assert f"RESTORE TABLE delta.`{wh}/item_embeddings`" in last and ".parquet:" in last
     assert _last_run(wh, "topk")["error"] == last.removeprefix("vlm4rec topk: ")
+    # Files the Delta log lists and the disk lacks: the same line, saying so.
+    for part in (wh / "item_embeddings").rglob("*.parquet"):
+        part.unlink()
+    for job, run in ((recommend, serve), (topk, argv)):
+        assert job.main(run) == 5
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "storage: missing data file" in last and f"{wh}/item_embeddings/" in last, last
 
 
 def test_an_injected_error_keeps_its_traceback_and_its_failed_row(spark, warehouse, synthetic, monkeypatch):
