@@ -148,8 +148,11 @@ class JobRun:
         while not self._stop.wait(self.config.heartbeat_s):
             try:
                 self.record_progress()
-            except Exception:  # noqa: BLE001 - a missed beat must not kill the job
-                log.warning("run %s: heartbeat not recorded", self.run_id, exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - a missed beat must not kill the job
+                # A full disk says so in one line at each beat, not a traceback each time.
+                failure = classify(exc, self.warehouse)
+                log.warning("run %s: heartbeat not recorded%s", self.run_id, f": {failure.line()}" if failure else "",
+                            exc_info=failure is None)
 
     def __enter__(self) -> "JobRun":
         from .abandoned_runs import Driver, mark_abandoned

@@ -38,7 +38,8 @@ RULES = (
 # FileNotFoundError), after "location", "file", "path", "url" or an HTTP verb (delta-rs, Spark,
 # reqwest), or as the endpoint botocore names.
 _PATH = re.compile(r"'((?:\w[\w+.-]*:)?/[^'\n]+|[^'\s]+\.parquet)'|^\w+: (\S+\.parquet)$"
-                   r"|(?:location|file|[Pp]ath|url|URL:?|GET|PUT|HEAD|POST) \(?\"?((?:\w[\w+.-]*:)?/[^\s\"')]+?)[\"').,]*(?:\s|$)")
+                   r"|(?:location|file|[Pp]ath|url|URL:?|GET|PUT|HEAD|POST) \(?\"?"
+                   r"((?:\w[\w+.-]*:)?/[^\s\"')]+?)[\"').,]*(?:\s|$)")
 
 
 @dataclass(frozen=True)

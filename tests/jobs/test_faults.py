@@ -357,19 +357,23 @@ def _last_run(wh, job: str) -> dict:
 
 def test_a_full_disk_fails_ingest_with_one_line_naming_the_warehouse(small_disk, tmp_path):
     """A subprocess, so that stderr is all the job prints (JVM and delta-rs included). 24 KiB hold
-    the `running` row and not the first data commit (64 KiB hold the whole small ingest)."""
+    the `running` row and not much more (64 KiB hold the whole small ingest)."""
     from udfs.synth import generate
 
     root = tmp_path / "catalog"
     generate(root, seed=11, n_items=20, n_users=30)
     wh = small_disk("24k") / "warehouse"
-    done = subprocess.run([sys.executable, "-m", "jobs.ingest", *ingest_argv(wh, root, "shop"), "--set",
-                           "spark.master=local[1]", "--set", "spark.driver_memory=1g"], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    # Four beats a second fill the disk within a second or two of the `running` row, long before
+    # the first data commit: the beats meet the full disk too, and say so in one line each.
+    argv = [*ingest_argv(wh, root, "shop"), "--set", "heartbeat_s=0.25", "--set", "spark.master=local[1]",
+            "--set", "spark.driver_memory=1g"]
+    done = subprocess.run([sys.executable, "-m", "jobs.ingest", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 5, done.stderr[-4000:]
     line = f"storage: no space left on device at {wh}: free space there, or point `warehouse` elsewhere"
     assert lines[-1].startswith(f"vlm4rec ingest: {line}") and "Traceback" not in done.stderr
+    assert f"heartbeat not recorded: {line}" in done.stderr
     row = _last_run(wh, "ingest")
     if "its runs row could not say `failed`" in lines[-2]:  # the full disk took the failed row too
         assert "No space left on device" in lines[-2] and row["status"] == "running"
