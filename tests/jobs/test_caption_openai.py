@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,10 @@ pytestmark = [pytest.mark.spark, pytest.mark.ray, pytest.mark.server]
 
 N_IMAGES = 12
 # The API key of the echo test, with characters JSON escapes (its escaped form differs), set in
-# the environment before Ray starts, as on a real node (the workers inherit it).
+# the environment at collection, before any module of the session starts Ray, as on a real node:
+# the workers inherit it (a Ray that an earlier module started would otherwise lack it).
 KEY_ENV, KEY = "VLM4REC_TEST_CAPTION_KEY", 'sk-echo"7\\' + "k" * 24
+os.environ[KEY_ENV] = KEY
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +38,8 @@ def ray_running():
     if ray.is_initialized():
         yield ray._private.worker._global_node.get_session_dir_path()
         return
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(KEY_ENV, KEY)
-        context = ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
-                           configure_logging=False)
+    context = ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
+                       configure_logging=False)
     yield context.address_info["session_dir"]
     ray.shutdown()
 
@@ -172,14 +173,13 @@ def test_no_server_fails_fast_with_the_url_and_the_fix(spark, catalog, capsys):
 
 @pytest.mark.faults
 def test_a_key_the_server_echoes_is_stored_and_logged_nowhere(spark, catalog, ray_running, llama_server, capsys,
-                                                             caplog, monkeypatch):
+                                                             caplog):
     """issue 26.4: the server echoes the Authorization header in its 500s; the key, as sent or
     JSON-escaped, is in neither the warehouse's bytes, the logs nor Ray's session folder."""
     wh, root = catalog
     prompt = "Describe the image (echoed key)."
     keyed = ("--set", f"experiment.caption.openai.api_key_env={KEY_ENV}", "--set", "log_level=DEBUG",
              "--set", "experiment.caption.openai.max_retries=1", "--set", "experiment.caption.openai.backoff_s=0.05")
-    monkeypatch.setenv(KEY_ENV, KEY)  # the driver's check of the servers sends it too
     with caplog.at_level(logging.DEBUG), FaultProxy(llama_server.base_url, [["echo", "echo"], ["echo"]]) as proxy:
         assert caption.main(argv(wh, root, proxy.base_url, prompt, *keyed)) == 0
     shown = capsys.readouterr()
