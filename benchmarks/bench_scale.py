@@ -164,8 +164,8 @@ def event_metrics(events: Path) -> list[dict]:
     """Per finished task: launch time (s) and bytes spilled (memory, disk) and shuffled (written,
     read), from the Spark event logs under ``events``."""
     tasks = []
-    for log in sorted(events.glob("*")):
-        if not log.is_file():
+    for log in sorted(events.rglob("*")):
+        if not log.is_file() or log.name.startswith((".", "appstatus")):
             continue
         with open(log) as lines:
             for line in lines:
@@ -242,7 +242,10 @@ def work_units(warehouse: Path, ks: int) -> dict[str, float]:
 
 def run_pass(data: Path, warehouse: Path, events: Path, sets: list[str], master: str) -> dict:
     events.mkdir(parents=True, exist_ok=True)
-    extra = {"spark.eventLog.enabled": "true", "spark.eventLog.dir": events.as_uri()}
+    # Plain JSON lines, one file per application: Spark 4 compresses (zstd) and rolls its event logs
+    # into a folder per application by default.
+    extra = {"spark.eventLog.enabled": "true", "spark.eventLog.dir": events.as_uri(),
+             "spark.eventLog.compress": "false", "spark.eventLog.rolling.enabled": "false"}
     if "spark.driver_compute_mb=0" in sets:
         extra["spark.driver.maxResultSize"] = "32m"
     sets = [f"warehouse={warehouse}", f"dataset.paths.root={data}", f"spark.master={master}",
