@@ -77,8 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def table_lines(records: list[dict]) -> list[str]:
     lines = []
     for record in records:
-        lines.append(f"{record['user_id'] if record['user_id'] is not None else '(history)'}  "
-                     f"[{record['representation']}, run {record['run_id']}]")
+        who = record["user_id"] if record["user_id"] is not None else "(history)"
+        lines.append(f"{who}  [{record['representation']}, run {record['run_id']}]")
         if record.get("unknown_items"):
             lines.append(f"  left out of the history (no vector): {', '.join(record['unknown_items'])}")
         for entry in record["items"]:

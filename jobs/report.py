@@ -143,8 +143,8 @@ def data_counts(data: dict) -> tuple[list[tuple[str, str]], list[tuple[str, int]
     reasons = data["rejects"]["reason"].fillna("").str.split(":").str[0].str.strip()
     rows = [("items", len(items)), ("items without image", int((~has_image).sum()))]
     if len(data["descriptions"]):
-        rows.append(("items with an image but no description",
-                     int(has_image.sum()) - len(explanations.item_descriptions(items[has_image], data["descriptions"]))))
+        described = explanations.item_descriptions(items[has_image], data["descriptions"])
+        rows.append(("items with an image but no description", int(has_image.sum()) - len(described)))
     rows += [
         ("interactions", len(inter)),
         *((f"interactions ({split})", int(n)) for split, n in inter["split"].value_counts().sort_index().items()),

@@ -98,7 +98,8 @@ def test_crafted_dataset_names_are_ingested_without_touching_other_datasets(spar
         assert len(mine) == 30 and {r[0] for r in mine} == {name}
 
 
-# As typed after --set: YAML folds a bare newline, quotes keep it; spaces are kept, quoted or bare.
+# As typed after --set: YAML folds a bare newline, quotes keep it; padding quoted meets the name's
+# check, bare the --set parser's (both say "white space").
 @pytest.mark.parametrize("name, problem", [('"line\\nbreak"', "control character"), ("' padded'", "white space"),
                                            (" padded ", "white space"), ("x" * 129, "129 characters")])
 def test_unusable_dataset_names_are_config_errors(spark, warehouse, synthetic, capsys, name, problem):
@@ -409,7 +410,7 @@ def test_a_truncated_data_file_stops_topk_and_recommend_with_one_line_naming_it(
     assert f"RESTORE TABLE delta.`{wh}/item_embeddings`" in line and ".parquet:" in line
     assert topk.main(argv) == 5
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith(f"vlm4rec topk: storage: corrupt data file at ") and f"{wh}/item_embeddings/" in last
+    assert last.startswith("vlm4rec topk: storage: corrupt data file at ") and f"{wh}/item_embeddings/" in last
     assert f"RESTORE TABLE delta.`{wh}/item_embeddings`" in last and ".parquet:" in last
     assert _last_run(wh, "topk")["error"] == last.removeprefix("vlm4rec topk: ")
     # Files the Delta log lists and the disk lacks: the same line, saying so.
