@@ -15,19 +15,21 @@ ADAPTERS = {
 }
 
 
+def _module(dataset: DatasetConf, fix: str = ""):
+    if dataset.adapter not in ADAPTERS:
+        raise ConfigError(f"dataset.adapter '{dataset.adapter}' is not one of {', '.join(ADAPTERS)}{fix}")
+    return import_module(ADAPTERS[dataset.adapter])
+
+
 def images_root(dataset: DatasetConf) -> str | None:
     """The folder ingest confines the dataset's local image paths to, and caption its reads
     again; ``None`` where the adapter gives none (amazon's images are URLs)."""
-    if dataset.adapter not in ADAPTERS:
-        # Without it every local image would be refused as outside a root that is not known.
-        raise ConfigError(f"dataset.adapter '{dataset.adapter}' is not one of {', '.join(ADAPTERS)}: caption reads "
-                          "local images only under the adapter's images folder, as ingest did; set dataset.adapter as "
-                          "ingest had it (or dataset.images.allow_outside_root=true)")
-    of = getattr(import_module(ADAPTERS[dataset.adapter]), "images_root_of", None)
+    # Without the adapter every local image would be refused as outside a root that is not known.
+    module = _module(dataset, ": caption reads local images only under the adapter's images folder, as ingest "
+                              "did; set dataset.adapter as ingest had it (or dataset.images.allow_outside_root=true)")
+    of = getattr(module, "images_root_of", None)
     return None if of is None else of(dataset)
 
 
 def read_dataset(spark, dataset: DatasetConf) -> AdapterOutput:
-    if dataset.adapter not in ADAPTERS:
-        raise ConfigError(f"dataset.adapter '{dataset.adapter}' is not one of {', '.join(ADAPTERS)}")
-    return import_module(ADAPTERS[dataset.adapter]).read(spark, dataset)
+    return _module(dataset).read(spark, dataset)
